@@ -1,0 +1,44 @@
+# ov3d_ros development commands. `make demo` and `make test` set up what is missing first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BUILD := build/interfaces
+STAMP_DEPS := $(VENV)/.deps-installed
+STAMP_SRV := $(VENV)/.srv-installed
+DEMO_OUT ?= demo_output
+export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
+export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP_SRV)
+
+$(STAMP_DEPS): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@mkdir -p build
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt > build/pip.log 2>&1 \
+	  || { grep -v 'is ignored' build/pip.log; exit 1; }
+	$(PY) -c "import torch, open_clip, rclpy, sensor_msgs.msg"
+	touch $@
+
+# Generate the SegmentByText service with rosidl into the venv (the venv root is a ROS prefix).
+$(STAMP_SRV): $(STAMP_DEPS) srv/SegmentByText.srv CMakeLists.txt package.xml
+	@mkdir -p build
+	AMENT_PREFIX_PATH=$(abspath $(VENV)) CMAKE_PREFIX_PATH=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
+	  cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF -DOV3D_INSTALL_PYTHON=OFF \
+	  -DCMAKE_INSTALL_PREFIX=$(abspath $(VENV)) -DPython3_EXECUTABLE=$(abspath $(PY)) > $(BUILD).configure.log 2>&1 \
+	  || { cat $(BUILD).configure.log; exit 1; }
+	cmake --build $(BUILD) -j2 > $(BUILD).build.log 2>&1 || { tail -50 $(BUILD).build.log; exit 1; }
+	cmake --install $(BUILD) > $(BUILD).install.log 2>&1 || { tail -50 $(BUILD).install.log; exit 1; }
+	$(PY) -c "from ov3d_ros.srv import SegmentByText; import ov3d_ros.core"
+	touch $@
+
+test: setup
+	$(PY) -m pytest test -q
+
+demo: setup
+	$(PY) -m ov3d_ros.tools.demo --out $(DEMO_OUT)
+
+clean:
+	rm -rf build $(DEMO_OUT)

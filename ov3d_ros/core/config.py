@@ -1,0 +1,110 @@
+"""Configuration dataclasses, one per component.
+
+Each field's docstring is its description; the ROS layer declares one parameter per field
+(``<section>.<field>``) and the offline tools read the same sections from YAML.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List
+
+
+@dataclass
+class MapConfig:
+    voxel_size_m: float = 0.05
+    """Edge length of a map voxel in metres."""
+    min_depth_m: float = 0.1
+    """Depth readings closer than this are ignored."""
+    max_depth_m: float = 5.0
+    """Depth readings farther than this (max_range) are ignored."""
+    pixel_stride: int = 2
+    """Use every n-th pixel in u and v when lifting a keyframe (1 = all pixels)."""
+    initial_capacity: int = 65536
+    """Voxel rows allocated up front; storage doubles when full (no fixed scene bound)."""
+    device: str = 'auto'
+    """Torch device for the map and features: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'."""
+
+
+@dataclass
+class KeyframeConfig:
+    min_translation_m: float = 0.10
+    """A frame becomes a keyframe when the camera moved this far since the last keyframe ..."""
+    min_rotation_deg: float = 10.0
+    """... or turned this much ..."""
+    max_interval_s: float = 2.0
+    """... or this much time passed (0 disables the time rule)."""
+    min_interval_s: float = 0.0
+    """Never take keyframes closer in time than this (bounds the feature rate)."""
+
+
+@dataclass
+class FeatureConfig:
+    source: str = 'clip'
+    """2D feature source: 'clip' (open_clip dense features) or 'simulated' (from ground-truth label images)."""
+    model: str = 'ViT-B-16'
+    """open_clip architecture name."""
+    pretrained: str = 'openai'
+    """open_clip pretrained tag resolved from the local cache, or a path to a local checkpoint file."""
+    cache_dir: str = ''
+    """Directory searched for cached open_clip weights ('' = open_clip's default cache)."""
+    dense_mode: str = 'naclip'
+    """Training-free dense last block: 'naclip', 'clearclip' or 'maskclip'."""
+    image_short_side: int = 448
+    """Images are resized so their short side has this many pixels before the ViT."""
+    sim_noise: float = 0.35
+    """Simulated source: std of the Gaussian noise added to each patch feature."""
+    sim_patch_px: int = 16
+    """Simulated source: patch size in pixels (features are constant per patch, like a ViT)."""
+    sim_seed: int = 0
+    """Simulated source: random seed."""
+
+
+@dataclass
+class QueryConfig:
+    templates: List[str] = field(default_factory=lambda: [
+        'a photo of a {}.', 'a photo of the {}.', 'a {} in a scene.', 'a photo of a {} in a room.',
+        'there is a {} in the scene.', 'a close-up photo of a {}.'])
+    """Prompt templates averaged for every query text."""
+    default_negatives: List[str] = field(default_factory=lambda: ['wall', 'floor', 'ceiling', 'object'])
+    """Negative texts used when a request gives none."""
+    temperature: float = 0.0
+    """Softmax temperature over [query, negatives...] cosine similarities (0 = the feature source's default:
+    0.01 for CLIP, i.e. its logit scale 100)."""
+    default_threshold: float = 0.5
+    """Score threshold used when a request gives threshold <= 0."""
+    min_observations: float = 1.0
+    """Voxels observed with less total weight than this are not returned."""
+
+
+@dataclass
+class MapperConfig:
+    map: MapConfig = field(default_factory=MapConfig)
+    keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+
+
+def section_items(cfg: Any) -> Dict[str, Any]:
+    """{field name: value} of one config dataclass."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def update_from_dict(cfg: MapperConfig, values: Dict[str, Dict[str, Any]]) -> MapperConfig:
+    """Set fields from ``{section: {field: value}}``; unknown keys raise ValueError."""
+    for section, items in values.items():
+        if not hasattr(cfg, section):
+            raise ValueError(f'unknown config section {section!r}')
+        sub = getattr(cfg, section)
+        known = {f.name: f for f in fields(sub)}
+        for key, value in (items or {}).items():
+            if key not in known:
+                raise ValueError(f'unknown config key {section}.{key}')
+            default = getattr(sub, key)
+            if isinstance(default, float) and isinstance(value, int):
+                value = float(value)
+            elif isinstance(default, list):
+                value = list(value)
+            elif not isinstance(value, type(default)):
+                raise ValueError(f'{section}.{key} must be {type(default).__name__}, got {value!r}')
+            setattr(sub, key, value)
+    return cfg

@@ -1,0 +1,43 @@
+"""The interface every 2D feature source implements."""
+from __future__ import annotations
+
+import abc
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+class FeatureExtractor(abc.ABC):
+    """Dense per-pixel features in a space shared with text embeddings.
+
+    Attributes:
+        name: short identifier, e.g. ``'clip:ViT-B-16'`` or ``'simulated:minilm'``.
+        dim: feature dimension D.
+        simulated: True for sources that read ground-truth labels instead of looking at the image.
+        device: torch device the returned tensors live on.
+        default_temperature: softmax temperature that suits this feature space for relevancy scores.
+    """
+
+    name: str = 'base'
+    dim: int = 0
+    simulated: bool = False
+    device: torch.device = torch.device('cpu')
+    default_temperature: float = 0.01
+
+    @abc.abstractmethod
+    def extract(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Dense features of one image.
+
+        Args:
+            rgb: (H, W, 3) uint8 RGB image.
+            labels: (H, W) integer semantic label image; only simulated sources use it.
+        Returns:
+            (h, w, D) float tensor on ``self.device``, L2-normalised along D. The grid covers the whole image
+            (h, w may be smaller than H, W, e.g. stride 16); pixel (u, v) maps to cell
+            (floor(v * h / H), floor(u * w / W)).
+        """
+
+    @abc.abstractmethod
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) L2-normalised float embeddings of ``texts`` on ``self.device``."""

@@ -1,0 +1,149 @@
+"""The Mapper facade: keyframe selection, feature extraction, lifting, fusion and text queries."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ov3d_ros.core.camera import PinholeCamera
+from ov3d_ros.core.config import MapperConfig
+from ov3d_ros.core.features.base import FeatureExtractor
+from ov3d_ros.core.keyframes import KeyframeSelector
+from ov3d_ros.core.lifting import lift_keyframe
+from ov3d_ros.core.query import relevancy_scores, select
+from ov3d_ros.core.text import encode_prompts
+from ov3d_ros.core.voxel_map import VoxelFeatureMap
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda when available, else cpu; anything else is passed to torch.device."""
+    if name in ('', 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    dev = torch.device(name)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {name!r} requested but CUDA is not available')
+    return dev
+
+
+@dataclass
+class Frame:
+    """One RGB-D observation. rgb (H, W, 3) uint8; depth_m (H, W) float32 metres (registered to rgb);
+    T_W_C (4, 4) camera-to-map; labels (H, W) semantic ids, only for simulated sources."""
+
+    rgb: np.ndarray
+    depth_m: np.ndarray
+    camera: PinholeCamera
+    T_W_C: np.ndarray
+    stamp_s: float = 0.0
+    labels: Optional[np.ndarray] = None
+
+
+@dataclass
+class Segment:
+    """A query answer in the map frame: xyz (M, 3) float32, rgb (M, 3) uint8, scores (M,) float32."""
+
+    xyz: np.ndarray
+    rgb: np.ndarray
+    scores: np.ndarray
+
+
+class Mapper:
+    """Builds and queries an open-vocabulary voxel map.
+
+    Args:
+        cfg: the mapper config.
+        extractor: the 2D feature source (its device is used for the map).
+    """
+
+    def __init__(self, cfg: MapperConfig, extractor: FeatureExtractor):
+        self.cfg = cfg
+        self.extractor = extractor
+        self.device = extractor.device
+        self.map = VoxelFeatureMap(cfg.map.voxel_size_m, extractor.dim, self.device, cfg.map.initial_capacity)
+        self.keyframes = KeyframeSelector(cfg.keyframes)
+        self.num_keyframes = 0
+        self.timings_s: Dict[str, float] = {}
+        self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
+
+    def validate(self, frame: Frame) -> None:
+        """Raise ValueError with the reason if a frame cannot be integrated."""
+        H, W = frame.depth_m.shape[:2]
+        if frame.rgb.ndim != 3 or frame.rgb.shape[2] != 3 or frame.rgb.dtype != np.uint8:
+            raise ValueError(f'colour must be (H, W, 3) uint8, got {frame.rgb.shape} {frame.rgb.dtype}')
+        if frame.rgb.shape[:2] != (H, W):
+            raise ValueError(f'colour is {frame.rgb.shape[1]}x{frame.rgb.shape[0]} but depth is {W}x{H}; '
+                             'publish depth registered to the colour image')
+        if (frame.camera.width, frame.camera.height) != (W, H):
+            raise ValueError(f'camera info is {frame.camera.width}x{frame.camera.height} but images are {W}x{H}')
+        T = np.asarray(frame.T_W_C)
+        if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+            raise ValueError('pose must be a finite 4x4 matrix')
+        if frame.labels is not None and frame.labels.shape[:2] != (H, W):
+            raise ValueError('label image size differs from the depth image')
+
+    def integrate(self, frame: Frame, force: bool = False) -> bool:
+        """Integrate ``frame`` if it is a keyframe (or ``force``); returns whether it was integrated."""
+        self.validate(frame)
+        if not force and not self.keyframes.check(frame.T_W_C, frame.stamp_s):
+            return False
+        t0 = time.perf_counter()
+        feats = self.extractor.extract(frame.rgb, frame.labels)
+        t1 = time.perf_counter()
+        lifted = lift_keyframe(torch.from_numpy(np.ascontiguousarray(frame.depth_m, dtype=np.float32)),
+                               torch.from_numpy(np.ascontiguousarray(frame.rgb)), feats, frame.camera,
+                               torch.from_numpy(np.asarray(frame.T_W_C, dtype=np.float64)),
+                               self.cfg.map.min_depth_m, self.cfg.map.max_depth_m, self.cfg.map.pixel_stride)
+        self.map.integrate(lifted.points, lifted.features, lifted.colors)
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        t2 = time.perf_counter()
+        self.keyframes.accept(frame.T_W_C, frame.stamp_s)
+        self.num_keyframes += 1
+        self.timings_s = {'features': t1 - t0, 'fusion': t2 - t1, 'total': t2 - t0}
+        return True
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) prompt-ensemble embeddings of ``texts`` (cached)."""
+        key = tuple(texts)
+        if key not in self._text_cache:
+            if len(self._text_cache) > 256:
+                self._text_cache.clear()
+            self._text_cache[key] = encode_prompts(self.extractor.encode_text, list(texts),
+                                                   self.cfg.query.templates).to(self.device)
+        return self._text_cache[key]
+
+    def segment(self, text: str, negatives: Optional[Sequence[str]] = None, threshold: float = 0.0) -> Segment:
+        """Voxels that match ``text`` better than every negative, with score >= threshold.
+
+        ``negatives`` None or empty uses ``query.default_negatives``; ``threshold`` <= 0 uses
+        ``query.default_threshold``. Raises ValueError for empty text or a threshold above 1.
+        """
+        text = (text or '').strip()
+        if not text:
+            raise ValueError('query text is empty')
+        if not np.isfinite(threshold) or threshold > 1.0:
+            raise ValueError(f'threshold must be a number <= 1, got {threshold}')
+        q = self.cfg.query
+        negs = [n.strip() for n in (negatives or q.default_negatives) if n.strip() and n.strip() != text]
+        thr = threshold if threshold > 0 else q.default_threshold
+        emb = self.embed_texts([text] + negs)
+        n = self.map.size
+        temperature = q.temperature if q.temperature > 0 else self.extractor.default_temperature
+        scores = relevancy_scores(self.map.features[:n], emb[0], emb[1:], temperature)
+        res = select(scores, self.map.weights[:n], thr, q.min_observations)
+        return Segment(self.map.centers(res.rows).cpu().numpy(),
+                       self.map.colors[res.rows].clamp(0, 255).to(torch.uint8).cpu().numpy(),
+                       res.scores.cpu().numpy())
+
+    def map_cloud(self, max_points: int = 0) -> Segment:
+        """All voxel centres and colours (uniformly subsampled to ``max_points`` when > 0); scores = weights."""
+        n = self.map.size
+        rows = torch.arange(n, device=self.device)
+        if 0 < max_points < n:
+            rows = rows[torch.linspace(0, n - 1, max_points, device=self.device).long()]
+        return Segment(self.map.centers(rows).cpu().numpy(),
+                       self.map.colors[rows].clamp(0, 255).to(torch.uint8).cpu().numpy(),
+                       self.map.weights[rows].cpu().numpy())

@@ -1,0 +1,87 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ov3d_ros.core.camera import PinholeCamera, transform_points
+from ov3d_ros.core.depth import depth_to_meters, valid_depth_mask
+from ov3d_ros.core.lifting import lift_keyframe, sample_features
+
+
+def test_backproject_matches_pinhole_equations():
+    cam = PinholeCamera(fx=100.0, fy=200.0, cx=2.0, cy=1.0, width=4, height=3)
+    depth = torch.full((3, 4), 2.0)
+    pts = cam.backproject(depth)
+    # pixel (u=3, v=0): x = (3 - 2) / 100 * 2, y = (0 - 1) / 200 * 2
+    assert pts[0, 3].tolist() == pytest.approx([0.02, -0.01, 2.0])
+    uv = cam.project(pts.reshape(-1, 3))
+    assert uv[3].tolist() == pytest.approx([3.0, 0.0])
+
+
+def test_camera_rejects_bad_intrinsics():
+    with pytest.raises(ValueError):
+        PinholeCamera(0.0, 1.0, 0.0, 0.0, 4, 3)
+    with pytest.raises(ValueError):
+        PinholeCamera(float('nan'), 1.0, 0.0, 0.0, 4, 3)
+    with pytest.raises(ValueError):
+        PinholeCamera(1.0, 1.0, 0.0, 0.0, 0, 3)
+
+
+def test_scaled_camera_keeps_rays():
+    cam = PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480)
+    half = cam.scaled(320, 240)
+    assert (half.fx, half.cx, half.cy) == pytest.approx((250.0, 159.5, 119.5))
+
+
+def test_transform_points_rotation_and_translation():
+    c, s = math.cos(math.pi / 2), math.sin(math.pi / 2)
+    T = torch.tensor([[c, -s, 0, 1.0], [s, c, 0, 2.0], [0, 0, 1, 3.0], [0, 0, 0, 1]], dtype=torch.float64)
+    out = transform_points(T, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
+    assert out[0].tolist() == pytest.approx([1.0, 3.0, 3.0])
+
+
+def test_depth_decoding_and_validity():
+    mm = np.array([[0, 1000], [2500, 65535]], dtype=np.uint16)
+    np.testing.assert_allclose(depth_to_meters(mm, '16UC1'), [[0.0, 1.0], [2.5, 65.535]], rtol=1e-6)
+    f = np.array([[np.nan, 1.5], [np.inf, -1.0]], dtype=np.float32)
+    m = depth_to_meters(f, '32FC1')
+    np.testing.assert_array_equal(m, [[0.0, 1.5], [0.0, -1.0]])
+    valid = valid_depth_mask(torch.from_numpy(m), 0.1, 5.0)
+    assert valid.tolist() == [[False, True], [False, False]]
+    with pytest.raises(ValueError, match='rgb8'):
+        depth_to_meters(mm, 'rgb8')
+
+
+def test_sample_features_bilinear_and_normalised():
+    grid = torch.zeros(1, 2, 2)
+    grid[0, 0, 0] = 1.0
+    grid[0, 1, 1] = 1.0
+    # 4x2 image over a 1x2 grid: pixel 0 is the centre of cell 0, pixel 3 of cell 1; pixels between blend
+    f = sample_features(grid, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 0, 0]), width=4, height=2)
+    assert f[0].tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    assert f[3].tolist() == pytest.approx([0.0, 1.0], abs=1e-6)
+    assert f[1, 0] > f[1, 1] > 0
+    assert torch.linalg.norm(f, dim=-1).tolist() == pytest.approx([1.0] * 4)
+
+
+def test_lift_keyframe_world_points_and_invalid_depth():
+    cam = PinholeCamera(2.0, 2.0, 1.5, 1.5, 4, 4)
+    depth = torch.full((4, 4), 1.0)
+    depth[0, 0] = 0.0           # missing
+    depth[0, 1] = float('nan')  # invalid
+    depth[0, 2] = 9.0           # beyond max range
+    rgb = torch.zeros(4, 4, 3, dtype=torch.uint8)
+    rgb[3, 3] = torch.tensor([10, 20, 30])
+    feats = torch.nn.functional.normalize(torch.ones(1, 1, 8), dim=-1)
+    T = torch.eye(4, dtype=torch.float64)
+    T[:3, 3] = torch.tensor([0.0, 0.0, 5.0])
+    lifted = lift_keyframe(depth, rgb, feats, cam, T, min_depth_m=0.1, max_depth_m=5.0)
+    assert lifted.points.shape == (13, 3)
+    # pixel (u=3, v=3) at depth 1 → camera (0.75, 0.75, 1) → world (0.75, 0.75, 6)
+    last = lifted.points[-1].tolist()
+    assert last == pytest.approx([0.75, 0.75, 6.0])
+    assert lifted.colors[-1].tolist() == [10.0, 20.0, 30.0]
+    assert lifted.features.shape == (13, 8)
+    strided = lift_keyframe(depth, rgb, feats, cam, T, 0.1, 5.0, pixel_stride=2)
+    assert strided.points.shape[0] == 2  # (0,0) missing, (0,2) beyond range; (2,0), (2,2) remain

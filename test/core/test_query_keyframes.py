@@ -1,0 +1,69 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ov3d_ros.core.config import KeyframeConfig, MapperConfig, update_from_dict
+from ov3d_ros.core.keyframes import KeyframeSelector
+from ov3d_ros.core.query import relevancy_scores, select
+from ov3d_ros.core.text import encode_prompts
+
+
+def test_relevancy_prefers_query_and_zeroes_negative_winners():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    q = torch.tensor([1.0, 0.0])
+    negs = torch.tensor([[0.0, 1.0]])
+    s = relevancy_scores(feats, q, negs, temperature=0.1)
+    assert s[0] == pytest.approx(1 / (1 + math.exp(-10)), rel=1e-5)
+    assert s[1] == 0.0
+    assert 0.5 < s[2] < s[0]
+    res = select(s, torch.tensor([1.0, 1.0, 0.5]), threshold=0.5, min_weight=1.0)
+    assert res.rows.tolist() == [0]
+
+
+def test_relevancy_without_negatives_is_one():
+    s = relevancy_scores(torch.randn(5, 4), torch.tensor([1.0, 0, 0, 0]), torch.empty(0, 4), 0.05)
+    assert s.tolist() == [1.0] * 5
+
+
+def test_prompt_ensemble_averages_templates():
+    table = {'a x': [1.0, 0.0], 'the x': [0.0, 1.0]}
+
+    def enc(texts):
+        return torch.tensor([table[t] for t in texts])
+
+    out = encode_prompts(enc, ['x'], ['a {}', 'the {}'])
+    assert out[0].tolist() == pytest.approx([math.sqrt(0.5)] * 2)
+
+
+def rot_z(deg):
+    a = math.radians(deg)
+    T = np.eye(4)
+    T[:2, :2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
+    return T
+
+
+def test_keyframe_rules():
+    sel = KeyframeSelector(KeyframeConfig(min_translation_m=0.1, min_rotation_deg=10, max_interval_s=2.0,
+                                          min_interval_s=0.2))
+    T0 = np.eye(4)
+    assert sel.check(T0, 0.0)
+    sel.accept(T0, 0.0)
+    assert not sel.check(T0, 1.0)                    # no motion, not enough time
+    T1 = T0.copy()
+    T1[0, 3] = 0.15
+    assert not sel.check(T1, 0.1)                    # moved, but faster than min_interval_s
+    assert sel.check(T1, 0.5)                        # moved
+    assert sel.check(rot_z(12), 0.5)                 # turned
+    assert not sel.check(rot_z(5), 0.5)
+    assert sel.check(T0, 2.5)                        # waited
+
+
+def test_config_update_validates_keys_and_types():
+    cfg = update_from_dict(MapperConfig(), {'map': {'voxel_size_m': 1}, 'query': {'default_negatives': ['a']}})
+    assert cfg.map.voxel_size_m == 1.0 and isinstance(cfg.map.voxel_size_m, float)
+    with pytest.raises(ValueError, match='map.nope'):
+        update_from_dict(MapperConfig(), {'map': {'nope': 1}})
+    with pytest.raises(ValueError, match='voxel_size_m'):
+        update_from_dict(MapperConfig(), {'map': {'voxel_size_m': 'big'}})

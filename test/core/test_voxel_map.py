@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys, unpack_keys, voxel_coords
+
+
+def test_keys_round_trip_including_negative_coordinates():
+    coords = torch.tensor([[0, 0, 0], [-1, 2, -3], [1048575, -1048576, 7]])
+    assert torch.equal(unpack_keys(pack_keys(coords)), coords)
+    assert len(set(pack_keys(coords).tolist())) == 3
+    with pytest.raises(ValueError):
+        pack_keys(torch.tensor([[1 << 21, 0, 0]]))
+
+
+def test_voxel_coords_floor():
+    pts = torch.tensor([[0.04, -0.01, 0.11]])
+    assert voxel_coords(pts, 0.05).tolist() == [[0, -1, 2]]
+
+
+def test_fusion_is_exact_weighted_mean():
+    m = VoxelFeatureMap(voxel_size_m=1.0, dim=2, capacity=16)
+    pts = torch.tensor([[0.2, 0.2, 0.2], [0.7, 0.1, 0.9], [1.5, 0.5, 0.5]])
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    cols = torch.tensor([[0.0, 0, 0], [100.0, 50, 0], [255.0, 255, 255]])
+    m.integrate(pts, feats, cols)
+    assert len(m) == 2
+    rows = m.lookup(pack_keys(torch.tensor([[0, 0, 0], [1, 0, 0], [5, 5, 5]])))
+    r0, r1 = rows[:2].tolist()
+    assert rows[2].item() == -1
+    assert m.features[r0].float().tolist() == pytest.approx([0.5, 0.5])
+    assert m.colors[r0].tolist() == pytest.approx([50.0, 25.0, 0.0])
+    assert m.weights[r0].item() == 2.0 and m.counts[r0].item() == 2
+    # a second observation with weight 2 moves the running mean to (2*0.5 + 2*0)/(2+2)
+    m.integrate(torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[0.0, 0.0]]), weights=torch.tensor([2.0]))
+    assert len(m) == 2
+    assert m.features[r0].float().tolist() == pytest.approx([0.25, 0.25])
+    assert m.weights[r0].item() == 4.0 and m.counts[r0].item() == 3
+    assert m.centers(torch.tensor([r1])).tolist() == [[1.5, 0.5, 0.5]]
+
+
+def test_map_grows_past_capacity_without_scene_bound():
+    m = VoxelFeatureMap(voxel_size_m=0.1, dim=3, capacity=16)
+    g = torch.Generator().manual_seed(0)
+    pts = (torch.rand(5000, 3, generator=g) - 0.5) * 2000.0   # ±1 km
+    feats = torch.randn(5000, 3, generator=g)
+    m.integrate(pts[:2500], feats[:2500])
+    m.integrate(pts[2500:], feats[2500:])
+    assert len(m) == 5000 and m.capacity >= 5000
+    keys = pack_keys(voxel_coords(pts, 0.1))
+    rows = m.lookup(keys)
+    assert (rows >= 0).all()
+    assert torch.allclose(m.features[rows].float(), feats.half().float(), atol=1e-3)
+    m.clear()
+    assert len(m) == 0 and (m.lookup(keys) == -1).all()
