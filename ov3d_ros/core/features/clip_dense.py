@@ -1,0 +1,162 @@
+"""Dense open-vocabulary features from an open_clip ViT with a training-free dense last block.
+
+All blocks but the last run unchanged; the last block is replaced by one of
+  * 'naclip'    (NACLIP, Hajimiri et al. 2025): k-k attention plus a Gaussian neighbourhood bias over the patch grid,
+  * 'clearclip' (ClearCLIP, Lan et al. 2024): q-q attention,
+  * 'maskclip'  (MaskCLIP, Zhou et al. 2022): the value embedding alone,
+each followed by the attention's output projection, without residual connection and without FFN. Every patch token
+then goes through ``ln_post`` and ``proj`` into the joint image-text space.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ov3d_ros.core.config import FeatureConfig
+from ov3d_ros.core.features.base import FeatureExtractor
+from ov3d_ros.core.features.weights import WeightsNotFoundError, load_weights, uses_quick_gelu
+
+DENSE_MODES = ('naclip', 'clearclip', 'maskclip')
+NACLIP_STD = 5.0
+"""Std of NACLIP's Gaussian neighbourhood bias, in patches."""
+
+
+def interpolate_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
+    """Resample a (1 + gh*gw, C) ViT positional embedding to ``new_grid``; bicubic on the 2D grid, class token kept."""
+    cls, grid = pos[:1], pos[1:].reshape(1, old_grid[0], old_grid[1], -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode='bicubic', align_corners=False).to(pos.dtype)
+    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])])
+
+
+def neighbourhood_bias(gh: int, gw: int, std: float = NACLIP_STD) -> torch.Tensor:
+    """(1 + gh*gw)^2 additive attention bias exp(-d^2 / 2 std^2), d the grid distance of two patches; 0 for the
+    class token's row and column."""
+    yy, xx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')
+    yx = torch.stack([yy.flatten(), xx.flatten()], 1).float()
+    bias = torch.exp(-torch.cdist(yx, yx).square() / (2 * std ** 2))
+    return F.pad(bias, (1, 0, 1, 0))
+
+
+class OpenClipDenseExtractor(FeatureExtractor):
+    """Dense CLIP features (h, w, D) from an open_clip ViT (e.g. ViT-B-16: stride 16, D 512).
+
+    Args:
+        cfg: feature config (model, pretrained, cache_dir, dense_mode, image_short_side).
+        device: torch device; fp16 on CUDA, fp32 otherwise.
+    Raises:
+        WeightsNotFoundError: the weights named by ``cfg.pretrained`` are not available locally.
+        ValueError: unknown dense mode, or a model that is not an open_clip VisionTransformer.
+    """
+
+    simulated = False
+
+    def __init__(self, cfg: FeatureConfig, device: torch.device | str = 'cpu'):
+        import open_clip
+        os.environ.setdefault('HF_HUB_OFFLINE', '1')  # never reach for the network (e.g. HF tokenizers)
+        if cfg.dense_mode not in DENSE_MODES:
+            raise ValueError(f'features.dense_mode must be one of {DENSE_MODES}, got {cfg.dense_mode!r}')
+        self.cfg, self.dense_mode = cfg, cfg.dense_mode
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if self.device.type == 'cuda' else torch.float32
+        model = open_clip.create_model(cfg.model, pretrained=None, pretrained_image=False, pretrained_text=False,
+                                       force_quick_gelu=uses_quick_gelu(cfg.model, cfg.pretrained))
+        self.weights = load_weights(model, cfg.model, cfg.pretrained, cfg.cache_dir)
+        self.model = model.eval().requires_grad_(False).to(self.device, self.dtype)
+        self.visual = v = model.visual
+        if not all(hasattr(v, a) for a in ('conv1', 'class_embedding', 'positional_embedding', 'ln_post', 'proj')) \
+                or not all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in v.transformer.resblocks):
+            raise ValueError(f'{cfg.model!r} is not an open_clip VisionTransformer with standard attention blocks')
+        self.stride = int(v.patch_size[0])
+        self.dim = int(v.proj.shape[1])
+        pcfg = open_clip.pretrained.get_pretrained_cfg(cfg.model, cfg.pretrained or '')
+        mean, std = pcfg.get('mean', v.preprocess_cfg['mean']), pcfg.get('std', v.preprocess_cfg['std'])
+        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.tokenizer = open_clip.get_tokenizer(cfg.model)
+        self._pos_cache: dict = {}
+        self._bias_cache: dict = {}
+
+    @property
+    def name(self) -> str:
+        return f'clip:{self.cfg.model}:{self.dense_mode}'
+
+    def grid_size(self, height: int, width: int) -> Tuple[int, int]:
+        """(h, w) patch grid of an image of this size after resizing its short side to ``image_short_side``."""
+        s, p = self.cfg.image_short_side / min(height, width), self.stride
+        return max(1, round(height * s / p)), max(1, round(width * s / p))
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, 3, h*stride, w*stride) normalised ViT input of same-size (H, W, 3) uint8 RGB images."""
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
+            raise ValueError(f'expected (H, W, 3) RGB images of one size, got shapes {sorted(shapes)}')
+        gh, gw = self.grid_size(*images[0].shape[:2])
+        x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        x = F.interpolate(x, size=(gh * self.stride, gw * self.stride), mode='bicubic', align_corners=False,
+                          antialias=True).clamp_(0.0, 1.0)
+        return ((x - self._mean) / self._std).to(self.dtype)
+
+    def _pos_embed(self, grid: Tuple[int, int]) -> torch.Tensor:
+        if grid not in self._pos_cache:
+            self._pos_cache = {grid: interpolate_pos_embed(self.visual.positional_embedding,
+                                                           self.visual.grid_size, grid)}
+        return self._pos_cache[grid]
+
+    def _attn_bias(self, grid: Tuple[int, int]) -> torch.Tensor:
+        if grid not in self._bias_cache:
+            self._bias_cache = {grid: neighbourhood_bias(*grid).to(self.device, self.dtype)}
+        return self._bias_cache[grid]
+
+    def _dense_block(self, blk, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """The training-free last block on (B, N, C) tokens: attention (per dense mode) and out_proj only."""
+        attn, (B, N, C) = blk.attn, x.shape
+        heads = attn.num_heads
+        q, k, v = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias) \
+            .view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)  # each (B, heads, N, C/heads)
+        if self.dense_mode == 'maskclip':
+            out = v
+        elif self.dense_mode == 'clearclip':
+            out = F.scaled_dot_product_attention(q, q, v)
+        elif self.dense_mode == 'naclip':
+            out = F.scaled_dot_product_attention(k, k, v, attn_mask=self._attn_bias(grid))
+        else:
+            raise ValueError(f'unknown dense mode {self.dense_mode!r}; expected one of {DENSE_MODES}')
+        return attn.out_proj(out.transpose(1, 2).reshape(B, N, C))
+
+    @torch.no_grad()
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) L2-normalised float features of a preprocessed (B, 3, H', W') batch."""
+        v = self.visual
+        t = v.conv1(x)
+        B, C, gh, gw = t.shape
+        t = torch.cat([v.class_embedding.to(t.dtype).expand(B, 1, C), t.flatten(2).transpose(1, 2)], dim=1)
+        t = v.ln_pre(t + self._pos_embed((gh, gw)).to(t.dtype))
+        blocks = v.transformer.resblocks
+        batch_first = getattr(v.transformer, 'batch_first', True)
+        t = t if batch_first else t.transpose(0, 1)
+        for blk in blocks[:-1]:
+            t = blk(t)
+        t = t if batch_first else t.transpose(0, 1)
+        t = self._dense_block(blocks[-1], t, (gh, gw))
+        t = v.ln_post(t[:, 1:]) @ v.proj
+        return F.normalize(t.float(), dim=-1).reshape(B, gh, gw, -1)
+
+    def extract_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, h, w, D) features of same-size (H, W, 3) uint8 RGB images."""
+        return self.forward_dense(self.preprocess(images))
+
+    def extract(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> torch.Tensor:
+        return self.extract_batch([rgb])[0]
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+__all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'interpolate_pos_embed',
+           'neighbourhood_bias']

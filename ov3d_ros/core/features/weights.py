@@ -1,0 +1,120 @@
+"""Offline resolution and loading of open_clip weights. Nothing here ever touches the network.
+
+``pretrained`` may be (1) a local checkpoint file (.pt/.pth/.bin/.safetensors, a state dict or OpenAI's TorchScript
+release), (2) an open_clip pretrained tag such as 'openai', looked up in the local caches open_clip and the
+Hugging Face hub would have downloaded it to, or (3) '', 'none' or 'random' for random initialisation.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import zipfile
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+RANDOM_TAGS = ('', 'none', 'random')
+CHECKPOINT_SUFFIXES = ('.pt', '.pth', '.bin', '.safetensors')
+FIX_HINT = ('Fix: set features.pretrained to a local checkpoint file (.pt/.bin/.safetensors), copy the weights '
+            'into one of the searched places, or use features.source: simulated.')
+
+
+class WeightsNotFoundError(RuntimeError):
+    """CLIP weights were asked for but cannot be found or loaded locally."""
+
+
+def _hub_dirs(cache_dir: str) -> List[str]:
+    """Hugging Face hub cache roots, most specific first."""
+    hf_home = os.environ.get('HF_HOME', os.path.join('~', '.cache', 'huggingface'))
+    dirs = [cache_dir, os.path.join(cache_dir, 'hub')] if cache_dir else []
+    dirs += [os.environ.get('HF_HUB_CACHE', ''), os.path.join(hf_home, 'hub'), '~/.cache/huggingface/hub']
+    return list(dict.fromkeys(os.path.expanduser(d) for d in dirs if d))
+
+
+def candidate_paths(model: str, tag: str, cache_dir: str = '') -> List[str]:
+    """Every local path where the weights of open_clip pretrained ``tag`` of ``model`` may lie (existing or not)."""
+    import open_clip
+    cfg = open_clip.pretrained.get_pretrained_cfg(model, tag)
+    paths = [cfg['file']] if cfg.get('file') else []
+    if cfg.get('url'):  # open_clip's URL downloads go to cache_dir, or ~/.cache/clip
+        name = os.path.basename(cfg['url'])
+        paths += [os.path.join(d, name) for d in (cache_dir, os.path.expanduser('~/.cache/clip')) if d]
+    if cfg.get('hf_hub'):  # 'org/repo/' or 'org/repo/file', cached as <hub>/models--org--repo/snapshots/<rev>/<file>
+        hub_id = cfg['hf_hub']
+        repo_id, filename = (hub_id[:-1], '') if hub_id.endswith('/') else os.path.split(hub_id)
+        names = ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']  # open_clip's defaults
+        if filename and filename not in names:  # open_clip prefers a .safetensors twin of a named .bin/.pth
+            names = ([filename[:-4] + '.safetensors'] if filename.endswith(('.bin', '.pth')) else []) + [filename]
+        for hub in _hub_dirs(cache_dir):
+            repo_dir = os.path.join(hub, 'models--' + repo_id.replace('/', '--'))
+            ref = os.path.join(repo_dir, 'refs', 'main')
+            revs = [Path(ref).read_text().strip()] if os.path.isfile(ref) else []
+            revs += sorted(os.path.basename(p) for p in glob.glob(os.path.join(repo_dir, 'snapshots', '*')))
+            revs = list(dict.fromkeys(revs)) or ['*']
+            paths += [os.path.join(repo_dir, 'snapshots', r, n) for r in revs for n in names]
+    return list(dict.fromkeys(paths))
+
+
+def resolve_weights(model: str, pretrained: str, cache_dir: str = '') -> Optional[str]:
+    """Local checkpoint path for ``pretrained``; None for random init. Raises WeightsNotFoundError otherwise."""
+    import open_clip
+    value = (pretrained or '').strip()
+    if value.lower() in RANDOM_TAGS:
+        return None
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        return path
+    if os.sep in value or value.lower().endswith(CHECKPOINT_SUFFIXES):
+        raise WeightsNotFoundError(f'CLIP checkpoint file {path!r} (features.pretrained) does not exist. {FIX_HINT}')
+    if not open_clip.pretrained.get_pretrained_cfg(model, value):
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise WeightsNotFoundError(f'features.pretrained={value!r} is neither an existing file nor a known open_clip '
+                                   f'pretrained tag of model {model!r} (known tags: {tags}). {FIX_HINT}')
+    searched = candidate_paths(model, value, cache_dir)
+    for path in searched:
+        if os.path.isfile(path):
+            return path
+    listing = '\n  '.join(searched)
+    raise WeightsNotFoundError(
+        f'No local weights for open_clip model {model!r} with pretrained tag {value!r}; nothing is downloaded '
+        f'(offline). Searched:\n  {listing}\n{FIX_HINT}')
+
+
+def is_torchscript(path: str) -> bool:
+    """True for TorchScript archives (OpenAI's original CLIP releases)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith('constants.pkl') for n in z.namelist())
+
+
+def uses_quick_gelu(model: str, pretrained: str) -> bool:
+    """Whether the weights named by ``pretrained`` were trained with QuickGELU (OpenAI and some others). Known for
+    tags and OpenAI TorchScript files; for other files pick a '-quickgelu' model name when the weights need it."""
+    import open_clip
+    value = (pretrained or '').strip()
+    if os.path.isfile(os.path.expanduser(value)):
+        return is_torchscript(os.path.expanduser(value))
+    return bool(open_clip.pretrained.get_pretrained_cfg(model, value).get('quick_gelu', False))
+
+
+def load_weights(model_obj: torch.nn.Module, model_name: str, pretrained: str, cache_dir: str = '') -> str:
+    """Load ``pretrained`` into ``model_obj`` (an open_clip CLIP); returns a description of what was loaded."""
+    import open_clip
+    from open_clip.model import resize_pos_embed
+    path = resolve_weights(model_name, pretrained, cache_dir)
+    if path is None:
+        return f'random (pretrained={(pretrained or "").strip().lower() or "none"})'
+    try:
+        if is_torchscript(path):  # OpenAI release: same key names as open_clip's CLIP
+            sd = torch.jit.load(path, map_location='cpu').state_dict()
+            sd = {k: v for k, v in sd.items() if k not in ('input_resolution', 'context_length', 'vocab_size')}
+            resize_pos_embed(sd, model_obj)
+            model_obj.load_state_dict(sd, strict=True)
+        else:  # state dicts (.pt/.bin/.safetensors); converts formats and resizes the positional embedding
+            open_clip.load_checkpoint(model_obj, path, strict=True, device='cpu')
+    except Exception as e:  # unreadable file or a checkpoint of another architecture
+        raise WeightsNotFoundError(f'cannot load CLIP checkpoint {path!r} into open_clip model {model_name!r}: '
+                                   f'{type(e).__name__}: {str(e)[:500]}. {FIX_HINT}') from e
+    return path
