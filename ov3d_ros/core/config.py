@@ -108,3 +108,17 @@ def update_from_dict(cfg: MapperConfig, values: Dict[str, Dict[str, Any]]) -> Ma
                 raise ValueError(f'{section}.{key} must be {type(default).__name__}, got {value!r}')
             setattr(sub, key, value)
     return cfg
+
+
+def field_docs(cls: type) -> Dict[str, str]:
+    """{field name: the docstring written under it} of a config dataclass (parsed from its source)."""
+    import ast
+    import inspect
+    import textwrap
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = ' '.join(str(nxt.value.value).split())
+    return docs

@@ -1,0 +1,48 @@
+"""Start the ov3d mapping node (and optionally the built-in scene player and RViz).
+
+    ros2 launch ov3d_ros mapping.launch.py color_topic:=/camera/color/image_raw \\
+        depth_topic:=/camera/aligned_depth_to_color/image_raw camera_info_topic:=/camera/color/camera_info
+    ros2 launch ov3d_ros mapping.launch.py play_scene:=true rviz:=true      # built-in scene, simulated features
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration, PythonExpression
+from launch_ros.actions import Node
+
+
+def generate_launch_description():
+    share = get_package_share_directory('ov3d_ros')
+    base = os.path.join(share, 'config', 'mapping.yaml')
+    demo = os.path.join(share, 'config', 'demo.yaml')
+    arg = LaunchConfiguration
+    play = arg('play_scene')
+    overlay = PythonExpression(["'", demo, "' if '", play, "'.lower() == 'true' else '", arg('config'), "'"])
+    args = [
+        DeclareLaunchArgument('config', default_value=base, description='Overlay parameter file (after mapping.yaml).'),
+        DeclareLaunchArgument('play_scene', default_value='false',
+                              description='Also play the built-in scene (uses config/demo.yaml: simulated features).'),
+        DeclareLaunchArgument('rviz', default_value='false', description='Start RViz with config/ov3d.rviz.'),
+        DeclareLaunchArgument('color_topic', default_value='color/image'),
+        DeclareLaunchArgument('depth_topic', default_value='depth/image'),
+        DeclareLaunchArgument('camera_info_topic', default_value='color/camera_info'),
+        DeclareLaunchArgument('labels_topic', default_value='labels/image'),
+        DeclareLaunchArgument('pose_topic', default_value='pose'),
+        DeclareLaunchArgument('odom_topic', default_value='odom'),
+        DeclareLaunchArgument('log_level', default_value='info'),
+    ]
+    mapping = Node(
+        package='ov3d_ros', executable='mapping_node', name='ov3d_mapping', output='screen',
+        parameters=[base, overlay],
+        remappings=[('color/image', arg('color_topic')), ('depth/image', arg('depth_topic')),
+                    ('color/camera_info', arg('camera_info_topic')), ('labels/image', arg('labels_topic')),
+                    ('pose', arg('pose_topic')), ('odom', arg('odom_topic'))],
+        arguments=['--ros-args', '--log-level', arg('log_level')])
+    player = Node(package='ov3d_ros', executable='scene_player', name='ov3d_scene_player', output='screen',
+                  parameters=[{'loop': True}], condition=IfCondition(play))
+    rviz = Node(package='rviz2', executable='rviz2', name='rviz2',
+                arguments=['-d', os.path.join(share, 'config', 'ov3d.rviz')], condition=IfCondition(arg('rviz')))
+    return LaunchDescription(args + [mapping, player, rviz])

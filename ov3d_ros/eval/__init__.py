@@ -1,0 +1,1 @@
+"""Evaluation metrics (never imported by the nodes)."""

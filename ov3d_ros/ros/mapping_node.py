@@ -1,0 +1,274 @@
+"""The ov3d mapping node: RGB-D + camera info + pose in, open-vocabulary voxel map and /segment_by_text out.
+
+Callbacks only store messages. One timer (``tick``) pairs depth with colour (and labels for the simulated
+source) and a pose, converts, and integrates keyframes; it is the only writer of the map. The service and the
+publishers read the map under the same lock.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import resource
+import threading
+import time
+from typing import Deque, Optional
+
+import numpy as np
+import rclpy
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from geometry_msgs.msg import PoseStamped
+from nav_msgs.msg import Odometry
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import String
+from visualization_msgs.msg import MarkerArray
+
+from ov3d_ros.core.features import create_extractor
+from ov3d_ros.core.mapper import Frame, Mapper, resolve_device
+from ov3d_ros.ros import conversions as conv
+from ov3d_ros.ros.params import declare, declare_config, read_config
+from ov3d_ros.srv import SegmentByText
+
+POSE_SOURCES = ('tf', 'pose', 'odometry')
+
+
+class MappingNode(Node):
+    """Builds the open-vocabulary map and answers ``segment_by_text``."""
+
+    def __init__(self, **kwargs):
+        super().__init__('ov3d_mapping', **kwargs)
+        from ov3d_ros.core.config import MapperConfig
+        declare_config(self, MapperConfig())
+        self.map_frame = declare(self, 'map_frame', 'map', 'Fixed frame of the map and of every output.')
+        self.pose_source = declare(self, 'pose_source', 'tf', "Camera pose from 'tf' (map_frame → image frame), "
+                                   "'pose' (geometry_msgs/PoseStamped) or 'odometry' (nav_msgs/Odometry).")
+        extrinsic = declare(self, 'pose_to_camera', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+                            'For pose/odometry sources: x y z qx qy qz qw of the camera optical frame in the '
+                            'frame the pose topic describes (identity = the pose is the optical frame).')
+        self.sync_slop_s = declare(self, 'sync_slop_s', 0.05, 'Max time difference between paired messages.')
+        self.tick_rate_hz = declare(self, 'tick_rate_hz', 20.0, 'Rate of the processing timer.')
+        self.map_publish_rate_hz = declare(self, 'map_publish_rate_hz', 0.5, 'Rate of ~/map_cloud (0 = off).')
+        self.map_cloud_max_points = declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
+        self.input_qos = declare(self, 'input_qos', 'sensor_data', "QoS of image inputs: 'sensor_data' or 'reliable'.")
+        queue = declare(self, 'queue_size', 10, 'Messages kept per input topic while waiting for a partner.')
+        if self.pose_source not in POSE_SOURCES:
+            raise ValueError(f"pose_source must be one of {POSE_SOURCES}, got {self.pose_source!r}")
+
+        cfg = read_config(self)
+        device = resolve_device(cfg.map.device)
+        class_names = None
+        if cfg.features.source == 'simulated':
+            from ov3d_ros.sim.classes import CLASS_NAMES
+            class_names = CLASS_NAMES
+            self.get_logger().warn('features.source=simulated: features come from ground-truth label images '
+                                   '(labels/image), not from the camera. Use it for tests and demos only.')
+        extractor = create_extractor(cfg.features, device, class_names, cfg.query.templates)
+        self.mapper = Mapper(cfg, extractor)
+        self.get_logger().info(f'feature source {extractor.name} (D={extractor.dim}, '
+                               f'weights: {getattr(extractor, "weights", "n/a")}) on {device}')
+        self.T_P_C = conv.pose_to_matrix(extrinsic[:3], extrinsic[3:])
+
+        self._lock = threading.Lock()            # guards the mapper
+        self._in_lock = threading.Lock()         # guards the input buffers
+        self._color: Deque[Image] = collections.deque(maxlen=queue)
+        self._depth: Deque[Image] = collections.deque(maxlen=queue)
+        self._labels: Deque[Image] = collections.deque(maxlen=queue)
+        self._poses: Deque = collections.deque(maxlen=max(queue, 50))
+        self._camera_info: Optional[CameraInfo] = None
+        self.stats = collections.Counter()
+        self.last_error = ''
+        self._kf_times = []
+
+        qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=queue)
+        self.create_subscription(Image, 'color/image', self._push(self._color), qos)
+        self.create_subscription(Image, 'depth/image', self._push(self._depth), qos)
+        self.create_subscription(CameraInfo, 'color/camera_info', self._on_camera_info, qos)
+        if extractor.simulated:
+            self.create_subscription(Image, 'labels/image', self._push(self._labels), qos)
+        self._tf_buffer = None
+        if self.pose_source == 'tf':
+            try:
+                import tf2_ros
+            except ImportError as e:
+                raise RuntimeError("pose_source 'tf' needs tf2_ros, which is not installed; install it or "
+                                   "set pose_source to 'pose' or 'odometry'") from e
+            self._tf_buffer = tf2_ros.Buffer()
+            self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
+        elif self.pose_source == 'pose':
+            self.create_subscription(PoseStamped, 'pose', self._push(self._poses), 50)
+        else:
+            self.create_subscription(Odometry, 'odom', self._push(self._poses), 50)
+
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                             reliability=ReliabilityPolicy.RELIABLE)
+        self.map_pub = self.create_publisher(PointCloud2, '~/map_cloud', latched)
+        self.seg_pub = self.create_publisher(PointCloud2, '~/segmentation', latched)
+        self.marker_pub = self.create_publisher(MarkerArray, '~/segmentation_markers', latched)
+        self.status_pub = self.create_publisher(String, '~/status', 10)
+
+        self.create_timer(1.0 / self.tick_rate_hz, self.tick, MutuallyExclusiveCallbackGroup())
+        self.create_timer(1.0, self.publish_status, MutuallyExclusiveCallbackGroup())
+        if self.map_publish_rate_hz > 0:
+            self.create_timer(1.0 / self.map_publish_rate_hz, self.publish_map, MutuallyExclusiveCallbackGroup())
+        self.create_service(SegmentByText, 'segment_by_text', self.on_segment,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        self.get_logger().info(f'mapping in frame {self.map_frame!r}, pose from {self.pose_source}; '
+                               'service segment_by_text ready')
+
+    # ------------------------------------------------------------------ inputs
+    def _push(self, buffer: Deque):
+        def callback(msg):
+            with self._in_lock:
+                buffer.append(msg)
+        return callback
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self._camera_info = msg
+
+    def _error(self, reason: str) -> None:
+        self.last_error = reason
+        self.stats['dropped'] += 1
+        self.get_logger().warn(reason, throttle_duration_sec=2.0)
+
+    @staticmethod
+    def _nearest(buffer: Deque, t: float, slop: float):
+        best = min(buffer, key=lambda m: abs(conv.stamp_to_sec(m.header.stamp) - t), default=None)
+        if best is not None and abs(conv.stamp_to_sec(best.header.stamp) - t) <= slop:
+            return best
+        return None
+
+    def _pose_at(self, depth: Image, t: float) -> Optional[np.ndarray]:
+        if self._tf_buffer is not None:
+            import rclpy.time
+            try:
+                tf = self._tf_buffer.lookup_transform(self.map_frame, depth.header.frame_id,
+                                                      rclpy.time.Time.from_msg(depth.header.stamp))
+            except Exception as e:  # tf2 raises several exception types
+                raise ValueError(f'no transform {self.map_frame} → {depth.header.frame_id} at {t:.3f}: {e}')
+            return conv.pose_msg_to_matrix(tf)
+        with self._in_lock:
+            msg = self._nearest(self._poses, t, self.sync_slop_s)
+        if msg is None:
+            raise ValueError(f'no pose within {self.sync_slop_s} s of the depth image at {t:.3f}')
+        return conv.pose_msg_to_matrix(msg) @ self.T_P_C
+
+    def _next_frame(self) -> Optional[Frame]:
+        """Pop the newest depth image whose partners arrived; older depth images are superseded."""
+        simulated = self.mapper.extractor.simulated
+        with self._in_lock:
+            for i in range(len(self._depth) - 1, -1, -1):
+                depth = self._depth[i]
+                t = conv.stamp_to_sec(depth.header.stamp)
+                color = self._nearest(self._color, t, self.sync_slop_s)
+                labels = self._nearest(self._labels, t, self.sync_slop_s) if simulated else None
+                if color is not None and (labels is not None or not simulated):
+                    self.stats['superseded'] += i
+                    for _ in range(i + 1):
+                        self._depth.popleft()
+                    break
+            else:
+                if len(self._depth) == self._depth.maxlen:
+                    self._depth.clear()
+                    raise ValueError(f'no colour{" or label" if simulated else ""} image within sync_slop_s='
+                                     f'{self.sync_slop_s} s of the last depth images; check topics and stamps')
+                return None
+        if self._camera_info is None:
+            raise ValueError('no camera info received yet on color/camera_info; frame skipped')
+        camera = conv.camera_info_to_camera(self._camera_info)
+        T_W_C = self._pose_at(depth, t)
+        lab = conv.image_to_numpy(labels) if labels is not None else None
+        return Frame(conv.color_to_rgb(color), conv.depth_to_meters(depth), camera, T_W_C, t, lab)
+
+    # ------------------------------------------------------------------ processing
+    def tick(self) -> None:
+        """Integrate the newest complete frame if it is a keyframe."""
+        try:
+            frame = self._next_frame()
+            if frame is None:
+                return
+            self.stats['frames'] += 1
+            with self._lock:
+                integrated = self.mapper.integrate(frame)
+            if integrated:
+                self.stats['keyframes'] += 1
+                self._kf_times.append(self.mapper.timings_s['total'])
+        except (ValueError, RuntimeError) as e:
+            self._error(str(e))
+        except Exception as e:  # never let one bad frame take the node down
+            self._error(f'frame failed: {type(e).__name__}: {e}')
+
+    def on_segment(self, request, response):
+        """Answer a text query with the matching voxels as a PointCloud2."""
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                if self.mapper.map.size == 0:
+                    raise ValueError('the map is empty: no keyframe integrated yet')
+                seg = self.mapper.segment(request.text, list(request.negatives), float(request.threshold))
+            stamp = self.get_clock().now().to_msg()
+            response.cloud = conv.make_pointcloud2(seg.xyz, seg.rgb, seg.scores, self.map_frame, stamp)
+            response.scores = seg.scores.astype(np.float32).tolist()
+            response.success = True
+            response.message = (f'{len(seg.scores)} voxels match {request.text.strip()!r} '
+                                f'({1e3 * (time.perf_counter() - t0):.0f} ms)')
+            self.seg_pub.publish(response.cloud)
+            self.marker_pub.publish(self._markers(seg.xyz, request.text.strip(), stamp))
+        except Exception as e:
+            response.success = False
+            response.message = str(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'
+            self.get_logger().warn(f'segment_by_text({request.text!r}) failed: {response.message}')
+        return response
+
+    def _markers(self, xyz: np.ndarray, label: str, stamp) -> MarkerArray:
+        if len(xyz) == 0:
+            return conv.make_box_markers(np.zeros((0, 3)), np.zeros((0, 3)), [], self.map_frame, stamp)
+        lo, hi = np.percentile(xyz, 2, axis=0), np.percentile(xyz, 98, axis=0)
+        return conv.make_box_markers(lo[None], hi[None], [label], self.map_frame, stamp)
+
+    def publish_map(self) -> None:
+        with self._lock:
+            if self.mapper.map.size == 0:
+                return
+            cloud = self.mapper.map_cloud(self.map_cloud_max_points)
+        self.map_pub.publish(conv.make_pointcloud2(cloud.xyz, cloud.rgb, None, self.map_frame,
+                                                   self.get_clock().now().to_msg()))
+
+    def status(self) -> dict:
+        """Counters and timings, also published on ~/status as JSON."""
+        times = np.array(self._kf_times or [0.0])
+        return {'frames': self.stats['frames'], 'keyframes': self.stats['keyframes'],
+                'dropped': self.stats['dropped'], 'superseded': self.stats['superseded'],
+                'voxels': self.mapper.map.size, 'pending_depth': len(self._depth),
+                'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_max_s': float(times.max()),
+                'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                'last_error': self.last_error}
+
+    def publish_status(self) -> None:
+        self.status_pub.publish(String(data=json.dumps(self.status())))
+
+
+def main(args=None) -> int:
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = MappingNode()
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as e:  # a configuration error: say why and exit non-zero
+        msg = f'ov3d_mapping cannot start: {e}'
+        (node.get_logger().fatal(msg) if node else rclpy.logging.get_logger('ov3d_mapping').fatal(msg))
+        return 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
