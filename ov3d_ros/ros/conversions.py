@@ -1,0 +1,382 @@
+"""Conversions between ROS messages and numpy / core types (no cv_bridge or sensor_msgs_py needed).
+
+Conventions: camera points are in the optical frame; ``T_W_C`` (4, 4) float64 maps camera points into the map
+frame; quaternions are in ROS order (x, y, z, w). Bad input raises :class:`ConversionError` (a ValueError) with
+a message that names the problem. Large buffers are assigned as ``array.array('B', ...)`` (fast path in rclpy).
+"""
+from __future__ import annotations
+
+import array
+import math
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import transforms3d
+from builtin_interfaces.msg import Time
+from geometry_msgs.msg import Point, Pose
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from ov3d_ros.core.camera import PinholeCamera
+from ov3d_ros.core.depth import DEPTH_ENCODINGS, depth_to_meters as _decode_depth
+
+
+class ConversionError(ValueError):
+    """A message or array that cannot be converted."""
+
+
+# encoding → (numpy dtype, channels)
+ENCODINGS = {'rgb8': (np.uint8, 3), 'bgr8': (np.uint8, 3), 'rgba8': (np.uint8, 4), 'bgra8': (np.uint8, 4),
+             'mono8': (np.uint8, 1), '8UC1': (np.uint8, 1), '8UC3': (np.uint8, 3), 'mono16': (np.uint16, 1),
+             '16UC1': (np.uint16, 1), '32FC1': (np.float32, 1)}
+COLOR_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', '8UC1', '8UC3')   # 8UC3 is taken as RGB
+
+
+def make_header(frame_id: str, stamp: Optional[Time] = None) -> Header:
+    """A std_msgs/Header (stamp 0 when not given)."""
+    return Header(frame_id=frame_id, stamp=stamp if stamp is not None else Time())
+
+
+# ---------------------------------------------------------------------------------------------------- time
+def stamp_to_sec(stamp) -> float:
+    """Seconds (float) of a builtin_interfaces Time (or anything with ``sec`` and ``nanosec``)."""
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def sec_to_stamp(t: float) -> Time:
+    """builtin_interfaces/Time of ``t`` seconds, rounded to the nearest nanosecond."""
+    t = float(t)
+    if not math.isfinite(t):
+        raise ConversionError(f'cannot make a time stamp from {t} seconds')
+    sec = math.floor(t)
+    nanosec = int(round((t - sec) * 1e9))
+    if nanosec >= 1_000_000_000:
+        sec, nanosec = sec + 1, nanosec - 1_000_000_000
+    if not -2**31 <= sec < 2**31:
+        raise ConversionError(f'time {t} s does not fit a builtin_interfaces/Time (int32 seconds)')
+    return Time(sec=int(sec), nanosec=nanosec)
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def image_to_numpy(msg: Image) -> np.ndarray:
+    """Pixel array of an Image: (H, W, C) uint8, or (H, W) uint8 / uint16 / float32 for one channel.
+
+    Honours row padding (``step``) and ``is_bigendian``. Without padding or byte swapping the result is a view
+    of ``msg.data`` (it shares memory with the message); otherwise it is a copy in native byte order.
+    """
+    enc = msg.encoding
+    if enc not in ENCODINGS:
+        raise ConversionError(f'image encoding {enc!r} not supported; expected one of {", ".join(ENCODINGS)}')
+    dtype, ch = ENCODINGS[enc]
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if h == 0 or w == 0:
+        raise ConversionError(f'{enc} image has zero size ({w}x{h})')
+    bpp = ch * np.dtype(dtype).itemsize
+    if step < w * bpp:
+        raise ConversionError(f'{enc} image step {step} is smaller than width*bytes_per_pixel = {w}*{bpp} = {w * bpp}')
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if data.size < step * h:
+        raise ConversionError(f'{enc} image {w}x{h} with step {step} needs {step * h} bytes of data, '
+                              f'got {data.size}')
+    rows = data[:step * h].reshape(h, step)
+    if step != w * bpp:
+        rows = np.ascontiguousarray(rows[:, :w * bpp])          # drop row padding (copy)
+    src = np.dtype(dtype).newbyteorder('>' if msg.is_bigendian else '<')
+    out = rows.view(src).reshape(h, w, ch)
+    if not src.isnative:
+        out = out.astype(dtype)                                 # byte swap (copy)
+    return out[..., 0] if ch == 1 else out
+
+
+def color_to_rgb(msg: Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB (a new array) from rgb8, bgr8, rgba8, bgra8, mono8 / 8UC1 or 8UC3 (as RGB)."""
+    if msg.encoding not in COLOR_ENCODINGS:
+        hint = ' (that is a depth encoding: use depth_to_meters)' if msg.encoding in DEPTH_ENCODINGS else ''
+        raise ConversionError(f'colour image encoding {msg.encoding!r} not supported{hint}; expected one of '
+                              f'{", ".join(COLOR_ENCODINGS)}')
+    img = image_to_numpy(msg)
+    if img.ndim == 2:
+        return np.repeat(img[..., None], 3, axis=-1)
+    if msg.encoding in ('bgr8', 'bgra8'):
+        return np.ascontiguousarray(img[..., 2::-1])
+    return np.array(img[..., :3], order='C', copy=True)
+
+
+def depth_to_meters(msg: Image) -> np.ndarray:
+    """(H, W) float32 metres (a new array) from 16UC1 / mono16 (millimetres) or 32FC1 (metres).
+
+    Invalid readings — 0, NaN, +/-inf — are all returned as 0.0; negative 32FC1 values are kept as they are.
+    """
+    if msg.encoding not in DEPTH_ENCODINGS:
+        raise ConversionError(f'depth image encoding {msg.encoding!r} not supported; expected 16UC1 or 32FC1 '
+                              f'(or mono16, millimetres)')
+    raw = image_to_numpy(msg)
+    if raw.dtype == np.uint16:      # mm → m divided (correctly rounded: 1500 mm is exactly 1.5 m; 0 stays 0)
+        return raw.astype(np.float32) / np.float32(1000.0)
+    return _decode_depth(raw, msg.encoding)
+
+
+def numpy_to_image(arr: np.ndarray, encoding: str, header: Optional[Header] = None) -> Image:
+    """A little-endian, unpadded Image from (H, W, C) or (H, W) data of the encoding's dtype.
+
+    rgb8/bgr8/8UC3: (H, W, 3) uint8; rgba8/bgra8: (H, W, 4) uint8; mono8/8UC1: (H, W) uint8;
+    mono16/16UC1: (H, W) uint16; 32FC1: (H, W) float32. (H, W, 1) is accepted for one channel.
+    """
+    if encoding not in ENCODINGS:
+        raise ConversionError(f'image encoding {encoding!r} not supported; expected one of {", ".join(ENCODINGS)}')
+    dtype, ch = ENCODINGS[encoding]
+    arr = np.asarray(arr)
+    ok_shape = (arr.ndim == 2 and ch == 1) or (arr.ndim == 3 and arr.shape[2] == ch)
+    ok_dtype = arr.dtype.kind == np.dtype(dtype).kind and arr.dtype.itemsize == np.dtype(dtype).itemsize
+    if not (ok_shape and ok_dtype):
+        want = '(H, W)' if ch == 1 else f'(H, W, {ch})'
+        raise ConversionError(f'{encoding} image needs {want} {np.dtype(dtype).name} data, got {arr.shape} {arr.dtype}')
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ConversionError(f'{encoding} image has zero size ({arr.shape[1]}x{arr.shape[0]})')
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder('<'))
+    h, w = arr.shape[:2]
+    msg = Image(header=header if header is not None else Header(), height=h, width=w, encoding=encoding,
+                is_bigendian=0, step=w * ch * arr.itemsize)
+    msg.data = array.array('B', arr.tobytes())
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------- camera
+def camera_info_to_camera(msg: CameraInfo) -> PinholeCamera:
+    """PinholeCamera from ``k`` (row-major 3x3), ``width`` and ``height`` (distortion is ignored)."""
+    if msg.width == 0 or msg.height == 0:
+        raise ConversionError(f'camera info has zero image size ({msg.width}x{msg.height}); is the camera calibrated?')
+    k = np.asarray(msg.k, dtype=np.float64).reshape(-1)
+    if k.size != 9 or not np.all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
+        raise ConversionError(f'camera info has invalid intrinsics k={k.tolist()}; fx=k[0] and fy=k[4] must be '
+                              f'finite and > 0 (an all-zero k means an uncalibrated camera)')
+    return PinholeCamera.from_matrix(k.reshape(3, 3), int(msg.width), int(msg.height))
+
+
+def camera_to_camera_info(cam: PinholeCamera, header: Optional[Header] = None) -> CameraInfo:
+    """CameraInfo for a pinhole camera: plumb_bob with zero distortion, k, p = [k | 0], r = identity."""
+    K = cam.K
+    P = np.zeros((3, 4))
+    P[:, :3] = K
+    return CameraInfo(header=header if header is not None else Header(), width=int(cam.width),
+                      height=int(cam.height), distortion_model='plumb_bob', d=[0.0] * 5, k=K.reshape(-1).tolist(),
+                      r=np.eye(3).reshape(-1).tolist(), p=P.reshape(-1).tolist())
+
+
+# ---------------------------------------------------------------------------------------------------- poses
+def pose_to_matrix(position: Sequence[float], orientation_xyzw: Sequence[float]) -> np.ndarray:
+    """(4, 4) float64 rigid transform from a position and a ROS-order (x, y, z, w) quaternion.
+
+    Quaternions with norm in [0.9, 1.1] are normalised; zero, NaN or far-from-unit ones raise ConversionError.
+    """
+    p = np.asarray(position, dtype=np.float64).reshape(-1)
+    q = np.asarray(orientation_xyzw, dtype=np.float64).reshape(-1)
+    if p.shape != (3,) or not np.all(np.isfinite(p)):
+        raise ConversionError(f'pose position must be 3 finite numbers, got {p.tolist()}')
+    if q.shape != (4,) or not np.all(np.isfinite(q)):
+        raise ConversionError(f'pose orientation must be a quaternion of 4 finite numbers (x, y, z, w), '
+                              f'got {q.tolist()}')
+    n = float(np.linalg.norm(q))
+    if not 0.9 <= n <= 1.1:
+        raise ConversionError(f'pose quaternion (x, y, z, w) = {q.tolist()} has norm {n:.4g}; expected a unit '
+                              f'quaternion (norms in [0.9, 1.1] are normalised)')
+    x, y, z, w = q / n
+    T = np.eye(4)
+    T[:3, :3] = transforms3d.quaternions.quat2mat([w, x, y, z])
+    T[:3, 3] = p
+    return T
+
+
+def matrix_to_pose(T: np.ndarray) -> Pose:
+    """geometry_msgs/Pose of a (4, 4) rigid transform (quaternion with w >= 0)."""
+    T = np.asarray(T, dtype=np.float64)
+    if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+        raise ConversionError(f'pose matrix must be a finite (4, 4) array, got shape {T.shape}')
+    w, x, y, z = transforms3d.quaternions.mat2quat(T[:3, :3])
+    if w < 0:
+        w, x, y, z = -w, -x, -y, -z
+    pose = Pose()
+    pose.position.x, pose.position.y, pose.position.z = (float(v) for v in T[:3, 3])
+    pose.orientation.x, pose.orientation.y = float(x), float(y)
+    pose.orientation.z, pose.orientation.w = float(z), float(w)
+    return pose
+
+
+def pose_msg_to_matrix(msg) -> np.ndarray:
+    """(4, 4) from a Pose, PoseStamped, PoseWithCovariance(Stamped), Odometry, Transform or TransformStamped."""
+    m = getattr(msg, 'transform', msg)          # TransformStamped → Transform
+    for _ in range(3):                          # PoseStamped / Odometry / PoseWithCovariance… → Pose
+        if not hasattr(m, 'pose'):
+            break
+        m = m.pose
+    if hasattr(m, 'translation') and hasattr(m, 'rotation'):
+        t, r = m.translation, m.rotation
+    elif hasattr(m, 'position') and hasattr(m, 'orientation'):
+        t, r = m.position, m.orientation
+    else:
+        raise ConversionError(f'cannot read a pose from a {type(msg).__name__}; expected Pose, PoseStamped, '
+                              f'Odometry, Transform or TransformStamped')
+    return pose_to_matrix([t.x, t.y, t.z], [r.x, r.y, r.z, r.w])
+
+
+# ---------------------------------------------------------------------------------------------------- clouds
+_PF_TYPES = {PointField.INT8: 'i1', PointField.UINT8: 'u1', PointField.INT16: 'i2', PointField.UINT16: 'u2',
+             PointField.INT32: 'i4', PointField.UINT32: 'u4', PointField.FLOAT32: 'f4', PointField.FLOAT64: 'f8'}
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 2 or rgb.shape[1] != 3:
+        raise ConversionError(f'rgb must be (N, 3), got {rgb.shape}')
+    if rgb.dtype != np.uint8:
+        if rgb.dtype.kind not in 'iu' or (rgb.size and (rgb.min() < 0 or rgb.max() > 255)):
+            raise ConversionError(f'rgb must be uint8 (0..255), got {rgb.dtype}')
+        rgb = rgb.astype(np.uint8)
+    return rgb
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 → (N,) float32 holding 0x00RRGGBB bits (the RViz ``rgb`` field convention)."""
+    rgb = _check_rgb(rgb)
+    packed = np.zeros((len(rgb), 4), dtype=np.uint8)           # little-endian uint32 bytes: B, G, R, 0
+    packed[:, :3] = rgb[:, ::-1]
+    return packed.view('<f4').reshape(-1).astype(np.float32, copy=False)
+
+
+def unpack_rgb(packed: np.ndarray) -> np.ndarray:
+    """(N,) packed 0x00RRGGBB values (float32 as RViz uses, or uint32 / int32) → (N, 3) uint8 RGB."""
+    packed = np.asarray(packed)
+    if packed.dtype.itemsize != 4 or packed.dtype.kind not in 'fiu':
+        raise ConversionError(f'packed rgb must be 4-byte values (float32 / uint32), got {packed.dtype}')
+    big = packed.dtype.byteorder == '>' or (packed.dtype.byteorder == '=' and sys.byteorder == 'big')
+    u = np.ascontiguousarray(packed.reshape(-1)).view('>u4' if big else '<u4')   # reinterpret the bits
+    b = u.astype('<u4', copy=False).view(np.uint8).reshape(-1, 4)               # bytes B, G, R, (A)
+    return np.ascontiguousarray(b[:, 2::-1])
+
+
+def make_pointcloud2(xyz: np.ndarray, rgb: Optional[np.ndarray], scores: Optional[np.ndarray], frame_id: str,
+                     stamp: Optional[Time] = None) -> PointCloud2:
+    """Unordered (height 1), dense, little-endian PointCloud2 with FLOAT32 fields x, y, z, then ``rgb``
+    (packed 0x00RRGGBB, when ``rgb`` (N, 3) uint8 is given) and ``score`` (when ``scores`` (N,) is given)."""
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ConversionError(f'point cloud xyz must be (N, 3), got {xyz.shape}')
+    n = len(xyz)
+    names = ['x', 'y', 'z']
+    if rgb is not None:
+        if np.shape(rgb) != (n, 3):
+            raise ConversionError(f'point cloud rgb must be ({n}, 3) to match xyz, got {np.shape(rgb)}')
+        names.append('rgb')
+    if scores is not None:
+        scores = np.asarray(scores)
+        if scores.shape != (n,):
+            raise ConversionError(f'point cloud scores must be ({n},) to match xyz, got {np.shape(scores)}')
+        names.append('score')
+    step = 4 * len(names)
+    buf = array.array('B', bytes(step * n))                    # the message buffer, filled in place below
+    flat = np.frombuffer(buf, dtype='<f4').reshape(n, len(names)) if n else np.zeros((0, len(names)), '<f4')
+    flat[:, :3] = xyz
+    col = 3
+    if rgb is not None:                                         # little-endian 0x00RRGGBB: bytes B, G, R, 0
+        flat.view(np.uint8).reshape(n, step)[:, 4 * col:4 * col + 3] = _check_rgb(rgb)[:, ::-1]
+        col += 1
+    if scores is not None:
+        flat[:, col] = scores
+    msg = PointCloud2(header=make_header(frame_id, stamp), height=1, width=n, is_bigendian=False,
+                      point_step=step, row_step=step * n, is_dense=True,
+                      fields=[PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1)
+                              for i, name in enumerate(names)])
+    msg.data = buf
+    return msg
+
+
+def pointcloud2_to_numpy(msg: PointCloud2) -> np.ndarray:
+    """(height*width,) structured array, one named field per PointField, in native byte order (a new array).
+
+    Reads any layout: INT8..FLOAT64 fields at any offset, ``count`` > 1 (sub-array fields), ``point_step``
+    padding and ``row_step`` padding.
+    """
+    if not msg.fields:
+        raise ConversionError('PointCloud2 has no fields')
+    order = '>' if msg.is_bigendian else '<'
+    names, formats, offsets = [], [], []
+    for f in msg.fields:
+        if f.datatype not in _PF_TYPES:
+            raise ConversionError(f'PointCloud2 field {f.name!r} has unknown datatype {f.datatype}')
+        fmt = order + _PF_TYPES[f.datatype]
+        size = np.dtype(fmt).itemsize * max(1, f.count)
+        if f.offset + size > msg.point_step:
+            raise ConversionError(f'PointCloud2 field {f.name!r} (offset {f.offset}, {size} bytes) does not fit '
+                                  f'point_step {msg.point_step}')
+        names.append(f.name)
+        formats.append(fmt if f.count <= 1 else (fmt, int(f.count)))
+        offsets.append(int(f.offset))
+    try:
+        dtype = np.dtype({'names': names, 'formats': formats, 'offsets': offsets, 'itemsize': int(msg.point_step)})
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f'PointCloud2 fields {names} do not form a valid layout: {e}') from None
+    h, w, ps = int(msg.height), int(msg.width), int(msg.point_step)
+    n = h * w
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    row = ps * w
+    row_step = int(msg.row_step) or row
+    if row_step < row:
+        raise ConversionError(f'PointCloud2 row_step {row_step} is smaller than width*point_step = {row}')
+    raw = np.frombuffer(msg.data, dtype=np.uint8)
+    need = row_step * (h - 1) + row
+    if raw.size < need:
+        raise ConversionError(f'PointCloud2 of {w}x{h} points (point_step {ps}, row_step {row_step}) needs '
+                              f'{need} bytes of data, got {raw.size}')
+    if row_step != row:
+        rows = np.lib.stride_tricks.as_strided(raw, shape=(h, row), strides=(row_step, 1))
+        buf = np.ascontiguousarray(rows).reshape(-1)
+    else:
+        buf = raw[:n * ps].copy()
+    out = buf.view(dtype)
+    if msg.is_bigendian:
+        out = out.astype(dtype.newbyteorder('='))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- markers
+# corner c takes x from hi if c & 4 else lo, y from hi if c & 2, z from hi if c & 1
+_EDGES = [(0, 1), (1, 3), (3, 2), (2, 0), (4, 5), (5, 7), (7, 6), (6, 4), (0, 4), (1, 5), (2, 6), (3, 7)]
+
+
+def make_box_markers(boxes_min: np.ndarray, boxes_max: np.ndarray, labels: Sequence[str], frame_id: str,
+                     stamp: Optional[Time] = None, ns: str = 'segmentation',
+                     color=(1.0, 0.2, 0.2, 1.0)) -> MarkerArray:
+    """MarkerArray: a DELETEALL first, then per box a LINE_LIST wire box (ids 2k, 12 edges = 24 points) and a
+    TEXT_VIEW_FACING label above it (ids 2k+1). ``color`` is (r, g, b, a) in [0, 1]."""
+    lo_all = np.asarray(boxes_min, dtype=np.float64).reshape(-1, 3)
+    hi_all = np.asarray(boxes_max, dtype=np.float64).reshape(-1, 3)
+    labels = list(labels)
+    if not (len(lo_all) == len(hi_all) == len(labels)):
+        raise ConversionError(f'box markers need as many boxes_min ({len(lo_all)}), boxes_max ({len(hi_all)}) '
+                              f'and labels ({len(labels)})')
+    if not (np.all(np.isfinite(lo_all)) and np.all(np.isfinite(hi_all))):
+        raise ConversionError('box corners must be finite')
+    if len(color) != 4:
+        raise ConversionError(f'marker color must be (r, g, b, a), got {color}')
+    lo_all, hi_all = np.minimum(lo_all, hi_all), np.maximum(lo_all, hi_all)
+    rgba = ColorRGBA(r=float(color[0]), g=float(color[1]), b=float(color[2]), a=float(color[3]))
+    markers = [Marker(header=make_header(frame_id, stamp), ns=ns, id=0, action=Marker.DELETEALL)]
+    for i, (lo, hi, label) in enumerate(zip(lo_all, hi_all, labels)):
+        corners = [tuple(float(hi[k] if c & (4 >> k) else lo[k]) for k in range(3)) for c in range(8)]
+        box = Marker(header=make_header(frame_id, stamp), ns=ns, id=2 * i, type=Marker.LINE_LIST,
+                     action=Marker.ADD, color=rgba)
+        box.pose.orientation.w = 1.0
+        box.scale.x = 0.02
+        box.points = [Point(x=corners[j][0], y=corners[j][1], z=corners[j][2]) for e in _EDGES for j in e]
+        text = Marker(header=make_header(frame_id, stamp), ns=ns, id=2 * i + 1, type=Marker.TEXT_VIEW_FACING,
+                      action=Marker.ADD, color=rgba, text=str(label))
+        text.pose.position.x = float(lo[0] + hi[0]) / 2
+        text.pose.position.y = float(lo[1] + hi[1]) / 2
+        text.pose.position.z = float(hi[2]) + 0.15
+        text.pose.orientation.w = 1.0
+        text.scale.z = 0.15
+        markers += [box, text]
+    return MarkerArray(markers=markers)
