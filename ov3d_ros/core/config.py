@@ -70,7 +70,7 @@ class QueryConfig:
     temperature: float = 0.0
     """Softmax temperature over [query, negatives...] cosine similarities (0 = the feature source's default:
     0.01 for CLIP, i.e. its logit scale 100)."""
-    default_threshold: float = 0.5
+    default_threshold: float = 0.55
     """Score threshold used when a request gives threshold <= 0."""
     min_observations: float = 1.0
     """Voxels observed with less total weight than this are not returned."""

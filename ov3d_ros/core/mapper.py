@@ -31,7 +31,8 @@ def resolve_device(name: str) -> torch.device:
 @dataclass
 class Frame:
     """One RGB-D observation. rgb (H, W, 3) uint8; depth_m (H, W) float32 metres (registered to rgb);
-    T_W_C (4, 4) camera-to-map; labels (H, W) semantic ids, only for simulated sources."""
+    T_W_C (4, 4) camera-to-map; labels (H, W) semantic ids, only for simulated sources; features (h, w, D)
+    precomputed dense features covering the image (then the extractor is not run)."""
 
     rgb: np.ndarray
     depth_m: np.ndarray
@@ -39,6 +40,7 @@ class Frame:
     T_W_C: np.ndarray
     stamp_s: float = 0.0
     labels: Optional[np.ndarray] = None
+    features: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -83,6 +85,8 @@ class Mapper:
             raise ValueError('pose must be a finite 4x4 matrix')
         if frame.labels is not None and frame.labels.shape[:2] != (H, W):
             raise ValueError('label image size differs from the depth image')
+        if frame.features is not None and (frame.features.ndim != 3 or frame.features.shape[2] != self.extractor.dim):
+            raise ValueError(f'precomputed features must be (h, w, {self.extractor.dim}), got {frame.features.shape}')
 
     def integrate(self, frame: Frame, force: bool = False) -> bool:
         """Integrate ``frame`` if it is a keyframe (or ``force``); returns whether it was integrated."""
@@ -90,7 +94,11 @@ class Mapper:
         if not force and not self.keyframes.check(frame.T_W_C, frame.stamp_s):
             return False
         t0 = time.perf_counter()
-        feats = self.extractor.extract(frame.rgb, frame.labels)
+        if frame.features is not None:
+            feats = torch.nn.functional.normalize(torch.as_tensor(frame.features, dtype=torch.float32,
+                                                                  device=self.device), dim=-1)
+        else:
+            feats = self.extractor.extract(frame.rgb, frame.labels)
         t1 = time.perf_counter()
         lifted = lift_keyframe(torch.from_numpy(np.ascontiguousarray(frame.depth_m, dtype=np.float32)),
                                torch.from_numpy(np.ascontiguousarray(frame.rgb)), feats, frame.camera,

@@ -7,9 +7,11 @@ fixed scene bound (±2^20 voxels per axis, i.e. ±52 km at 5 cm).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
+
+from ov3d_ros.core.lifting import CellFeatures
 
 _BITS = 21
 _OFFSET = 1 << (_BITS - 1)
@@ -82,13 +84,13 @@ class VoxelFeatureMap:
         found = self._sorted_keys[pos] == keys
         return torch.where(found, self._sorted_rows[pos], torch.full_like(keys, -1))
 
-    def integrate(self, points: torch.Tensor, features: torch.Tensor, colors: Optional[torch.Tensor] = None,
-                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def integrate(self, points: torch.Tensor, features: Union[torch.Tensor, CellFeatures],
+                  colors: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fuse points into the map.
 
         Args:
             points: (N, 3) float world-frame positions.
-            features: (N, D) float features (fused as a weighted running mean).
+            features: (N, D) float features, or ``CellFeatures`` (fused as a weighted running mean).
             colors: (N, 3) float RGB in [0, 255], optional.
             weights: (N,) float per-point weights, default 1.
         Returns:
@@ -103,7 +105,7 @@ class VoxelFeatureMap:
         ukeys, inv = torch.unique(keys, return_inverse=True)
         v = ukeys.shape[0]
         w_sum = torch.zeros(v, device=self.device).index_add_(0, inv, w)
-        f_sum = torch.zeros(v, self.dim, device=self.device).index_add_(0, inv, features.to(self.device).float() * w[:, None])
+        f_sum = self._feature_sums(v, inv, features, None if weights is None else w)
         cnt = torch.zeros(v, dtype=torch.int32, device=self.device).index_add_(0, inv, torch.ones_like(inv, dtype=torch.int32))
         rows = self._rows_for(ukeys)
         w_old = self.weights[rows]
@@ -111,11 +113,27 @@ class VoxelFeatureMap:
         f_old = self.features[rows].float()
         self.features[rows] = ((f_old * w_old[:, None] + f_sum) / w_new[:, None]).to(torch.float16)
         if colors is not None:
-            c_sum = torch.zeros(v, 3, device=self.device).index_add_(0, inv, colors.to(self.device).float() * w[:, None])
+            c = colors.to(self.device).float()
+            c_sum = torch.zeros(v, 3, device=self.device).index_add_(0, inv, c if weights is None else c * w[:, None])
             self.colors[rows] = (self.colors[rows] * w_old[:, None] + c_sum) / w_new[:, None]
         self.weights[rows] = w_new
         self.counts[rows] += cnt
         return rows
+
+    def _feature_sums(self, v: int, inv: torch.Tensor, features, w: Optional[torch.Tensor]) -> torch.Tensor:
+        """(v, D) weighted feature sums per touched voxel."""
+        out = torch.zeros(v, self.dim, device=self.device)
+        if not isinstance(features, CellFeatures):
+            f = features.to(self.device).float()
+            return out.index_add_(0, inv, f if w is None else f * w[:, None])
+        # Sum the cell weights per (voxel, cell) pair first: points of a voxel share few cells.
+        m = features.grid.shape[0]
+        cw = features.weights.to(self.device) if w is None else features.weights.to(self.device) * w[:, None]
+        pair = (inv[:, None] * m + features.cells.to(self.device)).reshape(-1)
+        upair, pinv = torch.unique(pair, return_inverse=True)
+        pw = torch.zeros(upair.shape[0], device=self.device).index_add_(0, pinv, cw.reshape(-1))
+        grid = features.grid.to(self.device).float()
+        return out.index_add_(0, upair // m, pw[:, None] * grid[upair % m])
 
     def _rows_for(self, ukeys: torch.Tensor) -> torch.Tensor:
         """Rows of sorted unique keys, appending rows for keys not yet in the map."""

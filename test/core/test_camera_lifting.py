@@ -6,7 +6,7 @@ import torch
 
 from ov3d_ros.core.camera import PinholeCamera, transform_points
 from ov3d_ros.core.depth import depth_to_meters, valid_depth_mask
-from ov3d_ros.core.lifting import lift_keyframe, sample_features
+from ov3d_ros.core.lifting import bilinear_cells, lift_keyframe, sample_features
 
 
 def test_backproject_matches_pinhole_equations():
@@ -65,6 +65,20 @@ def test_sample_features_bilinear_and_normalised():
     assert torch.linalg.norm(f, dim=-1).tolist() == pytest.approx([1.0] * 4)
 
 
+def test_cell_features_match_grid_sample():
+    torch.manual_seed(0)
+    grid = torch.nn.functional.normalize(torch.randn(5, 7, 16), dim=-1)
+    u, v = torch.randint(0, 112, (500,)), torch.randint(0, 80, (500,))
+    ref = torch.nn.functional.grid_sample(
+        grid.permute(2, 0, 1)[None], torch.stack([(u + 0.5) / 112 * 2 - 1, (v + 0.5) / 80 * 2 - 1], -1)[None, None],
+        mode='bilinear', padding_mode='border', align_corners=False)[0, :, 0].T
+    ref = torch.nn.functional.normalize(ref, dim=-1)
+    cells = bilinear_cells(grid, u, v, 112, 80)
+    assert torch.allclose(cells.dense(), ref, atol=1e-5)
+    single_row = bilinear_cells(grid[:1, :1], u, v, 112, 80).dense()   # 1x1 grid: every point is that cell
+    assert torch.allclose(single_row, grid[0, 0].expand(500, -1), atol=1e-6)
+
+
 def test_lift_keyframe_world_points_and_invalid_depth():
     cam = PinholeCamera(2.0, 2.0, 1.5, 1.5, 4, 4)
     depth = torch.full((4, 4), 1.0)
@@ -82,6 +96,6 @@ def test_lift_keyframe_world_points_and_invalid_depth():
     last = lifted.points[-1].tolist()
     assert last == pytest.approx([0.75, 0.75, 6.0])
     assert lifted.colors[-1].tolist() == [10.0, 20.0, 30.0]
-    assert lifted.features.shape == (13, 8)
+    assert lifted.features.dense().shape == (13, 8)
     strided = lift_keyframe(depth, rgb, feats, cam, T, 0.1, 5.0, pixel_stride=2)
     assert strided.points.shape[0] == 2  # (0,0) missing, (0,2) beyond range; (2,0), (2,2) remain

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from ov3d_ros.core.lifting import bilinear_cells
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys, unpack_keys, voxel_coords
 
 
@@ -52,3 +53,17 @@ def test_map_grows_past_capacity_without_scene_bound():
     assert torch.allclose(m.features[rows].float(), feats.half().float(), atol=1e-3)
     m.clear()
     assert len(m) == 0 and (m.lookup(keys) == -1).all()
+
+
+def test_cell_features_fuse_like_dense_features():
+    g = torch.Generator().manual_seed(1)
+    grid = torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=g), dim=-1)
+    u, v = torch.randint(0, 96, (400,), generator=g), torch.randint(0, 64, (400,), generator=g)
+    cells = bilinear_cells(grid, u, v, 96, 64)
+    pts = torch.stack([u / 96.0, v / 64.0, torch.zeros(400)], dim=-1)   # neighbouring pixels share voxels
+    w = torch.rand(400, generator=g) + 0.5
+    by_cells, dense = VoxelFeatureMap(0.1, 8), VoxelFeatureMap(0.1, 8)
+    by_cells.integrate(pts, cells, weights=w)
+    dense.integrate(pts, cells.dense(), weights=w)
+    assert len(by_cells) == len(dense) < 400
+    assert torch.allclose(by_cells.features[:len(dense)].float(), dense.features[:len(dense)].float(), atol=2e-3)

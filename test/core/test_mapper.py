@@ -1,0 +1,79 @@
+"""Mapper end to end on a hand-made frame with the simulated feature source (real MiniLM text space)."""
+import numpy as np
+import pytest
+
+from ov3d_ros.core.camera import PinholeCamera
+from ov3d_ros.core.config import MapperConfig
+from ov3d_ros.core.features import create_extractor
+from ov3d_ros.core.mapper import Frame, Mapper
+
+NAMES = ['unlabeled', 'wall', 'chair', 'plant']
+
+
+@pytest.fixture(scope='module')
+def mapper():
+    cfg = MapperConfig()
+    cfg.features.source = 'simulated'
+    cfg.features.sim_patch_px = 4
+    cfg.map.voxel_size_m = 0.1
+    cfg.map.pixel_stride = 1
+    return Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES, cfg.query.templates))
+
+
+def wall_frame():
+    """A wall 2 m in front of the camera; left half labelled chair, right half plant, top rows wall."""
+    cam = PinholeCamera(40.0, 40.0, 31.5, 23.5, 64, 48)
+    depth = np.full((48, 64), 2.0, np.float32)
+    labels = np.full((48, 64), 1, np.uint16)
+    labels[16:, :32] = 2
+    labels[16:, 32:] = 3
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[..., 0] = 200
+    return Frame(rgb, depth, cam, np.eye(4), 0.0, labels)
+
+
+def test_simulated_features_follow_labels(mapper):
+    f = wall_frame()
+    grid = mapper.extractor.extract(f.rgb, f.labels)
+    assert grid.shape == (12, 16, mapper.extractor.dim)
+    assert np.allclose(np.linalg.norm(grid.numpy(), axis=-1), 1.0, atol=1e-5)
+    chair = mapper.embed_texts(['chair'])[0]
+    sims = grid @ chair
+    assert sims[8, 2] > 0.8 > sims[8, 12]
+
+
+def test_segment_finds_the_labelled_region(mapper):
+    f = wall_frame()
+    assert mapper.integrate(f)
+    assert not mapper.integrate(f)             # same pose, same time: not a keyframe
+    assert len(mapper.map) > 50
+    seg = mapper.segment('chair')
+    assert len(seg.xyz) > 10
+    # chair is the lower-left region: camera x < 0 and y > -0.4 (optical frame, map = camera here)
+    assert np.mean(seg.xyz[:, 0] < 0.05) > 0.95
+    assert np.all(seg.scores >= mapper.cfg.query.default_threshold)
+    assert np.all((seg.rgb[:, 0] == 200))
+    plant = mapper.segment('plant', negatives=['wall', 'chair'])
+    assert np.mean(plant.xyz[:, 0] > -0.05) > 0.95
+    assert len(mapper.segment('chair', negatives=['chair', 'wall', 'plant']).xyz) > 0  # query itself dropped
+
+
+def test_segment_rejects_bad_requests(mapper):
+    with pytest.raises(ValueError, match='empty'):
+        mapper.segment('   ')
+    with pytest.raises(ValueError, match='threshold'):
+        mapper.segment('chair', threshold=float('nan'))
+    with pytest.raises(ValueError, match='threshold'):
+        mapper.segment('chair', threshold=3.0)
+
+
+def test_integrate_rejects_mismatched_frames(mapper):
+    f = wall_frame()
+    with pytest.raises(ValueError, match='depth is 64x48'):
+        mapper.integrate(Frame(f.rgb[:24], f.depth_m, f.camera, f.T_W_C, 1.0, f.labels))
+    with pytest.raises(ValueError, match='camera info'):
+        mapper.integrate(Frame(f.rgb, f.depth_m, PinholeCamera(40, 40, 31.5, 23.5, 32, 24), f.T_W_C, 1.0, f.labels))
+    bad_pose = np.eye(4)
+    bad_pose[0, 3] = np.nan
+    with pytest.raises(ValueError, match='pose'):
+        mapper.integrate(Frame(f.rgb, f.depth_m, f.camera, bad_pose, 1.0, f.labels))
