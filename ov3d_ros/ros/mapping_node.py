@@ -48,6 +48,8 @@ class MappingNode(Node):
                             'For pose/odometry sources: x y z qx qy qz qw of the camera optical frame in the '
                             'frame the pose topic describes (identity = the pose is the optical frame).')
         self.sync_slop_s = declare(self, 'sync_slop_s', 0.05, 'Max time difference between paired messages.')
+        self.sync_timeout_s = declare(self, 'sync_timeout_s', 2.0, 'Depth images still without colour/pose '
+                                      'partners this long after arrival are dropped (counted, logged).')
         self.tick_rate_hz = declare(self, 'tick_rate_hz', 20.0, 'Rate of the processing timer.')
         self.map_publish_rate_hz = declare(self, 'map_publish_rate_hz', 0.5, 'Rate of ~/map_cloud (0 = off).')
         self.map_cloud_max_points = declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
@@ -62,7 +64,7 @@ class MappingNode(Node):
         if cfg.features.source == 'simulated':
             from ov3d_ros.sim.classes import CLASS_NAMES
             class_names = CLASS_NAMES
-            self.get_logger().warn('features.source=simulated: features come from ground-truth label images '
+            self.get_logger().warning('features.source=simulated: features come from ground-truth label images '
                                    '(labels/image), not from the camera. Use it for tests and demos only.')
         extractor = create_extractor(cfg.features, device, class_names, cfg.query.templates)
         self.mapper = Mapper(cfg, extractor)
@@ -74,6 +76,7 @@ class MappingNode(Node):
         self._in_lock = threading.Lock()         # guards the input buffers
         self._color: Deque[Image] = collections.deque(maxlen=queue)
         self._depth: Deque[Image] = collections.deque(maxlen=queue)
+        self._depth_arrival: Deque[float] = collections.deque(maxlen=queue)
         self._labels: Deque[Image] = collections.deque(maxlen=queue)
         self._poses: Deque = collections.deque(maxlen=max(queue, 50))
         self._camera_info: Optional[CameraInfo] = None
@@ -83,7 +86,7 @@ class MappingNode(Node):
 
         qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=queue)
         self.create_subscription(Image, 'color/image', self._push(self._color), qos)
-        self.create_subscription(Image, 'depth/image', self._push(self._depth), qos)
+        self.create_subscription(Image, 'depth/image', self._push_depth, qos)
         self.create_subscription(CameraInfo, 'color/camera_info', self._on_camera_info, qos)
         if extractor.simulated:
             self.create_subscription(Image, 'labels/image', self._push(self._labels), qos)
@@ -124,13 +127,18 @@ class MappingNode(Node):
                 buffer.append(msg)
         return callback
 
+    def _push_depth(self, msg: Image) -> None:
+        with self._in_lock:
+            self._depth.append(msg)
+            self._depth_arrival.append(time.monotonic())
+
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg
 
     def _error(self, reason: str) -> None:
         self.last_error = reason
         self.stats['dropped'] += 1
-        self.get_logger().warn(reason, throttle_duration_sec=2.0)
+        self.get_logger().warning(reason, throttle_duration_sec=2.0)
 
     @staticmethod
     def _nearest(buffer: Deque, t: float, slop: float):
@@ -138,6 +146,27 @@ class MappingNode(Node):
         if best is not None and abs(conv.stamp_to_sec(best.header.stamp) - t) <= slop:
             return best
         return None
+
+    def _pop_depth(self, n: int) -> None:
+        for _ in range(n):
+            self._depth.popleft()
+            self._depth_arrival.popleft()
+
+    def _missing_partners(self, depth: Image, t: float, simulated: bool) -> list:
+        missing = [name for name, buf in (('colour image', self._color), ('label image', self._labels))
+                   if (name == 'colour image' or simulated) and self._nearest(buf, t, self.sync_slop_s) is None]
+        if not self._pose_ready(depth, t):
+            missing.append(f'transform {self.map_frame} -> {depth.header.frame_id}' if self._tf_buffer is not None
+                           else 'pose')
+        return missing or ['partner']
+
+    def _pose_ready(self, depth: Image, t: float) -> bool:
+        """Whether the pose for a depth image can be looked up yet (caller holds the input lock)."""
+        if self._tf_buffer is not None:
+            import rclpy.time
+            return self._tf_buffer.can_transform(self.map_frame, depth.header.frame_id,
+                                                 rclpy.time.Time.from_msg(depth.header.stamp))
+        return self._nearest(self._poses, t, self.sync_slop_s) is not None
 
     def _pose_at(self, depth: Image, t: float) -> Optional[np.ndarray]:
         if self._tf_buffer is not None:
@@ -163,16 +192,20 @@ class MappingNode(Node):
                 t = conv.stamp_to_sec(depth.header.stamp)
                 color = self._nearest(self._color, t, self.sync_slop_s)
                 labels = self._nearest(self._labels, t, self.sync_slop_s) if simulated else None
-                if color is not None and (labels is not None or not simulated):
+                if color is not None and (labels is not None or not simulated) and self._pose_ready(depth, t):
                     self.stats['superseded'] += i
-                    for _ in range(i + 1):
-                        self._depth.popleft()
+                    self._pop_depth(i + 1)
                     break
             else:
-                if len(self._depth) == self._depth.maxlen:
-                    self._depth.clear()
-                    raise ValueError(f'no colour{" or label" if simulated else ""} image within sync_slop_s='
-                                     f'{self.sync_slop_s} s of the last depth images; check topics and stamps')
+                now = time.monotonic()
+                expired = sum(1 for a in self._depth_arrival if now - a > self.sync_timeout_s)
+                if expired or len(self._depth) == self._depth.maxlen:
+                    oldest = self._depth[0]
+                    missing = self._missing_partners(oldest, conv.stamp_to_sec(oldest.header.stamp), simulated)
+                    self._pop_depth(max(expired, 1))
+                    raise ValueError(f'dropped {max(expired, 1)} depth image(s): no {" or ".join(missing)} within '
+                                     f'sync_slop_s={self.sync_slop_s} s after waiting {self.sync_timeout_s} s; '
+                                     'check topics and stamps')
                 return None
         if self._camera_info is None:
             raise ValueError('no camera info received yet on color/camera_info; frame skipped')
@@ -218,7 +251,7 @@ class MappingNode(Node):
         except Exception as e:
             response.success = False
             response.message = str(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'
-            self.get_logger().warn(f'segment_by_text({request.text!r}) failed: {response.message}')
+            self.get_logger().warning(f'segment_by_text({request.text!r}) failed: {response.message}')
         return response
 
     def _markers(self, xyz: np.ndarray, label: str, stamp) -> MarkerArray:

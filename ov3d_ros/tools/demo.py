@@ -65,6 +65,12 @@ def main(argv=None) -> int:
     return 0 if ok >= 3 else 1
 
 
+def voxel_size_m(xyz: np.ndarray) -> float:
+    """The map's voxel size, read off the spacing of its voxel centres."""
+    steps = np.diff(np.unique(np.round(xyz[:, 0], 4)))
+    return float(steps.min()) if len(steps) else 0.05
+
+
 def write_outputs(out: Path, seed: int, results, map_cloud, status) -> dict:
     """PLY per query, top-down PNG, summary.json; prints the table."""
     from ov3d_ros.core.io import write_ply
@@ -86,7 +92,8 @@ def write_outputs(out: Path, seed: int, results, map_cloud, status) -> dict:
                      'success': r['success'], 'message': r['message']})
         print(f'{r["text"]:<10} {s.points:>7} {s.precision:>9.3f} {s.recall:>7.3f} {r["ms"]:>6.0f}')
     png = out / 'segmentation_topdown.png'
-    render_topdown(map_cloud[0], map_cloud[1], [(r['text'], r['xyz']) for r in results]).save(png)
+    render_topdown(map_cloud[0], map_cloud[1], [(r['text'], r['xyz']) for r in results],
+                   point_size_m=voxel_size_m(map_cloud[0])).save(png)
     write_ply(out / 'map.ply', map_cloud[0], map_cloud[1])
     summary = {'scene_seed': seed, 'node_status': status, 'picture': str(png), 'queries': rows}
     (out / 'summary.json').write_text(json.dumps(summary, indent=2))

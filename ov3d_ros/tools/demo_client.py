@@ -62,7 +62,7 @@ class DemoClient:
             key = self.status and (self.status['frames'], self.status['voxels'], self.status['pending_depth'])
             if key != last:
                 stable_since, last = time.monotonic(), key
-            elif self.status and self.status['pending_depth'] == 0 and time.monotonic() - stable_since > 2.5:
+            elif self.status and time.monotonic() - stable_since > 2.5:
                 return self.status
         raise TimeoutError(f'mapping did not finish within {timeout_s} s (last status {self.status})')
 

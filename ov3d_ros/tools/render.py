@@ -10,12 +10,13 @@ HIGHLIGHTS = [(255, 40, 40), (40, 220, 40), (40, 120, 255), (255, 200, 0), (220,
 
 
 def render_topdown(map_xyz: np.ndarray, map_rgb: np.ndarray, segments: Sequence[Tuple[str, np.ndarray]],
-                   px_per_m: float = 80.0) -> Image.Image:
+                   px_per_m: float = 80.0, point_size_m: float = 0.05) -> Image.Image:
     """Orthographic top view (x right, y up) of the map, ceiling removed, with each segment in a solid colour.
 
     Args:
         map_xyz: (N, 3) map points; map_rgb: (N, 3) uint8 colours.
         segments: (label, (M, 3) points) pairs drawn over the map, with a legend.
+        point_size_m: each point is drawn as a square this wide (the voxel size).
     """
     keep = map_xyz[:, 2] < np.percentile(map_xyz[:, 2], 97) - 0.05 if len(map_xyz) else slice(None)
     xyz, rgb = map_xyz[keep], map_rgb[keep]
@@ -27,7 +28,10 @@ def render_topdown(map_xyz: np.ndarray, map_rgb: np.ndarray, segments: Sequence[
         u = ((points[:, 0] - lo[0]) * px_per_m).astype(int).clip(0, w - 1)
         v = (h - 1 - (points[:, 1] - lo[1]) * px_per_m).astype(int).clip(0, h - 1)
         order = np.argsort(points[:, 2])            # draw low to high: the highest point wins each pixel
-        img[v[order], u[order]] = colors[order]
+        k = int(np.ceil(point_size_m * px_per_m)) + 1
+        for du in range(k):
+            for dv in range(k):
+                img[(v[order] + dv - k // 2).clip(0, h - 1), (u[order] + du - k // 2).clip(0, w - 1)] = colors[order]
 
     splat(xyz, (rgb * 0.6 + 100).clip(0, 255).astype(np.uint8))
     for i, (_, pts) in enumerate(segments):
