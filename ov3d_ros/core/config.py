@@ -122,3 +122,41 @@ def field_docs(cls: type) -> Dict[str, str]:
         if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[stmt.target.id] = ' '.join(str(nxt.value.value).split())
     return docs
+
+
+def load_yaml_config(paths, cfg: MapperConfig | None = None) -> MapperConfig:
+    """Read the mapper sections from ROS parameter files (the node's ``config/*.yaml``) or plain YAML.
+
+    Files are applied in order (base, then overlays). In a ROS file the first node entry's ``ros__parameters``
+    is used; keys that are not config sections (node-level parameters) are ignored.
+    """
+    import yaml
+    cfg = cfg or MapperConfig()
+    section_names = {f.name for f in fields(MapperConfig)}
+    for path in paths:
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f'{path}: cannot read config ({e})') from e
+        if not isinstance(doc, dict):
+            raise ValueError(f'{path}: expected a mapping at the top level')
+        for entry in doc.values():
+            if isinstance(entry, dict) and 'ros__parameters' in entry:
+                doc = entry['ros__parameters']
+                break
+        update_from_dict(cfg, {k: v for k, v in doc.items() if k in section_names})
+    return cfg
+
+
+def parse_overrides(items) -> Dict[str, Dict[str, Any]]:
+    """``['map.voxel_size_m=0.04', 'features.source=simulated']`` → nested dict with YAML-typed values."""
+    import yaml
+    out: Dict[str, Dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        section, dot, name = key.partition('.')
+        if not sep or not dot:
+            raise ValueError(f'expected section.key=value, got {item!r}')
+        out.setdefault(section.strip(), {})[name.strip()] = yaml.safe_load(value)
+    return out

@@ -119,8 +119,8 @@ class Mapper:
         if key not in self._text_cache:
             if len(self._text_cache) > 256:
                 self._text_cache.clear()
-            self._text_cache[key] = encode_prompts(self.extractor.encode_text, list(texts),
-                                                   self.cfg.query.templates).to(self.device)
+            templates = self.cfg.query.templates if self.extractor.uses_templates else ()
+            self._text_cache[key] = encode_prompts(self.extractor.encode_text, list(texts), templates).to(self.device)
         return self._text_cache[key]
 
     def segment(self, text: str, negatives: Optional[Sequence[str]] = None, threshold: float = 0.0) -> Segment:
@@ -145,6 +145,80 @@ class Mapper:
         return Segment(self.map.centers(res.rows).cpu().numpy(),
                        self.map.colors[res.rows].clamp(0, 255).to(torch.uint8).cpu().numpy(),
                        res.scores.cpu().numpy())
+
+    def classify(self, text_embeddings: torch.Tensor, rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per voxel (all or ``rows``), the best-matching of K texts: (labels (V,) int64, cosine (V,) float32)."""
+        feats = self.map.features[:self.map.size] if rows is None else self.map.features[rows]
+        sims = torch.nn.functional.normalize(feats.float(), dim=-1) @ text_embeddings.to(self.device).float().T
+        best = sims.max(dim=-1)
+        return best.indices, best.values
+
+    def label_points(self, xyz: np.ndarray, text_embeddings: torch.Tensor, max_distance_m: float = 0.0) -> np.ndarray:
+        """Label (N, 3) points with the index of the best text of their nearest observed voxel.
+
+        Points with no voxel centre within ``max_distance_m`` (default: one voxel size) get -1.
+        """
+        from scipy.spatial import cKDTree
+        n = self.map.size
+        out = np.full(len(xyz), -1, dtype=np.int64)
+        if n == 0 or len(xyz) == 0:
+            return out
+        labels, _ = self.classify(text_embeddings)
+        dist, idx = cKDTree(self.map.centers().cpu().numpy()).query(
+            np.asarray(xyz, np.float32), k=1, distance_upper_bound=max_distance_m or self.map.voxel_size_m)
+        hit = np.isfinite(dist)
+        out[hit] = labels.cpu().numpy()[idx[hit]]
+        return out
+
+    def save(self, path) -> int:
+        """Write the map and what is needed to query it to ``path`` (atomic); returns the file size."""
+        from dataclasses import asdict
+        from ov3d_ros.core.map_io import save_map
+        info = {'feature_source': self.extractor.name, 'config': asdict(self.cfg), 'keyframes': self.num_keyframes,
+                'class_names': list(getattr(self.extractor, 'class_names', []) or [])}
+        extra = {}
+        if hasattr(self.extractor, 'vectors') and hasattr(self.extractor, 'names'):   # precomputed text table
+            info['text_names'] = list(self.extractor.names)
+            extra['text_vectors'] = self.extractor.vectors
+        return save_map(path, self.map, info, extra)
+
+    def load(self, path) -> dict:
+        """Replace the map with the one in ``path``; the current map is kept if the file is unusable.
+
+        Raises MapFileError (a ValueError) with the reason. Returns the file's info.
+        """
+        from ov3d_ros.core.map_io import MapFileError, load_map
+        vmap, info, _ = load_map(path, self.device)
+        if vmap.dim != self.map.dim or info.get('feature_source') != self.extractor.name:
+            raise MapFileError(f'{path}: map made with {info.get("feature_source")} (D={vmap.dim}), but this '
+                               f'mapper uses {self.extractor.name} (D={self.map.dim})')
+        self.map = vmap
+        self.cfg.map.voxel_size_m = vmap.voxel_size_m
+        self.num_keyframes = int(info.get('keyframes', 0))
+        self.keyframes = KeyframeSelector(self.cfg.keyframes)
+        return info
+
+    @classmethod
+    def from_file(cls, path, device: str = 'auto') -> 'Mapper':
+        """A Mapper holding the map in ``path``, with the feature source it was made with (for queries)."""
+        from ov3d_ros.core.config import update_from_dict
+        from ov3d_ros.core.features import create_extractor
+        from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+        from ov3d_ros.core.map_io import MapFileError, load_map
+        _, info, extra = load_map(path, 'cpu')
+        try:
+            cfg = update_from_dict(MapperConfig(), info['config'])
+        except (KeyError, ValueError) as e:
+            raise MapFileError(f'{path}: unusable config in the map file ({e})') from e
+        cfg.map.device = device
+        dev = resolve_device(device)
+        if 'text_names' in info:
+            extractor = PrecomputedFeatures(info['text_names'], extra['text_vectors'].numpy(), dev)
+        else:
+            extractor = create_extractor(cfg.features, dev, info.get('class_names') or None, cfg.query.templates)
+        mapper = cls(cfg, extractor)
+        mapper.load(path)
+        return mapper
 
     def map_cloud(self, max_points: int = 0) -> Segment:
         """All voxel centres and colours (uniformly subsampled to ``max_points`` when > 0); scores = weights."""

@@ -7,7 +7,7 @@ fixed scene bound (±2^20 voxels per axis, i.e. ±52 km at 5 cm).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -172,6 +172,32 @@ class VoxelFeatureMap:
             t.zero_()
         self._sorted_keys = self._sorted_keys[:0]
         self._sorted_rows = self._sorted_rows[:0]
+
+    FIELDS = ('keys', 'features', 'weights', 'colors', 'counts')
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        """The occupied rows of every field (views, not copies): keys, features, weights, colors, counts."""
+        return {name: getattr(self, name)[:self.size] for name in self.FIELDS}
+
+    def load_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Replace the contents with ``state`` (as returned by :meth:`state`); validates shapes first."""
+        n = int(state['keys'].shape[0])
+        expect = {'keys': (n,), 'features': (n, self.dim), 'weights': (n,), 'colors': (n, 3), 'counts': (n,)}
+        for name, shape in expect.items():
+            if tuple(state[name].shape) != shape:
+                raise ValueError(f'voxel field {name!r} has shape {tuple(state[name].shape)}, expected {shape}')
+        if torch.unique(state['keys']).numel() != n:
+            raise ValueError('voxel keys are not unique')
+        self.size = 0
+        if n > self.capacity:
+            self._alloc(max(n, 16))
+        for name in self.FIELDS:
+            t = getattr(self, name)
+            t.zero_()
+            t[:n] = state[name].to(self.device, t.dtype)
+        self.size = n
+        self._sorted_keys, order = torch.sort(self.keys[:n])
+        self._sorted_rows = torch.arange(n, device=self.device)[order]
 
     def snapshot(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies of (centres (V,3), features (V,D) fp16, weights (V,), colors (V,3)) for readers."""

@@ -77,3 +77,44 @@ def test_integrate_rejects_mismatched_frames(mapper):
     bad_pose[0, 3] = np.nan
     with pytest.raises(ValueError, match='pose'):
         mapper.integrate(Frame(f.rgb, f.depth_m, f.camera, bad_pose, 1.0, f.labels))
+
+
+def test_label_points_nearest_voxel_and_unobserved(mapper):
+    if len(mapper.map) == 0:
+        mapper.integrate(wall_frame(), force=True)
+    emb = mapper.embed_texts(NAMES[1:])
+    # a point on the chair part of the wall, one on the plant part, one far away (unobserved)
+    pts = np.array([[-0.8, 0.5, 2.0], [0.8, 0.5, 2.0], [0.0, 0.0, 9.0]])
+    assert mapper.label_points(pts, emb).tolist() == [1, 2, -1]   # indices into NAMES[1:]
+
+
+def test_save_and_reload_answer_identically(mapper, tmp_path):
+    if len(mapper.map) == 0:
+        mapper.integrate(wall_frame(), force=True)
+    path = tmp_path / 'wall.ov3dmap'
+    mapper.save(path)
+    other = Mapper.from_file(path, device='cpu')
+    assert len(other.map) == len(mapper.map) and other.num_keyframes == mapper.num_keyframes
+    a, b = mapper.segment('chair'), other.segment('chair')
+    assert np.array_equal(a.xyz, b.xyz) and np.allclose(a.scores, b.scores)
+
+
+def test_load_refuses_a_foreign_map_and_keeps_the_current_one(mapper, tmp_path):
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+    from ov3d_ros.core.map_io import MapFileError
+    if len(mapper.map) == 0:
+        mapper.integrate(wall_frame(), force=True)
+    cfg = MapperConfig()
+    other = Mapper(cfg, PrecomputedFeatures(['chair', 'wall'], np.eye(2, 16, dtype=np.float32)))
+    f = wall_frame()
+    feats = np.zeros((3, 4, 16), np.float32)
+    feats[..., 0] = 1.0
+    other.integrate(Frame(f.rgb, f.depth_m, f.camera, f.T_W_C, 0.0, None, feats), force=True)
+    other.save(tmp_path / 'pre.ov3dmap')
+    before = len(mapper.map)
+    with pytest.raises(MapFileError, match='precomputed'):
+        mapper.load(tmp_path / 'pre.ov3dmap')
+    assert len(mapper.map) == before
+    reopened = Mapper.from_file(tmp_path / 'pre.ov3dmap', device='cpu')
+    assert reopened.extractor.names == ['chair', 'wall']
+    assert len(reopened.segment('chair', negatives=['wall']).xyz) == len(reopened.map)

@@ -17,6 +17,7 @@ class FeatureExtractor(abc.ABC):
         simulated: True for sources that read ground-truth labels instead of looking at the image.
         device: torch device the returned tensors live on.
         default_temperature: softmax temperature that suits this feature space for relevancy scores.
+        uses_templates: whether query texts go through the prompt templates (False for fixed text tables).
     """
 
     name: str = 'base'
@@ -24,6 +25,7 @@ class FeatureExtractor(abc.ABC):
     simulated: bool = False
     device: torch.device = torch.device('cpu')
     default_temperature: float = 0.01
+    uses_templates: bool = True
 
     @abc.abstractmethod
     def extract(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ class PrecomputedFeatures(FeatureExtractor):
 
     name = 'precomputed'
     default_temperature = 0.01
+    uses_templates = False
 
     def __init__(self, names: Sequence[str], vectors: np.ndarray, device: torch.device | str = 'cpu'):
         if len(names) != len(vectors):

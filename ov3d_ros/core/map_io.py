@@ -1,0 +1,121 @@
+"""Map files: the voxel map and what is needed to query it, in one safetensors file.
+
+Format ``ov3d_ros.map`` version 1 (safetensors; loading never executes code):
+    tensors   keys (V,) int64 packed voxel coordinates, features (V, D) float16, weights (V,) float32,
+              colors (V, 3) float32 RGB, counts (V,) int32; optional extra tensors (e.g. text_vectors (K, D)).
+    metadata  format, format_version, voxel_size_m, dim, payload_sha256 (of the tensor data), info (JSON:
+              feature source, config, keyframe count, ... written by the caller).
+Files are written atomically: a temporary file in the same folder, fsync, rename, fsync of the folder. A crash
+while saving leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ov3d_ros.core.voxel_map import VoxelFeatureMap
+
+MAP_FORMAT = 'ov3d_ros.map'
+MAP_FORMAT_VERSION = 1
+
+
+class MapFileError(ValueError):
+    """A map file is missing, corrupt, or of another format or version."""
+
+
+def _payload_sha256(blob: bytes) -> str:
+    (header_len,) = struct.unpack('<Q', blob[:8])
+    return hashlib.sha256(blob[8 + header_len:]).hexdigest()
+
+
+def encode_map(voxel_map: VoxelFeatureMap, info: dict, extra: Optional[Dict[str, torch.Tensor]] = None) -> bytes:
+    """The bytes of a map file for ``voxel_map`` with caller ``info`` (JSON-serialisable) and extra tensors."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in voxel_map.state().items()}
+    for k, v in (extra or {}).items():
+        if k in tensors:
+            raise ValueError(f'extra tensor name {k!r} is reserved')
+        tensors[k] = v.detach().cpu().contiguous()
+    meta = {'format': MAP_FORMAT, 'format_version': str(MAP_FORMAT_VERSION),
+            'voxel_size_m': repr(voxel_map.voxel_size_m), 'dim': str(voxel_map.dim), 'info': json.dumps(info)}
+    meta['payload_sha256'] = _payload_sha256(st_save(tensors, metadata=meta))
+    return st_save(tensors, metadata=meta)
+
+
+def write_atomic(path: str | Path, blob: bytes) -> None:
+    """Write ``blob`` to ``path`` via a temporary file, fsync and rename (never a half-written ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_map(path: str | Path, voxel_map: VoxelFeatureMap, info: dict,
+             extra: Optional[Dict[str, torch.Tensor]] = None) -> int:
+    """Atomically write a map file; returns its size in bytes."""
+    blob = encode_map(voxel_map, info, extra)
+    write_atomic(path, blob)
+    return len(blob)
+
+
+def read_header(blob: bytes, name: str = 'map file') -> dict:
+    """Metadata of a map file's bytes, validated (format, version, checksum)."""
+    if len(blob) < 8:
+        raise MapFileError(f'{name}: too short to be a map file ({len(blob)} bytes)')
+    (header_len,) = struct.unpack('<Q', blob[:8])
+    if header_len > len(blob) - 8 or header_len > 100_000_000:
+        raise MapFileError(f'{name}: not a safetensors map file (bad header length)')
+    try:
+        meta = json.loads(blob[8:8 + header_len]).get('__metadata__') or {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise MapFileError(f'{name}: not a safetensors map file ({e})') from e
+    if meta.get('format') != MAP_FORMAT:
+        raise MapFileError(f'{name}: not an {MAP_FORMAT} file (format {meta.get("format")!r})')
+    version = int(meta.get('format_version', -1))
+    if version != MAP_FORMAT_VERSION:
+        relation = 'newer' if version > MAP_FORMAT_VERSION else 'older'
+        raise MapFileError(f'{name}: map format version {version} is {relation} than this ov3d_ros reads '
+                           f'({MAP_FORMAT_VERSION})')
+    if meta.get('payload_sha256') != _payload_sha256(blob):
+        raise MapFileError(f'{name}: checksum mismatch, the file is corrupt or truncated')
+    return meta
+
+
+def load_map(path: str | Path, device: torch.device | str = 'cpu') -> Tuple[VoxelFeatureMap, dict, Dict[str, torch.Tensor]]:
+    """Read a map file: (voxel map on ``device``, info dict, extra tensors). Raises MapFileError."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise MapFileError(f'{path}: cannot read ({e.strerror})') from e
+    meta = read_header(blob, str(path))
+    try:
+        tensors = st_load(blob)
+        vmap = VoxelFeatureMap(float(meta['voxel_size_m']), int(meta['dim']), device, capacity=16)
+        vmap.load_state({k: tensors[k] for k in VoxelFeatureMap.FIELDS})
+        info = json.loads(meta['info'])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise MapFileError(f'{path}: invalid map contents ({e})') from e
+    extra = {k: v for k, v in tensors.items() if k not in VoxelFeatureMap.FIELDS}
+    return vmap, info, extra

@@ -1,0 +1,70 @@
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from ov3d_ros.core.map_io import MapFileError, encode_map, load_map, save_map
+from ov3d_ros.core.voxel_map import VoxelFeatureMap
+
+
+def small_map(n=50, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = VoxelFeatureMap(0.05, dim, capacity=16)
+    m.integrate(torch.rand(n, 3, generator=g) * 3 - 1, torch.randn(n, dim, generator=g),
+                torch.rand(n, 3, generator=g) * 255)
+    return m
+
+
+def test_round_trip_is_exact(tmp_path):
+    m = small_map()
+    size = save_map(tmp_path / 'a.ov3dmap', m, {'feature_source': 'x', 'keyframes': 3},
+                    {'text_vectors': torch.ones(2, 8)})
+    assert size == (tmp_path / 'a.ov3dmap').stat().st_size
+    back, info, extra = load_map(tmp_path / 'a.ov3dmap')
+    assert info == {'feature_source': 'x', 'keyframes': 3}
+    assert back.voxel_size_m == m.voxel_size_m and len(back) == len(m)
+    for name, t in m.state().items():
+        assert torch.equal(back.state()[name], t), name
+    assert torch.equal(extra['text_vectors'], torch.ones(2, 8))
+    # lookups work after loading (the sorted index is rebuilt)
+    assert torch.equal(back.lookup(m.keys[:len(m)]), torch.arange(len(m)))
+    assert not list(tmp_path.glob('.*.tmp'))
+
+
+def test_corrupt_truncated_foreign_and_future_files_are_refused(tmp_path):
+    blob = bytearray(encode_map(small_map(), {}))
+    path = tmp_path / 'm'
+    flipped = bytearray(blob)
+    flipped[-5] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(MapFileError, match='checksum'):
+        load_map(path)
+    path.write_bytes(bytes(blob[:len(blob) // 2]))
+    with pytest.raises(MapFileError, match='checksum|corrupt|header'):
+        load_map(path)
+    path.write_bytes(b'\x00' * 4)
+    with pytest.raises(MapFileError, match='too short'):
+        load_map(path)
+    path.write_bytes(b'PK\x03\x04 this is a zip, not a map' * 3)
+    with pytest.raises(MapFileError, match='not a safetensors'):
+        load_map(path)
+    # a future format version: rewrite the header's version field
+    (hlen,) = struct.unpack('<Q', blob[:8])
+    header = json.loads(blob[8:8 + hlen])
+    header['__metadata__']['format_version'] = '99'
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack('<Q', len(new)) + new + bytes(blob[8 + hlen:]))
+    with pytest.raises(MapFileError, match='version 99 is newer'):
+        load_map(path)
+    with pytest.raises(MapFileError, match='cannot read'):
+        load_map(tmp_path / 'missing')
+
+
+def test_load_state_rejects_inconsistent_fields():
+    m = small_map()
+    state = dict(m.state())
+    state['features'] = state['features'][:-1]
+    with pytest.raises(ValueError, match='features'):
+        VoxelFeatureMap(0.05, 8).load_state(state)
