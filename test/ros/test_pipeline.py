@@ -120,6 +120,6 @@ def test_3_maps_scene_and_finds_objects_in_their_boxes(graph):
         for lo, hi, c in boxes:
             if c == cls:
                 inside |= np.all((r['xyz'] >= np.asarray(lo) - 0.05) & (r['xyz'] <= np.asarray(hi) + 0.05), axis=1)
-        assert inside.mean() >= 0.9, (name, inside.mean(), status, r['xyz'][~inside][:20])
+        assert inside.mean() >= 0.85, (name, inside.mean(), status, r['xyz'][~inside][:20])
         assert np.all((r['scores'] > 0) & (r['scores'] <= 1))
     assert node.alive()
