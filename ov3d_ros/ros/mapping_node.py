@@ -283,9 +283,9 @@ class MappingNode(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
     node = None
     try:
+        rclpy.init(args=args)
         node = MappingNode()
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
