@@ -6,6 +6,8 @@ BUILD := build/interfaces
 STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_SRV := $(VENV)/.srv-installed
 DEMO_OUT ?= demo_output
+# sparse convolutions for the learned affinity: the CUDA 12 build where a GPU is present, else the CPU build
+SPCONV ?= $(shell command -v nvidia-smi > /dev/null 2>&1 && echo 'spconv-cu120==2.3.6 cumm-cu120<0.5' || echo 'spconv==2.3.8 cumm==0.7.11')
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export HF_HUB_OFFLINE := 1
@@ -19,7 +21,9 @@ $(STAMP_DEPS): requirements.txt
 	@mkdir -p build
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt > build/pip.log 2>&1 \
 	  || { grep -v 'is ignored' build/pip.log; exit 1; }
-	$(PY) -c "import torch, open_clip, rclpy, sensor_msgs.msg"
+	$(PY) -m pip install -q --disable-pip-version-check $(SPCONV) >> build/pip.log 2>&1 \
+	  || { grep -v 'is ignored' build/pip.log; exit 1; }
+	$(PY) -c "import torch, open_clip, rclpy, sensor_msgs.msg, spconv.pytorch"
 	touch $@
 
 # Generate the SegmentByText service with rosidl into the venv (the venv root is a ROS prefix).

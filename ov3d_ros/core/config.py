@@ -77,11 +77,39 @@ class QueryConfig:
 
 
 @dataclass
+class PurifyConfig:
+    enabled: bool = False
+    """Geometry-guided pooling of the fused features (GeoPurify); queries then use the purified features."""
+    affinity: str = 'fallback'
+    """'learned' (student affinity network, needs ``checkpoint``) or 'fallback' (colour, normal and distance)."""
+    checkpoint: str = ''
+    """Student affinity network checkpoint (.safetensors with its config), for affinity 'learned'."""
+    radius_vox: int = 2
+    """Neighbourhood: occupied voxels within this many voxels (ball) of each voxel."""
+    iterations: int = 18
+    """T: pooling steps (features <- A features) per update."""
+    scale: float = 20.0
+    """Learned affinity: softmax(scale * cosine of the student embeddings) over each neighbourhood."""
+    sigma_color: float = 30.0
+    """Fallback affinity: colour difference scale (RGB 0-255)."""
+    sigma_normal: float = 0.3
+    """Fallback affinity: normal disagreement scale (1 - |n_i . n_j|)."""
+    sigma_distance_vox: float = 1.5
+    """Fallback affinity: distance scale in voxels."""
+    mode: str = 'incremental'
+    """'incremental': re-pool the voxels each keyframe touched plus a margin (bounded cost per keyframe);
+    'whole': re-pool the whole map after every keyframe (offline reference)."""
+    margin_vox: int = 3
+    """Incremental mode: voxels within this many voxels of the touched ones are re-pooled too."""
+
+
+@dataclass
 class MapperConfig:
     map: MapConfig = field(default_factory=MapConfig)
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    purify: PurifyConfig = field(default_factory=PurifyConfig)
 
 
 def section_items(cfg: Any) -> Dict[str, Any]:

@@ -68,6 +68,7 @@ class Mapper:
         self.keyframes = KeyframeSelector(cfg.keyframes)
         self.num_keyframes = 0
         self.timings_s: Dict[str, float] = {}
+        self.purifier = self._make_purifier() if cfg.purify.enabled else None
         self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
 
     def validate(self, frame: Frame) -> None:
@@ -104,14 +105,38 @@ class Mapper:
                                torch.from_numpy(np.ascontiguousarray(frame.rgb)), feats, frame.camera,
                                torch.from_numpy(np.asarray(frame.T_W_C, dtype=np.float64)),
                                self.cfg.map.min_depth_m, self.cfg.map.max_depth_m, self.cfg.map.pixel_stride)
-        self.map.integrate(lifted.points, lifted.features, lifted.colors)
+        touched = self.map.integrate(lifted.points, lifted.features, lifted.colors)
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
+        if self.purifier is not None:
+            self.purifier.update(self.map, touched)
+            if self.device.type == 'cuda':
+                torch.cuda.synchronize(self.device)
         self.keyframes.accept(frame.T_W_C, frame.stamp_s)
         self.num_keyframes += 1
-        self.timings_s = {'features': t1 - t0, 'fusion': t2 - t1, 'total': t2 - t0}
+        t3 = time.perf_counter()
+        self.timings_s = {'features': t1 - t0, 'fusion': t2 - t1, 'purify': t3 - t2, 'total': t3 - t0}
         return True
+
+    def _make_purifier(self):
+        from ov3d_ros.core.purification.pooling import GeometryPooling
+        embed = None
+        if self.cfg.purify.affinity == 'learned':
+            from ov3d_ros.core.purification.student import load_student
+            embed = load_student(self.cfg.purify.checkpoint, self.device).embed
+        return GeometryPooling(self.cfg.purify, embed)
+
+    def query_features(self) -> torch.Tensor:
+        """(V, D) features that queries use: purified when purification is enabled, else the raw fusion."""
+        if self.purifier is not None:
+            return self.purifier.features(self.map)
+        return self.map.features[:self.map.size]
+
+    def purify_all(self) -> None:
+        """Re-pool the whole map (offline; a no-op without purification)."""
+        if self.purifier is not None:
+            self.purifier.update(self.map)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) prompt-ensemble embeddings of ``texts`` (cached)."""
@@ -140,7 +165,7 @@ class Mapper:
         emb = self.embed_texts([text] + negs)
         n = self.map.size
         temperature = q.temperature if q.temperature > 0 else self.extractor.default_temperature
-        scores = relevancy_scores(self.map.features[:n], emb[0], emb[1:], temperature)
+        scores = relevancy_scores(self.query_features(), emb[0], emb[1:], temperature)
         res = select(scores, self.map.weights[:n], thr, q.min_observations)
         return Segment(self.map.centers(res.rows).cpu().numpy(),
                        self.map.colors[res.rows].clamp(0, 255).to(torch.uint8).cpu().numpy(),
@@ -148,7 +173,7 @@ class Mapper:
 
     def classify(self, text_embeddings: torch.Tensor, rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per voxel (all or ``rows``), the best-matching of K texts: (labels (V,) int64, cosine (V,) float32)."""
-        feats = self.map.features[:self.map.size] if rows is None else self.map.features[rows]
+        feats = self.query_features() if rows is None else self.query_features()[rows]
         sims = torch.nn.functional.normalize(feats.float(), dim=-1) @ text_embeddings.to(self.device).float().T
         best = sims.max(dim=-1)
         return best.indices, best.values
@@ -193,6 +218,9 @@ class Mapper:
             raise MapFileError(f'{path}: map made with {info.get("feature_source")} (D={vmap.dim}), but this '
                                f'mapper uses {self.extractor.name} (D={self.map.dim})')
         self.map = vmap
+        if self.purifier is not None:
+            self.purifier = self._make_purifier()
+            self.purifier.update(self.map)
         self.cfg.map.voxel_size_m = vmap.voxel_size_m
         self.num_keyframes = int(info.get('keyframes', 0))
         self.keyframes = KeyframeSelector(self.cfg.keyframes)

@@ -1,0 +1,1 @@
+"""Geometry-guided purification of lifted features (GeoPurify): voxel neighbourhoods, affinities, pooling."""

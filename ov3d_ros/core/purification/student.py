@@ -1,0 +1,141 @@
+"""The student affinity network (GeoPurify): sparse 3D convolutions on voxels -> unit embeddings.
+
+Input per voxel: any of the fused feature (D), colour (3, 0..1) and normal (3); a linear projection and a
+3x3x3 stem conv to ``width`` (the projection keeps a 512-d input cheap on a robot),
+``blocks`` residual blocks (two 3x3x3 submanifold convs, BatchNorm, ReLU) and a 1x1x1 head to ``embed_dim``.
+Built on spconv (``spconv`` on CPU, ``spconv-cu12x`` on CUDA). Checkpoints are safetensors files with the
+network config in their metadata.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ov3d_ros.core.voxel_map import VoxelFeatureMap, unpack_keys
+
+INPUTS = ('features', 'color', 'normal')
+
+
+def import_spconv():
+    """spconv.pytorch, with its CUDA-stream query disabled on machines without CUDA (CPU backward needs it)."""
+    try:
+        import spconv.pytorch as spconv
+    except ImportError as e:
+        raise RuntimeError('the learned affinity needs spconv (pip install spconv on CPU, spconv-cu120 on CUDA 12)') from e
+    if not torch.cuda.is_available():
+        import importlib
+        for name in ('cppcore', 'ops', 'utils', 'hash'):
+            try:
+                mod = importlib.import_module(f'spconv.pytorch.{name}')
+            except ImportError:
+                continue
+            if hasattr(mod, 'get_current_stream'):
+                mod.get_current_stream = lambda: 0
+    return spconv
+
+
+@dataclass
+class StudentConfig:
+    feature_dim: int = 384
+    """D of the fused features the network was trained on (0 when 'features' is not an input)."""
+    inputs: Tuple[str, ...] = ('features', 'color', 'normal')
+    width: int = 32
+    blocks: int = 4
+    embed_dim: int = 64
+    voxel_size_m: float = 0.05
+
+    @property
+    def in_channels(self) -> int:
+        return (self.feature_dim if 'features' in self.inputs else 0) + 3 * ('color' in self.inputs) + \
+            3 * ('normal' in self.inputs)
+
+
+class StudentAffinityNet(nn.Module):
+    """Sparse residual conv net mapping voxel inputs to L2-normalised embeddings."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        unknown = set(cfg.inputs) - set(INPUTS)
+        if unknown or not cfg.inputs:
+            raise ValueError(f'student inputs must be a non-empty subset of {INPUTS}, got {cfg.inputs}')
+        spconv = import_spconv()
+        self.cfg = cfg
+        w = cfg.width
+
+        def conv(cin, cout, k=3):
+            return spconv.SubMConv3d(cin, cout, k, padding=k // 2, bias=False, indice_key=f'k{k}')
+
+        self.project = nn.Linear(cfg.in_channels, w)
+        self.stem = spconv.SparseSequential(conv(w, w), nn.BatchNorm1d(w), nn.ReLU())
+        self.blocks = nn.ModuleList([spconv.SparseSequential(conv(w, w), nn.BatchNorm1d(w), nn.ReLU(),
+                                                             conv(w, w), nn.BatchNorm1d(w))
+                                     for _ in range(cfg.blocks)])
+        self.head = spconv.SubMConv3d(w, cfg.embed_dim, 1, indice_key='k1')
+        self._spconv = spconv
+
+    def forward(self, coords: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """coords (N, 3) int voxel coordinates, inputs (N, in_channels) -> (N, embed_dim) unit embeddings."""
+        lo = coords.min(0).values
+        c = (coords - lo).int()
+        shape = (c.max(0).values + 1).tolist()
+        idx = torch.cat([torch.zeros(len(c), 1, dtype=torch.int32, device=c.device), c], 1)
+        x = self._spconv.SparseConvTensor(self.project(inputs.float()), idx, shape, 1)
+        x = self.stem(x)
+        for blk in self.blocks:
+            y = blk(x)
+            x = y.replace_feature(F.relu(y.features + x.features))
+        return F.normalize(self.head(x).features, dim=-1)
+
+    def voxel_inputs(self, vmap: VoxelFeatureMap, rows: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+        """(R, in_channels) network inputs of map ``rows``; normals (R, 3)."""
+        parts = []
+        if 'features' in self.cfg.inputs:
+            if vmap.dim != self.cfg.feature_dim:
+                raise ValueError(f'the student was trained on D={self.cfg.feature_dim} features, the map has D={vmap.dim}')
+            parts.append(F.normalize(vmap.features[rows].float(), dim=-1))
+        if 'color' in self.cfg.inputs:
+            parts.append(vmap.colors[rows].float() / 255.0)
+        if 'normal' in self.cfg.inputs:
+            parts.append(normals.float())
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def embed(self, vmap: VoxelFeatureMap, rows: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+        """(R, embed_dim) embeddings of map ``rows`` (run on those voxels; normals (R, 3))."""
+        was_training = self.training
+        self.eval()
+        out = self(unpack_keys(vmap.keys[rows]), self.voxel_inputs(vmap, rows, normals))
+        self.train(was_training)
+        return out
+
+
+def save_student(path: str | Path, net: StudentAffinityNet, extra: dict | None = None) -> None:
+    """Write the network weights and config (and ``extra`` notes) to a safetensors file."""
+    from safetensors.torch import save_file
+    meta = {'config': json.dumps(asdict(net.cfg)), 'notes': json.dumps(extra or {})}
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+
+
+def load_student(path: str | Path, device: torch.device | str = 'cpu') -> StudentAffinityNet:
+    """A StudentAffinityNet from a checkpoint written by :func:`save_student` (eval mode, on ``device``)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not str(path) or not path.is_file():
+        raise ValueError(f'purify.checkpoint {str(path)!r}: no such file (train one with `ov3d train-affinity`)')
+    try:
+        with safe_open(str(path), 'pt') as f:
+            meta = f.metadata() or {}
+        cfg_dict = json.loads(meta['config'])
+        cfg_dict['inputs'] = tuple(cfg_dict['inputs'])
+        net = StudentAffinityNet(StudentConfig(**cfg_dict))
+        net.load_state_dict(load_file(str(path)))
+    except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as e:
+        raise ValueError(f'{path}: not a usable student checkpoint ({e})') from e
+    return net.to(device).eval()

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from ov3d_ros.core.config import PurifyConfig
+from ov3d_ros.core.purification.distill import DistillConfig, Teacher, pick_pairs
+from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
+from ov3d_ros.core.purification.pooling import GeometryPooling
+from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys
+
+
+def plane_map(x_range, dim=4, feature=None, seed=0):
+    """Voxels of the plane z = 0 over x in x_range, y in [0, 10) (voxel size 1)."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = torch.meshgrid(torch.arange(*x_range), torch.arange(10), indexing='ij')
+    pts = torch.stack([xs.flatten(), ys.flatten(), torch.zeros(xs.numel(), dtype=torch.int64)], 1).float() + 0.5
+    feats = torch.randn(len(pts), dim, generator=g) if feature is None else feature.expand(len(pts), -1)
+    return pts, feats
+
+
+def test_offsets_and_neighbours():
+    off = ball_offsets(1)
+    assert off.shape == (7, 3) and off[0].tolist() == [0, 0, 0]
+    assert ball_offsets(2).shape[0] == 33
+    m = VoxelFeatureMap(1.0, 2)
+    pts, feats = plane_map((0, 10), dim=2)
+    m.integrate(pts, feats)
+    rows = m.lookup(pack_keys(torch.tensor([[5, 5, 0], [0, 0, 0]])))
+    nbr = neighbour_rows(m, rows, off)
+    assert (nbr[0] >= 0).sum() == 5 and (nbr[1] >= 0).sum() == 3   # in-plane 4-neighbourhood + itself
+    normals = estimate_normals(m, rows, neighbour_rows(m, rows, ball_offsets(2)), ball_offsets(2))
+    assert torch.allclose(normals.abs(), torch.tensor([[0.0, 0.0, 1.0]] * 2), atol=1e-5)
+
+
+def test_pooling_keeps_constant_features_and_is_row_stochastic():
+    m = VoxelFeatureMap(1.0, 4)
+    pts, _ = plane_map((0, 10), dim=4)
+    const = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    colors = torch.rand(len(pts), 3, generator=torch.Generator().manual_seed(1)) * 255
+    m.integrate(pts, const.expand(len(pts), -1), colors)
+    p = GeometryPooling(PurifyConfig(enabled=True, iterations=5, mode='whole'))
+    p.update(m)
+    assert torch.allclose(p.features(m).float(), const.half().float().expand(len(m), -1), atol=2e-3)
+
+
+def test_features_never_leak_across_a_gap_wider_than_the_neighbourhood():
+    m = VoxelFeatureMap(1.0, 2)
+    a, _ = plane_map((0, 6), dim=2)
+    b, _ = plane_map((9, 15), dim=2)     # gap of 3 empty voxel columns > radius 2
+    m.integrate(a, torch.tensor([[1.0, 0.0]]).expand(len(a), -1))
+    m.integrate(b, torch.tensor([[0.0, 1.0]]).expand(len(b), -1))
+    p = GeometryPooling(PurifyConfig(enabled=True, radius_vox=2, iterations=18, mode='whole'))
+    p.update(m)
+    f = p.features(m).float()
+    assert torch.all(f[:len(a), 1] == 0) and torch.all(f[len(a):, 0] == 0)
+
+
+def test_incremental_matches_whole_map_pooling_on_a_growing_map():
+    inc = GeometryPooling(PurifyConfig(enabled=True, iterations=4, margin_vox=3))
+    whole = GeometryPooling(PurifyConfig(enabled=True, iterations=4, mode='whole'))
+    m = VoxelFeatureMap(1.0, 8)
+    for k in range(3):                            # the map grows by strips, like keyframes
+        pts, feats = plane_map((6 * k, 6 * k + 6), dim=8, seed=k)
+        touched = m.integrate(pts, feats, torch.full((len(pts), 3), 100.0))
+        inc.update(m, touched)
+    whole.update(m)
+    err = (inc.features(m).float() - whole.features(m).float()).norm(dim=1) / whole.features(m).float().norm(dim=1)
+    assert err.median() < 0.05 and err.max() < 0.5
+
+
+def test_pick_pairs_uses_the_teacher_for_positives_and_negatives():
+    # 6 voxels in a row: segments 0 0 0 1 1 1; knn of voxel 1 = all others
+    teacher = Teacher(segments=torch.tensor([0, 0, 0, 1, 1, 1]))
+    knn = torch.tensor([[j for j in range(6) if j != i] for i in range(6)])
+    cfg = DistillConfig(n_macro=2, n_micro=2, macro_pool=6)
+    pos, neg, mask = pick_pairs(teacher, knn, torch.tensor([1, 4]), cfg, torch.Generator().manual_seed(0))
+    assert teacher.segments[pos].tolist() == [0, 1]
+    assert pos.tolist()[0] in (0, 2) and pos.tolist()[1] in (3, 5)
+    seg_neg = teacher.segments[neg]
+    assert torch.all(seg_neg[0][mask[0]] == 1) and torch.all(seg_neg[1][mask[1]] == 0)
+    assert mask[:, 2:].all()                      # micro negatives: the different-segment neighbours
+    feats = Teacher(features=torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1]]), dim=1))
+    pos, neg, mask = pick_pairs(feats, torch.tensor([[1, 2], [0, 2], [1, 0]]), torch.tensor([0]),
+                                DistillConfig(n_macro=1, n_micro=1, macro_pool=3), torch.Generator().manual_seed(0))
+    assert pos.tolist() == [1] and neg[0, 1].item() == 2
+
+
+def test_student_checkpoint_round_trip(tmp_path):
+    pytest.importorskip('spconv')
+    from ov3d_ros.core.purification.student import StudentAffinityNet, StudentConfig, load_student, save_student
+    torch.manual_seed(0)
+    net = StudentAffinityNet(StudentConfig(feature_dim=4, width=8, blocks=1, embed_dim=6, voxel_size_m=1.0)).eval()
+    m = VoxelFeatureMap(1.0, 4)
+    pts, feats = plane_map((0, 8), dim=4)
+    m.integrate(pts, feats, torch.rand(len(pts), 3) * 255)
+    rows = torch.arange(len(m))
+    normals = torch.tensor([[0.0, 0.0, 1.0]]).expand(len(m), -1)
+    e1 = net.embed(m, rows, normals)
+    save_student(tmp_path / 's.safetensors', net, {'why': 'test'})
+    back = load_student(tmp_path / 's.safetensors')
+    for name, t in net.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    e2 = back.embed(m, rows, normals)                  # spconv's CPU kernels are not bitwise deterministic
+    assert e1.shape == (len(m), 6) and torch.allclose(e1, e2, atol=5e-3)
+    assert torch.allclose(e1.norm(dim=1), torch.ones(len(m)), atol=1e-5)
+    with pytest.raises(ValueError, match='no such file'):
+        load_student(tmp_path / 'missing.safetensors')
+    (tmp_path / 'bad.safetensors').write_bytes(b'garbage')
+    with pytest.raises(ValueError, match='not a usable student checkpoint'):
+        load_student(tmp_path / 'bad.safetensors')
