@@ -1,0 +1,175 @@
+"""Dataset folders in the ScanNet export layout.
+
+    color/NNNNNN.png|jpg            RGB
+    depth/NNNNNN.png                uint16 millimetres, registered to colour (colour is resized to it)
+    pose/NNNNNN.txt                 4x4 camera-to-world
+    intrinsic/intrinsic_depth.txt   4x4 (or 3x3) intrinsics of the depth image
+    label/NNNNNN.png                optional uint16 semantic ids (for the simulated feature source)
+    instance/NNNNNN.png             optional uint16 instance ids (ground truth, for evaluation)
+    timestamps.txt                  optional: one time in seconds per frame (else index / fps)
+    features/NNNNNN.npy             optional precomputed dense 2D features (h, w, C), any h, w
+    text_embeddings.npz             optional: names (K,), vectors (K, C) in the features' space
+    gt_points.npz                   optional: xyz (N, 3) float32, label (N,) int, names (C,), instance (N,) int
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import numpy as np
+from PIL import Image
+
+from ov3d_ros.core.camera import PinholeCamera
+from ov3d_ros.core.mapper import Frame
+from ov3d_ros.datasets import DatasetError
+
+
+def _stems(folder: Path, suffixes) -> List[str]:
+    return sorted(p.stem for p in folder.iterdir() if p.suffix.lower() in suffixes) if folder.is_dir() else []
+
+
+class ScanNetFolder:
+    """Reads a dataset folder; frames are the stems present in color/, depth/ and pose/."""
+
+    def __init__(self, root: str | Path, fps: float = 30.0):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f'{self.root}: not a directory')
+        color = _stems(self.root / 'color', ('.png', '.jpg', '.jpeg'))
+        depth = _stems(self.root / 'depth', ('.png',))
+        pose = _stems(self.root / 'pose', ('.txt',))
+        if not color or not depth or not pose:
+            raise DatasetError(f'{self.root}: needs non-empty color/, depth/ and pose/ folders '
+                               f'(found {len(color)} colour, {len(depth)} depth, {len(pose)} pose files)')
+        if not (set(color) == set(depth) == set(pose)):
+            missing = sorted((set(color) | set(depth) | set(pose)) - (set(color) & set(depth) & set(pose)))
+            raise DatasetError(f'{self.root}: colour/depth/pose counts differ ({len(color)}/{len(depth)}/'
+                               f'{len(pose)}); frames missing a file: {", ".join(missing[:10])}')
+        self.stems = color
+        K = self._read_matrix(self.root / 'intrinsic' / 'intrinsic_depth.txt')
+        w, h = self._image_size(self.root / 'depth' / f'{self.stems[0]}.png')
+        self.camera = PinholeCamera.from_matrix(K, w, h)
+        self.has_labels = (self.root / 'label').is_dir()
+        self.has_features = (self.root / 'features').is_dir()
+        self.stamps = np.arange(len(self.stems), dtype=np.float64) / float(fps)
+        if (self.root / 'timestamps.txt').exists():
+            stamps = np.atleast_1d(self._read_array(self.root / 'timestamps.txt'))
+            if stamps.shape != (len(self.stems),):
+                raise DatasetError(f'{self.root}/timestamps.txt: {stamps.size} times for {len(self.stems)} frames')
+            self.stamps = stamps
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    @staticmethod
+    def _read_array(path: Path) -> np.ndarray:
+        try:
+            return np.loadtxt(path, dtype=np.float64)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f'{path}: cannot read numbers ({e})') from e
+
+    @classmethod
+    def _read_matrix(cls, path: Path) -> np.ndarray:
+        m = cls._read_array(path)
+        if m.shape not in ((4, 4), (3, 3)) or not np.all(np.isfinite(m)):
+            raise DatasetError(f'{path}: expected a finite 3x3 or 4x4 matrix, got shape {m.shape}')
+        return m
+
+    @staticmethod
+    def _image_size(path: Path):
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except OSError as e:
+            raise DatasetError(f'{path}: unreadable image ({e})') from e
+
+    @staticmethod
+    def _read_image(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return np.asarray(im)
+        except OSError as e:
+            raise DatasetError(f'{path}: unreadable or corrupt image ({e})') from e
+
+    def _color_path(self, stem: str) -> Path:
+        for ext in ('.png', '.jpg', '.jpeg'):
+            if (self.root / 'color' / f'{stem}{ext}').exists():
+                return self.root / 'color' / f'{stem}{ext}'
+        raise DatasetError(f'{self.root}/color: no image for frame {stem}')
+
+    def read(self, index: int) -> Frame:
+        """The frame at ``index`` (colour resized to the depth size when they differ)."""
+        stem = self.stems[index]
+        depth_raw = self._read_image(self.root / 'depth' / f'{stem}.png')
+        if depth_raw.dtype != np.uint16 or depth_raw.ndim != 2:
+            raise DatasetError(f'{self.root}/depth/{stem}.png: expected a 16-bit single-channel PNG (mm), '
+                               f'got {depth_raw.dtype} {depth_raw.shape}')
+        h, w = depth_raw.shape
+        with Image.open(self._color_path(stem)) as im:
+            rgb = np.asarray(im.convert('RGB').resize((w, h), Image.BILINEAR) if im.size != (w, h) else im.convert('RGB'))
+        T = self._read_matrix(self.root / 'pose' / f'{stem}.txt')
+        if T.shape != (4, 4):
+            raise DatasetError(f'{self.root}/pose/{stem}.txt: expected a 4x4 camera-to-world matrix')
+        labels = None
+        if self.has_labels:
+            labels = self._read_image(self.root / 'label' / f'{stem}.png')
+            if labels.shape != (h, w):
+                labels = np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
+        feats = None
+        if self.has_features:
+            try:
+                feats = np.load(self.root / 'features' / f'{stem}.npy').astype(np.float32)
+            except (OSError, ValueError) as e:
+                raise DatasetError(f'{self.root}/features/{stem}.npy: {e}') from e
+        return Frame(rgb, depth_raw.astype(np.float32) * np.float32(1e-3), self.camera, T,
+                     float(self.stamps[index]), labels, feats)
+
+    def read_instances(self, index: int) -> np.ndarray:
+        """(H, W) uint16 ground-truth instance ids of frame ``index`` (instance/ folder)."""
+        return self._read_image(self.root / 'instance' / f'{self.stems[index]}.png')
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i in range(len(self)):
+            yield self.read(i)
+
+    def text_embeddings(self):
+        """(names list, (K, C) float32 vectors) from text_embeddings.npz."""
+        with np.load(self.root / 'text_embeddings.npz') as z:
+            return [str(n) for n in z['names']], z['vectors'].astype(np.float32)
+
+    def gt_points(self):
+        """dict with xyz (N, 3), label (N,), instance (N,) and names from gt_points.npz."""
+        path = self.root / 'gt_points.npz'
+        if not path.exists():
+            raise DatasetError(f'{path}: no ground truth in this dataset folder')
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+
+def write_frame(root: str | Path, index: int, rgb: np.ndarray, depth_m: np.ndarray, T_W_C: np.ndarray,
+                labels: Optional[np.ndarray] = None, features: Optional[np.ndarray] = None,
+                instances: Optional[np.ndarray] = None) -> None:
+    """Write one frame in the ScanNet export layout (depth as uint16 millimetres)."""
+    root, stem = Path(root), f'{index:06d}'
+    optional = {'label': labels, 'features': features, 'instance': instances}
+    for sub in ('color', 'depth', 'pose') + tuple(k for k, v in optional.items() if v is not None):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(root / 'color' / f'{stem}.png')
+    mm = np.round(np.nan_to_num(depth_m, nan=0.0, posinf=0.0) * 1000.0).clip(0, 65535).astype(np.uint16)
+    Image.fromarray(mm).save(root / 'depth' / f'{stem}.png')
+    np.savetxt(root / 'pose' / f'{stem}.txt', T_W_C, fmt='%.9f')
+    if labels is not None:
+        Image.fromarray(labels.astype(np.uint16)).save(root / 'label' / f'{stem}.png')
+    if instances is not None:
+        Image.fromarray(instances.astype(np.uint16)).save(root / 'instance' / f'{stem}.png')
+    if features is not None:
+        np.save(root / 'features' / f'{stem}.npy', features.astype(np.float16))
+
+
+def write_intrinsics(root: str | Path, camera: PinholeCamera) -> None:
+    """intrinsic/intrinsic_depth.txt as a 4x4 matrix."""
+    (Path(root) / 'intrinsic').mkdir(parents=True, exist_ok=True)
+    K = np.eye(4)
+    K[:3, :3] = camera.K
+    np.savetxt(Path(root) / 'intrinsic' / 'intrinsic_depth.txt', K, fmt='%.9f')

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from ov3d_ros.datasets import DatasetError
+from ov3d_ros.datasets.scannet_folder import ScanNetFolder, write_frame, write_intrinsics
+from ov3d_ros.sim import builtin_scene, builtin_trajectory, default_camera, render
+
+
+@pytest.fixture(scope='module')
+def frames():
+    scene, cam = builtin_scene(0), default_camera(80, 60)
+    poses = builtin_trajectory(scene, 3, 0)
+    return cam, [(T, render(scene, cam, T)) for T in poses]
+
+
+def write_folder(root, cam, frames, features=False):
+    write_intrinsics(root, cam)
+    for i, (T, f) in enumerate(frames):
+        feats = np.random.default_rng(i).normal(size=(5, 7, 8)).astype(np.float32) if features else None
+        write_frame(root, i, f.rgb, f.depth_m, T, labels=f.semantic, instances=f.instance, features=feats)
+
+
+def test_round_trip(tmp_path, frames):
+    cam, fr = frames
+    write_folder(tmp_path, cam, fr, features=True)
+    np.savetxt(tmp_path / 'timestamps.txt', [0.5, 0.7, 0.9])
+    ds = ScanNetFolder(tmp_path)
+    assert len(ds) == 3 and ds.has_labels and ds.has_features
+    assert np.allclose(ds.camera.K, cam.K) and (ds.camera.width, ds.camera.height) == (80, 60)
+    for i, frame in enumerate(ds):
+        T, f = fr[i]
+        assert np.array_equal(frame.rgb, f.rgb)
+        assert np.abs(frame.depth_m - f.depth_m).max() <= 0.0005 + 1e-6      # millimetre quantisation
+        assert np.allclose(frame.T_W_C, T, atol=1e-8)
+        assert np.array_equal(frame.labels, f.semantic)
+        assert np.array_equal(ds.read_instances(i), f.instance)
+        assert frame.features.shape == (5, 7, 8) and frame.stamp_s == pytest.approx(0.5 + 0.2 * i)
+
+
+def test_bad_folders_give_clear_errors(tmp_path, frames):
+    cam, fr = frames
+    with pytest.raises(DatasetError, match='not a directory'):
+        ScanNetFolder(tmp_path / 'nope')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(DatasetError, match='needs non-empty color/, depth/ and pose/'):
+        ScanNetFolder(tmp_path / 'empty')
+    root = tmp_path / 'missing'
+    write_folder(root, cam, fr)
+    (root / 'pose' / '000001.txt').unlink()
+    with pytest.raises(DatasetError, match=r'counts differ \(3/3/2\).*000001'):
+        ScanNetFolder(root)
+    root = tmp_path / 'corrupt'
+    write_folder(root, cam, fr)
+    (root / 'depth' / '000002.png').write_bytes((root / 'depth' / '000002.png').read_bytes()[:100])
+    ds = ScanNetFolder(root)
+    ds.read(0)
+    with pytest.raises(DatasetError, match='000002.png: unreadable or corrupt'):
+        ds.read(2)
+    root = tmp_path / 'rgbdepth'
+    write_folder(root, cam, fr)
+    from PIL import Image
+    Image.fromarray(fr[0][1].rgb).save(root / 'depth' / '000000.png')
+    with pytest.raises(DatasetError, match='16-bit single-channel'):
+        ScanNetFolder(root).read(0)
+    root = tmp_path / 'badpose'
+    write_folder(root, cam, fr)
+    (root / 'pose' / '000001.txt').write_text('1 0 0\n0 1 0\n')
+    with pytest.raises(DatasetError, match='000001.txt'):
+        ScanNetFolder(root).read(1)
+    (root / 'timestamps.txt').write_text('0.1\n0.2\n')
+    with pytest.raises(DatasetError, match='2 times for 3 frames'):
+        ScanNetFolder(root)
