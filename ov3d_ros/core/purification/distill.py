@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ov3d_ros.core.purification.student import StudentAffinityNet
+from ov3d_ros.core.purification.student import StudentAffinityNet, spconv_threads
 
 
 @dataclass
@@ -133,7 +133,8 @@ def train(net: StudentAffinityNet, scenes: List[SceneBatch], val: List[SceneBatc
         emb = net(s.coords.to(device), s.inputs.to(device)).cpu()
         loss, acc = infonce(emb, anchors, pos, neg, mask, cfg.tau)
         opt.zero_grad()
-        loss.backward()
+        with spconv_threads(device):      # the backward pass runs spconv kernels too
+            loss.backward()
         opt.step()
         sched.step()
         if (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:

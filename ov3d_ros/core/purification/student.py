@@ -9,6 +9,7 @@ network config in their metadata.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Tuple
@@ -38,6 +39,21 @@ def import_spconv():
             if hasattr(mod, 'get_current_stream'):
                 mod.get_current_stream = lambda: 0
     return spconv
+
+
+@contextmanager
+def spconv_threads(device: torch.device | str):
+    """Run spconv on one intra-op thread on CPU: its CPU kernels race with more threads (outputs differ by up
+    to ~0.5 from run to run with 2 threads). A no-op on CUDA."""
+    if torch.device(device).type != 'cpu':
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @dataclass
@@ -85,12 +101,13 @@ class StudentAffinityNet(nn.Module):
         c = (coords - lo).int()
         shape = (c.max(0).values + 1).tolist()
         idx = torch.cat([torch.zeros(len(c), 1, dtype=torch.int32, device=c.device), c], 1)
-        x = self._spconv.SparseConvTensor(self.project(inputs.float()), idx, shape, 1)
-        x = self.stem(x)
-        for blk in self.blocks:
-            y = blk(x)
-            x = y.replace_feature(F.relu(y.features + x.features))
-        return F.normalize(self.head(x).features, dim=-1)
+        with spconv_threads(inputs.device):
+            x = self._spconv.SparseConvTensor(self.project(inputs.float()), idx, shape, 1)
+            x = self.stem(x)
+            for blk in self.blocks:
+                y = blk(x)
+                x = y.replace_feature(F.relu(y.features + x.features))
+            return F.normalize(self.head(x).features, dim=-1)
 
     def voxel_inputs(self, vmap: VoxelFeatureMap, rows: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
         """(R, in_channels) network inputs of map ``rows``; normals (R, 3)."""
