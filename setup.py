@@ -14,7 +14,8 @@ setup(
     license='Apache-2.0',
     packages=find_packages(include=('ov3d_ros', 'ov3d_ros.*')),
     python_requires='>=3.10',
-    install_requires=['numpy', 'scipy', 'pillow', 'torch', 'open_clip_torch', 'transforms3d'],
+    install_requires=['numpy', 'scipy', 'pillow', 'pyyaml', 'torch', 'open_clip_torch', 'transforms3d',
+                      'safetensors', 'tqdm', 'rosbags'],
     data_files=[('share/ov3d_ros', ['package.xml']),
                 ('share/ov3d_ros/launch', glob('launch/*.py')),
                 ('share/ov3d_ros/config', glob('config/*'))],
@@ -22,5 +23,6 @@ setup(
         'ov3d_mapping_node = ov3d_ros.ros.mapping_node:main',
         'ov3d_scene_player = ov3d_ros.ros.scene_player:main',
         'ov3d_demo = ov3d_ros.tools.demo:main',
+        'ov3d = ov3d_ros.cli.main:main',
     ]},
 )

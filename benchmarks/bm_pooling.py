@@ -1,0 +1,99 @@
+"""Benchmark: per-keyframe geometry-guided pooling cost against map size (prints figures, asserts nothing).
+
+    python benchmarks/bm_pooling.py --sizes 100000 1000000 --touched 15000
+    python benchmarks/bm_pooling.py --device cuda --checkpoint models/affinity_default.safetensors
+
+The map is a synthetic building at 5 cm: a floor with a grid of 2.5 m high walls, grown until it holds the
+requested number of voxels, with random features (D = --dim) and colours. A "keyframe" re-fuses a compact
+patch of about --touched voxels (what one 640x480 keyframe touches at 5 cm) in a corner; incremental pooling
+re-pools that patch plus the margin. The time must not grow with the map; whole-map pooling is shown beside.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's ov3d_ros first
+
+
+def building(n_voxels: int, voxel: float = 0.05, room_m: float = 5.0, height_m: float = 2.5) -> torch.Tensor:
+    """(N, 3) voxel-centre points of a square floor plus a wall every ``room_m`` metres, N ≈ ``n_voxels``."""
+    cells = int(room_m / voxel)
+    per_room = cells * cells + 2 * cells * int(height_m / voxel)       # floor + two walls of a room
+    rooms = max(1, round((n_voxels / per_room) ** 0.5))
+    side = rooms * cells
+    ij = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing='ij'), -1).reshape(-1, 2)
+    floor = torch.cat([ij, torch.zeros(len(ij), 1, dtype=torch.long)], 1)
+    walls = ij[(ij[:, 0] % cells == 0) | (ij[:, 1] % cells == 0)]
+    k = torch.arange(1, int(height_m / voxel))
+    walls = torch.cat([walls.repeat_interleave(len(k), 0), k.repeat(len(walls))[:, None]], 1)
+    return (torch.cat([floor, walls]).float() + 0.5) * voxel
+
+
+def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, radius: int, embed, whole: bool) -> dict:
+    from ov3d_ros.core.config import PurifyConfig
+    from ov3d_ros.core.purification.pooling import GeometryPooling
+    from ov3d_ros.core.voxel_map import VoxelFeatureMap
+    g = torch.Generator().manual_seed(0)
+    pts = building(n_voxels)
+    vmap = VoxelFeatureMap(0.05, dim, device, capacity=len(pts))
+    for chunk in torch.split(torch.arange(len(pts)), 200_000):
+        feats = torch.nn.functional.normalize(torch.randn(len(chunk), dim, generator=g), dim=1)
+        vmap.integrate(pts[chunk], feats, torch.rand(len(chunk), 3, generator=g) * 255)
+    cfg = PurifyConfig(enabled=True, affinity='learned' if embed else 'fallback', iterations=iterations,
+                       radius_vox=radius)
+    pooling = GeometryPooling(cfg, embed)
+    # a keyframe's patch: the voxels nearest to a corner of the building, about ``touched`` of them
+    corner = pts.min(0).values + torch.tensor([1.0, 1.0, 0.0])
+    patch = torch.argsort((pts - corner).norm(dim=1))[:touched].to(device)
+    times, region = [], 0
+    for rep in range(4):
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        region = pooling.update(vmap, patch)
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        if rep:
+            times.append(time.perf_counter() - t0)
+    row = {'map_voxels': vmap.size, 'touched': touched, 'repooled': region, 'affinity': cfg.affinity,
+           'T': iterations, 'radius_vox': radius, 'device': device,
+           'per_keyframe_ms': round(1e3 * sorted(times)[len(times) // 2], 1),
+           'of_which_affinity_ms': round(1e3 * pooling.timings_s['affinity'], 1)}
+    if whole:
+        t0 = time.perf_counter()
+        pooling.update(vmap)
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        row['whole_map_ms'] = round(1e3 * (time.perf_counter() - t0), 1)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--sizes', type=int, nargs='+', default=[100_000, 1_000_000], help='map sizes in voxels')
+    p.add_argument('--touched', type=int, default=15_000, help='voxels one keyframe touches')
+    p.add_argument('--dim', type=int, default=384, help='feature dimension (384 simulated, 512 CLIP ViT-B-16)')
+    p.add_argument('--iterations', type=int, default=18)
+    p.add_argument('--radius', type=int, default=2)
+    p.add_argument('--checkpoint', help='student checkpoint: time the learned affinity instead of the fallback')
+    p.add_argument('--whole', action='store_true', help='also time one whole-map pooling')
+    args = p.parse_args()
+    embed = None
+    if args.checkpoint:
+        from ov3d_ros.core.purification.student import load_student
+        embed = load_student(args.checkpoint, torch.device(args.device)).embed
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}')
+    for n in args.sizes:
+        print(json.dumps(run(n, args.touched, args.dim, args.device, args.iterations, args.radius, embed,
+                             args.whole)), flush=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,1 @@
+"""The ``ov3d`` command line: make scenes, map a dataset folder or bag, query, label and evaluate maps."""

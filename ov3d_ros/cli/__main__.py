@@ -1,0 +1,3 @@
+from ov3d_ros.cli.main import main
+
+raise SystemExit(main())

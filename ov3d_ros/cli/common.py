@@ -1,0 +1,153 @@
+"""Shared pieces of the ``ov3d`` tools: config, inputs (dataset folder or rosbag2), mapping loop, progress."""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+import numpy as np
+
+from ov3d_ros.core.config import MapperConfig, load_yaml_config, parse_overrides, update_from_dict
+from ov3d_ros.core.mapper import Mapper, resolve_device
+
+FEATURE_CHOICES = ('clip', 'precomputed', 'simulated')
+
+
+class CliError(Exception):
+    """A user error with a message that says what to do."""
+
+
+def progress(items: Iterable, total: Optional[int] = None, desc: str = '', quiet: bool = False):
+    """A tqdm progress bar on stderr (plain iteration when quiet)."""
+    if quiet:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, total=total, desc=desc, unit='frame', leave=False, dynamic_ncols=True)
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--config/--set/--features/--device, shared by the tools that build a map."""
+    p.add_argument('--config', action='append', default=[], metavar='YAML',
+                   help='node parameter file(s), e.g. config/mapping.yaml; later files override earlier ones')
+    p.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
+                   help='override one config value, e.g. --set map.voxel_size_m=0.04 (repeatable)')
+    p.add_argument('--features', choices=FEATURE_CHOICES,
+                   help='2D feature source (default: features.source of the config; precomputed = the '
+                        "input's features/ + text_embeddings.npz)")
+    p.add_argument('--device', default=None, help="torch device: auto, cpu, cuda, cuda:N (default: config)")
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """Topic options for rosbag2 inputs."""
+    g = p.add_argument_group('rosbag2 inputs')
+    g.add_argument('--color-topic', help='colour image topic (default: color/image)')
+    g.add_argument('--depth-topic', help='depth image topic (default: depth/image)')
+    g.add_argument('--camera-info-topic', help='camera info topic (default: color/camera_info)')
+    g.add_argument('--labels-topic', help="semantic label image topic for simulated features ('' = none)")
+    g.add_argument('--pose-topic', help='pose topic (PoseStamped or Odometry)')
+    g.add_argument('--pose-source', choices=('pose', 'odometry', 'tf'), help='how bag poses are given')
+    g.add_argument('--map-frame', help='fixed frame for tf poses (default: map)')
+    g.add_argument('--sync-slop', type=float, default=0.05, help='max stamp difference of paired messages (s)')
+
+
+def build_config(args) -> MapperConfig:
+    cfg = load_yaml_config(args.config) if args.config else MapperConfig()
+    update_from_dict(cfg, parse_overrides(args.set))
+    if getattr(args, 'features', None):
+        cfg.features.source = args.features
+    if getattr(args, 'device', None):
+        cfg.map.device = args.device
+    return cfg
+
+
+def is_bag(path: Path) -> bool:
+    return path.suffix in ('.mcap', '.db3') or (path / 'metadata.yaml').exists()
+
+
+@dataclass
+class Input:
+    """An opened dataset folder or bag: frames, camera, optional ground truth and text embeddings."""
+
+    path: Path
+    reader: object
+    gt_path: Optional[Path]
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __iter__(self):
+        return iter(self.reader)
+
+    def gt_points(self) -> dict:
+        if self.gt_path is None or not self.gt_path.exists():
+            raise CliError(f'{self.path}: no ground truth (gt_points.npz) found; pass --gt FILE')
+        with np.load(self.gt_path) as z:
+            gt = {k: z[k] for k in z.files}
+        for key in ('xyz', 'label', 'names'):
+            if key not in gt:
+                raise CliError(f'{self.gt_path}: missing array {key!r} (needs xyz, label, names)')
+        if len(gt['xyz']) != len(gt['label']):
+            raise CliError(f'{self.gt_path}: {len(gt["xyz"])} points but {len(gt["label"])} labels')
+        return gt
+
+    def text_embeddings(self):
+        path = (self.path if self.path.is_dir() else self.path.parent) / 'text_embeddings.npz'
+        if not path.exists():
+            raise CliError(f'{path}: precomputed features need text_embeddings.npz (arrays names, vectors)')
+        with np.load(path) as z:
+            return [str(n) for n in z['names']], z['vectors'].astype(np.float32)
+
+
+def open_input(path: str | Path, args=None, gt: Optional[str] = None) -> Input:
+    """Open a ScanNet-layout dataset folder or a rosbag2 recording (directory, .mcap or .db3)."""
+    path = Path(path)
+    if not path.exists():
+        raise CliError(f'{path}: no such file or directory')
+    if is_bag(path):
+        from ov3d_ros.datasets.rosbag import BagReader, BagTopics
+        names = {'color_topic': 'color', 'depth_topic': 'depth', 'camera_info_topic': 'camera_info',
+                 'labels_topic': 'labels', 'pose_topic': 'pose', 'pose_source': 'pose_source',
+                 'map_frame': 'map_frame'}
+        overrides = {field: getattr(args, arg) for arg, field in names.items()
+                     if args is not None and getattr(args, arg, None) is not None}
+        reader = BagReader(path, BagTopics(**overrides), sync_slop_s=getattr(args, 'sync_slop', 0.05))
+        base = path if path.is_dir() else path.parent
+    else:
+        from ov3d_ros.datasets.scannet_folder import ScanNetFolder
+        reader, base = ScanNetFolder(path), path
+    return Input(path, reader, Path(gt) if gt else base / 'gt_points.npz')
+
+
+def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str]] = None) -> Mapper:
+    """A Mapper with the feature source named in ``cfg.features.source`` for this input."""
+    from ov3d_ros.core.features import create_extractor
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+    device = resolve_device(cfg.map.device)
+    if cfg.features.source == 'precomputed':
+        names, vectors = source.text_embeddings()
+        return Mapper(cfg, PrecomputedFeatures(names, vectors, device))
+    if cfg.features.source == 'simulated' and class_names is None:
+        try:
+            class_names = [str(n) for n in source.gt_points()['names']]
+        except CliError:
+            from ov3d_ros.sim.classes import CLASS_NAMES
+            class_names = list(CLASS_NAMES)
+    return Mapper(cfg, create_extractor(cfg.features, device, class_names, cfg.query.templates))
+
+
+def map_input(mapper: Mapper, source: Input, quiet: bool = False) -> dict:
+    """Integrate every frame of ``source`` (keyframe rules apply); returns counts and timings."""
+    t0, frames, times = time.perf_counter(), 0, []
+    if mapper.cfg.features.source == 'precomputed' and not getattr(source.reader, 'has_features', True):
+        raise CliError(f'{source.path}: --features precomputed needs features/NNNNNN.npy for every frame')
+    for frame in progress(source, len(source), source.path.name, quiet):
+        frames += 1
+        if mapper.integrate(frame):
+            times.append(mapper.timings_s['total'])
+    return {'frames': frames, 'keyframes': len(times), 'voxels': mapper.map.size,
+            'keyframe_ms_mean': 1e3 * float(np.mean(times)) if times else None,
+            'wall_s': time.perf_counter() - t0}
+

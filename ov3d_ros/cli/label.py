@@ -1,0 +1,60 @@
+"""Label given points with a vocabulary from a saved map (nearest observed voxel; unobserved = -1).
+
+    ov3d label scene.ov3dmap --vocab names.txt --points points.npz --out pred.npz
+    ov3d label scene.ov3dmap --text-embeddings text_embeddings.npz --points gt_points.npz --out pred.npz
+
+points.npz holds ``xyz`` (N, 3); pred.npz gets ``label`` (N,) int64 indices into ``names`` (-1 unobserved),
+and ``names``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ov3d_ros.cli.common import CliError
+from ov3d_ros.core.mapper import Mapper
+
+
+def add_arguments(p) -> None:
+    p.add_argument('map', type=Path, help='map file')
+    vocab = p.add_mutually_exclusive_group(required=True)
+    vocab.add_argument('--vocab', type=Path, help='text file, one class name per line')
+    vocab.add_argument('--text-embeddings', type=Path, help='npz with names (K,) and vectors (K, D)')
+    p.add_argument('--points', required=True, type=Path, help='npz with xyz (N, 3)')
+    p.add_argument('--out', required=True, type=Path, help='npz to write')
+    p.add_argument('--max-distance', type=float, default=0.0,
+                   help='farthest voxel centre that labels a point, metres (0 = one voxel size)')
+    p.add_argument('--device', default='auto', help='torch device')
+
+
+def read_vocab(path: Path) -> list:
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise CliError(f'{path}: no class names (one per line)')
+    return names
+
+
+def run(args) -> int:
+    mapper = Mapper.from_file(args.map, args.device)
+    if args.vocab:
+        names = read_vocab(args.vocab)
+        emb = mapper.embed_texts(names)
+    else:
+        with np.load(args.text_embeddings) as z:
+            names, vectors = [str(n) for n in z['names']], z['vectors'].astype(np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != mapper.map.dim:
+            raise CliError(f'{args.text_embeddings}: vectors must be (K, {mapper.map.dim}), got {vectors.shape}')
+        emb = torch.nn.functional.normalize(torch.from_numpy(vectors), dim=-1)
+    with np.load(args.points) as z:
+        if 'xyz' not in z.files:
+            raise CliError(f'{args.points}: needs an array xyz (N, 3)')
+        xyz = z['xyz']
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise CliError(f'{args.points}: xyz must be (N, 3), got {xyz.shape}')
+    label = mapper.label_points(xyz, emb, args.max_distance)
+    np.savez_compressed(args.out, label=label, names=np.array(names))
+    print(json.dumps({'points': len(label), 'unobserved': int((label < 0).sum()), 'out': str(args.out)}))
+    return 0

@@ -1,0 +1,44 @@
+"""``ov3d`` entry point: one parser with a subcommand per tool.
+
+    ov3d make-scenes --out scenes/ --count 10 --seed 0
+    ov3d map scenes/scene_0000 --out scene_0000.ov3dmap --features simulated
+    ov3d query scene_0000.ov3dmap "red chair" --out chair.ply
+    ov3d label scene_0000.ov3dmap --vocab names.txt --points points.npz --out pred.npz
+    ov3d eval scenes/scene_* --out results/ --features simulated
+    ov3d train-affinity scenes/scene_00* --val scenes/scene_01* --out affinity.safetensors --features simulated
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ov3d_ros.cli import evaluate, label, mapping, query, scenes, train_affinity
+from ov3d_ros.cli.common import CliError
+
+COMMANDS = {'make-scenes': scenes, 'map': mapping, 'query': query, 'label': label, 'eval': evaluate,
+            'train-affinity': train_affinity}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='ov3d', description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split('\n\n', 1)[1])
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, help=module.__doc__.split('\n')[0], description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (CliError, ValueError, RuntimeError, OSError) as e:
+        print(f'ov3d {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'ov3d {args.command}: interrupted', file=sys.stderr)
+        return 130

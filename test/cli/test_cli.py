@@ -1,0 +1,75 @@
+"""The ov3d command line end to end on a tiny generated scene (simulated features)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ov3d_ros.cli.main import main
+
+SIM = ['--features', 'simulated', '--device', 'cpu', '--quiet']
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+    out = tmp_path_factory.mktemp('scenes')
+    assert main(['make-scenes', '--out', str(out), '--count', '1', '--seed', '3', '--frames', '8',
+                 '--width', '160', '--height', '120', '--format', 'both', '--quiet']) == 0
+    return out
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, '-m', 'ov3d_ros.cli', '--help'], capture_output=True, text=True, check=True)
+    for cmd in ('make-scenes', 'map', 'query', 'label', 'eval'):
+        assert cmd in out.stdout
+
+
+def test_make_scenes_writes_folder_bag_and_ground_truth(scenes):
+    folder, bag = scenes / 'scene_0003', scenes / 'scene_0003_bag'
+    assert len(list((folder / 'color').glob('*.png'))) == 8
+    assert len(list((folder / 'instance').glob('*.png'))) == 8
+    assert (bag / 'metadata.yaml').exists() and (bag / 'gt_points.npz').exists()
+    with np.load(folder / 'gt_points.npz') as gt:
+        assert gt['xyz'].shape[0] == gt['label'].shape[0] > 1000
+        assert len(set(gt['label'].tolist())) >= 10
+
+
+def test_map_query_label_round_trip(scenes, tmp_path, capsys):
+    folder = scenes / 'scene_0003'
+    m = tmp_path / 's.ov3dmap'
+    assert main(['map', str(folder), '--out', str(m), '--set', 'keyframes.min_translation_m=0.0'] + SIM) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats['frames'] == 8 and stats['voxels'] > 500
+    assert main(['query', str(m), 'floor', '--out', str(tmp_path / 'floor.ply')]) == 0
+    q = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert q['points'] > 50
+    (tmp_path / 'vocab.txt').write_text('wall\nfloor\nceiling\n')
+    assert main(['label', str(m), '--vocab', str(tmp_path / 'vocab.txt'), '--points', str(folder / 'gt_points.npz'),
+                 '--out', str(tmp_path / 'pred.npz')]) == 0
+    with np.load(tmp_path / 'pred.npz') as p, np.load(folder / 'gt_points.npz') as gt:
+        floor = gt['label'] == list(gt['names']).index('floor')
+        seen = p['label'] >= 0
+        assert seen.any() and (~seen).any()
+        assert np.mean(p['label'][floor & seen] == 1) > 0.8
+
+
+def test_eval_gives_the_same_numbers_from_folder_and_bag(scenes, tmp_path):
+    args = ['--set', 'keyframes.min_translation_m=0.0'] + SIM
+    assert main(['eval', str(scenes / 'scene_0003'), '--out', str(tmp_path / 'f')] + args) == 0
+    assert main(['eval', str(scenes / 'scene_0003_bag'), '--out', str(tmp_path / 'b')] + args) == 0
+    f = json.loads((tmp_path / 'f' / 'results.json').read_text())['rows']['raw']
+    b = json.loads((tmp_path / 'b' / 'results.json').read_text())['rows']['raw']
+    assert 0 < f['miou'] <= 100 and abs(f['miou'] - b['miou']) <= 0.5
+    assert (tmp_path / 'f' / 'chart.png').stat().st_size > 1000
+    assert '| raw |' in (tmp_path / 'f' / 'table.md').read_text()
+
+
+def test_bad_input_gives_clear_errors(tmp_path, capsys):
+    assert main(['map', str(tmp_path / 'nope'), '--out', str(tmp_path / 'x.ov3dmap')] + SIM) == 2
+    assert 'no such file or directory' in capsys.readouterr().err
+    (tmp_path / 'junk.ov3dmap').write_bytes(b'not a map at all, sorry')
+    assert main(['query', str(tmp_path / 'junk.ov3dmap'), 'chair', '--out', str(tmp_path / 'c.ply')]) == 2
+    assert 'not a safetensors map file' in capsys.readouterr().err
+    assert main(['map', str(tmp_path), '--out', str(tmp_path / 'x.ov3dmap'), '--set', 'map.voxel_size=1'] + SIM) == 2
+    assert 'unknown config key map.voxel_size' in capsys.readouterr().err
