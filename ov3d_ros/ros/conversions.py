@@ -20,18 +20,14 @@ from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from ov3d_ros.core.camera import PinholeCamera
-from ov3d_ros.core.depth import DEPTH_ENCODINGS, depth_to_meters as _decode_depth
+from ov3d_ros.datasets import DatasetError, ros_images
+from ov3d_ros.datasets.ros_images import ENCODINGS
 
 
 class ConversionError(ValueError):
     """A message or array that cannot be converted."""
 
 
-# encoding → (numpy dtype, channels)
-ENCODINGS = {'rgb8': (np.uint8, 3), 'bgr8': (np.uint8, 3), 'rgba8': (np.uint8, 4), 'bgra8': (np.uint8, 4),
-             'mono8': (np.uint8, 1), '8UC1': (np.uint8, 1), '8UC3': (np.uint8, 3), 'mono16': (np.uint16, 1),
-             '16UC1': (np.uint16, 1), '32FC1': (np.float32, 1)}
-COLOR_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', '8UC1', '8UC3')   # 8UC3 is taken as RGB
 
 
 def make_header(frame_id: str, stamp: Optional[Time] = None) -> Header:
@@ -60,62 +56,23 @@ def sec_to_stamp(t: float) -> Time:
 
 
 # ---------------------------------------------------------------------------------------------------- images
-def image_to_numpy(msg: Image) -> np.ndarray:
-    """Pixel array of an Image: (H, W, C) uint8, or (H, W) uint8 / uint16 / float32 for one channel.
-
-    Honours row padding (``step``) and ``is_bigendian``. Without padding or byte swapping the result is a view
-    of ``msg.data`` (it shares memory with the message); otherwise it is a copy in native byte order.
-    """
-    enc = msg.encoding
-    if enc not in ENCODINGS:
-        raise ConversionError(f'image encoding {enc!r} not supported; expected one of {", ".join(ENCODINGS)}')
-    dtype, ch = ENCODINGS[enc]
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if h == 0 or w == 0:
-        raise ConversionError(f'{enc} image has zero size ({w}x{h})')
-    bpp = ch * np.dtype(dtype).itemsize
-    if step < w * bpp:
-        raise ConversionError(f'{enc} image step {step} is smaller than width*bytes_per_pixel = {w}*{bpp} = {w * bpp}')
-    data = np.frombuffer(msg.data, dtype=np.uint8)
-    if data.size < step * h:
-        raise ConversionError(f'{enc} image {w}x{h} with step {step} needs {step * h} bytes of data, '
-                              f'got {data.size}')
-    rows = data[:step * h].reshape(h, step)
-    if step != w * bpp:
-        rows = np.ascontiguousarray(rows[:, :w * bpp])          # drop row padding (copy)
-    src = np.dtype(dtype).newbyteorder('>' if msg.is_bigendian else '<')
-    out = rows.view(src).reshape(h, w, ch)
-    if not src.isnative:
-        out = out.astype(dtype)                                 # byte swap (copy)
-    return out[..., 0] if ch == 1 else out
+def _decoded(fn, where: str):
+    """A decoder of ov3d_ros.datasets.ros_images that raises ConversionError (the ROS layer's error)."""
+    def decode(msg):
+        try:
+            return fn(msg, where)
+        except DatasetError as e:
+            raise ConversionError(str(e)) from None
+    decode.__name__, decode.__doc__ = fn.__name__, fn.__doc__
+    return decode
 
 
-def color_to_rgb(msg: Image) -> np.ndarray:
-    """(H, W, 3) uint8 RGB (a new array) from rgb8, bgr8, rgba8, bgra8, mono8 / 8UC1 or 8UC3 (as RGB)."""
-    if msg.encoding not in COLOR_ENCODINGS:
-        hint = ' (that is a depth encoding: use depth_to_meters)' if msg.encoding in DEPTH_ENCODINGS else ''
-        raise ConversionError(f'colour image encoding {msg.encoding!r} not supported{hint}; expected one of '
-                              f'{", ".join(COLOR_ENCODINGS)}')
-    img = image_to_numpy(msg)
-    if img.ndim == 2:
-        return np.repeat(img[..., None], 3, axis=-1)
-    if msg.encoding in ('bgr8', 'bgra8'):
-        return np.ascontiguousarray(img[..., 2::-1])
-    return np.array(img[..., :3], order='C', copy=True)
-
-
-def depth_to_meters(msg: Image) -> np.ndarray:
-    """(H, W) float32 metres (a new array) from 16UC1 / mono16 (millimetres) or 32FC1 (metres).
-
-    Invalid readings — 0, NaN, +/-inf — are all returned as 0.0; negative 32FC1 values are kept as they are.
-    """
-    if msg.encoding not in DEPTH_ENCODINGS:
-        raise ConversionError(f'depth image encoding {msg.encoding!r} not supported; expected 16UC1 or 32FC1 '
-                              f'(or mono16, millimetres)')
-    raw = image_to_numpy(msg)
-    if raw.dtype == np.uint16:      # mm → m divided (correctly rounded: 1500 mm is exactly 1.5 m; 0 stays 0)
-        return raw.astype(np.float32) / np.float32(1000.0)
-    return _decode_depth(raw, msg.encoding)
+image_to_numpy = _decoded(ros_images.image_to_numpy, 'image')
+"""Pixel array of an Image (step and endianness honoured): (H, W, C), or (H, W) for one channel."""
+color_to_rgb = _decoded(ros_images.color_to_rgb, 'colour image')
+"""(H, W, 3) uint8 RGB (a new array) from rgb8, bgr8, rgba8, bgra8, mono8 / 8UC1 or 8UC3 (as RGB)."""
+depth_to_meters = _decoded(ros_images.depth_to_meters, 'depth image')
+"""(H, W) float32 metres (a new array) from 16UC1 / mono16 (mm) or 32FC1 (m); 0, NaN, inf -> 0."""
 
 
 def numpy_to_image(arr: np.ndarray, encoding: str, header: Optional[Header] = None) -> Image:

@@ -41,6 +41,7 @@ SAMPLES = {
     'mono16': RNG.integers(0, 65536, (5, 7), dtype=np.uint16),
     '16UC1': RNG.integers(0, 65536, (5, 7), dtype=np.uint16),
     '32FC1': RNG.normal(size=(5, 7)).astype(np.float32),
+    '32SC1': RNG.integers(-2**31, 2**31 - 1, (5, 7), dtype=np.int32),
 }
 
 
@@ -141,7 +142,7 @@ def test_depth_32fc1_invalid_readings_become_zero():
 @pytest.mark.parametrize('encoding', ['rgb8', 'mono8', 'bgra8'])
 def test_depth_rejects_colour_encodings(encoding):
     msg = conv.numpy_to_image(SAMPLES[encoding], encoding)
-    with pytest.raises(ConversionError, match=rf"depth image encoding '{encoding}' not supported; expected 16UC1"):
+    with pytest.raises(ConversionError, match=rf"depth encoding '{encoding}' not supported; expected 16UC1"):
         conv.depth_to_meters(msg)
 
 
