@@ -12,7 +12,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test eval clean
 
 setup: $(STAMP_SRV)
 
@@ -44,5 +44,17 @@ test: setup
 demo: setup
 	$(PY) -m ov3d_ros.tools.demo --out $(DEMO_OUT)
 
+# The evaluation world: 10 unseen generated scenes (seeds 100-109) as folders and bags, SIMULATED 'default'
+# teacher; raw fusion, the training-free and the learned affinity (folders), raw fusion again from the bags.
+EVAL_OUT ?= eval_output
+EVAL_ARGS ?= --config config/eval.yaml --quiet
+eval: setup
+	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/scenes --count 10 --seed 100 --format both \
+	  --width 320 --height 240 --frames 60 --quiet
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/scenes/scene_01?? --out $(EVAL_OUT)/folders $(EVAL_ARGS) \
+	  --variant raw --variant fallback purify.enabled=true \
+	  --variant learned purify.enabled=true purify.affinity=learned purify.checkpoint=default
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/scenes/scene_01??_bag --out $(EVAL_OUT)/bags $(EVAL_ARGS) --variant raw
+
 clean:
-	rm -rf build $(DEMO_OUT)
+	rm -rf build $(DEMO_OUT) $(EVAL_OUT)

@@ -13,6 +13,7 @@ setup(
     description='Open-vocabulary 3D semantic mapping for ROS 2',
     license='Apache-2.0',
     packages=find_packages(include=('ov3d_ros', 'ov3d_ros.*')),
+    package_data={'ov3d_ros': ['models/*.safetensors', 'models/*.md']},
     python_requires='>=3.10',
     install_requires=['numpy', 'scipy', 'pillow', 'pyyaml', 'torch', 'open_clip_torch', 'transforms3d',
                       'safetensors', 'tqdm', 'rosbags'],

