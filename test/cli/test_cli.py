@@ -73,3 +73,32 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     assert 'not a safetensors map file' in capsys.readouterr().err
     assert main(['map', str(tmp_path), '--out', str(tmp_path / 'x.ov3dmap'), '--set', 'map.voxel_size=1'] + SIM) == 2
     assert 'unknown config key map.voxel_size' in capsys.readouterr().err
+
+
+def test_precomputed_features_from_any_2d_model(scenes, tmp_path, capsys):
+    """features/NNNNNN.npy + text_embeddings.npz: a made-up 2D 'model' (a random vector per class at quarter
+    resolution) maps and labels without code changes."""
+    import shutil
+    from PIL import Image
+    folder = tmp_path / 'scene'
+    shutil.copytree(scenes / 'scene_0003', folder)
+    with np.load(folder / 'gt_points.npz') as gt:
+        names = [str(n) for n in gt['names']]
+    vectors = np.random.default_rng(0).normal(size=(len(names), 16)).astype(np.float32)
+    (folder / 'features').mkdir()
+    for png in sorted((folder / 'label').glob('*.png')):
+        labels = np.array(Image.open(png))[::4, ::4]
+        np.save(folder / 'features' / f'{png.stem}.npy', vectors[labels])
+    np.savez(folder / 'text_embeddings.npz', names=np.array(names), vectors=vectors)
+    m = tmp_path / 'p.ov3dmap'
+    assert main(['map', str(folder), '--out', str(m), '--features', 'precomputed', '--device', 'cpu', '--quiet',
+                 '--set', 'keyframes.min_translation_m=0.0']) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['features'] == 'precomputed'
+    assert main(['label', str(m), '--text-embeddings', str(folder / 'text_embeddings.npz'),
+                 '--points', str(folder / 'gt_points.npz'), '--out', str(tmp_path / 'pred.npz')]) == 0
+    with np.load(tmp_path / 'pred.npz') as p, np.load(folder / 'gt_points.npz') as gt:
+        seen = p['label'] >= 0
+        assert seen.mean() > 0.3 and np.mean(p['label'][seen] == gt['label'][seen]) > 0.8
+    (folder / 'features' / '000002.npy').unlink()
+    assert main(['map', str(folder), '--out', str(m), '--features', 'precomputed', '--quiet']) == 2
+    assert 'features' in capsys.readouterr().err
