@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, make_mapper,
                                  map_input, open_input)
 from ov3d_ros.core.purification.distill import DistillConfig, SceneBatch, Teacher, train
+from ov3d_ros.core.mapper import resolve_device
 from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
 from ov3d_ros.core.purification.student import INPUTS, StudentAffinityNet, StudentConfig, save_student
 from ov3d_ros.core.voxel_map import unpack_keys
@@ -86,7 +87,7 @@ def run(args) -> int:
     probe = make_mapper(cfg, open_input(args.inputs[0], args)) if 'features' in inputs else None
     student_cfg = StudentConfig(feature_dim=probe.map.dim if probe else 0, inputs=inputs, width=args.width,
                                 blocks=args.blocks, embed_dim=args.embed_dim, voxel_size_m=cfg.map.voxel_size_m)
-    net = StudentAffinityNet(student_cfg)
+    net = StudentAffinityNet(student_cfg).to(resolve_device(cfg.map.device))   # CUDA when present
     scenes = [prepare(p, args, cfg, student_cfg, net) for p in args.inputs]
     val = [prepare(p, args, cfg, student_cfg, net) for p in args.val]
     dcfg = DistillConfig(steps=args.steps, lr=args.lr, anchors=args.anchors, seed=args.seed)

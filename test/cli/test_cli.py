@@ -102,3 +102,16 @@ def test_precomputed_features_from_any_2d_model(scenes, tmp_path, capsys):
     (folder / 'features' / '000002.npy').unlink()
     assert main(['map', str(folder), '--out', str(m), '--features', 'precomputed', '--quiet']) == 2
     assert 'features' in capsys.readouterr().err
+
+
+def test_train_affinity_writes_a_checkpoint_the_mapper_uses(scenes, tmp_path, capsys):
+    pytest.importorskip('spconv')
+    ckpt = tmp_path / 'aff.safetensors'
+    common = ['--set', 'keyframes.min_translation_m=0.0'] + SIM
+    assert main(['train-affinity', str(scenes / 'scene_0003'), '--val', str(scenes / 'scene_0003'), '--out', str(ckpt),
+                 '--steps', '2', '--anchors', '256', '--width', '8', '--blocks', '1', '--embed-dim', '8'] + common) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out['step'] == 2 and 0.0 <= out['val_accuracy'] <= 1.0 and ckpt.stat().st_size > 1000
+    assert main(['eval', str(scenes / 'scene_0003'), '--out', str(tmp_path / 'e'), '--variant', 'learned',
+                 'purify.enabled=true', 'purify.affinity=learned', f'purify.checkpoint={ckpt}'] + common) == 0
+    assert json.loads((tmp_path / 'e' / 'results.json').read_text())['rows']['learned']['miou'] > 0

@@ -103,7 +103,8 @@ def evaluate(net: StudentAffinityNet, scenes: List[SceneBatch], cfg: DistillConf
             gen = torch.Generator().manual_seed(cfg.seed + 1000 + k)
             anchors = sample_anchors(s.teacher, cfg.anchors, gen)
             pos, neg, mask = pick_pairs(s.teacher, s.knn, anchors, cfg, gen)
-            emb = net(s.coords, s.inputs).cpu()
+            device = next(net.parameters()).device
+            emb = net(s.coords.to(device), s.inputs.to(device)).cpu()
             loss, acc = infonce(emb, anchors, pos, neg, mask, cfg.tau)
             losses.append(float(loss))
             accs.append(float(acc))

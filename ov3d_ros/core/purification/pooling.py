@@ -14,7 +14,6 @@ import warnings
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
