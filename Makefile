@@ -27,7 +27,7 @@ $(STAMP_DEPS): requirements.txt
 	touch $@
 
 # Generate the SegmentByText service with rosidl into the venv (the venv root is a ROS prefix).
-$(STAMP_SRV): $(STAMP_DEPS) srv/SegmentByText.srv CMakeLists.txt package.xml
+$(STAMP_SRV): $(STAMP_DEPS) $(wildcard srv/*.srv) CMakeLists.txt package.xml
 	@mkdir -p build
 	AMENT_PREFIX_PATH=$(abspath $(VENV)) CMAKE_PREFIX_PATH=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
 	  cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF -DOV3D_INSTALL_PYTHON=OFF \
@@ -35,7 +35,7 @@ $(STAMP_SRV): $(STAMP_DEPS) srv/SegmentByText.srv CMakeLists.txt package.xml
 	  || { cat $(BUILD).configure.log; exit 1; }
 	cmake --build $(BUILD) -j2 > $(BUILD).build.log 2>&1 || { tail -50 $(BUILD).build.log; exit 1; }
 	cmake --install $(BUILD) > $(BUILD).install.log 2>&1 || { tail -50 $(BUILD).install.log; exit 1; }
-	$(PY) -c "from ov3d_ros.srv import SegmentByText; import ov3d_ros.core"
+	$(PY) -c "from ov3d_ros.srv import LoadMap, SaveMap, SegmentByText; import ov3d_ros.core"
 	touch $@
 
 test: setup

@@ -238,6 +238,15 @@ class Mapper:
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
         return info
 
+    def clear(self) -> None:
+        """Forget every voxel and keyframe (the feature source and config stay)."""
+        self.map = VoxelFeatureMap(self.cfg.map.voxel_size_m, self.extractor.dim, self.device,
+                                   self.cfg.map.initial_capacity)
+        self.purifier = self._make_purifier() if self.cfg.purify.enabled else None
+        self._purified_stale = False
+        self.keyframes = KeyframeSelector(self.cfg.keyframes)
+        self.num_keyframes = 0
+
     @classmethod
     def from_file(cls, path, device: str = 'auto') -> 'Mapper':
         """A Mapper holding the map in ``path``, with the feature source it was made with (for queries)."""

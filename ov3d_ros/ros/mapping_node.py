@@ -1,8 +1,8 @@
 """The ov3d mapping node: RGB-D + camera info + pose in, open-vocabulary voxel map and /segment_by_text out.
 
 Callbacks only store messages. One timer (``tick``) pairs depth with colour (and labels for the simulated
-source) and a pose, converts, and integrates keyframes; it is the only writer of the map. The service and the
-publishers read the map under the same lock.
+source) and a pose, converts, and integrates keyframes; it is the only writer of the map besides the load and
+clear services (``map_persistence``). Services and publishers use the map under the same lock.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from visualization_msgs.msg import MarkerArray
 from ov3d_ros.core.features import create_extractor
 from ov3d_ros.core.mapper import Frame, Mapper, resolve_device
 from ov3d_ros.ros import conversions as conv
+from ov3d_ros.ros.map_persistence import MapPersistence
 from ov3d_ros.ros.params import declare, declare_config, read_config
 from ov3d_ros.srv import SegmentByText
 
@@ -117,6 +118,7 @@ class MappingNode(Node):
             self.create_timer(1.0 / self.map_publish_rate_hz, self.publish_map, MutuallyExclusiveCallbackGroup())
         self.create_service(SegmentByText, 'segment_by_text', self.on_segment,
                             callback_group=MutuallyExclusiveCallbackGroup())
+        self.persistence = MapPersistence(self, self.mapper, self._lock)
         self.get_logger().info(f'mapping in frame {self.map_frame!r}, pose from {self.pose_source}; '
                                'service segment_by_text ready')
 

@@ -84,6 +84,20 @@ class DemoClient:
         return {'text': text, 'success': resp.success, 'message': resp.message, 'xyz': xyz, 'rgb': rgb,
                 'scores': scores, 'ms': ms}
 
+    def call(self, srv_type, name: str, request, timeout_s: float = 60.0):
+        """Call any service of the node, e.g. ``call(SaveMap, '/ov3d_mapping/save_map', SaveMap.Request())``."""
+        client = self.node.create_client(srv_type, name)
+        try:
+            if not client.wait_for_service(timeout_sec=timeout_s):
+                raise TimeoutError(f'service {name} not available')
+            future = client.call_async(request)
+            self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
+            if future.result() is None:
+                raise TimeoutError(f'{name} got no answer in {timeout_s} s')
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
     def map_cloud(self, timeout_s: float = 10.0):
         """(xyz (N, 3), rgb (N, 3)) of the latest ~/map_cloud."""
         end = time.monotonic() + timeout_s

@@ -123,3 +123,24 @@ def test_3_maps_scene_and_finds_objects_in_their_boxes(graph):
         assert inside.mean() >= 0.85, (name, inside.mean(), status, r['xyz'][~inside][:20])
         assert np.all((r['scores'] > 0) & (r['scores'] <= 1))
     assert node.alive()
+
+
+def test_4_save_clear_load_keep_the_map(graph):
+    from std_srvs.srv import Trigger
+    from ov3d_ros.srv import LoadMap, SaveMap
+    client, node, out = graph['client'], graph['node'], graph['out']
+    before = client.query('sofa')
+    saved = client.call(SaveMap, '/ov3d_mapping/save_map', SaveMap.Request(path=str(out / 'maps' / 'room.ov3dmap')))
+    assert saved.success and saved.voxels > 1000 and (out / 'maps' / 'room.ov3dmap').exists(), saved.message
+    cleared = client.call(Trigger, '/ov3d_mapping/clear_map', Trigger.Request())
+    assert cleared.success and f'cleared {saved.voxels} voxels' == cleared.message
+    assert 'empty' in client.query('sofa')['message']
+    (out / 'junk.ov3dmap').write_bytes(b'\x00' * 64)
+    for bad in (out / 'junk.ov3dmap', out / 'missing.ov3dmap'):
+        r = client.call(LoadMap, '/ov3d_mapping/load_map', LoadMap.Request(path=str(bad)))
+        assert not r.success and r.message.startswith('kept the current map') and r.voxels == 0, r.message
+    r = client.call(LoadMap, '/ov3d_mapping/load_map', LoadMap.Request(path=saved.path))
+    assert r.success and r.voxels == saved.voxels, r.message
+    after = client.query('sofa')
+    assert after['success'] and np.array_equal(np.sort(after['xyz'], axis=0), np.sort(before['xyz'], axis=0))
+    assert node.alive()
