@@ -23,6 +23,8 @@ class MapConfig:
     """Voxel rows allocated up front; storage doubles when full (no fixed scene bound)."""
     device: str = 'auto'
     """Torch device for the map and features: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'."""
+    max_voxels: int = 0
+    """Voxel budget (0 = unbounded): past it, the voxels farthest from the camera are evicted down to 90 %."""
 
 
 @dataclass

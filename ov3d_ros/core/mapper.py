@@ -70,6 +70,7 @@ class Mapper:
         self.timings_s: Dict[str, float] = {}
         self.purifier = self._make_purifier() if cfg.purify.enabled else None
         self._purified_stale = False
+        self.evicted_voxels = 0
         self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
 
     def validate(self, frame: Frame) -> None:
@@ -115,6 +116,8 @@ class Mapper:
             if self.device.type == 'cuda':
                 torch.cuda.synchronize(self.device)
         self._purified_stale = True
+        if 0 < self.cfg.map.max_voxels < self.map.size:
+            self.evict(frame.T_W_C[:3, 3], int(0.9 * self.cfg.map.max_voxels))
         self.keyframes.accept(frame.T_W_C, frame.stamp_s)
         self.num_keyframes += 1
         t3 = time.perf_counter()
@@ -237,6 +240,19 @@ class Mapper:
         self.num_keyframes = int(info.get('keyframes', 0))
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
         return info
+
+    def evict(self, position, keep: int) -> int:
+        """Keep the ``keep`` voxels nearest to ``position`` (3,) in metres, drop the rest; returns how many went."""
+        n = self.map.size
+        if keep >= n:
+            return 0
+        d = (self.map.centers() - torch.as_tensor(np.asarray(position, np.float32), device=self.device)).norm(dim=1)
+        rows = torch.sort(torch.topk(d, keep, largest=False).indices).values
+        self.map.keep(rows)
+        if self.purifier is not None:
+            self.purifier.keep(rows)
+        self.evicted_voxels += n - keep
+        return n - keep
 
     def clear(self) -> None:
         """Forget every voxel and keyframe (the feature source and config stay)."""

@@ -199,6 +199,11 @@ class VoxelFeatureMap:
         self._sorted_keys, order = torch.sort(self.keys[:n])
         self._sorted_rows = torch.arange(n, device=self.device)[order]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (sorted unique int64), compacted to rows 0..len-1 in that order (evicts the rest)."""
+        state = {name: getattr(self, name)[rows].clone() for name in self.FIELDS}
+        self.load_state(state)
+
     def snapshot(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies of (centres (V,3), features (V,D) fp16, weights (V,), colors (V,3)) for readers."""
         n = self.size

@@ -275,7 +275,8 @@ class MappingNode(Node):
         times = np.array(self._kf_times or [0.0])
         return {'frames': self.stats['frames'], 'keyframes': self.stats['keyframes'],
                 'dropped': self.stats['dropped'], 'superseded': self.stats['superseded'],
-                'voxels': self.mapper.map.size, 'pending_depth': len(self._depth),
+                'voxels': self.mapper.map.size, 'evicted_voxels': self.mapper.evicted_voxels,
+                'pending_depth': len(self._depth),
                 'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_max_s': float(times.max()),
                 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                 'last_error': self.last_error}

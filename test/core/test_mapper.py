@@ -135,3 +135,29 @@ def test_purified_map_answers_queries(mode):
     assert pooled.norm(dim=1).max() <= raw.norm(dim=1).max() + 1e-3
     seg = m.segment('chair')
     assert len(seg.xyz) > 10 and np.mean(seg.xyz[:, 0] < 0.05) > 0.9
+
+
+@pytest.mark.parametrize('purify', [False, True])
+def test_voxel_budget_evicts_farthest_from_the_camera(purify):
+    import torch
+    from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.device, cfg.map.max_voxels = 'simulated', 'cpu', 3000
+    cfg.purify.enabled, cfg.purify.iterations = purify, 3
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES, cfg.query.templates))
+    scene, cam = builtin_scene(0), default_camera(96, 72)
+    sizes = []
+    for i, T in enumerate(builtin_trajectory(scene, 10, 0)):
+        f = render(scene, cam, T)
+        m.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
+        sizes.append(m.map.size)
+        assert m.map.size <= 3000
+    assert m.evicted_voxels > 0 and max(sizes) <= 3000
+    if purify:
+        assert m.query_features().shape[0] == m.map.size
+    # eviction keeps exactly the voxels nearest to the given position
+    centres, pos = m.map.centers().clone(), torch.tensor([1.013, 1.027, 0.531])   # off-grid: no distance ties
+    nearest = set(m.map.keys[torch.argsort((centres - pos).norm(dim=1))[:1000]].tolist())
+    assert m.evict(pos.numpy(), 1000) == len(centres) - 1000
+    assert set(m.map.keys[:m.map.size].tolist()) == nearest
+    assert len(m.segment('floor').xyz) > 0

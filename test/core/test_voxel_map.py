@@ -67,3 +67,16 @@ def test_cell_features_fuse_like_dense_features():
     dense.integrate(pts, cells.dense(), weights=w)
     assert len(by_cells) == len(dense) < 400
     assert torch.allclose(by_cells.features[:len(dense)].float(), dense.features[:len(dense)].float(), atol=2e-3)
+
+
+def test_keep_compacts_rows_and_forgets_the_rest():
+    m = VoxelFeatureMap(1.0, 2)
+    pts = torch.tensor([[0.5, 0.5, 0.5], [1.5, 0.5, 0.5], [2.5, 0.5, 0.5], [3.5, 0.5, 0.5]])
+    m.integrate(pts, torch.arange(8, dtype=torch.float32).reshape(4, 2), torch.full((4, 3), 100.0))
+    keys = m.keys[:4].clone()
+    m.keep(torch.tensor([1, 3]))
+    assert m.size == 2
+    assert m.lookup(keys).tolist() == [-1, 0, -1, 1]
+    assert m.features[:2].float().tolist() == [[2.0, 3.0], [6.0, 7.0]]
+    m.integrate(pts[:1], torch.zeros(1, 2))                # a forgotten voxel comes back as a new row
+    assert m.size == 3 and m.lookup(keys[:1]).tolist() == [2]

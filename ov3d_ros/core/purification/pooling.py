@@ -143,6 +143,15 @@ class GeometryPooling:
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows)}
         return len(rows)
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Follow :meth:`VoxelFeatureMap.keep`: keep the state of ``rows`` only, compacted in that order."""
+        for name in ('purified', 'normals', 'embeddings'):
+            t = getattr(self, name)
+            if t is not None:
+                kept = t[rows].clone()
+                t.zero_()
+                t[:len(rows)] = kept
+
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V, D) purified features of all map rows (the raw ones before the first update)."""
         if self.purified is None:
