@@ -218,6 +218,14 @@ class _Planner:
                 u = float(self.rng.uniform(half_w + 0.005, w.length - half_w - 0.005))
             yield w, u
 
+    def place_at_spot_or_wall(self, name, parts, color, spot, half_w, corner_bias):
+        """At ``spot`` (wall, u) when given, else anywhere along a wall → (iid, wall, u), Nones if it fails."""
+        if spot is not None:
+            w, u = spot
+            return self.place(name, parts, color, w.yaw, tuple(w.p0 + u * w.t)), w, u
+        placed = self.place_on_wall(name, parts, color, half_w, 40, corner_bias)
+        return placed if placed is not None else (None, None, None)
+
     def place_on_wall(self, name, parts, color, half_w, tries=40, corner_bias=0.3):
         """Object in a wall frame (x along the wall, y into the room, origin on the wall's foot) → (iid, wall, u)."""
         for w, u in self.wall_spots(half_w, tries, corner_bias):
@@ -339,12 +347,7 @@ class _Planner:
         parts.append(('box', (0.0, cd + 0.016, z0 + ch * (0.55 if variant != 'wall_hung' else 0.2)),
                       (min(0.1, cw / 4), 0.006, 0.01), (190, 190, 195)))
         color = self.color('wood' if r.random() < 0.6 else 'painted')
-        if spot is not None:
-            w, u = spot
-            iid = self.place('cabinet', parts, color, w.yaw, tuple(w.p0 + u * w.t))
-        else:
-            placed = self.place_on_wall('cabinet', parts, color, cw / 2, 40, 0.4)
-            iid, w, u = placed if placed is not None else (None, None, None)
+        iid, w, u = self.place_at_spot_or_wall('cabinet', parts, color, spot, cw / 2, 0.4)
         if iid is not None and ch < 1.3 and variant != 'wall_hung':
             self.add_support(iid, body, w.yaw, tuple(w.p0 + u * w.t), inset=0.02)
         return iid
@@ -431,12 +434,7 @@ class _Planner:
                        self.color('painted')),
                  ('box', (0.0, depth - 0.035, 0.05), (cw / 2 - 0.01, 0.005, 0.05), (50, 50, 50))]
         color = self.color('stone')
-        if spot is not None:
-            w, u = spot
-            iid = self.place('counter', parts, color, w.yaw, tuple(w.p0 + u * w.t))
-        else:
-            placed = self.place_on_wall('counter', parts, color, cw / 2, 40, 0.5)
-            iid, w, u = placed if placed is not None else (None, None, None)
+        iid, w, u = self.place_at_spot_or_wall('counter', parts, color, spot, cw / 2, 0.5)
         if iid is None:
             return None
         origin = tuple(w.p0 + u * w.t)
