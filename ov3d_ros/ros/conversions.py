@@ -16,6 +16,7 @@ import transforms3d
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Point, Pose
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
@@ -337,3 +338,11 @@ def make_box_markers(boxes_min: np.ndarray, boxes_max: np.ndarray, labels: Seque
         text.scale.z = 0.15
         markers += [box, text]
     return MarkerArray(markers=markers)
+
+
+def make_diagnostics(name: str, level: str, message: str, values: dict, stamp: Optional[Time] = None) -> DiagnosticArray:
+    """A one-status DiagnosticArray; level 'ok' | 'warn' | 'error'; values become key/value strings."""
+    levels = {'ok': DiagnosticStatus.OK, 'warn': DiagnosticStatus.WARN, 'error': DiagnosticStatus.ERROR}
+    status = DiagnosticStatus(level=levels[level], name=name, message=message, hardware_id='ov3d_ros',
+                              values=[KeyValue(key=str(k), value=str(v)) for k, v in values.items()])
+    return DiagnosticArray(header=make_header('', stamp), status=[status])

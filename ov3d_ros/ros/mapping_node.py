@@ -22,6 +22,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from diagnostic_msgs.msg import DiagnosticArray
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
@@ -111,6 +112,8 @@ class MappingNode(Node):
         self.seg_pub = self.create_publisher(PointCloud2, '~/segmentation', latched)
         self.marker_pub = self.create_publisher(MarkerArray, '~/segmentation_markers', latched)
         self.status_pub = self.create_publisher(String, '~/status', 10)
+        self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._last_counts = (0, 0, 0, time.monotonic())
 
         self.create_timer(1.0 / self.tick_rate_hz, self.tick, MutuallyExclusiveCallbackGroup())
         self.create_timer(1.0, self.publish_status, MutuallyExclusiveCallbackGroup())
@@ -282,7 +285,24 @@ class MappingNode(Node):
                 'last_error': self.last_error}
 
     def publish_status(self) -> None:
-        self.status_pub.publish(String(data=json.dumps(self.status())))
+        """~/status (JSON) and /diagnostics (input and keyframe rates, voxels, memory, drops, last error), 1 Hz."""
+        status = self.status()
+        self.status_pub.publish(String(data=json.dumps(status)))
+        frames, keyframes, dropped, t = self._last_counts
+        now = time.monotonic()
+        dt = max(now - t, 1e-3)
+        rates = {'input_rate_hz': round((status['frames'] - frames) / dt, 2),
+                 'keyframe_rate_hz': round((status['keyframes'] - keyframes) / dt, 2)}
+        new_drops = status['dropped'] - dropped
+        self._last_counts = (status['frames'], status['keyframes'], status['dropped'], now)
+        if new_drops:
+            level, message = 'warn', f'{new_drops} frame(s) dropped in the last {dt:.1f} s: {status["last_error"]}'
+        elif status['frames'] == frames:
+            level, message = 'warn', 'no input frames (check topics, QoS and the pose source)'
+        else:
+            level, message = 'ok', f'mapping: {status["voxels"]} voxels'
+        self.diag_pub.publish(conv.make_diagnostics(f'{self.get_name()}: mapping', level, message,
+                                                    {**rates, **status}, self.get_clock().now().to_msg()))
 
 
 def main(args=None) -> int:

@@ -44,6 +44,15 @@ def test_node_resumes_from_file_and_autosaves(saved_map, tmp_path, monkeypatch):
             client.spin(0.3)
         assert client.status and client.status['voxels'] == voxels, (client.status, node.log()[-2000:])
         assert client.query('sofa')['success']
+        from diagnostic_msgs.msg import DiagnosticArray
+        diags = []
+        client.node.create_subscription(DiagnosticArray, '/diagnostics', diags.append, 10)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not diags:
+            client.spin(0.3)
+        values = {kv.key: kv.value for kv in diags[-1].status[0].values}
+        assert 'ov3d_mapping' in diags[-1].status[0].name and values['voxels'] == str(voxels)
+        assert 'input_rate_hz' in values and 'no input' in diags[-1].status[0].message   # nothing is publishing
         mtime = os.stat(path).st_mtime_ns
         client.spin(1.5)
         assert os.stat(path).st_mtime_ns == mtime            # unchanged map: no autosave
