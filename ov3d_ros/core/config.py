@@ -112,7 +112,7 @@ class PurifyConfig:
     """Geometry-guided pooling of the fused features (GeoPurify); queries then use the purified features."""
     affinity: str = 'fallback'
     """'learned' (student affinity network, needs ``checkpoint``) or 'fallback' (colour, normal and distance)."""
-    checkpoint: str = ''
+    checkpoint: str = 'default'
     """Student affinity network checkpoint (.safetensors with its config), for affinity 'learned'; 'default' = the
     one shipped in ov3d_ros/models/."""
     radius_vox: int = 2
