@@ -97,8 +97,8 @@ class Input:
         path = (self.path if self.path.is_dir() else self.path.parent) / 'text_embeddings.npz'
         if not path.exists():
             raise CliError(f'{path}: precomputed features need text_embeddings.npz (arrays names, vectors)')
-        with np.load(path) as z:
-            return [str(n) for n in z['names']], z['vectors'].astype(np.float32)
+        from ov3d_ros.datasets.scannet_folder import read_text_embeddings
+        return read_text_embeddings(path)
 
 
 def open_input(path: str | Path, args=None, gt: Optional[str] = None) -> Input:

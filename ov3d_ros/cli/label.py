@@ -16,6 +16,7 @@ import torch
 
 from ov3d_ros.cli.common import CliError
 from ov3d_ros.core.mapper import Mapper
+from ov3d_ros.datasets.scannet_folder import read_text_embeddings
 
 
 def add_arguments(p) -> None:
@@ -43,8 +44,7 @@ def run(args) -> int:
         names = read_vocab(args.vocab)
         emb = mapper.embed_texts(names)
     else:
-        with np.load(args.text_embeddings) as z:
-            names, vectors = [str(n) for n in z['names']], z['vectors'].astype(np.float32)
+        names, vectors = read_text_embeddings(args.text_embeddings)
         if vectors.ndim != 2 or vectors.shape[1] != mapper.map.dim:
             raise CliError(f'{args.text_embeddings}: vectors must be (K, {mapper.map.dim}), got {vectors.shape}')
         emb = torch.nn.functional.normalize(torch.from_numpy(vectors), dim=-1)

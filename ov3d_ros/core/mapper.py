@@ -64,14 +64,11 @@ class Mapper:
         self.cfg = cfg
         self.extractor = extractor
         self.device = extractor.device
-        self.map = VoxelFeatureMap(cfg.map.voxel_size_m, extractor.dim, self.device, cfg.map.initial_capacity)
-        self.keyframes = KeyframeSelector(cfg.keyframes)
-        self.num_keyframes = 0
         self.timings_s: Dict[str, float] = {}
         self.purifier = self._make_purifier() if cfg.purify.enabled else None
-        self._purified_stale = False
         self.evicted_voxels = 0
         self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
+        self.clear()
 
     def validate(self, frame: Frame) -> None:
         """Raise ValueError with the reason if a frame cannot be integrated."""
@@ -136,6 +133,12 @@ class Mapper:
                                  'student for these features (ov3d train-affinity) or use purify.affinity fallback')
             embed = net.embed
         return GeometryPooling(self.cfg.purify, embed)
+
+    def _reset_purifier(self) -> None:
+        """Empty pooling state for a new map, keeping the loaded student (no checkpoint re-read)."""
+        if self.purifier is not None:
+            self.purifier = type(self.purifier)(self.cfg.purify, self.purifier.embed)
+        self._purified_stale = False
 
     def query_features(self) -> torch.Tensor:
         """(V, D) features that queries use: purified when purification is enabled, else the raw fusion.
@@ -233,9 +236,8 @@ class Mapper:
             raise MapFileError(f'{path}: map made with {info.get("feature_source")} (D={vmap.dim}), but this '
                                f'mapper uses {self.extractor.name} (D={self.map.dim})')
         self.map = vmap
-        if self.purifier is not None:
-            self.purifier = self._make_purifier()
-            self.purifier.update(self.map)
+        self._reset_purifier()
+        self.purify_all()
         self.cfg.map.voxel_size_m = vmap.voxel_size_m
         self.num_keyframes = int(info.get('keyframes', 0))
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
@@ -258,8 +260,7 @@ class Mapper:
         """Forget every voxel and keyframe (the feature source and config stay)."""
         self.map = VoxelFeatureMap(self.cfg.map.voxel_size_m, self.extractor.dim, self.device,
                                    self.cfg.map.initial_capacity)
-        self.purifier = self._make_purifier() if self.cfg.purify.enabled else None
-        self._purified_stale = False
+        self._reset_purifier()
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
         self.num_keyframes = 0
 

@@ -196,13 +196,22 @@ class VoxelFeatureMap:
             t.zero_()
             t[:n] = state[name].to(self.device, t.dtype)
         self.size = n
-        self._sorted_keys, order = torch.sort(self.keys[:n])
-        self._sorted_rows = torch.arange(n, device=self.device)[order]
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        """Rebuild the sorted key index of rows 0..size-1."""
+        self._sorted_keys, order = torch.sort(self.keys[:self.size])
+        self._sorted_rows = torch.arange(self.size, device=self.device)[order]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (sorted unique int64), compacted to rows 0..len-1 in that order (evicts the rest)."""
-        state = {name: getattr(self, name)[rows].clone() for name in self.FIELDS}
-        self.load_state(state)
+        n = len(rows)
+        for name in self.FIELDS:
+            t = getattr(self, name)
+            t[:n] = t[rows]                       # the gather copies before the write
+            t[n:self.size] = 0
+        self.size = n
+        self._index_rows()
 
     def snapshot(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies of (centres (V,3), features (V,D) fp16, weights (V,), colors (V,3)) for readers."""

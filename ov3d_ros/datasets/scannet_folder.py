@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -133,18 +133,17 @@ class ScanNetFolder:
         for i in range(len(self)):
             yield self.read(i)
 
-    def text_embeddings(self):
-        """(names list, (K, C) float32 vectors) from text_embeddings.npz."""
-        with np.load(self.root / 'text_embeddings.npz') as z:
-            return [str(n) for n in z['names']], z['vectors'].astype(np.float32)
 
-    def gt_points(self):
-        """dict with xyz (N, 3), label (N,), instance (N,) and names from gt_points.npz."""
-        path = self.root / 'gt_points.npz'
-        if not path.exists():
-            raise DatasetError(f'{path}: no ground truth in this dataset folder')
+def read_text_embeddings(path: str | Path) -> Tuple[List[str], np.ndarray]:
+    """(names, (K, C) float32 vectors) from a text_embeddings.npz (arrays ``names`` (K,), ``vectors`` (K, C))."""
+    try:
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            names, vectors = [str(n) for n in z['names']], z['vectors'].astype(np.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise DatasetError(f'{path}: not a text embeddings file with arrays names (K,) and vectors (K, C) ({e})') from e
+    if vectors.ndim != 2 or len(names) != len(vectors):
+        raise DatasetError(f'{path}: {len(names)} names but vectors of shape {vectors.shape}')
+    return names, vectors
 
 
 def write_frame(root: str | Path, index: int, rgb: np.ndarray, depth_m: np.ndarray, T_W_C: np.ndarray,

@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 import numpy as np
 import transforms3d
 from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, Pose
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 

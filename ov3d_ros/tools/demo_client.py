@@ -69,12 +69,9 @@ class DemoClient:
     def query(self, text: str, negatives=(), threshold: float = 0.0, timeout_s: float = 60.0) -> dict:
         """Call /segment_by_text; returns text, success, message, xyz, rgb, scores, ms."""
         t0 = time.perf_counter()
-        future = self.client.call_async(SegmentByText.Request(text=text, negatives=list(negatives),
-                                                              threshold=float(threshold)))
-        self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
-        resp = future.result()
-        if resp is None:
-            raise TimeoutError(f'/segment_by_text({text!r}) got no answer in {timeout_s} s')
+        resp = self._answer(self.client, SegmentByText.Request(text=text, negatives=list(negatives),
+                                                               threshold=float(threshold)),
+                            f'/segment_by_text({text!r})', timeout_s)
         ms = 1e3 * (time.perf_counter() - t0)
         xyz, rgb, scores = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), np.zeros(0, np.float32)
         if resp.success and resp.cloud.width:
@@ -90,13 +87,17 @@ class DemoClient:
         try:
             if not client.wait_for_service(timeout_sec=timeout_s):
                 raise TimeoutError(f'service {name} not available')
-            future = client.call_async(request)
-            self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
-            if future.result() is None:
-                raise TimeoutError(f'{name} got no answer in {timeout_s} s')
-            return future.result()
+            return self._answer(client, request, name, timeout_s)
         finally:
             self.node.destroy_client(client)
+
+    def _answer(self, client, request, what: str, timeout_s: float):
+        """Send ``request`` on ``client`` and spin until its response arrives (TimeoutError naming ``what``)."""
+        future = client.call_async(request)
+        self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
+        if future.result() is None:
+            raise TimeoutError(f'{what} got no answer in {timeout_s} s')
+        return future.result()
 
     def map_cloud(self, timeout_s: float = 10.0):
         """(xyz (N, 3), rgb (N, 3)) of the latest ~/map_cloud."""

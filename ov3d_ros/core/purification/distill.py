@@ -97,13 +97,13 @@ def infonce(emb: torch.Tensor, anchors: torch.Tensor, positive: torch.Tensor, ne
 def evaluate(net: StudentAffinityNet, scenes: List[SceneBatch], cfg: DistillConfig) -> dict:
     """Mean InfoNCE loss and accuracy over ``scenes`` (fixed anchors per scene)."""
     net.eval()
+    device = next(net.parameters()).device
     losses, accs = [], []
     with torch.no_grad():
         for k, s in enumerate(scenes):
             gen = torch.Generator().manual_seed(cfg.seed + 1000 + k)
             anchors = sample_anchors(s.teacher, cfg.anchors, gen)
             pos, neg, mask = pick_pairs(s.teacher, s.knn, anchors, cfg, gen)
-            device = next(net.parameters()).device
             emb = net(s.coords.to(device), s.inputs.to(device)).cpu()
             loss, acc = infonce(emb, anchors, pos, neg, mask, cfg.tau)
             losses.append(float(loss))
