@@ -41,7 +41,7 @@ def main() -> None:
     cfg = MapperConfig()
     cfg.features.source, cfg.map.device, cfg.map.max_voxels = 'simulated', 'cpu', args.max_voxels
     cfg.purify.enabled = args.purify
-    mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES, cfg.query.templates))
+    mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
     scene, cam = builtin_scene(0), default_camera(160, 120)
     loop = [(T, render(scene, cam, T)) for T in builtin_trajectory(scene, 60, 0)]
     t0, warm_rss, peak, over = time.perf_counter(), None, 0.0, 0

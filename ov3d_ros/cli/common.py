@@ -135,7 +135,7 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
         except CliError:
             from ov3d_ros.sim.classes import CLASS_NAMES
             class_names = list(CLASS_NAMES)
-    return Mapper(cfg, create_extractor(cfg.features, device, class_names, cfg.query.templates))
+    return Mapper(cfg, create_extractor(cfg.features, device, class_names))
 
 
 def map_input(mapper: Mapper, source: Input, quiet: bool = False) -> dict:

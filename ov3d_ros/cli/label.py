@@ -42,19 +42,20 @@ def run(args) -> int:
     mapper = Mapper.from_file(args.map, args.device)
     if args.vocab:
         names = read_vocab(args.vocab)
-        emb = mapper.embed_texts(names)
+        labels = mapper.voxel_labels(names)
     else:
         names, vectors = read_text_embeddings(args.text_embeddings)
-        if vectors.ndim != 2 or vectors.shape[1] != mapper.map.dim:
-            raise CliError(f'{args.text_embeddings}: vectors must be (K, {mapper.map.dim}), got {vectors.shape}')
-        emb = torch.nn.functional.normalize(torch.from_numpy(vectors), dim=-1)
+        dim = mapper.extractor.dim
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise CliError(f'{args.text_embeddings}: vectors must be (K, {dim}), got {vectors.shape}')
+        labels = mapper.classify(torch.nn.functional.normalize(torch.from_numpy(vectors), dim=-1))[0]
     with np.load(args.points) as z:
         if 'xyz' not in z.files:
             raise CliError(f'{args.points}: needs an array xyz (N, 3)')
         xyz = z['xyz']
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise CliError(f'{args.points}: xyz must be (N, 3), got {xyz.shape}')
-    label = mapper.label_points(xyz, emb, args.max_distance)
+    label = mapper.label_points(xyz, labels, args.max_distance)
     np.savez_compressed(args.out, label=label, names=np.array(names))
     print(json.dumps({'points': len(label), 'unobserved': int((label < 0).sum()), 'out': str(args.out)}))
     return 0

@@ -25,6 +25,12 @@ class MapConfig:
     """Torch device for the map and features: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'."""
     max_voxels: int = 0
     """Voxel budget (0 = unbounded): past it, the voxels farthest from the camera are evicted down to 90 %."""
+    compress_dim: int = 0
+    """Store voxel features in this many dimensions (0 = the feature source's D, e.g. 64 of 512): an uncentred PCA
+    of the keyframes' features; queries project text the same way (ov3d_ros.core.compression)."""
+    compress_update: bool = True
+    """Compression: update the PCA with every keyframe (stored features are rotated into the new basis); false =
+    freeze the first keyframe's fit."""
 
 
 @dataclass
@@ -50,9 +56,17 @@ class FeatureConfig:
     cache_dir: str = ''
     """Directory searched for cached open_clip weights ('' = open_clip's default cache)."""
     dense_mode: str = 'naclip'
-    """Training-free dense last block: 'naclip', 'clearclip' or 'maskclip'."""
+    """Training-free dense last block: 'naclip', 'sclip', 'clearclip' or 'maskclip'."""
     image_short_side: int = 448
     """Images are resized so their short side has this many pixels before the ViT."""
+    window_px: int = 0
+    """Sliding-window inference: square windows of this many pixels of the resized image (e.g. 224, 336, 448;
+    rounded to whole patches), each run through the ViT at its own token grid, overlapping tokens averaged into
+    one grid over the whole image. 0 = the whole image in one pass. A window larger than the image is clipped
+    to it."""
+    window_stride_px: int = 0
+    """Sliding-window inference: step between windows in pixels (rounded to whole patches, at most window_px);
+    0 = half a window."""
     sim_patch_px: int = 16
     """Simulated source: patch size in pixels (features are constant per patch, like a ViT). Always used as
     given (no preset sets it)."""
@@ -94,7 +108,11 @@ class QueryConfig:
     templates: List[str] = field(default_factory=lambda: [
         'a photo of a {}.', 'a photo of the {}.', 'a {} in a scene.', 'a photo of a {} in a room.',
         'there is a {} in the scene.', 'a close-up photo of a {}.'])
-    """Prompt templates averaged for every query text."""
+    """Prompt templates averaged for every query text (an empty list embeds the bare text)."""
+    repetitions: int = 1
+    """Laser's text augmentation: every text is also embedded repeated this many times ('chair chair' for 2)
+    and averaged with the plain text, in every template (1 = off; on the evaluation world 2 changed mIoU by
+    -0.2 and synonym recall by +0.6 points)."""
     default_negatives: List[str] = field(default_factory=lambda: ['wall', 'floor', 'ceiling', 'object'])
     """Negative texts used when a request gives none."""
     temperature: float = 0.0
@@ -135,12 +153,27 @@ class PurifyConfig:
 
 
 @dataclass
+class LabelConfig:
+    vocabulary: List[str] = field(default_factory=list)
+    """Active vocabulary of the label volume (empty = no label volume): every voxel accumulates per-keyframe
+    class probabilities over these names; queries naming one of them are answered from the label volume."""
+    temperature: float = 0.0
+    """Softmax temperature of the per-keyframe class probabilities (0 = the feature source's default)."""
+    smoothing_radius_vox: int = 1
+    """Average each voxel's class distribution over its observed neighbours within this many voxels before
+    picking its class (0 = off). On the evaluation world 1 gave +2.9 mIoU and fewer fragments over the
+    unsmoothed label volume of raw fusion; purified maps are smooth already (there it cost 0.8 mIoU: use 0 with
+    purify.enabled)."""
+
+
+@dataclass
 class MapperConfig:
     map: MapConfig = field(default_factory=MapConfig)
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     purify: PurifyConfig = field(default_factory=PurifyConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
 
 
 def section_items(cfg: Any) -> Dict[str, Any]:

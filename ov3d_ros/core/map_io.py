@@ -2,7 +2,9 @@
 
 Format ``ov3d_ros.map`` version 1 (safetensors; loading never executes code):
     tensors   keys (V,) int64 packed voxel coordinates, features (V, D) float16, weights (V,) float32,
-              colors (V, 3) float32 RGB, counts (V,) int32; optional extra tensors (e.g. text_vectors (K, D)).
+              colors (V, 3) float32 RGB, counts (V,) int32; optional extra tensors: text_vectors (K, D) of a
+              precomputed text table, projection (D, d) and projection_energy (d,) when features are compressed to d dims, label_evidence
+              (V, K) of the label volume (its vocabulary is info['vocabulary']).
     metadata  format, format_version, voxel_size_m, dim, payload_sha256 (of the tensor data), info (JSON:
               feature source, config, keyframe count, ... written by the caller).
 Files are written atomically: a temporary file in the same folder, fsync, rename, fsync of the folder. A crash

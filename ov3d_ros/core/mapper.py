@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ov3d_ros.core.camera import PinholeCamera
+from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.keyframes import KeyframeSelector
-from ov3d_ros.core.lifting import lift_keyframe
-from ov3d_ros.core.query import relevancy_scores, select
+from ov3d_ros.core.label_volume import LabelVolume, class_colors
+from ov3d_ros.core.lifting import CellFeatures, lift_keyframe
+from ov3d_ros.core.query import QueryResult, clean_text, relevancy_scores, select
 from ov3d_ros.core.text import encode_prompts
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
@@ -45,11 +47,13 @@ class Frame:
 
 @dataclass
 class Segment:
-    """A query answer in the map frame: xyz (M, 3) float32, rgb (M, 3) uint8, scores (M,) float32."""
+    """A query answer in the map frame: xyz (M, 3) float32, rgb (M, 3) uint8, scores (M,) float32; source: what
+    answered (see QueryResult)."""
 
     xyz: np.ndarray
     rgb: np.ndarray
     scores: np.ndarray
+    source: str = 'features'
 
 
 class Mapper:
@@ -68,25 +72,77 @@ class Mapper:
         self.purifier = self._make_purifier() if cfg.purify.enabled else None
         self.evicted_voxels = 0
         self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
+        self.labels: Optional[LabelVolume] = None
+        self._neighbours: Tuple[tuple, Optional[torch.Tensor]] = ((), None)   # label smoothing, per map state
         self.clear()
+        if cfg.labels.vocabulary:
+            self.set_vocabulary(cfg.labels.vocabulary)
 
     def validate(self, frame: Frame) -> None:
-        """Raise ValueError with the reason if a frame cannot be integrated."""
-        H, W = frame.depth_m.shape[:2]
+        """Raise ValueError with the reason if a frame cannot be integrated.
+
+        Depth pixels that are 0, NaN, inf, negative or outside [min_depth_m, max_depth_m] are ignored (a frame
+        without any valid one adds nothing). The pose must be a finite rigid transform (orthonormal rotation within
+        1e-3, det +1, last row 0 0 0 1) and the frame must fit the map's key range (±2^20 voxels per axis)."""
+        depth = np.asarray(frame.depth_m)
+        if depth.ndim != 2 or depth.size == 0 or depth.dtype.kind != 'f':
+            raise ValueError(f'depth must be a non-empty (H, W) float array in metres, got {depth.shape} {depth.dtype}')
+        H, W = depth.shape
         if frame.rgb.ndim != 3 or frame.rgb.shape[2] != 3 or frame.rgb.dtype != np.uint8:
             raise ValueError(f'colour must be (H, W, 3) uint8, got {frame.rgb.shape} {frame.rgb.dtype}')
         if frame.rgb.shape[:2] != (H, W):
             raise ValueError(f'colour is {frame.rgb.shape[1]}x{frame.rgb.shape[0]} but depth is {W}x{H}; '
                              'publish depth registered to the colour image')
-        if (frame.camera.width, frame.camera.height) != (W, H):
-            raise ValueError(f'camera info is {frame.camera.width}x{frame.camera.height} but images are {W}x{H}')
+        cam = frame.camera
+        if (cam.width, cam.height) != (W, H):
+            raise ValueError(f'camera info is {cam.width}x{cam.height} but images are {W}x{H}')
+        if not np.isfinite(frame.stamp_s):
+            raise ValueError(f'frame time stamp must be finite, got {frame.stamp_s}')
         T = np.asarray(frame.T_W_C)
         if T.shape != (4, 4) or not np.all(np.isfinite(T)):
             raise ValueError('pose must be a finite 4x4 matrix')
-        if frame.labels is not None and frame.labels.shape[:2] != (H, W):
-            raise ValueError('label image size differs from the depth image')
-        if frame.features is not None and (frame.features.ndim != 3 or frame.features.shape[2] != self.extractor.dim):
-            raise ValueError(f'precomputed features must be (h, w, {self.extractor.dim}), got {frame.features.shape}')
+        R = T[:3, :3]
+        if (np.abs(T[3] - [0, 0, 0, 1]).max() > 1e-6 or np.abs(R.T @ R - np.eye(3)).max() > 1e-3
+                or np.linalg.det(R) < 0):
+            raise ValueError('pose is not a rigid transform: its rotation must be orthonormal with det +1 and its '
+                             'last row 0 0 0 1')
+        m = self.cfg.map
+        z = m.max_depth_m if np.isfinite(m.max_depth_m) else np.max(depth, where=np.isfinite(depth), initial=0.0)
+        reach = float(z) * (1 + max(cam.cx, W - cam.cx) / cam.fx + max(cam.cy, H - cam.cy) / cam.fy)
+        limit = (2 ** 20 - 1) * m.voxel_size_m          # voxel_map packs 21 bits per axis
+        if np.abs(T[:3, 3]).max() + reach >= limit:
+            raise ValueError(f'frame reaches beyond the map range (±{limit:.4g} m): camera at {T[:3, 3].tolist()}, '
+                             f'view up to {reach:.4g} m from it')
+        if frame.labels is not None:
+            labels = np.asarray(frame.labels)
+            if labels.shape != (H, W) or labels.dtype.kind not in 'iu':
+                raise ValueError(f'label image must be ({H}, {W}) integer ids like the depth image, '
+                                 f'got {labels.shape} {labels.dtype}')
+        if frame.features is not None:       # a numpy array, or a tensor from integrate_batch
+            feats = torch.as_tensor(frame.features)
+            if feats.ndim != 3 or feats.shape[2] != self.extractor.dim or feats.numel() == 0:
+                raise ValueError(f'precomputed features must be (h, w, {self.extractor.dim}), got {tuple(feats.shape)}')
+            if not bool(torch.isfinite(feats).all()):
+                raise ValueError('precomputed features contain NaN or inf')
+
+    def integrate_batch(self, frames: Sequence[Frame]) -> int:
+        """Integrate the keyframes among ``frames`` (in order), running the feature extractor once on all of them
+        when it takes batches (``extract_batch``: one ViT batch, fp16 on CUDA). Returns how many were integrated."""
+        keys = []
+        for f in frames:
+            self.validate(f)
+            if self.keyframes.check(f.T_W_C, f.stamp_s):
+                self.keyframes.accept(f.T_W_C, f.stamp_s)
+                keys.append(f)
+        batchable = [f for f in keys if f.features is None and f.labels is None]
+        if len(batchable) > 1 and hasattr(self.extractor, 'extract_batch') and \
+                len({f.rgb.shape for f in batchable}) == 1:
+            grids = self.extractor.extract_batch([f.rgb for f in batchable])
+            done = {id(f): g for f, g in zip(batchable, grids)}
+            keys = [replace(f, features=done[id(f)]) if id(f) in done else f for f in keys]
+        for f in keys:
+            self.integrate(f, force=True)
+        return len(keys)
 
     def integrate(self, frame: Frame, force: bool = False) -> bool:
         """Integrate ``frame`` if it is a keyframe (or ``force``); returns whether it was integrated."""
@@ -99,17 +155,23 @@ class Mapper:
                                                                   device=self.device), dim=-1)
         else:
             feats = self.extractor.extract(frame.rgb, frame.labels)
+        if 0 < self.cfg.map.compress_dim < feats.shape[-1]:
+            self._update_projection(feats.reshape(-1, feats.shape[-1]))
         t1 = time.perf_counter()
         lifted = lift_keyframe(torch.from_numpy(np.array(frame.depth_m, dtype=np.float32, order='C')),
-                               torch.from_numpy(np.array(frame.rgb, order='C')), feats, frame.camera,
+                               torch.from_numpy(np.array(frame.rgb, order='C')),
+                               feats if self.projection is None else self.projection.project(feats), frame.camera,
                                torch.from_numpy(np.asarray(frame.T_W_C, dtype=np.float64)),
                                self.cfg.map.min_depth_m, self.cfg.map.max_depth_m, self.cfg.map.pixel_stride)
         touched = self.map.integrate(lifted.points, lifted.features, lifted.colors)
+        if self.labels is not None:   # class probabilities from the full-dimension features
+            cells = CellFeatures(feats.reshape(-1, feats.shape[-1]), lifted.features.cells, lifted.features.weights)
+            self.labels.integrate(self.map.rows_of(lifted.points), cells, self.map.size)
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
         if self.purifier is not None and self.cfg.purify.mode == 'incremental':
-            self.purifier.update(self.map, touched)
+            self.purifier.update(self.map, touched, self._label_channels())
             if self.device.type == 'cuda':
                 torch.cuda.synchronize(self.device)
         self._purified_stale = True
@@ -121,12 +183,30 @@ class Mapper:
         self.timings_s = {'features': t1 - t0, 'fusion': t2 - t1, 'purify': t3 - t2, 'total': t3 - t0}
         return True
 
+    def _update_projection(self, samples: torch.Tensor) -> None:
+        """Fit the feature compression on a keyframe's (N, D) features, or fold them into it (map.compress_*),
+        carrying the stored (and purified) features into the new basis."""
+        if self.projection is None:
+            self.projection = FeatureProjection.fit(samples, self.cfg.map.compress_dim)
+            change = self.projection.matrix
+        elif self.cfg.map.compress_update:
+            change = self.projection.update(samples)
+        else:
+            return
+        self.map.project(change)
+        if self.purifier is not None:
+            self.purifier.project(change)
+
     def _make_purifier(self):
         from ov3d_ros.core.purification.pooling import GeometryPooling
         embed = None
         if self.cfg.purify.affinity == 'learned':
             from ov3d_ros.core.purification.student import load_student
             net = load_student(self.cfg.purify.checkpoint, self.device)
+            if 'features' in net.cfg.inputs and self.cfg.map.compress_dim > 0:
+                raise ValueError(f'purify.checkpoint {self.cfg.purify.checkpoint!r} reads voxel features, which '
+                                 'map.compress_dim compresses; use a color,normal student, purify.affinity '
+                                 'fallback, or map.compress_dim 0')
             if 'features' in net.cfg.inputs and net.cfg.feature_dim != self.extractor.dim:
                 raise ValueError(f'purify.checkpoint {self.cfg.purify.checkpoint!r} was trained on {net.cfg.feature_dim}-d '
                                  f'features but {self.extractor.name} gives {self.extractor.dim}-d ones; train a '
@@ -140,64 +220,149 @@ class Mapper:
             self.purifier = type(self.purifier)(self.cfg.purify, self.purifier.embed)
         self._purified_stale = False
 
-    def query_features(self) -> torch.Tensor:
-        """(V, D) features that queries use: purified when purification is enabled, else the raw fusion.
+    def _refresh_purified(self) -> None:
+        """In ``purify.mode: whole``, re-pool the whole map when keyframes came since the last time."""
+        if self.purifier is not None and self.cfg.purify.mode == 'whole' and self._purified_stale:
+            self.purify_all()
 
-        In ``purify.mode: whole`` the whole map is re-pooled here when keyframes came since the last time."""
+    def _label_channels(self) -> list:
+        """The label volume's distributions, pooled with the features when purifying."""
+        if self.labels is None or self.labels.pooled is None:
+            return []
+        return [self.labels.channel(self.map.size)]
+
+    def query_features(self) -> torch.Tensor:
+        """(V, D) features that queries use: purified when purification is enabled, else the raw fusion."""
         if self.purifier is not None:
-            if self.cfg.purify.mode == 'whole' and self._purified_stale:
-                self.purify_all()
+            self._refresh_purified()
             return self.purifier.features(self.map)
         return self.map.features[:self.map.size]
 
+    def label_classes(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per voxel, the label volume's class (vocabulary index, -1 unobserved) and its confidence (pooled
+        when purifying). Needs a vocabulary."""
+        self._refresh_purified()
+        r, n = self.cfg.labels.smoothing_radius_vox, self.map.size
+        if r <= 0 or n == 0:
+            return self.labels.classes(n)
+        key = (id(self.map), n, self.evicted_voxels, r)
+        if self._neighbours[0] != key:          # the map's voxels changed since the last time
+            from ov3d_ros.core.purification.graph import ball_offsets, neighbour_rows
+            self._neighbours = (key, neighbour_rows(self.map, torch.arange(n, device=self.device),
+                                                    ball_offsets(r, self.device)))
+        return self.labels.classes(n, self._neighbours[1])
+
     def purify_all(self) -> None:
-        """Re-pool the whole map (offline; a no-op without purification)."""
+        """Re-pool the whole map, label volume included (offline; a no-op without purification)."""
         if self.purifier is not None:
-            self.purifier.update(self.map)
+            self.purifier.update(self.map, None, self._label_channels())
             self._purified_stale = False
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(N, D) prompt-ensemble embeddings of ``texts`` (cached)."""
+        """(N, D) augmented embeddings of ``texts`` (prompt templates, repetition; cached), in the feature
+        source's space (see :meth:`to_map_space`)."""
         key = tuple(texts)
         if key not in self._text_cache:
             if len(self._text_cache) > 256:
                 self._text_cache.clear()
-            templates = self.cfg.query.templates if self.extractor.uses_templates else ()
-            self._text_cache[key] = encode_prompts(self.extractor.encode_text, list(texts), templates).to(self.device)
+            q = self.cfg.query
+            augment = (q.templates, q.repetitions) if self.extractor.uses_templates else ((), 1)
+            self._text_cache[key] = encode_prompts(self.extractor.encode_text, list(texts), *augment).to(self.device)
         return self._text_cache[key]
 
-    def segment(self, text: str, negatives: Optional[Sequence[str]] = None, threshold: float = 0.0) -> Segment:
-        """Voxels that match ``text`` better than every negative, with score >= threshold.
+    def to_map_space(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Text embeddings in the space of the stored voxel features (projected when the map is compressed)."""
+        emb = text_embeddings.to(self.device).float()
+        return emb if self.projection is None else self.projection.project(emb)
 
-        ``negatives`` None or empty uses ``query.default_negatives``; ``threshold`` <= 0 uses
-        ``query.default_threshold``. Raises ValueError for empty text or a threshold above 1.
+    def set_vocabulary(self, names: Sequence[str], evidence: Optional[torch.Tensor] = None) -> None:
+        """Make ``names`` the label volume's vocabulary (empty: no label volume). Past keyframes cannot be replayed,
+        so the evidence is recomputed from the stored (purified) features, unless ``evidence`` (V, K) is given (a
+        saved label volume). Raises ValueError for bad names."""
+        names = [str(n).strip() for n in names]
+        if any(not n for n in names):
+            raise ValueError('vocabulary names must not be empty')
+        if len({n.lower() for n in names}) != len(names):
+            raise ValueError('vocabulary names must be unique (case-insensitive)')
+        if len(names) > 1000 or any(len(n) > 200 for n in names):
+            raise ValueError('vocabulary too large: at most 1000 names of at most 200 characters')
+        self.cfg.labels.vocabulary = names
+        if not names:
+            self.labels = None
+            return
+        t = self.cfg.labels.temperature if self.cfg.labels.temperature > 0 else self.extractor.default_temperature
+        labels = LabelVolume(names, self.embed_texts(names), t, self.device)
+        if self.purifier is not None:
+            labels.enable_pooling()
+        if evidence is not None:
+            labels.load(evidence)
+        elif self.map.size:
+            labels.recompute(self.query_features(), self.map.weights[:self.map.size],
+                             self.to_map_space(labels.text))
+        self.labels = labels
+        if self.purifier is not None and self.map.size:
+            self.purify_all()
+
+    def segment(self, text: str, negatives: Optional[Sequence[str]] = None, threshold: float = 0.0) -> Segment:
+        """The answer of :meth:`query` as points: voxel centres, colours and scores."""
+        res = self.query(text, negatives, threshold)
+        return Segment(self.map.centers(res.rows).cpu().numpy(),
+                       self.map.colors[res.rows].clamp(0, 255).to(torch.uint8).cpu().numpy(),
+                       res.scores.cpu().numpy(), res.source)
+
+    def query(self, text: str, negatives: Optional[Sequence[str]] = None, threshold: float = 0.0) -> QueryResult:
+        """Voxels that match ``text`` better than every negative, with score >= threshold. A text naming a class
+        of the label volume's vocabulary is answered from the label volume instead: the voxels whose most
+        probable class it is (score = that class's share of the evidence; ``threshold`` <= 0 keeps them all).
+
+        ``negatives`` None, empty or all blank uses ``query.default_negatives``; ``threshold`` <= 0 uses
+        ``query.default_threshold``. Texts are cleaned: control characters become spaces, whitespace runs one space;
+        any other Unicode is kept (the text encoder truncates long prompts). Raises ValueError for an empty text, a
+        text or negative over 1000 characters, over 32 negatives, or a threshold that is NaN, inf or above 1.
         """
-        text = (text or '').strip()
+        text = clean_text(text or '', 'query text')
         if not text:
             raise ValueError('query text is empty')
         if not np.isfinite(threshold) or threshold > 1.0:
             raise ValueError(f'threshold must be a number <= 1, got {threshold}')
+        if len(negatives or ()) > 32:
+            raise ValueError(f'{len(negatives)} negatives given; at most 32 are accepted')
         q = self.cfg.query
-        negs = [n.strip() for n in (negatives or q.default_negatives) if n.strip() and n.strip() != text]
+        negs = [clean_text(n, 'a negative') for n in negatives or ()]
+        if not any(negs):
+            negs = [n.strip() for n in q.default_negatives]
+        negs = [n for n in dict.fromkeys(negs) if n and n != text]         # unique, in order
         thr = threshold if threshold > 0 else q.default_threshold
-        emb = self.embed_texts([text] + negs)
         n = self.map.size
+        k = self.labels.index(text) if self.labels is not None else -1
+        if k >= 0:      # a vocabulary class: the voxels whose most probable class it is
+            labels, conf = self.label_classes()
+            res = select(torch.where(labels == k, conf, torch.zeros_like(conf)), self.map.weights[:n],
+                         max(threshold, 1e-6), q.min_observations)
+            return QueryResult(res.rows, res.scores, 'label volume')
+        emb = self.to_map_space(self.embed_texts([text] + negs))
         temperature = q.temperature if q.temperature > 0 else self.extractor.default_temperature
         scores = relevancy_scores(self.query_features(), emb[0], emb[1:], temperature)
-        res = select(scores, self.map.weights[:n], thr, q.min_observations)
-        return Segment(self.map.centers(res.rows).cpu().numpy(),
-                       self.map.colors[res.rows].clamp(0, 255).to(torch.uint8).cpu().numpy(),
-                       res.scores.cpu().numpy())
+        return select(scores, self.map.weights[:n], thr, q.min_observations)
 
     def classify(self, text_embeddings: torch.Tensor, rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per voxel (all or ``rows``), the best-matching of K texts: (labels (V,) int64, cosine (V,) float32)."""
+        """Per voxel (all or ``rows``), the best-matching of K texts (embeddings from :meth:`embed_texts`):
+        (labels (V,) int64, similarity (V,) float32) from the features."""
         feats = self.query_features() if rows is None else self.query_features()[rows]
-        sims = torch.nn.functional.normalize(feats.float(), dim=-1) @ text_embeddings.to(self.device).float().T
+        sims = torch.nn.functional.normalize(feats.float(), dim=-1) @ self.to_map_space(text_embeddings).T
         best = sims.max(dim=-1)
         return best.indices, best.values
 
-    def label_points(self, xyz: np.ndarray, text_embeddings: torch.Tensor, max_distance_m: float = 0.0) -> np.ndarray:
-        """Label (N, 3) points with the index of the best text of their nearest observed voxel.
+    def voxel_labels(self, names: Sequence[str]) -> torch.Tensor:
+        """(V,) index into ``names`` of every voxel's class: from the label volume when ``names`` is its
+        vocabulary, else from the features (:meth:`classify`)."""
+        if self.labels is not None and [n.strip().lower() for n in names] == [n.lower() for n in self.labels.names]:
+            return self.label_classes()[0]
+        return self.classify(self.embed_texts(list(names)))[0]
+
+    def label_points(self, xyz: np.ndarray, labels: torch.Tensor, max_distance_m: float = 0.0) -> np.ndarray:
+        """Give (N, 3) points the label of their nearest observed voxel, from per-voxel ``labels`` (V,)
+        (:meth:`voxel_labels` or :meth:`classify`).
 
         Points with no voxel centre within ``max_distance_m`` (default: one voxel size) get -1.
         """
@@ -206,7 +371,6 @@ class Mapper:
         out = np.full(len(xyz), -1, dtype=np.int64)
         if n == 0 or len(xyz) == 0:
             return out
-        labels, _ = self.classify(text_embeddings)
         dist, idx = cKDTree(self.map.centers().cpu().numpy()).query(
             np.asarray(xyz, np.float32), k=1, distance_upper_bound=max_distance_m or self.map.voxel_size_m)
         hit = np.isfinite(dist)
@@ -223,6 +387,11 @@ class Mapper:
         if hasattr(self.extractor, 'vectors') and hasattr(self.extractor, 'names'):   # precomputed text table
             info['text_names'] = list(self.extractor.names)
             extra['text_vectors'] = self.extractor.vectors
+        if self.projection is not None:
+            extra['projection'], extra['projection_energy'] = self.projection.matrix, self.projection.energy
+        if self.labels is not None:
+            info['vocabulary'] = self.labels.names
+            extra['label_evidence'] = self.labels.evidence[:self.map.size]
         return save_map(path, self.map, info, extra)
 
     def load(self, path) -> dict:
@@ -231,17 +400,43 @@ class Mapper:
         Raises MapFileError (a ValueError) with the reason. Returns the file's info.
         """
         from ov3d_ros.core.map_io import MapFileError, load_map
-        vmap, info, _ = load_map(path, self.device)
-        if vmap.dim != self.map.dim or info.get('feature_source') != self.extractor.name:
-            raise MapFileError(f'{path}: map made with {info.get("feature_source")} (D={vmap.dim}), but this '
-                               f'mapper uses {self.extractor.name} (D={self.map.dim})')
-        self.map = vmap
+        vmap, info, extra = load_map(path, self.device)
+        projection = None
+        if 'projection' in extra:
+            try:
+                projection = FeatureProjection(extra['projection'], extra.get('projection_energy')).to(self.device)
+            except ValueError as e:
+                raise MapFileError(f'{path}: {e}') from e
+        source_dim = projection.in_dim if projection is not None else vmap.dim
+        if source_dim != self.extractor.dim or info.get('feature_source') != self.extractor.name:
+            raise MapFileError(f'{path}: map made with {info.get("feature_source")} (D={source_dim}), but this '
+                               f'mapper uses {self.extractor.name} (D={self.extractor.dim})')
+        if projection is not None and projection.out_dim != vmap.dim:
+            raise MapFileError(f'{path}: projection to d={projection.out_dim} but features have d={vmap.dim}')
+        vocabulary = list(info.get('vocabulary') or [])
+        evidence = extra.get('label_evidence')
+        if vocabulary and (evidence is None or tuple(evidence.shape) != (vmap.size, len(vocabulary))):
+            raise MapFileError(f'{path}: label evidence does not match {vmap.size} voxels x {len(vocabulary)} classes')
+        self.map, self.projection = vmap, projection
         self._reset_purifier()
-        self.purify_all()
+        current, self.labels = list(self.cfg.labels.vocabulary), None
+        if vocabulary or current:          # the file's label volume, else the configured one recomputed
+            self.set_vocabulary(vocabulary or current, evidence if vocabulary else None)
+        if self.labels is None or vmap.size == 0:
+            self.purify_all()
         self.cfg.map.voxel_size_m = vmap.voxel_size_m
         self.num_keyframes = int(info.get('keyframes', 0))
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
         return info
+
+    def bytes_per_voxel(self) -> int:
+        """Memory per voxel of everything the mapper keeps per row: map fields and index, label evidence,
+        purification state."""
+        total = self.map.bytes_per_voxel() + (self.labels.bytes_per_voxel() if self.labels is not None else 0)
+        p = self.purifier
+        if p is not None:
+            total += 2 * self.map.dim + 12 + 2 * (p.embeddings.shape[1] if p.embeddings is not None else 0)
+        return total
 
     def evict(self, position, keep: int) -> int:
         """Keep the ``keep`` voxels nearest to ``position`` (3,) in metres, drop the rest; returns how many went."""
@@ -253,6 +448,8 @@ class Mapper:
         self.map.keep(rows)
         if self.purifier is not None:
             self.purifier.keep(rows)
+        if self.labels is not None:
+            self.labels.keep(rows)
         self.evicted_voxels += n - keep
         return n - keep
 
@@ -260,6 +457,9 @@ class Mapper:
         """Forget every voxel and keyframe (the feature source and config stay)."""
         self.map = VoxelFeatureMap(self.cfg.map.voxel_size_m, self.extractor.dim, self.device,
                                    self.cfg.map.initial_capacity)
+        self.projection = None
+        if self.labels is not None:
+            self.labels = LabelVolume(self.labels.names, self.labels.text, self.labels.temperature, self.device)
         self._reset_purifier()
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
         self.num_keyframes = 0
@@ -281,17 +481,33 @@ class Mapper:
         if 'text_names' in info:
             extractor = PrecomputedFeatures(info['text_names'], extra['text_vectors'].numpy(), dev)
         else:
-            extractor = create_extractor(cfg.features, dev, info.get('class_names') or None, cfg.query.templates)
+            extractor = create_extractor(cfg.features, dev, info.get('class_names') or None)
         mapper = cls(cfg, extractor)
         mapper.load(path)
         return mapper
 
     def map_cloud(self, max_points: int = 0) -> Segment:
         """All voxel centres and colours (uniformly subsampled to ``max_points`` when > 0); scores = weights."""
-        n = self.map.size
-        rows = torch.arange(n, device=self.device)
-        if 0 < max_points < n:
-            rows = rows[torch.linspace(0, n - 1, max_points, device=self.device).long()]
+        rows = _subsample(torch.arange(self.map.size, device=self.device), max_points)
         return Segment(self.map.centers(rows).cpu().numpy(),
                        self.map.colors[rows].clamp(0, 255).to(torch.uint8).cpu().numpy(),
                        self.map.weights[rows].cpu().numpy())
+
+    def label_cloud(self, max_points: int = 0) -> Tuple[Segment, np.ndarray]:
+        """Voxels with a class in the label volume, coloured by class (:func:`class_colors`; scores = the class's
+        share of the evidence), and their (M,) vocabulary indices. Empty without a vocabulary."""
+        if self.labels is None:
+            return Segment(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), np.zeros(0, np.float32)), \
+                np.zeros(0, np.int64)
+        labels, conf = self.label_classes()
+        rows = _subsample(torch.nonzero(labels >= 0, as_tuple=True)[0], max_points)
+        idx = labels[rows].cpu().numpy()
+        return Segment(self.map.centers(rows).cpu().numpy(), class_colors(len(self.labels.names))[idx],
+                       conf[rows].cpu().numpy()), idx
+
+
+def _subsample(rows: torch.Tensor, max_points: int) -> torch.Tensor:
+    """``rows`` evenly thinned to ``max_points`` when 0 < max_points < len(rows)."""
+    if 0 < max_points < len(rows):
+        return rows[torch.linspace(0, len(rows) - 1, max_points, device=rows.device).long()]
+    return rows

@@ -1,6 +1,7 @@
 """Open-vocabulary text queries against voxel features."""
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -9,10 +10,20 @@ import torch.nn.functional as F
 
 @dataclass
 class QueryResult:
-    """Voxels that answer a query. rows (M,) int64 map rows; scores (M,) float32 in [0, 1]."""
+    """Voxels that answer a query. rows (M,) int64 map rows; scores (M,) float32 in [0, 1]; source: what answered
+    ('features', or 'label volume')."""
 
     rows: torch.Tensor
     scores: torch.Tensor
+    source: str = 'features'
+
+
+def clean_text(text: str, what: str = 'text', max_chars: int = 1000) -> str:
+    """``text`` with control characters as spaces and whitespace runs collapsed (other Unicode kept);
+    ValueError naming ``what`` when it is longer than ``max_chars``."""
+    if len(text) > max_chars:
+        raise ValueError(f'{what} has {len(text)} characters; at most {max_chars} are accepted')
+    return ' '.join(''.join(' ' if unicodedata.category(c) in ('Cc', 'Cs') else c for c in text).split())
 
 
 def relevancy_scores(features: torch.Tensor, query: torch.Tensor, negatives: torch.Tensor, temperature: float,

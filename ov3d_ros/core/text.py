@@ -1,4 +1,4 @@
-"""Prompt-template ensembles for text queries."""
+"""Text augmentation for queries: prompt-template ensembles and Laser's repetition trick."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -16,19 +16,27 @@ DEFAULT_TEMPLATES = (
 )
 
 
+def prompts_for(name: str, templates: Sequence[str] = DEFAULT_TEMPLATES, repetitions: int = 1) -> list:
+    """Every prompt of ``name``: each template (or the bare name when there are none) filled with the name and,
+    for ``repetitions`` r > 1, with the name repeated r times ('chair chair')."""
+    variants = [name] + ([' '.join([name] * repetitions)] if repetitions > 1 else [])
+    return [t.format(v) for v in variants for t in (templates or ['{}'])]
+
+
 def encode_prompts(encode_text: Callable[[Sequence[str]], torch.Tensor], names: Sequence[str],
-                   templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
-    """Embed each name with every template and average (the CLIP prompt ensemble).
+                   templates: Sequence[str] = DEFAULT_TEMPLATES, repetitions: int = 1) -> torch.Tensor:
+    """Embed every prompt of each name (:func:`prompts_for`) and average (the CLIP prompt ensemble).
 
     Args:
         encode_text: maps N strings to (N, D) L2-normalised embeddings.
         names: class names or free-text queries.
-        templates: format strings with one ``{}``; an empty sequence embeds the raw names.
+        templates: format strings with one ``{}``; an empty sequence embeds the bare names.
+        repetitions: Laser's repetition augmentation (1 = off).
     Returns:
         (len(names), D) L2-normalised embeddings.
     """
-    if not templates:
-        return F.normalize(encode_text(list(names)).float(), dim=-1)
-    prompts = [t.format(n) for n in names for t in templates]
-    emb = encode_text(prompts).float().reshape(len(names), len(templates), -1)
+    if repetitions < 1:
+        raise ValueError(f'repetitions must be >= 1, got {repetitions}')
+    prompts = [p for n in names for p in prompts_for(n, templates, repetitions)]
+    emb = encode_text(prompts).float().reshape(len(names), len(prompts) // max(len(names), 1), -1)
     return F.normalize(emb.mean(dim=1), dim=-1)

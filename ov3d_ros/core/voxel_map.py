@@ -84,6 +84,18 @@ class VoxelFeatureMap:
         found = self._sorted_keys[pos] == keys
         return torch.where(found, self._sorted_rows[pos], torch.full_like(keys, -1))
 
+    def rows_of(self, points: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 rows of the voxels containing (N, 3) points, -1 where the voxel is not in the map."""
+        return self.lookup(pack_keys(voxel_coords(points.to(self.device), self.voxel_size_m)))
+
+    def project(self, matrix: torch.Tensor) -> None:
+        """Replace every feature f by f @ matrix (D, d): the map's feature dimension becomes d."""
+        if matrix.shape[0] != self.dim:
+            raise ValueError(f'projection is for D={matrix.shape[0]} features, the map has D={self.dim}')
+        out = torch.zeros(self.capacity, matrix.shape[1], dtype=torch.float16, device=self.device)
+        out[:self.size] = (self.features[:self.size].float() @ matrix.to(self.device).float()).to(torch.float16)
+        self.features, self.dim = out, int(matrix.shape[1])
+
     def integrate(self, points: torch.Tensor, features: Union[torch.Tensor, CellFeatures],
                   colors: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fuse points into the map.

@@ -87,7 +87,7 @@ def depth_to_meters(msg, where: str = 'depth image') -> np.ndarray:
 def labels_to_numpy(msg, where: str = 'label image') -> np.ndarray:
     """(H, W) semantic ids (a new array: uint16, uint8 or int32 as encoded) from a label Image."""
     if hasattr(msg, 'format') or msg.encoding not in LABEL_ENCODINGS:
-        enc = getattr(msg, 'encoding', None) or f'compressed {msg.format!r}'
+        enc = f'compressed {msg.format!r}' if hasattr(msg, 'format') else msg.encoding
         raise DatasetError(f'{where}: label encoding {enc!r} not supported; expected one of '
                            f'{", ".join(LABEL_ENCODINGS)}')
     return np.array(image_to_numpy(msg, where), copy=True)

@@ -169,11 +169,19 @@ def _fmt(x: Optional[float], digits: int = 1) -> str:
 
 
 def markdown_table(rows: Dict[str, dict]) -> str:
-    """Markdown table, one row per method (name -> aggregate / scene dict)."""
-    lines = ["| method | mIoU | mAcc | boundary mIoU | fragmentation |", "|---|---:|---:|---:|---:|"]
+    """Markdown table, one row per method (name -> aggregate / scene dict); bytes per voxel and synonym-query
+    recall / precision columns when every row has them."""
+    sizes = all('bytes_per_voxel' in r for r in rows.values())
+    queries = all('queries' in r for r in rows.values())
+    head = "| method | mIoU | mAcc | boundary mIoU | fragmentation |" + " bytes/voxel |" * sizes + \
+        " synonym recall | synonym precision |" * queries
+    lines = [head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {_fmt(r['miou'])} | {_fmt(r['macc'])} | {_fmt(r['boundary_miou'])} | "
-                     f"{_fmt(r['fragmentation'], 2)} |")
+        line = f"| {name} | {_fmt(r['miou'])} | {_fmt(r['macc'])} | {_fmt(r['boundary_miou'])} | " \
+               f"{_fmt(r['fragmentation'], 2)} |"
+        line += f" {r['bytes_per_voxel']} |" if sizes else ""
+        line += f" {_fmt(r['queries']['recall'])} | {_fmt(r['queries']['precision'])} |" if queries else ""
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

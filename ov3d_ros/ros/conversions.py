@@ -68,12 +68,24 @@ def _decoded(fn, where: str):
     return decode
 
 
+_camera_info_to_camera = _decoded(ros_images.camera_info_to_camera, 'camera info')
 image_to_numpy = _decoded(ros_images.image_to_numpy, 'image')
 """Pixel array of an Image (step and endianness honoured): (H, W, C), or (H, W) for one channel."""
 color_to_rgb = _decoded(ros_images.color_to_rgb, 'colour image')
 """(H, W, 3) uint8 RGB (a new array) from rgb8, bgr8, rgba8, bgra8, mono8 / 8UC1 or 8UC3 (as RGB)."""
-depth_to_meters = _decoded(ros_images.depth_to_meters, 'depth image')
-"""(H, W) float32 metres (a new array) from 16UC1 / mono16 (mm) or 32FC1 (m); 0, NaN, inf -> 0."""
+labels_to_numpy = _decoded(ros_images.labels_to_numpy, 'label image')
+"""(H, W) semantic ids (a new array) from mono16 / 16UC1, mono8 / 8UC1 or 32SC1."""
+_depth_to_meters = _decoded(ros_images.depth_to_meters, 'depth image')
+
+
+def depth_to_meters(msg) -> np.ndarray:
+    """(H, W) float32 metres (a new array) from 16UC1 / mono16 (mm) or 32FC1 (m).
+
+    Invalid readings (0, NaN, +-inf, negative) all become 0, which the mapper ignores as "no reading".
+    """
+    depth = _depth_to_meters(msg)
+    depth[~((depth > 0) & (depth < np.inf))] = 0.0          # NaN compares False
+    return depth
 
 
 def numpy_to_image(arr: np.ndarray, encoding: str, header: Optional[Header] = None) -> Image:
@@ -103,14 +115,17 @@ def numpy_to_image(arr: np.ndarray, encoding: str, header: Optional[Header] = No
 
 # ---------------------------------------------------------------------------------------------------- camera
 def camera_info_to_camera(msg: CameraInfo) -> PinholeCamera:
-    """PinholeCamera from ``k`` (row-major 3x3), ``width`` and ``height`` (distortion is ignored)."""
-    if msg.width == 0 or msg.height == 0:
-        raise ConversionError(f'camera info has zero image size ({msg.width}x{msg.height}); is the camera calibrated?')
-    k = np.asarray(msg.k, dtype=np.float64).reshape(-1)
-    if k.size != 9 or not np.all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
-        raise ConversionError(f'camera info has invalid intrinsics k={k.tolist()}; fx=k[0] and fy=k[4] must be '
-                              f'finite and > 0 (an all-zero k means an uncalibrated camera)')
-    return PinholeCamera.from_matrix(k.reshape(3, 3), int(msg.width), int(msg.height))
+    """PinholeCamera from ``k`` (row-major 3x3), ``width`` and ``height`` (distortion is ignored).
+
+    Rejected with the reason (ConversionError): a zero width or height, a k with a NaN / inf entry or with
+    fx = k[0] or fy = k[4] <= 0 (an all-zero k is an uncalibrated camera), a principal point (cx, cy) = (k[2], k[5])
+    outside the open image rectangle (0, width) x (0, height).
+    """
+    cam = _camera_info_to_camera(msg)
+    if not (0.0 < cam.cx < cam.width and 0.0 < cam.cy < cam.height):
+        raise ConversionError(f'camera info: principal point (cx, cy) = ({cam.cx:g}, {cam.cy:g}) = (k[2], k[5]) '
+                              f'is not inside the {cam.width}x{cam.height} image; check the calibration')
+    return cam
 
 
 def camera_to_camera_info(cam: PinholeCamera, header: Optional[Header] = None) -> CameraInfo:
@@ -136,7 +151,7 @@ def pose_to_matrix(position: Sequence[float], orientation_xyzw: Sequence[float])
     if q.shape != (4,) or not np.all(np.isfinite(q)):
         raise ConversionError(f'pose orientation must be a quaternion of 4 finite numbers (x, y, z, w), '
                               f'got {q.tolist()}')
-    n = float(np.linalg.norm(q))
+    n = math.hypot(*q)                          # no overflow warning for huge entries
     if not 0.9 <= n <= 1.1:
         raise ConversionError(f'pose quaternion (x, y, z, w) = {q.tolist()} has norm {n:.4g}; expected a unit '
                               f'quaternion (norms in [0.9, 1.1] are normalised)')

@@ -29,6 +29,7 @@ from visualization_msgs.msg import MarkerArray
 from ov3d_ros.core.features import create_extractor
 from ov3d_ros.core.mapper import Frame, Mapper, resolve_device
 from ov3d_ros.ros import conversions as conv
+from ov3d_ros.ros.label_volume import LabelVolumeInterface
 from ov3d_ros.ros.map_persistence import MapPersistence
 from ov3d_ros.ros.params import declare, declare_config, read_config
 from ov3d_ros.srv import SegmentByText
@@ -68,7 +69,7 @@ class MappingNode(Node):
             class_names = CLASS_NAMES
             self.get_logger().warning('features.source=simulated: features come from ground-truth label images '
                                    '(labels/image), not from the camera. Use it for tests and demos only.')
-        extractor = create_extractor(cfg.features, device, class_names, cfg.query.templates)
+        extractor = create_extractor(cfg.features, device, class_names)
         self.mapper = Mapper(cfg, extractor)
         self.get_logger().info(f'feature source {extractor.name} (D={extractor.dim}, '
                                f'weights: {getattr(extractor, "weights", "n/a")}) on {device}')
@@ -119,9 +120,12 @@ class MappingNode(Node):
         self.create_timer(1.0, self.publish_status, MutuallyExclusiveCallbackGroup())
         if self.map_publish_rate_hz > 0:
             self.create_timer(1.0 / self.map_publish_rate_hz, self.publish_map, MutuallyExclusiveCallbackGroup())
-        self.create_service(SegmentByText, 'segment_by_text', self.on_segment,
+        # queue depth 100: concurrent callers beyond the default 10 pending requests would be dropped silently
+        self.create_service(SegmentByText, 'segment_by_text', self.on_segment, qos_profile=QoSProfile(depth=100),
                             callback_group=MutuallyExclusiveCallbackGroup())
         self.persistence = MapPersistence(self, self.mapper, self._lock)
+        self.label_volume = LabelVolumeInterface(self, self.mapper, self._lock, self.map_frame,
+                                                 self.map_cloud_max_points)
         self.get_logger().info(f'mapping in frame {self.map_frame!r}, pose from {self.pose_source}; '
                                'service segment_by_text ready')
 
@@ -137,8 +141,42 @@ class MappingNode(Node):
             self._depth.append(msg)
             self._depth_arrival.append(time.monotonic())
 
+    # Time stamp policy for depth frames, applied when a frame is taken for processing (README: Robustness).
+    STAMP_FUTURE_S = 60.0   # stamped more than this ahead of the node's clock (when the clock is set): dropped
+    STAMP_JUMP_S = 5.0      # older than the last processed frame by more: time jumped back (bag loop), accepted
+    _last_stamp: Optional[float] = None     # stamp of the last frame handed to the mapper
+    _camera_error = ''                      # why the latest camera info was rejected ('' = it was valid)
+
     def _on_camera_info(self, msg: CameraInfo) -> None:
+        """Keep the latest valid camera info; an invalid one is dropped (counted, logged) and the previous kept."""
+        try:
+            conv.camera_info_to_camera(msg)
+        except ValueError as e:
+            self._camera_error = str(e)
+            self._error(f'{e}; camera info dropped' + (', the previous one is kept' if self._camera_info else ''))
+            return
+        self._camera_error = ''
         self._camera_info = msg
+
+    def _check_stamp(self, t: float) -> None:
+        """Raise ValueError if a depth frame at ``t`` breaks the stamp policy; restart keyframe timing when time
+        jumped back (a looping bag, a restarted simulator)."""
+        if t <= 0.0:
+            raise ValueError('depth image has stamp 0 (header.stamp not set by its publisher); frame dropped')
+        now = self.get_clock().now().nanoseconds * 1e-9
+        if now > 0.0 and t - now > self.STAMP_FUTURE_S:
+            raise ValueError(f'depth image stamped {t - now:.1f} s ahead of this node\'s clock (limit '
+                             f'{self.STAMP_FUTURE_S:g} s); check the publisher\'s clock and use_sim_time; '
+                             'frame dropped')
+        last = self._last_stamp
+        if last is not None and t <= last:
+            if last - t <= self.STAMP_JUMP_S:
+                raise ValueError(f'depth image at {t:.3f} s is not newer than the last processed frame at '
+                                 f'{last:.3f} s: out-of-order or repeated frame dropped')
+            self.get_logger().warning(f'time jumped back {last - t:.1f} s (bag loop or clock reset): '
+                                      'keyframe timing restarts')
+            with self._lock:
+                self.mapper.keyframes.reset()
 
     def _error(self, reason: str) -> None:
         self.last_error = reason
@@ -173,20 +211,26 @@ class MappingNode(Node):
                                                  rclpy.time.Time.from_msg(depth.header.stamp))
         return self._nearest(self._poses, t, self.sync_slop_s) is not None
 
-    def _pose_at(self, depth: Image, t: float) -> Optional[np.ndarray]:
+    def _pose_at(self, depth: Image, t: float) -> np.ndarray:
+        """T_W_C of a depth image; ValueError naming the problem (no pose, NaN or zero quaternion, ...)."""
         if self._tf_buffer is not None:
             import rclpy.time
             try:
-                tf = self._tf_buffer.lookup_transform(self.map_frame, depth.header.frame_id,
-                                                      rclpy.time.Time.from_msg(depth.header.stamp))
+                msg = self._tf_buffer.lookup_transform(self.map_frame, depth.header.frame_id,
+                                                       rclpy.time.Time.from_msg(depth.header.stamp))
             except Exception as e:  # tf2 raises several exception types
                 raise ValueError(f'no transform {self.map_frame} → {depth.header.frame_id} at {t:.3f}: {e}')
-            return conv.pose_msg_to_matrix(tf)
-        with self._in_lock:
-            msg = self._nearest(self._poses, t, self.sync_slop_s)
-        if msg is None:
-            raise ValueError(f'no pose within {self.sync_slop_s} s of the depth image at {t:.3f}')
-        return conv.pose_msg_to_matrix(msg) @ self.T_P_C
+            T_P_C = np.eye(4)
+        else:
+            with self._in_lock:
+                msg = self._nearest(self._poses, t, self.sync_slop_s)
+            if msg is None:
+                raise ValueError(f'no pose within {self.sync_slop_s} s of the depth image at {t:.3f}')
+            T_P_C = self.T_P_C
+        try:
+            return conv.pose_msg_to_matrix(msg) @ T_P_C
+        except ValueError as e:
+            raise ValueError(f'camera pose at {t:.3f} s rejected: {e}; frame dropped') from None
 
     def _next_frame(self) -> Optional[Frame]:
         """Pop the newest depth image whose partners arrived; older depth images are superseded."""
@@ -213,11 +257,18 @@ class MappingNode(Node):
                                      'check topics and stamps')
                 return None
         if self._camera_info is None:
-            raise ValueError('no camera info received yet on color/camera_info; frame skipped')
+            raise ValueError('no valid camera info received yet on color/camera_info; frame skipped'
+                             + (f' (the last one was rejected: {self._camera_error})' if self._camera_error else ''))
+        self._check_stamp(t)
         camera = conv.camera_info_to_camera(self._camera_info)
         T_W_C = self._pose_at(depth, t)
-        lab = conv.image_to_numpy(labels) if labels is not None else None
-        return Frame(conv.color_to_rgb(color), conv.depth_to_meters(depth), camera, T_W_C, t, lab)
+        depth_m = conv.depth_to_meters(depth)
+        m = self.mapper.cfg.map
+        if not np.any((depth_m >= m.min_depth_m) & (depth_m <= m.max_depth_m)):
+            raise ValueError(f'depth image at {t:.3f} s has no valid pixel (all 0, NaN, inf, negative or outside '
+                             f'[{m.min_depth_m:g}, {m.max_depth_m:g}] m); frame dropped')
+        lab = conv.labels_to_numpy(labels) if labels is not None else None
+        return Frame(conv.color_to_rgb(color), depth_m, camera, T_W_C, t, lab)
 
     # ------------------------------------------------------------------ processing
     def tick(self) -> None:
@@ -229,6 +280,7 @@ class MappingNode(Node):
             self.stats['frames'] += 1
             with self._lock:
                 integrated = self.mapper.integrate(frame)
+            self._last_stamp = frame.stamp_s
             if integrated:
                 self.stats['keyframes'] += 1
                 self._kf_times.append(self.mapper.timings_s['total'])
@@ -249,15 +301,21 @@ class MappingNode(Node):
             response.cloud = conv.make_pointcloud2(seg.xyz, seg.rgb, seg.scores, self.map_frame, stamp)
             response.scores = seg.scores.astype(np.float32).tolist()
             response.success = True
-            response.message = (f'{len(seg.scores)} voxels match {request.text.strip()!r} '
-                                f'({1e3 * (time.perf_counter() - t0):.0f} ms)')
+            response.message = (f'{len(seg.scores)} voxels match {self._short(request.text)!r} from the '
+                                f'{seg.source} ({1e3 * (time.perf_counter() - t0):.0f} ms)')
             self.seg_pub.publish(response.cloud)
-            self.marker_pub.publish(self._markers(seg.xyz, request.text.strip(), stamp))
+            self.marker_pub.publish(self._markers(seg.xyz, self._short(request.text), stamp))
         except Exception as e:
             response.success = False
             response.message = str(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'
-            self.get_logger().warning(f'segment_by_text({request.text!r}) failed: {response.message}')
+            self.get_logger().warning(f'segment_by_text({self._short(request.text)!r}) failed: {response.message}')
         return response
+
+    @staticmethod
+    def _short(text: str, n: int = 60) -> str:
+        """``text`` on one line (control characters and whitespace runs as one space), cut to ``n`` characters."""
+        text = ' '.join(''.join(c if c.isprintable() else ' ' for c in text[:4 * n]).split())
+        return text if len(text) <= n else text[:n - 3] + '...'
 
     def _markers(self, xyz: np.ndarray, label: str, stamp) -> MarkerArray:
         if len(xyz) == 0:

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import fields
 
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 
 from ov3d_ros.core.config import MapperConfig, field_docs
 
@@ -21,7 +23,9 @@ def declare_config(node: Node, cfg: MapperConfig) -> None:
         for f in fields(sub):
             default = getattr(sub, f.name)
             desc = ParameterDescriptor(description=docs.get(f.name, ''), type=_TYPES[type(default)])
-            node.declare_parameter(f'{section.name}.{f.name}', default, desc)
+            # rclpy cannot tell the type of an empty list: declare it typed and unset (read back as [])
+            value = Parameter.Type.STRING_ARRAY if default == [] else default
+            node.declare_parameter(f'{section.name}.{f.name}', value, desc)
 
 
 def read_config(node: Node) -> MapperConfig:
@@ -30,7 +34,10 @@ def read_config(node: Node) -> MapperConfig:
     for section in fields(cfg):
         sub = getattr(cfg, section.name)
         for f in fields(sub):
-            value = node.get_parameter(f'{section.name}.{f.name}').value
+            try:
+                value = node.get_parameter(f'{section.name}.{f.name}').value
+            except ParameterUninitializedException:     # a typed, unset list (empty default)
+                value = []
             setattr(sub, f.name, list(value) if isinstance(value, (list, tuple)) else value)
     return cfg
 

@@ -1,5 +1,6 @@
 """Dense CLIP extractor and offline weight resolution, on a randomly initialised ViT-B-16 (no weights offline)."""
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip('open_clip')
 
 from ov3d_ros.core.config import FeatureConfig  # noqa: E402
-from ov3d_ros.core.features.clip_dense import (DENSE_MODES, OpenClipDenseExtractor, interpolate_pos_embed,  # noqa: E402
-                                               neighbourhood_bias)
+from ov3d_ros.core.features.clip_dense import (DENSE_MODES, OpenClipDenseExtractor, check_config,  # noqa: E402
+                                               interpolate_pos_embed, neighbourhood_bias, window_starts)
 from ov3d_ros.core.features.weights import WeightsNotFoundError, load_weights, resolve_weights  # noqa: E402
 
 
@@ -29,8 +30,12 @@ def image():
     return img
 
 
-def set_mode(ext, monkeypatch, mode):
-    monkeypatch.setattr(ext, 'dense_mode', mode)
+def configure(ext, monkeypatch, mode=None, **cfg):
+    """Switch the shared extractor's dense mode and config fields for one test (restored afterwards)."""
+    if mode is not None:
+        monkeypatch.setattr(ext, 'dense_mode', mode)
+    for key, value in cfg.items():
+        monkeypatch.setattr(ext.cfg, key, value)
 
 
 def test_attributes(ext):
@@ -39,22 +44,51 @@ def test_attributes(ext):
     assert ext.device == torch.device('cpu') and ext.visual.conv1.weight.dtype == torch.float32
 
 
+def test_check_config():
+    check_config(FeatureConfig(dense_mode='sclip', window_px=224, window_stride_px=112))
+    for bad in ({'dense_mode': 'nope'}, {'window_px': -1}, {'window_stride_px': -16}, {'image_short_side': 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            check_config(FeatureConfig(**bad))
+    with pytest.raises(ValueError, match='dense_mode'):
+        OpenClipDenseExtractor(FeatureConfig(pretrained='none', dense_mode='sclip2'))
+
+
+def test_reconfigure(ext, image, monkeypatch):
+    cfg = ext.cfg
+    monkeypatch.setattr(ext, 'cfg', cfg)  # restored with dense_mode after the test
+    monkeypatch.setattr(ext, 'dense_mode', ext.dense_mode)
+    before = ext.extract(image)
+    ext.reconfigure(dataclasses.replace(cfg, dense_mode='sclip', image_short_side=64))
+    assert ext.name == 'clip:ViT-B-16:sclip' and ext.extract(image).shape == (4, 5, 512)
+    ext.reconfigure(cfg)
+    assert ext.name == 'clip:ViT-B-16:naclip' and torch.equal(ext.extract(image), before)
+    for bad in ({'model': 'ViT-B-32'}, {'pretrained': 'openai'}, {'window_px': -1}):
+        with pytest.raises(ValueError):
+            ext.reconfigure(dataclasses.replace(cfg, **bad))
+    assert ext.cfg is cfg
+
+
+@pytest.mark.parametrize('mode', DENSE_MODES)
 @pytest.mark.parametrize('short_side, grid', [(64, (4, 5)), (96, (6, 8))])
-def test_shape_unit_norm_deterministic(ext, image, monkeypatch, short_side, grid):
-    monkeypatch.setattr(ext.cfg, 'image_short_side', short_side)
-    assert ext.preprocess([image]).shape == (1, 3, grid[0] * 16, grid[1] * 16)
+def test_shape_unit_norm_deterministic(ext, image, monkeypatch, mode, short_side, grid):
+    configure(ext, monkeypatch, mode, image_short_side=short_side)
+    assert ext.preprocess([image]).shape == (1, 3, grid[0] * 16, grid[1] * 16)  # stride 16 grid over the image
     f = ext.extract(image)
     assert f.shape == (*grid, 512) and f.dtype == torch.float32 and f.device == ext.device
     assert torch.allclose(f.norm(dim=-1), torch.ones(grid), atol=1e-5)
     assert torch.equal(f, ext.extract(image))
 
 
-def test_extract_batch_matches_single(ext, image):
-    other = np.ascontiguousarray(image[::-1])
-    batch = ext.extract_batch([image, other])
-    assert batch.shape == (2, 6, 8, 512)
-    assert torch.allclose(batch[0], ext.extract(image), atol=1e-5)
-    assert torch.allclose(batch[1], ext.extract(other), atol=1e-5)
+@pytest.mark.parametrize('mode', DENSE_MODES)
+@pytest.mark.parametrize('window_px', [0, 64])
+def test_extract_batch_matches_single(ext, image, monkeypatch, mode, window_px):
+    configure(ext, monkeypatch, mode, window_px=window_px)
+    others = [np.ascontiguousarray(image[::-1]), np.ascontiguousarray(image[:, ::-1])]
+    batch = ext.extract_batch([image, *others])
+    assert batch.shape == (3, 6, 8, 512)
+    for b, img in zip(batch, [image, *others]):
+        assert torch.allclose(b, ext.extract(img), atol=1e-5)
+    assert not torch.allclose(batch[0], batch[1], atol=1e-3)
     with pytest.raises(ValueError):
         ext.extract_batch([image, image[:64]])
 
@@ -74,21 +108,52 @@ def test_neighbourhood_bias():
     assert np.allclose(b[1:, 1:].numpy(), np.exp(-d2 / 50.0), atol=1e-6)
 
 
+def formula_last_block(blk, x, mode, grid):
+    """Each mode's last block written out per head: out_proj(A v) with A from the papers' formulas."""
+    C, heads = x.shape[-1], blk.attn.num_heads
+    y, w, b = blk.ln_1(x[0]), blk.attn.in_proj_weight, blk.attn.in_proj_bias
+    q, k, v = [(y @ w[i * C:(i + 1) * C].T + b[i * C:(i + 1) * C]).view(-1, heads, C // heads).transpose(0, 1)
+               for i in range(3)]  # each (heads, N, C/heads)
+
+    def softmax_sim(a, bias=0.0):
+        return torch.softmax(a @ a.transpose(1, 2) / (C // heads) ** 0.5 + bias, dim=-1)
+
+    attn = {'maskclip': lambda: torch.eye(len(y)), 'clearclip': lambda: softmax_sim(q),
+            'naclip': lambda: softmax_sim(k, neighbourhood_bias(*grid)),
+            'sclip': lambda: softmax_sim(q) + softmax_sim(k)}[mode]()
+    return blk.attn.out_proj((attn @ v).transpose(0, 1).reshape(len(y), C))[None]
+
+
+@pytest.mark.parametrize('mode', DENSE_MODES)
+def test_last_block_formula_on_tiny_input(ext, monkeypatch, mode):
+    configure(ext, monkeypatch, mode)
+    x = torch.randn(1, 1 + 2 * 3, 768, generator=torch.Generator().manual_seed(2))  # class token + 2 x 3 grid
+    blk = ext.visual.transformer.resblocks[-1]
+    with torch.no_grad():
+        assert torch.allclose(ext._dense_block(blk, x, (2, 3)), formula_last_block(blk, x, mode, (2, 3)), atol=1e-5)
+
+
 def reference_last_block(blk, x, mode, grid):
-    """The dense last block rebuilt from a stock nn.MultiheadAttention whose projections are swapped."""
-    attn, C = copy.deepcopy(blk.attn), x.shape[-1]
-    w, b = attn.in_proj_weight.data, attn.in_proj_bias.data
+    """The dense last block rebuilt from stock nn.MultiheadAttention modules whose projections are swapped."""
+    C = x.shape[-1]
     y = blk.ln_1(x)
     if mode == 'maskclip':
-        return attn.out_proj(F.linear(y, w[2 * C:], b[2 * C:]))
-    src = slice(0, C) if mode == 'clearclip' else slice(C, 2 * C)  # q-q or k-k attention
-    w[:2 * C], b[:2 * C] = w[src].repeat(2, 1), b[src].repeat(2)
-    mask = neighbourhood_bias(*grid) if mode == 'naclip' else None
-    return attn(y, y, y, need_weights=False, attn_mask=mask)[0]
+        w, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
+        return blk.attn.out_proj(F.linear(y, w[2 * C:], b[2 * C:]))
+
+    def attention(src, mask=None):  # src: q-q (0) or k-k (1) attention
+        attn = copy.deepcopy(blk.attn)
+        w, b = attn.in_proj_weight.data, attn.in_proj_bias.data
+        w[:2 * C], b[:2 * C] = w[src * C:(src + 1) * C].repeat(2, 1), b[src * C:(src + 1) * C].repeat(2)
+        return attn(y, y, y, need_weights=False, attn_mask=mask)[0]
+
+    if mode == 'sclip':  # out_proj(A_q v + A_k v): the two attention outputs less one out_proj bias
+        return attention(0) + attention(1) - blk.attn.out_proj.bias
+    return attention(0) if mode == 'clearclip' else attention(1, neighbourhood_bias(*grid))
 
 
 def test_modes_change_only_the_last_block(ext, monkeypatch):
-    monkeypatch.setattr(ext.cfg, 'image_short_side', 224)
+    configure(ext, monkeypatch, image_short_side=224)
     img = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)  # native grid 14 x 14
     x = ext.preprocess([img])
     blocks = ext.visual.transformer.resblocks
@@ -98,12 +163,12 @@ def test_modes_change_only_the_last_block(ext, monkeypatch):
     try:
         feats = {}
         for mode in DENSE_MODES:
-            set_mode(ext, monkeypatch, mode)
+            configure(ext, monkeypatch, mode)
             feats[mode] = ext.forward_dense(x)[0]
     finally:
         for h in hooks:
             h.remove()
-    assert not mlp_calls  # no FFN in the last block
+    assert not mlp_calls and len(captured) == len(DENSE_MODES)  # no FFN in the last block
     # blocks 0..n-2: identical across modes and equal to the stock open_clip model's intermediate
     assert all(torch.equal(c, captured[0]) for c in captured)
     with torch.no_grad():
@@ -117,8 +182,67 @@ def test_modes_change_only_the_last_block(ext, monkeypatch):
             ref = ext.visual.ln_post(reference_last_block(blocks[-1], captured[0], mode, (14, 14))[:, 1:])
             ref = F.normalize(ref @ ext.visual.proj, dim=-1).reshape(14, 14, 512)
         assert torch.allclose(f, ref, atol=1e-4), mode
-    for a, b in [('naclip', 'clearclip'), ('naclip', 'maskclip'), ('clearclip', 'maskclip')]:
-        assert not torch.allclose(feats[a], feats[b], atol=1e-3)
+    for i, a in enumerate(DENSE_MODES):
+        for b in DENSE_MODES[i + 1:]:
+            assert not torch.allclose(feats[a], feats[b], atol=1e-3), (a, b)
+
+
+def test_window_starts():
+    assert window_starts(8, 4, 2) == [0, 2, 4]
+    assert window_starts(7, 4, 2) == [0, 2, 3]  # the last window flush with the end
+    assert window_starts(8, 6, 4) == [0, 2]
+    assert window_starts(6, 6, 3) == [0] and window_starts(5, 8, 2) == [0]  # one window covers the axis
+
+
+@pytest.mark.parametrize('window_px, stride_px, layout', [
+    (0, 0, None),
+    (64, 0, ((4, 4), [(0, 0), (0, 2), (0, 4), (2, 0), (2, 2), (2, 4)])),  # default step: half a window
+    (70, 50, ((4, 4), [(0, 0), (0, 3), (0, 4), (2, 0), (2, 3), (2, 4)])),  # rounded to whole patches
+    (96, 0, ((6, 6), [(0, 0), (0, 2)])),  # as tall as the image
+    (32, 500, ((2, 2), [(y, x) for y in (0, 2, 4) for x in (0, 2, 4, 6)])),  # step at most a window
+    (448, 0, None),  # larger than the image: whole image
+])
+def test_window_layout(ext, monkeypatch, window_px, stride_px, layout):
+    configure(ext, monkeypatch, window_px=window_px, window_stride_px=stride_px)
+    assert ext.window_layout(6, 8) == layout
+
+
+@pytest.mark.parametrize('mode', ['naclip', 'sclip'])
+def test_windows_stitched_and_averaged(ext, image, monkeypatch, mode):
+    configure(ext, monkeypatch, mode, window_stride_px=32)
+    whole = ext.extract(image)
+    monkeypatch.setattr(ext.cfg, 'window_px', 64)
+    f = ext.extract(image)
+    assert f.shape == whole.shape == (6, 8, 512)  # the whole-image grid and stride
+    assert torch.allclose(f.norm(dim=-1), torch.ones(6, 8), atol=1e-5)
+    assert not torch.allclose(f, whole, atol=1e-3)
+    # by construction: each 4 x 4 window (64 px) through the ViT alone, tokens averaged where windows overlap
+    x, total, count = ext.preprocess([image]), torch.zeros(6, 8, 512), torch.zeros(6, 8, 1)
+    for y in (0, 2):
+        for c in (0, 2, 4):
+            total[y:y + 4, c:c + 4] += ext.forward_vit(x[:, :, 16 * y:16 * (y + 4), 16 * c:16 * (c + 4)])[0]
+            count[y:y + 4, c:c + 4] += 1
+    assert count.min() == 1 and count.max() == 4
+    assert torch.allclose(f, F.normalize(total / count, dim=-1), atol=1e-5)
+
+
+def test_window_covering_the_image_is_whole_image_inference(ext, image, monkeypatch):
+    square = np.ascontiguousarray(image[:, :96])
+    whole = {'square': ext.extract(square), 'image': ext.extract(image)}
+    configure(ext, monkeypatch, window_px=96)
+    assert torch.equal(ext.extract(square), whole['square'])
+    configure(ext, monkeypatch, window_px=448)  # larger than the image: clipped to it
+    assert torch.equal(ext.extract(image), whole['image'])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_fp16_on_cuda_matches_cpu(ext, image):
+    gpu = OpenClipDenseExtractor(copy.deepcopy(ext.cfg), 'cuda')
+    gpu.model.load_state_dict(ext.model.state_dict())
+    assert gpu.visual.conv1.weight.dtype == torch.float16
+    f = gpu.extract_batch([image, image])
+    assert f.dtype == torch.float32 and f.shape == (2, 6, 8, 512)
+    assert (f[0].cpu() * ext.extract(image)).sum(-1).min() > 0.99
 
 
 def test_encode_text(ext):

@@ -5,6 +5,7 @@ import pytest
 from ov3d_ros.core.camera import PinholeCamera
 from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.features import create_extractor
+from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.mapper import Frame, Mapper
 
 NAMES = ['unlabeled', 'wall', 'chair', 'plant']
@@ -17,7 +18,7 @@ def mapper():
     cfg.features.sim_patch_px = 4
     cfg.map.voxel_size_m = 0.1
     cfg.map.pixel_stride = 1
-    return Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES, cfg.query.templates))
+    return Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
 
 
 def wall_frame():
@@ -82,10 +83,9 @@ def test_integrate_rejects_mismatched_frames(mapper):
 def test_label_points_nearest_voxel_and_unobserved(mapper):
     if len(mapper.map) == 0:
         mapper.integrate(wall_frame(), force=True)
-    emb = mapper.embed_texts(NAMES[1:])
     # a point on the chair part of the wall, one on the plant part, one far away (unobserved)
     pts = np.array([[-0.8, 0.5, 2.0], [0.8, 0.5, 2.0], [0.0, 0.0, 9.0]])
-    assert mapper.label_points(pts, emb).tolist() == [1, 2, -1]   # indices into NAMES[1:]
+    assert mapper.label_points(pts, mapper.voxel_labels(NAMES[1:])).tolist() == [1, 2, -1]   # into NAMES[1:]
 
 
 def test_save_and_reload_answer_identically(mapper, tmp_path):
@@ -127,7 +127,7 @@ def test_purified_map_answers_queries(mode):
     cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
     cfg.map.voxel_size_m, cfg.map.pixel_stride = 0.1, 1
     cfg.purify.enabled, cfg.purify.mode, cfg.purify.iterations = True, mode, 4
-    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES, cfg.query.templates))
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
     assert m.integrate(wall_frame())
     raw, pooled = m.map.features[:len(m.map)].float(), m.query_features().float()
     assert pooled.shape == raw.shape and not np.allclose(pooled.numpy(), raw.numpy())
@@ -144,7 +144,7 @@ def test_voxel_budget_evicts_farthest_from_the_camera(purify):
     cfg = MapperConfig()
     cfg.features.source, cfg.map.device, cfg.map.max_voxels = 'simulated', 'cpu', 3000
     cfg.purify.enabled, cfg.purify.iterations = purify, 3
-    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES, cfg.query.templates))
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
     scene, cam = builtin_scene(0), default_camera(96, 72)
     sizes = []
     for i, T in enumerate(builtin_trajectory(scene, 10, 0)):
@@ -161,3 +161,43 @@ def test_voxel_budget_evicts_farthest_from_the_camera(purify):
     assert m.evict(pos.numpy(), 1000) == len(centres) - 1000
     assert set(m.map.keys[:m.map.size].tolist()) == nearest
     assert len(m.segment('floor').xyz) > 0
+
+
+class ColourFeatures(FeatureExtractor):
+    """A tiny real-image feature source: each 8x8 cell's mean colour as a unit 3-vector (batched or not)."""
+    name, dim, uses_templates = 'colour', 3, False
+    batches = 0
+
+    def extract(self, rgb, labels=None):
+        return self.extract_batch([rgb])[0]
+
+    def extract_batch(self, images):
+        import torch
+        type(self).batches += 1
+        x = torch.from_numpy(np.stack(images)).float()
+        B, H, W, _ = x.shape
+        cells = x.reshape(B, H // 8, 8, W // 8, 8, 3).mean(dim=(2, 4)) + 1.0
+        return torch.nn.functional.normalize(cells, dim=-1)
+
+    def encode_text(self, texts):
+        raise NotImplementedError
+
+
+def test_integrate_batch_extracts_keyframes_together_and_matches_one_by_one():
+    import torch
+    frames = []
+    for i in range(4):
+        f = wall_frame()
+        f.rgb[..., 1] = 60 * i
+        f.T_W_C = np.eye(4)
+        f.T_W_C[0, 3] = 0.2 * (i // 2)        # frames 0-1 and 2-3 share a pose: 2 keyframes
+        f.labels, f.stamp_s = None, 0.01 * i
+        frames.append(f)
+    cfg = MapperConfig()
+    cfg.map.voxel_size_m, cfg.keyframes.max_interval_s = 0.1, 0.0
+    one, batch = Mapper(cfg, ColourFeatures()), Mapper(cfg, ColourFeatures())
+    assert sum(one.integrate(f) for f in frames) == 2
+    ColourFeatures.batches = 0
+    assert batch.integrate_batch(frames) == 2 and ColourFeatures.batches == 1
+    assert batch.num_keyframes == 2 and torch.equal(batch.map.keys[:batch.map.size], one.map.keys[:one.map.size])
+    assert torch.allclose(batch.map.features[:batch.map.size].float(), one.map.features[:one.map.size].float())

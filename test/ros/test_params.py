@@ -14,13 +14,19 @@ def test_config_round_trips_through_ros_parameters():
     try:
         node = rclpy.create_node('params_test', context=ctx, parameter_overrides=[
             Parameter('map.voxel_size_m', value=0.1), Parameter('features.source', value='simulated'),
-            Parameter('query.default_negatives', value=['wall', 'door'])])
+            Parameter('query.default_negatives', value=['wall', 'door']),
+            Parameter('labels.vocabulary', value=['chair', 'sofa'])])
         declare_config(node, MapperConfig())
         cfg = read_config(node)
         assert cfg.map.voxel_size_m == 0.1
         assert cfg.features.source == 'simulated'
         assert cfg.query.default_negatives == ['wall', 'door']
+        assert cfg.labels.vocabulary == ['chair', 'sofa']
         assert cfg.map.max_depth_m == MapperConfig().map.max_depth_m
+        unset = rclpy.create_node('params_test2', context=ctx)   # an empty list default reads back as []
+        declare_config(unset, MapperConfig())
+        assert read_config(unset).labels.vocabulary == []
+        unset.destroy_node()
         desc = node.describe_parameter('map.voxel_size_m')
         assert 'voxel' in desc.description
         node.destroy_node()

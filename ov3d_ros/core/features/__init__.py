@@ -7,13 +7,12 @@ import torch
 
 from ov3d_ros.core.config import FeatureConfig
 from ov3d_ros.core.features.base import FeatureExtractor
-from ov3d_ros.core.text import DEFAULT_TEMPLATES
 
 SOURCES = ('clip', 'simulated')
 
 
-def create_extractor(cfg: FeatureConfig, device: torch.device | str = 'cpu', class_names: Optional[Sequence[str]] = None,
-                     templates: Sequence[str] = DEFAULT_TEMPLATES) -> FeatureExtractor:
+def create_extractor(cfg: FeatureConfig, device: torch.device | str = 'cpu',
+                     class_names: Optional[Sequence[str]] = None) -> FeatureExtractor:
     """Build the feature source named by ``cfg.source``.
 
     Raises ``WeightsNotFoundError`` (a RuntimeError) when CLIP weights cannot be loaded, and ValueError for
@@ -26,7 +25,7 @@ def create_extractor(cfg: FeatureConfig, device: torch.device | str = 'cpu', cla
         if not class_names:
             raise ValueError('features.source=simulated needs the class names of the label images')
         from ov3d_ros.core.features.simulated import SimulatedLabelFeatures
-        return SimulatedLabelFeatures(cfg, class_names, device, templates)
+        return SimulatedLabelFeatures(cfg, class_names, device)
     raise ValueError(f'unknown features.source {cfg.source!r}; expected one of {SOURCES}')
 
 

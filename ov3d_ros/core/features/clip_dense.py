@@ -2,15 +2,19 @@
 
 All blocks but the last run unchanged; the last block is replaced by one of
   * 'naclip'    (NACLIP, Hajimiri et al. 2025): k-k attention plus a Gaussian neighbourhood bias over the patch grid,
+  * 'sclip'     (SCLIP, Wang et al. 2024): correlative attention, (softmax(q q^T) + softmax(k k^T)) v,
   * 'clearclip' (ClearCLIP, Lan et al. 2024): q-q attention,
   * 'maskclip'  (MaskCLIP, Zhou et al. 2022): the value embedding alone,
 each followed by the attention's output projection, without residual connection and without FFN. Every patch token
 then goes through ``ln_post`` and ``proj`` into the joint image-text space.
+
+With ``window_px`` set, the resized image is cut into overlapping square windows (sliding-window inference); each
+runs through the ViT at its own token grid and the window grids are stitched back, overlapping tokens averaged.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,9 +22,9 @@ import torch.nn.functional as F
 
 from ov3d_ros.core.config import FeatureConfig
 from ov3d_ros.core.features.base import FeatureExtractor
-from ov3d_ros.core.features.weights import WeightsNotFoundError, load_weights, uses_quick_gelu
+from ov3d_ros.core.features.weights import WeightsNotFoundError, load_weights, resolve_weights, uses_quick_gelu
 
-DENSE_MODES = ('naclip', 'clearclip', 'maskclip')
+DENSE_MODES = ('naclip', 'sclip', 'clearclip', 'maskclip')
 NACLIP_STD = 5.0
 """Std of NACLIP's Gaussian neighbourhood bias, in patches."""
 
@@ -41,15 +45,34 @@ def neighbourhood_bias(gh: int, gw: int, std: float = NACLIP_STD) -> torch.Tenso
     return F.pad(bias, (1, 0, 1, 0))
 
 
+def window_starts(size: int, window: int, step: int) -> List[int]:
+    """Offsets of windows of length ``window`` every ``step`` along an axis of length ``size``, the last one flush
+    with the end (so every position is covered); [0] when one window covers the axis."""
+    if window >= size:
+        return [0]
+    starts = list(range(0, size - window + 1, step))
+    return starts if starts[-1] == size - window else starts + [size - window]
+
+
+def check_config(cfg: FeatureConfig) -> None:
+    """Raise ValueError for settings of ``cfg`` the dense extractor cannot use."""
+    if cfg.dense_mode not in DENSE_MODES:
+        raise ValueError(f'features.dense_mode must be one of {DENSE_MODES}, got {cfg.dense_mode!r}')
+    if cfg.image_short_side < 1 or cfg.window_px < 0 or cfg.window_stride_px < 0:
+        raise ValueError(f'features.image_short_side must be positive and window_px, window_stride_px >= 0; got '
+                         f'{cfg.image_short_side}, {cfg.window_px}, {cfg.window_stride_px}')
+
+
 class OpenClipDenseExtractor(FeatureExtractor):
     """Dense CLIP features (h, w, D) from an open_clip ViT (e.g. ViT-B-16: stride 16, D 512).
 
     Args:
-        cfg: feature config (model, pretrained, cache_dir, dense_mode, image_short_side).
+        cfg: feature config (model, pretrained, cache_dir, dense_mode, image_short_side, window_px,
+            window_stride_px).
         device: torch device; fp16 on CUDA, fp32 otherwise.
     Raises:
         WeightsNotFoundError: the weights named by ``cfg.pretrained`` are not available locally.
-        ValueError: unknown dense mode, or a model that is not an open_clip VisionTransformer.
+        ValueError: unknown dense mode, bad sizes, or a model that is not an open_clip VisionTransformer.
     """
 
     simulated = False
@@ -57,8 +80,8 @@ class OpenClipDenseExtractor(FeatureExtractor):
     def __init__(self, cfg: FeatureConfig, device: torch.device | str = 'cpu'):
         import open_clip
         os.environ.setdefault('HF_HUB_OFFLINE', '1')  # never reach for the network (e.g. HF tokenizers)
-        if cfg.dense_mode not in DENSE_MODES:
-            raise ValueError(f'features.dense_mode must be one of {DENSE_MODES}, got {cfg.dense_mode!r}')
+        check_config(cfg)
+        resolve_weights(cfg.model, cfg.pretrained, cfg.cache_dir)  # fail fast, before building the model
         self.cfg, self.dense_mode = cfg, cfg.dense_mode
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == 'cuda' else torch.float32
@@ -80,6 +103,14 @@ class OpenClipDenseExtractor(FeatureExtractor):
         self._pos_cache: dict = {}
         self._bias_cache: dict = {}
 
+    def reconfigure(self, cfg: FeatureConfig) -> None:
+        """Take the dense mode and image/window sizes of ``cfg`` without reloading the model; raises ValueError when
+        ``cfg`` names another model or other weights, or has bad settings."""
+        if (cfg.model, cfg.pretrained, cfg.cache_dir) != (self.cfg.model, self.cfg.pretrained, self.cfg.cache_dir):
+            raise ValueError('reconfigure keeps the model and weights; create a new extractor for other ones')
+        check_config(cfg)
+        self.cfg, self.dense_mode = cfg, cfg.dense_mode
+
     @property
     def name(self) -> str:
         return f'clip:{self.cfg.model}:{self.dense_mode}'
@@ -88,6 +119,17 @@ class OpenClipDenseExtractor(FeatureExtractor):
         """(h, w) patch grid of an image of this size after resizing its short side to ``image_short_side``."""
         s, p = self.cfg.image_short_side / min(height, width), self.stride
         return max(1, round(height * s / p)), max(1, round(width * s / p))
+
+    def window_layout(self, gh: int, gw: int) -> Optional[Tuple[Tuple[int, int], List[Tuple[int, int]]]]:
+        """Sliding windows over a (gh, gw) token grid: ((wh, ww) window size, [(y, x) offsets]), all in patches;
+        None for whole-image inference (``window_px`` 0, or one window covering the whole grid)."""
+        if self.cfg.window_px <= 0:
+            return None
+        win = max(1, round(self.cfg.window_px / self.stride))
+        step = round(self.cfg.window_stride_px / self.stride) if self.cfg.window_stride_px else win // 2
+        step = min(win, max(1, step))
+        offsets = [(y, x) for y in window_starts(gh, win, step) for x in window_starts(gw, win, step)]
+        return ((min(win, gh), min(win, gw)), offsets) if len(offsets) > 1 else None
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, 3, h*stride, w*stride) normalised ViT input of same-size (H, W, 3) uint8 RGB images."""
@@ -119,6 +161,8 @@ class OpenClipDenseExtractor(FeatureExtractor):
             .view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)  # each (B, heads, N, C/heads)
         if self.dense_mode == 'maskclip':
             out = v
+        elif self.dense_mode == 'sclip':
+            out = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
         elif self.dense_mode == 'clearclip':
             out = F.scaled_dot_product_attention(q, q, v)
         elif self.dense_mode == 'naclip':
@@ -128,8 +172,8 @@ class OpenClipDenseExtractor(FeatureExtractor):
         return attn.out_proj(out.transpose(1, 2).reshape(B, N, C))
 
     @torch.no_grad()
-    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, D) L2-normalised float features of a preprocessed (B, 3, H', W') batch."""
+    def forward_vit(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) L2-normalised float features of a preprocessed (B, 3, H', W') batch in one ViT pass."""
         v = self.visual
         t = v.conv1(x)
         B, C, gh, gw = t.shape
@@ -145,8 +189,25 @@ class OpenClipDenseExtractor(FeatureExtractor):
         t = v.ln_post(t[:, 1:]) @ v.proj
         return F.normalize(t.float(), dim=-1).reshape(B, gh, gw, -1)
 
+    @torch.no_grad()
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) L2-normalised float features of a preprocessed (B, 3, H', W') batch: one ViT pass, or
+        sliding windows (those of all images in one ViT batch) whose overlapping tokens are averaged."""
+        B, p = x.shape[0], self.stride
+        gh, gw = x.shape[2] // p, x.shape[3] // p
+        layout = self.window_layout(gh, gw)
+        if layout is None:
+            return self.forward_vit(x)
+        (wh, ww), offsets = layout
+        crops = torch.stack([x[:, :, y * p:(y + wh) * p, c * p:(c + ww) * p] for y, c in offsets], 1)
+        f = self.forward_vit(crops.flatten(0, 1)).view(B, len(offsets), wh, ww, -1)
+        out = f.new_zeros(B, gh, gw, f.shape[-1])
+        for i, (y, c) in enumerate(offsets):
+            out[:, y:y + wh, c:c + ww] += f[:, i]
+        return F.normalize(out, dim=-1)  # the normalised sum of unit vectors is the normalised mean
+
     def extract_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """(B, h, w, D) features of same-size (H, W, 3) uint8 RGB images."""
+        """(B, h, w, D) features of same-size (H, W, 3) uint8 RGB images (batched keyframes)."""
         return self.forward_dense(self.preprocess(images))
 
     def extract(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> torch.Tensor:
@@ -158,5 +219,5 @@ class OpenClipDenseExtractor(FeatureExtractor):
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
-__all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'interpolate_pos_embed',
-           'neighbourhood_bias']
+__all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'check_config', 'interpolate_pos_embed',
+           'neighbourhood_bias', 'window_starts']

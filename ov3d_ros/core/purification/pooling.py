@@ -11,7 +11,7 @@ touched region, not on the map size. ``mode='whole'`` re-pools everything at onc
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -113,10 +113,12 @@ class GeometryPooling:
         nbr = neighbour_rows(vmap, touched, ball_offsets(self.cfg.margin_vox, vmap.device))
         return torch.unique(torch.cat([touched, nbr[nbr >= 0]]))
 
-    def update(self, vmap: VoxelFeatureMap, touched: Optional[torch.Tensor] = None) -> int:
+    def update(self, vmap: VoxelFeatureMap, touched: Optional[torch.Tensor] = None,
+               channels: Sequence[Tuple[torch.Tensor, torch.Tensor]] = ()) -> int:
         """Re-pool after fusion touched ``touched`` rows (or the whole map in 'whole' mode / when None).
 
-        Returns the number of re-pooled voxels.
+        ``channels``: more per-voxel values pooled with the same affinities, as (raw (V, K), pooled (>= V, K))
+        pairs aligned with map rows; ``pooled`` is written in place. Returns the number of re-pooled voxels.
         """
         import time
         t0 = time.perf_counter()
@@ -140,6 +142,8 @@ class GeometryPooling:
         t1 = time.perf_counter()
         pooled = pool(vmap.features[rows], rows, nbr, weights, self.purified[:n], self.cfg.iterations)
         self.purified[rows] = pooled.to(torch.float16)
+        for raw, out in channels:
+            out[rows] = pool(raw[rows], rows, nbr, weights, out[:n], self.cfg.iterations).to(out.dtype)
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows)}
         return len(rows)
 
@@ -151,6 +155,11 @@ class GeometryPooling:
                 kept = t[rows].clone()
                 t.zero_()
                 t[:len(rows)] = kept
+
+    def project(self, matrix: torch.Tensor) -> None:
+        """Follow :meth:`VoxelFeatureMap.project`: purified features become purified @ matrix (pooling is linear)."""
+        if self.purified is not None:
+            self.purified = (self.purified.float() @ matrix.to(self.purified.device).float()).to(torch.float16)
 
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V, D) purified features of all map rows (the raw ones before the first update)."""

@@ -1,0 +1,147 @@
+"""Label volume: per-voxel class evidence for an active vocabulary (Laser's segmentation-as-classification).
+
+Every keyframe, each feature cell gets a softmax over the vocabulary's text embeddings at a temperature; each
+lifted point takes the bilinear mix of its cells' probabilities, and each voxel sums the probabilities of its
+points. A voxel's class is the argmax of its evidence and its confidence the normalised evidence of that class.
+Summing per-view probabilities is a vote across views: one view's wrong feature moves a voxel's class much less
+than it moves the voxel's averaged feature.
+
+A new vocabulary cannot replay past frames, so :meth:`LabelVolume.recompute` rebuilds the evidence from the
+stored (fused or purified) features instead: weight * softmax(feature . text / T).
+
+With purification on, each voxel's class distribution (evidence / its sum) is also pooled with the geometry
+affinities (GeoPurify's pooling applied to the label volume, ``pooled``); classes then come from the pooled one.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ov3d_ros.core.lifting import CellFeatures
+
+
+class LabelVolume:
+    """Class evidence rows aligned with the voxel map's rows.
+
+    Args:
+        names: the vocabulary (K class names).
+        text: (K, D) text embeddings of ``names`` in the space of the features given to :meth:`integrate`.
+        temperature: softmax temperature over cosine similarities (> 0).
+        device: torch device.
+    """
+
+    def __init__(self, names: Sequence[str], text: torch.Tensor, temperature: float,
+                 device: torch.device | str = 'cpu'):
+        if not names:
+            raise ValueError('the vocabulary is empty')
+        if len(names) != text.shape[0]:
+            raise ValueError(f'{len(names)} names but {text.shape[0]} text embeddings')
+        if not temperature > 0:
+            raise ValueError(f'label temperature must be > 0, got {temperature}')
+        self.names: List[str] = list(names)
+        self.device = torch.device(device)
+        self.text = text.to(self.device, torch.float32)
+        self.temperature = float(temperature)
+        self.evidence = torch.zeros(0, len(self.names), device=self.device)
+        self.pooled: Optional[torch.Tensor] = None       # (capacity, K) pooled distributions, when purifying
+
+    def index(self, text: str) -> int:
+        """Vocabulary index of ``text`` (case and surrounding space ignored), or -1."""
+        key = text.strip().lower()
+        return next((i for i, n in enumerate(self.names) if n.strip().lower() == key), -1)
+
+    def _grow(self, n: int) -> None:
+        """Room for ``n`` rows (capacity doubles; new rows are zero)."""
+        cap = self.evidence.shape[0]
+        if n > cap:
+            self.evidence = _grown(self.evidence, max(n, 2 * cap))
+            if self.pooled is not None:
+                self.pooled = _grown(self.pooled, self.evidence.shape[0])
+
+    def enable_pooling(self) -> None:
+        """Keep a pooled copy of the class distributions (filled by the purifier, see :meth:`channel`)."""
+        if self.pooled is None:
+            self.pooled = torch.zeros_like(self.evidence)
+
+    def channel(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(distributions (n, K), pooled store) for :meth:`GeometryPooling.update`'s ``channels``."""
+        self._grow(n)
+        ev = self.evidence[:n]
+        return ev / ev.sum(dim=1, keepdim=True).clamp_min(1e-12), self.pooled
+
+    def probabilities(self, features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, K) softmax over the vocabulary of (N, D) features (against ``text``, default the vocabulary's)."""
+        text = self.text if text is None else text.to(self.device, torch.float32)
+        return torch.softmax(F.normalize(features.float(), dim=-1) @ text.T / self.temperature, dim=-1)
+
+    def integrate(self, rows: torch.Tensor, cells: CellFeatures, map_size: int) -> None:
+        """Add one keyframe: ``rows`` (N,) the map row of each lifted point, ``cells`` their features."""
+        self._grow(map_size)
+        p_cells = self.probabilities(cells.grid.to(self.device))                    # (M, K)
+        w = cells.weights.to(self.device)
+        w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        p = torch.einsum('nk,nkc->nc', w, p_cells[cells.cells.to(self.device)])    # (N, K)
+        self.evidence.index_add_(0, rows.to(self.device), p)
+
+    def recompute(self, features: torch.Tensor, weights: torch.Tensor, text: Optional[torch.Tensor] = None,
+                  chunk: int = 262144) -> None:
+        """Evidence of every voxel from its (V, d) stored feature and (V,) observation weight; ``text`` (K, d)
+        the vocabulary in the stored features' space (default: the vocabulary's own embeddings)."""
+        self.evidence = torch.zeros(features.shape[0], len(self.names), device=self.device)
+        self.pooled = None if self.pooled is None else torch.zeros_like(self.evidence)
+        for s in range(0, features.shape[0], chunk):
+            self.evidence[s:s + chunk] = weights[s:s + chunk, None].to(self.device) * \
+                self.probabilities(features[s:s + chunk].to(self.device), text)
+
+    def load(self, evidence: torch.Tensor) -> None:
+        """Take saved (V, K) evidence (pooled distributions are recomputed by the next pooling)."""
+        if evidence.ndim != 2 or evidence.shape[1] != len(self.names):
+            raise ValueError(f'evidence must be (V, {len(self.names)}), got {tuple(evidence.shape)}')
+        self.evidence = evidence.to(self.device, torch.float32).clone()
+        self.pooled = None if self.pooled is None else torch.zeros_like(self.evidence)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Follow :meth:`VoxelFeatureMap.keep`: keep ``rows`` only, compacted in that order."""
+        self.evidence = self.evidence[rows.to(self.device)].clone()
+        if self.pooled is not None:
+            self.pooled = self.pooled[rows.to(self.device)].clone()
+
+    def classes(self, n: int, neighbours: Optional[torch.Tensor] = None,
+                chunk: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(labels (n,) int64, confidence (n,) float32) of the first ``n`` rows; unobserved rows get -1 and 0.
+
+        ``neighbours`` (n, M) rows (-1 none; column 0 the voxel itself): each voxel's distribution is first
+        averaged over its observed neighbours (a 3D majority filter that removes isolated wrong voxels)."""
+        self._grow(n)
+        ev = self.evidence[:n]
+        total = ev.sum(dim=1)
+        dist = self.pooled[:n] if self.pooled is not None else ev / total.clamp_min(1e-12)[:, None]
+        if neighbours is not None:
+            smooth = torch.empty_like(dist)
+            for s in range(0, n, chunk):
+                nb = neighbours[s:s + chunk].to(self.device)
+                smooth[s:s + chunk] = (dist[nb.clamp_min(0)] * (nb >= 0)[..., None]).sum(1)
+            dist = smooth / smooth.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        conf, labels = dist.max(dim=1)
+        seen = total > 0
+        return torch.where(seen, labels, torch.full_like(labels, -1)), torch.where(seen, conf, torch.zeros_like(conf))
+
+    def bytes_per_voxel(self) -> int:
+        return 4 * len(self.names) * (1 + (self.pooled is not None))
+
+
+def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` padded with zero rows to ``rows`` rows."""
+    out = torch.zeros(rows, *t.shape[1:], dtype=t.dtype, device=t.device)
+    out[:t.shape[0]] = t
+    return out
+
+
+def class_colors(k: int) -> np.ndarray:
+    """(k, 3) uint8 distinct RGB colours, one per vocabulary index (golden-ratio hues; stable per index)."""
+    import colorsys
+    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb((0.61803398875 * i) % 1.0, 0.75, 0.95)]
+                     for i in range(k)], dtype=np.uint8).reshape(k, 3)

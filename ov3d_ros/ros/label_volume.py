@@ -1,0 +1,77 @@
+"""The label volume on the mapping node: ``~/set_vocabulary`` and the class-coloured ``~/label_cloud``.
+
+The vocabulary starts from the ``labels.vocabulary`` parameter. ``~/label_cloud`` (latched, PointCloud2 with
+x, y, z, rgb = the class colour, score = the class's share of the voxel's evidence) is published at
+``label_publish_rate_hz`` while a vocabulary is set; ``~/label_legend`` (latched std_msgs/String, JSON) lists
+each class with its colour. Calls hold the mapper lock, like every other use of the map.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import PointCloud2
+from std_msgs.msg import String
+
+from ov3d_ros.core.label_volume import class_colors
+from ov3d_ros.core.mapper import Mapper
+from ov3d_ros.ros import conversions as conv
+from ov3d_ros.ros.params import declare
+from ov3d_ros.srv import SetVocabulary
+
+
+class LabelVolumeInterface:
+    """Declares the label volume's service, topics and publish rate on ``node`` (map guarded by ``lock``)."""
+
+    def __init__(self, node: Node, mapper: Mapper, lock: threading.Lock, frame_id: str, max_points: int):
+        self.node, self.mapper, self.lock, self.frame_id, self.max_points = node, mapper, lock, frame_id, max_points
+        rate = declare(node, 'label_publish_rate_hz', 0.5, 'Rate of ~/label_cloud while a vocabulary is set (0 = off).')
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                             reliability=ReliabilityPolicy.RELIABLE)
+        self.cloud_pub = node.create_publisher(PointCloud2, '~/label_cloud', latched)
+        self.legend_pub = node.create_publisher(String, '~/label_legend', latched)
+        group = MutuallyExclusiveCallbackGroup()
+        node.create_service(SetVocabulary, '~/set_vocabulary', self.on_set_vocabulary, callback_group=group)
+        if rate > 0:
+            node.create_timer(1.0 / rate, self.publish, group)
+        self._legend = None
+        self._publish_legend()
+
+    def on_set_vocabulary(self, request, response):
+        """Replace the vocabulary; a refused one keeps the current vocabulary."""
+        try:
+            with self.lock:
+                self.mapper.set_vocabulary(list(request.classes))
+            response.success = True
+            response.message = (f'label volume over {len(request.classes)} classes' if request.classes
+                                else 'label volume off')
+            self.node.get_logger().info(f'set_vocabulary: {response.message}')
+            self.publish()
+        except ValueError as e:
+            response.success, response.message = False, str(e)
+            self.node.get_logger().warning(f'set_vocabulary refused: {e}')
+        response.classes = list(self.mapper.cfg.labels.vocabulary) if self.mapper.labels is not None else []
+        return response
+
+    def publish(self) -> None:
+        """~/label_cloud from the current evidence (nothing without a vocabulary), and ~/label_legend when the
+        vocabulary changed (a service call or a loaded map)."""
+        self._publish_legend()
+        with self.lock:
+            if self.mapper.labels is None or self.mapper.map.size == 0:
+                return
+            seg, _ = self.mapper.label_cloud(self.max_points)
+        self.cloud_pub.publish(conv.make_pointcloud2(seg.xyz, seg.rgb, seg.scores, self.frame_id,
+                                                     self.node.get_clock().now().to_msg()))
+
+    def _publish_legend(self) -> None:
+        labels = self.mapper.labels
+        names = list(labels.names) if labels is not None else []
+        if names == self._legend:
+            return
+        self._legend = names
+        colors = class_colors(len(names)).tolist()
+        self.legend_pub.publish(String(data=json.dumps([{'class': n, 'rgb': c} for n, c in zip(names, colors)])))

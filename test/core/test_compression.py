@@ -1,0 +1,111 @@
+"""Compressed voxel features: the projection itself, and a Mapper that compresses after its first keyframes."""
+import numpy as np
+import pytest
+import torch
+
+from ov3d_ros.core.compression import FeatureProjection
+from ov3d_ros.core.config import MapperConfig
+from ov3d_ros.core.features import create_extractor
+from ov3d_ros.core.mapper import Frame, Mapper
+from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
+
+
+def test_projection_keeps_dot_products_inside_the_fitted_subspace():
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(64, 8)).Q                     # an 8-d subspace of R^64
+    coords = torch.randn(500, 8)
+    samples = coords @ basis.T
+    p = FeatureProjection.fit(samples, 8)
+    assert (p.in_dim, p.out_dim) == (64, 8)
+    assert torch.allclose(p.matrix.T @ p.matrix, torch.eye(8), atol=1e-5)
+    texts = torch.randn(5, 8) @ basis.T
+    assert torch.allclose(p.project(samples[:20]) @ p.project(texts).T, samples[:20] @ texts.T, atol=1e-3)
+    # a direction orthogonal to the subspace vanishes
+    outside = torch.randn(64)
+    outside -= basis @ (basis.T @ outside)
+    assert p.project(outside).norm() < 1e-3
+    # fewer dimensions keep the strongest directions first
+    weighted = (coords * torch.tensor([10.0] + [1.0] * 7)) @ basis.T
+    assert FeatureProjection.fit(weighted, 1).project(basis[:, 0]).abs().item() > 0.99
+
+
+def test_projection_rejects_bad_sizes():
+    with pytest.raises(ValueError, match='1..4'):
+        FeatureProjection.fit(torch.randn(10, 4), 5)
+    with pytest.raises(ValueError, match='samples'):
+        FeatureProjection.fit(torch.zeros(0, 4), 2)
+    with pytest.raises(ValueError):
+        FeatureProjection(torch.zeros(4, 8))
+
+
+def test_update_turns_the_subspace_towards_new_directions():
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 6)).Q
+    first, later = torch.randn(200, 3) @ basis[:, :3].T, torch.randn(200, 3) @ basis[:, 3:].T
+    p = FeatureProjection.fit(first, 4)
+    stored = p.project(first[:5])
+    assert p.project(later).norm() < 0.6 * later.norm()                  # most of the new part is missing
+    R = p.update(later)
+    assert p.project(later).norm() > 0.7 * later.norm()
+    assert torch.allclose(p.matrix.T @ p.matrix, torch.eye(4), atol=1e-4)
+    # stored features rotate into the new basis; the part of them kept there is exact
+    rotated, direct = stored @ R, p.project(first[:5])
+    assert torch.allclose(rotated, direct, atol=1e-4)
+    frozen = FeatureProjection.fit(first, 4)
+    assert frozen.project(later).norm() < p.project(later).norm()
+
+
+def scene_mapper(compress_dim: int, frames: int = 6, update: bool = True) -> Mapper:
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.device = 'simulated', 'cpu'
+    cfg.map.compress_dim, cfg.map.compress_update = compress_dim, update
+    cfg.purify.enabled, cfg.purify.iterations = True, 2
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
+    scene, cam = builtin_scene(0), default_camera(96, 72)
+    for i, T in enumerate(builtin_trajectory(scene, frames, 0)):
+        f = render(scene, cam, T)
+        m.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
+        assert m.map.dim == (compress_dim or 384) and m.query_features().shape[1] == m.map.dim
+    return m
+
+
+@pytest.fixture(scope='module')
+def pair():
+    return scene_mapper(0), scene_mapper(32)
+
+
+def test_compressed_map_answers_like_the_full_one(pair):
+    full, small = pair
+    assert small.projection is not None and small.projection.out_dim == 32
+    assert small.map.bytes_per_voxel() < full.map.bytes_per_voxel() - 2 * (384 - 32) + 1
+    assert torch.equal(small.map.keys[:small.map.size], full.map.keys[:full.map.size])
+    names = list(CLASS_NAMES[1:])
+    agree = (small.voxel_labels(names) == full.voxel_labels(names)).float().mean().item()
+    assert agree > 0.9, agree
+    frozen = scene_mapper(32, update=False)
+    assert (frozen.voxel_labels(names) == full.voxel_labels(names)).float().mean().item() < agree
+    a, b = full.segment('floor'), small.segment('floor')
+    common = {tuple(p) for p in a.xyz.round(3).tolist()} & {tuple(p) for p in b.xyz.round(3).tolist()}
+    assert len(common) > 0.8 * max(len(a.xyz), len(b.xyz))
+
+
+def test_compressed_map_file_records_the_projection(pair, tmp_path):
+    _, small = pair
+    small.save(tmp_path / 'small.ov3dmap')
+    other = Mapper.from_file(tmp_path / 'small.ov3dmap', device='cpu')
+    assert other.map.dim == 32 and torch.equal(other.projection.matrix, small.projection.matrix)
+    a, b = small.segment('table'), other.segment('table')     # loading re-pools the whole map: fp16-close
+    assert np.array_equal(a.xyz, b.xyz) and np.allclose(a.scores, b.scores, atol=2e-3)
+    # an uncompressed mapper of the same source takes it too; it then keeps integrating in 32 dims
+    fresh = scene_mapper(0, frames=1)
+    fresh.cfg.map.compress_dim = 0
+    fresh.load(tmp_path / 'small.ov3dmap')
+    assert fresh.map.dim == 32 and fresh.projection is not None
+
+
+def test_learned_feature_student_refuses_compression():
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.compress_dim = 'simulated', 64
+    cfg.purify.enabled, cfg.purify.affinity = True, 'learned'
+    with pytest.raises(ValueError, match='compress_dim'):
+        Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
