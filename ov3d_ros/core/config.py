@@ -25,6 +25,9 @@ class MapConfig:
     """Torch device for the map and features: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'."""
     max_voxels: int = 0
     """Voxel budget (0 = unbounded): past it, the voxels farthest from the camera are evicted down to 90 %."""
+    clear_radius_m: float = 0.0
+    """Map-clearing radius (0 = off): after each keyframe, voxels farther than this from the camera are dropped
+    (a local map that follows the robot)."""
     compress_dim: int = 0
     """Store voxel features in this many dimensions (0 = the feature source's D, e.g. 64 of 512): an uncentred PCA
     of the keyframes' features; queries project text the same way (ov3d_ros.core.compression)."""

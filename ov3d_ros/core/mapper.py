@@ -175,6 +175,8 @@ class Mapper:
             if self.device.type == 'cuda':
                 torch.cuda.synchronize(self.device)
         self._purified_stale = True
+        if self.cfg.map.clear_radius_m > 0:
+            self.clear_beyond(frame.T_W_C[:3, 3], self.cfg.map.clear_radius_m)
         if 0 < self.cfg.map.max_voxels < self.map.size:
             self.evict(frame.T_W_C[:3, 3], int(0.9 * self.cfg.map.max_voxels))
         self.keyframes.accept(frame.T_W_C, frame.stamp_s)
@@ -440,18 +442,30 @@ class Mapper:
 
     def evict(self, position, keep: int) -> int:
         """Keep the ``keep`` voxels nearest to ``position`` (3,) in metres, drop the rest; returns how many went."""
-        n = self.map.size
-        if keep >= n:
+        if keep >= self.map.size:
             return 0
-        d = (self.map.centers() - torch.as_tensor(np.asarray(position, np.float32), device=self.device)).norm(dim=1)
-        rows = torch.sort(torch.topk(d, keep, largest=False).indices).values
+        rows = torch.topk(self._distances(position), keep, largest=False).indices
+        return self._keep_rows(torch.sort(rows).values)
+
+    def clear_beyond(self, position, radius_m: float) -> int:
+        """Drop the voxels whose centres are farther than ``radius_m`` from ``position`` (3,); returns how many."""
+        rows = torch.nonzero(self._distances(position) <= radius_m, as_tuple=True)[0]
+        return self._keep_rows(rows) if len(rows) < self.map.size else 0
+
+    def _distances(self, position) -> torch.Tensor:
+        """(V,) distances of the voxel centres to ``position`` (3,) in metres."""
+        return (self.map.centers() - torch.as_tensor(np.asarray(position, np.float32), device=self.device)).norm(dim=1)
+
+    def _keep_rows(self, rows: torch.Tensor) -> int:
+        """Keep only ``rows`` (sorted) in the map, pooling state and label volume; returns how many went."""
+        gone = self.map.size - len(rows)
         self.map.keep(rows)
         if self.purifier is not None:
             self.purifier.keep(rows)
         if self.labels is not None:
             self.labels.keep(rows)
-        self.evicted_voxels += n - keep
-        return n - keep
+        self.evicted_voxels += gone
+        return gone
 
     def clear(self) -> None:
         """Forget every voxel and keyframe (the feature source and config stay)."""

@@ -201,3 +201,18 @@ def test_integrate_batch_extracts_keyframes_together_and_matches_one_by_one():
     assert batch.integrate_batch(frames) == 2 and ColourFeatures.batches == 1
     assert batch.num_keyframes == 2 and torch.equal(batch.map.keys[:batch.map.size], one.map.keys[:one.map.size])
     assert torch.allclose(batch.map.features[:batch.map.size].float(), one.map.features[:one.map.size].float())
+
+
+def test_clear_radius_keeps_a_local_map_around_the_camera():
+    from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.device, cfg.map.clear_radius_m = 'simulated', 'cpu', 2.0
+    cfg.labels.vocabulary = ['floor', 'wall']
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
+    scene, cam = builtin_scene(0), default_camera(96, 72)
+    for i, T in enumerate(builtin_trajectory(scene, 8, 0)):
+        f = render(scene, cam, T)
+        m.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
+        d = np.linalg.norm(m.map.centers().numpy() - T[:3, 3], axis=1)
+        assert m.map.size > 0 and d.max() <= 2.0
+    assert m.evicted_voxels > 0 and m.label_classes()[0].shape == (m.map.size,)
