@@ -167,6 +167,13 @@ class LabelConfig:
     picking its class (0 = off). On the evaluation world 1 gave +2.9 mIoU and fewer fragments over the
     unsmoothed label volume of raw fusion; purified maps are smooth already (there it cost 0.8 mIoU: use 0 with
     purify.enabled)."""
+    feature_prior: bool = True
+    """With purification: multiply each voxel's class distribution by the softmax of its purified feature (on the
+    evaluation world: +0.1 mIoU and 1.305 instead of 1.321 fragments per instance)."""
+    min_component_vox: int = 20
+    """Connected same-class regions smaller than this many voxels take the most common class around them (a
+    cleanup of isolated mislabelled clusters; 0 = off). On the evaluation world 20 gave +1.7 mIoU and 1.39
+    instead of 1.50 fragments per instance on top of smoothing radius 1."""
 
 
 @dataclass

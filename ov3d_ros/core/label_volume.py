@@ -11,6 +11,8 @@ stored (fused or purified) features instead: weight * softmax(feature . text / T
 
 With purification on, each voxel's class distribution (evidence / its sum) is also pooled with the geometry
 affinities (GeoPurify's pooling applied to the label volume, ``pooled``); classes then come from the pooled one.
+At readout (``Mapper.label_classes``) distributions may be averaged over neighbours, and same-class regions too
+small to be objects are absorbed by their surroundings (:func:`absorb_small_components`).
 """
 from __future__ import annotations
 
@@ -109,16 +111,20 @@ class LabelVolume:
         if self.pooled is not None:
             self.pooled = self.pooled[rows.to(self.device)].clone()
 
-    def classes(self, n: int, neighbours: Optional[torch.Tensor] = None,
+    def classes(self, n: int, neighbours: Optional[torch.Tensor] = None, prior: Optional[torch.Tensor] = None,
                 chunk: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
         """(labels (n,) int64, confidence (n,) float32) of the first ``n`` rows; unobserved rows get -1 and 0.
 
-        ``neighbours`` (n, M) rows (-1 none; column 0 the voxel itself): each voxel's distribution is first
+        ``prior`` (n, K): class probabilities from another source multiplied in (then renormalised).
+        ``neighbours`` (n, M) rows (-1 none; column 0 the voxel itself): each voxel's distribution is then
         averaged over its observed neighbours (a 3D majority filter that removes isolated wrong voxels)."""
         self._grow(n)
         ev = self.evidence[:n]
         total = ev.sum(dim=1)
         dist = self.pooled[:n] if self.pooled is not None else ev / total.clamp_min(1e-12)[:, None]
+        if prior is not None:
+            dist = dist * prior
+            dist = dist / dist.sum(dim=1, keepdim=True).clamp_min(1e-30)
         if neighbours is not None:
             smooth = torch.empty_like(dist)
             for s in range(0, n, chunk):
@@ -145,3 +151,34 @@ def class_colors(k: int) -> np.ndarray:
     import colorsys
     return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb((0.61803398875 * i) % 1.0, 0.75, 0.95)]
                      for i in range(k)], dtype=np.uint8).reshape(k, 3)
+
+
+def absorb_small_components(labels: torch.Tensor, neighbours: torch.Tensor, min_size: int) -> torch.Tensor:
+    """Relabel connected same-class regions smaller than ``min_size`` voxels with the most common class of their
+    neighbours in larger regions (one pass; voxels without such a neighbour keep their class).
+
+    labels (V,) int64, -1 unobserved; neighbours (V, M) face-adjacent rows (-1 none; column 0 may be the voxel).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    V = labels.shape[0]
+    lab, nb = labels.cpu().numpy(), neighbours.cpu().numpy()
+    i, j = np.nonzero(nb >= 0)
+    i, j = i, nb[i, j]
+    same = (lab[i] == lab[j]) & (lab[i] >= 0)
+    graph = coo_matrix((np.ones(int(same.sum()), np.int8), (i[same], j[same])), shape=(V, V))
+    _, comp = connected_components(graph, directed=False)
+    small = (np.bincount(comp)[comp] < min_size) & (lab >= 0)
+    if not small.any():
+        return labels
+    rows = np.nonzero(small)[0]
+    k = int(lab.max()) + 1
+    votes = np.zeros((len(rows), k), np.int64)
+    for c in range(nb.shape[1]):
+        other = nb[rows, c]
+        ok = (other >= 0) & ~small[np.maximum(other, 0)] & (lab[np.maximum(other, 0)] >= 0)
+        np.add.at(votes, (np.nonzero(ok)[0], lab[other[ok]]), 1)
+    out = lab.copy()
+    has = votes.sum(1) > 0
+    out[rows[has]] = votes[has].argmax(1)
+    return torch.as_tensor(out, device=labels.device)

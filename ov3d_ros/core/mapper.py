@@ -13,7 +13,7 @@ from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.keyframes import KeyframeSelector
-from ov3d_ros.core.label_volume import LabelVolume, class_colors
+from ov3d_ros.core.label_volume import LabelVolume, absorb_small_components, class_colors
 from ov3d_ros.core.lifting import CellFeatures, lift_keyframe
 from ov3d_ros.core.query import QueryResult, clean_text, relevancy_scores, select
 from ov3d_ros.core.text import encode_prompts
@@ -73,7 +73,7 @@ class Mapper:
         self.evicted_voxels = 0
         self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
         self.labels: Optional[LabelVolume] = None
-        self._neighbours: Tuple[tuple, Optional[torch.Tensor]] = ((), None)   # label smoothing, per map state
+        self._neighbours: Tuple[tuple, dict] = ((), {})   # {radius: neighbour rows} of the current map state
         self.clear()
         if cfg.labels.vocabulary:
             self.set_vocabulary(cfg.labels.vocabulary)
@@ -244,15 +244,28 @@ class Mapper:
         """Per voxel, the label volume's class (vocabulary index, -1 unobserved) and its confidence (pooled
         when purifying). Needs a vocabulary."""
         self._refresh_purified()
-        r, n = self.cfg.labels.smoothing_radius_vox, self.map.size
-        if r <= 0 or n == 0:
-            return self.labels.classes(n)
-        key = (id(self.map), n, self.evicted_voxels, r)
+        cfg, n = self.cfg.labels, self.map.size
+        prior = None
+        if self.purifier is not None and cfg.feature_prior and n:
+            prior = self.labels.probabilities(self.query_features(), self.to_map_space(self.labels.text))
+        labels, conf = self.labels.classes(n, self._neighbours_within(cfg.smoothing_radius_vox), prior)
+        if cfg.min_component_vox > 1:
+            labels = absorb_small_components(labels, self._neighbours_within(1), cfg.min_component_vox)
+        return labels, conf
+
+    def _neighbours_within(self, radius_vox: int) -> Optional[torch.Tensor]:
+        """(V, M) rows of every voxel's neighbours within ``radius_vox`` (None for 0), cached per map state."""
+        if radius_vox <= 0:
+            return None
+        key = (id(self.map), self.map.size, self.evicted_voxels)
         if self._neighbours[0] != key:          # the map's voxels changed since the last time
+            self._neighbours = (key, {})
+        cache = self._neighbours[1]
+        if radius_vox not in cache:
             from ov3d_ros.core.purification.graph import ball_offsets, neighbour_rows
-            self._neighbours = (key, neighbour_rows(self.map, torch.arange(n, device=self.device),
-                                                    ball_offsets(r, self.device)))
-        return self.labels.classes(n, self._neighbours[1])
+            cache[radius_vox] = neighbour_rows(self.map, torch.arange(self.map.size, device=self.device),
+                                               ball_offsets(radius_vox, self.device))
+        return cache[radius_vox]
 
     def purify_all(self) -> None:
         """Re-pool the whole map, label volume included (offline; a no-op without purification)."""

@@ -5,7 +5,7 @@ import torch
 
 from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.features import create_extractor
-from ov3d_ros.core.label_volume import LabelVolume
+from ov3d_ros.core.label_volume import LabelVolume, absorb_small_components
 from ov3d_ros.core.lifting import CellFeatures
 from ov3d_ros.core.mapper import Mapper
 
@@ -48,6 +48,20 @@ def test_neighbour_smoothing_removes_an_isolated_wrong_voxel():
     assert vol.classes(5, torch.cat([line, torch.tensor([[4, -1, -1]])]))[0].tolist()[4] == -1
 
 
+def test_small_regions_take_the_class_around_them():
+    # a row of 9 voxels: 0 0 0 1 1 0 0 0 -1, plus an isolated voxel of class 2 with no neighbours
+    labels = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, -1, 2])
+    nbr = torch.full((10, 3), -1)
+    for i in range(9):
+        nbr[i, 0] = i
+        nbr[i, 1] = i - 1 if i > 0 else -1
+        nbr[i, 2] = i + 1 if i < 8 else -1
+    nbr[9, 0] = 9
+    out = absorb_small_components(labels, nbr, min_size=3)
+    assert out.tolist() == [0, 0, 0, 0, 0, 0, 0, 0, -1, 2]     # the 2-voxel island joins its surroundings
+    assert absorb_small_components(labels, nbr, min_size=2).tolist() == labels.tolist()
+
+
 def test_bad_vocabularies_raise():
     with pytest.raises(ValueError, match='empty'):
         LabelVolume([], torch.zeros(0, 3), 0.1)
@@ -61,6 +75,7 @@ def mapper():
     cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
     cfg.map.voxel_size_m, cfg.map.pixel_stride = 0.1, 1
     cfg.labels.vocabulary, cfg.labels.smoothing_radius_vox = ['wall', 'chair', 'plant'], 0
+    cfg.labels.min_component_vox = 0
     m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
     assert m.integrate(wall_frame())
     return m
@@ -121,19 +136,27 @@ def test_purified_label_volume_pools_the_distributions(tmp_path):
     cfg.map.voxel_size_m, cfg.map.pixel_stride = 0.1, 1
     cfg.purify.enabled, cfg.purify.iterations = True, 4
     cfg.labels.vocabulary, cfg.labels.smoothing_radius_vox = ['wall', 'chair', 'plant'], 0
+    cfg.labels.min_component_vox = 0
     m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
     assert m.integrate(wall_frame())
     n = m.map.size
     raw, pooled = m.labels.channel(n)
     assert torch.allclose(pooled[:n].sum(1), torch.ones(n), atol=1e-4)       # still distributions
     assert not torch.allclose(pooled[:n], raw, atol=1e-3)                     # smoothed over neighbours
+    m.cfg.labels.feature_prior = False
     labels, _ = m.label_classes()
     assert torch.equal(labels, pooled[:n].argmax(1))
     assert (labels == raw.argmax(1)).float().mean() > 0.9
+    m.cfg.labels.feature_prior = True                  # weighed by the purified features' own class softmax
+    prior = m.labels.probabilities(m.query_features())
+    assert torch.equal(m.label_classes()[0], (pooled[:n] * prior).argmax(1))
     assert m.bytes_per_voxel() == m.map.bytes_per_voxel() + 2 * 4 * 3 + 2 * m.map.dim + 12
     m.cfg.labels.smoothing_radius_vox = 1
     smoothed, _ = m.label_classes()
     assert smoothed.shape == labels.shape and (smoothed == labels).float().mean() > 0.9
+    m.cfg.labels.min_component_vox = 5
+    cleaned, _ = m.label_classes()
+    assert (cleaned == smoothed).float().mean() > 0.9 and set(cleaned.tolist()) <= {0, 1, 2}
     m.save(tmp_path / 'p.ov3dmap')
     other = Mapper.from_file(tmp_path / 'p.ov3dmap', device='cpu')     # pooled again from the saved evidence
     assert torch.allclose(other.labels.pooled[:n], pooled[:n], atol=2e-3)
