@@ -52,8 +52,18 @@ class LabelVolume:
 
     def index(self, text: str) -> int:
         """Vocabulary index of ``text`` (case and surrounding space ignored), or -1."""
-        key = text.strip().lower()
-        return next((i for i, n in enumerate(self.names) if n.strip().lower() == key), -1)
+        key = _key(text)
+        return next((i for i, n in enumerate(self.names) if _key(n) == key), -1)
+
+    def is_vocabulary(self, names: Sequence[str]) -> bool:
+        """Whether ``names`` are this vocabulary, in order (case and surrounding space ignored)."""
+        return [_key(n) for n in names] == [_key(n) for n in self.names]
+
+    def _distributions(self, n: int) -> torch.Tensor:
+        """(n, K) evidence of the first ``n`` rows normalised to sum 1 (0 for unobserved rows)."""
+        self._grow(n)
+        ev = self.evidence[:n]
+        return ev / ev.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
     def _grow(self, n: int) -> None:
         """Room for ``n`` rows (capacity doubles; new rows are zero)."""
@@ -70,9 +80,7 @@ class LabelVolume:
 
     def channel(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distributions (n, K), pooled store) for :meth:`GeometryPooling.update`'s ``channels``."""
-        self._grow(n)
-        ev = self.evidence[:n]
-        return ev / ev.sum(dim=1, keepdim=True).clamp_min(1e-12), self.pooled
+        return self._distributions(n), self.pooled
 
     def probabilities(self, features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N, K) softmax over the vocabulary of (N, D) features (against ``text``, default the vocabulary's)."""
@@ -119,9 +127,7 @@ class LabelVolume:
         ``neighbours`` (n, M) rows (-1 none; column 0 the voxel itself): each voxel's distribution is then
         averaged over its observed neighbours (a 3D majority filter that removes isolated wrong voxels)."""
         self._grow(n)
-        ev = self.evidence[:n]
-        total = ev.sum(dim=1)
-        dist = self.pooled[:n] if self.pooled is not None else ev / total.clamp_min(1e-12)[:, None]
+        dist = self.pooled[:n] if self.pooled is not None else self._distributions(n)
         if prior is not None:
             dist = dist * prior
             dist = dist / dist.sum(dim=1, keepdim=True).clamp_min(1e-30)
@@ -132,11 +138,15 @@ class LabelVolume:
                 smooth[s:s + chunk] = (dist[nb.clamp_min(0)] * (nb >= 0)[..., None]).sum(1)
             dist = smooth / smooth.sum(dim=1, keepdim=True).clamp_min(1e-12)
         conf, labels = dist.max(dim=1)
-        seen = total > 0
+        seen = self.evidence[:n].sum(dim=1) > 0
         return torch.where(seen, labels, torch.full_like(labels, -1)), torch.where(seen, conf, torch.zeros_like(conf))
 
     def bytes_per_voxel(self) -> int:
         return 4 * len(self.names) * (1 + (self.pooled is not None))
+
+
+def _key(name: str) -> str:
+    return name.strip().lower()
 
 
 def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:

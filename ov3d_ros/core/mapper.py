@@ -301,9 +301,8 @@ class Mapper:
             raise ValueError('vocabulary names must be unique (case-insensitive)')
         if len(names) > 1000 or any(len(n) > 200 for n in names):
             raise ValueError('vocabulary too large: at most 1000 names of at most 200 characters')
-        self.cfg.labels.vocabulary = names
         if not names:
-            self.labels = None
+            self.cfg.labels.vocabulary, self.labels = [], None
             return
         t = self.cfg.labels.temperature if self.cfg.labels.temperature > 0 else self.extractor.default_temperature
         labels = LabelVolume(names, self.embed_texts(names), t, self.device)
@@ -314,7 +313,7 @@ class Mapper:
         elif self.map.size:
             labels.recompute(self.query_features(), self.map.weights[:self.map.size],
                              self.to_map_space(labels.text))
-        self.labels = labels
+        self.cfg.labels.vocabulary, self.labels = names, labels
         if self.purifier is not None and self.map.size:
             self.purify_all()
 
@@ -371,7 +370,7 @@ class Mapper:
     def voxel_labels(self, names: Sequence[str]) -> torch.Tensor:
         """(V,) index into ``names`` of every voxel's class: from the label volume when ``names`` is its
         vocabulary, else from the features (:meth:`classify`)."""
-        if self.labels is not None and [n.strip().lower() for n in names] == [n.lower() for n in self.labels.names]:
+        if self.labels is not None and self.labels.is_vocabulary(names):
             return self.label_classes()[0]
         return self.classify(self.embed_texts(list(names)))[0]
 

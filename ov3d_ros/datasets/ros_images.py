@@ -72,7 +72,15 @@ def color_to_rgb(msg, where: str = 'colour image') -> np.ndarray:
 
 
 def depth_to_meters(msg, where: str = 'depth image') -> np.ndarray:
-    """(H, W) float32 metres (a new array) from 16UC1 / mono16 (mm) or 32FC1 (m); 0, NaN, inf → 0."""
+    """(H, W) float32 metres (a new array) from 16UC1 / mono16 (mm) or 32FC1 (m), raw or compressed.
+
+    Invalid readings (0, NaN, +-inf, negative) all become 0, which the mapper ignores as "no reading"."""
+    depth = _decode_depth_message(msg, where)
+    depth[~((depth > 0) & (depth < np.inf))] = 0.0          # NaN compares False
+    return depth
+
+
+def _decode_depth_message(msg, where: str) -> np.ndarray:
     if hasattr(msg, 'format'):
         return _decode_compressed_depth(msg, where)
     if msg.encoding not in DEPTH_ENCODINGS:
@@ -146,10 +154,18 @@ def image_size(msg, where: str) -> Tuple[int, int]:
 
 
 def camera_info_to_camera(msg, where: str = 'camera info') -> PinholeCamera:
-    """PinholeCamera from a (rosbags) CameraInfo's ``k``, ``width`` and ``height`` (distortion is ignored)."""
+    """PinholeCamera from a (rosbags) CameraInfo's ``k``, ``width`` and ``height`` (distortion is ignored).
+
+    Rejected with the reason (DatasetError): a zero width or height, a k with a NaN / inf entry or with
+    fx = k[0] or fy = k[4] <= 0 (an all-zero k is an uncalibrated camera), a principal point (cx, cy) = (k[2], k[5])
+    outside the open image rectangle (0, width) x (0, height)."""
     if msg.width == 0 or msg.height == 0:
         raise DatasetError(f'{where}: zero image size ({msg.width}x{msg.height}); is the camera calibrated?')
     k = np.asarray(msg.k, dtype=np.float64).reshape(-1)
     if k.size != 9 or not np.all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
         raise DatasetError(f'{where}: invalid intrinsics k={k.tolist()}; fx=k[0] and fy=k[4] must be finite and > 0')
-    return PinholeCamera.from_matrix(k.reshape(3, 3), int(msg.width), int(msg.height))
+    cam = PinholeCamera.from_matrix(k.reshape(3, 3), int(msg.width), int(msg.height))
+    if not (0.0 < cam.cx < cam.width and 0.0 < cam.cy < cam.height):
+        raise DatasetError(f'{where}: principal point (cx, cy) = ({cam.cx:g}, {cam.cy:g}) = (k[2], k[5]) '
+                           f'is not inside the {cam.width}x{cam.height} image; check the calibration')
+    return cam

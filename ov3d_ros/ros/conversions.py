@@ -68,24 +68,18 @@ def _decoded(fn, where: str):
     return decode
 
 
-_camera_info_to_camera = _decoded(ros_images.camera_info_to_camera, 'camera info')
+camera_info_to_camera = _decoded(ros_images.camera_info_to_camera, 'camera info')
+"""PinholeCamera from ``k`` (row-major 3x3), ``width`` and ``height`` (distortion ignored); bad intrinsics, a zero
+size or a principal point outside the image raise ConversionError with the reason."""
 image_to_numpy = _decoded(ros_images.image_to_numpy, 'image')
 """Pixel array of an Image (step and endianness honoured): (H, W, C), or (H, W) for one channel."""
 color_to_rgb = _decoded(ros_images.color_to_rgb, 'colour image')
 """(H, W, 3) uint8 RGB (a new array) from rgb8, bgr8, rgba8, bgra8, mono8 / 8UC1 or 8UC3 (as RGB)."""
 labels_to_numpy = _decoded(ros_images.labels_to_numpy, 'label image')
 """(H, W) semantic ids (a new array) from mono16 / 16UC1, mono8 / 8UC1 or 32SC1."""
-_depth_to_meters = _decoded(ros_images.depth_to_meters, 'depth image')
-
-
-def depth_to_meters(msg) -> np.ndarray:
-    """(H, W) float32 metres (a new array) from 16UC1 / mono16 (mm) or 32FC1 (m).
-
-    Invalid readings (0, NaN, +-inf, negative) all become 0, which the mapper ignores as "no reading".
-    """
-    depth = _depth_to_meters(msg)
-    depth[~((depth > 0) & (depth < np.inf))] = 0.0          # NaN compares False
-    return depth
+depth_to_meters = _decoded(ros_images.depth_to_meters, 'depth image')
+"""(H, W) float32 metres (a new array) from 16UC1 / mono16 (mm) or 32FC1 (m); invalid readings (0, NaN, +-inf,
+negative) become 0."""
 
 
 def numpy_to_image(arr: np.ndarray, encoding: str, header: Optional[Header] = None) -> Image:
@@ -114,20 +108,6 @@ def numpy_to_image(arr: np.ndarray, encoding: str, header: Optional[Header] = No
 
 
 # ---------------------------------------------------------------------------------------------------- camera
-def camera_info_to_camera(msg: CameraInfo) -> PinholeCamera:
-    """PinholeCamera from ``k`` (row-major 3x3), ``width`` and ``height`` (distortion is ignored).
-
-    Rejected with the reason (ConversionError): a zero width or height, a k with a NaN / inf entry or with
-    fx = k[0] or fy = k[4] <= 0 (an all-zero k is an uncalibrated camera), a principal point (cx, cy) = (k[2], k[5])
-    outside the open image rectangle (0, width) x (0, height).
-    """
-    cam = _camera_info_to_camera(msg)
-    if not (0.0 < cam.cx < cam.width and 0.0 < cam.cy < cam.height):
-        raise ConversionError(f'camera info: principal point (cx, cy) = ({cam.cx:g}, {cam.cy:g}) = (k[2], k[5]) '
-                              f'is not inside the {cam.width}x{cam.height} image; check the calibration')
-    return cam
-
-
 def camera_to_camera_info(cam: PinholeCamera, header: Optional[Header] = None) -> CameraInfo:
     """CameraInfo for a pinhole camera: plumb_bob with zero distortion, k, p = [k | 0], r = identity."""
     K = cam.K
