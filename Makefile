@@ -44,7 +44,7 @@ test: setup
 demo: setup
 	$(PY) -m ov3d_ros.tools.demo --out $(DEMO_OUT)
 
-# The evaluation world: 10 unseen generated scenes (seeds 100-109) as folders and bags, SIMULATED 'default'
+# The evaluation world: 10 unseen generated scenes (seeds 100-109) as folders and bags, SIMULATED 'clip'
 # teacher; raw fusion, the training-free and the learned affinity (folders), raw fusion again from the bags.
 EVAL_OUT ?= eval_output
 EVAL_ARGS ?= --config config/eval.yaml --quiet
