@@ -482,6 +482,19 @@ class Mapper:
             total += 2 * self.map.dim + 12 + 2 * (p.embeddings.shape[1] if p.embeddings is not None else 0)
         return total
 
+    def memory_report(self) -> Dict[str, float]:
+        """Bytes per voxel row of every layer kept for the current configuration: the map's fields and hash index
+        ('map.features', 'map.index', ...), purification state ('purified', 'normals', 'embeddings') and the label
+        volume ('label evidence')."""
+        out = {f'map.{k}': v for k, v in self.map.memory_report().items()}
+        p = self.purifier
+        if p is not None:
+            out.update({'purified': 2 * self.map.dim, 'normals': 12,
+                        'embeddings': 2 * (p.embeddings.shape[1] if p.embeddings is not None else 0)})
+        if self.labels is not None:
+            out['label evidence'] = self.labels.bytes_per_voxel()
+        return out
+
     def evict(self, position, keep: int) -> int:
         """Keep the ``keep`` voxels nearest to ``position`` (3,) in metres, drop the rest; returns how many went."""
         if keep >= self.map.size:

@@ -162,14 +162,14 @@ class VoxelFeatureMap:
         return self.lookup(pack_keys(voxel_coords(points.to(self.device), self.voxel_size_m)))
 
     def feature_norms(self) -> torch.Tensor:
-        """(V,) float32 L2 norms of the stored features (of their fp32 values before fp16 rounding), kept up to date by
-        every write (no recompute)."""
+        """(V,) float32 L2 norms of the stored (fp16) features, kept up to date by every write (no recompute)."""
         return self.norms[:self.size]
 
     def _set_features(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Store (M, D) float ``values`` as fp16 at ``rows`` and update their norms."""
-        self.features[rows] = values.to(torch.float16)
-        self.norms[rows] = values.norm(dim=1)
+        half = values.to(torch.float16)
+        self.features[rows] = half
+        self.norms[rows] = half.float().norm(dim=1)         # of the stored values: the same after a reload
 
     def project(self, matrix: torch.Tensor) -> None:
         """Replace every feature f by f @ matrix (D, d): the map's feature dimension becomes d."""
@@ -178,7 +178,7 @@ class VoxelFeatureMap:
         out = torch.zeros(self.capacity, matrix.shape[1], dtype=torch.float16, device=self.device)
         out[:self.size] = (self.features[:self.size].float() @ matrix.to(self.device).float()).to(torch.float16)
         self.features, self.dim = out, int(matrix.shape[1])
-        self.norms[:self.size] = torch.linalg.vector_norm(out[:self.size], dim=1, dtype=torch.float32)
+        self.norms[:self.size] = out[:self.size].float().norm(dim=1)
 
     def integrate(self, points: torch.Tensor, features: Union[torch.Tensor, CellFeatures],
                   colors: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -309,7 +309,7 @@ class VoxelFeatureMap:
             t[:n] = state[name].to(self.device, t.dtype)
         self.size = n
         self.norms.zero_()
-        self.norms[:n] = torch.linalg.vector_norm(self.features[:n], dim=1, dtype=torch.float32)
+        self.norms[:n] = self.features[:n].float().norm(dim=1)
         self._reindex()
 
     def keep(self, rows: torch.Tensor) -> None:

@@ -251,3 +251,9 @@ def test_clear_radius_keeps_a_local_map_around_the_camera():
         d = np.linalg.norm(m.map.centers().numpy() - T[:3, 3], axis=1)
         assert m.map.size > 0 and d.max() <= 2.0
     assert m.evicted_voxels > 0 and m.label_classes()[0].shape == (m.map.size,)
+
+
+def test_memory_report_covers_every_byte_of_bytes_per_voxel(mapper):
+    report = mapper.memory_report()
+    assert report['map.features'] == 2 * mapper.map.dim and report['map.index'] > 0
+    assert round(sum(report.values())) == mapper.bytes_per_voxel()
