@@ -58,3 +58,12 @@ eval: setup
 
 clean:
 	rm -rf build $(DEMO_OUT) $(EVAL_OUT)
+
+# Benchmark-only dependencies (never needed by `make test`): Open3D for benchmarks/bm_compare.py's fusion reference.
+.PHONY: bench-deps bench
+bench-deps: setup
+	$(PY) -m pip install -q --disable-pip-version-check open3d
+	-command -v apt-get > /dev/null && apt-get install -y -q libusb-1.0-0 > /dev/null
+
+bench: bench-deps
+	$(PY) benchmarks/bm_compare.py

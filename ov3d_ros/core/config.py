@@ -31,6 +31,12 @@ class MapConfig:
     compress_dim: int = 0
     """Store voxel features in this many dimensions (0 = the feature source's D, e.g. 64 of 512): an uncentred PCA
     of the keyframes' features; queries project text the same way (ov3d_ros.core.compression)."""
+    max_weight: float = 10000.0
+    """Cap on a voxel's old weight in the running means of its feature and colour (nvblox's max_weight; 0 = no
+    cap). A point adds weight 1, so a voxel takes a few tens per keyframe; past the cap each new observation keeps
+    moving the mean by at least weight / (max_weight + weight) instead of fading out (a plain fp16 mean stops
+    moving after about 1e5 points, a parked robot's few minutes). Observation counts and weights still
+    accumulate everything."""
     compress_update: bool = True
     """Compression: update the PCA with every keyframe (stored features are rotated into the new basis); false =
     freeze the first keyframe's fit."""
