@@ -84,6 +84,34 @@ def test_pick_pairs_uses_the_teacher_for_positives_and_negatives():
     assert pos.tolist() == [1] and neg[0, 1].item() == 2
 
 
+def test_same_segment_voxels_are_never_negatives_in_a_large_uniform_segment():
+    """The tie-break jitter (up to 1e-3) must not push same-segment voxels below the 0.5e-3 margin."""
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    segments = torch.zeros(n, dtype=torch.long)
+    segments[-40:] = 1                                        # a large wall (segment 0) and a small object
+    knn = torch.stack([torch.randperm(n, generator=g)[:64] for _ in range(200)])
+    knn = torch.cat([knn, knn[torch.randint(0, 200, (n - 200,), generator=g)]])
+    cfg = DistillConfig(n_macro=48, n_micro=15, macro_pool=256)
+    unit = torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=1)
+    for teacher in (Teacher(segments=segments), Teacher(features=unit[segments])):
+        anchors = torch.arange(0, n - 40, 7)                  # anchors inside the wall
+        pos, neg, mask = pick_pairs(teacher, knn, anchors, cfg, torch.Generator().manual_seed(1))
+        assert torch.all(segments[pos] == 0)
+        assert mask.any(1).float().mean() > 0.5                # the object's voxels are still negatives
+        assert torch.all(segments[neg][mask] == 1), 'a same-segment voxel was used as a negative'
+
+
+def test_feature_teacher_similarity_equals_the_naive_product():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(50, 7, generator=g), dim=1)
+    teacher = Teacher(features=feats)
+    a, b = torch.randint(0, 50, (13,), generator=g), torch.randint(0, 50, (13, 9), generator=g)
+    naive = (feats[a][:, None] * feats[b]).sum(-1)
+    for chunk in (1, 4, 256):
+        assert torch.allclose(teacher.similarity(a, b, chunk=chunk), naive, atol=1e-6)
+
+
 def test_student_checkpoint_round_trip(tmp_path):
     pytest.importorskip('spconv')
     from ov3d_ros.core.purification.student import StudentAffinityNet, StudentConfig, load_student, save_student
