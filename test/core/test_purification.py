@@ -124,7 +124,8 @@ def test_incremental_matches_whole_map_pooling_on_a_growing_map():
     whole.update(m)
     err = (inc.features(m).float() - whole.features(m).float()).norm(dim=1) / whole.features(m).float().norm(dim=1)
     assert err.median() < 0.05 and err.max() < 0.5
-    moved = (whole.features(m).float() - m.features[:len(m)].float()).norm(dim=1) / m.features[:len(m)].float().norm(dim=1)
+    raw = m.features[:len(m)].float()
+    moved = (whole.features(m).float() - raw).norm(dim=1) / raw.norm(dim=1)
     assert moved.median() > 0.3                   # pooling changed the features (identity would not)
 
 
@@ -192,10 +193,11 @@ def _relative_error(a, b):
 @pytest.mark.parametrize('affinity', ['fallback', 'learned'])
 def test_incremental_equals_whole_map_pooling_on_a_generated_scene(affinity, tmp_path):
     """Keyframe by keyframe (normals, student embeddings with their receptive-field context, affinities and a
-    margin refreshed) must give what one whole-map pooling gives. Measured on this scene: median relative
-    difference ~1e-3 (fp16 storage), 99th percentile below 0.02 for both affinities; the remaining
-    difference is the boundary of each re-pooled region (its outside neighbours enter with their converged
-    purified features instead of their partially pooled ones)."""
+    margin refreshed) must give what one whole-map pooling gives. Measured on this scene (5 keyframes, 7670
+    voxels, T = 6): relative difference median 0, 99th percentile 0.015, max 0.036 (fallback) and 0.031 (tiny
+    learned student, 4 residual blocks: receptive field 9 voxels); with a fixed 3-voxel margin and no context
+    ring the max was 0.19 and 0.21. What remains is the boundary of each re-pooled region: its outside neighbours
+    enter with their converged purified features instead of partially pooled ones. Bounds: 2x the measured."""
     purify = {'affinity': affinity}
     if affinity == 'learned':
         pytest.importorskip('spconv')
@@ -211,7 +213,8 @@ def test_incremental_equals_whole_map_pooling_on_a_generated_scene(affinity, tmp
     err = _relative_error(inc, whole)
     moved = _relative_error(whole, raw)            # how far pooling moved the features at all
     assert moved.median() > 0.05                   # pooling really did something on this scene
-    assert err.median() < 0.01 and torch.quantile(err, 0.99) < 0.05, (err.median(), torch.quantile(err, 0.99))
+    assert err.median() < 0.01 and torch.quantile(err, 0.99) < 0.03 and err.max() < 0.08, \
+        (err.median(), torch.quantile(err, 0.99), err.max())
 
 
 def test_pick_pairs_uses_the_teacher_for_positives_and_negatives():
