@@ -15,7 +15,8 @@ setup(
     packages=find_packages(include=('ov3d_ros', 'ov3d_ros.*')),
     package_data={'ov3d_ros': ['models/*.safetensors', 'models/*.md']},
     python_requires='>=3.10',
-    install_requires=['numpy', 'scipy', 'pillow', 'pyyaml', 'torch', 'open_clip_torch', 'transforms3d',
+    # open_clip pinned: the dense CLIP path reads its nn.MultiheadAttention blocks, which later releases replace
+    install_requires=['numpy', 'scipy', 'pillow', 'pyyaml', 'torch', 'open_clip_torch==3.3.0', 'transforms3d',
                       'safetensors', 'tqdm', 'rosbags'],
     data_files=[('share/ov3d_ros', ['package.xml']),
                 ('share/ov3d_ros/launch', glob('launch/*.py')),

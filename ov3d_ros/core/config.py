@@ -172,7 +172,8 @@ class PurifyConfig:
     """'incremental': re-pool the voxels each keyframe touched plus a margin (bounded cost per keyframe);
     'whole': re-pool the whole map once before a query when keyframes came since (offline reference)."""
     margin_vox: int = 3
-    """Incremental mode: voxels within this many voxels of the touched ones are re-pooled too."""
+    """Incremental mode: beyond the voxels whose affinities a keyframe changed (its touched voxels, widened by the
+    normal radius and the student's receptive field), re-pool this many more voxel steps around them."""
 
 
 @dataclass
