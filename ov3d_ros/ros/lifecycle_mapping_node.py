@@ -13,18 +13,20 @@ node unconfigured.
 from __future__ import annotations
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.lifecycle import LifecycleNodeMixin, LifecycleState, TransitionCallbackReturn
+from rclpy.node import Node
 
 from ov3d_ros.ros.mapping_node import MappingInterface, spin
 
 
-class LifecycleMappingNode(MappingInterface, LifecycleNode):
-    """``ov3d_mapping`` as a lifecycle node (starts unconfigured)."""
+class LifecycleMappingNode(MappingInterface, LifecycleNodeMixin, Node):
+    """``ov3d_mapping`` as a lifecycle node (starts unconfigured). Built like rclpy's LifecycleNode, with the
+    lifecycle services in their own callback group so that parameter services answer while configure loads the
+    model (rclpy 9.1's LifecycleNode passes ``callback_group`` on to Node, which refuses it)."""
 
     def __init__(self, **kwargs):
-        # transitions in their own callback group: parameter services answer while configure loads the model
-        kwargs.setdefault('callback_group', MutuallyExclusiveCallbackGroup())
-        super().__init__('ov3d_mapping', **kwargs)
+        Node.__init__(self, 'ov3d_mapping', **kwargs)
+        LifecycleNodeMixin.__init__(self, callback_group=MutuallyExclusiveCallbackGroup())
         self._declare_parameters()
 
     def _step(self, name: str, fn) -> TransitionCallbackReturn:
