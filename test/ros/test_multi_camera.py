@@ -1,6 +1,8 @@
 """Two RGB-D cameras on one rig into one map over real ROS 2, both streaming compressed colour (JPEG) and
 compressedDepth (PNG): the scene player publishes the rig's body pose and both cameras' images."""
 import numpy as np
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
 
 from ov3d_ros.sim import builtin_scene
 from ov3d_ros.sim.classes import CLASS_NAMES
@@ -20,14 +22,24 @@ def as_list(values) -> str:
 def test_two_compressed_cameras_build_one_map(tmp_path):
     streams = ['cameras:=[cam_a,cam_b]', 'color_transport:=compressed', 'depth_transport:=compressedDepth']
     with private_domain() as env:
-        node = start_mapping_node(env, tmp_path / 'node.log', params=streams + [f'pose_to_camera:={as_list(MOUNTS)}'])
+        # 8-px simulated patches: 160x120 images with a token grid like 320x240 ones at 16 px
+        node = start_mapping_node(env, tmp_path / 'node.log', params=streams + [
+            f'pose_to_camera:={as_list(MOUNTS)}', 'features.sim_patch_px:=8'])
         client = DemoClient()
         player = None
         try:
             assert client.wait_for_service(node, 120.0), node.log()
+            # sparser keyframes (set live), so that about half the frames are not keyframe candidates
+            params = AsyncParameterClient(client.node, '/ov3d_mapping')
+            assert params.wait_for_services(30.0)
+            future = params.set_parameters([Parameter('keyframes.min_translation_m', value=0.4),
+                                            Parameter('keyframes.min_rotation_deg', value=30.0),
+                                            Parameter('keyframes.max_interval_s', value=0.0)])
+            client.executor.spin_until_future_complete(future, timeout_sec=60.0)
+            assert all(r.successful for r in future.result().results), future.result()
             player = start_scene_player(env, tmp_path / 'player.log', streams + [
-                f'camera_mounts:={as_list(MOUNTS)}', 'n_frames:=72', 'rate_hz:=4.0', 'width:=320', 'height:=240'])
-            status = client.wait_until_mapped(player, node, timeout_s=300.0)
+                f'camera_mounts:={as_list(MOUNTS)}', 'n_frames:=24', 'rate_hz:=4.0', 'width:=160', 'height:=120'])
+            status = client.wait_until_mapped(player, node, timeout_s=600.0)
             cams = status['cameras']
             assert set(cams) == {'cam_a', 'cam_b'}, status
             for name, cam in cams.items():
