@@ -85,13 +85,13 @@ class ScenePlayer(Node):
         if self.done:
             return
         T_W_B = self.poses[self.index % len(self.poses)]
-        stamp = self.get_clock().now().to_msg()
+        frames = [render(self.scene, self.camera, T_W_B @ cam['T_B_C']) for cam in self.rig]
+        stamp = self.get_clock().now().to_msg()            # after rendering: published right after their stamp
         pose = PoseStamped()
         pose.header = conv.make_header(self.map_frame, stamp)
         pose.pose = conv.matrix_to_pose(T_W_B)
         self.pub_pose.publish(pose)
-        for cam in self.rig:
-            frame = render(self.scene, self.camera, T_W_B @ cam['T_B_C'])
+        for cam, frame in zip(self.rig, frames):
             header = conv.make_header(cam['frame'], stamp)
             if self.depth_encoding == '16UC1':
                 depth = np.round(frame.depth_m * 1000.0).clip(0, 65535).astype(np.uint16)
