@@ -23,6 +23,7 @@ setup(
                 ('share/ov3d_ros/config', glob('config/*'))],
     entry_points={'console_scripts': [
         'ov3d_mapping_node = ov3d_ros.ros.mapping_node:main',
+        'ov3d_lifecycle_mapping_node = ov3d_ros.ros.lifecycle_mapping_node:main',
         'ov3d_scene_player = ov3d_ros.ros.scene_player:main',
         'ov3d_demo = ov3d_ros.tools.demo:main',
         'ov3d = ov3d_ros.cli.main:main',

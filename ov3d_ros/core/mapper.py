@@ -278,6 +278,21 @@ class Mapper:
             self.purifier.update(self.map, None, self._label_channels())
             self._purified_stale = False
 
+    def reconfigure_purification(self, cfg) -> None:
+        """Use purification settings ``cfg`` (a PurifyConfig: on/off, affinity, checkpoint, neighbourhood, ...)
+        from now on and re-pool the whole map with them. Raises ValueError, keeping the current settings, if
+        ``cfg`` cannot be used (e.g. a missing checkpoint)."""
+        old = self.cfg.purify
+        self.cfg.purify = cfg
+        try:
+            purifier = self._make_purifier() if cfg.enabled else None
+        except (ValueError, OSError, RuntimeError) as e:
+            self.cfg.purify = old
+            raise ValueError(f'purification settings not applied: {e}') from e
+        self.purifier, self._purified_stale = purifier, True
+        if cfg.mode == 'incremental':
+            self.purify_all()
+
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) augmented embeddings of ``texts`` (prompt templates, repetition), in the feature source's space
         (see :meth:`to_map_space`). Each text is embedded once and cached (up to 1024 texts), so the negatives and
