@@ -177,6 +177,15 @@ class LabelConfig:
 
 
 @dataclass
+class ObjectConfig:
+    gap_vox: int = 1
+    """Object instances of a query answer: answering voxels with at most this many empty voxels between them
+    belong to one object (0 = only touching voxels, 26-neighbourhood)."""
+    min_voxels: int = 5
+    """Object instances with fewer answering voxels than this are left out (noise, stray voxels)."""
+
+
+@dataclass
 class MapperConfig:
     map: MapConfig = field(default_factory=MapConfig)
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
@@ -184,6 +193,7 @@ class MapperConfig:
     query: QueryConfig = field(default_factory=QueryConfig)
     purify: PurifyConfig = field(default_factory=PurifyConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
+    objects: ObjectConfig = field(default_factory=ObjectConfig)
 
 
 def section_items(cfg: Any) -> Dict[str, Any]:
