@@ -58,6 +58,10 @@ class FeatureConfig:
     """open_clip pretrained tag resolved from the local cache, or a path to a local checkpoint file."""
     cache_dir: str = ''
     """Directory searched for cached open_clip weights ('' = open_clip's default cache)."""
+    allow_download: bool = False
+    """When the weights of an open_clip pretrained tag are not found locally, let open_clip download them once
+    (Hugging Face hub) into cache_dir or its default cache. Off: nothing is ever downloaded and missing weights
+    fail at start with the places searched. Needs internet; a set HF_HUB_OFFLINE=1 still forbids it."""
     dense_mode: str = 'naclip'
     """Training-free dense last block: 'naclip', 'sclip', 'clearclip' or 'maskclip'."""
     image_short_side: int = 448
