@@ -43,10 +43,12 @@ class ObjectInstance:
 
 
 def _neighbour_offsets(reach: int, device) -> torch.Tensor:
-    """(M, 3) int64 offsets of the cube [-reach, reach]^3 without the origin."""
+    """(M, 3) int64 offsets of the cube [-reach, reach]^3 that are lexicographically positive: one of each pair
+    (o, -o), M = ((2 reach + 1)^3 - 1) / 2."""
     r = torch.arange(-reach, reach + 1, device=device)
     off = torch.cartesian_prod(r, r, r)
-    return off[(off != 0).any(dim=1)]
+    key = (off[:, 0] * (2 * reach + 1) + off[:, 1]) * (2 * reach + 1) + off[:, 2]
+    return off[key > 0]
 
 
 def connected_components(coords: torch.Tensor, gap_vox: int = 1) -> torch.Tensor:
@@ -65,7 +67,7 @@ def connected_components(coords: torch.Tensor, gap_vox: int = 1) -> torch.Tensor
     keys = pack_keys(coords)
     order = torch.argsort(keys)
     sorted_keys = keys[order]
-    offsets = _neighbour_offsets(gap_vox + 1, device)     # (M, 3), M = (2g+3)^3 - 1
+    offsets = _neighbour_offsets(gap_vox + 1, device)     # (M, 3), M = ((2g+3)^3 - 1) / 2
     chunk = max(1, (1 << 22) // n)                        # offsets per batched lookup (~4 M candidates)
     src, dst = [], []
     for off in offsets.split(chunk):
@@ -74,7 +76,7 @@ def connected_components(coords: torch.Tensor, gap_vox: int = 1) -> torch.Tensor
         hit = torch.nonzero(sorted_keys[pos] == k).squeeze(1)
         src.append(hit % n)
         dst.append(order[pos[hit]])
-    src, dst = torch.cat(src), torch.cat(dst)
+    src, dst = torch.cat(src + dst), torch.cat(dst + src)     # each link both ways
     # min-label propagation with pointer jumping: labels only decrease, so this ends
     labels = torch.arange(n, device=device)
     while True:
