@@ -42,9 +42,15 @@ def test_two_chairs_are_two_objects_in_the_answer_and_on_the_topic(two_chairs_ma
     from ov3d_ros.msg import ObjectInstanceArray
     path, (left_x, right_x) = two_chairs_map
     node, client = start_node([f'map_path:={path}', 'load_map_on_start:=true'])
-    got = {'objects': [], 'markers': []}
+    got = {'objects': [], 'markers': [], 'detections': []}
     client.node.create_subscription(ObjectInstanceArray, '/ov3d_mapping/objects', got['objects'].append,
                                     _latched())
+    try:        # optional: the node publishes vision_msgs/Detection3DArray only where vision_msgs is installed
+        from vision_msgs.msg import Detection3DArray
+        client.node.create_subscription(Detection3DArray, '/ov3d_mapping/detections', got['detections'].append,
+                                        _latched())
+    except ImportError:
+        Detection3DArray = None
     client.node.create_subscription(MarkerArray, '/ov3d_mapping/segmentation_markers', got['markers'].append,
                                     _latched())
     answer = client.query('chair')
@@ -71,6 +77,10 @@ def test_two_chairs_are_two_objects_in_the_answer_and_on_the_topic(two_chairs_ma
     assert [o.voxels for o in topic.objects] == [o.voxels for o in objects]
     boxes = [m for m in got['markers'][-1].markers if m.type == Marker.LINE_LIST]
     assert len(boxes) == 2 and got['markers'][-1].markers[0].action == Marker.DELETEALL
+    if Detection3DArray is not None:
+        while time.monotonic() < end and not got['detections']:
+            client.spin(0.2)
+        assert len(got['detections'][-1].detections) == 2
 
     # a query that matches nothing clears the objects
     none = client.query('chair', threshold=1.0)
