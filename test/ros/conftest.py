@@ -126,7 +126,7 @@ def graph(tmp_path_factory):
     its output folder) and a DemoClient, per module: {'env', 'node', 'client', 'out'}."""
     out = tmp_path_factory.mktemp('pipeline')
     with private_domain() as env:
-        node = start_mapping_node(env, out / 'node.log', params=[f'map_dir:={out}'])   # save/load inside out
+        node = start_mapping_node(env, out / 'node.log', params=[f'map_path:={out / "map.ov3dmap"}'])  # map_dir: out
         client = DemoClient()
         try:
             assert client.wait_for_service(node, 120.0), node.log()
