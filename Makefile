@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 
 setup: $(STAMP_SRV)
 
-$(STAMP_DEPS): requirements.txt
+$(STAMP_DEPS): requirements.txt requirements-runtime.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@mkdir -p build
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt > build/pip.log 2>&1 \
@@ -26,9 +26,13 @@ $(STAMP_DEPS): requirements.txt
 	$(PY) -c "import torch, open_clip, rclpy, sensor_msgs.msg, spconv.pytorch"
 	touch $@
 
-# Generate the SegmentByText service with rosidl into the venv (the venv root is a ROS prefix).
-$(STAMP_SRV): $(STAMP_DEPS) $(wildcard srv/*.srv) CMakeLists.txt package.xml
+# Install this checkout in editable mode (no dependencies) for the console scripts (ov3d, ov3d_demo,
+# ov3d_mapping_node, ...), then generate the messages and services with rosidl into the venv (the venv root is a
+# ROS prefix). pip first: it removes an older install of the same name, the generated modules included.
+$(STAMP_SRV): $(STAMP_DEPS) $(wildcard srv/*.srv msg/*.msg) CMakeLists.txt package.xml setup.py
 	@mkdir -p build
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+	  --config-settings editable_mode=compat -e . > build/pip-editable.log 2>&1 || { cat build/pip-editable.log; exit 1; }
 	AMENT_PREFIX_PATH=$(abspath $(VENV)) CMAKE_PREFIX_PATH=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
 	  cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF -DOV3D_INSTALL_PYTHON=OFF \
 	  -DCMAKE_INSTALL_PREFIX=$(abspath $(VENV)) -DPython3_EXECUTABLE=$(abspath $(PY)) > $(BUILD).configure.log 2>&1 \
@@ -36,6 +40,7 @@ $(STAMP_SRV): $(STAMP_DEPS) $(wildcard srv/*.srv) CMakeLists.txt package.xml
 	cmake --build $(BUILD) -j2 > $(BUILD).build.log 2>&1 || { tail -50 $(BUILD).build.log; exit 1; }
 	cmake --install $(BUILD) > $(BUILD).install.log 2>&1 || { tail -50 $(BUILD).install.log; exit 1; }
 	$(PY) -c "from ov3d_ros.srv import LoadMap, SaveMap, SegmentByText, SetVocabulary; import ov3d_ros.core"
+	cd / && $(abspath $(VENV))/bin/ov3d --help > /dev/null
 	touch $@
 
 test: setup

@@ -64,6 +64,10 @@ class FeatureConfig:
     """open_clip pretrained tag resolved from the local cache, or a path to a local checkpoint file."""
     cache_dir: str = ''
     """Directory searched for cached open_clip weights ('' = open_clip's default cache)."""
+    allow_download: bool = False
+    """When the weights of an open_clip pretrained tag are not found locally, let open_clip download them once
+    (Hugging Face hub) into cache_dir or its default cache. Off: nothing is ever downloaded and missing weights
+    fail at start with the places searched. Needs internet; a set HF_HUB_OFFLINE=1 still forbids it."""
     dense_mode: str = 'naclip'
     """Training-free dense last block: 'naclip', 'sclip', 'clearclip' or 'maskclip'."""
     image_short_side: int = 448
@@ -198,6 +202,15 @@ class LabelConfig:
 
 
 @dataclass
+class ObjectConfig:
+    gap_vox: int = 1
+    """Object instances of a query answer: answering voxels with at most this many empty voxels between them
+    belong to one object (0 = only touching voxels, 26-neighbourhood)."""
+    min_voxels: int = 5
+    """Object instances with fewer answering voxels than this are left out (noise, stray voxels)."""
+
+
+@dataclass
 class MapperConfig:
     map: MapConfig = field(default_factory=MapConfig)
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
@@ -205,6 +218,7 @@ class MapperConfig:
     query: QueryConfig = field(default_factory=QueryConfig)
     purify: PurifyConfig = field(default_factory=PurifyConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
+    objects: ObjectConfig = field(default_factory=ObjectConfig)
 
 
 def section_items(cfg: Any) -> Dict[str, Any]:

@@ -41,6 +41,7 @@ from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.camera_input import CameraInput
 from ov3d_ros.ros.label_volume import LabelVolumeInterface
 from ov3d_ros.ros.map_persistence import MapPersistence
+from ov3d_ros.ros.objects import ObjectsOutput
 from ov3d_ros.ros.params import (LIVE, check, check_node, declare, declare_config, mark_read_only, read_config,
                                  read_only_reason)
 from ov3d_ros.srv import SegmentByText
@@ -238,6 +239,7 @@ class MappingInterface:
         self.map_pub = self.create_publisher(PointCloud2, '~/map_cloud', latched)
         self.seg_pub = self.create_publisher(PointCloud2, '~/segmentation', latched)
         self.marker_pub = self.create_publisher(MarkerArray, '~/segmentation_markers', latched)
+        self.objects = ObjectsOutput(self, self.map_frame, self.marker_pub)
         self.status_pub = self.create_publisher(String, '~/status', 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._last_counts = (0, 0, 0, time.monotonic(), {})
@@ -472,7 +474,7 @@ class MappingInterface:
             self._error(f'frame failed: {type(e).__name__}: {e}', cam)
 
     def on_segment(self, request, response):
-        """Answer a text query with the matching voxels as a PointCloud2."""
+        """Answer a text query with the matching voxels as a PointCloud2 and split into object instances."""
         t0 = time.perf_counter()
         try:
             with self._lock:
@@ -481,14 +483,16 @@ class MappingInterface:
                 if self.mapper.map.size == 0:
                     raise ValueError('the map is empty: no keyframe integrated yet')
                 seg = self.mapper.segment(request.text, list(request.negatives), float(request.threshold))
+            objects = self.objects.extract(seg.xyz, seg.scores, self._short(request.text), self.mapper.cfg)
             stamp = self.get_clock().now().to_msg()
             response.cloud = conv.make_pointcloud2(seg.xyz, seg.rgb, seg.scores, self.map_frame, stamp)
             response.scores = seg.scores.astype(np.float32).tolist()
             response.success = True
-            response.message = (f'{len(seg.scores)} voxels match {self._short(request.text)!r} from the '
-                                f'{seg.source} ({1e3 * (time.perf_counter() - t0):.0f} ms)')
+            response.objects = self.objects.publish(objects, stamp).objects
+            response.message = (f'{len(seg.scores)} voxels in {len(objects)} object(s) match '
+                                f'{self._short(request.text)!r} from the {seg.source} '
+                                f'({1e3 * (time.perf_counter() - t0):.0f} ms)')
             self.seg_pub.publish(response.cloud)
-            self.marker_pub.publish(self._markers(seg.xyz, self._short(request.text), stamp))
         except Exception as e:
             response.success = False
             response.message = str(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'
@@ -500,12 +504,6 @@ class MappingInterface:
         """``text`` on one line (control characters and whitespace runs as one space), cut to ``n`` characters."""
         text = ' '.join(''.join(c if c.isprintable() else ' ' for c in text[:4 * n]).split())
         return text if len(text) <= n else text[:n - 3] + '...'
-
-    def _markers(self, xyz: np.ndarray, label: str, stamp) -> MarkerArray:
-        if len(xyz) == 0:
-            return conv.make_box_markers(np.zeros((0, 3)), np.zeros((0, 3)), [], self.map_frame, stamp)
-        lo, hi = np.percentile(xyz, 2, axis=0), np.percentile(xyz, 98, axis=0)
-        return conv.make_box_markers(lo[None], hi[None], [label], self.map_frame, stamp)
 
     def publish_map(self) -> None:
         with self._lock:

@@ -123,10 +123,11 @@ def saved_map(tmp_path):
 
 @pytest.fixture(scope='module')
 def graph(tmp_path_factory):
-    """A mapping node process (config/demo.yaml: simulated features, pose topic) and a DemoClient, per module."""
+    """A mapping node process (config/demo.yaml: simulated features, pose topic; maps saved and loaded inside
+    its output folder) and a DemoClient, per module: {'env', 'node', 'client', 'out'}."""
     out = tmp_path_factory.mktemp('pipeline')
     with private_domain() as env:
-        node = start_mapping_node(env, out / 'node.log')
+        node = start_mapping_node(env, out / 'node.log', params=[f'map_path:={out / "map.ov3dmap"}'])  # map_dir: out
         client = DemoClient()
         try:
             assert client.wait_for_service(node, 120.0), node.log()

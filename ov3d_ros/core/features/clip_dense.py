@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ov3d_ros.core.config import FeatureConfig
 from ov3d_ros.core.features.base import FeatureExtractor
-from ov3d_ros.core.features.weights import WeightsNotFoundError, load_weights, resolve_weights, uses_quick_gelu
+from ov3d_ros.core.features.weights import (WeightsNotFoundError, fetch_weights, load_weights, resolve_weights,
+                                            uses_quick_gelu)
 
 DENSE_MODES = ('naclip', 'sclip', 'clearclip', 'maskclip')
 REDUCED_MODES = ('naclip', 'clearclip')
@@ -83,9 +84,11 @@ class OpenClipDenseExtractor(FeatureExtractor):
 
     def __init__(self, cfg: FeatureConfig, device: torch.device | str = 'cpu'):
         import open_clip
-        os.environ.setdefault('HF_HUB_OFFLINE', '1')  # never reach for the network (e.g. HF tokenizers)
+        if not cfg.allow_download:
+            os.environ.setdefault('HF_HUB_OFFLINE', '1')  # never reach for the network (e.g. HF tokenizers)
         check_config(cfg)
-        resolve_weights(cfg.model, cfg.pretrained, cfg.cache_dir)  # fail fast, before building the model
+        # fail fast, before building the model (with allow_download: download a missing tag first)
+        (fetch_weights if cfg.allow_download else resolve_weights)(cfg.model, cfg.pretrained, cfg.cache_dir)
         self.cfg, self.dense_mode = cfg, cfg.dense_mode
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == 'cuda' else torch.float32

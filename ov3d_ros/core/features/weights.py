@@ -91,6 +91,31 @@ def resolve_weights(model: str, pretrained: str, cache_dir: str = '') -> Optiona
         f'(offline). Searched:\n  {listing}\n{FIX_HINT}')
 
 
+def fetch_weights(model: str, pretrained: str, cache_dir: str = '') -> Optional[str]:
+    """:func:`resolve_weights`, and when the weights of an open_clip pretrained tag are not found locally, download
+    them with open_clip into ``cache_dir`` (or its default cache) and return that file (``features.allow_download``).
+    A file path or an unknown tag is never downloaded. Raises WeightsNotFoundError naming the download error."""
+    import open_clip
+    try:
+        return resolve_weights(model, pretrained, cache_dir)
+    except WeightsNotFoundError as e:
+        tag = (pretrained or '').strip()
+        if os.sep in tag or tag.lower().endswith(CHECKPOINT_SUFFIXES) or \
+                not open_clip.pretrained.get_pretrained_cfg(model, tag):
+            raise
+        local_error = str(e)
+    try:
+        path = open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(model, tag),
+                                                        prefer_hf_hub=True, cache_dir=cache_dir or None)
+    except Exception as e:  # network, hub or offline-mode errors
+        raise WeightsNotFoundError(f'features.allow_download: downloading open_clip weights {model!r}/{tag!r} '
+                                   f'failed ({type(e).__name__}: {str(e)[:300]}).\n{local_error}') from e
+    if not path or not os.path.isfile(path):
+        raise WeightsNotFoundError(f'features.allow_download: open_clip returned no file for {model!r}/{tag!r}.\n'
+                                   f'{local_error}')
+    return path
+
+
 def is_torchscript(path: str) -> bool:
     """True for TorchScript archives (OpenAI's original CLIP releases)."""
     if not zipfile.is_zipfile(path):
