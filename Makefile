@@ -35,7 +35,7 @@ $(STAMP_SRV): $(STAMP_DEPS) $(wildcard srv/*.srv) CMakeLists.txt package.xml
 	  || { cat $(BUILD).configure.log; exit 1; }
 	cmake --build $(BUILD) -j2 > $(BUILD).build.log 2>&1 || { tail -50 $(BUILD).build.log; exit 1; }
 	cmake --install $(BUILD) > $(BUILD).install.log 2>&1 || { tail -50 $(BUILD).install.log; exit 1; }
-	$(PY) -c "from ov3d_ros.srv import LoadMap, SaveMap, SegmentByText, SetVocabulary; import ov3d_ros.core"
+	$(PY) -c "from ov3d_ros.srv import LoadMap, MergeMap, SaveMap, SegmentByText, SetVocabulary; import ov3d_ros.core"
 	touch $@
 
 test: setup

@@ -17,6 +17,7 @@ setup(
     python_requires='>=3.10',
     install_requires=['numpy', 'scipy', 'pillow', 'pyyaml', 'torch', 'open_clip_torch', 'transforms3d',
                       'safetensors', 'tqdm', 'rosbags'],
+    extras_require={'batch': ['ray'], 'view': ['viser']},      # ov3d map/eval on Ray; ov3d view
     data_files=[('share/ov3d_ros', ['package.xml']),
                 ('share/ov3d_ros/launch', glob('launch/*.py')),
                 ('share/ov3d_ros/config', glob('config/*'))],
