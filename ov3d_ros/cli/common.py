@@ -160,6 +160,10 @@ def map_input(mapper: Mapper, source: Input, quiet: bool = False, frames: Option
     if not indices:
         raise CliError(f'{source.path}: the frame range selects none of its {len(source)} frames')
     selected = itertools.islice(source, indices.start, indices.stop)
+    if indices.start and hasattr(mapper.extractor, 'reset'):
+        # the simulated teacher's errors follow a per-keyframe counter: start it at the range's first frame, so
+        # a range gets the errors these frames get in a run over the whole input (when every frame is a keyframe)
+        mapper.extractor.reset(indices.start)
     count = 0
     for frame in progress(selected, len(indices), source.path.name, quiet):
         count += 1
