@@ -37,6 +37,9 @@ def test_two_halves_merge_into_the_whole_trajectory_map(halves, tmp_path, capsys
     assert torch.allclose(merged.weights[:merged.size], whole.weights[rows], rtol=1e-5)
     assert torch.equal(merged.counts[:merged.size], whole.counts[rows])
     assert torch.allclose(merged.colors[:merged.size], whole.colors[rows], atol=0.05)
+    # robot B's simulated teacher starts at frame 4 (--frames 4:), so both saw the same features: the merged
+    # features are the whole run's up to the fp16 rounding of its running means
+    assert torch.allclose(merged.features[:merged.size].float(), whole.features[rows].float(), atol=5e-3)
     # the map answers a query like the whole-trajectory map
     assert main(['query', str(out), 'floor', '--out', str(tmp_path / 'f.ply')]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['points'] > 100
