@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.map_io import load_map, save_map
 from ov3d_ros.core.merge import (MapPart, MergeError, merge_files, merge_parts, read_transform,
                                  transform_from_pose)
