@@ -12,9 +12,16 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test eval clean
+.PHONY: setup browser demo test eval clean
 
-setup: $(STAMP_SRV)
+setup: $(STAMP_SRV) browser
+
+# Debian's chromium and chromedriver for the browser-view test (test/tools/test_web_view.py skips without them)
+browser:
+	@mkdir -p build
+	@{ command -v chromium && command -v chromedriver; } > /dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } > build/apt.log 2>&1 || \
+	  echo "chromium could not be installed (see build/apt.log): the browser-view test will be skipped"
 
 $(STAMP_DEPS): requirements.txt requirements-runtime.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +46,7 @@ $(STAMP_SRV): $(STAMP_DEPS) $(wildcard srv/*.srv msg/*.msg) CMakeLists.txt packa
 	  || { cat $(BUILD).configure.log; exit 1; }
 	cmake --build $(BUILD) -j2 > $(BUILD).build.log 2>&1 || { tail -50 $(BUILD).build.log; exit 1; }
 	cmake --install $(BUILD) > $(BUILD).install.log 2>&1 || { tail -50 $(BUILD).install.log; exit 1; }
-	$(PY) -c "from ov3d_ros.srv import LoadMap, SaveMap, SegmentByText, SetVocabulary; import ov3d_ros.core"
+	$(PY) -c "from ov3d_ros.srv import LoadMap, MergeMap, SaveMap, SegmentByText, SetVocabulary; import ov3d_ros.core"
 	cd / && $(abspath $(VENV))/bin/ov3d --help > /dev/null
 	touch $@
 

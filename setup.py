@@ -18,6 +18,7 @@ setup(
     # open_clip pinned: the dense CLIP path reads its nn.MultiheadAttention blocks, which later releases replace
     install_requires=['numpy', 'scipy', 'pillow', 'pyyaml', 'torch', 'open_clip_torch==3.3.0', 'transforms3d',
                       'safetensors', 'tqdm', 'rosbags'],
+    extras_require={'batch': ['ray'], 'view': ['viser']},      # ov3d map/eval on Ray; ov3d view
     data_files=[('share/ov3d_ros', ['package.xml']),
                 ('share/ov3d_ros/launch', glob('launch/*.py')),
                 ('share/ov3d_ros/config', glob('config/*'))],

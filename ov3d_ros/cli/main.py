@@ -6,17 +6,20 @@
     ov3d label scene_0000.ov3dmap --vocab names.txt --points points.npz --out pred.npz
     ov3d eval scenes/scene_* --out results/ --features simulated
     ov3d train-affinity scenes/scene_00* --val scenes/scene_01* --out affinity.safetensors --features simulated
+    ov3d merge robot_a.ov3dmap robot_b.ov3dmap --out building.ov3dmap --transform 2 b_to_a.txt
+    ov3d view building.ov3dmap                                   # browser view on http://localhost:8080
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ov3d_ros.cli import evaluate, label, mapping, query, scenes, train_affinity
+from ov3d_ros.cli import evaluate, label, mapping, merge, query, scenes, train_affinity, view
 from ov3d_ros.cli.common import CliError
 
 COMMANDS = {'make-scenes': scenes, 'map': mapping, 'query': query, 'label': label, 'eval': evaluate,
-            'train-affinity': train_affinity}
+            'train-affinity': train_affinity, 'merge': merge,
+            'view': view}
 
 
 def build_parser() -> argparse.ArgumentParser:

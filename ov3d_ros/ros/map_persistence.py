@@ -1,4 +1,5 @@
-"""Map persistence for the mapping node: ``~/save_map``, ``~/load_map``, ``~/clear_map``, autosave, load on start.
+"""Map persistence for the mapping node: ``~/save_map``, ``~/load_map``, ``~/clear_map``, ``~/merge_map``,
+autosave, load on start.
 
 Files are the core's map format (``ov3d_ros.core.map_io``: safetensors, versioned, checksummed, written to a
 temporary file, fsynced and renamed), so a crash mid-save leaves the previous file intact and ``ov3d query``
@@ -22,7 +23,7 @@ from std_srvs.srv import Trigger
 from ov3d_ros.core.map_io import is_map_file
 from ov3d_ros.core.mapper import Mapper
 from ov3d_ros.ros.params import declare
-from ov3d_ros.srv import LoadMap, SaveMap
+from ov3d_ros.srv import LoadMap, MergeMap, SaveMap
 
 
 class MapPersistence:
@@ -46,6 +47,7 @@ class MapPersistence:
         node.create_service(SaveMap, '~/save_map', self.on_save, callback_group=group)
         node.create_service(LoadMap, '~/load_map', self.on_load, callback_group=group)
         node.create_service(Trigger, '~/clear_map', self.on_clear, callback_group=group)
+        node.create_service(MergeMap, '~/merge_map', self.on_merge, callback_group=group)
         if self.autosave_period_s > 0:
             node.create_timer(self.autosave_period_s, self.autosave, group)
         if load_on_start:
@@ -105,6 +107,45 @@ class MapPersistence:
         except (OSError, ValueError, RuntimeError) as e:
             return False, f'kept the current map: {e}'
         return True, f'{path}: {self.mapper.map.size} voxels, {self.mapper.num_keyframes} keyframes'
+
+    def merge(self, paths, transforms=(), replace: bool = False, out_path: str = ''):
+        """Fuse map files (``transforms``: 16 row-major numbers per path, or none) into the node's map (or, with
+        ``replace``, make their merge the map); optionally also write the result to ``out_path``. (ok, message)."""
+        import tempfile
+        import numpy as np
+        from ov3d_ros.core.map_io import write_atomic
+        from ov3d_ros.core.merge import merge_files
+        paths = [self._path(p) for p in paths if p.strip()]
+        if not paths:
+            return False, 'no map files given to merge'
+        if len(transforms) not in (0, 16 * len(paths)):
+            return False, f'{len(transforms)} transform numbers for {len(paths)} maps (16 per map, or none)'
+        Ts = [np.asarray(transforms[16 * i:16 * i + 16], np.float64).reshape(4, 4) if len(transforms) else None
+              for i in range(len(paths))]
+        try:
+            with self.lock, tempfile.TemporaryDirectory(prefix='ov3d_merge_') as tmp:
+                if not replace:
+                    current = os.path.join(tmp, 'current.ov3dmap')
+                    self.mapper.save(current)
+                    paths, Ts = [current] + paths, [None] + Ts
+                merged = os.path.join(tmp, 'merged.ov3dmap')
+                summary = merge_files(paths, merged, Ts)
+                self.mapper.load(merged)             # keeps the current map if the result is unusable
+                if out_path:
+                    with open(merged, 'rb') as f:
+                        write_atomic(self._path(out_path), f.read())
+        except (OSError, ValueError, RuntimeError) as e:
+            return False, f'kept the current map: {e}'
+        written = f'; wrote {self._path(out_path)}' if out_path else ''
+        return True, (f'merged {len(summary["inputs"])} maps ({" + ".join(map(str, summary["inputs"]))} voxels) '
+                      f'into {self.mapper.map.size} voxels{written}')
+
+    def on_merge(self, request, response):
+        response.success, response.message = self.merge(list(request.paths), list(request.transforms),
+                                                        request.replace, request.out_path)
+        response.voxels = self.mapper.map.size
+        self._log(response.success, response.message)
+        return response
 
     def on_save(self, request, response):
         response.success, response.message, response.path, response.voxels = self.save(request.path)
