@@ -106,16 +106,9 @@ def start_node(tmp_path):
 
 
 @pytest.fixture()
-def saved_map(tmp_path):
+def saved_map(tmp_path, room_mapper_factory):
     """(path, voxels) of a map of the built-in scene written by the core, with the demo's feature source."""
-    from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
-    cfg = MapperConfig()
-    cfg.features.source, cfg.features.sim_preset, cfg.map.device = 'simulated', 'clean', 'cpu'
-    mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
-    scene, cam = builtin_scene(0), default_camera(160, 120)
-    for i, T in enumerate(builtin_trajectory(scene, 12, 0)):
-        f = render(scene, cam, T)
-        mapper.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
+    mapper = room_mapper_factory()
     path = tmp_path / 'room.ov3dmap'
     mapper.save(path)
     return path, mapper.map.size

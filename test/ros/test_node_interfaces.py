@@ -34,20 +34,9 @@ def loaded(tmp_path_factory, request):
 
 
 @pytest.fixture(scope='module')
-def module_saved_map(tmp_path_factory):
-    from ov3d_ros.core.config import MapperConfig
-    from ov3d_ros.core.features import create_extractor
-    from ov3d_ros.core.mapper import Frame, Mapper
-    from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, render
-    cfg = MapperConfig()
-    cfg.features.source, cfg.features.sim_preset, cfg.map.device = 'simulated', 'clean', 'cpu'
-    mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
-    scene, cam = builtin_scene(0), default_camera(160, 120)
-    for i, T in enumerate(builtin_trajectory(scene, 12, 0)):
-        f = render(scene, cam, T)
-        mapper.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
+def module_saved_map(tmp_path_factory, room_mapper_factory):
     path = tmp_path_factory.mktemp('map') / 'room.ov3dmap'
-    mapper.save(path)
+    room_mapper_factory().save(path)
     return path
 
 

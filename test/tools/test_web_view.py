@@ -12,21 +12,9 @@ CHROMEDRIVER = shutil.which('chromedriver')
 
 
 @pytest.fixture(scope='module')
-def room_mapper():
+def room_mapper(room_mapper_factory):
     """A map of the built-in room (clean simulated features) with a label vocabulary."""
-    from ov3d_ros.core.config import MapperConfig
-    from ov3d_ros.core.features import create_extractor
-    from ov3d_ros.core.mapper import Frame, Mapper
-    from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
-    cfg = MapperConfig()
-    cfg.features.source, cfg.features.sim_preset, cfg.map.device = 'simulated', 'clean', 'cpu'
-    cfg.labels.vocabulary = ['wall', 'floor', 'sofa', 'table', 'chair', 'bed']
-    mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
-    scene, cam = builtin_scene(0), default_camera(160, 120)
-    for i, T in enumerate(builtin_trajectory(scene, 12, 0)):
-        f = render(scene, cam, T)
-        mapper.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
-    return mapper
+    return room_mapper_factory(['wall', 'floor', 'sofa', 'table', 'chair', 'bed'])
 
 
 def _highlighted(png: bytes) -> int:
