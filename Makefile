@@ -12,7 +12,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test eval clean
+.PHONY: setup demo test eval eval-scenes eval-tune eval-test eval-bags train-models clean
 
 setup: $(STAMP_SRV)
 
@@ -44,17 +44,84 @@ test: setup
 demo: setup
 	$(PY) -m ov3d_ros.tools.demo --out $(DEMO_OUT)
 
-# The evaluation world: 10 unseen generated scenes (seeds 100-109) as folders and bags, SIMULATED 'default'
-# teacher; raw fusion, the training-free and the learned affinity (folders), raw fusion again from the bags.
+# The evaluation protocol (README "Evaluation world"): three disjoint splits of generated scenes, SIMULATED
+# feature source (config/eval.yaml). Training scenes (0-39) only for the teacher and the student, the tuning
+# split (200-205) for every hyperparameter and default, the test split (100-109) only for the reported tables.
+# `make train-models` (re)trains the shipped models (3 seeds + the oracle); `make eval` never trains.
 EVAL_OUT ?= eval_output
+TRAIN_OUT ?= train_output
+MODELS ?= ov3d_ros/models
 EVAL_ARGS ?= --config config/eval.yaml --quiet
-eval: setup
-	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/scenes --count 10 --seed 100 --format both \
-	  --width 320 --height 240 --frames 60 --quiet
-	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/scenes/scene_01?? --out $(EVAL_OUT)/folders $(EVAL_ARGS) \
-	  --variant raw --variant fallback purify.enabled=true \
-	  --variant learned purify.enabled=true purify.affinity=learned purify.checkpoint=default
-	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/scenes/scene_01??_bag --out $(EVAL_OUT)/bags $(EVAL_ARGS) --variant raw
+SCENE_ARGS ?= --width 320 --height 240 --frames 30 --quiet
+TEST_SEED ?= 100
+TEST_COUNT ?= 10
+TUNE_SEED ?= 200
+TUNE_COUNT ?= 6
+TRAIN_COUNT ?= 40
+TRAIN_SCENE_ARGS ?= --width 160 --height 120 --frames 20 --quiet
+TRAIN_SET ?= --set map.pixel_stride=1
+TEACHER_ARGS ?= --steps 300 --max-voxels 12000 --pairs 512
+STUDENT_SCENES ?= $(TRAIN_OUT)/scenes/scene_0000
+STUDENT_ARGS ?= --steps 200
+SEEDS ?= 0 1 2
+LEARNED := purify.enabled=true purify.affinity=learned
+WHOLE := $(LEARNED) purify.mode=whole
+
+train-models: setup
+	$(PY) -m ov3d_ros.cli make-scenes --out $(TRAIN_OUT)/scenes --count $(TRAIN_COUNT) --seed 0 $(TRAIN_SCENE_ARGS)
+	for s in $(SEEDS); do $(PY) -m ov3d_ros.cli train-teacher $(TRAIN_OUT)/scenes/scene_00?? $(EVAL_ARGS) $(TRAIN_SET) \
+	  --cache $(TRAIN_OUT)/voxels --seed $$s $(TEACHER_ARGS) --out $(TRAIN_OUT)/teacher_s$$s.safetensors || exit 1; done
+	for s in $(SEEDS); do $(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
+	  --cache $(TRAIN_OUT)/voxels --teacher ssl --teacher-checkpoint $(TRAIN_OUT)/teacher_s$$s.safetensors --seed $$s \
+	  $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_s$$s.safetensors || exit 1; done
+	$(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) --cache $(TRAIN_OUT)/voxels \
+	  --teacher labels $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_oracle.safetensors
+	mkdir -p $(MODELS)/ablation
+	cp $(TRAIN_OUT)/teacher_s0.safetensors $(MODELS)/teacher_default.safetensors
+	cp $(TRAIN_OUT)/student_s0.safetensors $(MODELS)/affinity_default.safetensors
+	cp $(TRAIN_OUT)/student_s1.safetensors $(TRAIN_OUT)/student_s2.safetensors $(TRAIN_OUT)/student_oracle.safetensors \
+	  $(MODELS)/ablation/
+
+# Scenes of the tuning and test splits, and the test split's features as 64-d precomputed ones of "another
+# model" (simulated features through a fixed random projection).
+eval-scenes: setup
+	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/test --count $(TEST_COUNT) --seed $(TEST_SEED) $(SCENE_ARGS)
+	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/tune --count $(TUNE_COUNT) --seed $(TUNE_SEED) $(SCENE_ARGS)
+	$(PY) -m ov3d_ros.eval.project_features $(EVAL_OUT)/test/scene_???? --out $(EVAL_OUT)/test_d64 --dim 64 \
+	  --config config/eval.yaml
+
+# Ablations on the tuning split only (purification scale / iterations, query temperature).
+eval-tune: eval-scenes
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_purify $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false --variant fallback purify.enabled=true purify.affinity=fallback purify.mode=whole \
+	  --variant T6_s20 $(WHOLE) purify.iterations=6 purify.scale=20.0 \
+	  --variant T18_s20 $(WHOLE) purify.iterations=18 purify.scale=20.0 \
+	  --variant T18_s40 $(WHOLE) purify.iterations=18 purify.scale=40.0 \
+	  --variant T18_s10 $(WHOLE) purify.iterations=18 purify.scale=10.0
+
+# The reported tables, on the test split only: shipped student with the default config (incremental) and
+# whole-map, its three training seeds, the fallback affinity, the oracle; the same checkpoint on 64-d features.
+eval-test: eval-scenes
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test/scene_???? --out $(EVAL_OUT)/test_table $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false \
+	  --variant fallback purify.enabled=true purify.affinity=fallback purify.mode=whole \
+	  --variant "learned (shipped, default config)" $(LEARNED) purify.mode=incremental purify.checkpoint=default \
+	  --variant learned@s0 $(WHOLE) purify.checkpoint=default \
+	  --variant learned@s1 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s1.safetensors \
+	  --variant learned@s2 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s2.safetensors \
+	  --variant "oracle (labels teacher)" $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test_d64/scene_???? --out $(EVAL_OUT)/test_d64_table $(EVAL_ARGS) \
+	  --features precomputed --variant "raw, 64-d precomputed" purify.enabled=false \
+	  --variant "learned, same checkpoint" $(LEARNED) purify.mode=incremental purify.checkpoint=default
+
+eval: eval-tune eval-test
+	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(EVAL_OUT)/test_table/table_ci.md $(EVAL_OUT)/test_d64_table/table_ci.md
+
+# The same test scenes replayed from rosbag2 recordings (raw fusion), as a check of the bag reader.
+eval-bags: setup
+	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/test_bags --count $(TEST_COUNT) --seed $(TEST_SEED) \
+	  $(SCENE_ARGS) --format bag
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test_bags/scene_????_bag --out $(EVAL_OUT)/bags $(EVAL_ARGS) --variant raw
 
 clean:
-	rm -rf build $(DEMO_OUT) $(EVAL_OUT)
+	rm -rf build $(DEMO_OUT) $(EVAL_OUT) $(TRAIN_OUT)

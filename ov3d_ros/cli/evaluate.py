@@ -9,11 +9,19 @@ overrides); every GT point is labelled from its nearest observed voxel with the 
 (unobserved points count as misses; 'unlabeled' points are ignored). Rows of the table are variants.
 ``labels.vocabulary=[gt]`` gives the map a label volume over the GT class names (then the labels come from
 it). ``--queries`` also asks the synonym and paraphrase queries of ov3d_ros.eval.queries (recall, precision).
+
+Variants whose mapping is the same (purification off or ``purify.mode=whole``, no label volume, same map /
+keyframe / feature settings) share one mapping pass per scene; whole-map pooling then runs on that map.
+Variants named ``NAME@TAG`` (e.g. ``learned@s0 learned@s1 learned@s2``: one per training seed) also get a
+combined row ``NAME (seeds)``: per-scene values averaged over the seeds, with the spread over seeds. table_ci.md
+gives per-scene means with 95 % confidence intervals and paired differences to the first variant.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +29,8 @@ import numpy as np
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, make_mapper,
                                  map_input, open_input)
 from ov3d_ros.core.config import parse_overrides, update_from_dict
-from ov3d_ros.eval.metrics import aggregate, bar_chart_png, evaluate_scene, markdown_table, per_class_table
+from ov3d_ros.eval.metrics import (SCENE_METRICS, aggregate, bar_chart_png, ci_table, evaluate_scene, markdown_table,
+                                   mean_ci95, paired_difference, per_class_table, scene_statistics, seed_average)
 from ov3d_ros.eval.queries import SYNONYMS, query_scores, summarize
 
 IGNORED_NAMES = ('unlabeled', 'unannotated')
@@ -54,21 +63,74 @@ def score_mapper(mapper, gt: dict) -> dict:
     return evaluate_scene(gt['xyz'], label, instance, pred, names)
 
 
+def _mapping_key(cfg) -> str:
+    """What decides the fused map (everything but purification and queries)."""
+    d = asdict(cfg)
+    d.pop('purify')
+    d.pop('query')
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _shares_mapping(cfg) -> bool:
+    """Whether a variant's map is the raw fusion, pooled (if at all) only once before scoring."""
+    return not cfg.labels.vocabulary and (not cfg.purify.enabled or cfg.purify.mode == 'whole')
+
+
+def _map_variant(cfg, source, gt, args, cache: dict):
+    """(mapper, mapping stats) for one variant on one input; reuses a cached raw-fusion pass when it can."""
+    from ov3d_ros.core.mapper import Mapper
+    names = [str(n) for n in gt['names']]
+    if not _shares_mapping(cfg):
+        mapper = make_mapper(cfg, source, names)
+        stats = map_input(mapper, source, args.quiet)
+        return mapper, stats
+    key = _mapping_key(cfg)
+    if key not in cache:
+        base_cfg = copy.deepcopy(cfg)
+        base_cfg.purify.enabled = False
+        base = make_mapper(base_cfg, source, names)
+        cache[key] = (base, map_input(base, source, args.quiet))
+    base, stats = cache[key]
+    if not cfg.purify.enabled:
+        return base, dict(stats)
+    mapper = Mapper(cfg, base.extractor)
+    mapper.map, mapper.projection, mapper.num_keyframes = base.map, base.projection, base.num_keyframes
+    mapper._reset_purifier()
+    t0 = time.perf_counter()
+    mapper.purify_all()
+    return mapper, dict(stats, whole_purify_s=time.perf_counter() - t0)
+
+
+def _timing(scenes: list) -> dict:
+    """Mean ms per keyframe (mapping, and of it purification) and whole-map pooling seconds over scenes."""
+    def mean(key):
+        vals = [s['mapping'].get(key) for s in scenes if s['mapping'].get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+    return {'keyframe_ms': mean('keyframe_ms_mean'), 'purify_ms': mean('purify_ms_mean'),
+            'whole_purify_s': mean('whole_purify_s')}
+
+
 def run(args) -> int:
     variants = args.variant or [['raw']]
+    names = [v[0] for v in variants]
+    if len(set(names)) != len(names):
+        raise CliError(f'variant names must be unique, got {names}')
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, per_scene = {}, {}
+    rows, per_scene = {}, {name: [] for name in names}
+    configs = {}
     for name, *overrides in variants:
-        per_scene[name] = []
-        for path in args.inputs:
-            cfg = build_config(args)
-            update_from_dict(cfg, parse_overrides(overrides))
+        cfg = build_config(args)
+        update_from_dict(cfg, parse_overrides(overrides))
+        configs[name] = cfg
+    for path in args.inputs:
+        cache = {}
+        for name in names:
+            cfg = copy.deepcopy(configs[name])
             source = open_input(path, args, args.gt)
             gt = source.gt_points()
             if cfg.labels.vocabulary == ['gt']:
                 cfg.labels.vocabulary = [str(n) for n in gt['names'] if str(n) not in IGNORED_NAMES]
-            mapper = make_mapper(cfg, source, [str(n) for n in gt['names']])
-            stats = map_input(mapper, source, args.quiet)
+            mapper, stats = _map_variant(cfg, source, gt, args, cache)
             t0 = time.perf_counter()
             scene = score_mapper(mapper, gt)
             scene.update(scene=str(path), variant=name, mapping=stats, eval_s=time.perf_counter() - t0,
@@ -79,16 +141,43 @@ def run(args) -> int:
             if args.save_maps:
                 mapper.save(args.out / 'maps' / f'{name}_{Path(path).name}.ov3dmap')
             print(f'[{name}] {Path(path).name}: mIoU {scene["miou"]:.1f}  boundary {scene["boundary_miou"] or 0:.1f}  '
-                  f'frag {scene["fragmentation"] or 0:.2f}  ({stats["keyframes"]} keyframes, {stats["voxels"]} voxels)')
+                  f'frag {scene["fragmentation"] or 0:.2f}  ({stats["keyframes"]} keyframes, {stats["voxels"]} voxels)',
+                  flush=True)
+    first = names[0]
+    for name in names:
         rows[name] = aggregate(per_scene[name])
         rows[name]['bytes_per_voxel'] = per_scene[name][0]['bytes_per_voxel']
+        rows[name]['timing'] = _timing(per_scene[name])
+        if name != first:
+            rows[name]['vs_baseline'] = {k: paired_difference(per_scene[name], per_scene[first], k)
+                                         for k in ('miou', 'boundary_miou')}
         if args.queries:
             rows[name]['queries'] = summarize([q for s in per_scene[name] for q in s['queries']])
+    ci_rows = {name: rows[name] for name in names}
+    groups = {}
+    for name in names:
+        if '@' in name:
+            groups.setdefault(name.split('@')[0], []).append(name)
+    for group, members in groups.items():
+        if len(members) < 2:
+            continue
+        avg = seed_average([per_scene[m] for m in members])
+        base = seed_average([per_scene[first]])
+        ci_rows[f'{group} ({len(members)} seeds)'] = {
+            'per_scene': scene_statistics(avg), 'num_scenes': len(avg), 'members': members,
+            'vs_baseline': {k: paired_difference(avg, base, k) for k in ('miou', 'boundary_miou')},
+            'seeds': mean_ci95([rows[m]['per_scene']['miou']['mean'] for m in members]),
+            'timing': _timing([s for m in members for s in per_scene[m]])}
     table = markdown_table(rows)
-    first = next(iter(rows))
     (args.out / 'table.md').write_text(table + f'\nPer class ({first}):\n\n' + per_class_table(rows[first]))
-    (args.out / 'results.json').write_text(json.dumps({'rows': rows, 'scenes': per_scene}, indent=1))
+    ci = ci_table(ci_rows, first)
+    (args.out / 'table_ci.md').write_text(
+        f'Per-scene means over {len(args.inputs)} scenes with 95 % confidence intervals (Student t); Δ: paired '
+        f'per-scene differences to {first}.\n\n' + ci)
+    (args.out / 'results.json').write_text(json.dumps({'rows': rows, 'ci_rows': ci_rows, 'scenes': per_scene,
+                                                       'metrics': list(SCENE_METRICS)}, indent=1))
     bar_chart_png(str(args.out / 'chart.png'), rows)
     print(table, end='')
-    print(f'wrote {args.out}/results.json, table.md, chart.png')
+    print(ci, end='')
+    print(f'wrote {args.out}/results.json, table.md, table_ci.md, chart.png')
     return 0
