@@ -78,9 +78,11 @@ class FeatureConfig:
     same frame order give the same features). Always used as given."""
     sim_preset: str = 'default'
     """Simulated source: error model of the simulated 2D teacher: 'clean' (patch pooling and faint noise only),
-    'default' (a typical open-vocabulary 2D model), 'hard' (a weak one) or 'custom'. A named preset sets
-    sim_noise, sim_blur_patches, sim_confusion, sim_view_flip, sim_fragments and sim_miss_small_px to its own
-    values and ignores those fields; 'custom' uses those fields as given (their defaults equal 'default').
+    'default' (a typical open-vocabulary 2D model), 'hard' (a weak one), 'clip' (CLIP-like: modality gap and
+    view-consistent, world-anchored errors) or 'custom'. A named preset sets sim_noise, sim_blur_patches,
+    sim_confusion, sim_view_flip, sim_fragments, sim_miss_small_px, sim_world_confusion and sim_text_cosine to
+    its own values and ignores those fields; 'custom' uses those fields as given (their defaults equal
+    'default').
     Values: ov3d_ros.core.features.simulated.PRESETS."""
     sim_noise: float = 0.35
     """Simulated source ('custom' preset only): norm of the Gaussian noise vector added to each patch feature
@@ -104,6 +106,18 @@ class FeatureConfig:
     sim_miss_small_px: int = 300
     """Simulated source ('custom' preset only): connected regions smaller than this many pixels of the label
     image are missed: they take the label of the nearest larger region around them (0 = off)."""
+    sim_world_confusion: float = 0.0
+    """Simulated source ('custom' preset only): the probability that a world-anchored part (a cell of
+    sim_world_cell_m of one class) is taken for a semantically close class in every view that sees it
+    (view-consistent errors that multi-view fusion cannot average away; needs the frame's depth, camera and
+    pose, which the mapper passes). 0 = off."""
+    sim_world_cell_m: float = 0.4
+    """Simulated source: edge of the world cells that anchor view-consistent errors, metres (each class has its
+    own grid offset). Always used as given."""
+    sim_text_cosine: float = 1.0
+    """Simulated source ('custom' preset only): CLIP-like modality gap, the cosine between an error-free,
+    noise-free feature and its class text. Below 1 every feature shares a fixed image-modality direction
+    orthogonal to the class texts (real CLIP: about 0.2-0.3). 1 = off (features lie on the text embeddings)."""
 
 
 @dataclass

@@ -153,6 +153,9 @@ class Mapper:
         if frame.features is not None:
             feats = torch.nn.functional.normalize(torch.as_tensor(frame.features, dtype=torch.float32,
                                                                   device=self.device), dim=-1)
+        elif getattr(self.extractor, 'uses_geometry', False):   # the simulated source anchors errors in the world
+            feats = self.extractor.extract(frame.rgb, frame.labels, depth_m=frame.depth_m, camera=frame.camera,
+                                           T_W_C=frame.T_W_C)
         else:
             feats = self.extractor.extract(frame.rgb, frame.labels)
         if 0 < self.cfg.map.compress_dim < feats.shape[-1]:

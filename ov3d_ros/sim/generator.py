@@ -46,6 +46,8 @@ _PALETTE = {
     'art': [(40, 90, 175), (210, 120, 40), (170, 40, 60), (50, 140, 120), (230, 200, 60), (120, 60, 160)],
     'book': [(30, 80, 160), (190, 160, 40), (40, 140, 90), (170, 40, 40), (230, 230, 220), (90, 60, 120)],
 }
+HOUSEHOLD_WHITE = (236, 234, 228)
+"""The white of painted furniture, doors and appliances that match white walls."""
 
 
 @dataclass
@@ -115,6 +117,10 @@ class _Planner:
         self.H = round(float(rng.uniform(2.4, 3.0)), 2)
         self.scene = Scene(f'generated_{seed:04d}', np.zeros(3), np.array([self.L, self.W, self.H]))
         self.b = _Builder(self.scene, rng)
+        # Shared household colours come from their own stream, so the layout of a seed does not depend on them.
+        self.crng = np.random.default_rng([seed, 0x5EED])
+        wood = _PALETTE['wood']
+        self.scheme = {'wood': np.asarray(wood[int(self.crng.integers(len(wood)))]), 'white': np.asarray(HOUSEHOLD_WHITE)}
         self.lo, self.hi = np.zeros((0, 3)), np.zeros((0, 3))
         self.supports = []          # (x0, y0, x1, y1, z_top, instance id): surfaces small objects may rest on
         self.windows = []           # (wall, u, width, sill z, height)
@@ -127,6 +133,21 @@ class _Planner:
         pal = _PALETTE[key]
         return self.b.jitter(pal[int(self.rng.integers(len(pal)))], amount)
 
+    def pick_shared(self, p, *anchors):
+        """With probability ``p`` one of the room's shared household colours (``anchors``: 'wall', 'floor',
+        'wood' (the room's furniture wood), 'white', or an RGB colour such as the table's), faintly jittered;
+        else None. White cabinets on a white wall, chairs of the table's wood, a beige sofa on a beige floor."""
+        if self.crng.random() >= p:
+            return None
+        a = anchors[int(self.crng.integers(len(anchors)))]
+        base = self.scheme[a] if isinstance(a, str) else a
+        return np.clip(np.asarray(base, dtype=np.int64) + self.crng.integers(-4, 5, 3), 0, 255)
+
+    def shared(self, color, p, *anchors):
+        """``color``, or with probability ``p`` a shared household colour (:meth:`pick_shared`)."""
+        own = self.pick_shared(p, *anchors)
+        return color if own is None else own
+
     def _add(self, name, parts, color, yaw=0.0, origin=(0.0, 0.0)) -> int:
         n0 = len(self.scene.primitives)
         iid = self.b.add(name, parts, color, yaw, origin)
@@ -137,8 +158,9 @@ class _Planner:
 
     def _shell(self):
         L, W, H, t, rng = self.L, self.W, self.H, 0.1, self.rng
-        wall_col = self.color('wall', 8)
-        self._add('floor', [('box', (L / 2, W / 2, -t / 2), (L / 2 + t, W / 2 + t, t / 2))], self.color('floor', 10))
+        wall_col = self.scheme['wall'] = self.color('wall', 8)
+        self.scheme['floor'] = self.color('floor', 10)
+        self._add('floor', [('box', (L / 2, W / 2, -t / 2), (L / 2 + t, W / 2 + t, t / 2))], self.scheme['floor'])
         self._add('ceiling', [('box', (L / 2, W / 2, H + t / 2), (L / 2 + t, W / 2 + t, t / 2))],
                   self.color('ceiling', 5))
         for cx, cy, hx, hy in ((-t / 2, W / 2, t / 2, W / 2), (L + t / 2, W / 2, t / 2, W / 2),
@@ -243,10 +265,12 @@ class _Planner:
                  ('box', (dw / 2 - 0.1, 0.05, 1.0), (0.06, 0.01, 0.012), (200, 200, 200)),
                  ('box', (0.0, 0.012, dh + 0.04), (dw / 2 + 0.06, 0.012, 0.04), (240, 240, 235))]
         swing = [('box', (0.0, 0.04 + 0.45, 1.05), (dw / 2, 0.45, 1.05))]
+        door_col = self.pick_shared(0.5, 'wall', 'white', 'wood')
         for w, u in self.wall_spots(dw / 2 + 0.1, 40, 0.0):
             origin = tuple(w.p0 + u * w.t)
             if self.fits(parts + swing, w.yaw, origin):
-                iid = self._add('door', parts, self.color('wood'), w.yaw, origin)
+                col = self.color('wood')          # drawn either way: the layout stream stays the same
+                iid = self._add('door', parts, col if door_col is None else door_col, w.yaw, origin)
                 self.reserve(swing, w.yaw, origin)
                 return iid
         return None
@@ -273,7 +297,7 @@ class _Planner:
         pw, ov = float(r.uniform(0.25, 0.4)), float(r.uniform(0.0, 0.15))
         top = min(z0 + wh + 0.12, self.H - 0.05)
         origin = tuple(w.p0 + u * w.t)
-        col = self.color('curtain')
+        col = self.shared(self.color('curtain'), 0.3, 'wall', 'white')
         for is_long in ((True, False) if long is None else (long,)):
             bottom = 0.02 if is_long else z0 - 0.15
             xc = ww / 2 + 0.04 + pw / 2 - ov
@@ -312,7 +336,8 @@ class _Planner:
             xs = (-bw / 4, bw / 4) if double else (0.0,)
             parts += [('box', (x, y0 + 0.22, 0.53), (min(0.3, bw / 4 - 0.03) if double else 0.3, 0.13, 0.05),
                        bedding) for x in xs]
-            placed = self.place_on_wall('bed', parts, self.color('wood'), bw / 2, 50, 0.4)
+            placed = self.place_on_wall('bed', parts, self.shared(self.color('wood'), 0.5, 'wood', 'floor', 'white'),
+                                        bw / 2, 50, 0.4)
             if placed is not None:
                 iid, w, u = placed
                 for side in r.permutation([-1, 1])[: int(r.integers(1, 3))]:   # nightstands with lamps
@@ -335,6 +360,8 @@ class _Planner:
         cd, ch = float(r.uniform(*dims[1])), min(float(r.uniform(*dims[2])), self.H - 0.1)
         z0 = float(r.uniform(1.45, 1.55)) if variant == 'wall_hung' else 0.0
         front = self.color('painted' if r.random() < 0.5 else 'wood')
+        own = self.pick_shared(0.45, 'wall', 'white', 'wood')    # one colour all over, shared with the room
+        front = front if own is None else own
         body = ('box', (0.0, cd / 2, z0 + ch / 2), (cw / 2, cd / 2, ch / 2))
         if variant in ('wardrobe', 'tall', 'wall_hung') or (variant == 'tv_stand' and r.random() < 0.5):
             parts = [body] + [('box', (s * cw / 4, cd + 0.005, z0 + ch / 2), (cw / 4 - 0.008, 0.005, ch / 2 - 0.02),
@@ -347,6 +374,7 @@ class _Planner:
         parts.append(('box', (0.0, cd + 0.016, z0 + ch * (0.55 if variant != 'wall_hung' else 0.2)),
                       (min(0.1, cw / 4), 0.006, 0.01), (190, 190, 195)))
         color = self.color('wood' if r.random() < 0.6 else 'painted')
+        color = color if own is None else own
         iid, w, u = self.place_at_spot_or_wall('cabinet', parts, color, spot, cw / 2, 0.4)
         if iid is not None and ch < 1.3 and variant != 'wall_hung':
             self.add_support(iid, body, w.yaw, tuple(w.p0 + u * w.t), inset=0.02)
@@ -373,7 +401,8 @@ class _Planner:
                 parts.append(('box', (x + gw / 2, 0.02 + dep / 2, z0 + 0.01 + h / 2), (gw / 2, dep / 2, h / 2),
                               self.color('book', 35)))
                 x += gw + float(r.uniform(0.03, 0.15))
-        placed = self.place_on_wall('bookshelf', parts, self.color('wood'), bw / 2, 40, 0.4)
+        placed = self.place_on_wall('bookshelf', parts, self.shared(self.color('wood'), 0.5, 'wood', 'wall', 'white'),
+                                    bw / 2, 40, 0.4)
         return None if placed is None else placed[0]
 
     def add_desk(self):
@@ -385,7 +414,7 @@ class _Planner:
         parts = [top, ('box', (-dw / 2 + 0.02, dd / 2, lh), (0.02, dd / 2 - 0.03, lh)),
                  ('box', (dw / 2 - 0.21, dd / 2, lh), (0.19, dd / 2 - 0.03, lh))]
         parts += [('box', (dw / 2 - 0.21, dd - 0.025, z), (0.06, 0.005, 0.012), (190, 190, 195)) for z in (0.25, 0.5)]
-        color = self.color('wood' if r.random() < 0.6 else 'painted')
+        color = self.shared(self.color('wood' if r.random() < 0.6 else 'painted'), 0.5, 'wood', 'white', 'floor')
         placed = self.place_on_wall('desk', parts, color, dw / 2, 40, 0.3)
         if placed is None:
             return None
@@ -395,7 +424,7 @@ class _Planner:
         cw = float(r.uniform(0.2, 0.24))
         chair = _chair_parts(cw, float(r.uniform(0.44, 0.5)), float(r.uniform(0.4, 0.55)))
         gap_c = (-dw / 2 + 0.04 + dw / 2 - 0.4) / 2
-        col = self.color('chair')
+        col = self.shared(self.color('chair'), 0.4, color)             # a chair of the desk's wood
         for tuck in (float(r.uniform(0.08, 0.18)), float(r.uniform(-0.3, -0.05))):
             jit = 0.0 if tuck > 0 else float(r.uniform(-0.25, 0.25))
             xy = _to_frame(w.yaw, origin, (gap_c, dd + cw - tuck))
@@ -407,6 +436,8 @@ class _Planner:
         r = self.rng
         sw, sd = float(r.uniform(0.8, 1.0) if armchair else r.uniform(1.5, 2.3)), float(r.uniform(0.8, 0.95))
         cush = self.color('fabric', 10)
+        own = self.pick_shared(0.35, 'floor', 'wall')                 # a beige sofa on a beige floor
+        cush = cush if own is None else own
         parts = [('box', (0.0, 0.1, 0.44), (sw / 2, 0.1, 0.44)),
                  ('box', (0.0, sd / 2 + 0.1, 0.19), (sw / 2 - 0.12, sd / 2 - 0.1, 0.19))]
         parts += [('box', (s * (sw / 2 - 0.06), sd / 2 + 0.1, 0.3), (0.06, sd / 2 - 0.1, 0.3)) for s in (-1, 1)]
@@ -414,7 +445,8 @@ class _Planner:
         cwid = (sw - 0.24) / nc
         parts += [('box', (-sw / 2 + 0.12 + (k + 0.5) * cwid, sd / 2 + 0.12, 0.43),
                    (cwid / 2 - 0.01, sd / 2 - 0.13, 0.05), cush) for k in range(nc)]
-        placed = self.place_on_wall('sofa', parts, self.color('fabric'), sw / 2, 40, 0.2)
+        body = self.color('fabric')
+        placed = self.place_on_wall('sofa', parts, body if own is None else own, sw / 2, 40, 0.2)
         if placed is None:
             return None
         iid, w, u = placed
@@ -431,9 +463,9 @@ class _Planner:
         ch = height if height is not None else float(r.uniform(0.86, 0.92))
         top = ('box', (0.0, depth / 2, ch - 0.02), (cw / 2, depth / 2, 0.02))
         parts = [top, ('box', (0.0, depth / 2 - 0.02, (ch - 0.04) / 2), (cw / 2, depth / 2 - 0.02, (ch - 0.04) / 2),
-                       self.color('painted')),
+                       self.shared(self.color('painted'), 0.4, 'wall', 'white')),
                  ('box', (0.0, depth - 0.035, 0.05), (cw / 2 - 0.01, 0.005, 0.05), (50, 50, 50))]
-        color = self.color('stone')
+        color = self.shared(self.color('stone'), 0.3, 'white', 'floor')
         iid, w, u = self.place_at_spot_or_wall('counter', parts, color, spot, cw / 2, 0.5)
         if iid is None:
             return None
@@ -525,7 +557,7 @@ class _Planner:
             lh = (h - 0.025) / 2
             parts = [top] + [('box', (sx * (a - 0.06), sy * (b - 0.06), lh), (0.03, 0.03, lh))
                              for sx in (-1, 1) for sy in (-1, 1)]
-        color = self.color('wood' if r.random() < 0.7 else 'painted')
+        color = self.shared(self.color('wood' if r.random() < 0.7 else 'painted'), 0.5, 'wood', 'floor')
         # chair seats around the table frame: (local xy of centre direction, edge half length along, outward distance)
         cw = float(r.uniform(0.2, 0.23))
         chair = _chair_parts(cw, float(r.uniform(0.44, 0.5)), float(r.uniform(0.4, 0.55)))
@@ -539,7 +571,7 @@ class _Planner:
         order = r.permutation(len(slots))
         tucks = [float(r.uniform(0.08, 0.18)) if r.random() < 0.6 else -float(r.uniform(0.02, 0.3)) for _ in slots]
         jits = [float(r.uniform(-0.2, 0.2)) for _ in slots]
-        ccol = self.color('chair')
+        ccol = self.shared(self.color('chair'), 0.5, color)          # wooden chairs at a wooden table
         need = min(chairs, 2)
         for t in range(tries if center is None else 1):
             yaw_t = yaw if yaw is not None else (0.0 if r.random() < 0.5 else np.pi / 2)
@@ -586,7 +618,7 @@ class _Planner:
     def add_chair_at_wall(self):
         cw = float(self.rng.uniform(0.2, 0.23))
         chair = _chair_parts(cw, float(self.rng.uniform(0.44, 0.5)), float(self.rng.uniform(0.4, 0.55)))
-        col = self.color('chair')
+        col = self.shared(self.color('chair'), 0.3, 'wood', 'wall')
         for w, u in self.wall_spots(cw, 40, 0.3):
             xy = _to_frame(w.yaw, tuple(w.p0 + u * w.t), (0.0, cw + 0.02))
             iid = self.place('chair', chair, col, w.yaw + np.pi / 2, xy)

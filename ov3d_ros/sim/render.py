@@ -89,6 +89,37 @@ def _hash01(ijk, k):
     return ((h ^ (h >> 16)) & 1023).to(torch.float32) / 1024.0
 
 
+def _value_noise(p: torch.Tensor, cell: float, key: int) -> torch.Tensor:
+    """Smooth value noise in [0, 1) of world points p (N, 3): hashed lattice values every ``cell`` metres,
+    trilinearly interpolated with smoothstep weights → (N,) float32."""
+    q = p / cell
+    i0 = torch.floor(q)
+    t = q - i0
+    t = t * t * (3.0 - 2.0 * t)
+    i0 = i0.long()
+    out = torch.zeros(len(p), dtype=torch.float32, device=p.device)
+    key_t = torch.full((len(p),), key, dtype=torch.long, device=p.device)
+    for corner in range(8):
+        o = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=p.device)
+        w = torch.where(o.bool(), t, 1.0 - t).prod(1)
+        out = out + w * _hash01(i0 + o, key_t)
+    return out
+
+
+def world_texture(pw: torch.Tensor) -> torch.Tensor:
+    """View-consistent colour variation of world points pw (N, 3) → (N, 3) float32 RGB factors around 1.
+
+    A deterministic function of the world point alone (not of the object hit), so it runs across object
+    boundaries and two objects of one colour stay alike: low-frequency brightness blotches (0.7 m lattice,
+    ±14 %), finer mottling (0.15 m, ±5 %) and a faint tint (0.5 m, ±4 % per channel), like stains, wood grain
+    and uneven lighting.
+    """
+    pw = pw.to(torch.float32)
+    shade = 1.0 + 0.28 * (_value_noise(pw, 0.7, 11) - 0.5) + 0.1 * (_value_noise(pw, 0.15, 12) - 0.5)
+    tint = torch.stack([_value_noise(pw, 0.5, 21 + c) for c in range(3)], -1) - 0.5
+    return shade[:, None] * (1.0 + 0.08 * tint)
+
+
 def render(scene: Scene, camera: PinholeCamera, T_W_C: np.ndarray, device='cpu', depth_noise: float = 0.0,
            hole_fraction: float = 0.0, seed: int = 0) -> RenderedFrame:
     """Ray-cast every pixel of ``camera`` at pose ``T_W_C`` ((4, 4) float64, optical frame → world); nearest hit wins.
@@ -147,11 +178,12 @@ def render(scene: Scene, camera: PinholeCamera, T_W_C: np.ndarray, device='cpu',
     nl = torch.nn.functional.normalize(torch.where(kind == 0, n_box, torch.where(kind == 1, n_cyl, pl)), dim=1)
     n = _rot_t(cos, -sin, nl)                 # local → world
     lambert = AMBIENT + DIFFUSE * (n @ torch.nn.functional.normalize(tt(LIGHT), dim=0)).clamp(min=0)
-    # low-amplitude per-primitive texture by world position: 10 cm checker + 2 cm cell noise
+    # texture by world position: per-primitive 10 cm checker + 2 cm cell noise, and the object-independent
+    # low-frequency world texture (world_texture); all view-consistent
     cells = torch.floor(pw / 0.02).long()
     checker = ((torch.div(cells, 5, rounding_mode='floor').sum(1) + i) % 2).to(f)
-    texture = 0.95 + 0.05 * checker + 0.08 * (_hash01(cells, i) - 0.5)
-    rgb = (tt(np.stack([p.color for p in prims]))[i] * (lambert * texture)[:, None]).clamp(0, 255).round()
+    texture = (0.95 + 0.05 * checker + 0.08 * (_hash01(cells, i) - 0.5))[:, None] * world_texture(pw)
+    rgb = (tt(np.stack([p.color for p in prims]))[i] * lambert[:, None] * texture).clamp(0, 255).round()
     rgb = (rgb * hit[:, None]).to(torch.uint8)
     sem = torch.as_tensor([p.class_id for p in prims], device=dev)[i] * hit
     inst = torch.as_tensor([p.instance_id for p in prims], device=dev)[i] * hit

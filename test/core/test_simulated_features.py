@@ -1,13 +1,15 @@
-"""The SIMULATED 2D teacher's error model: determinism, presets, confusion, view flips, missed small objects."""
+"""The SIMULATED 2D teacher's error model: determinism, presets, confusion, view flips, missed small objects,
+the CLIP-like preset's modality gap and world-anchored (view-consistent) errors."""
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
-from ov3d_ros.core.config import FeatureConfig, field_docs
+from ov3d_ros.core.config import FeatureConfig, MapperConfig, field_docs
 from ov3d_ros.core.features import create_extractor
 from ov3d_ros.core.features.simulated import (PRESET_FIELDS, PRESETS, SimulatedLabelFeatures, connected_regions,
-                                              resolve_error_model)
+                                              pixel_world_points, resolve_error_model)
+from ov3d_ros.core.mapper import Frame, Mapper
 from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
 
 C = len(CLASS_NAMES)
@@ -19,6 +21,14 @@ ERRORS_OFF = dict(sim_noise=0.0, sim_blur_patches=0.0, sim_confusion=0.0, sim_vi
 @pytest.fixture(scope='module')
 def ext():
     return create_extractor(FeatureConfig(source='simulated'), 'cpu', list(CLASS_NAMES))
+
+
+@pytest.fixture(scope='module')
+def views():
+    """Six overlapping rendered 160x120 views of the built-in scene: (camera, [(T_W_C, RenderedFrame)])."""
+    scene = builtin_scene(0)
+    cam = default_camera(160, 120)
+    return cam, [(T, render(scene, cam, T)) for T in builtin_trajectory(scene, 40, 0)[:12:2]]
 
 
 @pytest.fixture(scope='module')
@@ -186,8 +196,128 @@ def test_presets_and_custom_fields():
 
 
 def test_unknown_preset_is_rejected_with_the_list(ext):
-    with pytest.raises(ValueError, match='clean, default, hard, custom'):
+    with pytest.raises(ValueError, match='clean, default, hard, clip, custom'):
         SimulatedLabelFeatures(FeatureConfig(source='simulated', sim_preset='noisy'), list(CLASS_NAMES))
     configure(ext, 'Default')
     with pytest.raises(ValueError, match="'Default'"):
         ext.extract(None, np.ones((8, 8), np.uint16))
+
+
+def geometry(cam, T, f):
+    return dict(depth_m=f.depth_m, camera=cam, T_W_C=T)
+
+
+def test_clip_preset_has_a_modality_gap_but_an_informative_ranking(ext, views):
+    cam, frames = views
+    configure(ext, 'clip', sim_patch_px=8)
+    E = ext.class_embeddings[1:]                          # every class text but 'unlabeled'
+    right, best_wrong, ranks, hits, total = [], [], [], 0, 0
+    for T, f in frames:
+        feats = ext.extract(f.rgb, f.semantic, **geometry(cam, T, f))
+        assert torch.allclose(feats.norm(dim=-1), torch.ones(feats.shape[:2]), atol=1e-5)
+        H, W = f.semantic.shape
+        h, w = feats.shape[:2]
+        cell = feats[(np.arange(H) * h // H)[:, None], (np.arange(W) * w // W)[None, :]]
+        lab = torch.from_numpy(f.semantic.astype(np.int64))
+        valid = lab > 0
+        s, t = cell[valid] @ E.T, lab[valid] - 1
+        r = s.gather(1, t[:, None])[:, 0]
+        right.append(r)
+        best_wrong.append(s.scatter(1, t[:, None], -2.0).amax(1))
+        ranks.append((s > r[:, None]).sum(1))
+        hits += int((s.argmax(1) == t).sum())
+        total += len(t)
+    right, best_wrong, ranks = torch.cat(right), torch.cat(best_wrong), torch.cat(ranks).float()
+    assert 0.15 <= right.mean() <= 0.35, right.mean()          # CLIP-like image/text cosine
+    assert best_wrong.mean() < right.mean() < best_wrong.mean() + 0.1    # small margins
+    chance = (E.shape[0] - 1) / 2
+    assert ranks.mean() < chance / 3 and hits / total > 0.4, (ranks.mean(), hits / total)
+    # without the gap (same errors) the text cosines are large: the gap is what makes them small
+    configure(ext, 'custom', **{f: PRESETS['clip'][f] for f in PRESET_FIELDS if f != 'sim_text_cosine'},
+              sim_patch_px=8)
+    T, f = frames[0]
+    g = ext.extract(f.rgb, f.semantic, **geometry(cam, T, f))
+    assert (g @ E.T).amax(-1).mean() > 0.6
+
+
+def test_clip_gap_direction_is_shared_and_orthogonal_to_the_class_texts(ext):
+    configure(ext, 'clip')
+    g = ext.modality_direction()
+    assert abs(float(g.norm()) - 1) < 1e-5 and float((ext.class_embeddings @ g).abs().max()) < 1e-4
+    labels = np.full((32, 32), TABLE, np.uint16)
+    configure(ext, 'custom', **{**ERRORS_OFF, 'sim_text_cosine': 0.25, 'sim_patch_px': 8})
+    feats = ext.extract(None, labels)
+    assert torch.allclose(feats @ ext.class_embeddings[TABLE], torch.full(feats.shape[:2], 0.25), atol=1e-4)
+    assert torch.allclose(feats @ g, torch.full(feats.shape[:2], (1 - 0.25 ** 2) ** 0.5), atol=1e-4)
+
+
+def world_match(cam, a, b):
+    """Pixels of view a whose world point view b sees unoccluded: (index into a (N, 2), index into b (N, 2))."""
+    (Ta, fa), (Tb, fb) = a, b
+    pts, valid = pixel_world_points(fa.depth_m, cam, Ta)
+    Tcw = np.linalg.inv(Tb)
+    pc = pts @ Tcw[:3, :3].T + Tcw[:3, 3]
+    z = np.where(valid, pc[..., 2], -1.0)
+    u = np.round(pc[..., 0] / np.maximum(z, 1e-6) * cam.fx + cam.cx).astype(int)
+    v = np.round(pc[..., 1] / np.maximum(z, 1e-6) * cam.fy + cam.cy).astype(int)
+    ok = valid & (z > 0.1) & (u >= 0) & (u < cam.width) & (v >= 0) & (v < cam.height)
+    va, ua = np.nonzero(ok)
+    vb, ub = v[ok], u[ok]
+    seen = (np.abs(fb.depth_m[vb, ub] - z[ok]) < 0.01) & (fa.semantic[va, ua] == fb.semantic[vb, ub])
+    return (va[seen], ua[seen]), (vb[seen], ub[seen])
+
+
+def test_world_anchored_errors_are_the_same_from_every_pose(ext, views):
+    cam, frames = views
+    configure(ext, 'custom', **{**ERRORS_OFF, 'sim_world_confusion': 0.3, 'sim_patch_px': 1})
+    world = []
+    for T, f in frames:
+        ext.extract(f.rgb, f.semantic, **geometry(cam, T, f))
+        world.append(ext.last_world_labels)
+        assert np.array_equal(ext.last_labels, ext.last_world_labels)    # nothing else is on
+        wrong = (world[-1] != f.semantic) & (f.semantic > 0)
+        assert 0.05 < wrong.mean() < 0.6 and not (world[-1][f.semantic > 0] == 0).any()
+    agree = confused = 0
+    for i, j in ((0, 1), (0, 2), (1, 3), (2, 4), (3, 5)):
+        (va, ua), (vb, ub) = world_match(cam, frames[i], frames[j])
+        assert len(va) > 1000, (i, j, len(va))
+        same = world[i][va, ua] == world[j][vb, ub]
+        agree += int(same.sum())
+        confused += int((same & (world[i][va, ua] != frames[i][1].semantic[va, ua])).sum())
+        assert same.mean() > 0.95, (i, j, same.mean())          # misses: points on a cell boundary
+    assert confused > 500                                       # the same world part, the same wrong class
+    # the frame counter does not move them (per-view errors do), the seed does
+    T, f = frames[0]
+    ext.reset(7)
+    ext.extract(f.rgb, f.semantic, **geometry(cam, T, f))
+    assert np.array_equal(ext.last_world_labels, world[0])
+    ext.cfg.sim_seed = 1
+    ext.extract(f.rgb, f.semantic, **geometry(cam, T, f))
+    assert not np.array_equal(ext.last_world_labels, world[0])
+
+
+def test_clip_preset_is_deterministic_by_seed_and_needs_the_geometry(ext, views):
+    cam, frames = views
+    def run(seed):
+        configure(ext, 'clip', sim_seed=seed)
+        return [ext.extract(f.rgb, f.semantic, **geometry(cam, T, f)) for T, f in frames[:3]]
+    a, b, c = run(0), run(0), run(3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not any(torch.allclose(x, y, atol=1e-3) for x, y in zip(a, c))
+    configure(ext, 'clip')
+    with pytest.raises(ValueError, match='depth, camera and pose'):
+        ext.extract(None, frames[0][1].semantic)
+
+
+def test_mapper_hands_the_frame_geometry_to_the_simulated_source(ext, views):
+    cam, frames = views
+    configure(ext, 'clip')
+    cfg = MapperConfig()
+    cfg.features, cfg.map.device = ext.cfg, 'cpu'
+    mapper = Mapper(cfg, ext)
+    T, f = frames[0]
+    assert mapper.integrate(Frame(f.rgb, f.depth_m, cam, T, 0.0, f.semantic), force=True)
+    through_mapper = ext.last_world_labels
+    ext.extract(f.rgb, f.semantic, **geometry(cam, T, f))
+    assert np.array_equal(through_mapper, ext.last_world_labels)
+    assert (through_mapper != f.semantic).any() and mapper.map.size > 0

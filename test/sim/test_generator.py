@@ -174,3 +174,28 @@ def test_bad_arguments(scenes):
     with pytest.raises(ValueError):
         scan_trajectory(scenes[0], 10, 0, 'drone')
     assert len(scan_trajectory(scenes[0], 1, 0, 'robot')) == 1
+
+
+def main_colours(scene):
+    """{instance id: (class id, colour (3,) int of its largest primitive)}."""
+    best = {}
+    for p in scene.primitives:
+        v = float(np.prod(p.size))
+        if p.instance_id not in best or v > best[p.instance_id][0]:
+            best[p.instance_id] = (v, p.class_id, p.color.astype(int))
+    return {k: (c, col) for k, (_, c, col) in best.items()}
+
+
+def test_objects_share_household_colours(scenes):
+    """White cabinets on a white wall, chairs of the table's wood: colour alone does not separate objects."""
+    wall, floor = class_id('wall'), class_id('floor')
+    like_room, chair_like_table = 0, 0
+    for seed, s in scenes.items():
+        objects = main_colours(s)
+        room = [col for c, col in objects.values() if c in (wall, floor)]
+        others = [(c, col) for c, col in objects.values() if c not in (wall, floor, class_id('ceiling'))]
+        like_room += any(np.abs(col - r).max() <= 15 for _, col in others for r in room)
+        tables = [col for c, col in others if c in (class_id('table'), class_id('desk'))]
+        chair_like_table += any(np.abs(col - t).max() <= 15 for c, col in others if c == class_id('chair')
+                                for t in tables)
+    assert like_room >= 5 and chair_like_table >= 3, (like_room, chair_like_table)

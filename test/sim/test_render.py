@@ -1,4 +1,5 @@
-"""Ray casting: analytic depths, labels, occlusion, determinism, noise, back-projection onto the hit surfaces."""
+"""Ray casting: analytic depths, labels, occlusion, determinism, noise, back-projection onto the hit surfaces,
+the world-anchored texture."""
 import importlib
 
 import numpy as np
@@ -9,6 +10,7 @@ from ov3d_ros.core.camera import PinholeCamera, transform_points
 from ov3d_ros.sim import (Primitive, Scene, builtin_scene, builtin_trajectory, class_id, default_camera, look_at,
                           render)
 from ov3d_ros.sim.gt import inside
+from ov3d_ros.sim.render import world_texture
 
 CAM = PinholeCamera(100.0, 100.0, 32.0, 24.0, 65, 49)   # pixel (32, 24) is exactly on the optical axis
 
@@ -143,3 +145,29 @@ def test_pixel_windows_do_not_clip_primitives(monkeypatch):
         same = a.instance == b.instance            # float32 rounding differs with tensor shapes: a grazing ray
         assert same.sum() >= same.size - 2        # on a silhouette may flip, a clipped window would flip many
         assert np.allclose(a.depth_m[same], b.depth_m[same], rtol=0, atol=2e-4)
+
+
+def test_texture_is_a_function_of_the_world_point():
+    """Two views of one wall, the second moved 10 px worth sideways: every world point keeps its colour; the
+    texture varies over the wall and runs on unchanged across two touching objects of one colour."""
+    grey = (200, 200, 200)
+    wall = Primitive.box((0, 0, 1), (0.3, 5, 5), class_id('wall'), 1, grey)
+    Ta, k = look_at((3, 0, 1), (0, 0, 1)), 10
+    shift = k * 2.7 / CAM.fx * Ta[:3, 0]                  # the face is 2.7 m away: 10 px to the left
+    Tb = look_at(np.array((3, 0, 1)) + shift, np.array((0, 0, 1)) + shift)
+    a, b = render(scene_of(wall), CAM, Ta), render(scene_of(wall), CAM, Tb)
+    assert (b.rgb[:, :-k] == a.rgb[:, k:]).all(-1).mean() > 0.99
+    assert not np.array_equal(a.rgb, b.rgb)
+    brightness = a.rgb.astype(np.float64).mean(-1)
+    assert np.percentile(brightness, 95) > 1.1 * np.percentile(brightness, 5)     # not one flat colour
+    pw = torch.rand(1000, 3) * 4
+    assert torch.equal(world_texture(pw), world_texture(pw.clone()))
+    f = world_texture(pw)
+    assert f.shape == (1000, 3) and 0.8 < float(f.min()) and float(f.max()) < 1.2
+    # a cabinet of the wall's colour in front of it: only shading and the fine per-object texture tell them apart
+    cabinet = Primitive.box((0.5, 0, 0.6), (0.2, 0.4, 0.6), class_id('cabinet'), 2, grey)
+    f2 = render(scene_of(wall, cabinet), CAM, look_at((3, 0.3, 1.2), (0, 0, 0.9)))
+    front = (f2.instance == 2) & (np.abs(f2.depth_m - f2.depth_m[f2.instance == 2].min()) < 1e-3)
+    on_wall = f2.instance == 1
+    col = f2.rgb.reshape(-1, 3).astype(np.float64)
+    assert np.abs(col[front.ravel()].mean(0) - col[on_wall.ravel()].mean(0)).max() < 25
