@@ -45,36 +45,38 @@ demo: setup
 	$(PY) -m ov3d_ros.tools.demo --out $(DEMO_OUT)
 
 # The evaluation protocol (README "Evaluation world"): three disjoint splits of generated scenes, SIMULATED
-# feature source (config/eval.yaml). Training scenes (0-39) only for the teacher and the student, the tuning
-# split (200-205) for every hyperparameter and default, the test split (100-109) only for the reported tables.
+# feature source (config/eval.yaml). Training scenes (0-3, 8-11) only for the teacher and the student, the tuning
+# split (200-203) for every hyperparameter and default, the test split (100-109) only for the reported tables.
 # `make train-models` (re)trains the shipped models (3 seeds + the oracle); `make eval` never trains.
 EVAL_OUT ?= eval_output
 TRAIN_OUT ?= train_output
 MODELS ?= ov3d_ros/models
-EVAL_ARGS ?= --config config/eval.yaml --quiet
-SCENE_ARGS ?= --width 320 --height 240 --frames 30 --quiet
+# 160x120 images fused at pixel stride 1 (the point density of 320x240 at stride 2), 4 px simulated patches
+EVAL_ARGS ?= --config config/eval.yaml --quiet --set map.pixel_stride=1 --set features.sim_patch_px=4
+SCENE_ARGS ?= --width 160 --height 120 --frames 20 --quiet
 TEST_SEED ?= 100
 TEST_COUNT ?= 10
 TUNE_SEED ?= 200
-TUNE_COUNT ?= 6
-TRAIN_COUNT ?= 40
-TRAIN_SCENE_ARGS ?= --width 160 --height 120 --frames 20 --quiet
-TRAIN_SET ?= --set map.pixel_stride=1
-TEACHER_ARGS ?= --steps 300 --max-voxels 12000 --pairs 512
+TUNE_COUNT ?= 4
+TRAIN_BLOCKS ?= 0 8
+TRAIN_COUNT ?= 4
+TRAIN_SCENE_ARGS ?= --width 160 --height 120 --frames 16 --quiet
+TRAIN_SET ?= --cache $(TRAIN_OUT)/voxels
+TEACHER_ARGS ?= --steps 150 --max-voxels 12000 --pairs 512
 STUDENT_SCENES ?= $(TRAIN_OUT)/scenes/scene_0000
-STUDENT_ARGS ?= --steps 200
+STUDENT_ARGS ?= --steps 100 --max-tiles 1
 SEEDS ?= 0 1 2
 LEARNED := purify.enabled=true purify.affinity=learned
 WHOLE := $(LEARNED) purify.mode=whole
 
 train-models: setup
-	$(PY) -m ov3d_ros.cli make-scenes --out $(TRAIN_OUT)/scenes --count $(TRAIN_COUNT) --seed 0 $(TRAIN_SCENE_ARGS)
-	for s in $(SEEDS); do $(PY) -m ov3d_ros.cli train-teacher $(TRAIN_OUT)/scenes/scene_00?? $(EVAL_ARGS) $(TRAIN_SET) \
-	  --cache $(TRAIN_OUT)/voxels --seed $$s $(TEACHER_ARGS) --out $(TRAIN_OUT)/teacher_s$$s.safetensors || exit 1; done
+	for b in $(TRAIN_BLOCKS); do $(PY) -m ov3d_ros.cli make-scenes --out $(TRAIN_OUT)/scenes --count $(TRAIN_COUNT) \
+	  --seed $$b $(TRAIN_SCENE_ARGS) || exit 1; done
+	for s in $(SEEDS); do $(PY) -m ov3d_ros.cli train-teacher $(TRAIN_OUT)/scenes/scene_00?? $(EVAL_ARGS) $(TRAIN_SET) --seed $$s $(TEACHER_ARGS) --out $(TRAIN_OUT)/teacher_s$$s.safetensors || exit 1; done
 	for s in $(SEEDS); do $(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
-	  --cache $(TRAIN_OUT)/voxels --teacher ssl --teacher-checkpoint $(TRAIN_OUT)/teacher_s$$s.safetensors --seed $$s \
+	  --teacher ssl --teacher-checkpoint $(TRAIN_OUT)/teacher_s$$s.safetensors --seed $$s \
 	  $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_s$$s.safetensors || exit 1; done
-	$(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) --cache $(TRAIN_OUT)/voxels \
+	$(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
 	  --teacher labels $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_oracle.safetensors
 	mkdir -p $(MODELS)/ablation
 	cp $(TRAIN_OUT)/teacher_s0.safetensors $(MODELS)/teacher_default.safetensors
@@ -88,7 +90,7 @@ eval-scenes: setup
 	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/test --count $(TEST_COUNT) --seed $(TEST_SEED) $(SCENE_ARGS)
 	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/tune --count $(TUNE_COUNT) --seed $(TUNE_SEED) $(SCENE_ARGS)
 	$(PY) -m ov3d_ros.eval.project_features $(EVAL_OUT)/test/scene_???? --out $(EVAL_OUT)/test_d64 --dim 64 \
-	  --config config/eval.yaml
+	  --config config/eval.yaml --set features.sim_patch_px=4
 
 # Ablations on the tuning split only (purification scale / iterations, query temperature).
 eval-tune: eval-scenes
@@ -98,6 +100,9 @@ eval-tune: eval-scenes
 	  --variant T18_s20 $(WHOLE) purify.iterations=18 purify.scale=20.0 \
 	  --variant T18_s40 $(WHOLE) purify.iterations=18 purify.scale=40.0 \
 	  --variant T18_s10 $(WHOLE) purify.iterations=18 purify.scale=10.0
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
+	  $(foreach t,0.15 0.03 0.01,$(foreach h,0.55 0.4 0.25,--variant T$(t)_thr$(h) $(WHOLE) query.temperature=$(t) \
+	  query.default_threshold=$(h)))
 
 # The reported tables, on the test split only: shipped student with the default config (incremental) and
 # whole-map, its three training seeds, the fallback affinity, the oracle; the same checkpoint on 64-d features.

@@ -37,7 +37,10 @@ IGNORED_NAMES = ('unlabeled', 'unannotated')
 
 
 def add_arguments(p) -> None:
-    p.add_argument('inputs', nargs='+', help='dataset folders or bags, each with gt_points.npz')
+    p.add_argument('inputs', nargs='*', help='dataset folders or bags, each with gt_points.npz')
+    p.add_argument('--merge', nargs='+', type=Path, metavar='DIR',
+                   help='instead of mapping: combine the per-scene results of earlier runs (their results.json; same '
+                        'variants, other scenes) into one set of tables')
     p.add_argument('--out', required=True, type=Path, help='output folder')
     p.add_argument('--variant', action='append', nargs='+', metavar=('NAME', 'SECTION.KEY=VALUE'),
                    help='a table row: a name and config overrides (repeatable; default one row "raw")')
@@ -92,13 +95,22 @@ def _map_variant(cfg, source, gt, args, cache: dict):
         cache[key] = (base, map_input(base, source, args.quiet))
     base, stats = cache[key]
     if not cfg.purify.enabled:
+        base.cfg.query = copy.deepcopy(cfg.query)       # variants may differ in their query settings only
+        base._text_cache.clear()
         return base, dict(stats)
+    pooled_key = key + json.dumps(asdict(cfg.purify), sort_keys=True)
+    if pooled_key in cache:                             # same pooling, other query settings
+        mapper, pooled_stats = cache[pooled_key]
+        mapper.cfg.query = copy.deepcopy(cfg.query)
+        mapper._text_cache.clear()
+        return mapper, dict(pooled_stats)
     mapper = Mapper(cfg, base.extractor)
     mapper.map, mapper.projection, mapper.num_keyframes = base.map, base.projection, base.num_keyframes
     mapper._reset_purifier()
     t0 = time.perf_counter()
     mapper.purify_all()
-    return mapper, dict(stats, whole_purify_s=time.perf_counter() - t0)
+    cache[pooled_key] = (mapper, dict(stats, whole_purify_s=time.perf_counter() - t0))
+    return mapper, dict(cache[pooled_key][1])
 
 
 def _timing(scenes: list) -> dict:
@@ -110,13 +122,37 @@ def _timing(scenes: list) -> dict:
             'whole_purify_s': mean('whole_purify_s')}
 
 
+def _merge(dirs) -> tuple:
+    """(variant names, {variant: per-scene dicts}) from earlier runs' results.json files."""
+    names, per_scene = None, {}
+    for d in dirs:
+        path = Path(d) / 'results.json'
+        if not path.exists():
+            raise CliError(f'{path}: no such file (run ov3d eval with --out {d} first)')
+        scenes = json.loads(path.read_text())['scenes']
+        if names is None:
+            names = list(scenes)
+        elif list(scenes) != names:
+            raise CliError(f'{path}: variants {list(scenes)} differ from {names}')
+        for name in names:
+            per_scene.setdefault(name, []).extend(scenes[name])
+    return names, per_scene
+
+
 def run(args) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        if args.inputs:
+            raise CliError('give either inputs or --merge, not both')
+        names, per_scene = _merge(args.merge)
+        return write_tables(names, per_scene, args)
+    if not args.inputs:
+        raise CliError('no inputs given')
     variants = args.variant or [['raw']]
     names = [v[0] for v in variants]
     if len(set(names)) != len(names):
         raise CliError(f'variant names must be unique, got {names}')
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows, per_scene = {}, {name: [] for name in names}
+    per_scene = {name: [] for name in names}
     configs = {}
     for name, *overrides in variants:
         cfg = build_config(args)
@@ -143,6 +179,12 @@ def run(args) -> int:
             print(f'[{name}] {Path(path).name}: mIoU {scene["miou"]:.1f}  boundary {scene["boundary_miou"] or 0:.1f}  '
                   f'frag {scene["fragmentation"] or 0:.2f}  ({stats["keyframes"]} keyframes, {stats["voxels"]} voxels)',
                   flush=True)
+    return write_tables(names, per_scene, args)
+
+
+def write_tables(names: list, per_scene: dict, args) -> int:
+    """Aggregate per-scene results into results.json, table.md, table_ci.md and chart.png under ``args.out``."""
+    rows = {}
     first = names[0]
     for name in names:
         rows[name] = aggregate(per_scene[name])
@@ -151,7 +193,7 @@ def run(args) -> int:
         if name != first:
             rows[name]['vs_baseline'] = {k: paired_difference(per_scene[name], per_scene[first], k)
                                          for k in ('miou', 'boundary_miou')}
-        if args.queries:
+        if all('queries' in s for s in per_scene[name]):
             rows[name]['queries'] = summarize([q for s in per_scene[name] for q in s['queries']])
     ci_rows = {name: rows[name] for name in names}
     groups = {}
@@ -172,7 +214,7 @@ def run(args) -> int:
     (args.out / 'table.md').write_text(table + f'\nPer class ({first}):\n\n' + per_class_table(rows[first]))
     ci = ci_table(ci_rows, first)
     (args.out / 'table_ci.md').write_text(
-        f'Per-scene means over {len(args.inputs)} scenes with 95 % confidence intervals (Student t); Δ: paired '
+        f'Per-scene means over {len(per_scene[first])} scenes with 95 % confidence intervals (Student t); Δ: paired '
         f'per-scene differences to {first}.\n\n' + ci)
     (args.out / 'results.json').write_text(json.dumps({'rows': rows, 'ci_rows': ci_rows, 'scenes': per_scene,
                                                        'metrics': list(SCENE_METRICS)}, indent=1))

@@ -59,6 +59,8 @@ def add_arguments(p) -> None:
     p.add_argument('--tile-voxels', type=int, default=15000,
                    help='split training scenes into spatial tiles of at most this many voxels (cheaper steps; the '
                         'teacher still sees the whole scene; 0 = whole scenes)')
+    p.add_argument('--max-tiles', type=int, default=0,
+                   help='train on only the first N tiles of each training scene (a smaller data fraction; 0 = all)')
     p.add_argument('--teacher-clusters', type=int, default=0,
                    help='ssl / features teachers: k-means the teacher features of each scene into this many '
                         'clusters and distil from the clusters as segments (0 = from the features)')
@@ -155,6 +157,8 @@ def prepare(path, args, cfg, net: StudentAffinityNet, teacher_net=None) -> list:
     if args.teacher_clusters > 0 and teacher.features is not None:
         teacher = Teacher(segments=kmeans_segments(teacher.features, args.teacher_clusters, args.seed))
     tiles = spatial_tiles(coords, args.tile_voxels)
+    if getattr(args, 'max_tiles', 0) > 0:
+        tiles = tiles[:args.max_tiles]
     print(json.dumps({'scene': str(path), 'voxels': len(coords), 'tiles': len(tiles)}))
     batches = []
     for t, idx in enumerate(tiles):

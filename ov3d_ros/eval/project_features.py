@@ -43,7 +43,8 @@ def project_folder(src: Path, dst: Path, dim: int, cfg, seed: int = 0) -> dict:
     (dst / 'features').mkdir(exist_ok=True)
     for k, frame in enumerate(source):
         stem = source.reader.stems[k]
-        feats = mapper.extractor.extract(frame.rgb, frame.labels).float()
+        feats = mapper.extractor.extract(frame.rgb, frame.labels, depth_m=frame.depth_m, camera=frame.camera,
+                                         T_W_C=frame.T_W_C).float()
         np.save(dst / 'features' / f'{stem}.npy', F.normalize(feats @ R, dim=-1).cpu().numpy().astype(np.float16))
     text = F.normalize(mapper.embed_texts(names).float() @ R, dim=-1)
     np.savez(dst / 'text_embeddings.npz', names=np.array(names), vectors=text.cpu().numpy().astype(np.float32))

@@ -133,6 +133,11 @@ def test_teacher_then_student_then_mapping_end_to_end(scenes, tmp_path, capsys):
     assert res['rows']['learned']['miou'] > 0 and res['rows']['whole']['miou'] > 0
     assert res['rows']['learned']['vs_baseline']['miou']['n'] == 1
     assert '| whole |' in (tmp_path / 'e' / 'table_ci.md').read_text()
+    # tables of runs over other scenes combine without mapping again
+    assert main(['eval', '--merge', str(tmp_path / 'e'), str(tmp_path / 'e'), '--out', str(tmp_path / 'm')]) == 0
+    merged = json.loads((tmp_path / 'm' / 'results.json').read_text())['rows']
+    assert merged['whole']['per_scene']['miou']['n'] == 2
+    assert merged['whole']['per_scene']['miou']['mean'] == pytest.approx(res['rows']['whole']['per_scene']['miou']['mean'])
     # the same checkpoint on 64-d precomputed features of "another model" (simulated, randomly projected)
     from ov3d_ros.eval.project_features import main as project
     assert project([str(scenes / 'scene_0003'), '--out', str(tmp_path / 'd64'), '--dim', '64'] + SIM[:2]) == 0
