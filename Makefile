@@ -12,11 +12,18 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test eval eval-scenes eval-tune eval-test eval-bags train-models clean
+.PHONY: setup browser demo test eval eval-scenes eval-tune eval-test eval-bags train-models clean
 
-setup: $(STAMP_SRV)
+setup: $(STAMP_SRV) browser
 
-$(STAMP_DEPS): requirements.txt
+# Debian's chromium and chromedriver for the browser-view test (test/tools/test_web_view.py skips without them)
+browser:
+	@mkdir -p build
+	@{ command -v chromium && command -v chromedriver; } > /dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } > build/apt.log 2>&1 || \
+	  echo "chromium could not be installed (see build/apt.log): the browser-view test will be skipped"
+
+$(STAMP_DEPS): requirements.txt requirements-runtime.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@mkdir -p build
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt > build/pip.log 2>&1 \
@@ -26,16 +33,21 @@ $(STAMP_DEPS): requirements.txt
 	$(PY) -c "import torch, open_clip, rclpy, sensor_msgs.msg, spconv.pytorch"
 	touch $@
 
-# Generate the SegmentByText service with rosidl into the venv (the venv root is a ROS prefix).
-$(STAMP_SRV): $(STAMP_DEPS) $(wildcard srv/*.srv) CMakeLists.txt package.xml
+# Install this checkout in editable mode (no dependencies) for the console scripts (ov3d, ov3d_demo,
+# ov3d_mapping_node, ...), then generate the messages and services with rosidl into the venv (the venv root is a
+# ROS prefix). pip first: it removes an older install of the same name, the generated modules included.
+$(STAMP_SRV): $(STAMP_DEPS) $(wildcard srv/*.srv msg/*.msg) CMakeLists.txt package.xml setup.py
 	@mkdir -p build
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+	  --config-settings editable_mode=compat -e . > build/pip-editable.log 2>&1 || { cat build/pip-editable.log; exit 1; }
 	AMENT_PREFIX_PATH=$(abspath $(VENV)) CMAKE_PREFIX_PATH=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
 	  cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF -DOV3D_INSTALL_PYTHON=OFF \
 	  -DCMAKE_INSTALL_PREFIX=$(abspath $(VENV)) -DPython3_EXECUTABLE=$(abspath $(PY)) > $(BUILD).configure.log 2>&1 \
 	  || { cat $(BUILD).configure.log; exit 1; }
 	cmake --build $(BUILD) -j2 > $(BUILD).build.log 2>&1 || { tail -50 $(BUILD).build.log; exit 1; }
 	cmake --install $(BUILD) > $(BUILD).install.log 2>&1 || { tail -50 $(BUILD).install.log; exit 1; }
-	$(PY) -c "from ov3d_ros.srv import LoadMap, SaveMap, SegmentByText, SetVocabulary; import ov3d_ros.core"
+	$(PY) -c "from ov3d_ros.srv import LoadMap, MergeMap, SaveMap, SegmentByText, SetVocabulary; import ov3d_ros.core"
+	cd / && $(abspath $(VENV))/bin/ov3d --help > /dev/null
 	touch $@
 
 test: setup
@@ -130,3 +142,12 @@ eval-bags: setup
 
 clean:
 	rm -rf build $(DEMO_OUT) $(EVAL_OUT) $(TRAIN_OUT)
+
+# Benchmark-only dependencies (never needed by `make test`): Open3D for benchmarks/bm_compare.py's fusion reference.
+.PHONY: bench-deps bench
+bench-deps: setup
+	$(PY) -m pip install -q --disable-pip-version-check open3d
+	-command -v apt-get > /dev/null && apt-get install -y -q libusb-1.0-0 > /dev/null
+
+bench: bench-deps
+	$(PY) benchmarks/bm_compare.py

@@ -38,6 +38,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                         "input's features/ + text_embeddings.npz)")
     p.add_argument('--device', default=None, help="torch device: auto, cpu, cuda, cuda:N (default: config)")
     p.add_argument('--quiet', action='store_true', help='no progress bars')
+    p.add_argument('--frames', type=frame_range, default=None, metavar='START:STOP',
+                   help='map only frames START..STOP-1 of each input (Python slice, e.g. 0:30 or 30:)')
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +53,15 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument('--pose-source', choices=('pose', 'odometry', 'tf'), help='how bag poses are given')
     g.add_argument('--map-frame', help='fixed frame for tf poses (default: map)')
     g.add_argument('--sync-slop', type=float, default=0.05, help='max stamp difference of paired messages (s)')
+
+
+def frame_range(text: str) -> slice:
+    """'START:STOP' (either may be empty) -> slice of frame indices."""
+    try:
+        start, stop = text.split(':')
+        return slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'frame range must be START:STOP (e.g. 0:30), got {text!r}') from None
 
 
 def build_config(args) -> MapperConfig:
@@ -138,17 +149,28 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
     return Mapper(cfg, create_extractor(cfg.features, device, class_names))
 
 
-def map_input(mapper: Mapper, source: Input, quiet: bool = False) -> dict:
-    """Integrate every frame of ``source`` (keyframe rules apply); returns counts and timings."""
-    t0, frames, times, purify = time.perf_counter(), 0, [], []
+def map_input(mapper: Mapper, source: Input, quiet: bool = False, frames: Optional[slice] = None) -> dict:
+    """Integrate every frame of ``source`` (or the ``frames`` range of them; keyframe rules apply); returns
+    counts and timings."""
+    import itertools
+    t0, times, purify = time.perf_counter(), [], []
     if mapper.cfg.features.source == 'precomputed' and not getattr(source.reader, 'has_features', True):
         raise CliError(f'{source.path}: --features precomputed needs features/NNNNNN.npy for every frame')
-    for frame in progress(source, len(source), source.path.name, quiet):
-        frames += 1
+    indices = range(len(source))[frames or slice(None)]
+    if not indices:
+        raise CliError(f'{source.path}: the frame range selects none of its {len(source)} frames')
+    selected = itertools.islice(source, indices.start, indices.stop)
+    if indices.start and hasattr(mapper.extractor, 'reset'):
+        # the simulated teacher's errors follow a per-keyframe counter: start it at the range's first frame, so
+        # a range gets the errors these frames get in a run over the whole input (when every frame is a keyframe)
+        mapper.extractor.reset(indices.start)
+    count = 0
+    for frame in progress(selected, len(indices), source.path.name, quiet):
+        count += 1
         if mapper.integrate(frame):
             times.append(mapper.timings_s['total'])
             purify.append(mapper.timings_s.get('purify', 0.0))
-    return {'frames': frames, 'keyframes': len(times), 'voxels': mapper.map.size,
+    return {'frames': count, 'keyframes': len(times), 'voxels': mapper.map.size,
             'keyframe_ms_mean': 1e3 * float(np.mean(times)) if times else None,
             'purify_ms_mean': 1e3 * float(np.mean(purify)) if purify else None,
             'wall_s': time.perf_counter() - t0}

@@ -2,6 +2,8 @@
 
     ov3d eval scenes/scene_* --out results/ --features simulated
     ov3d eval scenes/scene_* --out results/ --variant raw --variant fine map.voxel_size_m=0.03
+    ov3d eval 'scenes/scene_*' --out results/ --serial          # one after another (default: one Ray task each)
+    ov3d eval --merge results_a/ results_b/ --out results/      # tables of runs over other scenes, combined
     ov3d eval scenes/scene_* --out results/ --variant labels "labels.vocabulary=[gt]" --queries
 
 Each input (dataset folder or bag with gt_points.npz) is mapped with the config (+ each variant's
@@ -15,17 +17,24 @@ keyframe / feature settings) share one mapping pass per scene; whole-map pooling
 Variants named ``NAME@TAG`` (e.g. ``learned@s0 learned@s1 learned@s2``: one per training seed) also get a
 combined row ``NAME (seeds)``: per-scene values averaged over the seeds, with the spread over seeds. table_ci.md
 gives per-scene means with 95 % confidence intervals and paired differences to the first variant.
+
+Each input runs as one Ray task with all its variants (``ov3d_ros.cli.batch``; ``--serial`` runs them in this
+process) with the same numbers; a failing input is reported by name and left out of the table, and the command
+then exits with status 2.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from ov3d_ros.cli.batch import Job, Outcome, add_batch_arguments, expand_inputs, report_failures, run_jobs
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, make_mapper,
                                  map_input, open_input)
 from ov3d_ros.core.config import parse_overrides, update_from_dict
@@ -50,6 +59,7 @@ def add_arguments(p) -> None:
                    help='also score the synonym / paraphrase queries (recall and precision per variant)')
     add_config_arguments(p)
     add_input_arguments(p)
+    add_batch_arguments(p)
 
 
 def score_mapper(mapper, gt: dict) -> dict:
@@ -85,14 +95,14 @@ def _map_variant(cfg, source, gt, args, cache: dict):
     names = [str(n) for n in gt['names']]
     if not _shares_mapping(cfg):
         mapper = make_mapper(cfg, source, names)
-        stats = map_input(mapper, source, args.quiet)
+        stats = map_input(mapper, source, args.quiet, getattr(args, 'frames', None))
         return mapper, stats
     key = _mapping_key(cfg)
     if key not in cache:
         base_cfg = copy.deepcopy(cfg)
         base_cfg.purify.enabled = False
         base = make_mapper(base_cfg, source, names)
-        cache[key] = (base, map_input(base, source, args.quiet))
+        cache[key] = (base, map_input(base, source, args.quiet, getattr(args, 'frames', None)))
     base, stats = cache[key]
     if not cfg.purify.enabled:
         base.cfg.query = copy.deepcopy(cfg.query)       # variants may differ in their query settings only
@@ -139,6 +149,30 @@ def _merge(dirs) -> tuple:
     return names, per_scene
 
 
+def eval_scene(path: str, variants: list, args: argparse.Namespace) -> list:
+    """Map one input with every variant (sharing mapping passes where they can) and score each: one scene dict
+    per variant, in order."""
+    cache, out = {}, []
+    for name, *overrides in variants:
+        cfg = build_config(args)
+        update_from_dict(cfg, parse_overrides(overrides))
+        source = open_input(path, args, args.gt)
+        gt = source.gt_points()
+        if cfg.labels.vocabulary == ['gt']:
+            cfg.labels.vocabulary = [str(n) for n in gt['names'] if str(n) not in IGNORED_NAMES]
+        mapper, stats = _map_variant(cfg, source, gt, args, cache)
+        t0 = time.perf_counter()
+        scene = score_mapper(mapper, gt)
+        scene.update(scene=str(path), variant=name, mapping=stats, eval_s=time.perf_counter() - t0,
+                     bytes_per_voxel=mapper.bytes_per_voxel())
+        if args.queries:
+            scene['queries'] = query_scores(mapper, gt, SYNONYMS, IGNORED_NAMES)
+        if args.save_maps:
+            mapper.save(args.out / 'maps' / f'{name}_{Path(path).name}.ov3dmap')
+        out.append(scene)
+    return out
+
+
 def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
@@ -152,37 +186,35 @@ def run(args) -> int:
     names = [v[0] for v in variants]
     if len(set(names)) != len(names):
         raise CliError(f'variant names must be unique, got {names}')
-    per_scene = {name: [] for name in names}
-    configs = {}
-    for name, *overrides in variants:
-        cfg = build_config(args)
-        update_from_dict(cfg, parse_overrides(overrides))
-        configs[name] = cfg
-    for path in args.inputs:
-        cache = {}
-        for name in names:
-            cfg = copy.deepcopy(configs[name])
-            source = open_input(path, args, args.gt)
-            gt = source.gt_points()
-            if cfg.labels.vocabulary == ['gt']:
-                cfg.labels.vocabulary = [str(n) for n in gt['names'] if str(n) not in IGNORED_NAMES]
-            mapper, stats = _map_variant(cfg, source, gt, args, cache)
-            t0 = time.perf_counter()
-            scene = score_mapper(mapper, gt)
-            scene.update(scene=str(path), variant=name, mapping=stats, eval_s=time.perf_counter() - t0,
-                         bytes_per_voxel=mapper.bytes_per_voxel())
-            if args.queries:
-                scene['queries'] = query_scores(mapper, gt, SYNONYMS, IGNORED_NAMES)
-            per_scene[name].append(scene)
-            if args.save_maps:
-                mapper.save(args.out / 'maps' / f'{name}_{Path(path).name}.ov3dmap')
-            print(f'[{name}] {Path(path).name}: mIoU {scene["miou"]:.1f}  boundary {scene["boundary_miou"] or 0:.1f}  '
-                  f'frag {scene["fragmentation"] or 0:.2f}  ({stats["keyframes"]} keyframes, {stats["voxels"]} voxels)',
-                  flush=True)
-    return write_tables(names, per_scene, args)
+    inputs = expand_inputs(args.inputs)
+    worker_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != 'run'})
+    batch = len(inputs) > 1
+    worker_args.quiet = args.quiet or (batch and not args.serial)     # workers: one bar over inputs, none per frame
+    jobs = [Job(str(path), eval_scene, (path, variants, worker_args)) for path in inputs]
+
+    def done(o):
+        if not o.ok:
+            print(f'ov3d eval: {o.name}: {o.error}', file=sys.stderr, flush=True)
+            return
+        for scene in o.result:
+            stats = scene['mapping']
+            print(f'[{scene["variant"]}] {Path(scene["scene"]).name}: mIoU {scene["miou"]:.1f}  '
+                  f'boundary {scene["boundary_miou"] or 0:.1f}  frag {scene["fragmentation"] or 0:.2f}  '
+                  f'({stats["keyframes"]} keyframes, {stats["voxels"]} voxels)', flush=True)
+
+    if not batch:     # one input: errors end the command as before
+        outcomes = [Outcome(jobs[0].name, True, eval_scene(*jobs[0].args))]
+        done(outcomes[0])
+    else:
+        outcomes = run_jobs(jobs, args, build_config(args).map.device, done, 'scenes')
+    per_scene = {name: [o.result[k] for o in outcomes if o.ok] for k, name in enumerate(names)}
+    failed = [{'input': o.name, 'error': o.error} for o in outcomes if not o.ok]
+    if per_scene[names[0]]:
+        write_tables(names, per_scene, args, failed)
+    return report_failures(outcomes, 'eval')
 
 
-def write_tables(names: list, per_scene: dict, args) -> int:
+def write_tables(names: list, per_scene: dict, args, failed: list = ()) -> int:
     """Aggregate per-scene results into results.json, table.md, table_ci.md and chart.png under ``args.out``."""
     rows = {}
     first = names[0]
@@ -217,7 +249,8 @@ def write_tables(names: list, per_scene: dict, args) -> int:
         f'Per-scene means over {len(per_scene[first])} scenes with 95 % confidence intervals (Student t); Δ: paired '
         f'per-scene differences to {first}.\n\n' + ci)
     (args.out / 'results.json').write_text(json.dumps({'rows': rows, 'ci_rows': ci_rows, 'scenes': per_scene,
-                                                       'metrics': list(SCENE_METRICS)}, indent=1))
+                                                       'metrics': list(SCENE_METRICS), 'failed': list(failed)},
+                                                      indent=1))
     bar_chart_png(str(args.out / 'chart.png'), rows)
     print(table, end='')
     print(ci, end='')

@@ -7,17 +7,20 @@
     ov3d eval scenes/scene_* --out results/ --features simulated
     ov3d train-teacher scenes/scene_00?? --out teacher.safetensors --config config/eval.yaml
     ov3d train-affinity scenes/scene_000? --out affinity.safetensors --teacher ssl --teacher-checkpoint teacher.safetensors
+    ov3d merge robot_a.ov3dmap robot_b.ov3dmap --out building.ov3dmap --transform 2 b_to_a.txt
+    ov3d view building.ov3dmap                                   # browser view on http://localhost:8080
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ov3d_ros.cli import evaluate, label, mapping, query, scenes, train_affinity, train_teacher
+from ov3d_ros.cli import evaluate, label, mapping, merge, query, scenes, train_affinity, train_teacher, view
 from ov3d_ros.cli.common import CliError
 
 COMMANDS = {'make-scenes': scenes, 'map': mapping, 'query': query, 'label': label, 'eval': evaluate,
-            'train-teacher': train_teacher, 'train-affinity': train_affinity}
+            'train-teacher': train_teacher, 'train-affinity': train_affinity, 'merge': merge,
+            'view': view}
 
 
 def build_parser() -> argparse.ArgumentParser:

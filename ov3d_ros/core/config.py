@@ -31,6 +31,12 @@ class MapConfig:
     compress_dim: int = 0
     """Store voxel features in this many dimensions (0 = the feature source's D, e.g. 64 of 512): an uncentred PCA
     of the keyframes' features; queries project text the same way (ov3d_ros.core.compression)."""
+    max_weight: float = 10000.0
+    """Cap on a voxel's old weight in the running means of its feature and colour (nvblox's max_weight; 0 = no
+    cap). A point adds weight 1, so a voxel takes a few tens per keyframe; past the cap each new observation keeps
+    moving the mean by at least weight / (max_weight + weight) instead of fading out (a plain fp16 mean stops
+    moving after about 1e5 points, a parked robot's few minutes). Observation counts and weights still
+    accumulate everything."""
     compress_update: bool = True
     """Compression: update the PCA with every keyframe (stored features are rotated into the new basis); false =
     freeze the first keyframe's fit."""
@@ -58,6 +64,10 @@ class FeatureConfig:
     """open_clip pretrained tag resolved from the local cache, or a path to a local checkpoint file."""
     cache_dir: str = ''
     """Directory searched for cached open_clip weights ('' = open_clip's default cache)."""
+    allow_download: bool = False
+    """When the weights of an open_clip pretrained tag are not found locally, let open_clip download them once
+    (Hugging Face hub) into cache_dir or its default cache. Off: nothing is ever downloaded and missing weights
+    fail at start with the places searched. Needs internet; a set HF_HUB_OFFLINE=1 still forbids it."""
     dense_mode: str = 'naclip'
     """Training-free dense last block: 'naclip', 'sclip', 'clearclip' or 'maskclip'."""
     image_short_side: int = 448
@@ -167,7 +177,8 @@ class PurifyConfig:
     """'incremental': re-pool the voxels each keyframe touched plus a margin (bounded cost per keyframe);
     'whole': re-pool the whole map once before a query when keyframes came since (offline reference)."""
     margin_vox: int = 3
-    """Incremental mode: voxels within this many voxels of the touched ones are re-pooled too."""
+    """Incremental mode: beyond the voxels whose affinities a keyframe changed (its touched voxels, widened by the
+    normal radius and the student's receptive field), re-pool this many more voxel steps around them."""
 
 
 @dataclass
@@ -192,6 +203,15 @@ class LabelConfig:
 
 
 @dataclass
+class ObjectConfig:
+    gap_vox: int = 1
+    """Object instances of a query answer: answering voxels with at most this many empty voxels between them
+    belong to one object (0 = only touching voxels, 26-neighbourhood)."""
+    min_voxels: int = 5
+    """Object instances with fewer answering voxels than this are left out (noise, stray voxels)."""
+
+
+@dataclass
 class MapperConfig:
     map: MapConfig = field(default_factory=MapConfig)
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
@@ -199,6 +219,7 @@ class MapperConfig:
     query: QueryConfig = field(default_factory=QueryConfig)
     purify: PurifyConfig = field(default_factory=PurifyConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
+    objects: ObjectConfig = field(default_factory=ObjectConfig)
 
 
 def section_items(cfg: Any) -> Dict[str, Any]:

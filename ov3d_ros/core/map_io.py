@@ -104,6 +104,25 @@ def read_header(blob: bytes, name: str = 'map file') -> dict:
     return meta
 
 
+def is_map_file(path: str | Path) -> bool:
+    """Whether ``path`` is a regular file whose safetensors header names the ov3d map format (any version; the
+    payload is not read or checked, so a truncated or corrupt map still counts)."""
+    if not os.path.isfile(path):       # also keeps a FIFO from blocking the open below
+        return False
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (header_len,) = struct.unpack('<Q', head)
+            if header_len > 100_000_000:
+                return False
+            meta = json.loads(f.read(header_len)).get('__metadata__') or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+    return meta.get('format') == MAP_FORMAT
+
+
 def load_map(path: str | Path, device: torch.device | str = 'cpu') -> Tuple[VoxelFeatureMap, dict, Dict[str, torch.Tensor]]:
     """Read a map file: (voxel map on ``device``, info dict, extra tensors). Raises MapFileError."""
     path = Path(path)

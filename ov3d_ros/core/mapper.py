@@ -15,7 +15,7 @@ from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.keyframes import KeyframeSelector
 from ov3d_ros.core.label_volume import LabelVolume, absorb_small_components, class_colors
 from ov3d_ros.core.lifting import CellFeatures, lift_keyframe
-from ov3d_ros.core.query import QueryResult, clean_text, relevancy_scores, select
+from ov3d_ros.core.query import QueryResult, clean_text, normalise_text, relevancy_scores, select
 from ov3d_ros.core.text import encode_prompts
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
@@ -71,7 +71,7 @@ class Mapper:
         self.timings_s: Dict[str, float] = {}
         self.purifier = self._make_purifier() if cfg.purify.enabled else None
         self.evicted_voxels = 0
-        self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
+        self._text_cache: Dict[tuple, torch.Tensor] = {}   # (text, augmentation) -> (D,)
         self.labels: Optional[LabelVolume] = None
         self._neighbours: Tuple[tuple, dict] = ((), {})   # {radius: neighbour rows} of the current map state
         self.clear()
@@ -158,6 +158,7 @@ class Mapper:
                                            T_W_C=frame.T_W_C)
         else:
             feats = self.extractor.extract(frame.rgb, frame.labels)
+        t_features = time.perf_counter()
         if 0 < self.cfg.map.compress_dim < feats.shape[-1]:
             self._update_projection(feats.reshape(-1, feats.shape[-1]))
         t1 = time.perf_counter()
@@ -185,7 +186,8 @@ class Mapper:
         self.keyframes.accept(frame.T_W_C, frame.stamp_s)
         self.num_keyframes += 1
         t3 = time.perf_counter()
-        self.timings_s = {'features': t1 - t0, 'fusion': t2 - t1, 'purify': t3 - t2, 'total': t3 - t0}
+        self.timings_s = {'features': t1 - t0, 'compress': t1 - t_features, 'fusion': t2 - t1, 'purify': t3 - t2,
+                          'total': t3 - t0}
         return True
 
     def _update_projection(self, samples: torch.Tensor) -> None:
@@ -276,17 +278,37 @@ class Mapper:
             self.purifier.update(self.map, None, self._label_channels())
             self._purified_stale = False
 
+    def reconfigure_purification(self, cfg) -> None:
+        """Use purification settings ``cfg`` (a PurifyConfig: on/off, affinity, checkpoint, neighbourhood, ...)
+        from now on and re-pool the whole map with them. Raises ValueError, keeping the current settings, if
+        ``cfg`` cannot be used (e.g. a missing checkpoint)."""
+        old = self.cfg.purify
+        self.cfg.purify = cfg
+        try:
+            purifier = self._make_purifier() if cfg.enabled else None
+        except (ValueError, OSError, RuntimeError) as e:
+            self.cfg.purify = old
+            raise ValueError(f'purification settings not applied: {e}') from e
+        self.purifier, self._purified_stale = purifier, True
+        if cfg.mode == 'incremental':
+            self.purify_all()
+
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(N, D) augmented embeddings of ``texts`` (prompt templates, repetition; cached), in the feature
-        source's space (see :meth:`to_map_space`)."""
-        key = tuple(texts)
-        if key not in self._text_cache:
-            if len(self._text_cache) > 256:
+        """(N, D) augmented embeddings of ``texts`` (prompt templates, repetition), in the feature source's space
+        (see :meth:`to_map_space`). Each text is embedded once and cached (up to 1024 texts), so the negatives and
+        the label vocabulary are not re-embedded by every query."""
+        q = self.cfg.query
+        augment = (tuple(q.templates), q.repetitions) if self.extractor.uses_templates else ((), 1)
+        keys = [(t, augment) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        if missing:
+            if len(self._text_cache) + len(missing) > 1024:
                 self._text_cache.clear()
-            q = self.cfg.query
-            augment = (q.templates, q.repetitions) if self.extractor.uses_templates else ((), 1)
-            self._text_cache[key] = encode_prompts(self.extractor.encode_text, list(texts), *augment).to(self.device)
-        return self._text_cache[key]
+            emb = encode_prompts(self.extractor.encode_text, [t for t, _ in missing], *augment).to(self.device)
+            self._text_cache.update(zip(missing, emb))
+        if not keys:
+            return torch.zeros(0, self.extractor.dim, device=self.device)
+        return torch.stack([self._text_cache[k] for k in keys])
 
     def to_map_space(self, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Text embeddings in the space of the stored voxel features (projected when the map is compressed)."""
@@ -336,6 +358,8 @@ class Mapper:
         ``query.default_threshold``. Texts are cleaned: control characters become spaces, whitespace runs one space;
         any other Unicode is kept (the text encoder truncates long prompts). Raises ValueError for an empty text, a
         text or negative over 1000 characters, over 32 negatives, or a threshold that is NaN, inf or above 1.
+        Negatives equal to the query up to case and whitespace are dropped (see :meth:`_negatives_for`); when none
+        is left the default negatives minus the query are used, and when those are all the query too, ValueError.
         """
         text = clean_text(text or '', 'query text')
         if not text:
@@ -346,9 +370,6 @@ class Mapper:
             raise ValueError(f'{len(negatives)} negatives given; at most 32 are accepted')
         q = self.cfg.query
         negs = [clean_text(n, 'a negative') for n in negatives or ()]
-        if not any(negs):
-            negs = [n.strip() for n in q.default_negatives]
-        negs = [n for n in dict.fromkeys(negs) if n and n != text]         # unique, in order
         thr = threshold if threshold > 0 else q.default_threshold
         n = self.map.size
         k = self.labels.index(text) if self.labels is not None else -1
@@ -357,10 +378,33 @@ class Mapper:
             res = select(torch.where(labels == k, conf, torch.zeros_like(conf)), self.map.weights[:n],
                          max(threshold, 1e-6), q.min_observations)
             return QueryResult(res.rows, res.scores, 'label volume')
+        negs = self._negatives_for(text, negs)
         emb = self.to_map_space(self.embed_texts([text] + negs))
         temperature = q.temperature if q.temperature > 0 else self.extractor.default_temperature
-        scores = relevancy_scores(self.query_features(), emb[0], emb[1:], temperature)
+        norms = self.map.feature_norms() if self.purifier is None else None      # raw map: norms kept by the map
+        scores = relevancy_scores(self.query_features(), emb[0], emb[1:], temperature, norms)
         return select(scores, self.map.weights[:n], thr, q.min_observations)
+
+    def _negatives_for(self, text: str, negatives: Sequence[str]) -> list:
+        """The negatives a query of ``text`` is scored against: ``negatives`` (or ``query.default_negatives`` when
+        all are blank), unique and without the query itself, compared case-folded with whitespace collapsed (the
+        tokenizers lowercase, so 'Wall' against 'wall' would tie everywhere). When that leaves none, the default
+        negatives minus the query; ValueError when there are none either (every voxel would score 1)."""
+        def usable(names):
+            seen, out = {normalise_text(text)}, []
+            for n in names:
+                key = normalise_text(n)
+                if key and key not in seen:
+                    seen.add(key)
+                    out.append(' '.join(n.split()))
+            return out
+        negs = usable(negatives)
+        if not negs:
+            negs = usable(self.cfg.query.default_negatives)
+        if not negs:
+            raise ValueError(f'no negative text differs from the query {text!r} (query.default_negatives: '
+                             f'{list(self.cfg.query.default_negatives)}); give negatives that name something else')
+        return negs
 
     def classify(self, text_embeddings: torch.Tensor, rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per voxel (all or ``rows``), the best-matching of K texts (embeddings from :meth:`embed_texts`):
@@ -434,6 +478,7 @@ class Mapper:
         evidence = extra.get('label_evidence')
         if vocabulary and (evidence is None or tuple(evidence.shape) != (vmap.size, len(vocabulary))):
             raise MapFileError(f'{path}: label evidence does not match {vmap.size} voxels x {len(vocabulary)} classes')
+        vmap.max_weight = float(self.cfg.map.max_weight)
         self.map, self.projection = vmap, projection
         self._reset_purifier()
         current, self.labels = list(self.cfg.labels.vocabulary), None
@@ -454,6 +499,19 @@ class Mapper:
         if p is not None:
             total += 2 * self.map.dim + 12 + 2 * (p.embeddings.shape[1] if p.embeddings is not None else 0)
         return total
+
+    def memory_report(self) -> Dict[str, float]:
+        """Bytes per voxel row of every layer kept for the current configuration: the map's fields and hash index
+        ('map.features', 'map.index', ...), purification state ('purified', 'normals', 'embeddings') and the label
+        volume ('label evidence')."""
+        out = {f'map.{k}': v for k, v in self.map.memory_report().items()}
+        p = self.purifier
+        if p is not None:
+            out.update({'purified': 2 * self.map.dim, 'normals': 12,
+                        'embeddings': 2 * (p.embeddings.shape[1] if p.embeddings is not None else 0)})
+        if self.labels is not None:
+            out['label evidence'] = self.labels.bytes_per_voxel()
+        return out
 
     def evict(self, position, keep: int) -> int:
         """Keep the ``keep`` voxels nearest to ``position`` (3,) in metres, drop the rest; returns how many went."""
@@ -485,7 +543,7 @@ class Mapper:
     def clear(self) -> None:
         """Forget every voxel and keyframe (the feature source and config stay)."""
         self.map = VoxelFeatureMap(self.cfg.map.voxel_size_m, self.extractor.dim, self.device,
-                                   self.cfg.map.initial_capacity)
+                                   self.cfg.map.initial_capacity, self.cfg.map.max_weight)
         self.projection = None
         if self.labels is not None:
             self.labels = LabelVolume(self.labels.names, self.labels.text, self.labels.temperature, self.device)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -26,18 +26,26 @@ def clean_text(text: str, what: str = 'text', max_chars: int = 1000) -> str:
     return ' '.join(''.join(' ' if unicodedata.category(c) in ('Cc', 'Cs') else c for c in text).split())
 
 
+def normalise_text(text: str) -> str:
+    """``text`` case-folded with whitespace runs collapsed (the key two texts are compared by)."""
+    return ' '.join(text.casefold().split())
+
+
 def relevancy_scores(features: torch.Tensor, query: torch.Tensor, negatives: torch.Tensor, temperature: float,
-                     chunk: int = 262144) -> torch.Tensor:
+                     norms: Optional[torch.Tensor] = None, chunk: int = 262144) -> torch.Tensor:
     """Score voxels for a query relative to negative texts.
 
     For each voxel, cosine similarities to the query and every negative go through a softmax at
-    ``temperature``; the score is the query's probability, or 0 where some negative matches better.
+    ``temperature``; the score is the query's probability, or 0 where some negative matches better (ties go to
+    the query). One matmul of the stored features (in their own dtype: fp16 maps are not converted) with the
+    K + 1 texts; the cosines divide by the feature norms afterwards, so no normalised copy is made.
 
     Args:
-        features: (V, D) voxel features (any float dtype; normalised here).
+        features: (V, D) voxel features (any float dtype).
         query: (D,) unit text embedding.
         negatives: (K, D) unit text embeddings, K >= 0.
         temperature: softmax temperature (> 0).
+        norms: (V,) float L2 norms of ``features`` when known (``VoxelFeatureMap.feature_norms``); else computed.
     Returns:
         (V,) float32 scores in [0, 1].
     """
@@ -46,9 +54,16 @@ def relevancy_scores(features: torch.Tensor, query: torch.Tensor, negatives: tor
     texts = torch.cat([query[None], negatives], dim=0).to(features.device, torch.float32)
     out = torch.empty(features.shape[0], dtype=torch.float32, device=features.device)
     for start in range(0, features.shape[0], chunk):
-        f = F.normalize(features[start:start + chunk].float(), dim=-1)
-        p = torch.softmax(f @ texts.T / temperature, dim=-1)
-        out[start:start + chunk] = torch.where(p.argmax(dim=-1) == 0, p[:, 0], torch.zeros_like(p[:, 0]))
+        f = features[start:start + chunk]
+        n = norms[start:start + chunk] if norms is not None else \
+            torch.linalg.vector_norm(f, dim=1, dtype=torch.float32)
+        cos = (f @ texts.T.to(f.dtype)).float().div_(n.float().clamp_min(1e-12)[:, None])     # (c, K + 1)
+        if texts.shape[0] == 1:
+            out[start:start + chunk] = 1.0
+            continue
+        q, neg = cos[:, :1], cos[:, 1:]
+        p = 1.0 / (1.0 + torch.exp((neg - q) / temperature).sum(dim=1))                  # softmax at the query
+        out[start:start + chunk] = torch.where(q[:, 0] >= neg.max(dim=1).values, p, torch.zeros_like(p))
     return out
 
 

@@ -16,7 +16,7 @@ import transforms3d
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, Pose
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
@@ -104,6 +104,41 @@ def numpy_to_image(arr: np.ndarray, encoding: str, header: Optional[Header] = No
     msg = Image(header=header if header is not None else Header(), height=h, width=w, encoding=encoding,
                 is_bigendian=0, step=w * ch * arr.itemsize)
     msg.data = array.array('B', arr.tobytes())
+    return msg
+
+
+def rgb_to_compressed(rgb: np.ndarray, fmt: str = 'jpeg', header: Optional[Header] = None,
+                      quality: int = 95) -> CompressedImage:
+    """A CompressedImage of (H, W, 3) uint8 RGB as image_transport's ``compressed`` plugin writes it
+    (``fmt`` 'jpeg' or 'png'; format string 'rgb8; jpeg compressed bgr8')."""
+    import io
+    from PIL import Image as PILImage
+    if fmt not in ('jpeg', 'png'):
+        raise ConversionError(f"compressed colour format must be 'jpeg' or 'png', got {fmt!r}")
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ConversionError(f'compressed colour needs (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}')
+    buf = io.BytesIO()
+    PILImage.fromarray(rgb).save(buf, format=fmt.upper(), **({'quality': quality} if fmt == 'jpeg' else {}))
+    msg = CompressedImage(header=header if header is not None else Header(), format=f'rgb8; {fmt} compressed bgr8')
+    msg.data = array.array('B', buf.getvalue())
+    return msg
+
+
+def depth_to_compressed_depth(depth_mm: np.ndarray, header: Optional[Header] = None) -> CompressedImage:
+    """A CompressedImage of (H, W) uint16 millimetres as compressed_depth_image_transport writes 16UC1 depth:
+    a 12-byte config header (int32 format = 1 (PNG), two float32 quantisation parameters, unused for 16UC1)
+    and a 16-bit PNG; format '16UC1; compressedDepth png'."""
+    import io
+    import struct
+    from PIL import Image as PILImage
+    depth_mm = np.asarray(depth_mm)
+    if depth_mm.ndim != 2 or depth_mm.dtype != np.uint16:
+        raise ConversionError(f'compressedDepth needs (H, W) uint16 millimetres, got {depth_mm.shape} {depth_mm.dtype}')
+    buf = io.BytesIO()
+    PILImage.fromarray(depth_mm).save(buf, format='PNG')
+    msg = CompressedImage(header=header if header is not None else Header(), format='16UC1; compressedDepth png')
+    msg.data = array.array('B', struct.pack('<iff', 1, 0.0, 0.0) + buf.getvalue())
     return msg
 
 

@@ -1,9 +1,15 @@
-"""Map persistence for the mapping node: ``~/save_map``, ``~/load_map``, ``~/clear_map``, autosave, load on start.
+"""Map persistence for the mapping node: ``~/save_map``, ``~/load_map``, ``~/clear_map``, ``~/merge_map``,
+autosave, load on start.
 
 Files are the core's map format (``ov3d_ros.core.map_io``: safetensors, versioned, checksummed, written to a
 temporary file, fsynced and renamed), so a crash mid-save leaves the previous file intact and ``ov3d query``
 reads what the node saved. Every call holds the mapper lock: saves see a consistent map, loads and clears never
 race the integration timer. Failures answer ``success=false`` with the reason and keep the current map.
+
+Paths are confined to ``map_dir`` (default: the folder of ``map_path``): a requested path is resolved (``~``
+expanded, relative paths taken inside ``map_dir``, symlinks followed) and refused when it names ``..`` or lands
+outside ``map_dir``; a save never replaces an existing file that is not an ov3d map. Anyone on the DDS domain
+can call these services: on an untrusted network also restrict who may call them with SROS2 (README: security).
 """
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
+from ov3d_ros.core.map_io import is_map_file
 from ov3d_ros.core.mapper import Mapper
 from ov3d_ros.ros.params import declare
-from ov3d_ros.srv import LoadMap, SaveMap
+from ov3d_ros.srv import LoadMap, MergeMap, SaveMap
 
 
 class MapPersistence:
@@ -26,6 +33,11 @@ class MapPersistence:
         self.node, self.mapper, self.lock = node, mapper, lock
         self.map_path = declare(node, 'map_path', '~/.ros/ov3d/map.ov3dmap',
                                 'Default file of save_map, load_map, autosave and load_map_on_start.')
+        map_dir = declare(node, 'map_dir', '', 'The only folder save_map and load_map read and write (symlinks '
+                          "followed, '..' refused); relative paths are taken inside it. Empty: map_path's folder.")
+        self.map_dir = os.path.realpath(os.path.expanduser(map_dir or os.path.dirname(
+            os.path.abspath(os.path.expanduser(self.map_path)))))
+        self.map_path = self._path('')      # ValueError (the node does not start) when map_path is outside map_dir
         self.autosave_period_s = declare(node, 'autosave_period_s', 0.0,
                                          'Save the map to map_path this often when it changed (0 = off).')
         load_on_start = declare(node, 'load_map_on_start', False,
@@ -35,6 +47,7 @@ class MapPersistence:
         node.create_service(SaveMap, '~/save_map', self.on_save, callback_group=group)
         node.create_service(LoadMap, '~/load_map', self.on_load, callback_group=group)
         node.create_service(Trigger, '~/clear_map', self.on_clear, callback_group=group)
+        node.create_service(MergeMap, '~/merge_map', self.on_merge, callback_group=group)
         if self.autosave_period_s > 0:
             node.create_timer(self.autosave_period_s, self.autosave, group)
         if load_on_start:
@@ -48,14 +61,30 @@ class MapPersistence:
                 node.get_logger().info(f'load_map_on_start: {path} does not exist yet; starting an empty map')
 
     def _path(self, path: str) -> str:
-        return os.path.abspath(os.path.expanduser(path or self.map_path))
+        """The resolved file for a requested ``path`` ('' = map_path); ValueError when it is not inside map_dir."""
+        raw = os.path.expanduser(path or self.map_path)
+        if '\0' in raw:
+            raise ValueError('the path contains a NUL character')
+        if '..' in raw.replace('\\', '/').split('/'):
+            raise ValueError(f"path {raw!r} refused: '..' is not allowed (map_dir is {self.map_dir})")
+        resolved = os.path.realpath(os.path.join(self.map_dir, raw))     # an absolute raw replaces map_dir
+        if os.path.commonpath([resolved, self.map_dir]) != self.map_dir or resolved == self.map_dir:
+            raise ValueError(f'path {raw!r} refused: it resolves to {resolved}, outside map_dir {self.map_dir} '
+                             '(symlinks are followed)')
+        return resolved
 
     def _version(self):
         return self.mapper.num_keyframes, self.mapper.map.size
 
     def save(self, path: str):
         """(ok, message, path, voxels)."""
-        path = self._path(path)
+        try:
+            path = self._path(path)
+        except ValueError as e:
+            return False, f'not saved: {e}', '', 0
+        if os.path.lexists(path) and not is_map_file(path):
+            return False, (f'not saved: {path} exists and is not an ov3d map file; it is never replaced '
+                           '(choose another name or remove it)'), path, 0
         try:
             with self.lock:
                 size = self.mapper.save(path)
@@ -67,7 +96,10 @@ class MapPersistence:
 
     def load(self, path: str):
         """(ok, message)."""
-        path = self._path(path)
+        try:
+            path = self._path(path)
+        except ValueError as e:
+            return False, f'kept the current map: {e}'
         try:
             with self.lock:
                 self.mapper.load(path)
@@ -75,6 +107,45 @@ class MapPersistence:
         except (OSError, ValueError, RuntimeError) as e:
             return False, f'kept the current map: {e}'
         return True, f'{path}: {self.mapper.map.size} voxels, {self.mapper.num_keyframes} keyframes'
+
+    def merge(self, paths, transforms=(), replace: bool = False, out_path: str = ''):
+        """Fuse map files (``transforms``: 16 row-major numbers per path, or none) into the node's map (or, with
+        ``replace``, make their merge the map); optionally also write the result to ``out_path``. (ok, message)."""
+        import tempfile
+        import numpy as np
+        from ov3d_ros.core.map_io import write_atomic
+        from ov3d_ros.core.merge import merge_files
+        paths = [self._path(p) for p in paths if p.strip()]
+        if not paths:
+            return False, 'no map files given to merge'
+        if len(transforms) not in (0, 16 * len(paths)):
+            return False, f'{len(transforms)} transform numbers for {len(paths)} maps (16 per map, or none)'
+        Ts = [np.asarray(transforms[16 * i:16 * i + 16], np.float64).reshape(4, 4) if len(transforms) else None
+              for i in range(len(paths))]
+        try:
+            with self.lock, tempfile.TemporaryDirectory(prefix='ov3d_merge_') as tmp:
+                if not replace:
+                    current = os.path.join(tmp, 'current.ov3dmap')
+                    self.mapper.save(current)
+                    paths, Ts = [current] + paths, [None] + Ts
+                merged = os.path.join(tmp, 'merged.ov3dmap')
+                summary = merge_files(paths, merged, Ts)
+                self.mapper.load(merged)             # keeps the current map if the result is unusable
+                if out_path:
+                    with open(merged, 'rb') as f:
+                        write_atomic(self._path(out_path), f.read())
+        except (OSError, ValueError, RuntimeError) as e:
+            return False, f'kept the current map: {e}'
+        written = f'; wrote {self._path(out_path)}' if out_path else ''
+        return True, (f'merged {len(summary["inputs"])} maps ({" + ".join(map(str, summary["inputs"]))} voxels) '
+                      f'into {self.mapper.map.size} voxels{written}')
+
+    def on_merge(self, request, response):
+        response.success, response.message = self.merge(list(request.paths), list(request.transforms),
+                                                        request.replace, request.out_path)
+        response.voxels = self.mapper.map.size
+        self._log(response.success, response.message)
+        return response
 
     def on_save(self, request, response):
         response.success, response.message, response.path, response.voxels = self.save(request.path)

@@ -1,8 +1,13 @@
-"""The ov3d mapping node: RGB-D + camera info + pose in, open-vocabulary voxel map and /segment_by_text out.
+"""The ov3d mapping node: RGB-D cameras + camera info + pose in, open-vocabulary voxel map and /segment_by_text out.
 
-Callbacks only store messages. One timer (``tick``) pairs depth with colour (and labels for the simulated
-source) and a pose, converts, and integrates keyframes; it is the only writer of the map besides the load and
-clear services (``map_persistence``). Services and publishers use the map under the same lock.
+Callbacks only store messages. One timer (``tick``) pairs each camera's depth with its colour (and labels for the
+simulated source) and a pose, converts, and integrates keyframes; it is the only writer of the map besides the
+load and clear services (``map_persistence``) and live parameter changes. Services and publishers use the map
+under the same lock.
+
+Two node classes share this behaviour (:class:`MappingInterface`): :class:`MappingNode` (plain; configured and
+active as soon as it is constructed) and ``lifecycle_mapping_node.LifecycleMappingNode`` (managed: the model loads
+in ``on_configure``, inputs and timers start in ``on_activate``).
 """
 from __future__ import annotations
 
@@ -11,10 +16,13 @@ import json
 import resource
 import threading
 import time
-from typing import Deque, Optional
+from dataclasses import replace
+from typing import Deque, List, Optional
 
 import numpy as np
 import rclpy
+import rclpy.time
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
@@ -22,34 +30,65 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
+from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.features import create_extractor
 from ov3d_ros.core.mapper import Frame, Mapper, resolve_device
 from ov3d_ros.ros import conversions as conv
+from ov3d_ros.ros.camera_input import CameraInput
 from ov3d_ros.ros.label_volume import LabelVolumeInterface
 from ov3d_ros.ros.map_persistence import MapPersistence
-from ov3d_ros.ros.params import declare, declare_config, read_config
+from ov3d_ros.ros.objects import ObjectsOutput
+from ov3d_ros.ros.params import (LIVE, check, check_node, declare, declare_config, mark_read_only, read_config,
+                                 read_only_reason)
 from ov3d_ros.srv import SegmentByText
 
 POSE_SOURCES = ('tf', 'pose', 'odometry')
 
+try:                                    # optional: no tf2_ros in some installs (pose/odometry sources work without)
+    import tf2_ros
+except ImportError:                     # pragma: no cover - depends on the install
+    tf2_ros = None
 
-class MappingNode(Node):
-    """Builds the open-vocabulary map and answers ``segment_by_text``."""
 
-    def __init__(self, **kwargs):
-        super().__init__('ov3d_mapping', **kwargs)
-        from ov3d_ros.core.config import MapperConfig
+class MappingInterface:
+    """Parameters, inputs, processing, services and outputs of the mapping node, for a ``Node`` subclass.
+
+    ``_declare_parameters`` runs in the constructor; ``_configure`` (model, map, services, publishers),
+    ``_activate`` (subscriptions, timers), ``_deactivate`` and ``_cleanup`` are the lifecycle steps.
+    """
+
+    mapper: Optional[Mapper] = None
+    tf_buffer = None
+    _mapping_active = False
+    _setting_descriptors = False
+
+    # ------------------------------------------------------------------ parameters
+    def _declare_parameters(self) -> None:
+        """Declare every parameter (config sections and node level), check the values, watch changes."""
         declare_config(self, MapperConfig())
         self.map_frame = declare(self, 'map_frame', 'map', 'Fixed frame of the map and of every output.')
         self.pose_source = declare(self, 'pose_source', 'tf', "Camera pose from 'tf' (map_frame → image frame), "
                                    "'pose' (geometry_msgs/PoseStamped) or 'odometry' (nav_msgs/Odometry).")
-        extrinsic = declare(self, 'pose_to_camera', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
-                            'For pose/odometry sources: x y z qx qy qz qw of the camera optical frame in the '
-                            'frame the pose topic describes (identity = the pose is the optical frame).')
+        self.pose_frame = declare(self, 'pose_frame', '', "For pose/odometry sources: the frame the pose describes "
+                                  "(the robot body); with TF the camera mount is looked up from it to each image's "
+                                  "frame_id. '' = Odometry's child_frame_id (none for PoseStamped: pose_to_camera).")
+        declare(self, 'pose_to_camera', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+                'For pose/odometry sources when TF gives no mount: x y z qx qy qz qw of each camera optical frame '
+                'in the frame the pose describes, 7 numbers per camera in the order of `cameras` (or 7 for all; '
+                'identity = the pose is the optical frame).')
+        self.cameras_ns = declare(self, 'cameras', [''], "Camera namespaces, each with color/image, depth/image, "
+                                  "color/camera_info (and labels/image), e.g. ['front', 'rear']; [''] = one camera "
+                                  "on the node's own topics.")
+        self.color_transport = declare(self, 'color_transport', 'raw', "Colour input: 'raw' (sensor_msgs/Image on "
+                                       "color/image) or 'compressed' (CompressedImage JPEG/PNG on "
+                                       "color/image/compressed).")
+        self.depth_transport = declare(self, 'depth_transport', 'raw', "Depth input: 'raw' (sensor_msgs/Image on "
+                                       "depth/image) or 'compressedDepth' (image_transport's PNG depth on "
+                                       "depth/image/compressedDepth).")
         self.sync_slop_s = declare(self, 'sync_slop_s', 0.05, 'Max time difference between paired messages.')
         self.sync_timeout_s = declare(self, 'sync_timeout_s', 2.0, 'Depth images still without colour/pose '
                                       'partners this long after arrival are dropped (counted, logged).')
@@ -57,10 +96,116 @@ class MappingNode(Node):
         self.map_publish_rate_hz = declare(self, 'map_publish_rate_hz', 0.5, 'Rate of ~/map_cloud (0 = off).')
         self.map_cloud_max_points = declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
         self.input_qos = declare(self, 'input_qos', 'sensor_data', "QoS of image inputs: 'sensor_data' or 'reliable'.")
-        queue = declare(self, 'queue_size', 10, 'Messages kept per input topic while waiting for a partner.')
-        if self.pose_source not in POSE_SOURCES:
-            raise ValueError(f"pose_source must be one of {POSE_SOURCES}, got {self.pose_source!r}")
+        self.queue_size = declare(self, 'queue_size', 10, 'Messages kept per input topic while waiting for a partner.')
+        check_node(self)
+        if not self.cameras_ns or len(set(self.cameras_ns)) != len(self.cameras_ns):
+            raise ValueError(f'cameras must be a list of distinct namespaces, got {self.cameras_ns}')
+        if len(self.get_parameter('pose_to_camera').value) not in (7, 7 * len(self.cameras_ns)):
+            raise ValueError(f'pose_to_camera has {len(self.get_parameter("pose_to_camera").value)} numbers; '
+                             f'expected 7 or 7 per camera ({7 * len(self.cameras_ns)})')
+        self._lock = threading.Lock()            # guards the mapper
+        self._mapping_timers = {}
+        self._created = {}
+        self.add_on_set_parameters_callback(self._on_set_parameters)
 
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        """Validate a ``ros2 param set`` and apply it (live parameters only; read-only ones never get here)."""
+        if self._setting_descriptors:
+            return SetParametersResult(successful=True)
+        # a parameter being declared (e.g. by the persistence interface during configure) is not a change
+        new = {p.name: (list(p.value) if isinstance(p.value, (list, tuple)) else p.value) for p in params
+               if self.has_parameter(p.name)}
+        for name, value in new.items():
+            if name not in LIVE:
+                return SetParametersResult(successful=False, reason=f'{name} cannot change: {read_only_reason(name)}')
+            problem = check(name, value)
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
+        if not new:
+            return SetParametersResult(successful=True)
+        lo = new.get('map.min_depth_m', self.get_parameter('map.min_depth_m').value)
+        hi = new.get('map.max_depth_m', self.get_parameter('map.max_depth_m').value)
+        if lo >= hi:
+            return SetParametersResult(successful=False, reason=f'map.min_depth_m ({lo:g}) must be below '
+                                                                f'map.max_depth_m ({hi:g})')
+        if 'pose_to_camera' in new and len(new['pose_to_camera']) not in (7, 7 * len(self.cameras_ns)):
+            return SetParametersResult(successful=False, reason=f'pose_to_camera needs 7 or '
+                                                                f'{7 * len(self.cameras_ns)} numbers')
+        if self.mapper is None:          # not configured: the values are read when it is
+            return SetParametersResult(successful=True)
+        try:
+            self._apply(new)
+        except ValueError as e:
+            return SetParametersResult(successful=False, reason=str(e))
+        self.get_logger().info('parameters changed: ' + ', '.join(f'{k}={v!r}' for k, v in new.items()))
+        return SetParametersResult(successful=True)
+
+    def _apply(self, new: dict) -> None:
+        """Apply validated live values; ValueError (nothing changed) if the mapper cannot take them."""
+        cfg = self.mapper.cfg
+        with self._lock:
+            if 'labels.vocabulary' in new:     # may refuse: first
+                self.mapper.set_vocabulary(new['labels.vocabulary'])
+            purify = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('purify.')}
+            if purify:
+                self.mapper.reconfigure_purification(replace(cfg.purify, **purify))
+            for name, value in new.items():
+                section, _, key = name.partition('.')
+                if key and section not in ('purify', 'labels') or name in ('labels.smoothing_radius_vox',
+                                                                           'labels.min_component_vox',
+                                                                           'labels.feature_prior'):
+                    setattr(getattr(cfg, section), key, value)
+            if 'query.templates' in new or 'query.repetitions' in new:
+                self.mapper._text_cache.clear()     # text embeddings depend on the templates
+        for name in ('sync_slop_s', 'sync_timeout_s', 'map_cloud_max_points'):
+            if name in new:
+                setattr(self, name, new[name])
+        if 'pose_to_camera' in new:
+            self._set_mounts(new['pose_to_camera'])
+        if 'tick_rate_hz' in new:
+            self.tick_rate_hz = new['tick_rate_hz']
+            self._restart_timer('tick')
+        if 'map_publish_rate_hz' in new:
+            self.map_publish_rate_hz = new['map_publish_rate_hz']
+            self._restart_timer('map')
+        if 'map_cloud_max_points' in new and getattr(self, 'label_volume', None) is not None:
+            self.label_volume.max_points = new['map_cloud_max_points']
+
+    def _set_mounts(self, values) -> None:
+        for i, cam in enumerate(self.cameras):
+            v = values[7 * i:7 * i + 7] if len(values) > 7 else values
+            cam.T_B_C = conv.pose_to_matrix(v[:3], v[3:])
+
+    # ------------------------------------------------------------------ lifecycle steps
+    def _track(self) -> dict:
+        return {kind: set(getattr(self, kind)) for kind in ('publishers', 'subscriptions', 'services', 'timers',
+                                                             'clients')}
+
+    def _destroy_since(self, before: dict) -> None:
+        """Destroy the entities created since ``before`` (a :meth:`_track` snapshot)."""
+        destroy = {'publishers': self.destroy_publisher, 'subscriptions': self.destroy_subscription,
+                   'services': self.destroy_service, 'timers': self.destroy_timer, 'clients': self.destroy_client}
+        for kind, entities in self._track().items():
+            for e in entities - before[kind]:
+                destroy[kind](e)
+
+    def _configure(self) -> None:
+        """Load the feature model, make the map, the services, publishers and TF; validate the frames setup."""
+        before = self._track()
+        try:
+            self._configure_entities()
+        except BaseException:
+            self._destroy_since(before)
+            self.mapper = None
+            raise
+        self._created['configure'] = before
+        self._setting_descriptors = True
+        try:
+            mark_read_only(self)
+        finally:
+            self._setting_descriptors = False
+
+    def _configure_entities(self) -> None:
         cfg = read_config(self)
         device = resolve_device(cfg.map.device)
         class_names = None
@@ -68,97 +213,119 @@ class MappingNode(Node):
             from ov3d_ros.sim.classes import CLASS_NAMES
             class_names = CLASS_NAMES
             self.get_logger().warning('features.source=simulated: features come from ground-truth label images '
-                                   '(labels/image), not from the camera. Use it for tests and demos only.')
+                                      '(labels/image), not from the camera. Use it for tests and demos only.')
         extractor = create_extractor(cfg.features, device, class_names)
-        self.mapper = Mapper(cfg, extractor)
+        mapper = Mapper(cfg, extractor)
         self.get_logger().info(f'feature source {extractor.name} (D={extractor.dim}, '
                                f'weights: {getattr(extractor, "weights", "n/a")}) on {device}')
-        self.T_P_C = conv.pose_to_matrix(extrinsic[:3], extrinsic[3:])
-
-        self._lock = threading.Lock()            # guards the mapper
-        self._in_lock = threading.Lock()         # guards the input buffers
-        self._color: Deque[Image] = collections.deque(maxlen=queue)
-        self._depth: Deque[Image] = collections.deque(maxlen=queue)
-        self._depth_arrival: Deque[float] = collections.deque(maxlen=queue)
-        self._labels: Deque[Image] = collections.deque(maxlen=queue)
-        self._poses: Deque = collections.deque(maxlen=max(queue, 50))
-        self._camera_info: Optional[CameraInfo] = None
-        self.stats = collections.Counter()
+        self.cameras: List[CameraInput] = [CameraInput(ns, self.queue_size, self.color_transport,
+                                                       self.depth_transport) for ns in self.cameras_ns]
+        self._set_mounts(self.get_parameter('pose_to_camera').value)
+        self._poses: Deque = collections.deque(maxlen=max(self.queue_size, 50))
+        self._pose_lock = threading.Lock()
+        self.stats_start = time.monotonic()
         self.last_error = ''
-        self._kf_times = []
-
-        qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=queue)
-        self.create_subscription(Image, 'color/image', self._push(self._color), qos)
-        self.create_subscription(Image, 'depth/image', self._push_depth, qos)
-        self.create_subscription(CameraInfo, 'color/camera_info', self._on_camera_info, qos)
-        if extractor.simulated:
-            self.create_subscription(Image, 'labels/image', self._push(self._labels), qos)
-        self._tf_buffer = None
-        if self.pose_source == 'tf':
-            try:
-                import tf2_ros
-            except ImportError as e:
-                raise RuntimeError("pose_source 'tf' needs tf2_ros, which is not installed; install it or "
-                                   "set pose_source to 'pose' or 'odometry'") from e
-            self._tf_buffer = tf2_ros.Buffer()
-            self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
-        elif self.pose_source == 'pose':
-            self.create_subscription(PoseStamped, 'pose', self._push(self._poses), 50)
-        else:
-            self.create_subscription(Odometry, 'odom', self._push(self._poses), 50)
+        self._kf_times: Deque[float] = collections.deque(maxlen=1000)
+        self._warned = set()
+        if self.pose_source == 'tf' and tf2_ros is None:
+            raise RuntimeError("pose_source 'tf' needs tf2_ros, which is not installed; install it or set "
+                               "pose_source to 'pose' or 'odometry'")
+        if tf2_ros is not None:
+            self.tf_buffer = tf2_ros.Buffer()
+            self._tf_listener = tf2_ros.TransformListener(self.tf_buffer, self)
 
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                              reliability=ReliabilityPolicy.RELIABLE)
         self.map_pub = self.create_publisher(PointCloud2, '~/map_cloud', latched)
         self.seg_pub = self.create_publisher(PointCloud2, '~/segmentation', latched)
         self.marker_pub = self.create_publisher(MarkerArray, '~/segmentation_markers', latched)
+        self.objects = ObjectsOutput(self, self.map_frame, self.marker_pub)
         self.status_pub = self.create_publisher(String, '~/status', 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self._last_counts = (0, 0, 0, time.monotonic())
-
-        self.create_timer(1.0 / self.tick_rate_hz, self.tick, MutuallyExclusiveCallbackGroup())
-        self.create_timer(1.0, self.publish_status, MutuallyExclusiveCallbackGroup())
-        if self.map_publish_rate_hz > 0:
-            self.create_timer(1.0 / self.map_publish_rate_hz, self.publish_map, MutuallyExclusiveCallbackGroup())
+        self._last_counts = (0, 0, 0, time.monotonic(), {})
         # queue depth 100: concurrent callers beyond the default 10 pending requests would be dropped silently
         self.create_service(SegmentByText, 'segment_by_text', self.on_segment, qos_profile=QoSProfile(depth=100),
                             callback_group=MutuallyExclusiveCallbackGroup())
+        self.mapper = mapper
         self.persistence = MapPersistence(self, self.mapper, self._lock)
         self.label_volume = LabelVolumeInterface(self, self.mapper, self._lock, self.map_frame,
                                                  self.map_cloud_max_points)
-        self.get_logger().info(f'mapping in frame {self.map_frame!r}, pose from {self.pose_source}; '
-                               'service segment_by_text ready')
+
+    def _activate(self) -> None:
+        """Subscribe to the inputs and start the processing, status and map timers."""
+        before = self._track()
+        qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=self.queue_size)
+        for cam in self.cameras:
+            cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated)
+        if self.pose_source == 'pose':
+            self.create_subscription(PoseStamped, 'pose', self._push_pose, 50)
+        elif self.pose_source == 'odometry':
+            self.create_subscription(Odometry, 'odom', self._push_pose, 50)
+        self._mapping_timers, self._mapping_active = {}, True
+        for name in ('tick', 'status', 'map'):
+            self._restart_timer(name)
+        self._created['activate'] = before
+        topics = '; '.join(', '.join(c.topics()[k] for k in ('color', 'depth', 'camera_info')) for c in self.cameras)
+        self.get_logger().info(f'mapping in frame {self.map_frame!r}, pose from {self.pose_source}, '
+                               f'{len(self.cameras)} camera(s): {topics}; service segment_by_text ready')
+
+    def _restart_timer(self, name: str) -> None:
+        if not self._mapping_active:
+            return
+        old = self._mapping_timers.pop(name, None)
+        if old is not None:
+            self.destroy_timer(old)
+        period = {'tick': 1.0 / self.tick_rate_hz, 'status': 1.0,
+                  'map': 1.0 / self.map_publish_rate_hz if self.map_publish_rate_hz > 0 else 0.0}[name]
+        callback = {'tick': self.tick, 'status': self.publish_status, 'map': self.publish_map}[name]
+        if period > 0:
+            self._mapping_timers[name] = self.create_timer(period, callback, MutuallyExclusiveCallbackGroup())
+
+    def _deactivate(self) -> None:
+        """Stop the inputs and timers (the map, services and parameters stay)."""
+        for cam in self.cameras:
+            cam.unsubscribe(self)
+        self._mapping_active = False
+        self._destroy_since(self._created.pop('activate'))
+        self._mapping_timers = {}
+        with self._pose_lock:
+            self._poses.clear()
+
+    def _cleanup(self) -> None:
+        """Release the map, the model, services and publishers."""
+        self._destroy_since(self._created.pop('configure'))
+        with self._lock:
+            self.mapper = None
+        self.persistence = self.label_volume = None
+        self.tf_buffer = None
+        try:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
 
     # ------------------------------------------------------------------ inputs
-    def _push(self, buffer: Deque):
-        def callback(msg):
-            with self._in_lock:
-                buffer.append(msg)
-        return callback
-
-    def _push_depth(self, msg: Image) -> None:
-        with self._in_lock:
-            self._depth.append(msg)
-            self._depth_arrival.append(time.monotonic())
+    def _push_pose(self, msg) -> None:
+        with self._pose_lock:
+            self._poses.append(msg)
 
     # Time stamp policy for depth frames, applied when a frame is taken for processing (README: Robustness).
     STAMP_FUTURE_S = 60.0   # stamped more than this ahead of the node's clock (when the clock is set): dropped
     STAMP_JUMP_S = 5.0      # older than the last processed frame by more: time jumped back (bag loop), accepted
-    _last_stamp: Optional[float] = None     # stamp of the last frame handed to the mapper
-    _camera_error = ''                      # why the latest camera info was rejected ('' = it was valid)
 
-    def _on_camera_info(self, msg: CameraInfo) -> None:
+    def _on_camera_info(self, cam: CameraInput, msg) -> None:
         """Keep the latest valid camera info; an invalid one is dropped (counted, logged) and the previous kept."""
         try:
             conv.camera_info_to_camera(msg)
         except ValueError as e:
-            self._camera_error = str(e)
-            self._error(f'{e}; camera info dropped' + (', the previous one is kept' if self._camera_info else ''))
+            cam.camera_error = str(e)
+            self._error(f'{e}; camera info dropped' + (', the previous one is kept' if cam.camera_info else ''), cam)
             return
-        self._camera_error = ''
-        self._camera_info = msg
+        cam.camera_error = ''
+        cam.camera_info = msg
 
-    def _check_stamp(self, t: float) -> None:
+    def _check_stamp(self, cam: CameraInput, t: float) -> None:
         """Raise ValueError if a depth frame at ``t`` breaks the stamp policy; restart keyframe timing when time
         jumped back (a looping bag, a restarted simulator)."""
         if t <= 0.0:
@@ -168,143 +335,164 @@ class MappingNode(Node):
             raise ValueError(f'depth image stamped {t - now:.1f} s ahead of this node\'s clock (limit '
                              f'{self.STAMP_FUTURE_S:g} s); check the publisher\'s clock and use_sim_time; '
                              'frame dropped')
-        last = self._last_stamp
+        last = cam.last_stamp
         if last is not None and t <= last:
             if last - t <= self.STAMP_JUMP_S:
                 raise ValueError(f'depth image at {t:.3f} s is not newer than the last processed frame at '
                                  f'{last:.3f} s: out-of-order or repeated frame dropped')
             self.get_logger().warning(f'time jumped back {last - t:.1f} s (bag loop or clock reset): '
                                       'keyframe timing restarts')
-            with self._lock:
-                self.mapper.keyframes.reset()
+            if cam.keyframes is not None:
+                cam.keyframes.reset()
 
-    def _error(self, reason: str) -> None:
+    def _error(self, reason: str, cam: Optional[CameraInput] = None) -> None:
         self.last_error = reason
-        self.stats['dropped'] += 1
+        if cam is not None:
+            cam.last_error = reason
+            cam.stats['dropped'] += 1
         self.get_logger().warning(reason, throttle_duration_sec=2.0)
 
-    @staticmethod
-    def _nearest(buffer: Deque, t: float, slop: float):
-        best = min(buffer, key=lambda m: abs(conv.stamp_to_sec(m.header.stamp) - t), default=None)
-        if best is not None and abs(conv.stamp_to_sec(best.header.stamp) - t) <= slop:
-            return best
-        return None
+    # ------------------------------------------------------------------ poses and frames
+    def _stamp(self, msg):
+        return rclpy.time.Time.from_msg(msg.header.stamp)
 
-    def _pop_depth(self, n: int) -> None:
-        for _ in range(n):
-            self._depth.popleft()
-            self._depth_arrival.popleft()
+    def _pose_ready(self, depth, t: float) -> bool:
+        """Whether the pose for a depth image can be looked up yet (caller holds the camera's lock)."""
+        if self.pose_source == 'tf':
+            return self.tf_buffer.can_transform(self.map_frame, depth.header.frame_id, self._stamp(depth))
+        with self._pose_lock:
+            return CameraInput.nearest(self._poses, t, self.sync_slop_s) is not None
 
-    def _missing_partners(self, depth: Image, t: float, simulated: bool) -> list:
-        missing = [name for name, buf in (('colour image', self._color), ('label image', self._labels))
-                   if (name == 'colour image' or simulated) and self._nearest(buf, t, self.sync_slop_s) is None]
-        if not self._pose_ready(depth, t):
-            missing.append(f'transform {self.map_frame} -> {depth.header.frame_id}' if self._tf_buffer is not None
-                           else 'pose')
-        return missing or ['partner']
+    def _missing_pose(self, depth) -> str:
+        return (f'transform {self.map_frame} -> {depth.header.frame_id}' if self.pose_source == 'tf'
+                else f'{"pose" if self.pose_source == "pose" else "odometry"} message')
 
-    def _pose_ready(self, depth: Image, t: float) -> bool:
-        """Whether the pose for a depth image can be looked up yet (caller holds the input lock)."""
-        if self._tf_buffer is not None:
-            import rclpy.time
-            return self._tf_buffer.can_transform(self.map_frame, depth.header.frame_id,
-                                                 rclpy.time.Time.from_msg(depth.header.stamp))
-        return self._nearest(self._poses, t, self.sync_slop_s) is not None
-
-    def _pose_at(self, depth: Image, t: float) -> np.ndarray:
-        """T_W_C of a depth image; ValueError naming the problem (no pose, NaN or zero quaternion, ...)."""
-        if self._tf_buffer is not None:
-            import rclpy.time
-            try:
-                msg = self._tf_buffer.lookup_transform(self.map_frame, depth.header.frame_id,
-                                                       rclpy.time.Time.from_msg(depth.header.stamp))
-            except Exception as e:  # tf2 raises several exception types
-                raise ValueError(f'no transform {self.map_frame} → {depth.header.frame_id} at {t:.3f}: {e}')
-            T_P_C = np.eye(4)
-        else:
-            with self._in_lock:
-                msg = self._nearest(self._poses, t, self.sync_slop_s)
-            if msg is None:
-                raise ValueError(f'no pose within {self.sync_slop_s} s of the depth image at {t:.3f}')
-            T_P_C = self.T_P_C
+    def _lookup(self, target: str, source: str, msg):
+        """(4, 4) T_target_source from TF at the stamp of ``msg``, or a ValueError that says why not."""
+        if self.tf_buffer is None:
+            raise ValueError(f'no TF connects them (tf2_ros is not installed)')
         try:
-            return conv.pose_msg_to_matrix(msg) @ T_P_C
+            return conv.pose_msg_to_matrix(self.tf_buffer.lookup_transform(target, source, self._stamp(msg)))
+        except ValueError:
+            raise
+        except Exception as e:  # tf2 raises several exception types
+            raise ValueError(f'no TF connects them at {conv.stamp_to_sec(msg.header.stamp):.3f} s ({e})') from None
+
+    def _pose_at(self, cam: CameraInput, depth, t: float) -> np.ndarray:
+        """T_W_C (4, 4) of a depth image; ValueError naming the problem (no pose, a pose in another frame that TF
+        does not connect, NaN or zero quaternion, ...)."""
+        if self.pose_source == 'tf':
+            try:
+                return self._lookup(self.map_frame, depth.header.frame_id, depth)
+            except ValueError as e:
+                raise ValueError(f'no transform {self.map_frame} → {depth.header.frame_id} at {t:.3f}: {e}') from None
+        with self._pose_lock:
+            msg = CameraInput.nearest(self._poses, t, self.sync_slop_s)
+        if msg is None:
+            raise ValueError(f'no pose within {self.sync_slop_s} s of the depth image at {t:.3f}')
+        try:
+            T_F_B = conv.pose_msg_to_matrix(msg)
         except ValueError as e:
             raise ValueError(f'camera pose at {t:.3f} s rejected: {e}; frame dropped') from None
+        frame = msg.header.frame_id
+        T_W_F = np.eye(4)
+        if frame != self.map_frame:
+            try:
+                if not frame:
+                    raise ValueError('set header.frame_id')
+                T_W_F = self._lookup(self.map_frame, frame, msg)
+            except ValueError as e:
+                raise ValueError(f'pose frame {frame!r} is not map_frame {self.map_frame!r} and {e}; frame '
+                                 'dropped') from None
+        return T_W_F @ T_F_B @ self._mount(cam, msg, depth)
 
-    def _next_frame(self) -> Optional[Frame]:
-        """Pop the newest depth image whose partners arrived; older depth images are superseded."""
-        simulated = self.mapper.extractor.simulated
-        with self._in_lock:
-            for i in range(len(self._depth) - 1, -1, -1):
-                depth = self._depth[i]
-                t = conv.stamp_to_sec(depth.header.stamp)
-                color = self._nearest(self._color, t, self.sync_slop_s)
-                labels = self._nearest(self._labels, t, self.sync_slop_s) if simulated else None
-                if color is not None and (labels is not None or not simulated) and self._pose_ready(depth, t):
-                    self.stats['superseded'] += i
-                    self._pop_depth(i + 1)
-                    break
-            else:
-                now = time.monotonic()
-                expired = sum(1 for a in self._depth_arrival if now - a > self.sync_timeout_s)
-                if expired or len(self._depth) == self._depth.maxlen:
-                    oldest = self._depth[0]
-                    missing = self._missing_partners(oldest, conv.stamp_to_sec(oldest.header.stamp), simulated)
-                    self._pop_depth(max(expired, 1))
-                    raise ValueError(f'dropped {max(expired, 1)} depth image(s): no {" or ".join(missing)} within '
-                                     f'sync_slop_s={self.sync_slop_s} s after waiting {self.sync_timeout_s} s; '
-                                     'check topics and stamps')
-                return None
-        if self._camera_info is None:
-            raise ValueError('no valid camera info received yet on color/camera_info; frame skipped'
-                             + (f' (the last one was rejected: {self._camera_error})' if self._camera_error else ''))
-        self._check_stamp(t)
-        camera = conv.camera_info_to_camera(self._camera_info)
-        T_W_C = self._pose_at(depth, t)
-        depth_m = conv.depth_to_meters(depth)
-        m = self.mapper.cfg.map
-        if not np.any((depth_m >= m.min_depth_m) & (depth_m <= m.max_depth_m)):
-            raise ValueError(f'depth image at {t:.3f} s has no valid pixel (all 0, NaN, inf, negative or outside '
-                             f'[{m.min_depth_m:g}, {m.max_depth_m:g}] m); frame dropped')
-        lab = conv.labels_to_numpy(labels) if labels is not None else None
-        return Frame(conv.color_to_rgb(color), depth_m, camera, T_W_C, t, lab)
+    def _mount(self, cam: CameraInput, pose_msg, depth) -> np.ndarray:
+        """T_B_C: the camera's mount in the pose's body frame, from TF (body → image frame_id) when TF has it,
+        else the ``pose_to_camera`` parameter."""
+        body = self.pose_frame or getattr(pose_msg, 'child_frame_id', '')
+        if self.tf_buffer is not None and body and depth.header.frame_id:
+            try:
+                return self._lookup(body, depth.header.frame_id, depth)
+            except ValueError as e:
+                self._note_once(f'mount:{cam.name}', f'{cam.name}: no TF mount {body} -> {depth.header.frame_id} '
+                                f'({e}); using pose_to_camera')
+        return cam.T_B_C
+
+    def _note_once(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.get_logger().warning(text)
 
     # ------------------------------------------------------------------ processing
     def tick(self) -> None:
-        """Integrate the newest complete frame if it is a keyframe."""
+        """Integrate the newest complete frame of each camera if it is a keyframe."""
+        for cam in self.cameras:
+            self._process(cam)
+
+    def _process(self, cam: CameraInput) -> None:
         try:
-            frame = self._next_frame()
-            if frame is None:
+            simulated = self.mapper.extractor.simulated
+            taken = cam.take(self.sync_slop_s, self.sync_timeout_s, simulated, self._pose_ready, self._missing_pose)
+            if taken is None:
                 return
-            self.stats['frames'] += 1
+            depth, color, labels, t = taken
+            if cam.camera_info is None:
+                raise ValueError(f'no valid camera info received yet on {cam.topics()["camera_info"]}; frame '
+                                 'skipped' + (f' (the last one was rejected: {cam.camera_error})'
+                                              if cam.camera_error else ''))
+            self._check_stamp(cam, t)
+            camera = conv.camera_info_to_camera(cam.camera_info)
+            T_W_C = self._pose_at(cam, depth, t)
+            candidate = cam.is_keyframe_candidate(self.mapper, T_W_C, t)
+            if cam.compressed and not candidate:         # not a keyframe: never decoded
+                cam.stats['frames'] += 1
+                cam.stats['not_decoded'] += 1
+                cam.last_stamp = t
+                return
+            depth_m = conv.depth_to_meters(depth)
+            m = self.mapper.cfg.map
+            if not np.any((depth_m >= m.min_depth_m) & (depth_m <= m.max_depth_m)):
+                raise ValueError(f'depth image at {t:.3f} s has no valid pixel (all 0, NaN, inf, negative or '
+                                 f'outside [{m.min_depth_m:g}, {m.max_depth_m:g}] m); frame dropped')
+            lab = conv.labels_to_numpy(labels) if labels is not None else None
+            frame = Frame(conv.color_to_rgb(color), depth_m, camera, T_W_C, t, lab)
+            cam.stats['frames'] += 1
             with self._lock:
-                integrated = self.mapper.integrate(frame)
-            self._last_stamp = frame.stamp_s
-            if integrated:
-                self.stats['keyframes'] += 1
-                self._kf_times.append(self.mapper.timings_s['total'])
+                if candidate:
+                    self.mapper.integrate(frame, force=True)
+                else:
+                    self.mapper.validate(frame)
+                total = self.mapper.timings_s.get('total', 0.0)
+            cam.last_stamp = t
+            if candidate:
+                cam.keyframes.accept(T_W_C, t)
+                cam.stats['keyframes'] += 1
+                self._kf_times.append(total)
         except (ValueError, RuntimeError) as e:
-            self._error(str(e))
+            self._error(str(e), cam)
         except Exception as e:  # never let one bad frame take the node down
-            self._error(f'frame failed: {type(e).__name__}: {e}')
+            self._error(f'frame failed: {type(e).__name__}: {e}', cam)
 
     def on_segment(self, request, response):
-        """Answer a text query with the matching voxels as a PointCloud2."""
+        """Answer a text query with the matching voxels as a PointCloud2 and split into object instances."""
         t0 = time.perf_counter()
         try:
             with self._lock:
+                if self.mapper is None:
+                    raise ValueError('the node is not configured')
                 if self.mapper.map.size == 0:
                     raise ValueError('the map is empty: no keyframe integrated yet')
                 seg = self.mapper.segment(request.text, list(request.negatives), float(request.threshold))
+            objects = self.objects.extract(seg.xyz, seg.scores, self._short(request.text), self.mapper.cfg)
             stamp = self.get_clock().now().to_msg()
             response.cloud = conv.make_pointcloud2(seg.xyz, seg.rgb, seg.scores, self.map_frame, stamp)
             response.scores = seg.scores.astype(np.float32).tolist()
             response.success = True
-            response.message = (f'{len(seg.scores)} voxels match {self._short(request.text)!r} from the '
-                                f'{seg.source} ({1e3 * (time.perf_counter() - t0):.0f} ms)')
+            response.objects = self.objects.publish(objects, stamp).objects
+            response.message = (f'{len(seg.scores)} voxels in {len(objects)} object(s) match '
+                                f'{self._short(request.text)!r} from the {seg.source} '
+                                f'({1e3 * (time.perf_counter() - t0):.0f} ms)')
             self.seg_pub.publish(response.cloud)
-            self.marker_pub.publish(self._markers(seg.xyz, self._short(request.text), stamp))
         except Exception as e:
             response.success = False
             response.message = str(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'
@@ -317,57 +505,76 @@ class MappingNode(Node):
         text = ' '.join(''.join(c if c.isprintable() else ' ' for c in text[:4 * n]).split())
         return text if len(text) <= n else text[:n - 3] + '...'
 
-    def _markers(self, xyz: np.ndarray, label: str, stamp) -> MarkerArray:
-        if len(xyz) == 0:
-            return conv.make_box_markers(np.zeros((0, 3)), np.zeros((0, 3)), [], self.map_frame, stamp)
-        lo, hi = np.percentile(xyz, 2, axis=0), np.percentile(xyz, 98, axis=0)
-        return conv.make_box_markers(lo[None], hi[None], [label], self.map_frame, stamp)
-
     def publish_map(self) -> None:
         with self._lock:
-            if self.mapper.map.size == 0:
+            if self.mapper is None or self.mapper.map.size == 0:
                 return
             cloud = self.mapper.map_cloud(self.map_cloud_max_points)
         self.map_pub.publish(conv.make_pointcloud2(cloud.xyz, cloud.rgb, None, self.map_frame,
                                                    self.get_clock().now().to_msg()))
 
     def status(self) -> dict:
-        """Counters and timings, also published on ~/status as JSON."""
+        """Counters (totals and per camera) and timings, also published on ~/status as JSON."""
         times = np.array(self._kf_times or [0.0])
-        return {'frames': self.stats['frames'], 'keyframes': self.stats['keyframes'],
-                'dropped': self.stats['dropped'], 'superseded': self.stats['superseded'],
-                'voxels': self.mapper.map.size, 'evicted_voxels': self.mapper.evicted_voxels,
-                'pending_depth': len(self._depth),
+        cams = {c.name: c.status() for c in self.cameras}
+        total = {k: sum(c[k] for c in cams.values()) for k in ('frames', 'keyframes', 'dropped', 'superseded',
+                                                                 'not_decoded', 'pending_depth')}
+        return {**total, 'voxels': self.mapper.map.size, 'evicted_voxels': self.mapper.evicted_voxels,
                 'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_max_s': float(times.max()),
                 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                'last_error': self.last_error}
+                'last_error': self.last_error, 'cameras': cams}
 
     def publish_status(self) -> None:
-        """~/status (JSON) and /diagnostics (input and keyframe rates, voxels, memory, drops, last error), 1 Hz."""
+        """~/status (JSON) and /diagnostics (one status for the node: input and keyframe rates, voxels, memory,
+        drops, last error; one per camera: its frames, keyframes, drops and last error), 1 Hz."""
         status = self.status()
         self.status_pub.publish(String(data=json.dumps(status)))
-        frames, keyframes, dropped, t = self._last_counts
+        frames, keyframes, dropped, t, per_cam = self._last_counts
         now = time.monotonic()
         dt = max(now - t, 1e-3)
         rates = {'input_rate_hz': round((status['frames'] - frames) / dt, 2),
                  'keyframe_rate_hz': round((status['keyframes'] - keyframes) / dt, 2)}
         new_drops = status['dropped'] - dropped
-        self._last_counts = (status['frames'], status['keyframes'], status['dropped'], now)
+        self._last_counts = (status['frames'], status['keyframes'], status['dropped'], now,
+                             {n: (c['frames'], c['dropped']) for n, c in status['cameras'].items()})
         if new_drops:
             level, message = 'warn', f'{new_drops} frame(s) dropped in the last {dt:.1f} s: {status["last_error"]}'
         elif status['frames'] == frames:
             level, message = 'warn', 'no input frames (check topics, QoS and the pose source)'
         else:
             level, message = 'ok', f'mapping: {status["voxels"]} voxels'
-        self.diag_pub.publish(conv.make_diagnostics(f'{self.get_name()}: mapping', level, message,
-                                                    {**rates, **status}, self.get_clock().now().to_msg()))
+        stamp = self.get_clock().now().to_msg()
+        flat = {k: v for k, v in status.items() if k != 'cameras'}
+        diag = conv.make_diagnostics(f'{self.get_name()}: mapping', level, message, {**rates, **flat}, stamp)
+        for name, c in status['cameras'].items():
+            f0, d0 = per_cam.get(name, (0, 0))
+            if c['dropped'] > d0:
+                lv, msg = 'warn', f'{c["dropped"] - d0} frame(s) dropped: {c["last_error"]}'
+            elif c['frames'] == f0:
+                lv, msg = 'warn', 'no input frames'
+            else:
+                lv, msg = 'ok', f'{c["frames"] - f0} frame(s), {c["keyframes"]} keyframes in all'
+            diag.status += conv.make_diagnostics(f'{self.get_name()}: camera {name}', lv, msg, c, stamp).status
+        self.diag_pub.publish(diag)
 
 
-def main(args=None) -> int:
-    node = None
+class MappingNode(MappingInterface, Node):
+    """Builds the open-vocabulary map and answers ``segment_by_text`` (configured and active at once)."""
+
+    def __init__(self, **kwargs):
+        super().__init__('ov3d_mapping', **kwargs)
+        self._declare_parameters()
+        self._configure()
+        self._activate()
+
+
+def spin(node_factory, args=None) -> int:
+    """Init, build the node, spin a multi-threaded executor until Ctrl-C or shutdown; 1 (and a FATAL line with
+    the reason) if the node cannot start."""
+    node = executor = None
     try:
         rclpy.init(args=args)
-        node = MappingNode()
+        node = node_factory()
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
         executor.spin()
@@ -378,10 +585,18 @@ def main(args=None) -> int:
         (node.get_logger().fatal(msg) if node else rclpy.logging.get_logger('ov3d_mapping').fatal(msg))
         return 1
     finally:
+        # Let running callbacks finish before their node goes: destroying publishers under a running timer or
+        # service callback fails it with "cannot use Destroyable because destruction was requested".
+        if executor is not None:
+            executor.shutdown()
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def main(args=None) -> int:
+    return spin(MappingNode, args)
 
 
 if __name__ == '__main__':

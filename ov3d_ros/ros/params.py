@@ -1,7 +1,16 @@
-"""Declare the core config dataclasses as ROS parameters (``<section>.<field>``) and read them back."""
+"""Declare the core config dataclasses as ROS parameters (``<section>.<field>``), read them back, and say which
+parameters can change while the node runs.
+
+Every parameter is either *live* (``LIVE``: a ``ros2 param set`` is validated by :func:`check` and applied by the
+node) or read-only (``ParameterDescriptor.read_only``, with the reason at the end of its description; a set is
+refused). ``READ_ONLY_REASONS`` gives the reason per parameter or section; anything else the node declares is
+read at start only (:data:`AT_START`).
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import fields
+from typing import Any, Callable, Dict, Optional
 
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType
 from rclpy.exceptions import ParameterUninitializedException
@@ -14,18 +23,158 @@ _TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEG
           float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
           list: ParameterType.PARAMETER_STRING_ARRAY}
 
+# ------------------------------------------------------------------------------------------ live / read-only
+LIVE = frozenset({
+    'map.min_depth_m', 'map.max_depth_m', 'map.pixel_stride', 'map.max_voxels', 'map.clear_radius_m',
+    'map.compress_update',
+    'keyframes.min_translation_m', 'keyframes.min_rotation_deg', 'keyframes.max_interval_s',
+    'keyframes.min_interval_s',
+    'query.templates', 'query.repetitions', 'query.default_negatives', 'query.temperature',
+    'query.default_threshold', 'query.min_observations',
+    'purify.enabled', 'purify.affinity', 'purify.checkpoint', 'purify.radius_vox', 'purify.iterations',
+    'purify.scale', 'purify.sigma_color', 'purify.sigma_normal', 'purify.sigma_distance_vox', 'purify.mode',
+    'purify.margin_vox',
+    'labels.vocabulary', 'labels.smoothing_radius_vox', 'labels.min_component_vox', 'labels.feature_prior',
+    'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
+    'pose_to_camera', 'use_sim_time',
+})
+"""Parameters a ``ros2 param set`` changes while the node runs."""
 
+AT_START = 'read at start; restart the node to change it'
+READ_ONLY_REASONS: Dict[str, str] = {
+    'map.voxel_size_m': 'the map is built on this voxel grid; a saved map keeps its own',
+    'map.initial_capacity': 'allocated at start',
+    'map.device': 'the model and the map live on this device',
+    'map.compress_dim': 'stored features have this width; a new width needs a new map',
+    'features': 'the feature model is loaded at start',
+    'labels.temperature': "weighs every keyframe's class evidence as it comes; set it at start",
+    'map_frame': AT_START + ' (every output and saved map is in it)',
+    'pose_source': AT_START + ' (it decides the subscriptions)',
+    'pose_frame': AT_START,
+    'cameras': AT_START + ' (it decides the subscriptions)',
+    'color_transport': AT_START + ' (it decides the subscriptions)',
+    'depth_transport': AT_START + ' (it decides the subscriptions)',
+    'input_qos': AT_START + ' (it decides the subscriptions)',
+    'queue_size': AT_START,
+}
+
+
+def read_only_reason(name: str) -> Optional[str]:
+    """Why ``name`` cannot change while the node runs (None for a live parameter)."""
+    if name in LIVE:
+        return None
+    return READ_ONLY_REASONS.get(name) or READ_ONLY_REASONS.get(name.split('.')[0]) or AT_START
+
+
+def _describe(name: str, description: str, **kw) -> ParameterDescriptor:
+    reason = read_only_reason(name)
+    if reason:
+        description = f'{description} [read-only: {reason}]'
+    return ParameterDescriptor(description=description, read_only=bool(reason), **kw)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(lo: float, strict: bool = False) -> Callable[[Any], Optional[str]]:
+    def chk(v):
+        if not _finite(v) or v < lo or (strict and v == lo):
+            return f'must be a finite number {">" if strict else ">="} {lo:g}'
+        return None
+    return chk
+
+
+def _one_of(*options: str) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if v in options else f'must be one of {", ".join(repr(o) for o in options)}'
+
+
+def _templates(v) -> Optional[str]:
+    bad = [t for t in v if t.count('{}') != 1]
+    return f'every template needs exactly one {{}} for the text; got {bad[0]!r}' if bad else None
+
+
+def _threshold(v) -> Optional[str]:
+    return None if _finite(v) and 0.0 <= v <= 1.0 else 'must be a number in [0, 1]'
+
+
+def _pose_to_camera(v) -> Optional[str]:
+    if len(v) == 0 or len(v) % 7 or not all(_finite(x) for x in v):
+        return 'must be 7 finite numbers (x y z qx qy qz qw) per camera, or 7 for all cameras'
+    for i in range(0, len(v), 7):
+        n = math.sqrt(sum(x * x for x in v[i + 3:i + 7]))
+        if not 0.9 <= n <= 1.1:
+            return f'quaternion {list(v[i + 3:i + 7])} has norm {n:.3g}; expected a unit quaternion'
+    return None
+
+
+CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
+    'map.min_depth_m': _at_least(0.0), 'map.max_depth_m': _at_least(0.0, strict=True),
+    'map.pixel_stride': _at_least(1), 'map.max_voxels': _at_least(0), 'map.clear_radius_m': _at_least(0.0),
+    'keyframes.min_translation_m': _at_least(0.0), 'keyframes.min_rotation_deg': _at_least(0.0),
+    'keyframes.max_interval_s': _at_least(0.0), 'keyframes.min_interval_s': _at_least(0.0),
+    'query.templates': _templates, 'query.repetitions': _at_least(1), 'query.temperature': _at_least(0.0),
+    'query.default_threshold': _threshold, 'query.min_observations': _at_least(0.0),
+    'query.default_negatives': lambda v: None if len(v) <= 32 else 'at most 32 negatives',
+    'purify.affinity': _one_of('learned', 'fallback'), 'purify.mode': _one_of('incremental', 'whole'),
+    'purify.radius_vox': _at_least(1), 'purify.iterations': _at_least(0), 'purify.scale': _at_least(0.0, True),
+    'purify.sigma_color': _at_least(0.0, True), 'purify.sigma_normal': _at_least(0.0, True),
+    'purify.sigma_distance_vox': _at_least(0.0, True), 'purify.margin_vox': _at_least(0),
+    'labels.smoothing_radius_vox': _at_least(0), 'labels.min_component_vox': _at_least(0),
+    'features.source': _one_of('clip', 'simulated'),
+    'features.dense_mode': _one_of('naclip', 'sclip', 'clearclip', 'maskclip'),
+    'features.sim_preset': _one_of('clean', 'default', 'hard', 'custom'),
+    'sync_slop_s': _at_least(0.0, True), 'sync_timeout_s': _at_least(0.0, True),
+    'tick_rate_hz': _at_least(0.0, True), 'map_publish_rate_hz': _at_least(0.0),
+    'map_cloud_max_points': _at_least(0), 'queue_size': _at_least(1),
+    'pose_source': _one_of('tf', 'pose', 'odometry'), 'input_qos': _one_of('sensor_data', 'reliable'),
+    'color_transport': _one_of('raw', 'compressed'), 'depth_transport': _one_of('raw', 'compressedDepth'),
+    'pose_to_camera': _pose_to_camera,
+}
+"""Per parameter: value -> None, or what is wrong with it."""
+
+
+def check(name: str, value) -> Optional[str]:
+    """What is wrong with ``value`` for parameter ``name`` ('map.max_depth_m must be ...'), or None."""
+    chk = CHECKS.get(name)
+    problem = chk(value) if chk is not None else None
+    return f'{name} {problem}, got {value!r}' if problem else None
+
+
+def check_node(node: Node) -> None:
+    """Raise ValueError naming every declared parameter of ``node`` whose current value is invalid."""
+    problems = [p for p in (check(n, node.get_parameter(n).value) for n in CHECKS if node.has_parameter(n)
+                            and node.get_parameter(n).type_ != Parameter.Type.NOT_SET) if p]
+    if problems:
+        raise ValueError('; '.join(problems))
+
+
+# ------------------------------------------------------------------------------------------ declare / read
 def declare_config(node: Node, cfg: MapperConfig) -> None:
-    """Declare one parameter per config field, with its docstring as the description."""
+    """Declare one parameter per config field, with its docstring as the description (and the read-only
+    reason where it cannot change live)."""
     for section in fields(cfg):
         sub = getattr(cfg, section.name)
         docs = field_docs(type(sub))
         for f in fields(sub):
+            name = f'{section.name}.{f.name}'
+            if node.has_parameter(name):
+                continue
             default = getattr(sub, f.name)
-            desc = ParameterDescriptor(description=docs.get(f.name, ''), type=_TYPES[type(default)])
+            desc = _describe(name, docs.get(f.name, ''), type=_TYPES[type(default)])
             # rclpy cannot tell the type of an empty list: declare it typed and unset (read back as [])
             value = Parameter.Type.STRING_ARRAY if default == [] else default
-            node.declare_parameter(f'{section.name}.{f.name}', value, desc)
+            node.declare_parameter(name, value, desc)
+
+
+def parameter_value(node: Node, name: str):
+    """The current value of a declared parameter (a typed, unset list reads back as [])."""
+    try:
+        value = node.get_parameter(name).value
+    except ParameterUninitializedException:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def read_config(node: Node) -> MapperConfig:
@@ -34,14 +183,25 @@ def read_config(node: Node) -> MapperConfig:
     for section in fields(cfg):
         sub = getattr(cfg, section.name)
         for f in fields(sub):
-            try:
-                value = node.get_parameter(f'{section.name}.{f.name}').value
-            except ParameterUninitializedException:     # a typed, unset list (empty default)
-                value = []
-            setattr(sub, f.name, list(value) if isinstance(value, (list, tuple)) else value)
+            setattr(sub, f.name, parameter_value(node, f'{section.name}.{f.name}'))
     return cfg
 
 
 def declare(node: Node, name: str, default, description: str):
-    """Declare a node-level parameter with a description and return its value."""
-    return node.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+    """Declare a node-level parameter with a description (read-only unless it is in LIVE) and return its value.
+    A parameter declared already (a lifecycle node configured again) keeps its value."""
+    if node.has_parameter(name):
+        return parameter_value(node, name)
+    return node.declare_parameter(name, default, _describe(name, description)).value
+
+
+def mark_read_only(node: Node) -> None:
+    """Make every declared parameter that is not live read-only, with the reason in its description (for
+    parameters declared elsewhere, e.g. by the persistence and label-volume interfaces)."""
+    for name in node.list_parameters([], 0).names:
+        reason = read_only_reason(name)
+        desc = node.describe_parameter(name)
+        if reason and not desc.read_only and name != 'start_type_description_service':
+            desc.read_only = True
+            desc.description = f'{desc.description} [read-only: {reason}]'
+            node.set_descriptor(name, desc)

@@ -3,6 +3,12 @@
 Publishes ``color/image`` (rgb8), ``depth/image`` (16UC1 mm or 32FC1 m), ``color/camera_info``,
 ``labels/image`` (mono16 semantic ids, for the simulated feature source) and the camera pose
 (``pose``, geometry_msgs/PoseStamped of the optical frame in ``map_frame``), all with one stamp per frame.
+
+With ``cameras`` (namespaces) it plays a rig: ``pose`` is the trajectory pose (the rig's body) and each camera,
+mounted at its ``camera_mounts`` entry in that body, publishes ``<ns>/color/image``, ... rendered from there.
+``color_transport: compressed`` publishes colour as CompressedImage (JPEG) on ``color/image/compressed``;
+``depth_transport: compressedDepth`` publishes 16UC1 depth as image_transport's compressedDepth PNG on
+``depth/image/compressedDepth``.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from geometry_msgs.msg import PoseStamped
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.params import declare
@@ -32,17 +38,41 @@ class ScenePlayer(Node):
         self.depth_encoding = declare(self, 'depth_encoding', '16UC1', "'16UC1' (millimetres) or '32FC1' (metres).")
         self.map_frame = declare(self, 'map_frame', 'map', 'Frame of the published poses.')
         self.camera_frame = declare(self, 'camera_frame', 'camera_color_optical_frame', 'Frame of the images.')
+        namespaces = declare(self, 'cameras', [''], "Camera namespaces ([''] = one camera on the plain topics).")
+        mounts = declare(self, 'camera_mounts', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+                         'x y z qx qy qz qw of each camera in the published pose frame, 7 per camera (or 7 for all).')
+        self.color_transport = declare(self, 'color_transport', 'raw', "'raw' (Image) or 'compressed' (JPEG).")
+        self.depth_transport = declare(self, 'depth_transport', 'raw', "'raw' (Image) or 'compressedDepth' (PNG).")
         if self.depth_encoding not in ('16UC1', '32FC1'):
             raise ValueError(f"depth_encoding must be '16UC1' or '32FC1', got {self.depth_encoding!r}")
+        if self.color_transport not in ('raw', 'compressed') or self.depth_transport not in ('raw', 'compressedDepth'):
+            raise ValueError("color_transport must be 'raw' or 'compressed', depth_transport 'raw' or 'compressedDepth'")
+        if self.depth_transport == 'compressedDepth' and self.depth_encoding != '16UC1':
+            raise ValueError('depth_transport compressedDepth publishes 16UC1 depth; set depth_encoding 16UC1')
+        if len(mounts) not in (7, 7 * len(namespaces)):
+            raise ValueError(f'camera_mounts needs 7 or {7 * len(namespaces)} numbers, got {len(mounts)}')
         self.scene = builtin_scene(seed)
         self.poses = builtin_trajectory(self.scene, n_frames, seed)
         self.camera = default_camera(width, height)
         self.index = 0
         self.published = 0
-        self.pub_color = self.create_publisher(Image, 'color/image', 10)
-        self.pub_depth = self.create_publisher(Image, 'depth/image', 10)
-        self.pub_labels = self.create_publisher(Image, 'labels/image', 10)
-        self.pub_info = self.create_publisher(CameraInfo, 'color/camera_info', 10)
+        self.rig = []
+        for i, ns in enumerate(namespaces):
+            ns = ns.strip('/')
+            m = mounts[7 * i:7 * i + 7] if len(mounts) > 7 else mounts
+            pre = f'{ns}/' if ns else ''
+            compressed_color = self.color_transport == 'compressed'
+            compressed_depth = self.depth_transport == 'compressedDepth'
+            self.rig.append({
+                'T_B_C': conv.pose_to_matrix(m[:3], m[3:]),
+                'frame': f'{ns}_{self.camera_frame}' if ns else self.camera_frame,
+                'color': self.create_publisher(CompressedImage if compressed_color else Image,
+                                               pre + 'color/image' + ('/compressed' if compressed_color else ''), 10),
+                'depth': self.create_publisher(CompressedImage if compressed_depth else Image,
+                                               pre + 'depth/image' + ('/compressedDepth' if compressed_depth else ''),
+                                               10),
+                'labels': self.create_publisher(Image, pre + 'labels/image', 10),
+                'info': self.create_publisher(CameraInfo, pre + 'color/camera_info', 10)})
         self.pub_pose = self.create_publisher(PoseStamped, 'pose', 10)
         self.timer = self.create_timer(1.0 / self.rate_hz, self.publish_next)
         self.get_logger().info(f'playing scene {self.scene.name!r}: {len(self.poses)} frames at {self.rate_hz} Hz')
@@ -54,22 +84,25 @@ class ScenePlayer(Node):
     def publish_next(self) -> None:
         if self.done:
             return
-        T_W_C = self.poses[self.index % len(self.poses)]
-        frame = render(self.scene, self.camera, T_W_C)
-        stamp = self.get_clock().now().to_msg()
-        header = conv.make_header(self.camera_frame, stamp)
-        if self.depth_encoding == '16UC1':
-            depth = np.round(frame.depth_m * 1000.0).clip(0, 65535).astype(np.uint16)
-        else:
-            depth = frame.depth_m.astype(np.float32)
-        self.pub_info.publish(conv.camera_to_camera_info(self.camera, header))
-        self.pub_color.publish(conv.numpy_to_image(frame.rgb, 'rgb8', header))
-        self.pub_labels.publish(conv.numpy_to_image(frame.semantic.astype(np.uint16), 'mono16', header))
+        T_W_B = self.poses[self.index % len(self.poses)]
+        frames = [render(self.scene, self.camera, T_W_B @ cam['T_B_C']) for cam in self.rig]
+        stamp = self.get_clock().now().to_msg()            # after rendering: published right after their stamp
         pose = PoseStamped()
         pose.header = conv.make_header(self.map_frame, stamp)
-        pose.pose = conv.matrix_to_pose(T_W_C)
+        pose.pose = conv.matrix_to_pose(T_W_B)
         self.pub_pose.publish(pose)
-        self.pub_depth.publish(conv.numpy_to_image(depth, self.depth_encoding, header))
+        for cam, frame in zip(self.rig, frames):
+            header = conv.make_header(cam['frame'], stamp)
+            if self.depth_encoding == '16UC1':
+                depth = np.round(frame.depth_m * 1000.0).clip(0, 65535).astype(np.uint16)
+            else:
+                depth = frame.depth_m.astype(np.float32)
+            cam['info'].publish(conv.camera_to_camera_info(self.camera, header))
+            cam['color'].publish(conv.rgb_to_compressed(frame.rgb, 'jpeg', header) if self.color_transport != 'raw'
+                                 else conv.numpy_to_image(frame.rgb, 'rgb8', header))
+            cam['labels'].publish(conv.numpy_to_image(frame.semantic.astype(np.uint16), 'mono16', header))
+            cam['depth'].publish(conv.depth_to_compressed_depth(depth, header) if self.depth_transport != 'raw'
+                                 else conv.numpy_to_image(depth, self.depth_encoding, header))
         self.index += 1
         self.published += 1
         if self.done:

@@ -67,7 +67,8 @@ class DemoClient:
         raise TimeoutError(f'mapping did not finish within {timeout_s} s (last status {self.status})')
 
     def query(self, text: str, negatives=(), threshold: float = 0.0, timeout_s: float = 60.0) -> dict:
-        """Call /segment_by_text; returns text, success, message, xyz, rgb, scores, ms."""
+        """Call /segment_by_text; returns text, success, message, xyz, rgb, scores, objects (ov3d_ros/ObjectInstance
+        messages), ms."""
         t0 = time.perf_counter()
         resp = self._answer(self.client, SegmentByText.Request(text=text, negatives=list(negatives),
                                                                threshold=float(threshold)),
@@ -79,7 +80,7 @@ class DemoClient:
             xyz = np.stack([pts['x'], pts['y'], pts['z']], axis=-1)
             rgb, scores = conv.unpack_rgb(pts['rgb']), pts['score'].copy()
         return {'text': text, 'success': resp.success, 'message': resp.message, 'xyz': xyz, 'rgb': rgb,
-                'scores': scores, 'ms': ms}
+                'scores': scores, 'objects': list(resp.objects), 'ms': ms}
 
     def call(self, srv_type, name: str, request, timeout_s: float = 60.0):
         """Call any service of the node, e.g. ``call(SaveMap, '/ov3d_mapping/save_map', SaveMap.Request())``."""

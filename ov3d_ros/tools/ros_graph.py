@@ -41,7 +41,8 @@ class RosProcess:
         return self.proc.poll() is None
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors='replace')
 
     def stop(self, timeout_s: float = 10.0) -> int:
@@ -58,14 +59,16 @@ class RosProcess:
 
 
 def start_mapping_node(env: Dict[str, str], log_path: Path, overlays: Sequence[str] = ('demo.yaml',),
-                       params: Sequence[str] = ()) -> RosProcess:
-    """The mapping node with config/mapping.yaml, then each overlay, then ``-p name:=value`` overrides."""
+                       params: Sequence[str] = (), lifecycle: bool = False) -> RosProcess:
+    """The mapping node with config/mapping.yaml, then each overlay, then ``-p name:=value`` overrides
+    (``lifecycle``: the managed node, which starts unconfigured)."""
     args: List[str] = ['--params-file', str(CONFIG / 'mapping.yaml')]
     for overlay in overlays:
         args += ['--params-file', str(CONFIG / overlay)]
     for p in params:
         args += ['-p', p]
-    return RosProcess('ov3d_ros.ros.mapping_node', args, env, log_path)
+    module = 'ov3d_ros.ros.lifecycle_mapping_node' if lifecycle else 'ov3d_ros.ros.mapping_node'
+    return RosProcess(module, args, env, log_path)
 
 
 def start_scene_player(env: Dict[str, str], log_path: Path, params: Sequence[str] = ()) -> RosProcess:

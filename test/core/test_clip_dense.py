@@ -10,9 +10,11 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip('open_clip')
 
 from ov3d_ros.core.config import FeatureConfig  # noqa: E402
-from ov3d_ros.core.features.clip_dense import (DENSE_MODES, OpenClipDenseExtractor, check_config,  # noqa: E402
+from ov3d_ros.core.features.clip_dense import (DENSE_MODES, REDUCED_MODES, OpenClipDenseExtractor,  # noqa: E402
+                                               check_config,
                                                interpolate_pos_embed, neighbourhood_bias, window_starts)
-from ov3d_ros.core.features.weights import WeightsNotFoundError, load_weights, resolve_weights  # noqa: E402
+from ov3d_ros.core.features.weights import (OPENAI_EXTRA_KEYS, WeightsNotFoundError, load_weights,  # noqa: E402
+                                           openai_provenance, resolve_weights, uses_quick_gelu)
 
 
 @pytest.fixture(scope='module')
@@ -108,8 +110,17 @@ def test_neighbourhood_bias():
     assert np.allclose(b[1:, 1:].numpy(), np.exp(-d2 / 50.0), atol=1e-6)
 
 
+def with_residual_and_ffn(blk, x, out, mode):
+    """SCLIP's and MaskCLIP's official code keep the last block's residual and FFN: h = x + o, h + mlp(ln_2 h)."""
+    if mode in ('naclip', 'clearclip'):
+        return out
+    h = x + out
+    return h + blk.mlp(blk.ln_2(h))
+
+
 def formula_last_block(blk, x, mode, grid):
-    """Each mode's last block written out per head: out_proj(A v) with A from the papers' formulas."""
+    """Each mode's last block written out per head: out_proj(A v) with A from the papers' formulas, plus the
+    residual and FFN where the official code keeps them."""
     C, heads = x.shape[-1], blk.attn.num_heads
     y, w, b = blk.ln_1(x[0]), blk.attn.in_proj_weight, blk.attn.in_proj_bias
     q, k, v = [(y @ w[i * C:(i + 1) * C].T + b[i * C:(i + 1) * C]).view(-1, heads, C // heads).transpose(0, 1)
@@ -121,7 +132,7 @@ def formula_last_block(blk, x, mode, grid):
     attn = {'maskclip': lambda: torch.eye(len(y)), 'clearclip': lambda: softmax_sim(q),
             'naclip': lambda: softmax_sim(k, neighbourhood_bias(*grid)),
             'sclip': lambda: softmax_sim(q) + softmax_sim(k)}[mode]()
-    return blk.attn.out_proj((attn @ v).transpose(0, 1).reshape(len(y), C))[None]
+    return with_residual_and_ffn(blk, x, blk.attn.out_proj((attn @ v).transpose(0, 1).reshape(len(y), C))[None], mode)
 
 
 @pytest.mark.parametrize('mode', DENSE_MODES)
@@ -137,9 +148,9 @@ def reference_last_block(blk, x, mode, grid):
     """The dense last block rebuilt from stock nn.MultiheadAttention modules whose projections are swapped."""
     C = x.shape[-1]
     y = blk.ln_1(x)
-    if mode == 'maskclip':
+    if mode == 'maskclip':   # MaskCLIP's vit.py: out_proj(v) + x, then + ffn(norm2(.))
         w, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
-        return blk.attn.out_proj(F.linear(y, w[2 * C:], b[2 * C:]))
+        return with_residual_and_ffn(blk, x, blk.attn.out_proj(F.linear(y, w[2 * C:], b[2 * C:])), mode)
 
     def attention(src, mask=None):  # src: q-q (0) or k-k (1) attention
         attn = copy.deepcopy(blk.attn)
@@ -148,7 +159,7 @@ def reference_last_block(blk, x, mode, grid):
         return attn(y, y, y, need_weights=False, attn_mask=mask)[0]
 
     if mode == 'sclip':  # out_proj(A_q v + A_k v): the two attention outputs less one out_proj bias
-        return attention(0) + attention(1) - blk.attn.out_proj.bias
+        return with_residual_and_ffn(blk, x, attention(0) + attention(1) - blk.attn.out_proj.bias, mode)
     return attention(0) if mode == 'clearclip' else attention(1, neighbourhood_bias(*grid))
 
 
@@ -157,18 +168,20 @@ def test_modes_change_only_the_last_block(ext, monkeypatch):
     img = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)  # native grid 14 x 14
     x = ext.preprocess([img])
     blocks = ext.visual.transformer.resblocks
-    captured, mlp_calls = [], []
-    hooks = [blocks[-2].register_forward_hook(lambda m, i, o: captured.append(o.clone())),
-             blocks[-1].mlp.register_forward_hook(lambda m, i, o: mlp_calls.append(1))]
+    captured, mlp_calls = [], {}
+    hooks = [blocks[-2].register_forward_hook(lambda m, i, o: captured.append(o.clone()))]
     try:
         feats = {}
         for mode in DENSE_MODES:
             configure(ext, monkeypatch, mode)
+            h = blocks[-1].mlp.register_forward_hook(lambda m, i, o, mode=mode: mlp_calls.update({mode: 1}))
             feats[mode] = ext.forward_dense(x)[0]
+            h.remove()
     finally:
         for h in hooks:
             h.remove()
-    assert not mlp_calls and len(captured) == len(DENSE_MODES)  # no FFN in the last block
+    # the last block's FFN runs for SCLIP and MaskCLIP only (NACLIP and ClearCLIP drop it)
+    assert set(mlp_calls) == set(DENSE_MODES) - set(REDUCED_MODES) and len(captured) == len(DENSE_MODES)
     # blocks 0..n-2: identical across modes and equal to the stock open_clip model's intermediate
     assert all(torch.equal(c, captured[0]) for c in captured)
     with torch.no_grad():
@@ -305,3 +318,39 @@ def test_state_dict_round_trip(ext, image, tmp_path):
     torch.save({'not_a_clip_key': torch.zeros(1)}, tmp_path / 'bad.pt')
     with pytest.raises(WeightsNotFoundError, match='cannot load'):
         load_weights(ext2.model, 'ViT-B-16', str(tmp_path / 'bad.pt'), '')
+
+
+def test_quick_gelu_detection_for_plain_state_dicts(ext, image, tmp_path):
+    """A plain (non-TorchScript) state dict of OpenAI weights must build the QuickGELU model; open_clip's own state
+    dicts keep GELU. The weights are a pretrained=None model's, saved in each layout (no download)."""
+    from open_clip.transformer import QuickGELU
+    sd = ext.model.state_dict()
+    plain = tmp_path / 'plain.pt'
+    torch.save(sd, plain)
+    assert not uses_quick_gelu('ViT-B-16', str(plain)) and openai_provenance(str(plain)) is None
+    openai_sd = dict(sd, input_resolution=torch.tensor(224), context_length=torch.tensor(77),
+                     vocab_size=torch.tensor(49408))            # the entries OpenAI's released state dicts carry
+    assert set(OPENAI_EXTRA_KEYS) <= set(openai_sd)
+    torch.save(openai_sd, tmp_path / 'ViT-B-16.pt')
+    torch.save({'state_dict': {'module.' + k: v for k, v in openai_sd.items()}}, tmp_path / 'wrapped.pt')
+    hub = tmp_path / 'models--timm--vit_base_patch16_clip_224.openai' / 'snapshots' / 'abc'
+    hub.mkdir(parents=True)
+    torch.save(sd, hub / 'open_clip_pytorch_model.bin')         # open_clip layout, OpenAI provenance by name
+    side = tmp_path / 'side'
+    side.mkdir()
+    torch.save(sd, side / 'weights.bin')
+    (side / 'open_clip_config.json').write_text('{"model_cfg": {"embed_dim": 512, "quick_gelu": true}}')
+    for p in (tmp_path / 'ViT-B-16.pt', tmp_path / 'wrapped.pt', hub / 'open_clip_pytorch_model.bin',
+              side / 'weights.bin'):
+        assert uses_quick_gelu('ViT-B-16', str(p)), p
+    assert uses_quick_gelu('ViT-B-16', 'openai') and not uses_quick_gelu('ViT-B-16', 'laion2b_s34b_b88k')
+    assert not uses_quick_gelu('ViT-B-16', 'none')
+    # the extractor builds QuickGELU for the OpenAI state dict and loads it (extra entries dropped)
+    cfg = FeatureConfig(model='ViT-B-16', pretrained=str(tmp_path / 'ViT-B-16.pt'), dense_mode=ext.dense_mode,
+                        image_short_side=96)
+    q = OpenClipDenseExtractor(cfg, 'cpu')
+    assert q.quick_gelu and isinstance(q.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert not ext.quick_gelu and not isinstance(ext.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    for name, t in ext.model.state_dict().items():
+        assert torch.equal(q.model.state_dict()[name], t), name
+    assert not torch.allclose(q.extract(image), ext.extract(image), atol=1e-3)   # the activation matters

@@ -59,6 +59,41 @@ def test_segment_finds_the_labelled_region(mapper):
     assert len(mapper.segment('chair', negatives=['chair', 'wall', 'plant']).xyz) > 0  # query itself dropped
 
 
+def test_query_equal_to_a_negative_up_to_case_is_not_its_own_negative(mapper):
+    """The tokenizers lowercase: 'Wall' against the default negative 'wall' used to tie everywhere (no answer)."""
+    if len(mapper.map) == 0:
+        mapper.integrate(wall_frame(), force=True)
+    assert 'wall' in mapper.cfg.query.default_negatives
+    upper = mapper.segment('Wall')
+    assert len(upper.xyz) > 10 and np.mean(upper.xyz[:, 1] < 0) > 0.95      # the top rows (camera y < 0)
+    assert np.array_equal(upper.xyz, mapper.segment(' wall ').xyz)
+    # every negative equals the query: the default negatives minus the query, not the whole map
+    same = mapper.segment('chair', negatives=['Chair', ' CHAIR  '])
+    assert np.array_equal(same.xyz, mapper.segment('chair').xyz) and len(same.xyz) < len(mapper.map) // 2
+    saved = list(mapper.cfg.query.default_negatives)
+    try:
+        mapper.cfg.query.default_negatives = ['WALL']
+        with pytest.raises(ValueError, match='no negative text differs from the query'):
+            mapper.segment('wall', negatives=['Wall'])
+    finally:
+        mapper.cfg.query.default_negatives = saved
+
+
+def test_text_embeddings_are_cached_per_text(mapper):
+    calls = []
+    encode = mapper.extractor.encode_text
+    mapper.extractor.encode_text = lambda texts: calls.append(list(texts)) or encode(texts)
+    try:
+        mapper.embed_texts(['sofa', 'wall', 'floor'])
+        first = len(calls)
+        again = mapper.embed_texts(['bed', 'wall', 'floor'])       # only 'bed' is new
+        assert len(calls) == first + 1 and all('bed' in p for p in calls[-1])
+        assert np.allclose(again[1:].numpy(), mapper.embed_texts(['wall', 'floor']).numpy())
+        assert len(calls) == first + 1
+    finally:
+        mapper.extractor.encode_text = encode
+
+
 def test_segment_rejects_bad_requests(mapper):
     with pytest.raises(ValueError, match='empty'):
         mapper.segment('   ')
@@ -216,3 +251,9 @@ def test_clear_radius_keeps_a_local_map_around_the_camera():
         d = np.linalg.norm(m.map.centers().numpy() - T[:3, 3], axis=1)
         assert m.map.size > 0 and d.max() <= 2.0
     assert m.evicted_voxels > 0 and m.label_classes()[0].shape == (m.map.size,)
+
+
+def test_memory_report_covers_every_byte_of_bytes_per_voxel(mapper):
+    report = mapper.memory_report()
+    assert report['map.features'] == 2 * mapper.map.dim and report['map.index'] > 0
+    assert round(sum(report.values())) == mapper.bytes_per_voxel()

@@ -27,6 +27,20 @@ def test_relevancy_without_negatives_is_one():
     assert s.tolist() == [1.0] * 5
 
 
+def test_relevancy_in_fp16_with_given_norms_matches_the_softmax_reference():
+    g = torch.Generator().manual_seed(0)
+    feats = (torch.randn(3000, 32, generator=g) * torch.rand(3000, 1, generator=g)).half()
+    texts = torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=1)
+    ref_p = torch.softmax(torch.nn.functional.normalize(feats.float(), dim=1) @ texts.T / 0.05, dim=1)
+    ref = torch.where(ref_p.argmax(dim=1) == 0, ref_p[:, 0], torch.zeros(3000))
+    norms = feats.float().norm(dim=1)
+    for n in (None, norms):
+        s = relevancy_scores(feats, texts[0], texts[1:], 0.05, n, chunk=1000)
+        assert s.dtype == torch.float32
+        assert torch.allclose(s, ref, atol=2e-2)
+        assert ((s > 0) == (ref > 0)).float().mean() > 0.995       # fp16 products may flip exact near-ties
+
+
 def test_prompt_ensemble_averages_templates():
     table = {'a x': [1.0, 0.0], 'the x': [0.0, 1.0]}
 

@@ -80,3 +80,45 @@ def test_keep_compacts_rows_and_forgets_the_rest():
     assert m.features[:2].float().tolist() == [[2.0, 3.0], [6.0, 7.0]]
     m.integrate(pts[:1], torch.zeros(1, 2))                # a forgotten voxel comes back as a new row
     assert m.size == 3 and m.lookup(keys[:1]).tolist() == [2]
+
+
+def test_capped_weight_keeps_following_new_observations_after_a_million_points():
+    """A voxel fused from 1e6 points of feature A must still move towards B when B is observed: an exact fp16
+    running mean would not move (B's share 1e-4 of the weight is below fp16 resolution of the stored values)."""
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    point = torch.tensor([[0.5, 0.5, 0.5]])
+    capped, exact = VoxelFeatureMap(1.0, 2, max_weight=1000.0), VoxelFeatureMap(1.0, 2)
+    for m in (capped, exact):
+        for _ in range(10):                                  # 10 x 100 000 points of A in one voxel
+            m.integrate(point.expand(100_000, 3), a.expand(100_000, 2))
+        assert m.counts[0].item() == 1_000_000 and m.weights[0].item() == 1e6
+        for _ in range(20):                                  # 20 keyframes of 50 points of B
+            m.integrate(point.expand(50, 3), b.expand(50, 2))
+    f = capped.features[0].float()
+    assert f[1] > f[0]                                       # closer to B than to A: it followed
+    assert f[1].item() == pytest.approx(1 - (1000 / 1050) ** 20, abs=2e-3)
+    assert exact.features[0, 1].float().item() < 2e-3       # the uncapped mean barely moves
+    assert capped.weights[0].item() == 1e6 + 1000            # all weight is still accounted for
+    assert capped.feature_norms()[0].item() == pytest.approx(f.norm().item(), rel=1e-3)
+
+
+def test_hash_index_matches_a_dictionary_through_growth_keep_and_reload():
+    g = torch.Generator().manual_seed(3)
+    m = VoxelFeatureMap(1.0, 1, capacity=16)
+    coords = torch.randint(-300, 300, (4000, 3), generator=g)
+    for chunk in coords.split(700):                          # repeats within and across calls, several growths
+        m.integrate(chunk.float() + 0.5, torch.ones(len(chunk), 1))
+    keys = pack_keys(coords)
+    expect = {k: i for i, k in enumerate(m.keys[:m.size].tolist())}
+    assert len(expect) == m.size == len(set(keys.tolist()))
+    assert m.lookup(keys).tolist() == [expect[k] for k in keys.tolist()]
+    absent = pack_keys(torch.randint(400, 500, (1000, 3), generator=g))
+    assert (m.lookup(absent) == -1).all()
+    kept = torch.arange(0, m.size, 3)
+    kept_keys = m.keys[kept].clone()
+    m.keep(kept)
+    assert m.lookup(kept_keys).tolist() == list(range(len(kept)))
+    assert int((m.lookup(keys) >= 0).sum()) == int(torch.isin(keys, kept_keys).sum())
+    back = VoxelFeatureMap(1.0, 1, capacity=16)
+    back.load_state(m.state())
+    assert back.lookup(kept_keys).tolist() == list(range(len(kept)))

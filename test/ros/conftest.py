@@ -38,16 +38,17 @@ class BadInputPublisher:
         return self.node.get_clock().now().nanoseconds * 1e-9
 
     def send(self, rgb, depth, depth_encoding='16UC1', camera=None, labels=None, stamp=None,
-             quaternion=(0, 0, 0, 1), position=(0, 0, 0)):
+             quaternion=(0, 0, 0, 1), position=(0, 0, 0), pose_frame='map'):
         """One frame with one stamp (seconds, default now): camera info (when ``camera`` is given), pose, colour,
-        labels, depth. ``camera`` is a PinholeCamera or a CameraInfo message; ``quaternion`` is (x, y, z, w)."""
+        labels, depth. ``camera`` is a PinholeCamera or a CameraInfo message; ``quaternion`` is (x, y, z, w);
+        ``pose_frame`` is the pose's header.frame_id."""
         header = conv.make_header('camera', conv.sec_to_stamp(self.now() if stamp is None else stamp))
         if camera is not None:
             info = camera if isinstance(camera, CameraInfo) else conv.camera_to_camera_info(camera)
             info.header = header
             self.pubs['color/camera_info'].publish(info)
         pose = PoseStamped()
-        pose.header = conv.make_header('map', header.stamp)
+        pose.header = conv.make_header(pose_frame, header.stamp)
         q, p = pose.pose.orientation, pose.pose.position
         q.x, q.y, q.z, q.w = (float(v) for v in quaternion)
         p.x, p.y, p.z = (float(v) for v in position)
@@ -122,10 +123,11 @@ def saved_map(tmp_path):
 
 @pytest.fixture(scope='module')
 def graph(tmp_path_factory):
-    """A mapping node process (config/demo.yaml: simulated features, pose topic) and a DemoClient, per module."""
+    """A mapping node process (config/demo.yaml: simulated features, pose topic; maps saved and loaded inside
+    its output folder) and a DemoClient, per module: {'env', 'node', 'client', 'out'}."""
     out = tmp_path_factory.mktemp('pipeline')
     with private_domain() as env:
-        node = start_mapping_node(env, out / 'node.log')
+        node = start_mapping_node(env, out / 'node.log', params=[f'map_path:={out / "map.ov3dmap"}'])  # map_dir: out
         client = DemoClient()
         try:
             assert client.wait_for_service(node, 120.0), node.log()

@@ -481,3 +481,19 @@ def test_box_markers():
     assert len(empty.markers) == 1 and empty.markers[0].action == Marker.DELETEALL
     with pytest.raises(ConversionError, match='labels'):
         conv.make_box_markers(lo, hi, ['only one'], 'map')
+
+
+def test_compressed_colour_and_depth_round_trip_through_the_shared_decoder():
+    """What the scene player publishes with color_transport/depth_transport, read back by the node's decoder."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(conv.color_to_rgb(conv.rgb_to_compressed(rgb, 'png')), rgb)
+    smooth = np.repeat(np.linspace(0, 255, 40, dtype=np.uint8)[None, :, None], 30, 0).repeat(3, 2)
+    assert np.abs(conv.color_to_rgb(conv.rgb_to_compressed(smooth)).astype(int) - smooth).max() <= 8   # JPEG
+    depth_mm = rng.integers(0, 10000, (30, 40), dtype=np.uint16)
+    msg = conv.depth_to_compressed_depth(depth_mm)
+    assert msg.format == '16UC1; compressedDepth png' and bytes(msg.data)[12:16] == b'\x89PNG'
+    np.testing.assert_array_equal(conv.depth_to_meters(msg), depth_mm.astype(np.float32) / np.float32(1000.0))
+    msg.data = msg.data[:40]                                         # truncated
+    with pytest.raises(ConversionError, match='cannot decode compressedDepth'):
+        conv.depth_to_meters(msg)

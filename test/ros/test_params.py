@@ -40,3 +40,34 @@ def test_core_never_imports_ros():
             'print(bad); sys.exit(1 if bad else 0)')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_live_and_read_only_parameters_are_declared_as_such():
+    from dataclasses import fields
+    from ov3d_ros.ros.params import CHECKS, LIVE, check
+    cfg = MapperConfig()
+    names = {f'{s.name}.{f.name}' for s in fields(cfg) for f in fields(getattr(cfg, s.name))}
+    node_level = {'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
+                  'pose_to_camera', 'use_sim_time'}
+    assert LIVE - names == node_level                   # no misspelt live name
+    assert {n for n in CHECKS if '.' in n} <= names
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        node = rclpy.create_node('params_live', context=ctx)
+        declare_config(node, MapperConfig())
+        voxel, threshold = node.describe_parameters(['map.voxel_size_m', 'query.default_threshold'])
+        assert voxel.read_only and voxel.description.endswith('[read-only: the map is built on this voxel grid; '
+                                                              'a saved map keeps its own]')
+        assert not threshold.read_only
+        result = node.set_parameters([Parameter('map.voxel_size_m', value=0.1)])[0]
+        assert not result.successful and 'read-only' in result.reason
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+    assert check('query.default_threshold', 0.99) is None
+    assert check('query.default_threshold', float('nan')) == \
+        'query.default_threshold must be a number in [0, 1], got nan'
+    assert check('pose_to_camera', [0.0] * 6 + [1.0]) is None
+    assert 'unit quaternion' in check('pose_to_camera', [0.0] * 7)
+    assert 'one of' in check('purify.mode', 'sometimes')

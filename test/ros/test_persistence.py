@@ -48,3 +48,64 @@ def test_node_refuses_to_start_from_a_corrupt_file(tmp_path, monkeypatch):
         assert 'load_map_on_start' in node.log() and str(bad) in node.log()
     finally:
         node.stop()
+
+
+def test_save_and_load_are_confined_to_the_map_dir(saved_map, start_node, tmp_path):
+    """save_map / load_map refuse paths outside map_dir ('..', absolute, symlinks leading out) and never replace a
+    file that is not an ov3d map; each refusal says why."""
+    from ov3d_ros.srv import LoadMap, SaveMap
+    src, voxels = saved_map
+    maps, outside = tmp_path / 'maps', tmp_path / 'outside'
+    maps.mkdir()
+    outside.mkdir()
+    (maps / 'room.ov3dmap').write_bytes(src.read_bytes())
+    secret = outside / 'bashrc'
+    secret.write_text('export PATH=/usr/bin\n')
+    (outside / 'foreign.ov3dmap').write_bytes(src.read_bytes())
+    (maps / 'escape').symlink_to(outside, target_is_directory=True)
+    (maps / 'notes.txt').write_text('not a map\n')
+    node, client = start_node([f'map_path:={maps / "room.ov3dmap"}', 'load_map_on_start:=true'])
+
+    def save(path):
+        return client.call(SaveMap, '/ov3d_mapping/save_map', SaveMap.Request(path=str(path)))
+
+    def load(path):
+        return client.call(LoadMap, '/ov3d_mapping/load_map', LoadMap.Request(path=str(path)))
+
+    for path, why in [(secret, 'outside map_dir'), (outside / 'new.ov3dmap', 'outside map_dir'),
+                      ('../outside/bashrc', "'..'"), (f'{maps}/../outside/x.ov3dmap', "'..'"),
+                      ('escape/bashrc', 'outside map_dir'), ('escape/new.ov3dmap', 'outside map_dir'),
+                      ('notes.txt', 'not an ov3d map'), (maps, 'outside map_dir')]:
+        r = save(path)
+        assert not r.success and why in r.message, (path, r.message)
+    assert secret.read_text() == 'export PATH=/usr/bin\n'
+    assert (maps / 'notes.txt').read_text() == 'not a map\n'
+    assert not (outside / 'new.ov3dmap').exists() and sorted(p.name for p in outside.iterdir()) == [
+        'bashrc', 'foreign.ov3dmap']
+    for path in (outside / 'foreign.ov3dmap', 'escape/foreign.ov3dmap', '../outside/foreign.ov3dmap'):
+        r = load(path)
+        assert not r.success and 'kept the current map' in r.message and r.voxels == voxels, (path, r.message)
+
+    r = save('copy.ov3dmap')                                  # relative: inside map_dir
+    assert r.success and r.path == str(maps / 'copy.ov3dmap') and r.voxels == voxels, r.message
+    r = save(maps / 'room.ov3dmap')                           # an existing map is replaced
+    assert r.success, r.message
+    (maps / 'alias.ov3dmap').symlink_to(maps / 'copy.ov3dmap')  # a symlink that stays inside is followed
+    r = load('alias.ov3dmap')
+    assert r.success and r.voxels == voxels, r.message
+    assert node.alive()
+
+
+def test_node_refuses_a_map_path_outside_its_map_dir(tmp_path):
+    (tmp_path / 'maps').mkdir()
+    env = private_ros_env()
+    node = start_mapping_node(env, tmp_path / 'node.log', params=[f'map_path:={tmp_path / "elsewhere.ov3dmap"}',
+                                                                   f'map_dir:={tmp_path / "maps"}'])
+    try:
+        end = time.monotonic() + 120
+        while node.alive() and time.monotonic() < end:
+            time.sleep(0.5)
+        assert not node.alive()
+        assert 'outside map_dir' in node.log(), node.log()[-2000:]
+    finally:
+        node.stop()

@@ -1,12 +1,14 @@
 """Dense open-vocabulary features from an open_clip ViT with a training-free dense last block.
 
-All blocks but the last run unchanged; the last block is replaced by one of
+All blocks but the last run unchanged; the last block's attention is replaced by one of
   * 'naclip'    (NACLIP, Hajimiri et al. 2025): k-k attention plus a Gaussian neighbourhood bias over the patch grid,
-  * 'sclip'     (SCLIP, Wang et al. 2024): correlative attention, (softmax(q q^T) + softmax(k k^T)) v,
   * 'clearclip' (ClearCLIP, Lan et al. 2024): q-q attention,
-  * 'maskclip'  (MaskCLIP, Zhou et al. 2022): the value embedding alone,
-each followed by the attention's output projection, without residual connection and without FFN. Every patch token
-then goes through ``ln_post`` and ``proj`` into the joint image-text space.
+  * 'sclip'     (SCLIP, Wang et al. 2024): correlative attention, (softmax(q q^T) + softmax(k k^T)) v,
+  * 'maskclip'  (MaskCLIP, Zhou et al. 2022): the value embedding alone (no token mixing),
+followed by the attention's output projection, as in each method's official code: NACLIP and ClearCLIP drop the
+block's residual connection and FFN (their "reduced" last block), SCLIP and MaskCLIP keep both
+(x + attn(ln_1 x), then + mlp(ln_2 .)). Every patch token then goes through ``ln_post`` and ``proj`` into the
+joint image-text space.
 
 With ``window_px`` set, the resized image is cut into overlapping square windows (sliding-window inference); each
 runs through the ViT at its own token grid and the window grids are stitched back, overlapping tokens averaged.
@@ -22,9 +24,12 @@ import torch.nn.functional as F
 
 from ov3d_ros.core.config import FeatureConfig
 from ov3d_ros.core.features.base import FeatureExtractor
-from ov3d_ros.core.features.weights import WeightsNotFoundError, load_weights, resolve_weights, uses_quick_gelu
+from ov3d_ros.core.features.weights import (WeightsNotFoundError, fetch_weights, load_weights, resolve_weights,
+                                            uses_quick_gelu)
 
 DENSE_MODES = ('naclip', 'sclip', 'clearclip', 'maskclip')
+REDUCED_MODES = ('naclip', 'clearclip')
+"""Modes whose last block is the attention output alone (no residual connection, no FFN), as their papers have it."""
 NACLIP_STD = 5.0
 """Std of NACLIP's Gaussian neighbourhood bias, in patches."""
 
@@ -79,14 +84,17 @@ class OpenClipDenseExtractor(FeatureExtractor):
 
     def __init__(self, cfg: FeatureConfig, device: torch.device | str = 'cpu'):
         import open_clip
-        os.environ.setdefault('HF_HUB_OFFLINE', '1')  # never reach for the network (e.g. HF tokenizers)
+        if not cfg.allow_download:
+            os.environ.setdefault('HF_HUB_OFFLINE', '1')  # never reach for the network (e.g. HF tokenizers)
         check_config(cfg)
-        resolve_weights(cfg.model, cfg.pretrained, cfg.cache_dir)  # fail fast, before building the model
+        # fail fast, before building the model (with allow_download: download a missing tag first)
+        (fetch_weights if cfg.allow_download else resolve_weights)(cfg.model, cfg.pretrained, cfg.cache_dir)
         self.cfg, self.dense_mode = cfg, cfg.dense_mode
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == 'cuda' else torch.float32
+        self.quick_gelu = uses_quick_gelu(cfg.model, cfg.pretrained)   # OpenAI weights need QuickGELU
         model = open_clip.create_model(cfg.model, pretrained=None, pretrained_image=False, pretrained_text=False,
-                                       force_quick_gelu=uses_quick_gelu(cfg.model, cfg.pretrained))
+                                       force_quick_gelu=self.quick_gelu)
         self.weights = load_weights(model, cfg.model, cfg.pretrained, cfg.cache_dir)
         self.model = model.eval().requires_grad_(False).to(self.device, self.dtype)
         self.visual = v = model.visual
@@ -154,7 +162,8 @@ class OpenClipDenseExtractor(FeatureExtractor):
         return self._bias_cache[grid]
 
     def _dense_block(self, blk, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """The training-free last block on (B, N, C) tokens: attention (per dense mode) and out_proj only."""
+        """The training-free last block on (B, N, C) tokens: attention (per dense mode) and out_proj; for 'sclip'
+        and 'maskclip' also the block's residual connections and FFN (their official code keeps them)."""
         attn, (B, N, C) = blk.attn, x.shape
         heads = attn.num_heads
         q, k, v = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias) \
@@ -169,7 +178,12 @@ class OpenClipDenseExtractor(FeatureExtractor):
             out = F.scaled_dot_product_attention(k, k, v, attn_mask=self._attn_bias(grid))
         else:
             raise ValueError(f'unknown dense mode {self.dense_mode!r}; expected one of {DENSE_MODES}')
-        return attn.out_proj(out.transpose(1, 2).reshape(B, N, C))
+        out = attn.out_proj(out.transpose(1, 2).reshape(B, N, C))
+        if self.dense_mode in REDUCED_MODES:
+            return out
+        x = x + blk.ls_1(out) if hasattr(blk, 'ls_1') else x + out
+        y = blk.mlp(blk.ln_2(x))
+        return x + blk.ls_2(y) if hasattr(blk, 'ls_2') else x + y
 
     @torch.no_grad()
     def forward_vit(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,5 +233,6 @@ class OpenClipDenseExtractor(FeatureExtractor):
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
-__all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'check_config', 'interpolate_pos_embed',
+__all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'REDUCED_MODES', 'check_config',
+           'interpolate_pos_embed',
            'neighbourhood_bias', 'window_starts']

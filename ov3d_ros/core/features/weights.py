@@ -3,11 +3,19 @@
 ``pretrained`` may be (1) a local checkpoint file (.pt/.pth/.bin/.safetensors, a state dict or OpenAI's TorchScript
 release), (2) an open_clip pretrained tag such as 'openai', looked up in the local caches open_clip and the
 Hugging Face hub would have downloaded it to, or (3) '', 'none' or 'random' for random initialisation.
+
+OpenAI's CLIP weights were trained with QuickGELU; open_clip's plain model names build GELU, which runs but gives
+wrong features. :func:`uses_quick_gelu` recognises OpenAI weights by tag, by TorchScript file, by the
+``input_resolution`` / ``context_length`` / ``vocab_size`` entries OpenAI's state dicts carry, by an
+``open_clip_config.json`` beside the file (Hugging Face hub snapshots), or by 'openai' in the file's path (e.g.
+the hub's ``vit_base_patch16_clip_224.openai``); for anything else pick a '-quickgelu' model name.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +23,8 @@ from typing import List, Optional
 import torch
 
 RANDOM_TAGS = ('', 'none', 'random')
+OPENAI_EXTRA_KEYS = ('input_resolution', 'context_length', 'vocab_size')
+"""Non-tensor entries of OpenAI's released CLIP state dicts (open_clip's own state dicts have none of them)."""
 CHECKPOINT_SUFFIXES = ('.pt', '.pth', '.bin', '.safetensors')
 FIX_HINT = ('Fix: set features.pretrained to a local checkpoint file (.pt/.bin/.safetensors), copy the weights '
             'into one of the searched places, or use features.source: simulated.')
@@ -81,6 +91,31 @@ def resolve_weights(model: str, pretrained: str, cache_dir: str = '') -> Optiona
         f'(offline). Searched:\n  {listing}\n{FIX_HINT}')
 
 
+def fetch_weights(model: str, pretrained: str, cache_dir: str = '') -> Optional[str]:
+    """:func:`resolve_weights`, and when the weights of an open_clip pretrained tag are not found locally, download
+    them with open_clip into ``cache_dir`` (or its default cache) and return that file (``features.allow_download``).
+    A file path or an unknown tag is never downloaded. Raises WeightsNotFoundError naming the download error."""
+    import open_clip
+    try:
+        return resolve_weights(model, pretrained, cache_dir)
+    except WeightsNotFoundError as e:
+        tag = (pretrained or '').strip()
+        if os.sep in tag or tag.lower().endswith(CHECKPOINT_SUFFIXES) or \
+                not open_clip.pretrained.get_pretrained_cfg(model, tag):
+            raise
+        local_error = str(e)
+    try:
+        path = open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(model, tag),
+                                                        prefer_hf_hub=True, cache_dir=cache_dir or None)
+    except Exception as e:  # network, hub or offline-mode errors
+        raise WeightsNotFoundError(f'features.allow_download: downloading open_clip weights {model!r}/{tag!r} '
+                                   f'failed ({type(e).__name__}: {str(e)[:300]}).\n{local_error}') from e
+    if not path or not os.path.isfile(path):
+        raise WeightsNotFoundError(f'features.allow_download: open_clip returned no file for {model!r}/{tag!r}.\n'
+                                   f'{local_error}')
+    return path
+
+
 def is_torchscript(path: str) -> bool:
     """True for TorchScript archives (OpenAI's original CLIP releases)."""
     if not zipfile.is_zipfile(path):
@@ -89,13 +124,62 @@ def is_torchscript(path: str) -> bool:
         return any(n.endswith('constants.pkl') for n in z.namelist())
 
 
+def _raw_state_dict(path: str) -> dict:
+    """The tensors of a non-TorchScript checkpoint file as saved ('state_dict' unwrapped, 'module.' stripped)."""
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        sd = load_file(path, device='cpu')
+    else:
+        try:
+            sd = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip archive: no mmap
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict):
+        sd = sd['state_dict']
+    if not isinstance(sd, dict):
+        raise ValueError(f'{path} holds a {type(sd).__name__}, not a state dict')
+    return {(k[7:] if k.startswith('module.') else k): v for k, v in sd.items()}
+
+
+def openai_provenance(path: str) -> Optional[str]:
+    """Why the checkpoint file ``path`` holds OpenAI CLIP weights (a short reason), or None when nothing says so.
+
+    Evidence, in order: a TorchScript archive (OpenAI's release format); OpenAI's extra state-dict entries
+    (:data:`OPENAI_EXTRA_KEYS`); an ``open_clip_config.json`` beside the file whose ``model_cfg.quick_gelu`` is
+    true (Hugging Face hub snapshots); 'openai' as a word in the file's path.
+    """
+    if is_torchscript(path):
+        return 'OpenAI TorchScript release'
+    try:
+        keys = set(_raw_state_dict(path))
+    except Exception:   # unreadable here; load_weights reports it
+        keys = set()
+    if keys & set(OPENAI_EXTRA_KEYS):
+        return f'OpenAI state dict (has {sorted(keys & set(OPENAI_EXTRA_KEYS))})'
+    sidecar = os.path.join(os.path.dirname(os.path.abspath(path)), 'open_clip_config.json')
+    if os.path.isfile(sidecar):
+        try:
+            with open(sidecar) as f:
+                if json.load(f).get('model_cfg', {}).get('quick_gelu', False):
+                    return f'quick_gelu in {sidecar}'
+        except (OSError, ValueError, AttributeError):
+            pass
+    if re.search(r'(^|[^a-z])openai([^a-z]|$)', os.path.abspath(path).lower()):
+        return "'openai' in the file path"
+    return None
+
+
 def uses_quick_gelu(model: str, pretrained: str) -> bool:
-    """Whether the weights named by ``pretrained`` were trained with QuickGELU (OpenAI and some others). Known for
-    tags and OpenAI TorchScript files; for other files pick a '-quickgelu' model name when the weights need it."""
+    """Whether the weights named by ``pretrained`` were trained with QuickGELU (OpenAI's and some others): from the
+    tag's open_clip entry, or for a file from :func:`openai_provenance`. For other QuickGELU files pick a
+    '-quickgelu' model name (e.g. 'ViT-B-16-quickgelu')."""
     import open_clip
     value = (pretrained or '').strip()
-    if os.path.isfile(os.path.expanduser(value)):
-        return is_torchscript(os.path.expanduser(value))
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        return openai_provenance(path) is not None
+    if value.lower() in RANDOM_TAGS:
+        return False
     return bool(open_clip.pretrained.get_pretrained_cfg(model, value).get('quick_gelu', False))
 
 
@@ -110,6 +194,10 @@ def load_weights(model_obj: torch.nn.Module, model_name: str, pretrained: str, c
         if is_torchscript(path):  # OpenAI release: same key names as open_clip's CLIP
             sd = torch.jit.load(path, map_location='cpu').state_dict()
             sd = {k: v for k, v in sd.items() if k not in ('input_resolution', 'context_length', 'vocab_size')}
+            resize_pos_embed(sd, model_obj)
+            model_obj.load_state_dict(sd, strict=True)
+        elif set(OPENAI_EXTRA_KEYS) & set(sd := _raw_state_dict(path)):  # an OpenAI state dict saved as such
+            sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
             resize_pos_embed(sd, model_obj)
             model_obj.load_state_dict(sd, strict=True)
         else:  # state dicts (.pt/.bin/.safetensors); converts formats and resizes the positional embedding

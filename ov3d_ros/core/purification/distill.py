@@ -27,10 +27,18 @@ class Teacher:
     features: Optional[torch.Tensor] = None
     segments: Optional[torch.Tensor] = None
 
-    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Teacher similarity of voxels a (A,) with b (A, K) -> (A, K)."""
+    def similarity(self, a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Teacher similarity of voxels a (A,) with b (A, K) -> (A, K).
+
+        Features: a batched dot product over ``chunk`` anchors at a time, so at most chunk x K x Ft gathered
+        values exist at once (never the A x K x Ft product: 8.6 GB for 4096 anchors, K = 1024, Ft = 512).
+        """
         if self.features is not None:
-            return (self.features[a][:, None] * self.features[b]).sum(-1)
+            out = torch.empty(b.shape, dtype=self.features.dtype, device=self.features.device)
+            for s in range(0, len(a), chunk):
+                fa, fb = self.features[a[s:s + chunk]], self.features[b[s:s + chunk]]   # (c, Ft), (c, K, Ft)
+                out[s:s + chunk] = torch.bmm(fb, fa[:, :, None])[:, :, 0]
+            return out
         sa, sb = self.segments[a][:, None], self.segments[b]
         return ((sa == sb) & (sb >= 0)).float()
 
@@ -67,18 +75,21 @@ def pick_pairs(teacher: Teacher, knn: torch.Tensor, anchors: torch.Tensor, cfg: 
     """(positive (A,), negatives (A, n_macro + n_micro), negative mask (A, n)) for ``anchors``."""
     nb = knn[anchors]                                                    # (A, K)
     jitter = lambda s: s + 1e-3 * torch.rand(s.shape, generator=gen)    # noqa: E731  (random tie-break)
-    ts = jitter(teacher.similarity(anchors, nb))
-    pos_sim, pos_idx = ts.max(1)
+    ts = teacher.similarity(anchors, nb)
+    tj = jitter(ts)
+    pos_idx = tj.argmax(1)
+    pos_sim = ts.gather(1, pos_idx[:, None])[:, 0]
     positive = nb.gather(1, pos_idx[:, None])[:, 0]
-    micro_sim, micro_idx = (-ts).topk(cfg.n_micro, dim=1)
-    micro = nb.gather(1, micro_idx)
+    micro_idx = (-tj).topk(cfg.n_micro, dim=1).indices
+    micro, micro_sim = nb.gather(1, micro_idx), ts.gather(1, micro_idx)
     pool = torch.randint(0, len(knn), (len(anchors), cfg.macro_pool), generator=gen)
-    tp = jitter(teacher.similarity(anchors, pool))
-    macro_sim, macro_idx = (-tp).topk(cfg.n_macro, dim=1)
-    macro = pool.gather(1, macro_idx)
+    tp = teacher.similarity(anchors, pool)
+    macro_idx = (-jitter(tp)).topk(cfg.n_macro, dim=1).indices
+    macro, macro_sim = pool.gather(1, macro_idx), tp.gather(1, macro_idx)
     negatives = torch.cat([macro, micro], 1)
-    neg_sim = -torch.cat([macro_sim, micro_sim], 1)
-    # a "negative" as teacher-similar as the positive is not a negative (e.g. the same segment)
+    neg_sim = torch.cat([macro_sim, micro_sim], 1)
+    # a "negative" as teacher-similar as the positive is not a negative (e.g. the same segment). The jitter only
+    # breaks ties when choosing; the mask compares the unjittered similarities, so the margin is not eaten by it.
     return positive, negatives, neg_sim < pos_sim[:, None] - 0.5e-3
 
 

@@ -48,3 +48,41 @@ def estimate_normals(vmap: VoxelFeatureMap, rows: torch.Tensor, nbr: torch.Tenso
     _, vecs = torch.linalg.eigh(cov.double())
     normals = vecs[:, :, 0].float()
     return torch.where((present.sum(1) >= 3)[:, None], normals, torch.zeros_like(normals))
+
+
+def cube_offsets(radius_vox: int, device: torch.device | str = 'cpu') -> torch.Tensor:
+    """((2r+1)^3, 3) int64 offsets with Chebyshev length <= ``radius_vox`` (the zero offset first)."""
+    r = int(radius_vox)
+    ax = torch.arange(-r, r + 1, device=device)
+    grid = torch.stack(torch.meshgrid(ax, ax, ax, indexing='ij'), dim=-1).reshape(-1, 3)
+    return grid[torch.argsort(grid.abs().amax(1), stable=True)]
+
+
+def ball_region(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Sorted unique ``rows`` and every occupied voxel at one of ``offsets`` from them."""
+    if len(rows) == 0:
+        return torch.unique(rows)
+    nbr = neighbour_rows(vmap, rows, offsets)
+    return torch.unique(torch.cat([rows, nbr[nbr >= 0]]))
+
+
+def connected_dilation(vmap: VoxelFeatureMap, rows: torch.Tensor, steps: int) -> tuple:
+    """Occupied voxels within ``steps`` steps of ``rows`` through 26-connected occupied voxels.
+
+    This is how far a chain of ``steps`` 3x3x3 submanifold convolutions carries information on the map. Returns
+    (reached (S,) sorted unique rows, hops (S,) int64: the step count at which each was first reached). A
+    breadth-first search over the newly reached voxels only: the cost follows the reached set, not the map.
+    """
+    reached = torch.unique(rows)
+    hops = torch.zeros(len(reached), dtype=torch.int64, device=reached.device)
+    frontier, offsets = reached, cube_offsets(1, vmap.device)
+    for step in range(1, int(steps) + 1):
+        if len(frontier) == 0:
+            break
+        nbr = neighbour_rows(vmap, frontier, offsets)
+        cand = torch.unique(nbr[nbr >= 0])
+        new = cand[~torch.isin(cand, reached)]
+        reached, order = torch.sort(torch.cat([reached, new]))
+        hops = torch.cat([hops, torch.full((len(new),), step, dtype=torch.int64, device=hops.device)])[order]
+        frontier = new
+    return reached, hops

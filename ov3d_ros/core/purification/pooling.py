@@ -4,19 +4,29 @@ Every voxel i averages the features of its neighbourhood N(i) (occupied voxels w
 affinity weights A_ij = softmax_j(logit_ij) (rows sum to 1), T times: F <- A F. Logits come from a learned
 student embedding (scale * cosine) or, without a checkpoint, from colour, normal and distance differences.
 
-Online, only the voxels a keyframe touched plus a margin are re-pooled, starting from their raw fused features;
-neighbours outside that set contribute their current purified features. The cost per keyframe depends on the
-touched region, not on the map size. ``mode='whole'`` re-pools everything at once (the offline reference).
+Online (``mode='incremental'``), a keyframe that touched voxels T refreshes exactly what whole-map pooling would
+compute differently:
+  * normals of every voxel within ``radius_vox`` of T (their neighbourhood may have gained voxels);
+  * learned affinity: embeddings of every voxel within the student's receptive field (``context_vox``, e.g. 9
+    voxels for a stem and 4 residual blocks of 3x3x3 convs) of a changed input, computed by running the student
+    on those voxels plus a context ring of the same width and keeping only the inner outputs;
+  * affinities of every voxel within ``radius_vox`` of a changed normal, colour or embedding;
+and re-pools those voxels plus ``margin_vox`` more, starting from their raw fused features; neighbours outside
+that set contribute their current purified features (the one remaining approximation). The cost per keyframe
+follows the touched region dilated by these radii, not the map size. ``mode='whole'`` re-pools everything at
+once (the offline reference). Pooling is a gather-sum over the (R, M) neighbour table (CPU and CUDA alike).
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from ov3d_ros.core.config import PurifyConfig
-from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
+from ov3d_ros.core.purification.graph import (ball_offsets, ball_region, connected_dilation, estimate_normals,
+                                              neighbour_rows)
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
@@ -46,26 +56,48 @@ def embedding_logits(emb: torch.Tensor, nbr: torch.Tensor, scale: float) -> torc
 
 
 def pool(features: torch.Tensor, rows: torch.Tensor, nbr: torch.Tensor, weights: torch.Tensor,
-         outside: torch.Tensor, iterations: int) -> torch.Tensor:
+         outside: torch.Tensor, iterations: int, check: bool = False) -> torch.Tensor:
     """Run ``iterations`` steps of F_rows <- W F_nbr; returns (R, D) float32 pooled features of ``rows``.
 
     features (R, D): start values of ``rows``; nbr (R, M) neighbour rows (-1 missing) and weights (R, M)
     (rows sum to 1); outside (V, D): values used for neighbours that are not in ``rows`` (held fixed).
+    W is a valid CSR matrix (column indices sorted and unique within each row), so the same sparse-dense
+    product runs on CPU and CUDA (``check``: verify the CSR invariants, for tests).
     """
     R, M = nbr.shape
     cols = torch.cat([rows, nbr[nbr >= 0]])
     universe, inv = torch.unique(cols, return_inverse=True)
-    local_rows, local_nbr = inv[:R], torch.full_like(nbr, -1)
+    local_rows = inv[:R]
+    local_nbr = torch.full_like(nbr, len(universe))            # missing neighbours sort last
     local_nbr[nbr >= 0] = inv[R:]
+    local_nbr, order = torch.sort(local_nbr, dim=1)
+    w = weights.float().gather(1, order)
+    keep = local_nbr < len(universe)
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=nbr.device), keep.sum(1).cumsum(0)])
+    A = torch.sparse_csr_tensor(crow, local_nbr[keep], w[keep], size=(R, len(universe)), check_invariants=check)
     x = outside[universe].float()
     x[local_rows] = features.float()
-    keep = local_nbr >= 0
-    crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=nbr.device), keep.sum(1).cumsum(0)])
-    A = torch.sparse_csr_tensor(crow, local_nbr[keep], weights[keep].float(), size=(R, len(universe)),
-                                check_invariants=False)
     for _ in range(int(iterations)):
         x[local_rows] = A @ x
     return x[local_rows]
+
+
+def receptive_field_vox(net: Optional[torch.nn.Module]) -> int:
+    """How far (in 26-connected voxel steps) a sparse 3D conv network's outputs depend on its inputs: the sum of
+    (kernel - 1) / 2 * dilation over its 3D convolutions (exact for a chain of submanifold convs with residual
+    connections, an upper bound otherwise); 0 for None."""
+    if net is None:
+        return 0
+    r = 0
+    for mod in net.modules():
+        k = getattr(mod, 'kernel_size', None)
+        if k is None or not type(mod).__name__.endswith('Conv3d'):
+            continue
+        k = list(k) if isinstance(k, (list, tuple)) else [k] * 3
+        d = getattr(mod, 'dilation', 1)
+        d = list(d) if isinstance(d, (list, tuple)) else [d] * 3
+        r += max((kk - 1) // 2 * dd for kk, dd in zip(k, d))
+    return r
 
 
 class GeometryPooling:
@@ -74,9 +106,11 @@ class GeometryPooling:
     Args:
         cfg: purification config.
         embed: the learned affinity's embedding function, or None for the fallback affinity.
+        context_vox: receptive field of ``embed`` in 26-connected voxel steps; by default read from the network
+            when ``embed`` is a bound method of a torch module (:func:`receptive_field_vox`).
     """
 
-    def __init__(self, cfg: PurifyConfig, embed: Optional[EmbedFn] = None):
+    def __init__(self, cfg: PurifyConfig, embed: Optional[EmbedFn] = None, context_vox: Optional[int] = None):
         if cfg.affinity not in ('learned', 'fallback'):
             raise ValueError(f"purify.affinity must be 'learned' or 'fallback', got {cfg.affinity!r}")
         if cfg.affinity == 'learned' and embed is None:
@@ -84,6 +118,10 @@ class GeometryPooling:
         if cfg.mode not in ('incremental', 'whole'):
             raise ValueError(f"purify.mode must be 'incremental' or 'whole', got {cfg.mode!r}")
         self.cfg, self.embed = cfg, embed if cfg.affinity == 'learned' else None
+        if context_vox is None:
+            owner = getattr(self.embed, '__self__', None)
+            context_vox = receptive_field_vox(owner if isinstance(owner, torch.nn.Module) else None)
+        self.context_vox = int(context_vox) if self.embed is not None else 0
         self.offsets: Optional[torch.Tensor] = None
         self.purified: Optional[torch.Tensor] = None   # (capacity, D) float16, aligned with map rows
         self.normals: Optional[torch.Tensor] = None    # (capacity, 3)
@@ -106,13 +144,6 @@ class GeometryPooling:
                     new[:old.shape[0]] = old
                 setattr(self, name, new)
 
-    def region(self, vmap: VoxelFeatureMap, touched: torch.Tensor) -> torch.Tensor:
-        """Sorted unique rows of ``touched`` and every occupied voxel within ``margin_vox`` of them."""
-        if self.cfg.margin_vox <= 0:
-            return torch.unique(touched)
-        nbr = neighbour_rows(vmap, touched, ball_offsets(self.cfg.margin_vox, vmap.device))
-        return torch.unique(torch.cat([touched, nbr[nbr >= 0]]))
-
     def update(self, vmap: VoxelFeatureMap, touched: Optional[torch.Tensor] = None,
                channels: Sequence[Tuple[torch.Tensor, torch.Tensor]] = ()) -> int:
         """Re-pool after fusion touched ``touched`` rows (or the whole map in 'whole' mode / when None).
@@ -120,21 +151,22 @@ class GeometryPooling:
         ``channels``: more per-voxel values pooled with the same affinities, as (raw (V, K), pooled (>= V, K))
         pairs aligned with map rows; ``pooled`` is written in place. Returns the number of re-pooled voxels.
         """
-        import time
         t0 = time.perf_counter()
         n = vmap.size
         if n == 0:
             return 0
         self._grow(vmap)
         whole = touched is None or self.cfg.mode == 'whole'
-        rows = torch.arange(n, device=vmap.device) if whole else self.region(vmap, touched)
-        # normals need the neighbours' geometry: refresh them for the region and its rim
-        nbr = neighbour_rows(vmap, rows, self.offsets)
-        self.normals[rows] = estimate_normals(vmap, rows, nbr, self.offsets)
+        if whole:
+            rows = torch.arange(n, device=vmap.device)
+            nbr = neighbour_rows(vmap, rows, self.offsets)
+            self.normals[rows] = estimate_normals(vmap, rows, nbr, self.offsets)
+            embedded = rows
+            if self.embed is not None:
+                self._store_embeddings(self.embed(vmap, rows, self.normals[rows]), rows)
+        else:
+            rows, nbr, embedded = self._refresh(vmap, touched)
         if self.embed is not None:
-            emb = self.embed(vmap, rows, self.normals[rows])
-            self._grow(vmap, emb.shape[1])
-            self.embeddings[rows] = emb.to(torch.float16)
             logits = embedding_logits(self.embeddings, nbr, self.cfg.scale)
         else:
             logits = fallback_logits(vmap.colors, self.normals, self.offsets, nbr, self.cfg)
@@ -144,8 +176,42 @@ class GeometryPooling:
         self.purified[rows] = pooled.to(torch.float16)
         for raw, out in channels:
             out[rows] = pool(raw[rows], rows, nbr, weights, out[:n], self.cfg.iterations).to(out.dtype)
-        self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows)}
+        self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
+                          'embedded': len(embedded) if self.embed is not None else 0}
         return len(rows)
+
+    def _store_embeddings(self, emb: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.embeddings is None or self.embeddings.shape[0] < len(self.purified):
+            old = self.embeddings
+            self.embeddings = torch.zeros(len(self.purified), emb.shape[1], dtype=torch.float16,
+                                          device=self.purified.device)
+            if old is not None:
+                self.embeddings[:old.shape[0]] = old
+        self.embeddings[rows] = emb.to(torch.float16)
+
+    def _refresh(self, vmap: VoxelFeatureMap, touched: torch.Tensor):
+        """Incremental mode: bring normals and embeddings up to date around ``touched`` and pick the voxels to
+        re-pool. Returns (rows to re-pool (R,), their neighbour table (R, M), rows whose embedding was refreshed)."""
+        touched = torch.unique(touched)
+        # normals: every voxel within radius_vox of a touched (possibly new) voxel sees another neighbourhood
+        renormal = ball_region(vmap, touched, self.offsets)
+        self.normals[renormal] = estimate_normals(vmap, renormal, neighbour_rows(vmap, renormal, self.offsets),
+                                                  self.offsets)
+        changed = embedded = renormal   # voxels whose affinity inputs changed (colour, feature, normal)
+        if self.embed is not None:
+            # outputs within the receptive field of a changed input change; computing them exactly needs their
+            # own receptive field as context: run on changed + 2 * rf, keep changed + rf
+            ctx, hops = connected_dilation(vmap, renormal, 2 * self.context_vox)
+            emb = self.embed(vmap, ctx, self.normals[ctx])
+            inner = hops <= self.context_vox
+            embedded = ctx[inner]
+            self._store_embeddings(emb[inner], embedded)
+            changed = embedded
+        # affinities change for every voxel whose neighbourhood holds a changed voxel; pool them plus a margin
+        rows = ball_region(vmap, changed, self.offsets)
+        if self.cfg.margin_vox > 0:
+            rows = connected_dilation(vmap, rows, self.cfg.margin_vox)[0]
+        return rows, neighbour_rows(vmap, rows, self.offsets), embedded
 
     def keep(self, rows: torch.Tensor) -> None:
         """Follow :meth:`VoxelFeatureMap.keep`: keep the state of ``rows`` only, compacted in that order."""

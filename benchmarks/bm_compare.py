@@ -1,0 +1,269 @@
+"""Benchmark: ov3d_ros side by side with reference costs, figures and ratios from one run (prints, asserts nothing).
+
+    make bench-deps                                   # open3d, for the fusion reference (benchmark only)
+    python benchmarks/bm_compare.py                   # every section on the CPU
+    python benchmarks/bm_compare.py --device cuda     # the same on a GPU
+    python benchmarks/bm_compare.py --only fusion query --query-sizes 100000
+
+Sections (one JSON line per row, each with device, torch version, threads and sizes; ratios = ours / reference):
+  fusion   our lifting + fusion of the same rendered frames of the built-in scene (640x480, 5 cm voxels, depth
+           0.1-5 m) against Open3D's VoxelBlockGrid TSDF + colour integrate, at D=384 simulated features and at
+           map.compress_dim 64 (its PCA update per keyframe is shown apart, under compress_ms).
+  query    Mapper.query on maps of 100 k and 1 M voxels against the floor: one matmul of the query and negatives'
+           embeddings with pre-normalised features of the same size (fp16 as stored, and fp32).
+  pooling  incremental geometry pooling per keyframe (fallback and learned affinity) against map size
+           (benchmarks/bm_pooling.py's synthetic building).
+  clip     CLIP ViT-B/16 dense features per 640x480 keyframe at 224/336/448 px short side, fp32 and bf16 on the
+           CPU (fp16 on CUDA), random weights (pretrained=none: the same cost as trained weights).
+The features are SIMULATED (the built-in scene's label images through the simulated teacher) except in `clip`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's ov3d_ros first
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+QUERIES = ('chair', 'table', 'sofa', 'bed', 'red chair')
+
+
+def env(device: str) -> dict:
+    return {'device': device if device == 'cpu' else torch.cuda.get_device_name(torch.device(device)),
+            'torch': torch.__version__, 'threads': torch.get_num_threads()}
+
+
+def sync(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def emit(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def frames(n: int, width: int, height: int):
+    from ov3d_ros.sim import builtin_scene, builtin_trajectory, default_camera, render
+    scene, cam = builtin_scene(0), default_camera(width, height)
+    return cam, [(T, render(scene, cam, T)) for T in builtin_trajectory(scene, n, 0)]
+
+
+def ours_fusion(cam, rendered, device: str, compress_dim: int, voxel: float, min_d: float, max_d: float) -> dict:
+    """Per-keyframe lifting + fusion, Mapper.integrate's steps after feature extraction (features computed
+    beforehand); the PCA update of map.compress_dim timed apart. Wall and process CPU time."""
+    from ov3d_ros.core.config import MapperConfig
+    from ov3d_ros.core.features import create_extractor
+    from ov3d_ros.core.lifting import lift_keyframe
+    from ov3d_ros.core.mapper import Mapper
+    from ov3d_ros.sim import CLASS_NAMES
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.device, cfg.map.compress_dim = 'simulated', device, compress_dim
+    cfg.map.voxel_size_m, cfg.map.min_depth_m, cfg.map.max_depth_m = voxel, min_d, max_d
+    mapper = Mapper(cfg, create_extractor(cfg.features, device, CLASS_NAMES))
+    grids = [mapper.extractor.extract(f.rgb, f.semantic) for _, f in rendered]
+    fusion, compress = [], []
+    for i, ((T, f), g) in enumerate(zip(rendered, grids)):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        if compress_dim:
+            mapper._update_projection(g.reshape(-1, g.shape[-1]))
+            g = mapper.projection.project(g)
+        sync(device)
+        t1, c1 = time.perf_counter(), time.process_time()
+        lifted = lift_keyframe(torch.from_numpy(np.array(f.depth_m, dtype=np.float32)), torch.from_numpy(f.rgb), g,
+                               cam, torch.from_numpy(T), min_d, max_d, cfg.map.pixel_stride)
+        mapper.map.integrate(lifted.points, lifted.features, lifted.colors)
+        sync(device)
+        t2, c2 = time.perf_counter(), time.process_time()
+        if i:                                   # the first keyframe includes one-off warm-up
+            fusion.append((t2 - t1, c2 - c1))
+            compress.append((t1 - t0, c1 - c0))
+    fusion, compress = np.mean(fusion, axis=0) * 1e3, np.mean(compress, axis=0) * 1e3
+    return {'fusion_ms': fusion[0], 'fusion_cpu_ms': fusion[1], 'compress_ms': compress[0],
+            'compress_cpu_ms': compress[1], 'voxels': mapper.map.size, 'dim': mapper.map.dim,
+            'bytes_per_voxel': mapper.bytes_per_voxel()}
+
+
+def open3d_fusion(cam, rendered, device: str, voxel: float, min_d: float, max_d: float) -> dict:
+    """Per-frame Open3D VoxelBlockGrid TSDF + colour integrate (block hashing and integration) of the same frames."""
+    import open3d as o3d
+    import open3d.core as o3c
+    dev = o3c.Device('CUDA:0' if device.startswith('cuda') else 'CPU:0')
+    vbg = o3d.t.geometry.VoxelBlockGrid(attr_names=('tsdf', 'weight', 'color'),
+                                        attr_dtypes=(o3c.float32, o3c.float32, o3c.float32),
+                                        attr_channels=((1), (1), (3)), voxel_size=voxel, block_resolution=8,
+                                        block_count=20000, device=dev)
+    K = o3c.Tensor(np.array([[cam.fx, 0, cam.cx], [0, cam.fy, cam.cy], [0, 0, 1]], np.float64))
+    times = []
+    for i, (T, f) in enumerate(rendered):
+        # uint16 millimetres + uint8 colour: Open3D's native sensor path (float depth would need float colour)
+        ok = np.isfinite(f.depth_m) & (f.depth_m >= min_d) & (f.depth_m < 65.0)
+        d = np.where(ok, np.round(f.depth_m * 1000.0), 0).astype(np.uint16)
+        t0, c0 = time.perf_counter(), time.process_time()
+        depth = o3d.t.geometry.Image(o3c.Tensor(d)).to(dev)
+        color = o3d.t.geometry.Image(o3c.Tensor(np.ascontiguousarray(f.rgb))).to(dev)
+        extrinsic = o3c.Tensor(np.linalg.inv(T))
+        blocks = vbg.compute_unique_block_coordinates(depth, K, extrinsic, 1000.0, max_d)
+        vbg.integrate(blocks, depth, color, K, extrinsic, 1000.0, max_d)
+        if dev.get_type() == o3c.Device.DeviceType.CUDA:
+            o3c.cuda.synchronize()
+        if i:
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, cpu = np.mean(times, axis=0) * 1e3
+    return {'fusion_ms': wall, 'fusion_cpu_ms': cpu, 'blocks': int(vbg.hashmap().size()),
+            'voxels_allocated': int(vbg.hashmap().size()) * 8 ** 3}
+
+
+def bench_fusion(args) -> None:
+    cam, rendered = frames(args.frames, 640, 480)
+    common = dict(env(args.device), frames=args.frames, image='640x480', voxel_m=args.voxel, depth_m=[0.1, 5.0])
+    try:
+        ref = open3d_fusion(cam, rendered, args.device, args.voxel, 0.1, 5.0)
+    except ImportError:
+        ref = None
+        print('open3d is not installed (make bench-deps): no reference for fusion', flush=True)
+    for compress in (0, 64):
+        ours = ours_fusion(cam, rendered, args.device, compress, args.voxel, 0.1, 5.0)
+        row = dict(common, section='fusion', ours='lifting + fusion', features='simulated D=384',
+                   compress_dim=compress, ours_ms=round(ours['fusion_ms'], 1),
+                   ours_cpu_ms=round(ours['fusion_cpu_ms'], 1), compress_ms=round(ours['compress_ms'], 1),
+                   compress_cpu_ms=round(ours['compress_cpu_ms'], 1), voxels=ours['voxels'],
+                   bytes_per_voxel=ours['bytes_per_voxel'], pixel_stride=2)
+        if ref is not None:
+            row.update(reference='Open3D VoxelBlockGrid TSDF + colour integrate (all pixels, 8^3 blocks)',
+                       reference_ms=round(ref['fusion_ms'], 1), reference_cpu_ms=round(ref['fusion_cpu_ms'], 1),
+                       reference_blocks=ref['blocks'], ratio=round(ours['fusion_ms'] / ref['fusion_ms'], 2),
+                       ratio_cpu=round(ours['fusion_cpu_ms'] / ref['fusion_cpu_ms'], 2))
+        emit(row)
+
+
+def synthetic_mapper(n_voxels: int, device: str, dim: int = 384):
+    """A Mapper (simulated features) whose map is bm_pooling's building with features near the class texts."""
+    from bm_pooling import building
+    from ov3d_ros.core.config import MapperConfig
+    from ov3d_ros.core.features import create_extractor
+    from ov3d_ros.core.mapper import Mapper
+    from ov3d_ros.core.voxel_map import VoxelFeatureMap
+    from ov3d_ros.sim import CLASS_NAMES
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.device = 'simulated', device
+    mapper = Mapper(cfg, create_extractor(cfg.features, device, CLASS_NAMES))
+    text = mapper.embed_texts(list(CLASS_NAMES)).cpu()
+    g = torch.Generator().manual_seed(0)
+    pts = building(n_voxels)
+    if len(pts) < n_voxels:                                   # rooms come whole: grow, then cut to the size
+        pts = building(int(1.5 * n_voxels ** 2 / len(pts)))
+    pts = pts[:n_voxels]
+    vmap = VoxelFeatureMap(cfg.map.voxel_size_m, text.shape[1], device, capacity=len(pts),
+                           max_weight=cfg.map.max_weight)
+    for chunk in torch.split(torch.arange(len(pts)), 200_000):
+        cls = torch.randint(0, len(text), (len(chunk),), generator=g)
+        f = text[cls] + 0.6 * torch.randn(len(chunk), text.shape[1], generator=g) / text.shape[1] ** 0.5
+        vmap.integrate(pts[chunk], torch.nn.functional.normalize(f, dim=1), torch.rand(len(chunk), 3, generator=g) * 255)
+    mapper.map = vmap
+    return mapper
+
+
+def timed(fn, device: str, reps: int):
+    """Median wall and process-CPU seconds of ``reps`` calls after one warm-up call (CPU time stays meaningful
+    on a shared machine, where wall time mostly measures the wait for a core)."""
+    fn()
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        out.append((time.perf_counter() - t0, time.process_time() - c0))
+    return tuple(float(x) for x in np.median(out, axis=0))
+
+
+def bench_query(args) -> None:
+    for n in args.query_sizes:
+        mapper = synthetic_mapper(n, args.device)
+        V, negs = mapper.map.size, list(mapper.cfg.query.default_negatives)
+        texts = mapper.to_map_space(mapper.embed_texts([QUERIES[0]] + negs))
+        unit = torch.nn.functional.normalize(mapper.map.features[:V].float(), dim=1)
+        floors = {}
+        for dt in (torch.float16, torch.float32):
+            f, t = unit.to(dt), texts.T.to(dt).contiguous()
+            floors[str(dt).split('.')[-1]] = timed(lambda: f @ t, args.device, args.reps)
+            del f
+        del unit
+        floor = min(floors.values(), key=lambda t: t[1])      # the faster dtype, by CPU time
+        for q in QUERIES:
+            mapper.embed_texts([q])                           # steady state: the text was asked before
+        k = iter(range(10 ** 9))
+        query = timed(lambda: mapper.query(QUERIES[next(k) % len(QUERIES)]), args.device, args.reps)
+        segment = timed(lambda: mapper.segment(QUERIES[next(k) % len(QUERIES)]), args.device, args.reps)
+        fresh = iter(f'object number {i}' for i in range(10 ** 9))
+        new_text = timed(lambda: mapper.query(next(fresh)), args.device, args.reps)
+        hits = len(mapper.query('chair').rows)
+        ms = lambda t: [round(1e3 * t[0], 1), round(1e3 * t[1], 1)]          # noqa: E731
+        emit(dict(env(args.device), section='query', voxels=V, dim=mapper.map.dim, texts=1 + len(negs),
+                  units='[wall ms, cpu ms]', query=ms(query), segment=ms(segment), query_new_text=ms(new_text),
+                  chair_voxels=hits, floor_fp16=ms(floors['float16']), floor_fp32=ms(floors['float32']),
+                  ratio=round(query[0] / floor[0], 2), ratio_cpu=round(query[1] / floor[1], 2)))
+        del mapper
+
+
+def bench_pooling(args) -> None:
+    from bm_pooling import run
+    embed = None
+    for affinity in ('fallback', 'learned'):
+        if affinity == 'learned':
+            from ov3d_ros.core.purification.student import load_student
+            embed = load_student('default', torch.device(args.device)).embed
+        for n in args.pool_sizes:
+            row = run(n, args.touched, 384, args.device, 18, 2, embed, False)
+            emit(dict(env(args.device), section='pooling', **row))
+
+
+def bench_clip(args) -> None:
+    from ov3d_ros.core.config import FeatureConfig
+    from ov3d_ros.core.features.clip_dense import OpenClipDenseExtractor
+    ex = OpenClipDenseExtractor(FeatureConfig(pretrained='none'), args.device)
+    rgb = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    low = torch.float16 if args.device.startswith('cuda') else torch.bfloat16
+    for dtype in (torch.float32, low):
+        ex.dtype = dtype
+        ex.model.to(dtype)
+        ex._pos_cache, ex._bias_cache = {}, {}
+        for side in args.clip_sizes:
+            ex.cfg.image_short_side = side
+            with torch.no_grad():
+                t, cpu = timed(lambda: ex.extract(rgb), args.device, args.clip_reps)
+            emit(dict(env(args.device), section='clip', model='ViT-B-16 (random weights)', dense=ex.dense_mode,
+                      image='640x480', short_side_px=side, tokens=list(ex.grid_size(480, 640)),
+                      dtype=str(dtype).split('.')[-1], per_keyframe_ms=round(1e3 * t, 1),
+                      per_keyframe_cpu_ms=round(1e3 * cpu, 1)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--only', nargs='+', default=['fusion', 'query', 'pooling', 'clip'],
+                   choices=['fusion', 'query', 'pooling', 'clip'])
+    p.add_argument('--frames', type=int, default=15, help='rendered 640x480 frames of the built-in scene')
+    p.add_argument('--voxel', type=float, default=0.05)
+    p.add_argument('--query-sizes', type=int, nargs='+', default=[100_000, 1_000_000])
+    p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--pool-sizes', type=int, nargs='+', default=[100_000, 1_000_000])
+    p.add_argument('--touched', type=int, default=15_000)
+    p.add_argument('--clip-sizes', type=int, nargs='+', default=[224, 336, 448])
+    p.add_argument('--clip-reps', type=int, default=2)
+    args = p.parse_args()
+    print(json.dumps(dict(env(args.device), cpu_count=__import__('os').cpu_count())), flush=True)
+    for section in args.only:
+        globals()[f'bench_{section}'](args)
+
+
+if __name__ == '__main__':
+    main()

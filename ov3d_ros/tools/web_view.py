@@ -1,0 +1,162 @@
+"""A browser view of a map with viser (``pip install viser``): the coloured voxels as a point cloud, a query box
+whose answer is highlighted with one box per object (connected component), and the label volume's class colours
+with their legend when the map has a vocabulary.
+
+    view = MapWebView(Mapper.from_file('room.ov3dmap', 'cpu'), port=8080)    # http://localhost:8080
+    view.show_query('sofa')                                                   # what typing in the box does
+
+viser serves its own prebuilt web client (three.js) and pushes scene updates over a websocket; nothing here
+draws by hand. Queries run under ``lock`` (pass the node's mapper lock when the map is live).
+"""
+from __future__ import annotations
+
+import html
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ov3d_ros.core.mapper import Mapper
+
+HIGHLIGHT_RGB = (255, 0, 255)       # answer voxels (a colour no generated scene uses)
+BOX_RGB = (255, 220, 0)             # object boxes
+
+
+@dataclass
+class Answer:
+    """The last query's answer: text, voxels, objects (connected components), source, error (if refused)."""
+
+    text: str
+    voxels: int = 0
+    objects: int = 0
+    source: str = ''
+    error: str = ''
+
+
+def import_viser():
+    try:
+        import viser
+    except ImportError:
+        raise RuntimeError('the browser view needs viser: pip install viser') from None
+    return viser
+
+
+class MapWebView:
+    """Serves ``mapper``'s map on http://host:port.
+
+    Args:
+        mapper: the map to show and query.
+        host, port: where to serve (127.0.0.1 = this machine only; 0.0.0.0 = the network).
+        max_points: voxels drawn at most (uniformly thinned above that).
+        min_object_voxels: connected components of the answer smaller than this get no box
+            (ov3d_ros.core.objects.extract_objects, with the map config's objects.gap_vox).
+        lock: held while reading the map (e.g. the node's mapper lock); default a private one.
+    """
+
+    def __init__(self, mapper: Mapper, host: str = '127.0.0.1', port: int = 8080, max_points: int = 400_000,
+                 min_object_voxels: int = 8, lock: Optional[threading.Lock] = None):
+        viser = import_viser()
+        self.mapper, self.max_points, self.min_object_voxels = mapper, max_points, min_object_voxels
+        self.lock = lock or threading.Lock()
+        self.answer: Optional[Answer] = None
+        self._answer_nodes: list = []
+        self._typing = threading.Lock()
+        self.answered = threading.Event()
+        self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        self.port = self.server.get_port()
+        self.server.scene.set_up_direction('+z')
+        gui = self.server.gui
+        self.query_box = gui.add_text('Query', '', hint='what to look for, e.g. "sofa"; Enter to search')
+        self.status = gui.add_markdown('Type a query.')
+        self.label_toggle = gui.add_checkbox('Label colours', False, visible=False)
+        self.legend = gui.add_html('', visible=False)
+        self.query_box.on_update(lambda event: self._on_typed())
+        self.label_toggle.on_update(lambda event: self._show_labels(self.label_toggle.value))
+        self.refresh()
+
+    @property
+    def url(self) -> str:
+        return f'http://localhost:{self.port}'
+
+    def refresh(self) -> None:
+        """(Re)draw the map, and the label colours and legend when the map has a vocabulary."""
+        with self.lock:
+            cloud = self.mapper.map_cloud(self.max_points)
+            labels, idx = self.mapper.label_cloud(self.max_points)
+            names = list(self.mapper.labels.names) if self.mapper.labels is not None else []
+            vs = self.mapper.map.voxel_size_m
+        scene = self.server.scene
+        self.map_node = scene.add_point_cloud('/map', cloud.xyz, cloud.rgb, point_size=vs,
+                                              point_shading='flat', precision='float32')
+        if len(cloud.xyz):
+            lo, hi = cloud.xyz.min(0), cloud.xyz.max(0)
+            centre, extent = (lo + hi) / 2, float(np.max(hi - lo))
+            cam = self.server.initial_camera
+            cam.look_at = centre
+            cam.position = centre + np.array([-0.15, -0.55, 0.85]) * max(extent, 1.0)
+        self.label_node = scene.add_point_cloud('/labels', labels.xyz, labels.rgb, point_size=vs,
+                                                point_shading='flat', precision='float32',
+                                                visible=self.label_toggle.value)
+        self.label_toggle.visible = bool(names)
+        if names:
+            from ov3d_ros.core.label_volume import class_colors
+            colors, present = class_colors(len(names)), np.bincount(idx, minlength=len(names))
+            items = ''.join(
+                f'<div style="display:flex;align-items:center;gap:6px;font-size:12px">'
+                f'<span style="width:12px;height:12px;background:rgb{tuple(int(c) for c in colors[k])}"></span>'
+                f'{html.escape(n)} <span style="opacity:.6">{present[k]}</span></div>'
+                for k, n in enumerate(names) if present[k])
+            self.legend.content = f'<div>{items}</div>'
+        self._show_labels(self.label_toggle.value)
+
+    def _show_labels(self, on: bool) -> None:
+        self.label_node.visible = on
+        self.map_node.visible = not on
+        self.legend.visible = on and self.label_toggle.visible
+
+    def _on_typed(self) -> None:
+        """The box sends every keystroke: answer only the latest text (stale callbacks return at once)."""
+        with self._typing:
+            if self.answer is None or self.answer.text != self.query_box.value.strip():
+                self.show_query(self.query_box.value)
+
+    def show_query(self, text: str) -> Answer:
+        """Answer ``text`` like ``/segment_by_text``: highlight its voxels and box its objects."""
+        from ov3d_ros.core.objects import extract_objects
+        text = (text or '').strip()
+        scene = self.server.scene
+        for node in self._answer_nodes:
+            node.remove()
+        self._answer_nodes = []
+        if not text:
+            self.answer = Answer('')
+            self.status.content = 'Type a query.'
+            return self.answer
+        try:
+            with self.lock:
+                res = self.mapper.query(text)
+                xyz = self.mapper.map.centers(res.rows).cpu().numpy()
+                objects = extract_objects(xyz, res.scores, self.mapper.map.voxel_size_m, text,
+                                          self.mapper.cfg.objects.gap_vox, self.min_object_voxels)
+                vs = self.mapper.map.voxel_size_m
+        except ValueError as e:
+            self.answer = Answer(text, error=str(e))
+            self.status.content = f'**{html.escape(text)}**: {html.escape(str(e))}'
+            self.answered.set()
+            return self.answer
+        if len(xyz):
+            self._answer_nodes.append(scene.add_point_cloud('/answer', xyz, np.array(HIGHLIGHT_RGB, np.uint8), point_size=1.3 * vs,
+                                  point_shading='flat', precision='float32'))
+        for i, obj in enumerate(objects):
+            self._answer_nodes.append(scene.add_box(
+                f'/objects/{i}', color=BOX_RGB, dimensions=tuple(obj.box_size), wireframe=True,
+                position=tuple(obj.box_center), cast_shadow=False, receive_shadow=False))
+        self.answer = Answer(text, len(xyz), len(objects), res.source)
+        self.status.content = (f'**{html.escape(text)}**: {len(xyz)} voxels, {len(objects)} objects '
+                               f'(from the {res.source})' if len(xyz) else f'**{html.escape(text)}**: no answer')
+        self.answered.set()
+        return self.answer
+
+    def close(self) -> None:
+        self.server.stop()

@@ -1,0 +1,77 @@
+"""The managed (lifecycle) mapping node over real ROS 2: configure → activate → map → deactivate → cleanup →
+configure again, driven through its lifecycle services from this process."""
+import time
+
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from rclpy.parameter import parameter_value_to_python
+from rclpy.parameter_client import AsyncParameterClient
+
+from ov3d_ros.tools.demo_client import DemoClient
+from ov3d_ros.tools.ros_graph import start_mapping_node, start_scene_player
+
+from conftest import private_domain
+
+
+def state(client) -> int:
+    return client.call(GetState, '/ov3d_mapping/get_state', GetState.Request()).current_state.id
+
+
+def change(client, transition: int) -> bool:
+    return client.call(ChangeState, '/ov3d_mapping/change_state',
+                       ChangeState.Request(transition=Transition(id=transition)), timeout_s=180.0).success
+
+
+def test_lifecycle_transitions_over_ros(tmp_path):
+    with private_domain() as env:
+        node = start_mapping_node(env, tmp_path / 'node.log', lifecycle=True)
+        client = DemoClient()
+        player = None
+        try:
+            assert state(client) == State.PRIMARY_STATE_UNCONFIGURED, node.log()
+            assert not client.client.wait_for_service(timeout_sec=1.0)      # no segment_by_text before configure
+            params = AsyncParameterClient(client.node, '/ov3d_mapping')
+            assert params.wait_for_services(30.0)
+            # configure loads the model; parameter services are in another callback group and keep answering
+            configure = client.node.create_client(ChangeState, '/ov3d_mapping/change_state')
+            assert configure.wait_for_service(timeout_sec=30.0)
+            pending = configure.call_async(ChangeState.Request(transition=Transition(
+                id=Transition.TRANSITION_CONFIGURE)))
+            got = params.get_parameters(['features.source'])
+            client.executor.spin_until_future_complete(got, timeout_sec=60.0)
+            assert parameter_value_to_python(got.result().values[0]) == 'simulated'
+            client.executor.spin_until_future_complete(pending, timeout_sec=180.0)
+            assert pending.result() is not None and pending.result().success, node.log()[-3000:]
+            assert state(client) == State.PRIMARY_STATE_INACTIVE
+            assert client.wait_for_service(node, 30.0)
+            r = client.query('sofa')
+            assert not r['success'] and 'empty' in r['message']
+
+            assert change(client, Transition.TRANSITION_ACTIVATE) and state(client) == State.PRIMARY_STATE_ACTIVE
+            player = start_scene_player(env, tmp_path / 'player.log', ['n_frames:=200', 'rate_hz:=6.0',
+                                                                       'width:=320', 'height:=240', 'loop:=true'])
+            end = time.monotonic() + 180
+            while time.monotonic() < end and not (client.status and client.status['keyframes'] >= 4):
+                client.spin(0.3)
+            assert client.status and client.status['keyframes'] >= 4, (client.status, node.log()[-3000:])
+
+            assert change(client, Transition.TRANSITION_DEACTIVATE) and state(client) == State.PRIMARY_STATE_INACTIVE
+            mapped = client.query('sofa', threshold=0.3)
+            assert mapped['success'], mapped['message']                   # the map stays while inactive
+            client.status = None
+            client.spin(3.0)
+            assert client.status is None                                   # no timers: no status while inactive
+
+            assert change(client, Transition.TRANSITION_CLEANUP) and state(client) == State.PRIMARY_STATE_UNCONFIGURED
+            assert 'cleanup: done' in node.log()
+            # configured again from scratch: an empty map
+            assert change(client, Transition.TRANSITION_CONFIGURE), node.log()[-3000:]
+            r = client.query('sofa')
+            assert not r['success'] and 'empty' in r['message'], r['message']
+            assert node.alive()
+        finally:
+            if player is not None:
+                player.stop()
+            client.close()
+            rc = node.stop(60.0)
+        assert rc == 0 and 'Traceback' not in node.log(), node.log()[-3000:]

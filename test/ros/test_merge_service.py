@@ -1,0 +1,40 @@
+"""The node's ~/merge_map service: another robot's map fused into the live map, refusals keep the map."""
+import time
+
+import numpy as np
+
+from ov3d_ros.core.map_io import load_map, save_map
+
+
+def test_merge_map_service_fuses_transformed_maps_and_refuses_incompatible_ones(saved_map, start_node, tmp_path):
+    from ov3d_ros.srv import MergeMap
+    path, voxels = saved_map
+    node, client = start_node([f'map_path:={path}', 'load_map_on_start:=true'])
+    end = time.monotonic() + 20
+    while time.monotonic() < end and not (client.status and client.status['voxels'] == voxels):
+        client.spin(0.3)
+    assert client.status and client.status['voxels'] == voxels, node.log()[-2000:]
+    # the same room seen by a second robot whose map frame is 40 m along x: the maps do not overlap
+    T = np.eye(4)
+    T[0, 3] = 40.0
+    out = tmp_path / 'merged.ov3dmap'
+    req = MergeMap.Request(paths=[str(path)], transforms=T.reshape(-1).tolist(), replace=False, out_path=str(out))
+    res = client.call(MergeMap, '/ov3d_mapping/merge_map', req)
+    assert res.success, res.message
+    assert res.voxels == 2 * voxels
+    merged, info, _ = load_map(out)
+    assert merged.size == 2 * voxels and len(info['merged_from']) == 2
+    xs = merged.centers()[:, 0]
+    assert float(xs.min()) < 10 < 30 < float(xs.max())
+    assert client.query('sofa')['success']
+    # another voxel size: refused with the reason, the live map is kept
+    vmap, info, extra = load_map(path)
+    vmap.voxel_size_m *= 2
+    other = tmp_path / 'coarse.ov3dmap'
+    save_map(other, vmap, info, extra)
+    res = client.call(MergeMap, '/ov3d_mapping/merge_map', MergeMap.Request(paths=[str(other)]))
+    assert not res.success and 'voxel size' in res.message and res.voxels == 2 * voxels
+    res = client.call(MergeMap, '/ov3d_mapping/merge_map',
+                      MergeMap.Request(paths=[str(path)], transforms=[1.0, 2.0, 3.0]))
+    assert not res.success and '16 per map' in res.message
+    assert node.alive()

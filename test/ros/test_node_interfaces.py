@@ -1,0 +1,176 @@
+"""The mapping node process over real ROS 2: live parameters, pose frames, start-up failure and a clean SIGINT."""
+import time
+
+import numpy as np
+import pytest
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rclpy.parameter import Parameter, parameter_value_to_python
+from rclpy.parameter_client import AsyncParameterClient
+
+from ov3d_ros.sim import default_camera
+from ov3d_ros.tools.ros_graph import start_mapping_node, start_scene_player
+
+from conftest import BadInputPublisher, private_domain
+
+
+@pytest.fixture(scope='module')
+def loaded(tmp_path_factory, request):
+    """A mapping node process resumed from a saved map of the built-in scene, a DemoClient and a parameter
+    client of the node: {'node', 'client', 'params', 'env', 'out'}."""
+    from ov3d_ros.tools.demo_client import DemoClient
+    saved = request.getfixturevalue('module_saved_map')
+    out = tmp_path_factory.mktemp('interfaces')
+    with private_domain() as env:
+        node = start_mapping_node(env, out / 'node.log', params=[f'map_path:={saved}', 'load_map_on_start:=true'])
+        client = DemoClient()
+        try:
+            assert client.wait_for_service(node, 120.0), node.log()
+            params = AsyncParameterClient(client.node, '/ov3d_mapping')
+            assert params.wait_for_services(30.0)
+            yield {'node': node, 'client': client, 'params': params, 'env': env, 'out': out}
+        finally:
+            client.close()
+            node.stop(60.0)
+
+
+@pytest.fixture(scope='module')
+def module_saved_map(tmp_path_factory):
+    from ov3d_ros.core.config import MapperConfig
+    from ov3d_ros.core.features import create_extractor
+    from ov3d_ros.core.mapper import Frame, Mapper
+    from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, render
+    cfg = MapperConfig()
+    cfg.features.source, cfg.features.sim_preset, cfg.map.device = 'simulated', 'clean', 'cpu'
+    mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
+    scene, cam = builtin_scene(0), default_camera(160, 120)
+    for i, T in enumerate(builtin_trajectory(scene, 12, 0)):
+        f = render(scene, cam, T)
+        mapper.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
+    path = tmp_path_factory.mktemp('map') / 'room.ov3dmap'
+    mapper.save(path)
+    return path
+
+
+def set_params(g, **values):
+    """Set parameters (``a__b`` for ``a.b``) one by one over /ov3d_mapping/set_parameters: [(ok, reason)]."""
+    params = [Parameter(k.replace('__', '.'), value=v) for k, v in values.items()]
+    future = g['params'].set_parameters(params)
+    g['client'].executor.spin_until_future_complete(future, timeout_sec=60.0)
+    assert future.result() is not None, 'set_parameters got no answer'
+    return [(r.successful, r.reason) for r in future.result().results]
+
+
+def set_atomically(g, **values):
+    """Set parameters (``a__b`` for ``a.b``) in one atomic call: (ok, reason)."""
+    future = g['params'].set_parameters_atomically([Parameter(k.replace('__', '.'), value=v)
+                                                    for k, v in values.items()])
+    g['client'].executor.spin_until_future_complete(future, timeout_sec=60.0)
+    return future.result().result.successful, future.result().result.reason
+
+
+def get_param(g, name):
+    future = g['params'].get_parameters([name])
+    g['client'].executor.spin_until_future_complete(future, timeout_sec=30.0)
+    return parameter_value_to_python(future.result().values[0])
+
+
+def test_live_parameter_changes_the_answer(loaded):
+    client = loaded['client']
+    before = client.query('sofa')
+    assert before['success'] and len(before['xyz']) > 50, before['message']
+    assert set_params(loaded, query__default_threshold=0.99) == [(True, '')]
+    assert get_param(loaded, 'query.default_threshold') == 0.99
+    strict = client.query('sofa')
+    assert strict['success'] and len(strict['xyz']) < len(before['xyz']) / 2, (len(strict['xyz']), len(before['xyz']))
+    assert np.all(strict['scores'] >= 0.99)
+    assert set_params(loaded, query__default_threshold=0.55) == [(True, '')]
+    assert len(client.query('sofa')['xyz']) == len(before['xyz'])
+    # purification switched on live: the map is re-pooled under the lock and queries keep working
+    assert set_params(loaded, purify__enabled=True) == [(True, '')]
+    purified = client.query('sofa')
+    assert purified['success'] and len(purified['xyz']) > 50, purified['message']
+    assert set_params(loaded, purify__enabled=False) == [(True, '')]
+    assert loaded['node'].alive()
+
+
+def test_read_only_and_invalid_values_are_refused_with_the_reason(loaded):
+    refused = set_params(loaded, map__voxel_size_m=0.1, features__source='clip', pose_source='bogus',
+                         load_map_on_start=False)
+    assert all(not ok and 'read-only' in reason for ok, reason in refused), refused
+    future = loaded['params'].describe_parameters(['map.voxel_size_m', 'map_path'])
+    loaded['client'].executor.spin_until_future_complete(future, timeout_sec=30.0)
+    voxel, path = future.result().descriptors
+    assert voxel.read_only and 'voxel grid' in voxel.description
+    assert path.read_only and 'restart the node' in path.description
+    for name, value, match in [('query.default_threshold', 1.5, 'query.default_threshold must be a number in [0, 1]'),
+                               ('keyframes.min_translation_m', -0.1, 'must be a finite number >= 0'),
+                               ('purify.affinity', 'bogus', "purify.affinity must be one of 'learned', 'fallback'"),
+                               ('query.templates', ['no placeholder'], 'exactly one {}'),
+                               ('map.max_depth_m', 0.05, 'must be below map.max_depth_m'),
+                               ('tick_rate_hz', 0.0, 'tick_rate_hz must be a finite number > 0'),
+                               ('query.default_threshold', 'high', 'Wrong parameter type'),
+                               ('pose_to_camera', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 'unit quaternion')]:
+        [(ok, reason)] = set_params(loaded, **{name.replace('.', '__'): value})
+        assert not ok and match in reason, (name, reason)
+    assert get_param(loaded, 'query.default_threshold') == 0.55
+    assert get_param(loaded, 'map.voxel_size_m') == 0.05
+    ok, reason = set_atomically(loaded, purify__enabled=True, purify__affinity='learned',
+                                purify__checkpoint='/nonexistent.safetensors')
+    assert not ok and 'purification settings not applied' in reason, reason
+    assert get_param(loaded, 'purify.enabled') is False
+    assert loaded['client'].query('sofa')['success'] and loaded['node'].alive()
+
+
+def test_pose_in_another_frame_is_reported_and_not_integrated(loaded):
+    client = loaded['client']
+    diags = []
+    client.node.create_subscription(DiagnosticArray, '/diagnostics', diags.append, 10)
+    pub = BadInputPublisher(client)
+    try:
+        rgb, depth = np.full((48, 64, 3), 90, np.uint8), np.full((48, 64), 1500, np.uint16)
+        for _ in range(4):
+            pub.send(rgb, depth, camera=default_camera(64, 48), pose_frame='odom')
+            client.spin(0.3)
+        status = pub.wait_for_error("pose frame 'odom' is not map_frame 'map' and no TF connects them")
+        assert status['cameras']['camera']['dropped'] >= 1 and status['keyframes'] == 0, status
+        end = time.monotonic() + 15
+        found = None
+        while time.monotonic() < end and found is None:
+            client.spin(0.3)
+            found = next((s for d in diags for s in d.status if s.name.endswith('camera camera')
+                          and "pose frame 'odom' is not map_frame 'map'" in s.message), None)
+        assert found is not None and found.level == DiagnosticStatus.WARN, [s.message for d in diags for s in d.status]
+    finally:
+        pub.close()
+    assert "pose frame 'odom' is not map_frame 'map'" in loaded['node'].log()
+
+
+def test_sigint_while_mapping_exits_cleanly(loaded):
+    """Last in the module: SIGINT while frames are integrated and the status timer publishes."""
+    client, node = loaded['client'], loaded['node']
+    player = start_scene_player(loaded['env'], loaded['out'] / 'player.log',
+                                ['n_frames:=200', 'rate_hz:=10.0', 'width:=160', 'height:=120', 'loop:=true'])
+    try:
+        keyframes = client.status['keyframes'] if client.status else 0
+        end = time.monotonic() + 120
+        while time.monotonic() < end and (not client.status or client.status['keyframes'] < keyframes + 3):
+            client.spin(0.3)
+        assert client.status['keyframes'] >= keyframes + 3, (client.status, node.log()[-2000:])
+        rc = node.stop(60.0)
+    finally:
+        player.stop()
+    log = node.log()
+    assert rc == 0, log[-3000:]
+    assert 'Traceback' not in log and 'Destroyable' not in log, log[-3000:]
+
+
+def test_start_up_failure_exits_non_zero_with_a_fatal_line(tmp_path):
+    with private_domain() as env:
+        node = start_mapping_node(env, tmp_path / 'bad.log', params=['pose_source:=bogus'])
+        try:
+            rc = node.proc.wait(120)
+        finally:
+            node.stop()
+    log = node.log()
+    assert rc == 1, log
+    assert '[FATAL]' in log and "pose_source must be one of 'tf', 'pose', 'odometry', got 'bogus'" in log, log
