@@ -89,12 +89,15 @@ train-models: setup
 	  --teacher ssl --teacher-checkpoint $(TRAIN_OUT)/teacher_s$$s.safetensors --seed $$s \
 	  $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_s$$s.safetensors || exit 1; done
 	$(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
+	  --teacher ssl --teacher-checkpoint $(TRAIN_OUT)/teacher_s0.safetensors --seed 0 --teacher-clusters 32 \
+	  $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_s0_k32.safetensors
+	$(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
 	  --teacher labels $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_oracle.safetensors
 	mkdir -p $(MODELS)/ablation
 	cp $(TRAIN_OUT)/teacher_s0.safetensors $(MODELS)/teacher_default.safetensors
 	cp $(TRAIN_OUT)/student_s0.safetensors $(MODELS)/affinity_default.safetensors
 	cp $(TRAIN_OUT)/student_s1.safetensors $(TRAIN_OUT)/student_s2.safetensors $(TRAIN_OUT)/student_oracle.safetensors \
-	  $(MODELS)/ablation/
+	  $(TRAIN_OUT)/student_s0_k32.safetensors $(MODELS)/ablation/
 
 # Scenes of the tuning and test splits, and the test split's features as 64-d precomputed ones of "another
 # model" (simulated features through a fixed random projection).
@@ -104,17 +107,20 @@ eval-scenes: setup
 	$(PY) -m ov3d_ros.eval.project_features $(EVAL_OUT)/test/scene_???? --out $(EVAL_OUT)/test_d64 --dim 64 \
 	  --config config/eval.yaml --set features.sim_patch_px=4
 
-# Ablations on the tuning split only (purification scale / iterations, query temperature).
+# Ablations on the tuning split only: student recipe (teacher features / k-means clusters of them), pooling
+# iterations T and scale, the oracle for reference; query temperature and threshold (synonym queries).
+ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
+K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
 eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_purify $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false --variant fallback purify.enabled=true purify.affinity=fallback purify.mode=whole \
-	  --variant T6_s20 $(WHOLE) purify.iterations=6 purify.scale=20.0 \
-	  --variant T18_s20 $(WHOLE) purify.iterations=18 purify.scale=20.0 \
-	  --variant T18_s40 $(WHOLE) purify.iterations=18 purify.scale=40.0 \
-	  --variant T18_s10 $(WHOLE) purify.iterations=18 purify.scale=10.0
+	  --variant oracle $(WHOLE) $(ORACLE) \
+	  $(foreach r,s0 s0_k32,$(foreach v,T18_s20 T6_s20 T36_s20 T18_s10 T18_s40,--variant $(r)_$(v) $(WHOLE) \
+	  $(if $(filter s0,$(r)),purify.checkpoint=default,$(K32)) \
+	  purify.iterations=$(subst T,,$(word 1,$(subst _, ,$(v)))) purify.scale=$(subst s,,$(word 2,$(subst _, ,$(v)))).0))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
-	  $(foreach t,0.15 0.03 0.01,$(foreach h,0.55 0.4 0.25,--variant T$(t)_thr$(h) $(WHOLE) query.temperature=$(t) \
-	  query.default_threshold=$(h)))
+	  $(foreach t,0.15 0.03 0.01,$(foreach h,0.55 0.4 0.25,--variant T$(t)_thr$(h) $(WHOLE) purify.checkpoint=default \
+	  query.temperature=$(t) query.default_threshold=$(h)))
 
 # The reported tables, on the test split only: shipped student with the default config (incremental) and
 # whole-map, its three training seeds, the fallback affinity, the oracle; the same checkpoint on 64-d features.
@@ -129,7 +135,7 @@ eval-test: eval-scenes
 	  --variant "oracle (labels teacher)" $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test_d64/scene_???? --out $(EVAL_OUT)/test_d64_table $(EVAL_ARGS) \
 	  --features precomputed --variant "raw, 64-d precomputed" purify.enabled=false \
-	  --variant "learned, same checkpoint" $(LEARNED) purify.mode=incremental purify.checkpoint=default
+	  --variant "learned, same checkpoint, whole" $(WHOLE) purify.checkpoint=default
 
 eval: eval-tune eval-test
 	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(EVAL_OUT)/test_table/table_ci.md $(EVAL_OUT)/test_d64_table/table_ci.md

@@ -23,10 +23,16 @@ import torch.nn.functional as F
 LINKED = ('color', 'depth', 'pose', 'intrinsic', 'label', 'instance', 'timestamps.txt', 'gt_points.npz')
 
 
-def projection_matrix(in_dim: int, out_dim: int, seed: int = 0) -> torch.Tensor:
-    """(in_dim, out_dim) fixed Gaussian matrix (columns scaled to unit expected norm)."""
+def projection_matrix(in_dim: int, out_dim: int, seed: int = 0, keep=None) -> torch.Tensor:
+    """(in_dim, out_dim) fixed random matrix with orthonormal columns; ``keep`` (in_dim,) is one of them (up to
+    sign) when given. Keeping the simulated source's image-modality direction g keeps its modality gap: texts
+    are orthogonal to g and stay orthogonal to its image, which a plain random projection would not guarantee
+    (then every text would get a random bias from the dominant g component of every feature)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(in_dim, out_dim, generator=g) / np.sqrt(out_dim)
+    G = torch.randn(in_dim, out_dim, generator=g, dtype=torch.float64)
+    if keep is not None:
+        G[:, 0] = torch.as_tensor(keep, dtype=torch.float64)
+    return torch.linalg.qr(G)[0].float()
 
 
 def project_folder(src: Path, dst: Path, dim: int, cfg, seed: int = 0) -> dict:
@@ -35,7 +41,10 @@ def project_folder(src: Path, dst: Path, dim: int, cfg, seed: int = 0) -> dict:
     source = open_input(src)
     names = [str(n) for n in source.gt_points()['names']]
     mapper = make_mapper(cfg, source, names)
-    R = projection_matrix(mapper.extractor.dim, dim, seed).to(mapper.device)
+    ext = mapper.extractor
+    keep = ext.modality_direction().cpu() if hasattr(ext, 'modality_direction') and \
+        ext.error_model().text_cosine < 1.0 else None
+    R = projection_matrix(mapper.extractor.dim, dim, seed, keep).to(mapper.device)
     dst.mkdir(parents=True, exist_ok=True)
     for item in LINKED:
         if (src / item).exists() and not (dst / item).exists():
