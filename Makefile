@@ -12,7 +12,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup browser demo test eval clean
+.PHONY: setup browser demo test eval eval-scenes eval-tune eval-test eval-bags train-models clean
 
 setup: $(STAMP_SRV) browser
 
@@ -56,20 +56,98 @@ test: setup
 demo: setup
 	$(PY) -m ov3d_ros.tools.demo --out $(DEMO_OUT)
 
-# The evaluation world: 10 unseen generated scenes (seeds 100-109) as folders and bags, SIMULATED 'clip'
-# teacher; raw fusion, the training-free and the learned affinity (folders), raw fusion again from the bags.
+# The evaluation protocol (README "Evaluation world"): three disjoint splits of generated scenes, SIMULATED
+# feature source (config/eval.yaml). Training scenes (0-3, 8-11) only for the teacher and the student, the tuning
+# split (200-203) for every hyperparameter and default, the test split (100-109) only for the reported tables.
+# `make train-models` (re)trains the shipped models (3 seeds + the oracle); `make eval` never trains.
 EVAL_OUT ?= eval_output
-EVAL_ARGS ?= --config config/eval.yaml --quiet
-eval: setup
-	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/scenes --count 10 --seed 100 --format both \
-	  --width 320 --height 240 --frames 60 --quiet
-	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/scenes/scene_01?? --out $(EVAL_OUT)/folders $(EVAL_ARGS) \
-	  --variant raw --variant fallback purify.enabled=true \
-	  --variant learned purify.enabled=true purify.affinity=learned purify.checkpoint=default
-	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/scenes/scene_01??_bag --out $(EVAL_OUT)/bags $(EVAL_ARGS) --variant raw
+TRAIN_OUT ?= train_output
+MODELS ?= ov3d_ros/models
+# 160x120 images fused at pixel stride 1 (the point density of 320x240 at stride 2), 4 px simulated patches
+EVAL_ARGS ?= --config config/eval.yaml --quiet --set map.pixel_stride=1 --set features.sim_patch_px=4
+SCENE_ARGS ?= --width 160 --height 120 --frames 20 --quiet
+TEST_SEED ?= 100
+TEST_COUNT ?= 10
+TUNE_SEED ?= 200
+TUNE_COUNT ?= 4
+TRAIN_BLOCKS ?= 0 8
+TRAIN_COUNT ?= 4
+TRAIN_SCENE_ARGS ?= --width 160 --height 120 --frames 16 --quiet
+TRAIN_SET ?= --cache $(TRAIN_OUT)/voxels
+TEACHER_ARGS ?= --steps 150 --max-voxels 12000 --pairs 512
+STUDENT_SCENES ?= $(TRAIN_OUT)/scenes/scene_0000
+STUDENT_ARGS ?= --steps 100 --max-tiles 1
+SEEDS ?= 0 1 2
+LEARNED := purify.enabled=true purify.affinity=learned
+WHOLE := $(LEARNED) purify.mode=whole
+
+train-models: setup
+	for b in $(TRAIN_BLOCKS); do $(PY) -m ov3d_ros.cli make-scenes --out $(TRAIN_OUT)/scenes --count $(TRAIN_COUNT) \
+	  --seed $$b $(TRAIN_SCENE_ARGS) || exit 1; done
+	for s in $(SEEDS); do $(PY) -m ov3d_ros.cli train-teacher $(TRAIN_OUT)/scenes/scene_00?? $(EVAL_ARGS) $(TRAIN_SET) --seed $$s $(TEACHER_ARGS) --out $(TRAIN_OUT)/teacher_s$$s.safetensors || exit 1; done
+	for s in $(SEEDS); do $(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
+	  --teacher ssl --teacher-checkpoint $(TRAIN_OUT)/teacher_s$$s.safetensors --seed $$s \
+	  $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_s$$s.safetensors || exit 1; done
+	$(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
+	  --teacher ssl --teacher-checkpoint $(TRAIN_OUT)/teacher_s0.safetensors --seed 0 --teacher-clusters 32 \
+	  $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_s0_k32.safetensors
+	$(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
+	  --teacher labels $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_oracle.safetensors
+	mkdir -p $(MODELS)/ablation
+	cp $(TRAIN_OUT)/teacher_s0.safetensors $(MODELS)/teacher_default.safetensors
+	cp $(TRAIN_OUT)/student_s0.safetensors $(MODELS)/affinity_default.safetensors
+	cp $(TRAIN_OUT)/student_s1.safetensors $(TRAIN_OUT)/student_s2.safetensors $(TRAIN_OUT)/student_oracle.safetensors \
+	  $(TRAIN_OUT)/student_s0_k32.safetensors $(MODELS)/ablation/
+
+# Scenes of the tuning and test splits, and the test split's features as 64-d precomputed ones of "another
+# model" (simulated features through a fixed random projection).
+eval-scenes: setup
+	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/test --count $(TEST_COUNT) --seed $(TEST_SEED) $(SCENE_ARGS)
+	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/tune --count $(TUNE_COUNT) --seed $(TUNE_SEED) $(SCENE_ARGS)
+	$(PY) -m ov3d_ros.eval.project_features $(EVAL_OUT)/test/scene_???? --out $(EVAL_OUT)/test_d64 --dim 64 \
+	  --config config/eval.yaml --set features.sim_patch_px=4
+
+# Ablations on the tuning split only: student recipe (teacher features / k-means clusters of them), pooling
+# iterations T and scale, the oracle for reference; query temperature and threshold (synonym queries).
+ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
+K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
+eval-tune: eval-scenes
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_purify $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false --variant fallback purify.enabled=true purify.affinity=fallback purify.mode=whole \
+	  --variant oracle $(WHOLE) $(ORACLE) \
+	  $(foreach r,s0 s0_k32,$(foreach v,T18_s20 T6_s20 T36_s20 T18_s10 T18_s40,--variant $(r)_$(v) $(WHOLE) \
+	  $(if $(filter s0,$(r)),purify.checkpoint=default,$(K32)) \
+	  purify.iterations=$(subst T,,$(word 1,$(subst _, ,$(v)))) purify.scale=$(subst s,,$(word 2,$(subst _, ,$(v)))).0))
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
+	  $(foreach t,0.15 0.03 0.01,$(foreach h,0.55 0.4 0.25,--variant T$(t)_thr$(h) $(WHOLE) purify.checkpoint=default \
+	  query.temperature=$(t) query.default_threshold=$(h)))
+
+# The reported tables, on the test split only: shipped student with the default config (incremental) and
+# whole-map, its three training seeds, the fallback affinity, the oracle; the same checkpoint on 64-d features.
+eval-test: eval-scenes
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test/scene_???? --out $(EVAL_OUT)/test_table $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false \
+	  --variant fallback purify.enabled=true purify.affinity=fallback purify.mode=whole \
+	  --variant "learned (shipped, default config)" $(LEARNED) purify.mode=incremental purify.checkpoint=default \
+	  --variant learned@s0 $(WHOLE) purify.checkpoint=default \
+	  --variant learned@s1 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s1.safetensors \
+	  --variant learned@s2 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s2.safetensors \
+	  --variant "oracle (labels teacher)" $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test_d64/scene_???? --out $(EVAL_OUT)/test_d64_table $(EVAL_ARGS) \
+	  --features precomputed --variant "raw, 64-d precomputed" purify.enabled=false \
+	  --variant "learned, same checkpoint, whole" $(WHOLE) purify.checkpoint=default
+
+eval: eval-tune eval-test
+	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(EVAL_OUT)/test_table/table_ci.md $(EVAL_OUT)/test_d64_table/table_ci.md
+
+# The same test scenes replayed from rosbag2 recordings (raw fusion), as a check of the bag reader.
+eval-bags: setup
+	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/test_bags --count $(TEST_COUNT) --seed $(TEST_SEED) \
+	  $(SCENE_ARGS) --format bag
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test_bags/scene_????_bag --out $(EVAL_OUT)/bags $(EVAL_ARGS) --variant raw
 
 clean:
-	rm -rf build $(DEMO_OUT) $(EVAL_OUT)
+	rm -rf build $(DEMO_OUT) $(EVAL_OUT) $(TRAIN_OUT)
 
 # Benchmark-only dependencies (never needed by `make test`): Open3D for benchmarks/bm_compare.py's fusion reference.
 .PHONY: bench-deps bench

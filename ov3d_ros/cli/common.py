@@ -153,7 +153,7 @@ def map_input(mapper: Mapper, source: Input, quiet: bool = False, frames: Option
     """Integrate every frame of ``source`` (or the ``frames`` range of them; keyframe rules apply); returns
     counts and timings."""
     import itertools
-    t0, times = time.perf_counter(), []
+    t0, times, purify = time.perf_counter(), [], []
     if mapper.cfg.features.source == 'precomputed' and not getattr(source.reader, 'has_features', True):
         raise CliError(f'{source.path}: --features precomputed needs features/NNNNNN.npy for every frame')
     indices = range(len(source))[frames or slice(None)]
@@ -169,7 +169,61 @@ def map_input(mapper: Mapper, source: Input, quiet: bool = False, frames: Option
         count += 1
         if mapper.integrate(frame):
             times.append(mapper.timings_s['total'])
+            purify.append(mapper.timings_s.get('purify', 0.0))
     return {'frames': count, 'keyframes': len(times), 'voxels': mapper.map.size,
             'keyframe_ms_mean': 1e3 * float(np.mean(times)) if times else None,
+            'purify_ms_mean': 1e3 * float(np.mean(purify)) if purify else None,
             'wall_s': time.perf_counter() - t0}
 
+
+
+def voxelise_input(source: Input, cfg: MapperConfig, quiet: bool = False):
+    """Fuse ``source`` into occupancy, colour and normals only (no 2D features): a
+    :class:`~ov3d_ros.core.purification.teacher.VoxelScene` with the voxels the mapper would make under ``cfg``
+    (same keyframe rules, depth limits, pixel stride, voxel size), for the 3D teacher and the geometry-only
+    student. Normals as purification computes them (``purify.radius_vox`` neighbourhoods)."""
+    import torch
+    from ov3d_ros.core.keyframes import KeyframeSelector
+    from ov3d_ros.core.lifting import lift_keyframe
+    from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
+    from ov3d_ros.core.purification.teacher import MAX_KEYFRAME_BITS, VoxelScene
+    from ov3d_ros.core.voxel_map import VoxelFeatureMap, unpack_keys
+    m = cfg.map
+    vmap = VoxelFeatureMap(m.voxel_size_m, 1, 'cpu', m.initial_capacity)
+    selector, seen, k = KeyframeSelector(cfg.keyframes), torch.zeros(0, dtype=torch.int64), 0
+    one = torch.ones(1, 1, 1)
+    for frame in progress(source, len(source), source.path.name, quiet):
+        if not selector.check(frame.T_W_C, frame.stamp_s):
+            continue
+        lifted = lift_keyframe(torch.from_numpy(np.array(frame.depth_m, dtype=np.float32, order='C')),
+                               torch.from_numpy(np.array(frame.rgb, order='C')), one, frame.camera,
+                               torch.from_numpy(np.asarray(frame.T_W_C, dtype=np.float64)),
+                               m.min_depth_m, m.max_depth_m, m.pixel_stride)
+        touched = vmap.integrate(lifted.points, lifted.features, lifted.colors)
+        if len(seen) < vmap.size:
+            seen = torch.cat([seen, torch.zeros(vmap.size - len(seen), dtype=torch.int64)])
+        seen[touched] |= 1 << (k % MAX_KEYFRAME_BITS)
+        selector.accept(frame.T_W_C, frame.stamp_s)
+        k += 1
+    rows = torch.arange(vmap.size)
+    offsets = ball_offsets(cfg.purify.radius_vox)
+    normals = estimate_normals(vmap, rows, neighbour_rows(vmap, rows, offsets), offsets)
+    return VoxelScene(source.path.name, unpack_keys(vmap.keys[:vmap.size]), vmap.colors[:vmap.size].clone(),
+                      normals, seen, k)
+
+
+def cached_voxel_scene(path, args, cfg: MapperConfig, cache_dir: Optional[Path]):
+    """:func:`voxelise_input` of the input at ``path``, read from / written to ``cache_dir`` when given (the file
+    name records the settings that change the voxels)."""
+    from ov3d_ros.core.purification.teacher import VoxelScene
+    m, k = cfg.map, cfg.keyframes
+    tag = (f'{Path(path).name}_v{m.voxel_size_m:g}_s{m.pixel_stride}_d{m.min_depth_m:g}-{m.max_depth_m:g}'
+           f'_k{k.min_translation_m:g}-{k.min_rotation_deg:g}-{k.max_interval_s:g}-{k.min_interval_s:g}'
+           f'_r{cfg.purify.radius_vox}.npz')
+    if cache_dir is not None and (Path(cache_dir) / tag).exists():
+        return VoxelScene.load(Path(cache_dir) / tag)
+    scene = voxelise_input(open_input(path, args), cfg, getattr(args, 'quiet', False))
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        scene.save(Path(cache_dir) / tag)
+    return scene

@@ -2,24 +2,34 @@
 
     ov3d eval scenes/scene_* --out results/ --features simulated
     ov3d eval scenes/scene_* --out results/ --variant raw --variant fine map.voxel_size_m=0.03
-    ov3d eval scenes/scene_* --out results/ --variant labels "labels.vocabulary=[gt]" --queries
     ov3d eval 'scenes/scene_*' --out results/ --serial          # one after another (default: one Ray task each)
+    ov3d eval --merge results_a/ results_b/ --out results/      # tables of runs over other scenes, combined
+    ov3d eval scenes/scene_* --out results/ --variant labels "labels.vocabulary=[gt]" --queries
 
 Each input (dataset folder or bag with gt_points.npz) is mapped with the config (+ each variant's
 overrides); every GT point is labelled from its nearest observed voxel with the GT class names as vocabulary
 (unobserved points count as misses; 'unlabeled' points are ignored). Rows of the table are variants.
 ``labels.vocabulary=[gt]`` gives the map a label volume over the GT class names (then the labels come from
 it). ``--queries`` also asks the synonym and paraphrase queries of ov3d_ros.eval.queries (recall, precision).
-Several (input, variant) pairs run as one Ray task each (``ov3d_ros.cli.batch``; ``--serial`` runs them in
-this process) with the same numbers; a failing input is reported by name and left out of the table, and the
-command then exits with status 2.
+
+Variants whose mapping is the same (purification off or ``purify.mode=whole``, no label volume, same map /
+keyframe / feature settings) share one mapping pass per scene; whole-map pooling then runs on that map.
+Variants named ``NAME@TAG`` (e.g. ``learned@s0 learned@s1 learned@s2``: one per training seed) also get a
+combined row ``NAME (seeds)``: per-scene values averaged over the seeds, with the spread over seeds. table_ci.md
+gives per-scene means with 95 % confidence intervals and paired differences to the first variant.
+
+Each input runs as one Ray task with all its variants (``ov3d_ros.cli.batch``; ``--serial`` runs them in this
+process) with the same numbers; a failing input is reported by name and left out of the table, and the command
+then exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +38,18 @@ from ov3d_ros.cli.batch import Job, Outcome, add_batch_arguments, expand_inputs,
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, make_mapper,
                                  map_input, open_input)
 from ov3d_ros.core.config import parse_overrides, update_from_dict
-from ov3d_ros.eval.metrics import aggregate, bar_chart_png, evaluate_scene, markdown_table, per_class_table
+from ov3d_ros.eval.metrics import (SCENE_METRICS, aggregate, bar_chart_png, ci_table, evaluate_scene, markdown_table,
+                                   mean_ci95, paired_difference, per_class_table, scene_statistics, seed_average)
 from ov3d_ros.eval.queries import SYNONYMS, query_scores, summarize
 
 IGNORED_NAMES = ('unlabeled', 'unannotated')
 
 
 def add_arguments(p) -> None:
-    p.add_argument('inputs', nargs='+', help='dataset folders or bags, each with gt_points.npz')
+    p.add_argument('inputs', nargs='*', help='dataset folders or bags, each with gt_points.npz')
+    p.add_argument('--merge', nargs='+', type=Path, metavar='DIR',
+                   help='instead of mapping: combine the per-scene results of earlier runs (their results.json; same '
+                        'variants, other scenes) into one set of tables')
     p.add_argument('--out', required=True, type=Path, help='output folder')
     p.add_argument('--variant', action='append', nargs='+', metavar=('NAME', 'SECTION.KEY=VALUE'),
                    help='a table row: a name and config overrides (repeatable; default one row "raw")')
@@ -62,69 +76,183 @@ def score_mapper(mapper, gt: dict) -> dict:
     return evaluate_scene(gt['xyz'], label, instance, pred, names)
 
 
-def eval_one(path: str, name: str, overrides: list, args: argparse.Namespace) -> dict:
-    """Map one input with a variant's overrides and score it against its ground truth."""
-    cfg = build_config(args)
-    update_from_dict(cfg, parse_overrides(overrides))
-    source = open_input(path, args, args.gt)
-    gt = source.gt_points()
-    if cfg.labels.vocabulary == ['gt']:
-        cfg.labels.vocabulary = [str(n) for n in gt['names'] if str(n) not in IGNORED_NAMES]
-    mapper = make_mapper(cfg, source, [str(n) for n in gt['names']])
-    stats = map_input(mapper, source, args.quiet, getattr(args, 'frames', None))
+def _mapping_key(cfg) -> str:
+    """What decides the fused map (everything but purification and queries)."""
+    d = asdict(cfg)
+    d.pop('purify')
+    d.pop('query')
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _shares_mapping(cfg) -> bool:
+    """Whether a variant's map is the raw fusion, pooled (if at all) only once before scoring."""
+    return not cfg.labels.vocabulary and (not cfg.purify.enabled or cfg.purify.mode == 'whole')
+
+
+def _map_variant(cfg, source, gt, args, cache: dict):
+    """(mapper, mapping stats) for one variant on one input; reuses a cached raw-fusion pass when it can."""
+    from ov3d_ros.core.mapper import Mapper
+    names = [str(n) for n in gt['names']]
+    if not _shares_mapping(cfg):
+        mapper = make_mapper(cfg, source, names)
+        stats = map_input(mapper, source, args.quiet, getattr(args, 'frames', None))
+        return mapper, stats
+    key = _mapping_key(cfg)
+    if key not in cache:
+        base_cfg = copy.deepcopy(cfg)
+        base_cfg.purify.enabled = False
+        base = make_mapper(base_cfg, source, names)
+        cache[key] = (base, map_input(base, source, args.quiet, getattr(args, 'frames', None)))
+    base, stats = cache[key]
+    if not cfg.purify.enabled:
+        base.cfg.query = copy.deepcopy(cfg.query)       # variants may differ in their query settings only
+        base._text_cache.clear()
+        return base, dict(stats)
+    pooled_key = key + json.dumps(asdict(cfg.purify), sort_keys=True)
+    if pooled_key in cache:                             # same pooling, other query settings
+        mapper, pooled_stats = cache[pooled_key]
+        mapper.cfg.query = copy.deepcopy(cfg.query)
+        mapper._text_cache.clear()
+        return mapper, dict(pooled_stats)
+    mapper = Mapper(cfg, base.extractor)
+    mapper.map, mapper.projection, mapper.num_keyframes = base.map, base.projection, base.num_keyframes
+    mapper._reset_purifier()
     t0 = time.perf_counter()
-    scene = score_mapper(mapper, gt)
-    scene.update(scene=str(path), variant=name, mapping=stats, eval_s=time.perf_counter() - t0,
-                 bytes_per_voxel=mapper.bytes_per_voxel())
-    if args.queries:
-        scene['queries'] = query_scores(mapper, gt, SYNONYMS, IGNORED_NAMES)
-    if args.save_maps:
-        mapper.save(args.out / 'maps' / f'{name}_{Path(path).name}.ov3dmap')
-    return scene
+    mapper.purify_all()
+    cache[pooled_key] = (mapper, dict(stats, whole_purify_s=time.perf_counter() - t0))
+    return mapper, dict(cache[pooled_key][1])
+
+
+def _timing(scenes: list) -> dict:
+    """Mean ms per keyframe (mapping, and of it purification) and whole-map pooling seconds over scenes."""
+    def mean(key):
+        vals = [s['mapping'].get(key) for s in scenes if s['mapping'].get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+    return {'keyframe_ms': mean('keyframe_ms_mean'), 'purify_ms': mean('purify_ms_mean'),
+            'whole_purify_s': mean('whole_purify_s')}
+
+
+def _merge(dirs) -> tuple:
+    """(variant names, {variant: per-scene dicts}) from earlier runs' results.json files."""
+    names, per_scene = None, {}
+    for d in dirs:
+        path = Path(d) / 'results.json'
+        if not path.exists():
+            raise CliError(f'{path}: no such file (run ov3d eval with --out {d} first)')
+        scenes = json.loads(path.read_text())['scenes']
+        if names is None:
+            names = list(scenes)
+        elif list(scenes) != names:
+            raise CliError(f'{path}: variants {list(scenes)} differ from {names}')
+        for name in names:
+            per_scene.setdefault(name, []).extend(scenes[name])
+    return names, per_scene
+
+
+def eval_scene(path: str, variants: list, args: argparse.Namespace) -> list:
+    """Map one input with every variant (sharing mapping passes where they can) and score each: one scene dict
+    per variant, in order."""
+    cache, out = {}, []
+    for name, *overrides in variants:
+        cfg = build_config(args)
+        update_from_dict(cfg, parse_overrides(overrides))
+        source = open_input(path, args, args.gt)
+        gt = source.gt_points()
+        if cfg.labels.vocabulary == ['gt']:
+            cfg.labels.vocabulary = [str(n) for n in gt['names'] if str(n) not in IGNORED_NAMES]
+        mapper, stats = _map_variant(cfg, source, gt, args, cache)
+        t0 = time.perf_counter()
+        scene = score_mapper(mapper, gt)
+        scene.update(scene=str(path), variant=name, mapping=stats, eval_s=time.perf_counter() - t0,
+                     bytes_per_voxel=mapper.bytes_per_voxel())
+        if args.queries:
+            scene['queries'] = query_scores(mapper, gt, SYNONYMS, IGNORED_NAMES)
+        if args.save_maps:
+            mapper.save(args.out / 'maps' / f'{name}_{Path(path).name}.ov3dmap')
+        out.append(scene)
+    return out
 
 
 def run(args) -> int:
-    variants = args.variant or [['raw']]
-    inputs = expand_inputs(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        if args.inputs:
+            raise CliError('give either inputs or --merge, not both')
+        names, per_scene = _merge(args.merge)
+        return write_tables(names, per_scene, args)
+    if not args.inputs:
+        raise CliError('no inputs given')
+    variants = args.variant or [['raw']]
+    names = [v[0] for v in variants]
+    if len(set(names)) != len(names):
+        raise CliError(f'variant names must be unique, got {names}')
+    inputs = expand_inputs(args.inputs)
     worker_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != 'run'})
-    batch = len(inputs) * len(variants) > 1
+    batch = len(inputs) > 1
     worker_args.quiet = args.quiet or (batch and not args.serial)     # workers: one bar over inputs, none per frame
-    jobs = [Job(f'[{name}] {path}', eval_one, (path, name, overrides, worker_args))
-            for name, *overrides in variants for path in inputs]
+    jobs = [Job(str(path), eval_scene, (path, variants, worker_args)) for path in inputs]
 
     def done(o):
         if not o.ok:
             print(f'ov3d eval: {o.name}: {o.error}', file=sys.stderr, flush=True)
             return
-        scene, stats = o.result, o.result['mapping']
-        print(f'[{scene["variant"]}] {Path(scene["scene"]).name}: mIoU {scene["miou"]:.1f}  '
-              f'boundary {scene["boundary_miou"] or 0:.1f}  frag {scene["fragmentation"] or 0:.2f}  '
-              f'({stats["keyframes"]} keyframes, {stats["voxels"]} voxels)', flush=True)
+        for scene in o.result:
+            stats = scene['mapping']
+            print(f'[{scene["variant"]}] {Path(scene["scene"]).name}: mIoU {scene["miou"]:.1f}  '
+                  f'boundary {scene["boundary_miou"] or 0:.1f}  frag {scene["fragmentation"] or 0:.2f}  '
+                  f'({stats["keyframes"]} keyframes, {stats["voxels"]} voxels)', flush=True)
 
-    if not batch:     # one input, one variant: errors end the command as before
-        outcomes = [Outcome(jobs[0].name, True, eval_one(*jobs[0].args))]
+    if not batch:     # one input: errors end the command as before
+        outcomes = [Outcome(jobs[0].name, True, eval_scene(*jobs[0].args))]
         done(outcomes[0])
     else:
         outcomes = run_jobs(jobs, args, build_config(args).map.device, done, 'scenes')
-    rows, per_scene, failed = {}, {}, []
-    for (name, *_), start in zip(variants, range(0, len(jobs), len(inputs))):
-        mine = outcomes[start:start + len(inputs)]           # input order, whatever order tasks finished in
-        per_scene[name] = [o.result for o in mine if o.ok]
-        failed += [{'input': o.name, 'error': o.error} for o in mine if not o.ok]
-        if not per_scene[name]:
-            continue
+    per_scene = {name: [o.result[k] for o in outcomes if o.ok] for k, name in enumerate(names)}
+    failed = [{'input': o.name, 'error': o.error} for o in outcomes if not o.ok]
+    if per_scene[names[0]]:
+        write_tables(names, per_scene, args, failed)
+    return report_failures(outcomes, 'eval')
+
+
+def write_tables(names: list, per_scene: dict, args, failed: list = ()) -> int:
+    """Aggregate per-scene results into results.json, table.md, table_ci.md and chart.png under ``args.out``."""
+    rows = {}
+    first = names[0]
+    for name in names:
         rows[name] = aggregate(per_scene[name])
         rows[name]['bytes_per_voxel'] = per_scene[name][0]['bytes_per_voxel']
-        if args.queries:
+        rows[name]['timing'] = _timing(per_scene[name])
+        if name != first:
+            rows[name]['vs_baseline'] = {k: paired_difference(per_scene[name], per_scene[first], k)
+                                         for k in ('miou', 'boundary_miou')}
+        if all('queries' in s for s in per_scene[name]):
             rows[name]['queries'] = summarize([q for s in per_scene[name] for q in s['queries']])
-    if rows:
-        table = markdown_table(rows)
-        first = next(iter(rows))
-        (args.out / 'table.md').write_text(table + f'\nPer class ({first}):\n\n' + per_class_table(rows[first]))
-        (args.out / 'results.json').write_text(json.dumps({'rows': rows, 'scenes': per_scene, 'failed': failed},
-                                                          indent=1))
-        bar_chart_png(str(args.out / 'chart.png'), rows)
-        print(table, end='')
-        print(f'wrote {args.out}/results.json, table.md, chart.png')
-    return report_failures(outcomes, 'eval')
+    ci_rows = {name: rows[name] for name in names}
+    groups = {}
+    for name in names:
+        if '@' in name:
+            groups.setdefault(name.split('@')[0], []).append(name)
+    for group, members in groups.items():
+        if len(members) < 2:
+            continue
+        avg = seed_average([per_scene[m] for m in members])
+        base = seed_average([per_scene[first]])
+        ci_rows[f'{group} ({len(members)} seeds)'] = {
+            'per_scene': scene_statistics(avg), 'num_scenes': len(avg), 'members': members,
+            'vs_baseline': {k: paired_difference(avg, base, k) for k in ('miou', 'boundary_miou')},
+            'seeds': mean_ci95([rows[m]['per_scene']['miou']['mean'] for m in members]),
+            'timing': _timing([s for m in members for s in per_scene[m]])}
+    table = markdown_table(rows)
+    (args.out / 'table.md').write_text(table + f'\nPer class ({first}):\n\n' + per_class_table(rows[first]))
+    ci = ci_table(ci_rows, first)
+    (args.out / 'table_ci.md').write_text(
+        f'Per-scene means over {len(per_scene[first])} scenes with 95 % confidence intervals (Student t); Δ: paired '
+        f'per-scene differences to {first}.\n\n' + ci)
+    (args.out / 'results.json').write_text(json.dumps({'rows': rows, 'ci_rows': ci_rows, 'scenes': per_scene,
+                                                       'metrics': list(SCENE_METRICS), 'failed': list(failed)},
+                                                      indent=1))
+    bar_chart_png(str(args.out / 'chart.png'), rows)
+    print(table, end='')
+    print(ci, end='')
+    print(f'wrote {args.out}/results.json, table.md, table_ci.md, chart.png')
+    return 0

@@ -5,7 +5,8 @@
     ov3d query scene_0000.ov3dmap "red chair" --out chair.ply
     ov3d label scene_0000.ov3dmap --vocab names.txt --points points.npz --out pred.npz
     ov3d eval scenes/scene_* --out results/ --features simulated
-    ov3d train-affinity scenes/scene_00* --val scenes/scene_01* --out affinity.safetensors --features simulated
+    ov3d train-teacher scenes/scene_00?? --out teacher.safetensors --config config/eval.yaml
+    ov3d train-affinity scenes/scene_000? --out affinity.safetensors --teacher ssl --teacher-checkpoint teacher.safetensors
     ov3d merge robot_a.ov3dmap robot_b.ov3dmap --out building.ov3dmap --transform 2 b_to_a.txt
     ov3d view building.ov3dmap                                   # browser view on http://localhost:8080
 """
@@ -14,11 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ov3d_ros.cli import evaluate, label, mapping, merge, query, scenes, train_affinity, view
+from ov3d_ros.cli import evaluate, label, mapping, merge, query, scenes, train_affinity, train_teacher, view
 from ov3d_ros.cli.common import CliError
 
 COMMANDS = {'make-scenes': scenes, 'map': mapping, 'query': query, 'label': label, 'eval': evaluate,
-            'train-affinity': train_affinity, 'merge': merge,
+            'train-teacher': train_teacher, 'train-affinity': train_affinity, 'merge': merge,
             'view': view}
 
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # recorded in checkpoints
     try:
         return int(args.run(args) or 0)
     except (CliError, ValueError, RuntimeError, OSError) as e:

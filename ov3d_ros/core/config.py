@@ -159,7 +159,8 @@ class PurifyConfig:
     """'learned' (student affinity network, needs ``checkpoint``) or 'fallback' (colour, normal and distance)."""
     checkpoint: str = 'default'
     """Student affinity network checkpoint (.safetensors with its config), for affinity 'learned'; 'default' = the
-    one shipped in ov3d_ros/models/."""
+    one shipped in ov3d_ros/models/: label-free, distilled from a self-supervised 3D teacher, reading only colour
+    and normals, so it serves every feature source and dimension (CLIP, simulated, precomputed, compressed)."""
     radius_vox: int = 2
     """Neighbourhood: occupied voxels within this many voxels (ball) of each voxel."""
     iterations: int = 18

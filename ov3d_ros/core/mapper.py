@@ -210,11 +210,11 @@ class Mapper:
         if self.cfg.purify.affinity == 'learned':
             from ov3d_ros.core.purification.student import load_student
             net = load_student(self.cfg.purify.checkpoint, self.device)
-            if 'features' in net.cfg.inputs and self.cfg.map.compress_dim > 0:
+            if net.reads_features and self.cfg.map.compress_dim > 0:
                 raise ValueError(f'purify.checkpoint {self.cfg.purify.checkpoint!r} reads voxel features, which '
                                  'map.compress_dim compresses; use a color,normal student, purify.affinity '
                                  'fallback, or map.compress_dim 0')
-            if 'features' in net.cfg.inputs and net.cfg.feature_dim != self.extractor.dim:
+            if net.reads_features and net.cfg.feature_dim != self.extractor.dim:
                 raise ValueError(f'purify.checkpoint {self.cfg.purify.checkpoint!r} was trained on {net.cfg.feature_dim}-d '
                                  f'features but {self.extractor.name} gives {self.extractor.dim}-d ones; train a '
                                  'student for these features (ov3d train-affinity) or use purify.affinity fallback')

@@ -156,12 +156,90 @@ def evaluate_scene(xyz: np.ndarray, gt_semantic: np.ndarray, gt_instance: np.nda
 
 def aggregate(scenes: List[dict]) -> dict:
     """Dataset metrics from summed confusion matrices (not a mean of per-scene mIoUs); fragmentation over all
-    instances of all scenes. Same keys as :func:`evaluate_scene` plus ``num_scenes``."""
+    instances of all scenes. Same keys as :func:`evaluate_scene` plus ``num_scenes`` and ``per_scene``: the mean
+    and 95 % confidence interval over scenes of each of :data:`SCENE_METRICS` (:func:`scene_statistics`)."""
     s = lambda key: np.sum([np.asarray(d[key], dtype=np.int64) for d in scenes], axis=0)  # noqa: E731
     out = _summary(scenes[0]["class_names"], s("confusion"), s("misses"), s("boundary_confusion"),
                    s("boundary_misses"), s("frag_components"), s("frag_instances"), s("frag_missed_instances"))
     out["num_scenes"] = sum(d.get("num_scenes", 1) for d in scenes)
+    out["per_scene"] = scene_statistics(scenes)
     return out
+
+
+SCENE_METRICS = ("miou", "macc", "boundary_miou", "fragmentation")
+"""Per-scene metrics summarised with a mean and a 95 % confidence interval."""
+
+
+def mean_ci95(values: Sequence[float]) -> dict:
+    """Mean and half-width of the two-sided 95 % confidence interval of the mean (Student's t, n - 1 degrees of
+    freedom) of ``values`` (None / NaN skipped): {'mean', 'ci95', 'std', 'n'}; ci95 None when n < 2."""
+    from scipy.stats import t
+    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], np.float64)
+    n = len(v)
+    if n == 0:
+        return {"mean": None, "ci95": None, "std": None, "n": 0}
+    std = float(v.std(ddof=1)) if n > 1 else None
+    ci = float(t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else None
+    return {"mean": float(v.mean()), "ci95": ci, "std": std, "n": n}
+
+
+def scene_statistics(scenes: List[dict], keys: Sequence[str] = SCENE_METRICS) -> dict:
+    """{metric: :func:`mean_ci95` over the scenes' values} for the ``keys`` every scene dict has."""
+    return {k: mean_ci95([d.get(k) for d in scenes]) for k in keys if all(k in d for d in scenes)}
+
+
+def paired_difference(scenes: List[dict], baseline: List[dict], key: str = "miou") -> dict:
+    """:func:`mean_ci95` of the per-scene differences ``scenes[i][key] - baseline[i][key]`` (matched by the
+    'scene' entry when both have one, else by position)."""
+    if all("scene" in d for d in scenes + baseline):
+        base = {d["scene"]: d.get(key) for d in baseline}
+        pairs = [(d.get(key), base.get(d["scene"])) for d in scenes]
+    else:
+        pairs = [(a.get(key), b.get(key)) for a, b in zip(scenes, baseline)]
+    return mean_ci95([a - b for a, b in pairs if a is not None and b is not None])
+
+
+def seed_average(runs: List[List[dict]], keys: Sequence[str] = SCENE_METRICS) -> List[dict]:
+    """Per-scene metrics averaged over training seeds: ``runs`` is one list of scene dicts per seed (same scenes);
+    returns one dict per scene with the seed-mean of each of ``keys`` (and its 'scene')."""
+    out = []
+    for i, first in enumerate(runs[0]):
+        row = {"scene": first.get("scene", i)}
+        for k in keys:
+            vals = [r[i].get(k) for r in runs if r[i].get(k) is not None]
+            row[k] = float(np.mean(vals)) if vals else None
+        out.append(row)
+    return out
+
+
+def _pm(stat: Optional[dict], digits: int = 1, signed: bool = False) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    ci = "" if stat.get("ci95") is None else f" ± {stat['ci95']:.{digits}f}"
+    return f"{stat['mean']:{sign}.{digits}f}{ci}"
+
+
+def ci_table(rows: Dict[str, dict], baseline: Optional[str] = None) -> str:
+    """Markdown table of per-scene means with 95 % confidence intervals (``row['per_scene']``), the paired
+    differences to ``baseline`` (``row['vs_baseline']``: {'miou': stat, 'boundary_miou': stat}), the seed spread
+    of multi-seed rows (``row['seeds']``: the mean_ci95 of the seeds' mean mIoUs) and ms per keyframe."""
+    head = ("| method | scenes | mIoU | boundary mIoU | fragmentation | Δ mIoU vs " + (baseline or "-") +
+            " | Δ boundary mIoU | seeds: mIoU over seeds | ms / keyframe (mapping, of which purification) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        ps, d = r.get("per_scene", {}), r.get("vs_baseline", {})
+        seeds = r.get("seeds")
+        seed_txt = f"{_pm(seeds)} (n = {seeds['n']})" if seeds else ""
+        t = r.get("timing", {})
+        ms = f"{t['keyframe_ms']:.0f} ({t['purify_ms']:.0f})" if t.get("keyframe_ms") is not None else ""
+        if t.get("whole_purify_s") is not None:
+            ms += f"{' + ' if ms else ''}whole map {t['whole_purify_s']:.1f} s"
+        lines.append(f"| {name} | {ps.get('miou', {}).get('n', r.get('num_scenes', ''))} | {_pm(ps.get('miou'))} | "
+                     f"{_pm(ps.get('boundary_miou'))} | {_pm(ps.get('fragmentation'), 2)} | "
+                     f"{_pm(d.get('miou'), signed=True) if d else ''} | "
+                     f"{_pm(d.get('boundary_miou'), signed=True) if d else ''} | {seed_txt} | {ms} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(x: Optional[float], digits: int = 1) -> str:

@@ -104,14 +104,61 @@ def test_precomputed_features_from_any_2d_model(scenes, tmp_path, capsys):
     assert 'features' in capsys.readouterr().err
 
 
-def test_train_affinity_writes_a_checkpoint_the_mapper_uses(scenes, tmp_path, capsys):
+def test_teacher_then_student_then_mapping_end_to_end(scenes, tmp_path, capsys):
+    """ov3d train-teacher (no labels) -> train-affinity --teacher ssl -> eval with the geometry-only student,
+    on simulated and on precomputed features of another dimension, with the same checkpoint."""
     pytest.importorskip('spconv')
-    ckpt = tmp_path / 'aff.safetensors'
+    from ov3d_ros.core.purification.student import load_student, student_notes
+    teacher, student = tmp_path / 'teacher.safetensors', tmp_path / 'student.safetensors'
     common = ['--set', 'keyframes.min_translation_m=0.0'] + SIM
-    assert main(['train-affinity', str(scenes / 'scene_0003'), '--val', str(scenes / 'scene_0003'), '--out', str(ckpt),
-                 '--steps', '2', '--anchors', '256', '--width', '8', '--blocks', '1', '--embed-dim', '8'] + common) == 0
+    assert main(['train-teacher', str(scenes / 'scene_0003'), '--val', str(scenes / 'scene_0003'), '--out', str(teacher),
+                 '--cache', str(tmp_path / 'cache'), '--steps', '2', '--width', '8', '--out-dim', '8', '--pairs', '64',
+                 '--max-voxels', '3000'] + common) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out['step'] == 2 and 0.0 <= out['val_accuracy'] <= 1.0 and ckpt.stat().st_size > 1000
-    assert main(['eval', str(scenes / 'scene_0003'), '--out', str(tmp_path / 'e'), '--variant', 'learned',
-                 'purify.enabled=true', 'purify.affinity=learned', f'purify.checkpoint={ckpt}'] + common) == 0
-    assert json.loads((tmp_path / 'e' / 'results.json').read_text())['rows']['learned']['miou'] > 0
+    assert out['step'] == 2 and out['train_voxels'] > 500 and 0 <= out['val_match_acc'] <= 1
+    assert list((tmp_path / 'cache').glob('scene_0003_*.npz'))            # fused once, reused below
+    assert main(['train-affinity', str(scenes / 'scene_0003'), '--out', str(student), '--cache', str(tmp_path / 'cache'),
+                 '--teacher', 'ssl', '--teacher-checkpoint', str(teacher), '--steps', '2', '--anchors', '256',
+                 '--width', '8', '--blocks', '1', '--embed-dim', '8'] + common) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out['teacher'] == 'ssl' and not out['oracle'] and out['data_fraction'] == pytest.approx(1.0)
+    notes = student_notes(student)
+    assert notes['command'].startswith('ov3d train-affinity') and notes['teacher_command'].startswith('ov3d train-teacher')
+    assert not load_student(student).reads_features
+    assert main(['eval', str(scenes / 'scene_0003'), '--out', str(tmp_path / 'e'), '--variant', 'raw',
+                 '--variant', 'learned', 'purify.enabled=true', 'purify.affinity=learned', f'purify.checkpoint={student}',
+                 '--variant', 'whole', 'purify.enabled=true', 'purify.affinity=learned', 'purify.mode=whole',
+                 f'purify.checkpoint={student}'] + common) == 0
+    res = json.loads((tmp_path / 'e' / 'results.json').read_text())
+    assert res['rows']['learned']['miou'] > 0 and res['rows']['whole']['miou'] > 0
+    assert res['rows']['learned']['vs_baseline']['miou']['n'] == 1
+    assert '| whole |' in (tmp_path / 'e' / 'table_ci.md').read_text()
+    # tables of runs over other scenes combine without mapping again
+    assert main(['eval', '--merge', str(tmp_path / 'e'), str(tmp_path / 'e'), '--out', str(tmp_path / 'm')]) == 0
+    merged = json.loads((tmp_path / 'm' / 'results.json').read_text())['rows']
+    assert merged['whole']['per_scene']['miou']['n'] == 2
+    assert merged['whole']['per_scene']['miou']['mean'] == pytest.approx(res['rows']['whole']['per_scene']['miou']['mean'])
+    # the same checkpoint on 64-d precomputed features of "another model" (simulated, randomly projected)
+    from ov3d_ros.eval.project_features import main as project
+    assert project([str(scenes / 'scene_0003'), '--out', str(tmp_path / 'd64'), '--dim', '64'] + SIM[:2]) == 0
+    assert main(['eval', str(tmp_path / 'd64' / 'scene_0003'), '--out', str(tmp_path / 'p'), '--features', 'precomputed',
+                 '--device', 'cpu', '--quiet', '--set', 'keyframes.min_translation_m=0.0', '--variant', 'raw',
+                 '--variant', 'learned', 'purify.enabled=true', 'purify.affinity=learned',
+                 f'purify.checkpoint={student}']) == 0
+    assert json.loads((tmp_path / 'p' / 'results.json').read_text())['rows']['learned']['miou'] > 0
+
+
+def test_labels_teacher_is_marked_as_an_oracle(scenes, tmp_path, capsys):
+    pytest.importorskip('spconv')
+    from ov3d_ros.core.purification.student import student_notes
+    ckpt = tmp_path / 'oracle.safetensors'
+    assert main(['train-affinity', str(scenes / 'scene_0003'), '--out', str(ckpt), '--teacher', 'labels',
+                 '--steps', '1', '--anchors', '128', '--width', '8', '--blocks', '1', '--embed-dim', '8',
+                 '--set', 'keyframes.min_translation_m=0.0'] + SIM) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    notes = student_notes(ckpt)
+    assert out['oracle'] and notes['oracle'] is True and notes['teacher'] == 'labels'
+    assert 'ORACLE' in notes['note'] and 'not label-free' in notes['note']
+    # the label-free default needs a teacher checkpoint, and says so
+    assert main(['train-affinity', str(scenes / 'scene_0003'), '--out', str(ckpt)] + SIM) == 2
+    assert '--teacher-checkpoint' in capsys.readouterr().err

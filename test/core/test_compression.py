@@ -103,9 +103,19 @@ def test_compressed_map_file_records_the_projection(pair, tmp_path):
     assert fresh.map.dim == 32 and fresh.projection is not None
 
 
-def test_learned_feature_student_refuses_compression():
+def test_learned_feature_student_refuses_compression(tmp_path):
+    """A student that reads the fused features cannot serve a compressed map (the shipped geometry-only one can)."""
+    pytest.importorskip('spconv')
+    from ov3d_ros.core.purification.student import StudentAffinityNet, StudentConfig, save_student
+    save_student(tmp_path / 'f.safetensors', StudentAffinityNet(StudentConfig(feature_dim=384, width=8, blocks=1)))
     cfg = MapperConfig()
     cfg.features.source, cfg.map.compress_dim = 'simulated', 64
     cfg.purify.enabled, cfg.purify.affinity = True, 'learned'
+    cfg.purify.checkpoint = str(tmp_path / 'f.safetensors')
     with pytest.raises(ValueError, match='compress_dim'):
         Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
+    cfg.map.compress_dim = 0
+    cfg.features.source = 'precomputed'
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+    with pytest.raises(ValueError, match='384-d'):
+        Mapper(cfg, PrecomputedFeatures(['a', 'b'], np.eye(2, 64, dtype=np.float32)))

@@ -308,14 +308,78 @@ def test_student_embeddings_repeat_exactly():
         torch.set_num_threads(threads)
 
 
-def test_shipped_checkpoint_loads_and_embeds():
+def test_shipped_checkpoint_is_a_geometry_only_label_free_student():
     pytest.importorskip('spconv')
-    from ov3d_ros.core.purification.student import DEFAULT_CHECKPOINT, load_student
+    from ov3d_ros.core.purification.student import DEFAULT_CHECKPOINT, load_student, student_notes
     assert DEFAULT_CHECKPOINT.stat().st_size < 20 * 2 ** 20
     net = load_student('default')
-    assert net.cfg.feature_dim == 384 and net.cfg.voxel_size_m == 0.05
-    m = VoxelFeatureMap(0.05, 384)
-    pts, feats = plane_map((0, 30), dim=384)
+    assert not net.reads_features and net.cfg.feature_dim == 0 and net.cfg.voxel_size_m == 0.05
+    notes = student_notes('default')
+    assert notes['teacher'] == 'ssl' and not notes['oracle'] and notes['command'].startswith('ov3d train-affinity')
+    m = VoxelFeatureMap(0.05, 7)
+    pts, feats = plane_map((0, 30), dim=7)
     m.integrate(pts * 0.05, feats, torch.rand(len(pts), 3) * 255)
     e = net.embed(m, torch.arange(len(m)), torch.tensor([[0.0, 0.0, 1.0]]).expand(len(m), -1))
     assert e.shape == (len(m), net.cfg.embed_dim) and torch.allclose(e.norm(dim=1), torch.ones(len(m)), atol=1e-4)
+
+
+def step_frame(k, rgb_w=64, rgb_h=48):
+    """A wall 2 m away with a box 1.5 m away on its lower left, seen from a camera sliding along x."""
+    import numpy as np
+    from ov3d_ros.core.camera import PinholeCamera
+    cam = PinholeCamera(40.0, 40.0, (rgb_w - 1) / 2, (rgb_h - 1) / 2, rgb_w, rgb_h)
+    depth = np.full((rgb_h, rgb_w), 2.0, np.float32)
+    labels = np.full((rgb_h, rgb_w), 1, np.uint16)
+    rgb = np.full((rgb_h, rgb_w, 3), 200, np.uint8)
+    depth[rgb_h // 2:, :rgb_w // 2], labels[rgb_h // 2:, :rgb_w // 2] = 1.5, 2
+    rgb[rgb_h // 2:, :rgb_w // 2] = (120, 70, 30)
+    T = np.eye(4)
+    T[0, 3] = 0.1 * k
+    return cam, depth, labels, rgb, T
+
+
+@pytest.mark.parametrize('source', ['simulated', 'precomputed64', 'clip512', 'compressed'])
+def test_the_same_shipped_student_purifies_any_feature_source_and_dimension(source):
+    """One checkpoint, no retraining: simulated 384-d, precomputed 64-d, CLIP ViT-B-16 512-d (random weights,
+    real architecture) and a map compressed to 16 dimensions, online (incremental) and offline (whole)."""
+    pytest.importorskip('spconv')
+    import numpy as np
+    from ov3d_ros.core.config import MapperConfig
+    from ov3d_ros.core.features import create_extractor
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+    from ov3d_ros.core.mapper import Frame, Mapper
+    names = ['unlabeled', 'wall', 'chair']
+    cfg = MapperConfig()
+    cfg.map.voxel_size_m, cfg.map.pixel_stride, cfg.keyframes.min_translation_m = 0.05, 1, 0.0
+    cfg.purify.enabled, cfg.purify.affinity, cfg.purify.checkpoint = True, 'learned', 'default'
+    cfg.purify.iterations = 2
+    vectors, ext = None, None
+    if source in ('simulated', 'compressed'):
+        cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
+        cfg.map.compress_dim = 16 if source == 'compressed' else 0
+    elif source == 'precomputed64':
+        vectors = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)
+        ext = PrecomputedFeatures(names, vectors)
+    else:
+        pytest.importorskip('open_clip')
+        from ov3d_ros.core.features.clip_dense import OpenClipDenseExtractor
+        torch.manual_seed(0)
+        cfg.features.model, cfg.features.pretrained, cfg.features.image_short_side = 'ViT-B-16', 'none', 64
+        ext = OpenClipDenseExtractor(cfg.features, 'cpu')
+    expected_dim = {'simulated': 384, 'precomputed64': 64, 'clip512': 512, 'compressed': 16}[source]
+    answers = {}
+    for mode in ('incremental', 'whole'):
+        cfg.purify.mode = mode
+        # a fresh simulated source per run: its seeded errors follow a per-keyframe counter
+        m = Mapper(cfg, ext if ext is not None else create_extractor(cfg.features, 'cpu', names))
+        for k in range(3):
+            cam, depth, labels, rgb, T = step_frame(k)
+            feats = vectors[labels][::4, ::4] if vectors is not None else None
+            assert m.integrate(Frame(rgb, depth, cam, T, float(k), labels if source != 'clip512' else None, feats))
+        raw, pooled = m.map.features[:len(m.map)].float(), m.query_features().float()
+        assert pooled.shape == (len(m.map), expected_dim) == raw.shape
+        assert torch.isfinite(pooled).all() and not torch.allclose(pooled, raw, atol=1e-3)
+        assert m.purifier.embeddings is not None and m.purifier.embeddings.shape[1] == m.purifier.embed.__self__.cfg.embed_dim
+        answers[mode] = pooled
+    err = (answers['incremental'] - answers['whole']).norm(dim=1) / answers['whole'].norm(dim=1).clamp_min(1e-6)
+    assert err.median() < 0.1

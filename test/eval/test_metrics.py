@@ -159,3 +159,40 @@ def test_bar_chart_png(tmp_path):
         assert img.format == "PNG" and img.size == (800, 420)
         colors = {c for _, c in img.convert("RGB").getcolors(1 << 20)}
     assert (66, 133, 244) in colors and (244, 160, 0) in colors
+
+
+def test_mean_ci95_known_values():
+    from ov3d_ros.eval.metrics import mean_ci95
+    s = mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, sample std sqrt(2.5), t(0.975, 4) = 2.7764
+    assert s['mean'] == pytest.approx(3.0) and s['n'] == 5
+    assert s['ci95'] == pytest.approx(2.7764 * np.sqrt(2.5) / np.sqrt(5), rel=1e-3)
+    assert mean_ci95([2.0])['ci95'] is None and mean_ci95([])['mean'] is None
+    assert mean_ci95([1.0, None, float('nan'), 3.0])['n'] == 2
+
+
+def test_paired_difference_and_seed_average():
+    from ov3d_ros.eval.metrics import ci_table, paired_difference, scene_statistics, seed_average
+    base = [{'scene': 'a', 'miou': 50.0}, {'scene': 'b', 'miou': 60.0}, {'scene': 'c', 'miou': 40.0}]
+    better = [{'scene': 'b', 'miou': 62.0}, {'scene': 'a', 'miou': 52.0}, {'scene': 'c', 'miou': 42.0}]
+    d = paired_difference(better, base)
+    assert d['mean'] == pytest.approx(2.0) and d['ci95'] == pytest.approx(0.0)   # matched by scene, not order
+    runs = [[{'scene': 'a', 'miou': 1.0}, {'scene': 'b', 'miou': 3.0}],
+            [{'scene': 'a', 'miou': 3.0}, {'scene': 'b', 'miou': 5.0}]]
+    avg = seed_average(runs, keys=('miou',))
+    assert [r['miou'] for r in avg] == [2.0, 4.0] and avg[1]['scene'] == 'b'
+    rows = {'raw': {'per_scene': scene_statistics(base, ('miou',))},
+            'better': {'per_scene': scene_statistics(better, ('miou',)), 'vs_baseline': {'miou': d}}}
+    table = ci_table(rows, 'raw')
+    assert '| raw | 3 | 50.0 ± 24.8 |' in table and '+2.0 ± 0.0' in table
+
+
+def test_aggregate_has_per_scene_confidence_intervals():
+    names = ['a', 'b']
+    xyz = np.random.default_rng(0).random((40, 3))
+    gt = np.array([0] * 20 + [1] * 20)
+    s1 = evaluate_scene(xyz, gt, np.zeros(40), gt, names)
+    s2 = evaluate_scene(xyz, gt, np.zeros(40), np.zeros(40, dtype=np.int64), names)
+    agg = aggregate([s1, s2])
+    assert agg['per_scene']['miou']['mean'] == pytest.approx((s1['miou'] + s2['miou']) / 2)
+    assert agg['per_scene']['miou']['n'] == 2 and agg['per_scene']['miou']['ci95'] > 0

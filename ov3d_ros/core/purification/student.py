@@ -1,6 +1,7 @@
 """The student affinity network (GeoPurify): sparse 3D convolutions on voxels -> unit embeddings.
 
-Input per voxel: any of the fused feature (D), colour (3, 0..1) and normal (3); a linear projection and a
+Input per voxel: any of the fused feature (D), colour (3, 0..1) and normal (3); the shipped student reads only
+colour and normals (geometry), so one checkpoint serves every feature source and dimension. A linear projection and a
 3x3x3 stem conv to ``width`` (the projection keeps a 512-d input cheap on a robot),
 ``blocks`` residual blocks (two 3x3x3 submanifold convs, BatchNorm, ReLU) and a 1x1x1 head to ``embed_dim``.
 Built on spconv (``spconv`` on CPU, ``spconv-cu12x`` on CUDA). Checkpoints are safetensors files with the
@@ -115,16 +116,32 @@ class StudentAffinityNet(nn.Module):
 
     def voxel_inputs(self, vmap: VoxelFeatureMap, rows: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
         """(R, in_channels) network inputs of map ``rows``; normals (R, 3)."""
-        parts = []
+        feats = None
         if 'features' in self.cfg.inputs:
             if vmap.dim != self.cfg.feature_dim:
                 raise ValueError(f'the student was trained on D={self.cfg.feature_dim} features, the map has D={vmap.dim}')
-            parts.append(F.normalize(vmap.features[rows].float(), dim=-1))
+            feats = vmap.features[rows]
+        return self.assemble_inputs(vmap.colors[rows], normals, feats)
+
+    def assemble_inputs(self, colors: torch.Tensor, normals: torch.Tensor,
+                        features: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, in_channels) network inputs from colours (R, 3) 0..255, normals (R, 3) and, for a student that
+        reads them, fused features (R, D)."""
+        parts = []
+        if 'features' in self.cfg.inputs:
+            if features is None:
+                raise ValueError('this student reads the fused features; none were given')
+            parts.append(F.normalize(features.float(), dim=-1))
         if 'color' in self.cfg.inputs:
-            parts.append(vmap.colors[rows].float() / 255.0)
+            parts.append(colors.float() / 255.0)
         if 'normal' in self.cfg.inputs:
             parts.append(normals.float())
         return torch.cat(parts, dim=1)
+
+    @property
+    def reads_features(self) -> bool:
+        """Whether the network takes the fused 2D feature as an input (then it only serves that feature space)."""
+        return 'features' in self.cfg.inputs
 
     @torch.no_grad()
     def embed(self, vmap: VoxelFeatureMap, rows: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
@@ -141,6 +158,14 @@ def save_student(path: str | Path, net: StudentAffinityNet, extra: dict | None =
     from safetensors.torch import save_file
     meta = {'config': json.dumps(asdict(net.cfg)), 'notes': json.dumps(extra or {})}
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+
+
+def student_notes(path: str | Path) -> dict:
+    """The training notes of a student checkpoint (teacher, data, command; ``oracle`` for label-distilled ones)."""
+    from safetensors import safe_open
+    path = DEFAULT_CHECKPOINT if str(path) == 'default' else Path(path)
+    with safe_open(str(path), 'pt') as f:
+        return json.loads((f.metadata() or {}).get('notes', '{}'))
 
 
 def load_student(path: str | Path, device: torch.device | str = 'cpu') -> StudentAffinityNet:
