@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import json
 import resource
+import signal
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -26,6 +28,7 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
@@ -573,12 +576,17 @@ def spin(node_factory, args=None) -> int:
     the reason) if the node cannot start."""
     node = executor = None
     try:
-        rclpy.init(args=args)
+        # SIGINT/SIGTERM raise KeyboardInterrupt/SystemExit here instead of shutting the context down under running
+        # callbacks (which then fail with "cannot use Destroyable because destruction was requested"): the
+        # executor below lets them finish with a live context, then the node and the context go.
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         node = node_factory()
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)     # returns often, so the Python signal handlers run
+    except (KeyboardInterrupt, SystemExit, ExternalShutdownException):
         pass
     except Exception as e:  # a configuration error: say why and exit non-zero
         msg = f'ov3d_mapping cannot start: {e}'

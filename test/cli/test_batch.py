@@ -8,7 +8,7 @@ from ov3d_ros.cli.main import main
 from ov3d_ros.core.map_io import load_map
 
 SIM = ['--features', 'simulated', '--device', 'cpu', '--quiet', '--set', 'keyframes.min_translation_m=0.0']
-TIMINGS = ('wall_s', 'keyframe_ms_mean', 'eval_s')
+TIMINGS = ('timing', 'purify_ms_mean', 'wall_s', 'keyframe_ms_mean', 'eval_s')
 
 
 @pytest.fixture(scope='module')
@@ -39,7 +39,7 @@ def test_eval_on_ray_equals_serial_and_names_a_failing_input(scenes, tmp_path, c
     serial = json.loads((tmp_path / 'serial' / 'results.json').read_text())
     ray = json.loads((tmp_path / 'ray' / 'results.json').read_text())
     assert [s['scene'] for s in ray['scenes']['raw']] == inputs
-    assert ray['failed'] == [{'input': f'[raw] {missing}', 'error': f'{missing}: no such file or directory'}]
+    assert ray['failed'] == [{'input': missing, 'error': f'{missing}: no such file or directory'}]
     assert _untimed(ray['rows']) == _untimed(serial['rows'])          # every metric, confusion matrices included
     assert _untimed(ray['scenes']) == _untimed(serial['scenes'])
     assert 0 < ray['rows']['raw']['miou'] <= 100
