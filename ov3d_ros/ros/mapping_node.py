@@ -571,6 +571,23 @@ class MappingNode(MappingInterface, Node):
         self._activate()
 
 
+def _drain(executor: MultiThreadedExecutor, node, timeout_s: float) -> None:
+    """Wait for the callbacks already handed to the executor's thread pool, while the executor is still whole.
+
+    ``MultiThreadedExecutor.shutdown`` (rclpy 9) destroys the executor's guard condition before it waits for its
+    threads, so a callback still queued in the pool fails when it signals that guard ("cannot use Destroyable
+    because destruction was requested") and the failure is printed as an exception never retrieved. Waiting
+    here first lets every queued callback run to its end; a callback that did fail is logged with its reason.
+    """
+    pending = list(getattr(executor, '_futures', ()))    # rclpy keeps the handlers it submitted there
+    end = time.monotonic() + timeout_s
+    for future in pending:
+        while not future.done() and time.monotonic() < end:
+            time.sleep(0.01)
+        if future.done() and not future.cancelled() and future.exception() is not None and node is not None:
+            node.get_logger().error(f'a callback failed during shutdown: {future.exception()}')
+
+
 def spin(node_factory, args=None) -> int:
     """Init, build the node, spin a multi-threaded executor until Ctrl-C or shutdown; 1 (and a FATAL line with
     the reason) if the node cannot start."""
@@ -585,7 +602,12 @@ def spin(node_factory, args=None) -> int:
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
         while rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)     # returns often, so the Python signal handlers run
+            try:
+                executor.spin_once(timeout_sec=0.1)     # returns often, so the Python signal handlers run
+            except ExternalShutdownException:
+                raise
+            except Exception as e:  # a callback that raised: say so, keep the node and its map
+                node.get_logger().error(f'a callback failed: {e!r}; the node keeps running')
     except (KeyboardInterrupt, SystemExit, ExternalShutdownException):
         pass
     except Exception as e:  # a configuration error: say why and exit non-zero
@@ -593,9 +615,10 @@ def spin(node_factory, args=None) -> int:
         (node.get_logger().fatal(msg) if node else rclpy.logging.get_logger('ov3d_mapping').fatal(msg))
         return 1
     finally:
-        # Let running callbacks finish before their node goes: destroying publishers under a running timer or
-        # service callback fails it with "cannot use Destroyable because destruction was requested".
+        # Let running and queued callbacks finish before their node goes: destroying publishers under a running
+        # timer or service callback fails it with "cannot use Destroyable because destruction was requested".
         if executor is not None:
+            _drain(executor, node, timeout_s=30.0)
             executor.shutdown()
         if node is not None:
             node.destroy_node()
