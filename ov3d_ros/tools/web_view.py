@@ -80,9 +80,19 @@ class MapWebView:
         self.host = host
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
         self.port = self.server.get_port()
-        if not next_free_port and port and self.port != port:      # taken between the check and the bind
-            self.server.stop()
-            raise RuntimeError(f'cannot serve on {host}:{port}: the port is in use')
+        try:
+            if not next_free_port and port and self.port != port:      # taken between the check and the bind
+                raise RuntimeError(f'cannot serve on {host}:{port}: the port is in use')
+            self._build()
+        except BaseException:
+            self.close()                    # no server left running behind a failed start
+            raise
+        if refresh_s > 0:
+            self._thread = threading.Thread(target=self._refresh_loop, name='ov3d-web-view-refresh', daemon=True)
+            self._thread.start()
+
+    def _build(self) -> None:
+        """The GUI panel and the first drawing of the map."""
         self.server.scene.set_up_direction('+z')
         gui = self.server.gui
         self.query_box = gui.add_text('Query', '', hint='what to look for, e.g. "sofa"; Enter to search')
@@ -92,9 +102,6 @@ class MapWebView:
         self.query_box.on_update(lambda event: self._on_typed())
         self.label_toggle.on_update(lambda event: self._show_labels(self.label_toggle.value))
         self.refresh()
-        if refresh_s > 0:
-            self._thread = threading.Thread(target=self._refresh_loop, name='ov3d-web-view-refresh', daemon=True)
-            self._thread.start()
 
     @property
     def url(self) -> str:

@@ -104,3 +104,11 @@ def test_a_live_map_is_redrawn_when_it_changes():
     finally:
         view.close()
     assert not view._thread and view.server is None
+
+
+def test_without_viser_the_view_says_what_to_install(room_mapper, monkeypatch):
+    import sys
+    from ov3d_ros.tools.web_view import MapWebView
+    monkeypatch.setitem(sys.modules, 'viser', None)             # what `import viser` meets where it is missing
+    with pytest.raises(RuntimeError, match='the browser view needs viser: pip install viser'):
+        MapWebView(room_mapper, port=0)
