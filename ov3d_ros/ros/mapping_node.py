@@ -2,8 +2,8 @@
 
 Callbacks only store messages. One timer (``tick``) pairs each camera's depth with its colour (and labels for the
 simulated source) and a pose, converts, and integrates keyframes; it is the only writer of the map besides the
-load and clear services (``map_persistence``) and live parameter changes. Services and publishers use the map
-under the same lock.
+load and clear services (``map_persistence``) and live parameter changes. Services, publishers and the optional
+browser view (``web_view``) use the map under the same lock.
 
 Two node classes share this behaviour (:class:`MappingInterface`): :class:`MappingNode` (plain; configured and
 active as soon as it is constructed) and ``lifecycle_mapping_node.LifecycleMappingNode`` (managed: the model loads

@@ -65,8 +65,8 @@ class WebViewInterface:
         with them; the previous page then stays."""
         new = {**self.settings, **changes}
         old, view = self.settings, self.view
-        restart = (view is None) != (not new['enabled']) or (
-            view is not None and (new['host'], new['port']) != (old['host'], old['port']))
+        serving = view is not None
+        restart = serving != new['enabled'] or (serving and (new['host'], new['port']) != (old['host'], old['port']))
         if not restart:
             if view is not None:
                 view.refresh_s = new['refresh_s']
@@ -104,7 +104,8 @@ class WebViewInterface:
     def status(self) -> dict:
         """``~/status``'s ``web_view``: enabled, url ('' when not serving), error, and the page's points, refreshes
         and last answer."""
-        state = self.view.state() if self.view is not None else {'url': ''}
+        view = self.view                    # a live change may replace it meanwhile
+        state = view.state() if view is not None else {'url': ''}
         return {'enabled': self.settings['enabled'], **state, 'error': self.error}
 
     def close(self) -> None:
