@@ -10,7 +10,6 @@ that cannot be served is refused with the reason and the previous page kept.
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 from rclpy.node import Node
 
