@@ -24,3 +24,55 @@ def map_builtin_room(vocabulary=()):
 def room_mapper_factory():
     """:func:`map_builtin_room` (a fixture, so that any test folder can build the room map)."""
     return map_builtin_room
+
+
+class Browser:
+    """A headless Chromium (selenium, software WebGL through SwiftShader) showing a viser page."""
+
+    def __init__(self, chromium: str, chromedriver: str):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.support.ui import WebDriverWait
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = chromium
+        for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--window-size=1000,700',
+                  '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist'):
+            opts.add_argument(a)
+        self.driver = webdriver.Chrome(service=Service(chromedriver), options=opts)
+        self.wait = WebDriverWait(self.driver, 120, poll_frequency=0.5)
+
+    def open(self, url: str) -> None:
+        """Load ``url`` and wait for the GUI panel and the 3D canvas."""
+        from selenium.webdriver.common.by import By
+        self.driver.get(url)
+        self.wait.until(lambda d: d.find_element(By.XPATH, "//label[normalize-space()='Query']"))
+        self.wait.until(lambda d: d.find_element(By.TAG_NAME, 'canvas'))
+
+    def control(self, label: str):
+        """The input element of the GUI control labelled ``label`` (text box, checkbox)."""
+        from selenium.webdriver.common.by import By
+        node = self.wait.until(lambda d: d.find_element(By.XPATH, f"//label[normalize-space()='{label}']"))
+        return node.find_element(By.XPATH, "./ancestor::div[contains(@class, 'mantine-Flex-root')][1]//input")
+
+    def text(self) -> str:
+        """The page's visible text."""
+        from selenium.webdriver.common.by import By
+        return self.driver.find_element(By.TAG_NAME, 'body').text
+
+    def close(self) -> None:
+        self.driver.quit()
+
+
+@pytest.fixture()
+def browser():
+    """A :class:`Browser`; the test is skipped where Debian's chromium and chromium-driver are not installed."""
+    import shutil
+    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+    chromedriver = shutil.which('chromedriver')
+    if not (chromium and chromedriver):
+        pytest.skip('needs Debian chromium and chromium-driver (make setup installs them with apt-get)')
+    b = Browser(chromium, chromedriver)
+    try:
+        yield b
+    finally:
+        b.close()

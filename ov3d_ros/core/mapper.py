@@ -582,8 +582,8 @@ class Mapper:
 
     def label_cloud(self, max_points: int = 0) -> Tuple[Segment, np.ndarray]:
         """Voxels with a class in the label volume, coloured by class (:func:`class_colors`; scores = the class's
-        share of the evidence), and their (M,) vocabulary indices. Empty without a vocabulary."""
-        if self.labels is None:
+        share of the evidence), and their (M,) vocabulary indices. Empty without a vocabulary or voxels."""
+        if self.labels is None or self.map.size == 0:
             return Segment(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), np.zeros(0, np.float32)), \
                 np.zeros(0, np.int64)
         labels, conf = self.label_classes()

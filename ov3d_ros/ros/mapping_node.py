@@ -2,8 +2,8 @@
 
 Callbacks only store messages. One timer (``tick``) pairs each camera's depth with its colour (and labels for the
 simulated source) and a pose, converts, and integrates keyframes; it is the only writer of the map besides the
-load and clear services (``map_persistence``) and live parameter changes. Services and publishers use the map
-under the same lock.
+load and clear services (``map_persistence``) and live parameter changes. Services, publishers and the optional
+browser view (``web_view``) use the map under the same lock.
 
 Two node classes share this behaviour (:class:`MappingInterface`): :class:`MappingNode` (plain; configured and
 active as soon as it is constructed) and ``lifecycle_mapping_node.LifecycleMappingNode`` (managed: the model loads
@@ -47,6 +47,7 @@ from ov3d_ros.ros.map_persistence import MapPersistence
 from ov3d_ros.ros.objects import ObjectsOutput
 from ov3d_ros.ros.params import (LIVE, check, check_node, declare, declare_config, mark_read_only, read_config,
                                  read_only_reason)
+from ov3d_ros.ros.web_view import WebViewInterface, declare_web_view
 from ov3d_ros.srv import SegmentByText
 
 POSE_SOURCES = ('tf', 'pose', 'odometry')
@@ -65,6 +66,7 @@ class MappingInterface:
     """
 
     mapper: Optional[Mapper] = None
+    web_view: Optional[WebViewInterface] = None
     tf_buffer = None
     _mapping_active = False
     _setting_descriptors = False
@@ -100,6 +102,7 @@ class MappingInterface:
         self.map_cloud_max_points = declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
         self.input_qos = declare(self, 'input_qos', 'sensor_data', "QoS of image inputs: 'sensor_data' or 'reliable'.")
         self.queue_size = declare(self, 'queue_size', 10, 'Messages kept per input topic while waiting for a partner.')
+        declare_web_view(self)
         check_node(self)
         if not self.cameras_ns or len(set(self.cameras_ns)) != len(self.cameras_ns):
             raise ValueError(f'cameras must be a list of distinct namespaces, got {self.cameras_ns}')
@@ -140,11 +143,31 @@ class MappingInterface:
             self._apply(new)
         except ValueError as e:
             return SetParametersResult(successful=False, reason=str(e))
+        except Exception as e:  # refused, never a node taken down by a parameter change
+            return SetParametersResult(successful=False, reason=f'{type(e).__name__}: {e}')
         self.get_logger().info('parameters changed: ' + ', '.join(f'{k}={v!r}' for k, v in new.items()))
         return SetParametersResult(successful=True)
 
     def _apply(self, new: dict) -> None:
         """Apply validated live values; ValueError (nothing changed) if the mapper cannot take them."""
+        web = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('web_view.')}
+        if web and self.web_view is None:      # configure is making it: it reads the new values
+            web = {}
+        if web:                                # may refuse: first (and undone if what follows refuses)
+            before = dict(self.web_view.settings)
+            self.web_view.apply(web)
+        try:
+            self._apply_map(new)
+        except ValueError:
+            if web:
+                try:
+                    self.web_view.apply(before)
+                except ValueError as e:
+                    self.get_logger().error(f'web view settings not restored: {e}')
+            raise
+
+    def _apply_map(self, new: dict) -> None:
+        """The mapper and node parts of :meth:`_apply`."""
         cfg = self.mapper.cfg
         with self._lock:
             if 'labels.vocabulary' in new:     # may refuse: first
@@ -154,7 +177,7 @@ class MappingInterface:
                 self.mapper.reconfigure_purification(replace(cfg.purify, **purify))
             for name, value in new.items():
                 section, _, key = name.partition('.')
-                if key and section not in ('purify', 'labels') or name in ('labels.smoothing_radius_vox',
+                if key and section not in ('purify', 'labels', 'web_view') or name in ('labels.smoothing_radius_vox',
                                                                            'labels.min_component_vox',
                                                                            'labels.feature_prior'):
                     setattr(getattr(cfg, section), key, value)
@@ -173,6 +196,8 @@ class MappingInterface:
             self._restart_timer('map')
         if 'map_cloud_max_points' in new and getattr(self, 'label_volume', None) is not None:
             self.label_volume.max_points = new['map_cloud_max_points']
+        if 'map_cloud_max_points' in new and self.web_view is not None:
+            self.web_view.set_max_points(new['map_cloud_max_points'])
 
     def _set_mounts(self, values) -> None:
         for i, cam in enumerate(self.cameras):
@@ -253,6 +278,10 @@ class MappingInterface:
         self.persistence = MapPersistence(self, self.mapper, self._lock)
         self.label_volume = LabelVolumeInterface(self, self.mapper, self._lock, self.map_frame,
                                                  self.map_cloud_max_points)
+        # last: nothing after it can fail, so a failed configure never leaves a page serving; a page that cannot
+        # be served is logged and reported, and the node maps on
+        self.web_view = WebViewInterface(self, self.mapper, self._lock, declare_web_view(self),
+                                         self.map_cloud_max_points)
 
     def _activate(self) -> None:
         """Subscribe to the inputs and start the processing, status and map timers."""
@@ -296,6 +325,7 @@ class MappingInterface:
 
     def _cleanup(self) -> None:
         """Release the map, the model, services and publishers."""
+        self._close_web_view()
         self._destroy_since(self._created.pop('configure'))
         with self._lock:
             self.mapper = None
@@ -307,6 +337,16 @@ class MappingInterface:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover
             pass
+
+    def _close_web_view(self) -> None:
+        if self.web_view is not None:
+            self.web_view.close()
+            self.web_view = None
+
+    def destroy_node(self) -> None:
+        """Stop the browser view (its server and refresh threads), then destroy the node."""
+        self._close_web_view()
+        super().destroy_node()
 
     # ------------------------------------------------------------------ inputs
     def _push_pose(self, msg) -> None:
@@ -525,7 +565,8 @@ class MappingInterface:
         return {**total, 'voxels': self.mapper.map.size, 'evicted_voxels': self.mapper.evicted_voxels,
                 'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_max_s': float(times.max()),
                 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                'last_error': self.last_error, 'cameras': cams}
+                'last_error': self.last_error, 'cameras': cams,
+                'web_view': self.web_view.status() if self.web_view is not None else None}
 
     def publish_status(self) -> None:
         """~/status (JSON) and /diagnostics (one status for the node: input and keyframe rates, voxels, memory,
@@ -547,7 +588,10 @@ class MappingInterface:
         else:
             level, message = 'ok', f'mapping: {status["voxels"]} voxels'
         stamp = self.get_clock().now().to_msg()
-        flat = {k: v for k, v in status.items() if k != 'cameras'}
+        flat = {k: v for k, v in status.items() if k not in ('cameras', 'web_view')}
+        web = status['web_view']
+        if web and web['enabled']:
+            flat['web_view'] = web['url'] or f'not serving: {web["error"]}'
         diag = conv.make_diagnostics(f'{self.get_name()}: mapping', level, message, {**rates, **flat}, stamp)
         for name, c in status['cameras'].items():
             f0, d0 = per_cam.get(name, (0, 0))

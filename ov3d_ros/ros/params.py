@@ -37,6 +37,7 @@ LIVE = frozenset({
     'labels.vocabulary', 'labels.smoothing_radius_vox', 'labels.min_component_vox', 'labels.feature_prior',
     'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
     'pose_to_camera', 'use_sim_time',
+    'web_view.enabled', 'web_view.host', 'web_view.port', 'web_view.refresh_s',
 })
 """Parameters a ``ros2 param set`` changes while the node runs."""
 
@@ -99,6 +100,15 @@ def _threshold(v) -> Optional[str]:
     return None if _finite(v) and 0.0 <= v <= 1.0 else 'must be a number in [0, 1]'
 
 
+def _port(v) -> Optional[str]:
+    return None if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535 else \
+        'must be a port number in [0, 65535] (0 = any free port)'
+
+
+def _host(v) -> Optional[str]:
+    return None if v.strip() and v == v.strip() else "must be an address or host name, e.g. '127.0.0.1' or '0.0.0.0'"
+
+
 def _pose_to_camera(v) -> Optional[str]:
     if len(v) == 0 or len(v) % 7 or not all(_finite(x) for x in v):
         return 'must be 7 finite numbers (x y z qx qy qz qw) per camera, or 7 for all cameras'
@@ -131,6 +141,7 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     'pose_source': _one_of('tf', 'pose', 'odometry'), 'input_qos': _one_of('sensor_data', 'reliable'),
     'color_transport': _one_of('raw', 'compressed'), 'depth_transport': _one_of('raw', 'compressedDepth'),
     'pose_to_camera': _pose_to_camera,
+    'web_view.host': _host, 'web_view.port': _port, 'web_view.refresh_s': _at_least(0.0, True),
 }
 """Per parameter: value -> None, or what is wrong with it."""
 

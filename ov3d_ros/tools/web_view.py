@@ -6,11 +6,16 @@ with their legend when the map has a vocabulary.
     view.show_query('sofa')                                                   # what typing in the box does
 
 viser serves its own prebuilt web client (three.js) and pushes scene updates over a websocket; nothing here
-draws by hand. Queries run under ``lock`` (pass the node's mapper lock when the map is live).
+draws by hand. Reads of the map run under ``lock``: for a live map (the mapping node's ``web_view.*``
+parameters) pass the node's mapper lock and ``refresh_s``, and a background thread redraws the map whenever it
+changed. The lock is held only to copy the points out and to run the query itself; drawing, object extraction and
+sending happen outside it.
 """
 from __future__ import annotations
 
+import errno
 import html
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -55,16 +60,39 @@ class MapWebView:
     """
 
     def __init__(self, mapper: Mapper, host: str = '127.0.0.1', port: int = 8080, max_points: int = 400_000,
-                 min_object_voxels: int = 8, lock: Optional[threading.Lock] = None):
+                 min_object_voxels: int = 8, lock: Optional[threading.Lock] = None, refresh_s: float = 0.0,
+                 next_free_port: bool = True):
         viser = import_viser()
         self.mapper, self.max_points, self.min_object_voxels = mapper, max_points, min_object_voxels
         self.lock = lock or threading.Lock()
+        self.refresh_s = refresh_s
         self.answer: Optional[Answer] = None
         self._answer_nodes: list = []
         self._typing = threading.Lock()
+        self._drawing = threading.Lock()
         self.answered = threading.Event()
+        self.points, self.refreshes, self.refresh_error = 0, 0, ''
+        self._drawn = None              # map version last drawn (see _version)
+        self._framed = False            # initial camera set (once, on the first non-empty map)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        check_address(host, port, next_free_port)
+        self.host = host
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
         self.port = self.server.get_port()
+        try:
+            if not next_free_port and port and self.port != port:      # taken between the check and the bind
+                raise RuntimeError(f'cannot serve on {host}:{port}: the port is in use')
+            self._build()
+        except BaseException:
+            self.close()                    # no server left running behind a failed start
+            raise
+        if refresh_s > 0:
+            self._thread = threading.Thread(target=self._refresh_loop, name='ov3d-web-view-refresh', daemon=True)
+            self._thread.start()
+
+    def _build(self) -> None:
+        """The GUI panel and the first drawing of the map."""
         self.server.scene.set_up_direction('+z')
         gui = self.server.gui
         self.query_box = gui.add_text('Query', '', hint='what to look for, e.g. "sofa"; Enter to search')
@@ -77,19 +105,48 @@ class MapWebView:
 
     @property
     def url(self) -> str:
-        return f'http://localhost:{self.port}'
+        host = self.host if self.host not in ('0.0.0.0', '::', '', '127.0.0.1', '::1') else 'localhost'
+        return f'http://[{host}]:{self.port}' if ':' in host else f'http://{host}:{self.port}'
 
-    def refresh(self) -> None:
-        """(Re)draw the map, and the label colours and legend when the map has a vocabulary."""
-        with self.lock:
-            cloud = self.mapper.map_cloud(self.max_points)
-            labels, idx = self.mapper.label_cloud(self.max_points)
-            names = list(self.mapper.labels.names) if self.mapper.labels is not None else []
-            vs = self.mapper.map.voxel_size_m
+    def _version(self) -> tuple:
+        """What the drawn map depends on (caller holds ``lock``): keyframes, voxels, vocabulary, drawn points."""
+        m = self.mapper
+        return (id(m.map), m.num_keyframes, m.map.size, tuple(m.labels.names) if m.labels is not None else (),
+                self.max_points)
+
+    def refresh(self, if_changed: bool = False) -> bool:
+        """(Re)draw the map, and the label colours and legend when the map has a vocabulary; with ``if_changed``
+        only when keyframes, voxels or the vocabulary changed since the last drawing. Whether it drew."""
+        with self._drawing:
+            with self.lock:
+                version = self._version()
+                if if_changed and version == self._drawn:
+                    return False
+                cloud = self.mapper.map_cloud(self.max_points)
+                labels, idx = self.mapper.label_cloud(self.max_points)
+                names = list(self.mapper.labels.names) if self.mapper.labels is not None else []
+                vs = self.mapper.map.voxel_size_m
+            self._draw(cloud, labels, idx, names, vs)
+            self._drawn, self.points = version, len(cloud.xyz)
+            self.refreshes += 1
+        return True
+
+    def _refresh_loop(self) -> None:
+        """Redraw a changed map every ``refresh_s`` until :meth:`close` (an error is kept in ``refresh_error``
+        and the next period tries again)."""
+        while not self._stop.wait(self.refresh_s):
+            try:
+                self.refresh(if_changed=True)
+                self.refresh_error = ''
+            except Exception as e:      # never let one failed drawing end the refreshes
+                self.refresh_error = f'{type(e).__name__}: {e}'
+
+    def _draw(self, cloud, labels, idx, names, vs) -> None:
         scene = self.server.scene
         self.map_node = scene.add_point_cloud('/map', cloud.xyz, cloud.rgb, point_size=vs,
                                               point_shading='flat', precision='float32')
-        if len(cloud.xyz):
+        if len(cloud.xyz) and not self._framed:
+            self._framed = True
             lo, hi = cloud.xyz.min(0), cloud.xyz.max(0)
             centre, extent = (lo + hi) / 2, float(np.max(hi - lo))
             cam = self.server.initial_camera
@@ -135,11 +192,13 @@ class MapWebView:
             return self.answer
         try:
             with self.lock:
+                if self.mapper.map.size == 0:
+                    raise ValueError('the map is empty: no keyframe integrated yet')
                 res = self.mapper.query(text)
                 xyz = self.mapper.map.centers(res.rows).cpu().numpy()
-                objects = extract_objects(xyz, res.scores, self.mapper.map.voxel_size_m, text,
-                                          self.mapper.cfg.objects.gap_vox, self.min_object_voxels)
-                vs = self.mapper.map.voxel_size_m
+                scores = res.scores.cpu().numpy()
+                vs, gap = self.mapper.map.voxel_size_m, self.mapper.cfg.objects.gap_vox
+            objects = extract_objects(xyz, scores, vs, text, gap, self.min_object_voxels)
         except ValueError as e:
             self.answer = Answer(text, error=str(e))
             self.status.content = f'**{html.escape(text)}**: {html.escape(str(e))}'
@@ -158,5 +217,39 @@ class MapWebView:
         self.answered.set()
         return self.answer
 
+    def state(self) -> dict:
+        """Where it serves and what it shows: url, points drawn, refreshes, the last answer, a refresh error."""
+        a = self.answer
+        return {'url': self.url, 'points': self.points, 'refreshes': self.refreshes,
+                'answer': {'text': a.text, 'voxels': a.voxels, 'objects': a.objects, 'error': a.error} if a else None,
+                'refresh_error': self.refresh_error}
+
     def close(self) -> None:
-        self.server.stop()
+        """Stop the refreshes and the server (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)       # at most one drawing in progress
+            self._thread = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def check_address(host: str, port: int, next_free_port: bool = True) -> None:
+    """RuntimeError saying why ``host:port`` cannot be served: a host that does not resolve or is not an address
+    of this machine, or (``next_free_port`` False) a port in use. viser would otherwise retry the next 1000 ports
+    of an unusable host and never return, or move to the next free port without saying so."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise RuntimeError(f'cannot serve on {host}:{port}: the host does not resolve ({e})') from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)        # as the server's own socket
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE and next_free_port:
+                    continue
+                why = 'the port is in use' if e.errno == errno.EADDRINUSE else e.strerror
+                raise RuntimeError(f'cannot serve on {host}:{port}: {why}') from None

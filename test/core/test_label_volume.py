@@ -160,3 +160,14 @@ def test_purified_label_volume_pools_the_distributions(tmp_path):
     m.save(tmp_path / 'p.ov3dmap')
     other = Mapper.from_file(tmp_path / 'p.ov3dmap', device='cpu')     # pooled again from the saved evidence
     assert torch.allclose(other.labels.pooled[:n], pooled[:n], atol=2e-3)
+
+
+def test_label_cloud_of_an_empty_map_is_empty():
+    """Before the first keyframe (a node's view or label topic drawing it), with neighbour smoothing on."""
+    cfg = MapperConfig()
+    cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
+    cfg.labels.vocabulary, cfg.labels.smoothing_radius_vox = ['wall', 'chair', 'plant'], 1
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
+    seg, idx = m.label_cloud(100)
+    assert seg.xyz.shape == (0, 3) and seg.rgb.shape == (0, 3) and idx.shape == (0,)
+    assert m.integrate(wall_frame()) and len(m.label_cloud(100)[1]) > 0

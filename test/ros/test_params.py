@@ -48,9 +48,10 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     cfg = MapperConfig()
     names = {f'{s.name}.{f.name}' for s in fields(cfg) for f in fields(getattr(cfg, s.name))}
     node_level = {'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
-                  'pose_to_camera', 'use_sim_time'}
+                  'pose_to_camera', 'use_sim_time', 'web_view.enabled', 'web_view.host', 'web_view.port',
+                  'web_view.refresh_s'}
     assert LIVE - names == node_level                   # no misspelt live name
-    assert {n for n in CHECKS if '.' in n} <= names
+    assert {n for n in CHECKS if '.' in n} <= names | node_level
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     try:
@@ -71,3 +72,6 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert check('pose_to_camera', [0.0] * 6 + [1.0]) is None
     assert 'unit quaternion' in check('pose_to_camera', [0.0] * 7)
     assert 'one of' in check('purify.mode', 'sometimes')
+    assert check('web_view.port', 0) is None and 'port number' in check('web_view.port', 65536)
+    assert 'port number' in check('web_view.port', True) and 'host name' in check('web_view.host', ' ')
+    assert 'web_view.refresh_s must be a finite number > 0' in check('web_view.refresh_s', 0.0)
