@@ -40,7 +40,7 @@ from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_argum
 from ov3d_ros.core.config import parse_overrides, update_from_dict
 from ov3d_ros.eval.metrics import (SCENE_METRICS, aggregate, bar_chart_png, ci_table, evaluate_scene, markdown_table,
                                    mean_ci95, paired_difference, per_class_table, scene_statistics, seed_average)
-from ov3d_ros.eval.queries import SYNONYMS, query_scores, summarize
+from ov3d_ros.eval.queries import SYNONYMS, query_scores, summarize, sweep_table
 
 IGNORED_NAMES = ('unlabeled', 'unannotated')
 
@@ -57,6 +57,9 @@ def add_arguments(p) -> None:
     p.add_argument('--save-maps', action='store_true', help='also write each map to OUT/maps/')
     p.add_argument('--queries', action='store_true',
                    help='also score the synonym / paraphrase queries (recall and precision per variant)')
+    p.add_argument('--query-thresholds', type=float, nargs='+', default=[], metavar='T',
+                   help='with --queries, also score every query at these score thresholds from one scoring pass '
+                        '(queries_sweep.md: recall, precision and F1 per variant and threshold)')
     add_config_arguments(p)
     add_input_arguments(p)
     add_batch_arguments(p)
@@ -166,7 +169,7 @@ def eval_scene(path: str, variants: list, args: argparse.Namespace) -> list:
         scene.update(scene=str(path), variant=name, mapping=stats, eval_s=time.perf_counter() - t0,
                      bytes_per_voxel=mapper.bytes_per_voxel())
         if args.queries:
-            scene['queries'] = query_scores(mapper, gt, SYNONYMS, IGNORED_NAMES)
+            scene['queries'] = query_scores(mapper, gt, SYNONYMS, IGNORED_NAMES, args.query_thresholds)
         if args.save_maps:
             mapper.save(args.out / 'maps' / f'{name}_{Path(path).name}.ov3dmap')
         out.append(scene)
@@ -251,6 +254,11 @@ def write_tables(names: list, per_scene: dict, args, failed: list = ()) -> int:
     (args.out / 'results.json').write_text(json.dumps({'rows': rows, 'ci_rows': ci_rows, 'scenes': per_scene,
                                                        'metrics': list(SCENE_METRICS), 'failed': list(failed)},
                                                       indent=1))
+    sweep = sweep_table(per_scene)
+    if sweep.count('\n') > 2:
+        (args.out / 'queries_sweep.md').write_text(
+            f'Synonym / paraphrase queries at each score threshold, means over {len(per_scene[first])} scenes with '
+            '95 % confidence intervals (Student t).\n\n' + sweep)
     bar_chart_png(str(args.out / 'chart.png'), rows)
     print(table, end='')
     print(ci, end='')

@@ -65,6 +65,27 @@ def test_eval_gives_the_same_numbers_from_folder_and_bag(scenes, tmp_path):
     assert '| raw |' in (tmp_path / 'f' / 'table.md').read_text()
 
 
+def test_query_threshold_sweep_scores_every_threshold_from_one_pass(scenes, tmp_path):
+    """--query-thresholds: answers are nested (recall never rises with the threshold), the default threshold's
+    numbers equal the sweep's at that threshold, and the sweep table is written."""
+    out = tmp_path / 'q'
+    args = ['--set', 'keyframes.min_translation_m=0.0', '--set', 'query.default_threshold=0.5'] + SIM
+    assert main(['eval', str(scenes / 'scene_0003'), '--out', str(out), '--queries',
+                 '--query-thresholds', '0.2', '0.5', '0.9'] + args) == 0
+    queries = json.loads((out / 'results.json').read_text())['scenes']['raw'][0]['queries']
+    assert queries, 'no synonym query has a target in the scene'
+    for q in queries:
+        sweep = q['sweep']
+        assert [s['threshold'] for s in sweep] == [0.2, 0.5, 0.9]
+        assert sweep[0]['recall'] >= sweep[1]['recall'] >= sweep[2]['recall'], q
+        assert sweep[0]['returned'] >= sweep[1]['returned'] >= sweep[2]['returned'], q
+        assert (q['recall'], q['precision'], q['returned']) == \
+            (sweep[1]['recall'], sweep[1]['precision'], sweep[1]['returned']), q
+    assert any(q['sweep'][0]['returned'] > q['sweep'][2]['returned'] for q in queries)
+    table = (out / 'queries_sweep.md').read_text()
+    assert '| raw | 0.2 |' in table and '| raw | 0.9 |' in table
+
+
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
     assert main(['map', str(tmp_path / 'nope'), '--out', str(tmp_path / 'x.ov3dmap')] + SIM) == 2
     assert 'no such file or directory' in capsys.readouterr().err
