@@ -255,5 +255,5 @@ def test_clear_radius_keeps_a_local_map_around_the_camera():
 
 def test_memory_report_covers_every_byte_of_bytes_per_voxel(mapper):
     report = mapper.memory_report()
-    assert report['map.features'] == 2 * mapper.map.dim and report['map.index'] > 0
+    assert report['features'] == 2 * mapper.map.dim and report['index'] > 0 and report['keys'] == 8
     assert round(sum(report.values())) == mapper.bytes_per_voxel()
