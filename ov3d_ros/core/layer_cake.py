@@ -257,6 +257,18 @@ class LayerCake:
         names = self.layers if names is None else names
         return {name: self.layers[name][:self.size].clone() for name in names}
 
+    def share(self, names: Optional[Iterable[str]] = None) -> 'LayerCake':
+        """A cake over the same index and the same tensors of the named layers (default: all; keys always), not
+        copies, whose own new layers stay its own: for readers that derive different layers from one map (e.g.
+        evaluation variants pooling one fused map with different settings). Neither may insert or keep rows
+        afterwards (the other would not follow)."""
+        out = LayerCake.__new__(LayerCake)
+        out.device, out.size, out._capacity, out.index = self.device, self.size, self._capacity, self.index
+        names = [self.KEYS] + [n for n in (self.layers if names is None else names) if n != self.KEYS]
+        out.specs = {n: self.specs[n] for n in names}
+        out.layers = {n: self.layers[n] for n in names}
+        return out
+
     def clear(self) -> None:
         """Remove every row (layers and allocation stay)."""
         self.size = 0

@@ -246,6 +246,14 @@ class VoxelFeatureMap:
         in every layer of the cake."""
         self.cake.keep(rows)
 
+    def share_fusion(self) -> 'VoxelFeatureMap':
+        """A map over the same fusion layers (same tensors, see :meth:`LayerCake.share`) with a cake of its own
+        for other layers; neither map may integrate or evict afterwards."""
+        out = VoxelFeatureMap.__new__(VoxelFeatureMap)
+        out.voxel_size_m, out.device, out.max_weight = self.voxel_size_m, self.device, self.max_weight
+        out.cake = self.cake.share(self.FIELDS + ('norms',))
+        return out
+
     def snapshot(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies of (centres (V,3), features (V,D) fp16, weights (V,), colors (V,3)) for readers."""
         s = self.cake.snapshot(('features', 'weights', 'colors'))

@@ -128,3 +128,12 @@ def test_load_state_validates_before_replacing():
     with pytest.raises(ValueError, match="'x' has shape"):
         cake.load_state({'keys': torch.tensor([1, 2]), 'x': torch.zeros(3)})
     assert cake.size == 3 and 'feat' in cake                         # unchanged
+
+
+def test_a_shared_cake_reads_the_same_rows_and_keeps_its_own_layers():
+    cake = cake_with_layers(5)
+    other = cake.share(['feat'])
+    assert other['feat'] is cake['feat'] and 'score' not in other
+    assert other.lookup(torch.tensor([103])).tolist() == [3]
+    other.add_layer('pooled', 4, torch.float16)[:5] = 1
+    assert 'pooled' not in cake and other.size == cake.size == 5
