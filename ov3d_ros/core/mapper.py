@@ -224,8 +224,8 @@ class Mapper:
 
     def purification_identity(self) -> Optional[dict]:
         """What the purified layers depend on besides the map: every ``purify`` setting but ``enabled``, with the
-        checkpoint named by its resolved path, size and sha256 (learned affinity). None without purification.
-        A map file whose identity matches is restored as saved; otherwise it is re-pooled."""
+        checkpoint named by its size and sha256 (learned affinity; wherever the file lies). None without
+        purification. A map file whose identity matches is restored as saved; otherwise it is re-pooled."""
         if self.purifier is None:
             return None
         from dataclasses import asdict
