@@ -118,7 +118,8 @@ def _map_variant(cfg, source, gt, args, cache: dict):
         mapper._text_cache.clear()
         return mapper, dict(pooled_stats)
     mapper = Mapper(cfg, base.extractor)
-    mapper.map, mapper.projection, mapper.num_keyframes = base.map, base.projection, base.num_keyframes
+    # the base map's fusion layers, shared; this variant's purification layers in a cake of its own
+    mapper.map, mapper.projection, mapper.num_keyframes = base.map.share_fusion(), base.projection, base.num_keyframes
     mapper._reset_purifier()
     t0 = time.perf_counter()
     mapper.purify_all()

@@ -22,21 +22,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ov3d_ros.core.layer_cake import LayerCake
 from ov3d_ros.core.lifting import CellFeatures
 
 
+LAYERS = ('label_evidence', 'label_pooled')
+"""The label volume's layers on the map's cake: label_evidence (V, K) float32 summed class probabilities;
+label_pooled (V, K) float32 pooled class distributions (only with purification)."""
+
+
 class LabelVolume:
-    """Class evidence rows aligned with the voxel map's rows.
+    """Class evidence in layers of the voxel map's cake (:data:`LAYERS`), so rows are the map's rows and
+    eviction reaches them through the cake.
 
     Args:
         names: the vocabulary (K class names).
         text: (K, D) text embeddings of ``names`` in the space of the features given to :meth:`integrate`.
         temperature: softmax temperature over cosine similarities (> 0).
-        device: torch device.
+        cake: the map's :class:`~ov3d_ros.core.layer_cake.LayerCake`.
+        restore: take the label layers the cake already holds (e.g. read from a map file; ValueError if they do
+            not have K columns) instead of starting from zero evidence.
     """
 
-    def __init__(self, names: Sequence[str], text: torch.Tensor, temperature: float,
-                 device: torch.device | str = 'cpu'):
+    def __init__(self, names: Sequence[str], text: torch.Tensor, temperature: float, cake: LayerCake,
+                 restore: bool = False):
         if not names:
             raise ValueError('the vocabulary is empty')
         if len(names) != text.shape[0]:
@@ -44,11 +53,25 @@ class LabelVolume:
         if not temperature > 0:
             raise ValueError(f'label temperature must be > 0, got {temperature}')
         self.names: List[str] = list(names)
-        self.device = torch.device(device)
+        self.cake = cake
+        self.device = cake.device
         self.text = text.to(self.device, torch.float32)
         self.temperature = float(temperature)
-        self.evidence = torch.zeros(0, len(self.names), device=self.device)
-        self.pooled: Optional[torch.Tensor] = None       # (capacity, K) pooled distributions, when purifying
+        k = len(self.names)
+        if restore:
+            for name in LAYERS:
+                spec = cake.specs.get(name)
+                if spec is not None and spec.width != k:
+                    raise ValueError(f'layer {name!r} has {spec.width} columns but the vocabulary {k} classes')
+        else:
+            for name in LAYERS:
+                cake.remove_layer(name)
+        cake.add_layer('label_evidence', k, torch.float32)
+
+    evidence = property(lambda self: self.cake['label_evidence'],
+                        doc='(capacity, K) float32 class evidence of every map row.')
+    pooled = property(lambda self: self.cake.get('label_pooled'),
+                      doc='(capacity, K) float32 pooled class distributions, or None without pooling.')
 
     def index(self, text: str) -> int:
         """Vocabulary index of ``text`` (case and surrounding space ignored), or -1."""
@@ -61,25 +84,18 @@ class LabelVolume:
 
     def _distributions(self, n: int) -> torch.Tensor:
         """(n, K) evidence of the first ``n`` rows normalised to sum 1 (0 for unobserved rows)."""
-        self._grow(n)
         ev = self.evidence[:n]
         return ev / ev.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def _grow(self, n: int) -> None:
-        """Room for ``n`` rows (capacity doubles; new rows are zero)."""
-        cap = self.evidence.shape[0]
-        if n > cap:
-            self.evidence = _grown(self.evidence, max(n, 2 * cap))
-            if self.pooled is not None:
-                self.pooled = _grown(self.pooled, self.evidence.shape[0])
-
     def enable_pooling(self) -> None:
         """Keep a pooled copy of the class distributions (filled by the purifier, see :meth:`channel`)."""
-        if self.pooled is None:
-            self.pooled = torch.zeros_like(self.evidence)
+        self.cake.add_layer('label_pooled', len(self.names), torch.float32)
+
+    def disable_pooling(self) -> None:
+        self.cake.remove_layer('label_pooled')
 
     def channel(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(distributions (n, K), pooled store) for :meth:`GeometryPooling.update`'s ``channels``."""
+        """(distributions (n, K), pooled layer (capacity, K)) for :meth:`GeometryPooling.update`'s ``channels``."""
         return self._distributions(n), self.pooled
 
     def probabilities(self, features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -87,9 +103,8 @@ class LabelVolume:
         text = self.text if text is None else text.to(self.device, torch.float32)
         return torch.softmax(F.normalize(features.float(), dim=-1) @ text.T / self.temperature, dim=-1)
 
-    def integrate(self, rows: torch.Tensor, cells: CellFeatures, map_size: int) -> None:
+    def integrate(self, rows: torch.Tensor, cells: CellFeatures) -> None:
         """Add one keyframe: ``rows`` (N,) the map row of each lifted point, ``cells`` their features."""
-        self._grow(map_size)
         p_cells = self.probabilities(cells.grid.to(self.device))                    # (M, K)
         w = cells.weights.to(self.device)
         w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
@@ -98,26 +113,33 @@ class LabelVolume:
 
     def recompute(self, features: torch.Tensor, weights: torch.Tensor, text: Optional[torch.Tensor] = None,
                   chunk: int = 262144) -> None:
-        """Evidence of every voxel from its (V, d) stored feature and (V,) observation weight; ``text`` (K, d)
-        the vocabulary in the stored features' space (default: the vocabulary's own embeddings)."""
-        self.evidence = torch.zeros(features.shape[0], len(self.names), device=self.device)
-        self.pooled = None if self.pooled is None else torch.zeros_like(self.evidence)
-        for s in range(0, features.shape[0], chunk):
-            self.evidence[s:s + chunk] = weights[s:s + chunk, None].to(self.device) * \
+        """Evidence of every voxel from its (V, d) stored feature and (V,) observation weight (V = the map's
+        size); ``text`` (K, d) the vocabulary in the stored features' space (default: the vocabulary's own
+        embeddings). Pooled distributions are cleared (the next pooling fills them)."""
+        v = features.shape[0]
+        self._check_rows(v)
+        ev = self.evidence
+        ev.zero_()
+        if self.pooled is not None:
+            self.pooled.zero_()
+        for s in range(0, v, chunk):
+            ev[s:min(s + chunk, v)] = weights[s:s + chunk, None].to(self.device) * \
                 self.probabilities(features[s:s + chunk].to(self.device), text)
 
     def load(self, evidence: torch.Tensor) -> None:
-        """Take saved (V, K) evidence (pooled distributions are recomputed by the next pooling)."""
+        """Take saved (V, K) evidence (V = the map's size; pooled distributions are cleared, the next pooling
+        fills them)."""
         if evidence.ndim != 2 or evidence.shape[1] != len(self.names):
             raise ValueError(f'evidence must be (V, {len(self.names)}), got {tuple(evidence.shape)}')
-        self.evidence = evidence.to(self.device, torch.float32).clone()
-        self.pooled = None if self.pooled is None else torch.zeros_like(self.evidence)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Follow :meth:`VoxelFeatureMap.keep`: keep ``rows`` only, compacted in that order."""
-        self.evidence = self.evidence[rows.to(self.device)].clone()
+        self._check_rows(evidence.shape[0])
+        self.evidence.zero_()
+        self.evidence[:evidence.shape[0]] = evidence.to(self.device, torch.float32)
         if self.pooled is not None:
-            self.pooled = self.pooled[rows.to(self.device)].clone()
+            self.pooled.zero_()
+
+    def _check_rows(self, v: int) -> None:
+        if v != self.cake.size:
+            raise ValueError(f'{v} rows of label evidence for a map of {self.cake.size} voxels')
 
     def classes(self, n: int, neighbours: Optional[torch.Tensor] = None, prior: Optional[torch.Tensor] = None,
                 chunk: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +148,6 @@ class LabelVolume:
         ``prior`` (n, K): class probabilities from another source multiplied in (then renormalised).
         ``neighbours`` (n, M) rows (-1 none; column 0 the voxel itself): each voxel's distribution is then
         averaged over its observed neighbours (a 3D majority filter that removes isolated wrong voxels)."""
-        self._grow(n)
         dist = self.pooled[:n] if self.pooled is not None else self._distributions(n)
         if prior is not None:
             dist = dist * prior
@@ -141,19 +162,9 @@ class LabelVolume:
         seen = self.evidence[:n].sum(dim=1) > 0
         return torch.where(seen, labels, torch.full_like(labels, -1)), torch.where(seen, conf, torch.zeros_like(conf))
 
-    def bytes_per_voxel(self) -> int:
-        return 4 * len(self.names) * (1 + (self.pooled is not None))
-
 
 def _key(name: str) -> str:
     return name.strip().lower()
-
-
-def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """``t`` padded with zero rows to ``rows`` rows."""
-    out = torch.zeros(rows, *t.shape[1:], dtype=t.dtype, device=t.device)
-    out[:t.shape[0]] = t
-    return out
 
 
 def class_colors(k: int) -> np.ndarray:

@@ -1,12 +1,18 @@
 """Map files: the voxel map and what is needed to query it, in one safetensors file.
 
 Format ``ov3d_ros.map`` version 1 (safetensors; loading never executes code):
-    tensors   keys (V,) int64 packed voxel coordinates, features (V, D) float16, weights (V,) float32,
-              colors (V, 3) float32 RGB, counts (V,) int32; optional extra tensors: text_vectors (K, D) of a
-              precomputed text table, projection (D, d) and projection_energy (d,) when features are compressed to d dims, label_evidence
-              (V, K) of the label volume (its vocabulary is info['vocabulary']).
-    metadata  format, format_version, voxel_size_m, dim, payload_sha256 (of the tensor data), info (JSON:
-              feature source, config, keyframe count, ... written by the caller).
+    tensors   the persisted layers of the map's :class:`~ov3d_ros.core.layer_cake.LayerCake`, one tensor each,
+              row-aligned: keys (V,) int64 packed voxel coordinates, features (V, D) float16, weights (V,) float32,
+              colors (V, 3) float32 RGB, counts (V,) int32, and those other integrators declared: label_evidence
+              (V, K) of the label volume (its vocabulary is info['vocabulary']); purified (V, D) float16, normals
+              (V, 3) float32, embeddings (V, E) float16 and label_pooled (V, K) of purification (with
+              info['purification'] saying which settings made them). Extra tensors that are not rows:
+              text_vectors (K, D) of a precomputed text table, projection (D, d) and projection_energy (d,) when
+              features are compressed to d dims.
+    metadata  format, format_version, voxel_size_m, dim, layers (JSON {name: {width, dtype, feature}} of the
+              layer tensors; files without it hold the fusion layers and, optionally, label_evidence),
+              payload_sha256 (of the tensor data), info (JSON: feature source, config, keyframe count, ... written
+              by the caller).
 Files are written atomically: a temporary file in the same folder, fsync, rename, fsync of the folder. A crash
 while saving leaves the previous file intact.
 """
@@ -18,7 +24,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load as st_load
@@ -28,6 +34,8 @@ from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 MAP_FORMAT = 'ov3d_ros.map'
 MAP_FORMAT_VERSION = 1
+LEGACY_EVIDENCE = 'label_evidence'
+"""The one layer besides the fusion layers that files written before the ``layers`` metadata may hold."""
 
 
 class MapFileError(ValueError):
@@ -39,15 +47,20 @@ def _payload_sha256(blob: bytes) -> str:
     return hashlib.sha256(blob[8 + header_len:]).hexdigest()
 
 
-def encode_map(voxel_map: VoxelFeatureMap, info: dict, extra: Optional[Dict[str, torch.Tensor]] = None) -> bytes:
-    """The bytes of a map file for ``voxel_map`` with caller ``info`` (JSON-serialisable) and extra tensors."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in voxel_map.state().items()}
+def encode_map(voxel_map: VoxelFeatureMap, info: dict, extra: Optional[Dict[str, torch.Tensor]] = None,
+               skip_layers: Sequence[str] = ()) -> bytes:
+    """The bytes of a map file for ``voxel_map`` (its persisted layers but ``skip_layers``) with caller ``info``
+    (JSON-serialisable) and extra tensors (not row-aligned)."""
+    cake = voxel_map.cake
+    tensors = {k: v.detach().cpu().contiguous() for k, v in cake.state(skip_layers).items()}
+    layers = {name: spec.to_json() for name, spec in cake.persisted(skip_layers).items()}
     for k, v in (extra or {}).items():
         if k in tensors:
             raise ValueError(f'extra tensor name {k!r} is reserved')
         tensors[k] = v.detach().cpu().contiguous()
     meta = {'format': MAP_FORMAT, 'format_version': str(MAP_FORMAT_VERSION),
-            'voxel_size_m': repr(voxel_map.voxel_size_m), 'dim': str(voxel_map.dim), 'info': json.dumps(info)}
+            'voxel_size_m': repr(voxel_map.voxel_size_m), 'dim': str(voxel_map.dim), 'layers': json.dumps(layers),
+            'info': json.dumps(info)}
     meta['payload_sha256'] = _payload_sha256(st_save(tensors, metadata=meta))
     return st_save(tensors, metadata=meta)
 
@@ -74,9 +87,9 @@ def write_atomic(path: str | Path, blob: bytes) -> None:
 
 
 def save_map(path: str | Path, voxel_map: VoxelFeatureMap, info: dict,
-             extra: Optional[Dict[str, torch.Tensor]] = None) -> int:
-    """Atomically write a map file; returns its size in bytes."""
-    blob = encode_map(voxel_map, info, extra)
+             extra: Optional[Dict[str, torch.Tensor]] = None, skip_layers: Sequence[str] = ()) -> int:
+    """Atomically write a map file (see :func:`encode_map`); returns its size in bytes."""
+    blob = encode_map(voxel_map, info, extra, skip_layers)
     write_atomic(path, blob)
     return len(blob)
 
@@ -124,7 +137,8 @@ def is_map_file(path: str | Path) -> bool:
 
 
 def load_map(path: str | Path, device: torch.device | str = 'cpu') -> Tuple[VoxelFeatureMap, dict, Dict[str, torch.Tensor]]:
-    """Read a map file: (voxel map on ``device``, info dict, extra tensors). Raises MapFileError."""
+    """Read a map file: (voxel map on ``device`` with every layer of the file in its cake, info dict, extra
+    tensors). Raises MapFileError."""
     path = Path(path)
     try:
         blob = path.read_bytes()
@@ -133,10 +147,18 @@ def load_map(path: str | Path, device: torch.device | str = 'cpu') -> Tuple[Voxe
     meta = read_header(blob, str(path))
     try:
         tensors = st_load(blob)
+        if 'layers' in meta:
+            layers = json.loads(meta['layers'])
+        else:                                   # written before the layer list: fusion layers and label evidence
+            layers = {k: {} for k in VoxelFeatureMap.FIELDS + (LEGACY_EVIDENCE,) if k in tensors}
         vmap = VoxelFeatureMap(float(meta['voxel_size_m']), int(meta['dim']), device, capacity=16)
-        vmap.load_state({k: tensors[k] for k in VoxelFeatureMap.FIELDS})
+        vmap.load_state({k: tensors[k] for k in layers if k in tensors},
+                        feature=[k for k, spec in layers.items() if spec.get('feature') and k != 'features'])
         info = json.loads(meta['info'])
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
         raise MapFileError(f'{path}: invalid map contents ({e})') from e
-    extra = {k: v for k, v in tensors.items() if k not in VoxelFeatureMap.FIELDS}
+    missing = [k for k in layers if k not in tensors]
+    if missing:
+        raise MapFileError(f'{path}: invalid map contents (layers {missing} listed but not stored)')
+    extra = {k: v for k, v in tensors.items() if k not in layers}
     return vmap, info, extra

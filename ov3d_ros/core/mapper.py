@@ -69,6 +69,7 @@ class Mapper:
         self.extractor = extractor
         self.device = extractor.device
         self.timings_s: Dict[str, float] = {}
+        self._checkpoint_ids: Dict[str, dict] = {}     # {purify.checkpoint: its identity}, see purification_identity
         self.purifier = self._make_purifier() if cfg.purify.enabled else None
         self.evicted_voxels = 0
         self._text_cache: Dict[tuple, torch.Tensor] = {}   # (text, augmentation) -> (D,)
@@ -170,7 +171,7 @@ class Mapper:
         touched = self.map.integrate(lifted.points, lifted.features, lifted.colors)
         if self.labels is not None:   # class probabilities from the full-dimension features
             cells = CellFeatures(feats.reshape(-1, feats.shape[-1]), lifted.features.cells, lifted.features.weights)
-            self.labels.integrate(self.map.rows_of(lifted.points), cells, self.map.size)
+            self.labels.integrate(self.map.rows_of(lifted.points), cells)
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
@@ -192,7 +193,7 @@ class Mapper:
 
     def _update_projection(self, samples: torch.Tensor) -> None:
         """Fit the feature compression on a keyframe's (N, D) features, or fold them into it (map.compress_*),
-        carrying the stored (and purified) features into the new basis."""
+        carrying every feature layer of the map (fused, purified) into the new basis."""
         if self.projection is None:
             self.projection = FeatureProjection.fit(samples, self.cfg.map.compress_dim)
             change = self.projection.matrix
@@ -201,8 +202,6 @@ class Mapper:
         else:
             return
         self.map.project(change)
-        if self.purifier is not None:
-            self.purifier.project(change)
 
     def _make_purifier(self):
         from ov3d_ros.core.purification.pooling import GeometryPooling
@@ -219,7 +218,47 @@ class Mapper:
                                  f'features but {self.extractor.name} gives {self.extractor.dim}-d ones; train a '
                                  'student for these features (ov3d train-affinity) or use purify.affinity fallback')
             embed = net.embed
+            from ov3d_ros.core.purification.student import checkpoint_identity
+            self._checkpoint_ids[str(self.cfg.purify.checkpoint)] = checkpoint_identity(self.cfg.purify.checkpoint)
         return GeometryPooling(self.cfg.purify, embed)
+
+    def purification_identity(self) -> Optional[dict]:
+        """What the purified layers depend on besides the map: every ``purify`` setting but ``enabled``, with the
+        checkpoint named by its size and sha256 (learned affinity; wherever the file lies). None without
+        purification. A map file whose identity matches is restored as saved; otherwise it is re-pooled."""
+        if self.purifier is None:
+            return None
+        from dataclasses import asdict
+        ident = asdict(self.cfg.purify)
+        ident.pop('enabled')
+        if self.cfg.purify.affinity == 'learned':     # of the weights loaded (read when the student was)
+            ident['checkpoint'] = self._checkpoint_ids[str(self.cfg.purify.checkpoint)]
+        else:
+            ident.pop('checkpoint')
+        return ident
+
+    def _restorable(self, vmap: VoxelFeatureMap, info: dict, labelled: bool) -> bool:
+        """Whether a loaded map's purification layers were made with the current settings and are complete, so
+        that they are used as saved instead of re-pooling the whole map."""
+        if self.purifier is None or vmap.size == 0 or info.get('purification') != self.purification_identity():
+            return False
+        need = {'purified': vmap.dim, 'normals': 3}
+        if self.purifier.embed is not None:
+            need['embeddings'] = None
+        if labelled:
+            need['label_pooled'] = len(info.get('vocabulary') or [])
+        return all(name in vmap.cake.specs and width in (None, vmap.cake.specs[name].width)
+                   for name, width in need.items())
+
+    def _purification_layers(self) -> Tuple[str, ...]:
+        from ov3d_ros.core.label_volume import LAYERS as LABEL_LAYERS
+        from ov3d_ros.core.purification.pooling import LAYERS
+        return LAYERS + LABEL_LAYERS[1:]
+
+    def _drop_purified(self) -> None:
+        """Remove the purification layers from the map (they do not match the current settings)."""
+        for name in self._purification_layers():
+            self.map.cake.remove_layer(name)
 
     def _reset_purifier(self) -> None:
         """Empty pooling state for a new map, keeping the loaded student (no checkpoint re-read)."""
@@ -290,6 +329,9 @@ class Mapper:
             self.cfg.purify = old
             raise ValueError(f'purification settings not applied: {e}') from e
         self.purifier, self._purified_stale = purifier, True
+        self._drop_purified()
+        if self.labels is not None and purifier is not None:
+            self.labels.enable_pooling()
         if cfg.mode == 'incremental':
             self.purify_all()
 
@@ -327,20 +369,30 @@ class Mapper:
         if len(names) > 1000 or any(len(n) > 200 for n in names):
             raise ValueError('vocabulary too large: at most 1000 names of at most 200 characters')
         if not names:
+            from ov3d_ros.core.label_volume import LAYERS
+            for name in LAYERS:
+                self.map.cake.remove_layer(name)
             self.cfg.labels.vocabulary, self.labels = [], None
             return
-        t = self.cfg.labels.temperature if self.cfg.labels.temperature > 0 else self.extractor.default_temperature
-        labels = LabelVolume(names, self.embed_texts(names), t, self.device)
-        if self.purifier is not None:
-            labels.enable_pooling()
+        if evidence is not None and tuple(evidence.shape) != (self.map.size, len(names)):
+            raise ValueError(f'evidence must be ({self.map.size}, {len(names)}), got {tuple(evidence.shape)}')
+        self._make_labels(names)
         if evidence is not None:
-            labels.load(evidence)
+            self.labels.load(evidence)
         elif self.map.size:
-            labels.recompute(self.query_features(), self.map.weights[:self.map.size],
-                             self.to_map_space(labels.text))
-        self.cfg.labels.vocabulary, self.labels = names, labels
+            self.labels.recompute(self.query_features(), self.map.weights[:self.map.size],
+                                  self.to_map_space(self.labels.text))
         if self.purifier is not None and self.map.size:
             self.purify_all()
+
+    def _make_labels(self, names: Sequence[str], restore: bool = False) -> None:
+        """A label volume over ``names`` on the map's cake (fresh, or the layers already there: ``restore``)."""
+        t = self.cfg.labels.temperature if self.cfg.labels.temperature > 0 else self.extractor.default_temperature
+        text = self.embed_texts(names)
+        self.labels = LabelVolume(names, text, t, self.map.cake, restore)
+        if self.purifier is not None:
+            self.labels.enable_pooling()
+        self.cfg.labels.vocabulary = list(names)
 
     def segment(self, text: str, negatives: Optional[Sequence[str]] = None, threshold: float = 0.0) -> Segment:
         """The answer of :meth:`query` as points: voxel centres, colours and scores."""
@@ -452,8 +504,13 @@ class Mapper:
             extra['projection'], extra['projection_energy'] = self.projection.matrix, self.projection.energy
         if self.labels is not None:
             info['vocabulary'] = self.labels.names
-            extra['label_evidence'] = self.labels.evidence[:self.map.size]
-        return save_map(path, self.map, info, extra)
+        skip: Tuple[str, ...] = ()
+        if self.purifier is not None and not (self.cfg.purify.mode == 'whole' and self._purified_stale) \
+                and 'purified' in self.map.cake:
+            info['purification'] = self.purification_identity()
+        else:                        # stale or absent: a loader re-pools
+            skip = self._purification_layers()
+        return save_map(path, self.map, info, extra, skip)
 
     def load(self, path) -> dict:
         """Replace the map with the one in ``path``; the current map is kept if the file is unusable.
@@ -475,16 +532,23 @@ class Mapper:
         if projection is not None and projection.out_dim != vmap.dim:
             raise MapFileError(f'{path}: projection to d={projection.out_dim} but features have d={vmap.dim}')
         vocabulary = list(info.get('vocabulary') or [])
-        evidence = extra.get('label_evidence')
-        if vocabulary and (evidence is None or tuple(evidence.shape) != (vmap.size, len(vocabulary))):
+        evidence = vmap.cake.get('label_evidence')
+        if vocabulary and (evidence is None or vmap.cake.specs['label_evidence'].width != len(vocabulary)):
             raise MapFileError(f'{path}: label evidence does not match {vmap.size} voxels x {len(vocabulary)} classes')
+        restore = self._restorable(vmap, info, bool(vocabulary))
         vmap.max_weight = float(self.cfg.map.max_weight)
         self.map, self.projection = vmap, projection
+        if not restore:
+            self._drop_purified()
+        if not vocabulary:
+            self.map.cake.remove_layer('label_evidence')
         self._reset_purifier()
         current, self.labels = list(self.cfg.labels.vocabulary), None
-        if vocabulary or current:          # the file's label volume, else the configured one recomputed
-            self.set_vocabulary(vocabulary or current, evidence if vocabulary else None)
-        if self.labels is None or vmap.size == 0:
+        if vocabulary:                     # the file's label volume
+            self._make_labels(vocabulary, restore=True)
+        elif current:                      # the configured one, recomputed from the stored features
+            self.set_vocabulary(current)
+        if not restore and (self.labels is None or vocabulary or vmap.size == 0):
             self.purify_all()
         self.cfg.map.voxel_size_m = vmap.voxel_size_m
         self.num_keyframes = int(info.get('keyframes', 0))
@@ -492,26 +556,14 @@ class Mapper:
         return info
 
     def bytes_per_voxel(self) -> int:
-        """Memory per voxel of everything the mapper keeps per row: map fields and index, label evidence,
-        purification state."""
-        total = self.map.bytes_per_voxel() + (self.labels.bytes_per_voxel() if self.labels is not None else 0)
-        p = self.purifier
-        if p is not None:
-            total += 2 * self.map.dim + 12 + 2 * (p.embeddings.shape[1] if p.embeddings is not None else 0)
-        return total
+        """Memory per voxel of everything the mapper keeps per row: every layer of the map and its index."""
+        return self.map.cake.bytes_per_voxel()
 
     def memory_report(self) -> Dict[str, float]:
-        """Bytes per voxel row of every layer kept for the current configuration: the map's fields and hash index
-        ('map.features', 'map.index', ...), purification state ('purified', 'normals', 'embeddings') and the label
-        volume ('label evidence')."""
-        out = {f'map.{k}': v for k, v in self.map.memory_report().items()}
-        p = self.purifier
-        if p is not None:
-            out.update({'purified': 2 * self.map.dim, 'normals': 12,
-                        'embeddings': 2 * (p.embeddings.shape[1] if p.embeddings is not None else 0)})
-        if self.labels is not None:
-            out['label evidence'] = self.labels.bytes_per_voxel()
-        return out
+        """Bytes per voxel row of every layer of the map ('keys', 'features', ..., 'purified', 'normals',
+        'embeddings', 'label_evidence', 'label_pooled' as kept for the current configuration) and of the hash
+        index ('index')."""
+        return self.map.cake.memory_report()
 
     def evict(self, position, keep: int) -> int:
         """Keep the ``keep`` voxels nearest to ``position`` (3,) in metres, drop the rest; returns how many went."""
@@ -530,13 +582,9 @@ class Mapper:
         return (self.map.centers() - torch.as_tensor(np.asarray(position, np.float32), device=self.device)).norm(dim=1)
 
     def _keep_rows(self, rows: torch.Tensor) -> int:
-        """Keep only ``rows`` (sorted) in the map, pooling state and label volume; returns how many went."""
+        """Keep only ``rows`` (sorted) in every layer of the map; returns how many went."""
         gone = self.map.size - len(rows)
         self.map.keep(rows)
-        if self.purifier is not None:
-            self.purifier.keep(rows)
-        if self.labels is not None:
-            self.labels.keep(rows)
         self.evicted_voxels += gone
         return gone
 
@@ -546,7 +594,9 @@ class Mapper:
                                    self.cfg.map.initial_capacity, self.cfg.map.max_weight)
         self.projection = None
         if self.labels is not None:
-            self.labels = LabelVolume(self.labels.names, self.labels.text, self.labels.temperature, self.device)
+            self.labels = LabelVolume(self.labels.names, self.labels.text, self.labels.temperature, self.map.cake)
+            if self.purifier is not None:
+                self.labels.enable_pooling()
         self._reset_purifier()
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
         self.num_keyframes = 0

@@ -38,7 +38,8 @@ class MergeError(ValueError):
 class MapPart:
     """One input of a merge: a loaded map file and its transform into the merged frame.
 
-    vmap: the voxel map; info: the file's info dict; extra: its extra tensors (projection, label_evidence, ...);
+    vmap: the voxel map (its cake holds the file's layers, label_evidence among them); info: the file's info
+    dict; extra: its extra tensors (projection, text_vectors);
     T: (4, 4) float64 rigid transform from this map's frame to the merged frame; name: for messages.
     """
 
@@ -148,8 +149,8 @@ def check_compatible(parts: Sequence[MapPart]) -> None:
             raise MergeError(f'{b.name}: label vocabulary {b.vocabulary} differs from {a.name}\'s {a.vocabulary}; '
                              'give the maps the same vocabulary (or none) first')
         for p in (a, b):
-            ev = p.extra.get('label_evidence')
-            if p.vocabulary and (ev is None or tuple(ev.shape) != (p.vmap.size, len(p.vocabulary))):
+            spec = p.vmap.cake.specs.get('label_evidence')
+            if p.vocabulary and (spec is None or spec.width != len(p.vocabulary)):
                 raise MergeError(f'{p.name}: label evidence does not match its voxels and vocabulary')
 
 
@@ -203,7 +204,7 @@ def merge_parts(parts: Sequence[MapPart], device: torch.device | str = 'cpu'
         colors.append(st['colors'].float())
         counts.append(st['counts'].to(torch.int64))
         if part.vocabulary:
-            evidence.append(part.extra['label_evidence'].to(device, torch.float32))
+            evidence.append(part.vmap.cake.rows('label_evidence').to(device, torch.float32))
     keys = torch.cat(keys)
     ukeys, inv = torch.unique(keys, return_inverse=True)
     V = ukeys.shape[0]
@@ -213,10 +214,15 @@ def merge_parts(parts: Sequence[MapPart], device: torch.device | str = 'cpu'
     f_sum = torch.zeros(V, dim, device=device).index_add_(0, inv, torch.cat(feats) * w[:, None])
     c_sum = torch.zeros(V, 3, device=device).index_add_(0, inv, torch.cat(colors) * w[:, None])
     n_sum = torch.zeros(V, dtype=torch.int64, device=device).index_add_(0, inv, torch.cat(counts))
+    layers = {'keys': ukeys, 'features': (f_sum / denom).to(torch.float16), 'weights': w_sum, 'colors': c_sum / denom,
+              'counts': n_sum.clamp(max=2 ** 31 - 1).to(torch.int32)}
+    if evidence:
+        K = evidence[0].shape[1]
+        layers['label_evidence'] = torch.zeros(V, K, device=device).index_add_(0, inv, torch.cat(evidence))
     merged = VoxelFeatureMap(vs, dim, device, capacity=max(16, V))
-    merged.load_state({'keys': ukeys, 'features': (f_sum / denom).to(torch.float16), 'weights': w_sum,
-                       'colors': c_sum / denom, 'counts': n_sum.clamp(max=2 ** 31 - 1).to(torch.int32)})
+    merged.load_state(layers)
     info = dict(parts[0].info)
+    info.pop('purification', None)           # no purified layers: a loader pools the merged map
     info['keyframes'] = int(sum(int(p.info.get('keyframes', 0)) for p in parts))
     info['merged_from'] = [{'map': p.name, 'voxels': p.vmap.size, 'T': np.asarray(p.T).round(9).tolist()}
                            for p in parts]
@@ -225,9 +231,6 @@ def merge_parts(parts: Sequence[MapPart], device: torch.device | str = 'cpu'
         extra['text_vectors'] = parts[0].extra['text_vectors']
     if projection is not None:
         extra['projection'], extra['projection_energy'] = projection.matrix, projection.energy
-    if evidence:
-        K = evidence[0].shape[1]
-        extra['label_evidence'] = torch.zeros(V, K, device=device).index_add_(0, inv, torch.cat(evidence))
     return merged, info, extra
 
 

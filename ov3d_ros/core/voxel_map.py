@@ -1,19 +1,21 @@
 """Sparse voxel feature map: a growing table of voxels addressed by packed integer keys.
 
-Each occupied voxel owns one row. Per row: integer coordinates, a running weighted-mean feature (fp16,
+Each occupied voxel owns one row of the map's :class:`~ov3d_ros.core.layer_cake.LayerCake`. Fusion's layers per
+row: integer coordinates (the packed key), a running weighted-mean feature (fp16,
 averaged in fp32 with the old weight capped at ``max_weight`` so that it keeps following new observations),
 the accumulated observation weight, the mean colour, the number of points fused and the feature's norm.
-Rows are never reordered by integration; an open-addressing hash table (linear probing, vectorised over all
+Rows are never reordered by integration; the cake's open-addressing hash table (linear probing, vectorised over all
 keys at once, like Open3D's ``HashMap`` or nvblox's block hash) maps keys to rows, so adding voxels costs
 O(new voxels) and the map grows without any fixed scene bound (±2^20 voxels per axis, i.e. ±52 km at 5 cm).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ov3d_ros.core.layer_cake import KeyIndex, LayerCake  # noqa: F401  (KeyIndex re-exported)
 from ov3d_ros.core.lifting import CellFeatures
 
 _BITS = 21
@@ -39,64 +41,13 @@ def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
     return torch.stack([(keys >> (2 * _BITS)) & _MASK, (keys >> _BITS) & _MASK, keys & _MASK], dim=-1) - _OFFSET
 
 
-_HASH_MUL = -7046029254386353131      # 0x9E3779B97F4A7C15 as a signed int64 (Fibonacci hashing)
-
-
-class KeyIndex:
-    """Open-addressing hash table from packed voxel keys to map rows: linear probing, every operation vectorised
-    over all its keys at once (works the same on CPU and CUDA; no sort, O(keys) per call).
-
-    The table stores int32 rows (-1 = empty slot); the key of an occupied slot is read from the map's key column,
-    so the index costs 4 bytes per slot. Slots are a power of two; keep at most half of them occupied.
-
-    Args:
-        slots: minimum number of slots (rounded up to a power of two).
-        device: torch device of the table.
-    """
-
-    def __init__(self, slots: int, device: torch.device):
-        self.bits = max(4, (int(slots) - 1).bit_length())
-        self.table = torch.full((1 << self.bits,), -1, dtype=torch.int32, device=device)
-
-    @property
-    def slots(self) -> int:
-        return self.table.numel()
-
-    def _home(self, keys: torch.Tensor) -> torch.Tensor:
-        return ((keys * _HASH_MUL) >> (64 - self.bits)) & (self.slots - 1)
-
-    def find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 keys → (N,) int64 rows, -1 where absent. ``row_keys``: (capacity,) the map's key column."""
-        out = torch.full_like(keys, -1)
-        idx, slot, k = None, self._home(keys), keys
-        while k.numel():
-            r = self.table[slot].long()
-            occupied = r >= 0
-            hit = occupied & (row_keys[r.clamp_min(0)] == k)
-            if idx is None:                       # first probe: most keys resolve here, no compaction needed
-                out = torch.where(hit, r, out)
-                idx = torch.arange(len(keys), device=keys.device)
-            else:
-                out[idx[hit]] = r[hit]
-            go = occupied & ~hit                  # occupied by another key: probe the next slot
-            idx, slot, k = idx[go], (slot[go] + 1) & (self.slots - 1), k[go]
-        return out
-
-    def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Add (N,) unique int64 ``keys`` that are not in the table yet, mapping to (N,) distinct ``rows``."""
-        slot, r = self._home(keys), rows.to(torch.int32)
-        while r.numel():
-            free = self.table[slot] < 0
-            self.table[slot[free]] = r[free]      # keys racing for one slot: one of them wins it
-            lost = self.table[slot] != r
-            slot, r = (slot[lost] + 1) & (self.slots - 1), r[lost]
-
-    def clear(self) -> None:
-        self.table.fill_(-1)
-
-
 class VoxelFeatureMap:
-    """Sparse voxel map of fused D-dimensional features.
+    """Sparse voxel map of fused D-dimensional features: the fusion integrator over a :class:`LayerCake`.
+
+    Its layers (per row): ``features`` (V, D) float16 (a feature layer), ``weights`` (V,) float32, ``colors``
+    (V, 3) float32 RGB, ``counts`` (V,) int32, all persisted, and ``norms`` (V,) float32 (derived from the
+    features, not persisted). The attributes of the same names are the layers' (capacity, ...) tensors (rows
+    0..size-1 in use); other integrators add their own layers to :attr:`cake`.
 
     Args:
         voxel_size_m: voxel edge length.
@@ -108,7 +59,7 @@ class VoxelFeatureMap:
     """
 
     FIELDS = ('keys', 'features', 'weights', 'colors', 'counts')
-    """The persisted per-row fields (``norms`` is derived from ``features``)."""
+    """The persisted fusion layers (``norms`` is derived from ``features``)."""
 
     def __init__(self, voxel_size_m: float, dim: int, device: torch.device | str = 'cpu', capacity: int = 65536,
                  max_weight: float = 0.0):
@@ -117,45 +68,46 @@ class VoxelFeatureMap:
         if not max_weight >= 0:
             raise ValueError(f'max_weight must be >= 0, got {max_weight}')
         self.voxel_size_m = float(voxel_size_m)
-        self.dim = int(dim)
         self.device = torch.device(device)
         self.max_weight = float(max_weight)
-        self.size = 0
-        self._alloc(max(16, int(capacity)))
+        self.cake = LayerCake(self.device, capacity)
+        self._add_layers(int(dim))
 
-    def _alloc(self, capacity: int) -> None:
-        """(Re)allocate every row field for ``capacity`` rows, keeping rows 0..size-1, and rebuild the index."""
-        dev, old = self.device, getattr(self, 'keys', None)
-        new = dict(keys=torch.zeros(capacity, dtype=torch.int64, device=dev),
-                   features=torch.zeros(capacity, self.dim, dtype=torch.float16, device=dev),
-                   weights=torch.zeros(capacity, dtype=torch.float32, device=dev),
-                   colors=torch.zeros(capacity, 3, dtype=torch.float32, device=dev),
-                   counts=torch.zeros(capacity, dtype=torch.int32, device=dev),
-                   norms=torch.zeros(capacity, dtype=torch.float32, device=dev))
-        for name, tensor in new.items():
-            if old is not None:
-                tensor[:self.size] = getattr(self, name)[:self.size]
-            setattr(self, name, tensor)
-        self._index = KeyIndex(2 * capacity, dev)
-        self._reindex()
+    def _add_layers(self, dim: int) -> None:
+        """Declare the fusion layers on the cake (kept as they are when already there)."""
+        c = self.cake
+        c.add_layer('features', dim, torch.float16, feature=True)
+        c.add_layer('weights', 0, torch.float32)
+        c.add_layer('colors', 3, torch.float32)
+        c.add_layer('counts', 0, torch.int32)
+        c.add_layer('norms', 0, torch.float32, persist=False)
 
-    def _reindex(self) -> None:
-        """Rebuild the hash index of rows 0..size-1."""
-        self._index.clear()
-        self._index.insert(self.keys[:self.size], torch.arange(self.size, device=self.device))
+    keys = property(lambda self: self.cake.keys, doc='(capacity,) int64 packed voxel keys.')
+    features = property(lambda self: self.cake['features'], doc='(capacity, D) float16 fused features.')
+    weights = property(lambda self: self.cake['weights'], doc='(capacity,) float32 accumulated weights.')
+    colors = property(lambda self: self.cake['colors'], doc='(capacity, 3) float32 mean RGB in [0, 255].')
+    counts = property(lambda self: self.cake['counts'], doc='(capacity,) int32 points fused per voxel.')
+    norms = property(lambda self: self.cake['norms'], doc='(capacity,) float32 L2 norms of the stored features.')
+
+    @property
+    def dim(self) -> int:
+        """D, the width of the features layer."""
+        return self.cake.specs['features'].width
+
+    @property
+    def size(self) -> int:
+        return self.cake.size
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[0]
+        return self.cake.capacity
 
     def __len__(self) -> int:
         return self.size
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """(N,) keys → (N,) int64 rows, -1 where the voxel is not in the map."""
-        if self.size == 0:
-            return torch.full_like(keys, -1)
-        return self._index.find(keys.to(self.device), self.keys)
+        return self.cake.lookup(keys)
 
     def rows_of(self, points: torch.Tensor) -> torch.Tensor:
         """(N,) int64 rows of the voxels containing (N, 3) points, -1 where the voxel is not in the map."""
@@ -172,13 +124,12 @@ class VoxelFeatureMap:
         self.norms[rows] = half.float().norm(dim=1)         # of the stored values: the same after a reload
 
     def project(self, matrix: torch.Tensor) -> None:
-        """Replace every feature f by f @ matrix (D, d): the map's feature dimension becomes d."""
+        """Rotate every feature layer of the cake by ``matrix`` (D, d) (f -> f @ matrix): the map's feature
+        dimension becomes d; the norms follow."""
         if matrix.shape[0] != self.dim:
             raise ValueError(f'projection is for D={matrix.shape[0]} features, the map has D={self.dim}')
-        out = torch.zeros(self.capacity, matrix.shape[1], dtype=torch.float16, device=self.device)
-        out[:self.size] = (self.features[:self.size].float() @ matrix.to(self.device).float()).to(torch.float16)
-        self.features, self.dim = out, int(matrix.shape[1])
-        self.norms[:self.size] = out[:self.size].float().norm(dim=1)
+        self.cake.project(matrix)
+        self.norms[:self.size] = self.features[:self.size].float().norm(dim=1)
 
     def integrate(self, points: torch.Tensor, features: Union[torch.Tensor, CellFeatures],
                   colors: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -249,22 +200,7 @@ class VoxelFeatureMap:
 
     def _rows_for(self, keys: torch.Tensor) -> torch.Tensor:
         """(N,) rows of ``keys`` (repeats allowed), appending rows for keys not yet in the map."""
-        rows = self.lookup(keys)
-        missing = rows < 0
-        if bool(missing.any()):
-            new_keys, of_new = torch.unique(keys[missing], return_inverse=True)
-            n_new = new_keys.shape[0]
-            if self.size + n_new > self.capacity:
-                cap = self.capacity
-                while cap < self.size + n_new:
-                    cap *= 2
-                self._alloc(cap)
-            new_rows = torch.arange(self.size, self.size + n_new, device=self.device)
-            self.keys[new_rows] = new_keys
-            self._index.insert(new_keys, new_rows)
-            self.size += n_new
-            rows[missing] = new_rows[of_new]
-        return rows
+        return self.cake.insert(keys)
 
     def centers(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(V, 3) float32 voxel centres in the world frame (all voxels, or the given rows)."""
@@ -272,57 +208,53 @@ class VoxelFeatureMap:
         return (unpack_keys(keys).float() + 0.5) * self.voxel_size_m
 
     def memory_report(self) -> Dict[str, float]:
-        """Bytes per voxel row of each field, the hash index included (its slots over the allocated rows)."""
-        return {'keys': 8, 'features': 2 * self.dim, 'weights': 4, 'colors': 12, 'counts': 4, 'norms': 4,
-                'index': 4 * self._index.slots / self.capacity}
+        """Bytes per voxel row of every layer of the cake (those of other integrators too) and of the hash index."""
+        return self.cake.memory_report()
 
     def bytes_per_voxel(self) -> int:
-        """Storage per voxel row (all fields plus the hash index)."""
-        return int(round(sum(self.memory_report().values())))
+        """Storage per voxel row (all layers plus the hash index)."""
+        return self.cake.bytes_per_voxel()
 
     def clear(self) -> None:
-        """Remove every voxel (keeps the allocation)."""
-        self.size = 0
-        for t in (self.keys, self.features, self.weights, self.colors, self.counts, self.norms):
-            t.zero_()
-        self._index.clear()
+        """Remove every voxel (keeps the layers and the allocation)."""
+        self.cake.clear()
 
     def state(self) -> Dict[str, torch.Tensor]:
-        """The occupied rows of every field (views, not copies): keys, features, weights, colors, counts."""
-        return {name: getattr(self, name)[:self.size] for name in self.FIELDS}
+        """The occupied rows of the fusion layers (views, not copies): keys, features, weights, colors, counts."""
+        return {name: self.cake.rows(name) for name in self.FIELDS}
 
-    def load_state(self, state: Dict[str, torch.Tensor]) -> None:
-        """Replace the contents with ``state`` (as returned by :meth:`state`); validates shapes first."""
-        n = int(state['keys'].shape[0])
+    def load_state(self, state: Dict[str, torch.Tensor], feature: Sequence[str] = ()) -> None:
+        """Replace the contents with ``state`` ({layer: (V, ...) tensor}: the fusion layers as returned by
+        :meth:`state`, plus any other layers, ``feature`` naming those that are feature layers); validates
+        shapes first. Layers of the cake that ``state`` does not hold are dropped."""
+        n = int(state['keys'].shape[0]) if 'keys' in state else -1
         expect = {'keys': (n,), 'features': (n, self.dim), 'weights': (n,), 'colors': (n, 3), 'counts': (n,)}
         for name, shape in expect.items():
+            if name not in state:
+                raise ValueError(f'voxel field {name!r} is missing')
             if tuple(state[name].shape) != shape:
                 raise ValueError(f'voxel field {name!r} has shape {tuple(state[name].shape)}, expected {shape}')
-        if torch.unique(state['keys']).numel() != n:
-            raise ValueError('voxel keys are not unique')
-        self.size = 0
-        if n > self.capacity:
-            self._alloc(max(n, 16))
-        for name in self.FIELDS:
-            t = getattr(self, name)
-            t.zero_()
-            t[:n] = state[name].to(self.device, t.dtype)
-        self.size = n
-        self.norms.zero_()
+        dtypes = {'keys': torch.int64, 'features': torch.float16, 'weights': torch.float32, 'colors': torch.float32,
+                  'counts': torch.int32}
+        state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()}
+        self.cake.load_state(state, feature=('features',) + tuple(feature))
+        self._add_layers(self.dim)
         self.norms[:n] = self.features[:n].float().norm(dim=1)
-        self._reindex()
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (sorted unique int64), compacted to rows 0..len-1 in that order (evicts the rest)."""
-        n = len(rows)
-        for name in self.FIELDS + ('norms',):
-            t = getattr(self, name)
-            t[:n] = t[rows]                       # the gather copies before the write
-            t[n:self.size] = 0
-        self.size = n
-        self._reindex()
+        """Keep only ``rows`` (sorted unique int64), compacted to rows 0..len-1 in that order (evicts the rest),
+        in every layer of the cake."""
+        self.cake.keep(rows)
+
+    def share_fusion(self) -> 'VoxelFeatureMap':
+        """A map over the same fusion layers (same tensors, see :meth:`LayerCake.share`) with a cake of its own
+        for other layers; neither map may integrate or evict afterwards."""
+        out = VoxelFeatureMap.__new__(VoxelFeatureMap)
+        out.voxel_size_m, out.device, out.max_weight = self.voxel_size_m, self.device, self.max_weight
+        out.cake = self.cake.share(self.FIELDS + ('norms',))
+        return out
 
     def snapshot(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies of (centres (V,3), features (V,D) fp16, weights (V,), colors (V,3)) for readers."""
-        n = self.size
-        return self.centers(), self.features[:n].clone(), self.weights[:n].clone(), self.colors[:n].clone()
+        s = self.cake.snapshot(('features', 'weights', 'colors'))
+        return self.centers(), s['features'], s['weights'], s['colors']

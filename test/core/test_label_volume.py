@@ -8,6 +8,7 @@ from ov3d_ros.core.features import create_extractor
 from ov3d_ros.core.label_volume import LabelVolume, absorb_small_components
 from ov3d_ros.core.lifting import CellFeatures
 from ov3d_ros.core.mapper import Mapper
+from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 from test_mapper import NAMES, wall_frame  # noqa: E402  (test/core is on sys.path)
 
@@ -19,28 +20,41 @@ def one_hot_cells(classes, n_points, dim=3):
     return CellFeatures(grid, cells, torch.full((n_points, 4), 0.5))
 
 
+def voxel_row(vmap, *xs):
+    """Add voxels at x = xs (1 m voxels along the x axis) to ``vmap``; they get the next rows, in order."""
+    x = torch.as_tensor(xs, dtype=torch.float32)
+    vmap.integrate(torch.stack([x + 0.5, torch.full_like(x, 0.5), torch.full_like(x, 0.5)], 1), torch.ones(len(x), 1))
+
+
 def test_evidence_is_a_vote_across_views():
-    vol = LabelVolume(['a', 'b', 'c'], torch.eye(3), temperature=0.05)
+    vmap = VoxelFeatureMap(1.0, 1, capacity=16)
+    voxel_row(vmap, 0, 1, 2)
+    vol = LabelVolume(['a', 'b', 'c'], torch.eye(3), temperature=0.05, cake=vmap.cake)
     rows = torch.tensor([0, 1])
-    vol.integrate(rows, one_hot_cells([0, 1], 2), map_size=2)    # view 1: voxel 0 is a, voxel 1 is b
-    vol.integrate(rows, one_hot_cells([0, 1], 2), map_size=2)    # view 2 agrees
-    vol.integrate(rows, one_hot_cells([2, 2], 2), map_size=2)    # view 3 is wrong about both
+    vol.integrate(rows, one_hot_cells([0, 1], 2))    # view 1: voxel 0 is a, voxel 1 is b
+    vol.integrate(rows, one_hot_cells([0, 1], 2))    # view 2 agrees
+    vol.integrate(rows, one_hot_cells([2, 2], 2))    # view 3 is wrong about both
     labels, conf = vol.classes(3)
     assert labels.tolist() == [0, 1, -1]                            # row 2 never observed
     assert 0.6 < conf[0] < 0.7 and conf[2] == 0
     assert torch.allclose(vol.evidence[:2].sum(1), torch.tensor([3.0, 3.0]))
     # averaging the three views' features instead would give (2a + c) / 3: still a, but with far less margin
-    vol.keep(torch.tensor([1]))
-    assert vol.classes(1)[0].tolist() == [1]
+    vmap.keep(torch.tensor([1]))                                    # eviction compacts the evidence layer too
+    assert vol.classes(1)[0].tolist() == [1] and vol.evidence[1:].abs().sum() == 0
     assert vol.index(' A ') == 0 and vol.index('d') == -1
+    voxel_row(vmap, 7)
     vol.recompute(torch.eye(3)[[2, 0]], torch.tensor([2.0, 1.0]))
-    assert vol.classes(2)[0].tolist() == [2, 0] and torch.allclose(vol.evidence.sum(1), torch.tensor([2.0, 1.0]))
+    assert vol.classes(2)[0].tolist() == [2, 0] and torch.allclose(vol.evidence[:2].sum(1), torch.tensor([2.0, 1.0]))
+    with pytest.raises(ValueError, match='rows of label evidence'):
+        vol.recompute(torch.eye(3), torch.ones(3))
 
 
 def test_neighbour_smoothing_removes_an_isolated_wrong_voxel():
-    vol = LabelVolume(['a', 'b'], torch.eye(2), temperature=0.05)
+    vmap = VoxelFeatureMap(1.0, 1, capacity=16)
+    voxel_row(vmap, 0, 1, 2, 3, 4)
+    vol = LabelVolume(['a', 'b'], torch.eye(2), temperature=0.05, cake=vmap.cake)
     rows = torch.arange(4)
-    vol.integrate(rows, one_hot_cells([0, 0, 1, 0], 4, dim=2), map_size=4)    # voxel 2 alone says b
+    vol.integrate(rows, one_hot_cells([0, 0, 1, 0], 4, dim=2))    # voxel 2 alone says b
     assert vol.classes(4)[0].tolist() == [0, 0, 1, 0]
     line = torch.tensor([[0, 1, -1], [1, 0, 2], [2, 1, 3], [3, 2, -1]])        # a row of voxels, self first
     labels, conf = vol.classes(4, line)
@@ -63,10 +77,12 @@ def test_small_regions_take_the_class_around_them():
 
 
 def test_bad_vocabularies_raise():
+    cake = VoxelFeatureMap(1.0, 1, capacity=16).cake
     with pytest.raises(ValueError, match='empty'):
-        LabelVolume([], torch.zeros(0, 3), 0.1)
+        LabelVolume([], torch.zeros(0, 3), 0.1, cake)
     with pytest.raises(ValueError, match='temperature'):
-        LabelVolume(['a'], torch.eye(1), 0.0)
+        LabelVolume(['a'], torch.eye(1), 0.0, cake)
+    assert 'label_evidence' not in cake                                  # a refused volume adds no layer
 
 
 @pytest.fixture()
@@ -150,7 +166,10 @@ def test_purified_label_volume_pools_the_distributions(tmp_path):
     m.cfg.labels.feature_prior = True                  # weighed by the purified features' own class softmax
     prior = m.labels.probabilities(m.query_features())
     assert torch.equal(m.label_classes()[0], (pooled[:n] * prior).argmax(1))
-    assert m.bytes_per_voxel() == m.map.bytes_per_voxel() + 2 * 4 * 3 + 2 * m.map.dim + 12
+    report = m.memory_report()                     # every layer of the map's cake, the label layers among them
+    assert report['label_evidence'] == report['label_pooled'] == 4 * 3
+    assert report['purified'] == 2 * m.map.dim and report['normals'] == 12
+    assert m.bytes_per_voxel() == m.map.bytes_per_voxel() == round(sum(report.values()))
     m.cfg.labels.smoothing_radius_vox = 1
     smoothed, _ = m.label_classes()
     assert smoothed.shape == labels.shape and (smoothed == labels).float().mean() > 0.9
@@ -158,8 +177,8 @@ def test_purified_label_volume_pools_the_distributions(tmp_path):
     cleaned, _ = m.label_classes()
     assert (cleaned == smoothed).float().mean() > 0.9 and set(cleaned.tolist()) <= {0, 1, 2}
     m.save(tmp_path / 'p.ov3dmap')
-    other = Mapper.from_file(tmp_path / 'p.ov3dmap', device='cpu')     # pooled again from the saved evidence
-    assert torch.allclose(other.labels.pooled[:n], pooled[:n], atol=2e-3)
+    other = Mapper.from_file(tmp_path / 'p.ov3dmap', device='cpu')     # same settings: restored as saved
+    assert torch.equal(other.labels.pooled[:n], pooled[:n])
 
 
 def test_label_cloud_of_an_empty_map_is_empty():

@@ -255,5 +255,111 @@ def test_clear_radius_keeps_a_local_map_around_the_camera():
 
 def test_memory_report_covers_every_byte_of_bytes_per_voxel(mapper):
     report = mapper.memory_report()
-    assert report['map.features'] == 2 * mapper.map.dim and report['map.index'] > 0
+    assert report['features'] == 2 * mapper.map.dim and report['index'] > 0 and report['keys'] == 8
     assert round(sum(report.values())) == mapper.bytes_per_voxel()
+
+
+def _purified_mapper(vocabulary=('wall', 'chair', 'plant'), **purify):
+    """A mapper with learned purification (shipped student) and a label volume, after two keyframes."""
+    cfg = MapperConfig()
+    cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
+    cfg.map.voxel_size_m, cfg.map.pixel_stride = 0.1, 1
+    cfg.purify.enabled, cfg.purify.affinity, cfg.purify.iterations = True, 'learned', 4
+    for k, v in purify.items():
+        setattr(cfg.purify, k, v)
+    cfg.labels.vocabulary = list(vocabulary)
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
+    m.integrate(wall_frame(), force=True)
+    m.integrate(_moved(wall_frame(), 0.35), force=True)
+    return m
+
+
+def _moved(frame, dx_m):
+    T = np.eye(4)
+    T[0, 3] = dx_m
+    return Frame(frame.rgb, frame.depth_m, frame.camera, T, frame.stamp_s + 1.0, frame.labels)
+
+
+@pytest.fixture()
+def pooling_calls(monkeypatch):
+    """Counts GeometryPooling.update calls (each one a re-pooling of some or all voxels)."""
+    from ov3d_ros.core.purification.pooling import GeometryPooling
+    calls, update = [], GeometryPooling.update
+
+    def counted(self, vmap, touched=None, channels=()):
+        calls.append(None if touched is None else len(touched))
+        return update(self, vmap, touched, channels)
+    monkeypatch.setattr(GeometryPooling, 'update', counted)
+    return calls
+
+
+def test_purified_layers_are_restored_as_saved_with_the_same_settings(tmp_path, pooling_calls):
+    import torch
+    from ov3d_ros.core.purification.student import DEFAULT_CHECKPOINT
+    m = _purified_mapper()
+    m.save(tmp_path / 'p.ov3dmap')
+    pooling_calls.clear()
+    other = Mapper.from_file(tmp_path / 'p.ov3dmap', device='cpu')
+    assert pooling_calls == []                                        # nothing re-pooled
+    for name in ('purified', 'normals', 'embeddings', 'label_evidence', 'label_pooled', 'features'):
+        assert torch.equal(other.map.cake.rows(name), m.map.cake.rows(name)), name
+    assert torch.equal(other.query_features(), m.query_features())
+    a, b = m.segment('red chair'), other.segment('red chair')
+    assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.scores, b.scores)
+    assert torch.equal(other.label_classes()[0], m.label_classes()[0])
+    # purification continues incrementally from the restored layers exactly as from the original ones
+    other.extractor.reset(m.extractor.frame_index)                    # the same simulated errors for the next frame
+    f = _moved(wall_frame(), -0.4)
+    m.integrate(f, force=True)
+    other.integrate(f, force=True)
+    assert len(pooling_calls) == 2 and None not in pooling_calls      # one incremental update each
+    assert torch.equal(other.query_features(), m.query_features())
+    # the checkpoint is named by its contents: a copy elsewhere restores as well
+    copy = tmp_path / 'student.safetensors'
+    copy.write_bytes(DEFAULT_CHECKPOINT.read_bytes())
+    cfg = other.cfg
+    cfg.purify.checkpoint = str(copy)
+    pooling_calls.clear()
+    Mapper(cfg, other.extractor).load(tmp_path / 'p.ov3dmap')
+    assert pooling_calls == []
+
+
+@pytest.mark.parametrize('change', ['iterations', 'checkpoint', 'fallback', 'newly enabled', 'no layers'])
+def test_other_purification_settings_re_pool_the_loaded_map(change, tmp_path, pooling_calls):
+    import copy as copy_
+    from dataclasses import asdict
+
+    import torch
+    from ov3d_ros.core.map_io import save_map
+    from ov3d_ros.core.purification.student import DEFAULT_CHECKPOINT
+    m = _purified_mapper()
+    path = tmp_path / 'p.ov3dmap'
+    m.save(path)
+    cfg = copy_.deepcopy(m.cfg)
+    if change == 'iterations':
+        cfg.purify.iterations = 6
+    elif change == 'checkpoint':
+        cfg.purify.checkpoint = str(DEFAULT_CHECKPOINT.parent / 'ablation' / 'student_s1.safetensors')
+    elif change == 'fallback':
+        cfg.purify.affinity = 'fallback'
+    elif change == 'newly enabled':                  # a map saved without purification
+        raw = copy_.deepcopy(m.cfg)
+        raw.purify.enabled = False
+        plain = Mapper(raw, m.extractor)
+        plain.load(path)
+        assert 'purified' not in plain.map.cake and 'label_pooled' not in plain.map.cake
+        plain.save(path)
+    else:                                            # a file as written before purified layers were saved
+        info = {'feature_source': m.extractor.name, 'config': asdict(m.cfg), 'keyframes': m.num_keyframes,
+                'class_names': NAMES, 'vocabulary': m.labels.names}
+        save_map(path, m.map, info, skip_layers=('purified', 'normals', 'embeddings', 'label_pooled'))
+    other = Mapper(cfg, m.extractor)
+    pooling_calls.clear()
+    other.load(path)
+    assert pooling_calls == [None]                                    # one whole-map pooling
+    ref = Mapper(copy_.deepcopy(cfg), m.extractor)                    # the same settings, pooled from scratch
+    ref.load(path)
+    assert torch.equal(other.query_features(), ref.query_features())
+    if change != 'newly enabled' and change != 'no layers':
+        assert not torch.equal(other.query_features(), m.query_features())
+    assert other.labels.pooled is not None and float(other.labels.pooled[:other.map.size].sum()) > 0

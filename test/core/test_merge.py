@@ -101,8 +101,7 @@ def test_incompatible_maps_are_refused_with_the_reason():
     with pytest.raises(MergeError, match="feature source 'clip"):
         merge_parts([part(a), part(a, info={'feature_source': 'clip:ViT-B-16'})])
     with pytest.raises(MergeError, match='vocabulary'):
-        merge_parts([part(a, info={'vocabulary': ['wall']}, extra={'label_evidence': torch.ones(1, 1)}),
-                     part(a, info={'vocabulary': ['floor']}, extra={'label_evidence': torch.ones(1, 1)})])
+        merge_parts([part(a, info={'vocabulary': ['wall']}), part(a, info={'vocabulary': ['floor']})])
     with pytest.raises(MergeError, match='class names'):
         merge_parts([part(a, info={'class_names': ['a', 'b']}), part(a, info={'class_names': ['a', 'c']})])
     shear = np.eye(4)
@@ -117,15 +116,15 @@ def test_label_evidence_is_summed_per_merged_voxel(tmp_path):
     a = make_map([[0, 0, 0], [1, 0, 0]], [[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
     b = make_map([[1, 0, 0], [2, 0, 0]], [[0, 1.0, 0, 0], [0, 0, 1.0, 0]])
     ev_a, ev_b = torch.tensor([[2.0, 0.0], [0.5, 1.0]]), torch.tensor([[0.0, 3.0], [1.0, 1.0]])
-    save_map(tmp_path / 'a.ov3dmap', a, {'feature_source': 'simulated', 'vocabulary': ['wall', 'floor']},
-             {'label_evidence': ev_a})
-    save_map(tmp_path / 'b.ov3dmap', b, {'feature_source': 'simulated', 'vocabulary': ['Wall', 'floor']},
-             {'label_evidence': ev_b})
+    for m, ev in ((a, ev_a), (b, ev_b)):                   # the label volume's layer
+        m.cake.add_layer('label_evidence', 2, torch.float32)[:2] = ev
+    save_map(tmp_path / 'a.ov3dmap', a, {'feature_source': 'simulated', 'vocabulary': ['wall', 'floor']})
+    save_map(tmp_path / 'b.ov3dmap', b, {'feature_source': 'simulated', 'vocabulary': ['Wall', 'floor']})
     summary = merge_files([tmp_path / 'a.ov3dmap', tmp_path / 'b.ov3dmap'], tmp_path / 'm.ov3dmap')
     assert summary['voxels'] == 3 and summary['vocabulary'] == ['wall', 'floor']
     m, info, extra = load_map(tmp_path / 'm.ov3dmap')          # checksum verified on load
     keys = {int(k): i for i, k in enumerate(m.keys[:m.size])}
-    ev = extra['label_evidence']
+    ev = m.cake.rows('label_evidence')
     assert torch.equal(ev[keys[int(a.keys[0])]], torch.tensor([2.0, 0.0]))
     assert torch.equal(ev[keys[int(a.keys[1])]], torch.tensor([0.5, 4.0]))      # shared voxel: summed
     assert torch.equal(ev[keys[int(b.keys[1])]], torch.tensor([1.0, 1.0]))

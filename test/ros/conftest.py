@@ -120,10 +120,7 @@ def graph(tmp_path_factory):
     its output folder) and a DemoClient, per module: {'env', 'node', 'client', 'out'}."""
     out = tmp_path_factory.mktemp('pipeline')
     with private_domain() as env:
-        # raw fusion: a reloaded map re-pools its purified layer over the whole map, which can differ from the
-        # incremental pooling by a few voxels, and test_4 compares answers before a save and after a load
-        node = start_mapping_node(env, out / 'node.log', params=[f'map_path:={out / "map.ov3dmap"}',  # map_dir: out
-                                                                 'purify.enabled:=false'])
+        node = start_mapping_node(env, out / 'node.log', params=[f'map_path:={out / "map.ov3dmap"}'])  # map_dir: out
         client = DemoClient()
         try:
             assert client.wait_for_service(node, 120.0), node.log()

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 from ov3d_ros.core.config import PurifyConfig
+from ov3d_ros.core.layer_cake import LayerCake
 from ov3d_ros.core.purification.graph import (ball_offsets, ball_region, connected_dilation, estimate_normals,
                                               neighbour_rows)
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
@@ -100,8 +101,14 @@ def receptive_field_vox(net: Optional[torch.nn.Module]) -> int:
     return r
 
 
+LAYERS = ('purified', 'normals', 'embeddings')
+"""The layers purification keeps on the map's cake: purified (V, D) float16 (a feature layer, so compression
+rotates it: pooling is linear), normals (V, 3) float32, embeddings (V, E) float16 (learned affinity only)."""
+
+
 class GeometryPooling:
-    """Purified features for every map row, kept up to date keyframe by keyframe.
+    """Purified features for every map row, kept up to date keyframe by keyframe, in layers of the map's cake
+    (:data:`LAYERS`; eviction and compression reach them through the cake).
 
     Args:
         cfg: purification config.
@@ -123,26 +130,25 @@ class GeometryPooling:
             context_vox = receptive_field_vox(owner if isinstance(owner, torch.nn.Module) else None)
         self.context_vox = int(context_vox) if self.embed is not None else 0
         self.offsets: Optional[torch.Tensor] = None
-        self.purified: Optional[torch.Tensor] = None   # (capacity, D) float16, aligned with map rows
-        self.normals: Optional[torch.Tensor] = None    # (capacity, 3)
-        self.embeddings: Optional[torch.Tensor] = None  # (capacity, E) float16, learned affinity only
+        self.cake: Optional[LayerCake] = None          # the map's layers this purifier writes (set by update)
         self.timings_s = {}
 
-    def _grow(self, vmap: VoxelFeatureMap, emb_dim: int = 0) -> None:
-        cap, dev = vmap.capacity, vmap.device
+    def _layer(self, name: str) -> Optional[torch.Tensor]:
+        return None if self.cake is None else self.cake.get(name)
+
+    purified = property(lambda self: self._layer('purified'),
+                        doc='(capacity, D) float16 purified features of every map row, or None before an update.')
+    normals = property(lambda self: self._layer('normals'), doc='(capacity, 3) float32 voxel normals, or None.')
+    embeddings = property(lambda self: self._layer('embeddings'),
+                          doc='(capacity, E) float16 student embeddings (learned affinity only), or None.')
+
+    def _bind(self, vmap: VoxelFeatureMap) -> None:
+        """Declare this purifier's layers on the map's cake (kept when already there, e.g. loaded from a file)."""
+        self.cake = vmap.cake
         if self.offsets is None:
-            self.offsets = ball_offsets(self.cfg.radius_vox, dev)
-        for name, width, dtype in (('purified', vmap.dim, torch.float16), ('normals', 3, torch.float32),
-                                   ('embeddings', emb_dim, torch.float16)):
-            old = getattr(self, name)
-            if name == 'embeddings' and emb_dim == 0 and old is None:
-                continue
-            width = old.shape[1] if old is not None else width
-            if old is None or old.shape[0] < cap:
-                new = torch.zeros(cap, width, dtype=dtype, device=dev)
-                if old is not None:
-                    new[:old.shape[0]] = old
-                setattr(self, name, new)
+            self.offsets = ball_offsets(self.cfg.radius_vox, vmap.device)
+        self.cake.add_layer('purified', vmap.dim, torch.float16, feature=True)
+        self.cake.add_layer('normals', 3, torch.float32)
 
     def update(self, vmap: VoxelFeatureMap, touched: Optional[torch.Tensor] = None,
                channels: Sequence[Tuple[torch.Tensor, torch.Tensor]] = ()) -> int:
@@ -155,7 +161,7 @@ class GeometryPooling:
         n = vmap.size
         if n == 0:
             return 0
-        self._grow(vmap)
+        self._bind(vmap)
         whole = touched is None or self.cfg.mode == 'whole'
         if whole:
             rows = torch.arange(n, device=vmap.device)
@@ -181,13 +187,8 @@ class GeometryPooling:
         return len(rows)
 
     def _store_embeddings(self, emb: torch.Tensor, rows: torch.Tensor) -> None:
-        if self.embeddings is None or self.embeddings.shape[0] < len(self.purified):
-            old = self.embeddings
-            self.embeddings = torch.zeros(len(self.purified), emb.shape[1], dtype=torch.float16,
-                                          device=self.purified.device)
-            if old is not None:
-                self.embeddings[:old.shape[0]] = old
-        self.embeddings[rows] = emb.to(torch.float16)
+        """Write (R, E) embeddings of ``rows`` into the embeddings layer (declared on first use)."""
+        self.cake.add_layer('embeddings', emb.shape[1], torch.float16)[rows] = emb.to(torch.float16)
 
     def _refresh(self, vmap: VoxelFeatureMap, touched: torch.Tensor):
         """Incremental mode: bring normals and embeddings up to date around ``touched`` and pick the voxels to
@@ -213,22 +214,9 @@ class GeometryPooling:
             rows = connected_dilation(vmap, rows, self.cfg.margin_vox)[0]
         return rows, neighbour_rows(vmap, rows, self.offsets), embedded
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Follow :meth:`VoxelFeatureMap.keep`: keep the state of ``rows`` only, compacted in that order."""
-        for name in ('purified', 'normals', 'embeddings'):
-            t = getattr(self, name)
-            if t is not None:
-                kept = t[rows].clone()
-                t.zero_()
-                t[:len(rows)] = kept
-
-    def project(self, matrix: torch.Tensor) -> None:
-        """Follow :meth:`VoxelFeatureMap.project`: purified features become purified @ matrix (pooling is linear)."""
-        if self.purified is not None:
-            self.purified = (self.purified.float() @ matrix.to(self.purified.device).float()).to(torch.float16)
-
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V, D) purified features of all map rows (the raw ones before the first update)."""
-        if self.purified is None:
+        purified = vmap.cake.get('purified')
+        if purified is None:
             return vmap.features[:vmap.size]
-        return self.purified[:vmap.size]
+        return purified[:vmap.size]

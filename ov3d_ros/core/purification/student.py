@@ -168,6 +168,18 @@ def student_notes(path: str | Path) -> dict:
         return json.loads((f.metadata() or {}).get('notes', '{}'))
 
 
+def checkpoint_identity(path: str | Path) -> dict:
+    """{'bytes', 'sha256'} of a student checkpoint file ('default' = the shipped one): names its weights
+    wherever the file lies. Raises ValueError if it cannot be read."""
+    import hashlib
+    path = DEFAULT_CHECKPOINT if str(path) == 'default' else Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f'purify.checkpoint {str(path)!r}: cannot read ({e.strerror})') from e
+    return {'bytes': len(blob), 'sha256': hashlib.sha256(blob).hexdigest()}
+
+
 def load_student(path: str | Path, device: torch.device | str = 'cpu') -> StudentAffinityNet:
     """A StudentAffinityNet from a checkpoint written by :func:`save_student` (eval mode, on ``device``)."""
     from safetensors import SafetensorError, safe_open

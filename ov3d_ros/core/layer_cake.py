@@ -1,0 +1,328 @@
+"""The map's storage: one voxel index and named row-aligned layers (nvblox's LayerCake, flattened to voxels).
+
+    index  --(packed voxel key)-->  row  --(layer name)-->  value
+
+Every occupied voxel owns one row. The index (:class:`KeyIndex`, a hash table over the
+``keys`` layer) maps a voxel's packed key to its row; every layer holds one value per row, so row ``r`` of every
+layer belongs to the same voxel. Rows are appended by :meth:`LayerCake.insert` and only move when
+:meth:`LayerCake.keep` compacts them (eviction). This class is the one place where layers grow (capacity
+doubling), are compacted, rotated into a new feature basis (:meth:`LayerCake.project`, for compression),
+copied for readers (:meth:`LayerCake.snapshot`), measured (:meth:`LayerCake.memory_report`) and saved or loaded
+(:meth:`LayerCake.state` / :meth:`LayerCake.load_state`, used by ``map_io``). The integrators that own the layers
+(fusion in ``voxel_map``, purification in ``purification/pooling``, the label volume in ``label_volume``) declare
+them with :meth:`LayerCake.add_layer` and read and write their rows in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Sequence
+
+import torch
+
+_DTYPES = {'float16': torch.float16, 'float32': torch.float32, 'float64': torch.float64, 'int32': torch.int32,
+           'int64': torch.int64, 'uint8': torch.uint8, 'bool': torch.bool}
+
+
+_HASH_MUL = -7046029254386353131      # 0x9E3779B97F4A7C15 as a signed int64 (Fibonacci hashing)
+
+
+class KeyIndex:
+    """Open-addressing hash table from packed voxel keys to map rows: linear probing, every operation vectorised
+    over all its keys at once (works the same on CPU and CUDA; no sort, O(keys) per call).
+
+    The table stores int32 rows (-1 = empty slot); the key of an occupied slot is read from the map's key column,
+    so the index costs 4 bytes per slot. Slots are a power of two; keep at most half of them occupied.
+
+    Args:
+        slots: minimum number of slots (rounded up to a power of two).
+        device: torch device of the table.
+    """
+
+    def __init__(self, slots: int, device: torch.device):
+        self.bits = max(4, (int(slots) - 1).bit_length())
+        self.table = torch.full((1 << self.bits,), -1, dtype=torch.int32, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.table.numel()
+
+    def _home(self, keys: torch.Tensor) -> torch.Tensor:
+        return ((keys * _HASH_MUL) >> (64 - self.bits)) & (self.slots - 1)
+
+    def find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 keys → (N,) int64 rows, -1 where absent. ``row_keys``: (capacity,) the map's key column."""
+        out = torch.full_like(keys, -1)
+        idx, slot, k = None, self._home(keys), keys
+        while k.numel():
+            r = self.table[slot].long()
+            occupied = r >= 0
+            hit = occupied & (row_keys[r.clamp_min(0)] == k)
+            if idx is None:                       # first probe: most keys resolve here, no compaction needed
+                out = torch.where(hit, r, out)
+                idx = torch.arange(len(keys), device=keys.device)
+            else:
+                out[idx[hit]] = r[hit]
+            go = occupied & ~hit                  # occupied by another key: probe the next slot
+            idx, slot, k = idx[go], (slot[go] + 1) & (self.slots - 1), k[go]
+        return out
+
+    def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add (N,) unique int64 ``keys`` that are not in the table yet, mapping to (N,) distinct ``rows``."""
+        slot, r = self._home(keys), rows.to(torch.int32)
+        while r.numel():
+            free = self.table[slot] < 0
+            self.table[slot[free]] = r[free]      # keys racing for one slot: one of them wins it
+            lost = self.table[slot] != r
+            slot, r = (slot[lost] + 1) & (self.slots - 1), r[lost]
+
+    def clear(self) -> None:
+        self.table.fill_(-1)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer holds per row.
+
+    name: the layer's name (also its tensor name in map files).
+    width: values per row: 0 for a scalar column, stored (capacity,); else (capacity, width).
+    dtype: torch dtype of the values.
+    persist: written to map files.
+    feature: lives in the map's feature space, so :meth:`LayerCake.project` rotates it (its width is D).
+    """
+
+    name: str
+    width: int
+    dtype: torch.dtype
+    persist: bool = True
+    feature: bool = False
+
+    def shape(self, rows: int) -> tuple:
+        return (rows,) if self.width == 0 else (rows, self.width)
+
+    def bytes_per_row(self) -> int:
+        return max(1, self.width) * torch.empty(0, dtype=self.dtype).element_size()
+
+    def to_json(self) -> dict:
+        return {'width': self.width, 'dtype': str(self.dtype).replace('torch.', ''), 'feature': self.feature}
+
+
+class LayerCake:
+    """A voxel index and named row-aligned layers.
+
+    Args:
+        device: torch device of every layer.
+        capacity: rows allocated up front (at least 16); doubled whenever an insert needs more.
+
+    Attributes:
+        size: rows in use (0..size-1); rows size..capacity-1 of every layer are zero.
+        layers: {name: (capacity,) or (capacity, width) tensor}, the ``keys`` layer (int64 packed voxel keys)
+            first.
+        specs: {name: :class:`LayerSpec`}.
+    """
+
+    KEYS = 'keys'
+
+    def __init__(self, device: torch.device | str = 'cpu', capacity: int = 16):
+        self.device = torch.device(device)
+        self.size = 0
+        self._capacity = max(16, int(capacity))
+        self.specs: Dict[str, LayerSpec] = {}
+        self.layers: Dict[str, torch.Tensor] = {}
+        self.add_layer(self.KEYS, 0, torch.int64)
+        self.index = KeyIndex(2 * self._capacity, self.device)
+
+    # ---- layers ------------------------------------------------------------------------------------------------
+    def add_layer(self, name: str, width: int, dtype: torch.dtype, persist: bool = True,
+                  feature: bool = False) -> torch.Tensor:
+        """Declare a layer and return its (capacity, ...) tensor, zero-filled when new. A layer of that name with
+        the same width and dtype is kept as it is (e.g. one read from a map file), taking the given flags; one
+        with another width or dtype raises ValueError (use :meth:`remove_layer` first)."""
+        if width < 0:
+            raise ValueError(f'layer {name!r}: width must be >= 0, got {width}')
+        spec = LayerSpec(name, int(width), dtype, bool(persist), bool(feature))
+        old = self.specs.get(name)
+        if old is not None:
+            if (old.width, old.dtype) != (spec.width, spec.dtype):
+                raise ValueError(f'layer {name!r} exists with width {old.width} {old.dtype}, '
+                                 f'not {spec.width} {spec.dtype}')
+            self.specs[name] = spec
+            return self.layers[name]
+        self.specs[name] = spec
+        self.layers[name] = torch.zeros(spec.shape(self._capacity), dtype=dtype, device=self.device)
+        return self.layers[name]
+
+    def remove_layer(self, name: str) -> None:
+        """Drop a layer (no-op if absent); the keys layer cannot be removed."""
+        if name == self.KEYS:
+            raise ValueError('the keys layer cannot be removed')
+        self.specs.pop(name, None)
+        self.layers.pop(name, None)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The (capacity, ...) tensor of a layer (rows 0..size-1 in use)."""
+        return self.layers[name]
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        return self.layers.get(name)
+
+    def rows(self, name: str) -> torch.Tensor:
+        """(size, ...) view of the rows in use of a layer."""
+        return self.layers[name][:self.size]
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(capacity,) int64 packed voxel keys of every row."""
+        return self.layers[self.KEYS]
+
+    def __len__(self) -> int:
+        return self.size
+
+    # ---- index -------------------------------------------------------------------------------------------------
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 keys → (N,) int64 rows, -1 where the voxel has no row."""
+        if self.size == 0:
+            return torch.full_like(keys, -1, device=self.device)
+        return self.index.find(keys.to(self.device), self.keys)
+
+    def insert(self, keys: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 rows of ``keys`` (repeats allowed), appending zero rows for keys not in the index yet."""
+        rows = self.lookup(keys)
+        missing = rows < 0
+        if bool(missing.any()):
+            new_keys, of_new = torch.unique(keys[missing], return_inverse=True)
+            n_new = new_keys.shape[0]
+            self.reserve(self.size + n_new)
+            new_rows = torch.arange(self.size, self.size + n_new, device=self.device)
+            self.keys[new_rows] = new_keys
+            self.index.insert(new_keys, new_rows)
+            self.size += n_new
+            rows[missing] = new_rows[of_new]
+        return rows
+
+    def reserve(self, rows: int) -> None:
+        """Make room for ``rows`` rows: the capacity doubles until it fits; every layer keeps its rows in use
+        (the new rows are zero) and the index is rebuilt at twice the capacity."""
+        if rows <= self._capacity:
+            return
+        cap = self._capacity
+        while cap < rows:
+            cap *= 2
+        for name, spec in self.specs.items():
+            new = torch.zeros(spec.shape(cap), dtype=spec.dtype, device=self.device)
+            new[:self.size] = self.layers[name][:self.size]
+            self.layers[name] = new
+        self._capacity = cap
+        self.index = KeyIndex(2 * cap, self.device)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self.index.clear()
+        self.index.insert(self.keys[:self.size], torch.arange(self.size, device=self.device))
+
+    # ---- whole-cake operations ---------------------------------------------------------------------------------
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (sorted unique int64), compacted to rows 0..len-1 in that order, in every layer."""
+        n = len(rows)
+        rows = rows.to(self.device)
+        for t in self.layers.values():
+            t[:n] = t[rows]                       # the gather copies before the write
+            t[n:self.size] = 0
+        self.size = n
+        self._reindex()
+
+    def project(self, matrix: torch.Tensor) -> None:
+        """Rotate every feature layer into a new basis: each row f becomes f @ matrix (D, d); their width becomes d.
+        Other layers are untouched (derived values such as norms are the owner's to refresh)."""
+        m = matrix.to(self.device).float()
+        for name, spec in list(self.specs.items()):
+            if not spec.feature:
+                continue
+            if spec.width != m.shape[0]:
+                raise ValueError(f'projection is for D={m.shape[0]} features, layer {name!r} has D={spec.width}')
+            out = torch.zeros(self._capacity, m.shape[1], dtype=spec.dtype, device=self.device)
+            out[:self.size] = (self.layers[name][:self.size].float() @ m).to(spec.dtype)
+            self.layers[name] = out
+            self.specs[name] = LayerSpec(name, int(m.shape[1]), spec.dtype, spec.persist, spec.feature)
+
+    def snapshot(self, names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+        """{name: (size, ...) copy} of the rows in use of the named layers (default: all): a consistent picture
+        for readers that must not see later writes."""
+        names = self.layers if names is None else names
+        return {name: self.layers[name][:self.size].clone() for name in names}
+
+    def share(self, names: Optional[Iterable[str]] = None) -> 'LayerCake':
+        """A cake over the same index and the same tensors of the named layers (default: all; keys always), not
+        copies, whose own new layers stay its own: for readers that derive different layers from one map (e.g.
+        evaluation variants pooling one fused map with different settings). Neither may insert or keep rows
+        afterwards (the other would not follow)."""
+        out = LayerCake.__new__(LayerCake)
+        out.device, out.size, out._capacity, out.index = self.device, self.size, self._capacity, self.index
+        names = [self.KEYS] + [n for n in (self.layers if names is None else names) if n != self.KEYS]
+        out.specs = {n: self.specs[n] for n in names}
+        out.layers = {n: self.layers[n] for n in names}
+        return out
+
+    def clear(self) -> None:
+        """Remove every row (layers and allocation stay)."""
+        self.size = 0
+        for t in self.layers.values():
+            t.zero_()
+        self.index.clear()
+
+    # ---- memory ------------------------------------------------------------------------------------------------
+    def memory_report(self) -> Dict[str, float]:
+        """Bytes per row of every layer (keys included) and of the hash index ('index': its slots over the
+        allocated rows)."""
+        out: Dict[str, float] = {name: spec.bytes_per_row() for name, spec in self.specs.items()}
+        out['index'] = 4 * self.index.slots / self._capacity
+        return out
+
+    def bytes_per_voxel(self) -> int:
+        """Storage per row: every layer plus the hash index."""
+        return int(round(sum(self.memory_report().values())))
+
+    # ---- persistence -------------------------------------------------------------------------------------------
+    def persisted(self, skip: Sequence[str] = ()) -> Dict[str, LayerSpec]:
+        """Specs of the layers written to map files (keys first), less ``skip``."""
+        return {n: s for n, s in self.specs.items() if s.persist and n not in skip}
+
+    def state(self, skip: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+        """{name: (size, ...) view} of every persisted layer but ``skip`` (keys first)."""
+        return {name: self.layers[name][:self.size] for name in self.persisted(skip)}
+
+    def load_state(self, state: Dict[str, torch.Tensor], feature: Sequence[str] = ()) -> None:
+        """Replace all rows and layers with ``state`` ({name: (V,) or (V, width) tensor}, ``keys`` required,
+        unique); layers named in ``feature`` are feature layers. Validates first; raises ValueError."""
+        if self.KEYS not in state:
+            raise ValueError('voxel layer state has no keys')
+        keys = state[self.KEYS]
+        n = int(keys.shape[0])
+        if keys.ndim != 1 or keys.dtype != torch.int64:
+            raise ValueError(f'voxel keys must be (V,) int64, got {tuple(keys.shape)} {keys.dtype}')
+        for name, t in state.items():
+            if t.ndim not in (1, 2) or t.shape[0] != n:
+                raise ValueError(f'voxel layer {name!r} has shape {tuple(t.shape)}, expected ({n},) or ({n}, width)')
+        if torch.unique(keys).numel() != n:
+            raise ValueError('voxel keys are not unique')
+        self.specs, self.layers, self.size = {}, {}, 0
+        self._capacity = max(16, n, self._capacity)
+        for name, t in state.items():
+            width = 0 if t.ndim == 1 else int(t.shape[1])
+            self.add_layer(name, width, t.dtype, feature=name in feature)[:n] = t.to(self.device)
+        self.size = n
+        self.index = KeyIndex(2 * self._capacity, self.device)
+        self._reindex()
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """'float16' → torch.float16 (the dtypes layers may have); ValueError otherwise."""
+    if name not in _DTYPES:
+        raise ValueError(f'unknown layer dtype {name!r}')
+    return _DTYPES[name]

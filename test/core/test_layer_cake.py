@@ -1,0 +1,139 @@
+"""LayerCake: one voxel index, named row-aligned layers that grow, compact, rotate, persist and report together."""
+import pytest
+import torch
+
+from ov3d_ros.core.layer_cake import LayerCake
+from ov3d_ros.core.map_io import load_map, save_map
+from ov3d_ros.core.voxel_map import VoxelFeatureMap
+
+
+def cake_with_layers(n=10, dim=4):
+    """A cake with ``n`` rows (keys 100, 101, ...) and a feature, a scalar and an integer layer filled per row."""
+    cake = LayerCake('cpu', capacity=16)
+    feats = cake.add_layer('feat', dim, torch.float16, feature=True)
+    score = cake.add_layer('score', 0, torch.float32)
+    tag = cake.add_layer('tag', 2, torch.int32, persist=False)
+    rows = cake.insert(torch.arange(100, 100 + n))
+    assert torch.equal(rows, torch.arange(n))
+    feats[:n] = torch.arange(n * dim, dtype=torch.float16).reshape(n, dim)
+    score[:n] = torch.arange(n, dtype=torch.float32) * 0.5
+    tag[:n] = torch.arange(2 * n, dtype=torch.int32).reshape(n, 2)
+    return cake
+
+
+def test_insert_finds_existing_rows_and_appends_new_keys_once():
+    cake = cake_with_layers(3)
+    rows = cake.insert(torch.tensor([101, 7, 7, 100, 9]))
+    assert rows.tolist() == [1, 3, 3, 0, 4] and cake.size == 5
+    assert cake.lookup(torch.tensor([9, 8, 102])).tolist() == [4, -1, 2]
+    assert float(cake['score'][3:5].abs().sum()) == 0               # new rows start at zero in every layer
+
+
+def test_growth_doubles_capacity_and_keeps_every_layer():
+    cake = cake_with_layers(10)
+    before = cake.snapshot()
+    cake.insert(torch.arange(1000, 1030))                            # 40 rows: 16 -> 64
+    assert cake.capacity == 64 and cake.size == 40
+    for name, t in before.items():
+        assert cake[name].shape[0] == 64, name
+        assert torch.equal(cake[name][:10], t), name
+        assert float(cake[name][10:].float().abs().sum()) == 0 if name != 'keys' else True
+    assert torch.equal(cake.lookup(torch.arange(100, 110)), torch.arange(10))
+    assert torch.equal(cake.lookup(torch.arange(1000, 1030)), torch.arange(10, 40))
+
+
+def test_keep_compacts_all_layers_together_and_reindexes():
+    cake = cake_with_layers(10)
+    before = cake.snapshot()
+    kept = torch.tensor([1, 4, 8])
+    cake.keep(kept)
+    assert cake.size == 3
+    for name, t in before.items():
+        assert torch.equal(cake.rows(name), t[kept]), name
+        assert float(cake[name][3:].float().abs().sum()) == 0, name   # freed rows are zero again
+    assert cake.lookup(torch.tensor([101, 104, 108, 100])).tolist() == [0, 1, 2, -1]
+
+
+def test_project_rotates_only_feature_layers():
+    cake = cake_with_layers(5, dim=4)
+    cake.add_layer('other_feat', 4, torch.float32, feature=True)[:5] = 1.0
+    before = cake.snapshot()
+    R = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    cake.project(R)
+    assert cake.specs['feat'].width == 2 and cake['feat'].shape == (cake.capacity, 2)
+    assert torch.allclose(cake.rows('feat').float(), (before['feat'].float() @ R).half().float())
+    assert torch.allclose(cake.rows('other_feat'), before['other_feat'] @ R)
+    for name in ('keys', 'score', 'tag'):
+        assert torch.equal(cake.rows(name), before[name]), name
+    with pytest.raises(ValueError, match='D=3'):
+        cake.project(torch.randn(3, 2))
+
+
+def test_snapshot_is_a_copy_of_the_rows_in_use():
+    cake = cake_with_layers(4)
+    snap = cake.snapshot(['score'])
+    assert list(snap) == ['score'] and snap['score'].shape == (4,)
+    cake['score'][:4] = -1
+    assert snap['score'].tolist() == [0.0, 0.5, 1.0, 1.5]
+
+
+def test_memory_report_lists_every_layer_and_the_index():
+    cake = cake_with_layers(4, dim=6)
+    report = cake.memory_report()
+    assert report == {'keys': 8, 'feat': 12, 'score': 4, 'tag': 8, 'index': 8.0}
+    assert cake.bytes_per_voxel() == 40
+
+
+def test_add_layer_keeps_a_matching_layer_and_refuses_another_shape():
+    cake = cake_with_layers(3)
+    same = cake.add_layer('score', 0, torch.float32)
+    assert same is cake['score'] and same[1] == 0.5                  # kept as it is
+    with pytest.raises(ValueError, match="'score' exists"):
+        cake.add_layer('score', 2, torch.float32)
+    cake.remove_layer('score')
+    assert 'score' not in cake and 'score' not in cake.memory_report()
+    with pytest.raises(ValueError, match='keys'):
+        cake.remove_layer('keys')
+
+
+def test_save_load_round_trips_every_persisted_layer(tmp_path):
+    vmap = VoxelFeatureMap(0.1, 4, capacity=16)
+    g = torch.Generator().manual_seed(1)
+    vmap.integrate(torch.rand(40, 3, generator=g), torch.randn(40, 4, generator=g), torch.rand(40, 3, generator=g) * 255)
+    n = vmap.size
+    extra_layers = {'purified': (4, torch.float16, True), 'normals': (3, torch.float32, False),
+                    'embeddings': (5, torch.float16, False), 'label_evidence': (2, torch.float32, False)}
+    for name, (width, dtype, feature) in extra_layers.items():
+        vmap.cake.add_layer(name, width, dtype, feature=feature)[:n] = torch.randn(n, width, generator=g).to(dtype)
+    vmap.cake.add_layer('scratch', 1, torch.float32, persist=False)[:n] = 1.0
+    save_map(tmp_path / 'm.ov3dmap', vmap, {})
+    back, _, extra = load_map(tmp_path / 'm.ov3dmap')
+    assert not extra and back.size == n
+    assert set(back.cake.layers) == set(vmap.cake.layers) - {'scratch'}
+    for name in vmap.cake.persisted():
+        assert back.cake.specs[name] == vmap.cake.specs[name], name
+        assert torch.equal(back.cake.rows(name), vmap.cake.rows(name)), name
+    assert torch.equal(back.norms[:n], vmap.norms[:n])              # derived, not persisted: recomputed
+    back.project(torch.eye(4)[:, :2])                               # the feature flags survived the file
+    assert back.cake.specs['purified'].width == 2 and back.cake.specs['normals'].width == 3
+    save_map(tmp_path / 'less.ov3dmap', vmap, {}, skip_layers=('purified', 'normals'))
+    less, _, _ = load_map(tmp_path / 'less.ov3dmap')
+    assert 'purified' not in less.cake and 'embeddings' in less.cake
+
+
+def test_load_state_validates_before_replacing():
+    cake = cake_with_layers(3)
+    with pytest.raises(ValueError, match='not unique'):
+        cake.load_state({'keys': torch.tensor([1, 1])})
+    with pytest.raises(ValueError, match="'x' has shape"):
+        cake.load_state({'keys': torch.tensor([1, 2]), 'x': torch.zeros(3)})
+    assert cake.size == 3 and 'feat' in cake                         # unchanged
+
+
+def test_a_shared_cake_reads_the_same_rows_and_keeps_its_own_layers():
+    cake = cake_with_layers(5)
+    other = cake.share(['feat'])
+    assert other['feat'] is cake['feat'] and 'score' not in other
+    assert other.lookup(torch.tensor([103])).tolist() == [3]
+    other.add_layer('pooled', 4, torch.float16)[:5] = 1
+    assert 'pooled' not in cake and other.size == cake.size == 5
