@@ -576,7 +576,8 @@ class MappingInterface:
         total = {k: sum(c[k] for c in cams.values()) for k in ('frames', 'keyframes', 'dropped', 'superseded',
                                                                  'not_decoded', 'pending_depth')}
         return {**total, 'voxels': self.mapper.map.size, 'evicted_voxels': self.mapper.evicted_voxels,
-                'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_max_s': float(times.max()),
+                'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_p95_s': float(np.percentile(times, 95)),
+                'keyframe_time_max_s': float(times.max()),
                 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                 'last_error': self.last_error, 'cameras': cams}
 
