@@ -1,5 +1,6 @@
-"""Two RGB-D cameras on one rig into one map over real ROS 2, both streaming compressed colour (JPEG) and
-compressedDepth (PNG): the scene player publishes the rig's body pose and both cameras' images."""
+"""Two RGB-D cameras on one rig into one map over real ROS 2: both streaming compressed colour (JPEG) and
+compressedDepth (PNG) from the scene player (the rig's body pose and both cameras' images), and both cameras'
+keyframes of one tick through one feature-extractor batch (a node in this process, ticked by the test)."""
 import time
 
 import numpy as np
