@@ -12,18 +12,18 @@ pose topic) and, for `stream`, the built-in scene player. One JSON line per figu
 version, threads and sizes:
 
   stream  the player plays a --seconds long trajectory at --rate-hz (--width x --height, depth 16UC1, labels) and is
-          stopped after --seconds (right after a frame); meanwhile /segment_by_text('chair') is called every
-          --query-period s without waiting for the answers. Frames published (depth images counted here: the last
-          message of a frame; the player renders every frame, so its rate is bounded by its CPU), received by the
-          node (processed + superseded + dropped + still pending, from ~/status), keyframes integrated, frames
-          dropped, the keyframes the node's rule selects when it sees every published frame (the same
-          KeyframeSelector and settings replayed here on the published poses: the node looks at the newest frame of
-          each tick, so it selects from fewer frames), per-keyframe integration time (~/status: mean, p95, max) and
-          the query round trips (client side).
+          stopped after --seconds (right after a frame); from the first keyframe on /segment_by_text('chair') goes
+          out every --query-period s without waiting for the answers. Frames published (depth images counted
+          here: the last message of a frame; the player renders every frame, so its rate is bounded by its CPU),
+          received by the node (processed + superseded + dropped + still pending, from ~/status), keyframes
+          integrated, frames dropped, the keyframes the node's rule selects when it sees every published frame (the
+          same KeyframeSelector and settings replayed here on the published poses: the node looks at the newest
+          frame of each tick, so it selects from fewer frames), per-keyframe integration time (~/status: mean,
+          p95, max) and the query round trips (client side).
   map     a --voxels map (bm_pooling's synthetic building, one scene class per 0.5 m cell, features near the class
-          texts, written by the core's Mapper.save) loaded by the node at start (map_path + load_map_on_start), then --calls
-          /segment_by_text round trips (client side: request sent -> response in hand; after one warm-up call per
-          text) and the answer size.
+          texts, written by the core's Mapper.save) loaded by the node at start (map_path + load_map_on_start),
+          then --calls /segment_by_text round trips (client side: request sent -> response in hand; after one
+          warm-up call per text) and the answer size.
 The summary line holds the issue's targets: 0 dropped frames, every selected keyframe integrated, and the round trip
 at 100 k voxels.
 """
@@ -57,7 +57,7 @@ def emit(row: dict) -> dict:
 
 
 def stats_ms(seconds) -> dict:
-    """mean, p50, p95, max of a list of seconds, in ms (None when empty)."""
+    """n, mean, p50, p95, max of a list of seconds, in ms (only n when empty)."""
     if not len(seconds):
         return {'n': 0}
     a = 1e3 * np.asarray(seconds, dtype=np.float64)
