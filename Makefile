@@ -150,10 +150,16 @@ clean:
 	rm -rf build $(DEMO_OUT) $(EVAL_OUT) $(TRAIN_OUT)
 
 # Benchmark-only dependencies (never needed by `make test`): Open3D for benchmarks/bm_compare.py's fusion reference.
-.PHONY: bench-deps bench
+.PHONY: bench-deps bench bench-node
 bench-deps: setup
 	$(PY) -m pip install -q --disable-pip-version-check open3d
 	-command -v apt-get > /dev/null && apt-get install -y -q libusb-1.0-0 > /dev/null
 
 bench: bench-deps
 	$(PY) benchmarks/bm_compare.py
+
+# The node end to end (README "The node end to end"): the player's 640x480 30 Hz stream for 60 s with queries
+# meanwhile, then the round trip on a 100 k-voxel map. BENCH_NODE_ARGS e.g. --seconds 10 or --only map.
+BENCH_NODE_ARGS ?=
+bench-node: setup
+	$(PY) benchmarks/bm_node.py $(BENCH_NODE_ARGS)

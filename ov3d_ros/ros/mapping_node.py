@@ -468,16 +468,24 @@ class MappingInterface:
 
     # ------------------------------------------------------------------ processing
     def tick(self) -> None:
-        """Integrate the newest complete frame of each camera if it is a keyframe."""
-        for cam in self.cameras:
-            self._process(cam)
+        """Integrate the newest complete frame of each camera if it is a keyframe; the keyframes of several cameras
+        in one tick go through the feature extractor as one batch when it takes batches (CLIP)."""
+        taken = [p for p in (self._take(cam) for cam in self.cameras) if p is not None]
+        batch = [p for p in taken if p[2]]
+        if len(batch) > 1 and self._batchable([frame for _, frame, _ in batch]):
+            self._integrate_batch(batch)
+            taken = [p for p in taken if not p[2]]
+        for cam, frame, candidate in taken:
+            self._process(cam, frame, candidate)
 
-    def _process(self, cam: CameraInput) -> None:
+    def _take(self, cam: CameraInput):
+        """(cam, Frame, keyframe candidate) of the camera's newest complete frame, None when there is none or it
+        was dropped (counted, the reason logged)."""
         try:
             simulated = self.mapper.extractor.simulated
             taken = cam.take(self.sync_slop_s, self.sync_timeout_s, simulated, self._pose_ready, self._missing_pose)
             if taken is None:
-                return
+                return None
             depth, color, labels, t = taken
             if cam.camera_info is None:
                 raise ValueError(f'no valid camera info received yet on {cam.topics()["camera_info"]}; frame '
@@ -491,7 +499,7 @@ class MappingInterface:
                 cam.stats['frames'] += 1
                 cam.stats['not_decoded'] += 1
                 cam.last_stamp = t
-                return
+                return None
             depth_m = conv.depth_to_meters(depth)
             m = self.mapper.cfg.map
             if not np.any((depth_m >= m.min_depth_m) & (depth_m <= m.max_depth_m)):
@@ -500,20 +508,65 @@ class MappingInterface:
             lab = conv.labels_to_numpy(labels) if labels is not None else None
             frame = Frame(conv.color_to_rgb(color), depth_m, camera, T_W_C, t, lab)
             cam.stats['frames'] += 1
+            return cam, frame, candidate
+        except Exception as e:
+            self._frame_failed(e, cam)
+            return None
+
+    def _process(self, cam: CameraInput, frame: Frame, candidate: bool, features_s: float = 0.0) -> None:
+        """Integrate a keyframe candidate (or only validate another frame) and count it. ``features_s``: this
+        frame's share of a batched feature extraction (``frame.features`` then holds its features)."""
+        try:
             with self._lock:
                 if candidate:
                     self.mapper.integrate(frame, force=True)
                 else:
                     self.mapper.validate(frame)
                 total = self.mapper.timings_s.get('total', 0.0)
-            cam.last_stamp = t
+            cam.last_stamp = frame.stamp_s
             if candidate:
-                cam.keyframes.accept(T_W_C, t)
+                cam.keyframes.accept(frame.T_W_C, frame.stamp_s)
                 cam.stats['keyframes'] += 1
-                self._kf_times.append(total)
-        except (ValueError, RuntimeError) as e:
+                self._kf_times.append(features_s + total)
+        except Exception as e:
+            self._frame_failed(e, cam)
+
+    def _batchable(self, frames: List[Frame]) -> bool:
+        """Whether these keyframes can share one feature-extractor batch: it takes batches and they are images of
+        one size without precomputed features or label images (the simulated source extracts frame by frame)."""
+        return (hasattr(self.mapper.extractor, 'extract_batch') and len({f.rgb.shape for f in frames}) == 1
+                and all(f.features is None and f.labels is None for f in frames))
+
+    def _integrate_batch(self, batch) -> None:
+        """Keyframes of several cameras (``[(cam, Frame, True), ...]``): each validated (a bad one is dropped for
+        its camera alone), the features of the rest extracted in one batch, then each integrated and counted as
+        in :meth:`_process`. Not ``Mapper.integrate_batch``: that applies the map's own keyframe rule on top of
+        each camera's, which would drop a camera's keyframe taken close to another camera's."""
+        valid = []
+        with self._lock:
+            for cam, frame, _ in batch:
+                try:
+                    self.mapper.validate(frame)
+                    valid.append((cam, frame))
+                except Exception as e:
+                    self._frame_failed(e, cam)
+            if not valid:
+                return
+            try:
+                t0 = time.perf_counter()
+                grids = self.mapper.extractor.extract_batch([frame.rgb for _, frame in valid])
+                share = (time.perf_counter() - t0) / len(valid)
+            except Exception as e:
+                for cam, _ in valid:
+                    self._frame_failed(e, cam)
+                return
+        for (cam, frame), grid in zip(valid, grids):
+            self._process(cam, replace(frame, features=grid), True, share)
+
+    def _frame_failed(self, e: Exception, cam: CameraInput) -> None:
+        if isinstance(e, (ValueError, RuntimeError)):
             self._error(str(e), cam)
-        except Exception as e:  # never let one bad frame take the node down
+        else:  # never let one bad frame take the node down
             self._error(f'frame failed: {type(e).__name__}: {e}', cam)
 
     def on_segment(self, request, response):
@@ -563,7 +616,8 @@ class MappingInterface:
         total = {k: sum(c[k] for c in cams.values()) for k in ('frames', 'keyframes', 'dropped', 'superseded',
                                                                  'not_decoded', 'pending_depth')}
         return {**total, 'voxels': self.mapper.map.size, 'evicted_voxels': self.mapper.evicted_voxels,
-                'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_max_s': float(times.max()),
+                'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_p95_s': float(np.percentile(times, 95)),
+                'keyframe_time_max_s': float(times.max()),
                 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                 'last_error': self.last_error, 'cameras': cams,
                 'web_view': self.web_view.status() if self.web_view is not None else None}

@@ -1,5 +1,8 @@
-"""Two RGB-D cameras on one rig into one map over real ROS 2, both streaming compressed colour (JPEG) and
-compressedDepth (PNG): the scene player publishes the rig's body pose and both cameras' images."""
+"""Two RGB-D cameras on one rig into one map over real ROS 2: both streaming compressed colour (JPEG) and
+compressedDepth (PNG) from the scene player (the rig's body pose and both cameras' images), and both cameras'
+keyframes of one tick through one feature-extractor batch (a node in this process, ticked by the test)."""
+import time
+
 import numpy as np
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
@@ -67,3 +70,94 @@ def test_two_compressed_cameras_build_one_map(tmp_path):
                 player.stop()
             client.close()
             node.stop(60.0)
+
+
+def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
+    """Both cameras' keyframes pending in one tick: one extract_batch call (CLIP, random weights) for both, each
+    integrated and counted for its camera; a frame that fails validation is dropped for its camera alone."""
+    import rclpy
+    from geometry_msgs.msg import PoseStamped
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from ov3d_ros.ros import conversions as conv
+    from ov3d_ros.ros.mapping_node import MappingNode
+    from ov3d_ros.sim import builtin_trajectory, default_camera, render
+
+    from conftest import private_domain
+    overrides = {'cameras': ['cam_a', 'cam_b'], 'pose_to_camera': MOUNTS, 'pose_source': 'pose',
+                 'input_qos': 'reliable', 'features.source': 'clip', 'features.pretrained': 'none',
+                 'features.image_short_side': 64, 'map.device': 'cpu', 'purify.enabled': False,
+                 'tick_rate_hz': 0.001}               # the timer never ticks here: the test calls tick()
+    scene, camera = builtin_scene(0), default_camera(64, 48)
+    with private_domain():
+        client = DemoClient()
+        node = MappingNode(context=client.context,
+                           parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+        pub_node = rclpy.create_node('two_camera_input', context=client.context)
+        client.executor.add_node(node)
+        client.executor.add_node(pub_node)
+        pubs = {(ns, t): pub_node.create_publisher(m, f'{ns}/{t}', 10) for ns in ('cam_a', 'cam_b')
+                for t, m in (('color/image', Image), ('depth/image', Image), ('color/camera_info', CameraInfo))}
+        pose_pub = pub_node.create_publisher(PoseStamped, 'pose', 10)
+        batches = []
+        extract_batch = node.mapper.extractor.extract_batch
+        node.mapper.extractor.extract_batch = lambda images: batches.append(len(images)) or extract_batch(images)
+
+        def send(T_W_B, stamp_s, bad_info_for=None):
+            """One rig frame at ``stamp_s``: the body pose, then each camera's info, colour and depth."""
+            header = conv.make_header('map', conv.sec_to_stamp(stamp_s))
+            pose = PoseStamped(header=header, pose=conv.matrix_to_pose(T_W_B))
+            pose_pub.publish(pose)
+            for i, ns in enumerate(('cam_a', 'cam_b')):
+                T_B_C = conv.pose_to_matrix(MOUNTS[7 * i:7 * i + 3], MOUNTS[7 * i + 3:7 * i + 7])
+                f = render(scene, camera, T_W_B @ T_B_C)
+                h = conv.make_header(f'{ns}_optical', header.stamp)
+                info = conv.camera_to_camera_info(default_camera(80, 60) if ns == bad_info_for else camera, h)
+                pubs[ns, 'color/camera_info'].publish(info)
+                pubs[ns, 'color/image'].publish(conv.numpy_to_image(f.rgb, 'rgb8', h))
+                depth = np.round(f.depth_m * 1000.0).clip(0, 65535).astype(np.uint16)
+                pubs[ns, 'depth/image'].publish(conv.numpy_to_image(depth, '16UC1', h))
+
+        def wait_pending(stamp_s):
+            """Spin until both cameras hold the frame at ``stamp_s`` and its pose (no tick runs meanwhile)."""
+            end = time.monotonic() + 30.0
+            while time.monotonic() < end:
+                client.spin(0.1)
+                if len(node._poses) and conv.stamp_to_sec(node._poses[-1].header.stamp) == stamp_s and all(
+                        c.depth and c.color and conv.stamp_to_sec(c.depth[-1].header.stamp) == stamp_s
+                        and c.camera_info is not None and conv.stamp_to_sec(c.camera_info.header.stamp) == stamp_s
+                        for c in node.cameras):
+                    return
+            raise AssertionError(f'the frames at {stamp_s} did not arrive')
+
+        try:
+            poses = builtin_trajectory(scene, 8, 0)
+            t0 = client.node.get_clock().now().nanoseconds * 1e-9
+            send(poses[0], t0)
+            wait_pending(t0)
+            node.tick()
+            assert batches == [2]
+            status = node.status()
+            for name, cam in status['cameras'].items():
+                assert (cam['frames'], cam['keyframes'], cam['dropped']) == (1, 1, 0), (name, status)
+            assert status['keyframes'] == 2 and node.mapper.num_keyframes == 2, status
+            assert status['voxels'] > 100 and len(node._kf_times) == 2, status
+            assert all(t > 0 for t in node._kf_times)
+
+            # cam_b's camera info no longer matches its images: its frame is dropped, cam_a's is integrated alone
+            send(poses[4], t0 + 1.0, bad_info_for='cam_b')
+            wait_pending(t0 + 1.0)
+            node.tick()
+            assert batches == [2, 1]
+            status = node.status()
+            a, b = status['cameras']['cam_a'], status['cameras']['cam_b']
+            assert (a['frames'], a['keyframes'], a['dropped']) == (2, 2, 0), status
+            assert (b['frames'], b['keyframes'], b['dropped']) == (2, 1, 1), status
+            assert 'camera info is 80x60 but images are 64x48' in b['last_error'], b
+            assert status['keyframes'] == 3 and node.mapper.num_keyframes == 3, status
+        finally:
+            client.executor.remove_node(pub_node)
+            client.executor.remove_node(node)
+            pub_node.destroy_node()
+            node.destroy_node()
+            client.close()
