@@ -65,6 +65,7 @@ def ours_fusion(cam, rendered, device: str, compress_dim: int, voxel: float, min
     from ov3d_ros.sim import CLASS_NAMES
     cfg = MapperConfig()
     cfg.features.source, cfg.map.device, cfg.map.compress_dim = 'simulated', device, compress_dim
+    cfg.purify.enabled = False                        # fusion alone (pooling is measured in its own section)
     cfg.map.voxel_size_m, cfg.map.min_depth_m, cfg.map.max_depth_m = voxel, min_d, max_d
     mapper = Mapper(cfg, create_extractor(cfg.features, device, CLASS_NAMES))
     grids = [mapper.extractor.extract(f.rgb, f.semantic) for _, f in rendered]
@@ -154,6 +155,7 @@ def synthetic_mapper(n_voxels: int, device: str, dim: int = 384):
     from ov3d_ros.sim import CLASS_NAMES
     cfg = MapperConfig()
     cfg.features.source, cfg.map.device = 'simulated', device
+    cfg.purify.enabled = False                        # queries on the fused features, like the matmul floor
     mapper = Mapper(cfg, create_extractor(cfg.features, device, CLASS_NAMES))
     text = mapper.embed_texts(list(CLASS_NAMES)).cpu()
     g = torch.Generator().manual_seed(0)

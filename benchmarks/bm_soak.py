@@ -40,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = MapperConfig()
     cfg.features.source, cfg.map.device, cfg.map.max_voxels = 'simulated', 'cpu', args.max_voxels
-    cfg.purify.enabled = args.purify
+    cfg.purify.enabled, cfg.purify.affinity = args.purify, 'fallback'
     mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
     scene, cam = builtin_scene(0), default_camera(160, 120)
     loop = [(T, render(scene, cam, T)) for T in builtin_trajectory(scene, 60, 0)]

@@ -153,9 +153,10 @@ class QueryConfig:
 
 @dataclass
 class PurifyConfig:
-    enabled: bool = False
-    """Geometry-guided pooling of the fused features (GeoPurify); queries then use the purified features."""
-    affinity: str = 'fallback'
+    enabled: bool = True
+    """Geometry-guided pooling of the fused features (GeoPurify); queries then use the purified features. On by
+    default with the shipped learned student: +6.6 mIoU over raw fusion on the tuning split (README)."""
+    affinity: str = 'learned'
     """'learned' (student affinity network, needs ``checkpoint``) or 'fallback' (colour, normal and distance)."""
     checkpoint: str = 'default'
     """Student affinity network checkpoint (.safetensors with its config), for affinity 'learned'; 'default' = the

@@ -92,6 +92,7 @@ def mapper():
     cfg.map.voxel_size_m, cfg.map.pixel_stride = 0.1, 1
     cfg.labels.vocabulary, cfg.labels.smoothing_radius_vox = ['wall', 'chair', 'plant'], 0
     cfg.labels.min_component_vox = 0
+    cfg.purify.enabled = False                   # the label volume itself (pooled: see the purification tests)
     m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
     assert m.integrate(wall_frame())
     return m

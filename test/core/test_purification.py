@@ -37,14 +37,14 @@ def test_pooling_keeps_constant_features_and_averages_varying_ones():
     const = torch.tensor([0.5, -1.0, 2.0, 0.25])
     colors = torch.rand(len(pts), 3, generator=torch.Generator().manual_seed(1)) * 255
     m.integrate(pts, const.expand(len(pts), -1), colors)
-    p = GeometryPooling(PurifyConfig(enabled=True, iterations=5, mode='whole'))
+    p = GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', iterations=5, mode='whole'))
     p.update(m)
     assert torch.allclose(p.features(m).float(), const.half().float().expand(len(m), -1), atol=2e-3)
     # rows sum to 1 and weights are positive: varying features are averaged (inside the raw range, less spread)
     m2 = VoxelFeatureMap(1.0, 4)
     m2.integrate(pts, torch.randn(len(pts), 4, generator=torch.Generator().manual_seed(2)),
                  torch.full((len(pts), 3), 100.0))
-    p2 = GeometryPooling(PurifyConfig(enabled=True, iterations=5, mode='whole'))
+    p2 = GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', iterations=5, mode='whole'))
     p2.update(m2)
     raw, out = m2.features[:len(m2)].float(), p2.features(m2).float()
     assert torch.all(out >= raw.min(0).values - 1e-2) and torch.all(out <= raw.max(0).values + 1e-2)
@@ -60,7 +60,7 @@ def test_features_never_leak_across_a_gap_wider_than_the_neighbourhood():
     fb = torch.stack([torch.zeros(len(b)), 1 + 0.5 * torch.randn(len(b), generator=g)], 1)
     m.integrate(a, fa)
     m.integrate(b, fb)
-    p = GeometryPooling(PurifyConfig(enabled=True, radius_vox=2, iterations=18, mode='whole'))
+    p = GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', radius_vox=2, iterations=18, mode='whole'))
     p.update(m)
     f, raw = p.features(m).float(), m.features[:len(m)].float()
     assert torch.all(f[:len(a), 1] == 0) and torch.all(f[len(a):, 0] == 0)
@@ -103,7 +103,7 @@ def test_pooling_restores_the_labels_of_flipped_voxels_on_a_two_object_scene():
     assert (raw_label[flipped] != true[flipped]).float().mean() > 0.9    # the raw features are wrong there
     results = {}
     for T in (18, 0):
-        p = GeometryPooling(PurifyConfig(enabled=True, iterations=T, mode='whole'))
+        p = GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', iterations=T, mode='whole'))
         p.update(m)
         results[T] = p.features(m).float().argmax(1)
     pooled = results[18]
@@ -114,8 +114,8 @@ def test_pooling_restores_the_labels_of_flipped_voxels_on_a_two_object_scene():
 
 
 def test_incremental_matches_whole_map_pooling_on_a_growing_map():
-    inc = GeometryPooling(PurifyConfig(enabled=True, iterations=4, margin_vox=3))
-    whole = GeometryPooling(PurifyConfig(enabled=True, iterations=4, mode='whole'))
+    inc = GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', iterations=4, margin_vox=3))
+    whole = GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', iterations=4, mode='whole'))
     m = VoxelFeatureMap(1.0, 8)
     for k in range(3):                            # the map grows by strips, like keyframes
         pts, feats = plane_map((6 * k, 6 * k + 6), dim=8, seed=k)

@@ -240,6 +240,30 @@ def test_clip_preset_has_a_modality_gap_but_an_informative_ranking(ext, views):
     assert (g @ E.T).amax(-1).mean() > 0.6
 
 
+def test_default_temperature_follows_the_modality_gap(ext, views):
+    """Text-like presets keep 0.15; with the gap, CLIP's 0.01, at which a true class's voxels beat the negatives
+    by a margin the default threshold keeps (at 0.15 the softmax is almost flat: nothing passes 0.55)."""
+    from ov3d_ros.core.features.simulated import GAP_TEMPERATURE, TEXT_TEMPERATURE
+    from ov3d_ros.core.query import relevancy_scores
+    assert configure(ext, 'default').default_temperature == TEXT_TEMPERATURE == 0.15
+    assert configure(ext, 'clip', sim_patch_px=8).default_temperature == GAP_TEMPERATURE == 0.01
+    cam, frames = views
+    T, f = frames[0]
+    feats = ext.extract(f.rgb, f.semantic, **geometry(cam, T, f))
+    H, W = f.semantic.shape
+    h, w = feats.shape[:2]
+    lab = torch.from_numpy(f.semantic.astype(np.int64))[(np.arange(h) * H // h)[:, None], (np.arange(w) * W // w)[None, :]]
+    counts = torch.bincount(lab[lab > 0].flatten())
+    k = int(counts.argmax())                             # the most visible class of the view
+    negs = torch.stack([ext.class_embeddings[j] for j in range(1, len(ext.class_embeddings)) if j != k][:4])
+    flat = feats.reshape(-1, feats.shape[-1])
+    mine = (lab == k).flatten()
+    gap = relevancy_scores(flat, ext.class_embeddings[k], negs, GAP_TEMPERATURE)
+    text = relevancy_scores(flat, ext.class_embeddings[k], negs, TEXT_TEMPERATURE)
+    assert (gap[mine] >= 0.55).float().mean() > 0.3, (gap[mine] >= 0.55).float().mean()
+    assert (text[mine] >= 0.55).float().mean() == 0.0
+
+
 def test_clip_gap_direction_is_shared_and_orthogonal_to_the_class_texts(ext):
     configure(ext, 'clip')
     g = ext.modality_direction()
