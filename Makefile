@@ -110,7 +110,8 @@ eval-scenes: setup
 	  --config config/eval.yaml --set features.sim_patch_px=4
 
 # Ablations on the tuning split only: student recipe (teacher features / k-means clusters of them), pooling
-# iterations T and scale, the oracle for reference; query temperature and threshold (synonym queries).
+# iterations T and scale, the oracle for reference; query temperature and threshold (synonym queries, one scoring
+# pass per query for all thresholds); the label volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
 K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
 eval-tune: eval-scenes
@@ -123,6 +124,9 @@ eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
 	  --query-thresholds 0.3 0.4 0.5 0.55 0.6 0.7 0.8 0.9 \
 	  $(foreach t,0.15 0.05 0.02 0.01,--variant T$(t) $(WHOLE) purify.checkpoint=default query.temperature=$(t))
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_labels $(EVAL_ARGS) \
+	  $(foreach t,0.15 0.05 0.01,--variant labels_T$(t) $(WHOLE) purify.checkpoint=default "labels.vocabulary=[gt]" \
+	  labels.temperature=$(t))
 
 # The reported tables, on the test split only: shipped student with the default config (incremental) and
 # whole-map, its three training seeds, the fallback affinity, the oracle; the same checkpoint on 64-d features.
@@ -142,7 +146,8 @@ eval-test: eval-scenes
 	  --variant "learned, same checkpoint, whole" $(WHOLE) purify.checkpoint=default
 
 eval: eval-tune eval-test
-	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(EVAL_OUT)/tune_query/queries_sweep.md $(EVAL_OUT)/test_table/table_ci.md \
+	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(EVAL_OUT)/tune_query/queries_sweep.md $(EVAL_OUT)/tune_labels/table_ci.md \
+	  $(EVAL_OUT)/test_table/table_ci.md \
 	  $(EVAL_OUT)/test_incremental/table_ci.md $(EVAL_OUT)/test_d64_table/table_ci.md
 
 # The same test scenes replayed from rosbag2 recordings (raw fusion), as a check of the bag reader.
