@@ -147,7 +147,7 @@ def bench_fusion(args) -> None:
 
 def synthetic_mapper(n_voxels: int, device: str, dim: int = 384):
     """A Mapper (simulated features) whose map is bm_pooling's building with features near the class texts."""
-    from bm_pooling import building
+    from bm_pooling import building_exactly
     from ov3d_ros.core.config import MapperConfig
     from ov3d_ros.core.features import create_extractor
     from ov3d_ros.core.mapper import Mapper
@@ -159,10 +159,7 @@ def synthetic_mapper(n_voxels: int, device: str, dim: int = 384):
     mapper = Mapper(cfg, create_extractor(cfg.features, device, CLASS_NAMES))
     text = mapper.embed_texts(list(CLASS_NAMES)).cpu()
     g = torch.Generator().manual_seed(0)
-    pts = building(n_voxels)
-    if len(pts) < n_voxels:                                   # rooms come whole: grow, then cut to the size
-        pts = building(int(1.5 * n_voxels ** 2 / len(pts)))
-    pts = pts[:n_voxels]
+    pts = building_exactly(n_voxels)
     vmap = VoxelFeatureMap(cfg.map.voxel_size_m, text.shape[1], device, capacity=len(pts),
                            max_weight=cfg.map.max_weight)
     for chunk in torch.split(torch.arange(len(pts)), 200_000):

@@ -24,7 +24,7 @@ version, threads and sizes:
           texts, written by the core's Mapper.save) loaded by the node at start (map_path + load_map_on_start),
           then --calls /segment_by_text round trips (client side: request sent -> response in hand; after one
           warm-up call per text) and the answer size.
-The summary line holds the issue's targets: 0 dropped frames, every selected keyframe integrated, and the round trip
+The summary line holds the targets: 0 dropped frames, every selected keyframe integrated, and the round trip
 at 100 k voxels.
 """
 from __future__ import annotations
@@ -209,7 +209,7 @@ def synthetic_map(n_voxels: int, path: Path, cell_m: float = 0.5):
     to ``path``: each ``cell_m`` cell is one class of the scene, its features that class's text embedding plus
     noise, its colour the class's plus noise (objects with extent, so geometry pooling keeps them, unlike one
     random class per voxel). Returns (voxels, file bytes)."""
-    from bm_pooling import building
+    from bm_pooling import building_exactly
     from ov3d_ros.core.config import load_yaml_config
     from ov3d_ros.core.features import create_extractor
     from ov3d_ros.core.mapper import Mapper
@@ -221,10 +221,7 @@ def synthetic_map(n_voxels: int, path: Path, cell_m: float = 0.5):
     mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
     text = mapper.embed_texts(list(CLASS_NAMES)).cpu()
     g = torch.Generator().manual_seed(0)
-    pts = building(n_voxels)
-    if len(pts) < n_voxels:                                   # rooms come whole: grow, then cut to the size
-        pts = building(int(1.5 * n_voxels ** 2 / len(pts)))
-    pts = pts[:n_voxels]
+    pts = building_exactly(n_voxels)
     cell = torch.floor(pts / cell_m).long()
     cls = (cell[:, 0] * 73856093 ^ cell[:, 1] * 19349663 ^ cell[:, 2] * 83492791) % len(CLASS_NAMES)
     palette = torch.rand(len(CLASS_NAMES), 3, generator=g) * 200

@@ -35,6 +35,14 @@ def building(n_voxels: int, voxel: float = 0.05, room_m: float = 5.0, height_m: 
     return (torch.cat([floor, walls]).float() + 0.5) * voxel
 
 
+def building_exactly(n_voxels: int) -> torch.Tensor:
+    """(n_voxels, 3) points of :func:`building` (rooms come whole: grown, then cut to the size)."""
+    pts = building(n_voxels)
+    if len(pts) < n_voxels:
+        pts = building(int(1.5 * n_voxels ** 2 / len(pts)))
+    return pts[:n_voxels]
+
+
 def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, radius: int, embed, whole: bool) -> dict:
     from ov3d_ros.core.config import PurifyConfig
     from ov3d_ros.core.purification.pooling import GeometryPooling
