@@ -129,6 +129,18 @@ def test_incremental_matches_whole_map_pooling_on_a_growing_map():
     assert moved.median() > 0.3                   # pooling changed the features (identity would not)
 
 
+def test_a_keyframe_that_touched_nothing_changes_nothing():
+    """Incremental pooling after a keyframe whose points all fell outside the depth range (no touched voxel)."""
+    p = GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', iterations=4))
+    m = VoxelFeatureMap(1.0, 8)
+    pts, feats = plane_map((0, 6), dim=8)
+    p.update(m, m.integrate(pts, feats, torch.full((len(pts), 3), 100.0)))
+    before = p.features(m).clone()
+    assert p.update(m, torch.zeros(0, dtype=torch.int64)) == 0
+    assert torch.equal(p.features(m), before)
+    assert neighbour_rows(m, torch.zeros(0, dtype=torch.int64), ball_offsets(2)).shape == (0, len(ball_offsets(2)))
+
+
 def test_pool_is_a_valid_csr_product_equal_to_a_dense_reference():
     g = torch.Generator().manual_seed(0)
     V, R, M, D = 40, 25, 9, 5

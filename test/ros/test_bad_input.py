@@ -294,7 +294,7 @@ def test_burst_of_malformed_messages_is_survived_and_counted(graph, bad_input):
     for i in range(60):                                             # 60 frames, about 20 Hz
         pub.send(**{'rgb': RGB, 'depth': DEPTH_MM, **bursts[i % len(bursts)]})
         client.spin(0.05)
-    end = time.monotonic() + 20
+    end = time.monotonic() + 90         # slow keyframes on a loaded machine: wait for the queue to drain
     while time.monotonic() < end and (client.status['pending_depth'] or client.status == before):
         client.spin(0.5)
     client.spin(1.5)

@@ -30,7 +30,7 @@ def offset_deltas(offsets: torch.Tensor) -> torch.Tensor:
 def neighbour_rows(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(R, M) int64 map rows of the neighbours of ``rows`` at each offset; -1 where unoccupied."""
     keys = vmap.keys[rows][:, None] + offset_deltas(offsets.to(vmap.device))[None, :]
-    return vmap.lookup(keys.reshape(-1)).reshape(len(rows), -1)
+    return vmap.lookup(keys.reshape(-1)).reshape(len(rows), len(offsets))
 
 
 def estimate_normals(vmap: VoxelFeatureMap, rows: torch.Tensor, nbr: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,8 @@ class GeometryPooling:
             return 0
         self._bind(vmap)
         whole = touched is None or self.cfg.mode == 'whole'
+        if not whole and len(touched) == 0:             # a keyframe that added no point changes nothing
+            return 0
         if whole:
             rows = torch.arange(n, device=vmap.device)
             nbr = neighbour_rows(vmap, rows, self.offsets)
