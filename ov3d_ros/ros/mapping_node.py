@@ -182,7 +182,7 @@ class MappingInterface:
                                                                            'labels.feature_prior'):
                     setattr(getattr(cfg, section), key, value)
             if 'query.templates' in new or 'query.repetitions' in new:
-                self.mapper._text_cache.clear()     # text embeddings depend on the templates
+                self.mapper.texts.clear()     # text embeddings depend on the templates
         for name in ('sync_slop_s', 'sync_timeout_s', 'map_cloud_max_points'):
             if name in new:
                 setattr(self, name, new[name])
