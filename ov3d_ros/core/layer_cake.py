@@ -267,9 +267,11 @@ class LayerCake:
         out.specs = {n: self.specs[n] for n in names}
         out.layers = {}
         for n in names:
-            t = torch.zeros(out.specs[n].shape(out._capacity), dtype=out.specs[n].dtype, device=self.device)
-            t[:self.size] = self.layers[n][:self.size]
-            out.layers[n] = t
+            if self.size >= 16:                   # one contiguous copy of the rows in use
+                out.layers[n] = self.layers[n][:self.size].clone(memory_format=torch.contiguous_format)
+            else:
+                out.layers[n] = torch.zeros(out.specs[n].shape(16), dtype=out.specs[n].dtype, device=self.device)
+                out.layers[n][:self.size] = self.layers[n][:self.size]
         out.index = KeyIndex.__new__(KeyIndex)
         out.index.bits, out.index.table = self.index.bits, self.index.table.clone()
         return out
