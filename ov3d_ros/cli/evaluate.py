@@ -109,13 +109,13 @@ def _map_variant(cfg, source, gt, args, cache: dict):
     base, stats = cache[key]
     if not cfg.purify.enabled:
         base.cfg.query = copy.deepcopy(cfg.query)       # variants may differ in their query settings only
-        base._text_cache.clear()
+        base.texts.clear()
         return base, dict(stats)
     pooled_key = key + json.dumps(asdict(cfg.purify), sort_keys=True)
     if pooled_key in cache:                             # same pooling, other query settings
         mapper, pooled_stats = cache[pooled_key]
         mapper.cfg.query = copy.deepcopy(cfg.query)
-        mapper._text_cache.clear()
+        mapper.texts.clear()
         return mapper, dict(pooled_stats)
     mapper = Mapper(cfg, base.extractor)
     # the base map's fusion layers, shared; this variant's purification layers in a cake of its own

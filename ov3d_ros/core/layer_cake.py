@@ -257,6 +257,25 @@ class LayerCake:
         names = self.layers if names is None else names
         return {name: self.layers[name][:self.size].clone() for name in names}
 
+    def copy(self, names: Optional[Iterable[str]] = None) -> 'LayerCake':
+        """A cake of its own holding copies of the rows in use of the named layers (default: all; keys always) and
+        of the index: a consistent picture of the map for readers, which later inserts, compaction
+        (:meth:`keep`), projection or clearing of this cake never change. Its capacity is its size (at least 16)."""
+        out = LayerCake.__new__(LayerCake)
+        out.device, out.size, out._capacity = self.device, self.size, max(16, self.size)
+        names = [self.KEYS] + [n for n in (self.layers if names is None else names) if n != self.KEYS]
+        out.specs = {n: self.specs[n] for n in names}
+        out.layers = {}
+        for n in names:
+            if self.size >= 16:                   # one contiguous copy of the rows in use
+                out.layers[n] = self.layers[n][:self.size].clone(memory_format=torch.contiguous_format)
+            else:
+                out.layers[n] = torch.zeros(out.specs[n].shape(16), dtype=out.specs[n].dtype, device=self.device)
+                out.layers[n][:self.size] = self.layers[n][:self.size]
+        out.index = KeyIndex.__new__(KeyIndex)
+        out.index.bits, out.index.table = self.index.bits, self.index.table.clone()
+        return out
+
     def share(self, names: Optional[Iterable[str]] = None) -> 'LayerCake':
         """A cake over the same index and the same tensors of the named layers (default: all; keys always), not
         copies, whose own new layers stay its own: for readers that derive different layers from one map (e.g.

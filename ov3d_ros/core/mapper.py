@@ -13,10 +13,11 @@ from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.keyframes import KeyframeSelector
-from ov3d_ros.core.label_volume import LabelVolume, absorb_small_components, class_colors
+from ov3d_ros.core.label_volume import LabelVolume
 from ov3d_ros.core.lifting import CellFeatures, lift_keyframe
-from ov3d_ros.core.query import QueryResult, clean_text, normalise_text, relevancy_scores, select
-from ov3d_ros.core.text import encode_prompts
+from ov3d_ros.core.query import QueryResult
+from ov3d_ros.core.snapshot import MapSnapshot, Segment  # noqa: F401  (Segment re-exported)
+from ov3d_ros.core.text import TextEmbeddings
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 
@@ -45,17 +46,6 @@ class Frame:
     features: Optional[np.ndarray] = None
 
 
-@dataclass
-class Segment:
-    """A query answer in the map frame: xyz (M, 3) float32, rgb (M, 3) uint8, scores (M,) float32; source: what
-    answered (see QueryResult)."""
-
-    xyz: np.ndarray
-    rgb: np.ndarray
-    scores: np.ndarray
-    source: str = 'features'
-
-
 class Mapper:
     """Builds and queries an open-vocabulary voxel map.
 
@@ -72,7 +62,8 @@ class Mapper:
         self._checkpoint_ids: Dict[str, dict] = {}     # {purify.checkpoint: its identity}, see purification_identity
         self.purifier = self._make_purifier() if cfg.purify.enabled else None
         self.evicted_voxels = 0
-        self._text_cache: Dict[tuple, torch.Tensor] = {}   # (text, augmentation) -> (D,)
+        self.texts = TextEmbeddings(lambda texts: self.extractor.encode_text(texts), extractor.dim, self.device)  # shared w/ snapshots
+        self.generation = 0          # counts changes of the map or its query state (see snapshot)
         self.labels: Optional[LabelVolume] = None
         self._neighbours: Tuple[tuple, dict] = ((), {})   # {radius: neighbour rows} of the current map state
         self.clear()
@@ -186,6 +177,7 @@ class Mapper:
             self.evict(frame.T_W_C[:3, 3], int(0.9 * self.cfg.map.max_voxels))
         self.keyframes.accept(frame.T_W_C, frame.stamp_s)
         self.num_keyframes += 1
+        self.generation += 1
         t3 = time.perf_counter()
         self.timings_s = {'features': t1 - t0, 'compress': t1 - t_features, 'fusion': t2 - t1, 'purify': t3 - t2,
                           'total': t3 - t0}
@@ -286,30 +278,57 @@ class Mapper:
 
     def label_classes(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per voxel, the label volume's class (vocabulary index, -1 unobserved) and its confidence (pooled
-        when purifying). Needs a vocabulary."""
-        self._refresh_purified()
-        cfg, n = self.cfg.labels, self.map.size
-        prior = None
-        if self.purifier is not None and cfg.feature_prior and n:
-            prior = self.labels.probabilities(self.query_features(), self.to_map_space(self.labels.text))
-        labels, conf = self.labels.classes(n, self._neighbours_within(cfg.smoothing_radius_vox), prior)
-        if cfg.min_component_vox > 1:
-            labels = absorb_small_components(labels, self._neighbours_within(1), cfg.min_component_vox)
-        return labels, conf
+        when purifying). Needs a vocabulary (see :meth:`MapSnapshot.label_classes`)."""
+        return self.view().label_classes()
 
-    def _neighbours_within(self, radius_vox: int) -> Optional[torch.Tensor]:
-        """(V, M) rows of every voxel's neighbours within ``radius_vox`` (None for 0), cached per map state."""
-        if radius_vox <= 0:
-            return None
+    def view(self, refresh: bool = True) -> MapSnapshot:
+        """The live map as a :class:`MapSnapshot` over its own tensors (no copies): valid until the map changes.
+        Every query method of the Mapper answers through it. ``refresh``: in ``purify.mode: whole``, re-pool a
+        stale map first (False for readers of geometry and colour only)."""
         key = (id(self.map), self.map.size, self.evicted_voxels)
         if self._neighbours[0] != key:          # the map's voxels changed since the last time
             self._neighbours = (key, {})
-        cache = self._neighbours[1]
-        if radius_vox not in cache:
-            from ov3d_ros.core.purification.graph import ball_offsets, neighbour_rows
-            cache[radius_vox] = neighbour_rows(self.map, torch.arange(self.map.size, device=self.device),
-                                               ball_offsets(radius_vox, self.device))
-        return cache[radius_vox]
+        if self.purifier is None:
+            features = self.map.features[:self.map.size]
+        else:
+            features = self.query_features() if refresh else self.purifier.features(self.map)
+        return MapSnapshot(self.cfg, self.map, features,
+                           self.map.feature_norms() if self.purifier is None else None, self.labels,
+                           self.projection, self.texts, self.extractor.uses_templates,
+                           self.extractor.default_temperature, self.purifier is not None, self.generation,
+                           self.num_keyframes, self._neighbours[1])
+
+    def snapshot(self) -> MapSnapshot:
+        """A read-only copy of what queries read, at this generation: voxel keys and index, colours, weights, the
+        query features (purified when purifying) and their norms, the label volume, the projection and the
+        config. It owns its tensors (the first ``size`` rows of each layer), so later integration, eviction,
+        compaction, loads or clears never change it, and it answers ``query``, ``segment``, ``label_classes``,
+        ``map_cloud`` and ``label_cloud`` exactly as the Mapper did when it was taken. Costs one copy of those
+        rows (about 1 KB per voxel at D=512; README: performance), no feature extraction or pooling (in
+        ``purify.mode: whole`` a stale map is re-pooled first, as a query would)."""
+        import copy
+        features = self.query_features()              # refreshes the pooling in 'whole' mode
+        names = ['weights', 'colors']
+        if self.purifier is None or 'purified' not in self.map.cake:
+            names += ['features', 'norms']
+            source = 'features'
+        else:
+            names.append('purified')
+            source = 'purified'
+        from ov3d_ros.core.label_volume import LAYERS as LABEL_LAYERS
+        names += [n for n in LABEL_LAYERS if self.labels is not None and n in self.map.cake]
+        vmap = self.map.copy(names)
+        assert vmap.cake.rows(source).shape == features.shape
+        labels = None
+        if self.labels is not None:
+            labels = LabelVolume(self.labels.names, self.labels.text.clone(), self.labels.temperature, vmap.cake,
+                                 restore=True)
+        projection = None if self.projection is None else \
+            FeatureProjection(self.projection.matrix.clone(), self.projection.energy.clone())
+        return MapSnapshot(copy.deepcopy(self.cfg), vmap, vmap.cake.rows(source),
+                           vmap.feature_norms() if self.purifier is None else None, labels, projection, self.texts,
+                           self.extractor.uses_templates, self.extractor.default_temperature,
+                           self.purifier is not None, self.generation, self.num_keyframes)
 
     def purify_all(self) -> None:
         """Re-pool the whole map, label volume included (offline; a no-op without purification)."""
@@ -329,6 +348,7 @@ class Mapper:
             self.cfg.purify = old
             raise ValueError(f'purification settings not applied: {e}') from e
         self.purifier, self._purified_stale = purifier, True
+        self.generation += 1
         self._drop_purified()
         if self.labels is not None and purifier is not None:
             self.labels.enable_pooling()
@@ -337,20 +357,12 @@ class Mapper:
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) augmented embeddings of ``texts`` (prompt templates, repetition), in the feature source's space
-        (see :meth:`to_map_space`). Each text is embedded once and cached (up to 1024 texts), so the negatives and
-        the label vocabulary are not re-embedded by every query."""
+        (see :meth:`to_map_space`). Each text is embedded once and cached (:class:`TextEmbeddings`, shared with
+        the snapshots), so the negatives and the label vocabulary are not re-embedded by every query."""
         q = self.cfg.query
-        augment = (tuple(q.templates), q.repetitions) if self.extractor.uses_templates else ((), 1)
-        keys = [(t, augment) for t in texts]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
-        if missing:
-            if len(self._text_cache) + len(missing) > 1024:
-                self._text_cache.clear()
-            emb = encode_prompts(self.extractor.encode_text, [t for t, _ in missing], *augment).to(self.device)
-            self._text_cache.update(zip(missing, emb))
-        if not keys:
-            return torch.zeros(0, self.extractor.dim, device=self.device)
-        return torch.stack([self._text_cache[k] for k in keys])
+        if self.extractor.uses_templates:
+            return self.texts.embed(texts, q.templates, q.repetitions)
+        return self.texts.embed(texts)
 
     def to_map_space(self, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Text embeddings in the space of the stored voxel features (projected when the map is compressed)."""
@@ -368,6 +380,7 @@ class Mapper:
             raise ValueError('vocabulary names must be unique (case-insensitive)')
         if len(names) > 1000 or any(len(n) > 200 for n in names):
             raise ValueError('vocabulary too large: at most 1000 names of at most 200 characters')
+        self.generation += 1
         if not names:
             from ov3d_ros.core.label_volume import LAYERS
             for name in LAYERS:
@@ -396,99 +409,29 @@ class Mapper:
 
     def segment(self, text: str, negatives: Optional[Sequence[str]] = None, threshold: float = 0.0) -> Segment:
         """The answer of :meth:`query` as points: voxel centres, colours and scores."""
-        res = self.query(text, negatives, threshold)
-        return Segment(self.map.centers(res.rows).cpu().numpy(),
-                       self.map.colors[res.rows].clamp(0, 255).to(torch.uint8).cpu().numpy(),
-                       res.scores.cpu().numpy(), res.source)
+        return self.view().segment(text, negatives, threshold)
 
     def query(self, text: str, negatives: Optional[Sequence[str]] = None, threshold: float = 0.0) -> QueryResult:
-        """Voxels that match ``text`` better than every negative, with score >= threshold. A text naming a class
-        of the label volume's vocabulary is answered from the label volume instead: the voxels whose most
-        probable class it is (score = that class's share of the evidence; ``threshold`` <= 0 keeps them all).
-
-        ``negatives`` None, empty or all blank uses ``query.default_negatives``; ``threshold`` <= 0 uses
-        ``query.default_threshold``. Texts are cleaned: control characters become spaces, whitespace runs one space;
-        any other Unicode is kept (the text encoder truncates long prompts). Raises ValueError for an empty text, a
-        text or negative over 1000 characters, over 32 negatives, or a threshold that is NaN, inf or above 1.
-        Negatives equal to the query up to case and whitespace are dropped (see :meth:`_negatives_for`); when none
-        is left the default negatives minus the query are used, and when those are all the query too, ValueError.
-        """
-        text = clean_text(text or '', 'query text')
-        if not text:
-            raise ValueError('query text is empty')
-        if not np.isfinite(threshold) or threshold > 1.0:
-            raise ValueError(f'threshold must be a number <= 1, got {threshold}')
-        if len(negatives or ()) > 32:
-            raise ValueError(f'{len(negatives)} negatives given; at most 32 are accepted')
-        q = self.cfg.query
-        negs = [clean_text(n, 'a negative') for n in negatives or ()]
-        thr = threshold if threshold > 0 else q.default_threshold
-        n = self.map.size
-        k = self.labels.index(text) if self.labels is not None else -1
-        if k >= 0:      # a vocabulary class: the voxels whose most probable class it is
-            labels, conf = self.label_classes()
-            res = select(torch.where(labels == k, conf, torch.zeros_like(conf)), self.map.weights[:n],
-                         max(threshold, 1e-6), q.min_observations)
-            return QueryResult(res.rows, res.scores, 'label volume')
-        negs = self._negatives_for(text, negs)
-        emb = self.to_map_space(self.embed_texts([text] + negs))
-        temperature = q.temperature if q.temperature > 0 else self.extractor.default_temperature
-        norms = self.map.feature_norms() if self.purifier is None else None      # raw map: norms kept by the map
-        scores = relevancy_scores(self.query_features(), emb[0], emb[1:], temperature, norms)
-        return select(scores, self.map.weights[:n], thr, q.min_observations)
-
-    def _negatives_for(self, text: str, negatives: Sequence[str]) -> list:
-        """The negatives a query of ``text`` is scored against: ``negatives`` (or ``query.default_negatives`` when
-        all are blank), unique and without the query itself, compared case-folded with whitespace collapsed (the
-        tokenizers lowercase, so 'Wall' against 'wall' would tie everywhere). When that leaves none, the default
-        negatives minus the query; ValueError when there are none either (every voxel would score 1)."""
-        def usable(names):
-            seen, out = {normalise_text(text)}, []
-            for n in names:
-                key = normalise_text(n)
-                if key and key not in seen:
-                    seen.add(key)
-                    out.append(' '.join(n.split()))
-            return out
-        negs = usable(negatives)
-        if not negs:
-            negs = usable(self.cfg.query.default_negatives)
-        if not negs:
-            raise ValueError(f'no negative text differs from the query {text!r} (query.default_negatives: '
-                             f'{list(self.cfg.query.default_negatives)}); give negatives that name something else')
-        return negs
+        """Voxels that match ``text`` better than every negative, with score >= threshold; a text naming a class
+        of the label volume's vocabulary is answered from the label volume. See :meth:`MapSnapshot.query` (texts,
+        negatives, thresholds and the ValueErrors for bad ones)."""
+        return self.view().query(text, negatives, threshold)
 
     def classify(self, text_embeddings: torch.Tensor, rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per voxel (all or ``rows``), the best-matching of K texts (embeddings from :meth:`embed_texts`):
         (labels (V,) int64, similarity (V,) float32) from the features."""
-        feats = self.query_features() if rows is None else self.query_features()[rows]
-        sims = torch.nn.functional.normalize(feats.float(), dim=-1) @ self.to_map_space(text_embeddings).T
-        best = sims.max(dim=-1)
-        return best.indices, best.values
+        return self.view().classify(text_embeddings, rows)
 
     def voxel_labels(self, names: Sequence[str]) -> torch.Tensor:
         """(V,) index into ``names`` of every voxel's class: from the label volume when ``names`` is its
         vocabulary, else from the features (:meth:`classify`)."""
-        if self.labels is not None and self.labels.is_vocabulary(names):
-            return self.label_classes()[0]
-        return self.classify(self.embed_texts(list(names)))[0]
+        return self.view().voxel_labels(names)
 
     def label_points(self, xyz: np.ndarray, labels: torch.Tensor, max_distance_m: float = 0.0) -> np.ndarray:
         """Give (N, 3) points the label of their nearest observed voxel, from per-voxel ``labels`` (V,)
-        (:meth:`voxel_labels` or :meth:`classify`).
-
-        Points with no voxel centre within ``max_distance_m`` (default: one voxel size) get -1.
-        """
-        from scipy.spatial import cKDTree
-        n = self.map.size
-        out = np.full(len(xyz), -1, dtype=np.int64)
-        if n == 0 or len(xyz) == 0:
-            return out
-        dist, idx = cKDTree(self.map.centers().cpu().numpy()).query(
-            np.asarray(xyz, np.float32), k=1, distance_upper_bound=max_distance_m or self.map.voxel_size_m)
-        hit = np.isfinite(dist)
-        out[hit] = labels.cpu().numpy()[idx[hit]]
-        return out
+        (:meth:`voxel_labels` or :meth:`classify`); -1 for points with no voxel centre within ``max_distance_m``
+        (default: one voxel size)."""
+        return self.view(refresh=False).label_points(xyz, labels, max_distance_m)
 
     def save(self, path) -> int:
         """Write the map and what is needed to query it to ``path`` (atomic); returns the file size."""
@@ -553,6 +496,7 @@ class Mapper:
         self.cfg.map.voxel_size_m = vmap.voxel_size_m
         self.num_keyframes = int(info.get('keyframes', 0))
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
+        self.generation += 1
         return info
 
     def bytes_per_voxel(self) -> int:
@@ -586,6 +530,7 @@ class Mapper:
         gone = self.map.size - len(rows)
         self.map.keep(rows)
         self.evicted_voxels += gone
+        self.generation += 1
         return gone
 
     def clear(self) -> None:
@@ -600,6 +545,7 @@ class Mapper:
         self._reset_purifier()
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
         self.num_keyframes = 0
+        self.generation += 1
 
     @classmethod
     def from_file(cls, path, device: str = 'auto') -> 'Mapper':
@@ -625,26 +571,9 @@ class Mapper:
 
     def map_cloud(self, max_points: int = 0) -> Segment:
         """All voxel centres and colours (uniformly subsampled to ``max_points`` when > 0); scores = weights."""
-        rows = _subsample(torch.arange(self.map.size, device=self.device), max_points)
-        return Segment(self.map.centers(rows).cpu().numpy(),
-                       self.map.colors[rows].clamp(0, 255).to(torch.uint8).cpu().numpy(),
-                       self.map.weights[rows].cpu().numpy())
+        return self.view(refresh=False).map_cloud(max_points)
 
     def label_cloud(self, max_points: int = 0) -> Tuple[Segment, np.ndarray]:
-        """Voxels with a class in the label volume, coloured by class (:func:`class_colors`; scores = the class's
-        share of the evidence), and their (M,) vocabulary indices. Empty without a vocabulary or voxels."""
-        if self.labels is None or self.map.size == 0:
-            return Segment(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), np.zeros(0, np.float32)), \
-                np.zeros(0, np.int64)
-        labels, conf = self.label_classes()
-        rows = _subsample(torch.nonzero(labels >= 0, as_tuple=True)[0], max_points)
-        idx = labels[rows].cpu().numpy()
-        return Segment(self.map.centers(rows).cpu().numpy(), class_colors(len(self.labels.names))[idx],
-                       conf[rows].cpu().numpy()), idx
-
-
-def _subsample(rows: torch.Tensor, max_points: int) -> torch.Tensor:
-    """``rows`` evenly thinned to ``max_points`` when 0 < max_points < len(rows)."""
-    if 0 < max_points < len(rows):
-        return rows[torch.linspace(0, len(rows) - 1, max_points, device=rows.device).long()]
-    return rows
+        """Voxels with a class in the label volume, coloured by class (scores = the class's share of the
+        evidence), and their (M,) vocabulary indices. Empty without a vocabulary or voxels."""
+        return self.view().label_cloud(max_points)

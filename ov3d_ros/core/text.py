@@ -1,7 +1,8 @@
 """Text augmentation for queries: prompt-template ensembles and Laser's repetition trick."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Dict, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,3 +41,43 @@ def encode_prompts(encode_text: Callable[[Sequence[str]], torch.Tensor], names: 
     prompts = [p for n in names for p in prompts_for(n, templates, repetitions)]
     emb = encode_text(prompts).float().reshape(len(names), len(prompts) // max(len(names), 1), -1)
     return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+class TextEmbeddings:
+    """Augmented text embeddings of one feature source (:func:`encode_prompts`), each (text, templates,
+    repetitions) embedded once and cached (up to ``capacity`` entries; the cache is emptied when full).
+    Thread-safe: a mapper and the snapshots it hands to other threads share one cache.
+
+    Args:
+        encode_text: the feature source's text encoder (N strings -> (N, D) unit embeddings).
+        dim: D.
+        device: where the embeddings are kept.
+        capacity: cached embeddings at most.
+    """
+
+    def __init__(self, encode_text: Callable[[Sequence[str]], torch.Tensor], dim: int, device: torch.device,
+                 capacity: int = 1024):
+        self.encode_text, self.dim, self.device, self.capacity = encode_text, int(dim), device, int(capacity)
+        self._cache: Dict[tuple, torch.Tensor] = {}          # (text, templates, repetitions) -> (D,)
+        self._lock = threading.Lock()
+
+    def embed(self, texts: Sequence[str], templates: Sequence[str] = (), repetitions: int = 1) -> torch.Tensor:
+        """(N, D) embeddings of ``texts`` with the given augmentation."""
+        keys = [(t, tuple(templates), int(repetitions)) for t in texts]
+        if not keys:
+            return torch.zeros(0, self.dim, device=self.device)
+        with self._lock:          # held while encoding: two threads never encode one text twice
+            missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
+            if missing:
+                if len(self._cache) + len(missing) > self.capacity:
+                    self._cache.clear()
+                emb = encode_prompts(self.encode_text, [t for t, _, _ in missing], templates, repetitions)
+                self._cache.update(zip(missing, emb.to(self.device)))
+            return torch.stack([self._cache[k] for k in keys])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def __len__(self) -> int:
+        return len(self._cache)

@@ -254,6 +254,15 @@ class VoxelFeatureMap:
         out.cake = self.cake.share(self.FIELDS + ('norms',))
         return out
 
+    def copy(self, names: Sequence[str] = ()) -> 'VoxelFeatureMap':
+        """A map of its own over copies of the rows in use of ``keys``, the named layers and the index
+        (:meth:`LayerCake.copy`): a read-only picture for queries that later integration, eviction or compression
+        of this map never changes. Layers not named are absent from it (their attributes raise KeyError)."""
+        out = VoxelFeatureMap.__new__(VoxelFeatureMap)
+        out.voxel_size_m, out.device, out.max_weight = self.voxel_size_m, self.device, self.max_weight
+        out.cake = self.cake.copy(names)
+        return out
+
     def snapshot(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies of (centres (V,3), features (V,D) fp16, weights (V,), colors (V,3)) for readers."""
         s = self.cake.snapshot(('features', 'weights', 'colors'))

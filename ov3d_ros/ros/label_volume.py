@@ -3,12 +3,14 @@
 The vocabulary starts from the ``labels.vocabulary`` parameter. ``~/label_cloud`` (latched, PointCloud2 with
 x, y, z, rgb = the class colour, score = the class's share of the voxel's evidence) is published at
 ``label_publish_rate_hz`` while a vocabulary is set; ``~/label_legend`` (latched std_msgs/String, JSON) lists
-each class with its colour. Calls hold the mapper lock, like every other use of the map.
+each class with its colour. ``~/set_vocabulary`` changes the map under the mapper lock and publishes a new
+snapshot; the cloud and legend are read from the node's latest snapshot, without the lock.
 """
 from __future__ import annotations
 
 import json
 import threading
+from typing import Callable, Optional
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -18,16 +20,22 @@ from std_msgs.msg import String
 
 from ov3d_ros.core.label_volume import class_colors
 from ov3d_ros.core.mapper import Mapper
+from ov3d_ros.core.snapshot import MapSnapshot
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.params import declare
 from ov3d_ros.srv import SetVocabulary
 
 
 class LabelVolumeInterface:
-    """Declares the label volume's service, topics and publish rate on ``node`` (map guarded by ``lock``)."""
+    """Declares the label volume's service, topics and publish rate on ``node`` (map guarded by ``lock``).
 
-    def __init__(self, node: Node, mapper: Mapper, lock: threading.Lock, frame_id: str, max_points: int):
+    ``snapshot`` returns the node's latest :class:`MapSnapshot` (what the cloud and legend show); ``changed`` is
+    called under the lock after the vocabulary changed (the node publishes a new snapshot)."""
+
+    def __init__(self, node: Node, mapper: Mapper, lock: threading.Lock, frame_id: str, max_points: int,
+                 snapshot: Callable[[], Optional[MapSnapshot]], changed: Callable[[], None]):
         self.node, self.mapper, self.lock, self.frame_id, self.max_points = node, mapper, lock, frame_id, max_points
+        self.snapshot, self.changed = snapshot, changed
         rate = declare(node, 'label_publish_rate_hz', 0.5, 'Rate of ~/label_cloud while a vocabulary is set (0 = off).')
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                              reliability=ReliabilityPolicy.RELIABLE)
@@ -38,13 +46,14 @@ class LabelVolumeInterface:
         if rate > 0:
             node.create_timer(1.0 / rate, self.publish, group)
         self._legend = None
-        self._publish_legend()
+        self._publish_legend(self.snapshot())
 
     def on_set_vocabulary(self, request, response):
         """Replace the vocabulary; a refused one keeps the current vocabulary."""
         try:
             with self.lock:
                 self.mapper.set_vocabulary(list(request.classes))
+                self.changed()
             response.success = True
             response.message = (f'label volume over {len(request.classes)} classes' if request.classes
                                 else 'label volume off')
@@ -57,19 +66,18 @@ class LabelVolumeInterface:
         return response
 
     def publish(self) -> None:
-        """~/label_cloud from the current evidence (nothing without a vocabulary), and ~/label_legend when the
-        vocabulary changed (a service call or a loaded map)."""
-        self._publish_legend()
-        with self.lock:
-            if self.mapper.labels is None or self.mapper.map.size == 0:
-                return
-            seg, _ = self.mapper.label_cloud(self.max_points)
+        """~/label_cloud from the latest snapshot's evidence (nothing without a vocabulary), and ~/label_legend
+        when the vocabulary changed (a service call or a loaded map)."""
+        snap = self.snapshot()
+        self._publish_legend(snap)
+        if snap is None or snap.labels is None or snap.size == 0:
+            return
+        seg, _ = snap.label_cloud(self.max_points)
         self.cloud_pub.publish(conv.make_pointcloud2(seg.xyz, seg.rgb, seg.scores, self.frame_id,
                                                      self.node.get_clock().now().to_msg()))
 
-    def _publish_legend(self) -> None:
-        labels = self.mapper.labels
-        names = list(labels.names) if labels is not None else []
+    def _publish_legend(self, snap: Optional[MapSnapshot] = None) -> None:
+        names = snap.vocabulary if snap is not None else []
         if names == self._legend:
             return
         self._legend = names

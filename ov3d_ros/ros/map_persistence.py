@@ -4,7 +4,9 @@ autosave, load on start.
 Files are the core's map format (``ov3d_ros.core.map_io``: safetensors, versioned, checksummed, written to a
 temporary file, fsynced and renamed), so a crash mid-save leaves the previous file intact and ``ov3d query``
 reads what the node saved. Every call holds the mapper lock: saves see a consistent map, loads and clears never
-race the integration timer. Failures answer ``success=false`` with the reason and keep the current map.
+race the integration timer; a load, merge or clear then calls ``changed`` (still under the lock: the node
+publishes a new snapshot for its readers). Failures answer ``success=false`` with the reason and keep the current
+map.
 
 Paths are confined to ``map_dir`` (default: the folder of ``map_path``): a requested path is resolved (``~``
 expanded, relative paths taken inside ``map_dir``, symlinks followed) and refused when it names ``..`` or lands
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Callable, Optional
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -27,10 +30,12 @@ from ov3d_ros.srv import LoadMap, MergeMap, SaveMap
 
 
 class MapPersistence:
-    """Declares the persistence parameters and services on ``node`` for ``mapper`` (guarded by ``lock``)."""
+    """Declares the persistence parameters and services on ``node`` for ``mapper`` (guarded by ``lock``);
+    ``changed`` is called under the lock after the map was replaced (load, merge, clear)."""
 
-    def __init__(self, node: Node, mapper: Mapper, lock: threading.Lock):
+    def __init__(self, node: Node, mapper: Mapper, lock: threading.Lock, changed: Optional[Callable[[], None]] = None):
         self.node, self.mapper, self.lock = node, mapper, lock
+        self.changed = changed or (lambda: None)
         self.map_path = declare(node, 'map_path', '~/.ros/ov3d/map.ov3dmap',
                                 'Default file of save_map, load_map, autosave and load_map_on_start.')
         map_dir = declare(node, 'map_dir', '', 'The only folder save_map and load_map read and write (symlinks '
@@ -104,6 +109,7 @@ class MapPersistence:
             with self.lock:
                 self.mapper.load(path)
                 self._saved_version = self._version()
+                self.changed()
         except (OSError, ValueError, RuntimeError) as e:
             return False, f'kept the current map: {e}'
         return True, f'{path}: {self.mapper.map.size} voxels, {self.mapper.num_keyframes} keyframes'
@@ -131,6 +137,7 @@ class MapPersistence:
                 merged = os.path.join(tmp, 'merged.ov3dmap')
                 summary = merge_files(paths, merged, Ts)
                 self.mapper.load(merged)             # keeps the current map if the result is unusable
+                self.changed()
                 if out_path:
                     with open(merged, 'rb') as f:
                         write_atomic(self._path(out_path), f.read())
@@ -162,6 +169,7 @@ class MapPersistence:
         with self.lock:
             voxels = self.mapper.map.size
             self.mapper.clear()
+            self.changed()
         response.success, response.message = True, f'cleared {voxels} voxels'
         self._log(True, response.message)
         return response

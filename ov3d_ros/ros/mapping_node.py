@@ -2,8 +2,11 @@
 
 Callbacks only store messages. One timer (``tick``) pairs each camera's depth with its colour (and labels for the
 simulated source) and a pose, converts, and integrates keyframes; it is the only writer of the map besides the
-load and clear services (``map_persistence``) and live parameter changes. Services, publishers and the optional
-browser view (``web_view``) use the map under the same lock.
+load, clear, merge and vocabulary services (``map_persistence``, ``label_volume``) and live parameter changes,
+all under one lock. Whoever changes the map publishes a :class:`~ov3d_ros.core.snapshot.MapSnapshot` of it under
+that lock (a copy of what queries read, taken after every integrated keyframe); ``segment_by_text``, the map and
+label clouds, the objects and the optional browser view (``web_view``) answer from the latest snapshot without
+taking the lock, so a query never waits behind a keyframe being integrated.
 
 Two node classes share this behaviour (:class:`MappingInterface`): :class:`MappingNode` (plain; configured and
 active as soon as it is constructed) and ``lifecycle_mapping_node.LifecycleMappingNode`` (managed: the model loads
@@ -40,6 +43,7 @@ from visualization_msgs.msg import MarkerArray
 from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.features import create_extractor
 from ov3d_ros.core.mapper import Frame, Mapper, resolve_device
+from ov3d_ros.core.snapshot import MapSnapshot
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.camera_input import CameraInput
 from ov3d_ros.ros.label_volume import LabelVolumeInterface
@@ -110,6 +114,7 @@ class MappingInterface:
             raise ValueError(f'pose_to_camera has {len(self.get_parameter("pose_to_camera").value)} numbers; '
                              f'expected 7 or 7 per camera ({7 * len(self.cameras_ns)})')
         self._lock = threading.Lock()            # guards the mapper
+        self._snapshot: Optional[MapSnapshot] = None   # what readers answer from (see publish_snapshot)
         self._mapping_timers = {}
         self._created = {}
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -182,7 +187,8 @@ class MappingInterface:
                                                                            'labels.feature_prior'):
                     setattr(getattr(cfg, section), key, value)
             if 'query.templates' in new or 'query.repetitions' in new:
-                self.mapper._text_cache.clear()     # text embeddings depend on the templates
+                self.mapper.texts.clear()     # text embeddings depend on the templates
+            self.publish_snapshot()
         for name in ('sync_slop_s', 'sync_timeout_s', 'map_cloud_max_points'):
             if name in new:
                 setattr(self, name, new[name])
@@ -275,13 +281,14 @@ class MappingInterface:
         self.create_service(SegmentByText, 'segment_by_text', self.on_segment, qos_profile=QoSProfile(depth=100),
                             callback_group=MutuallyExclusiveCallbackGroup())
         self.mapper = mapper
-        self.persistence = MapPersistence(self, self.mapper, self._lock)
+        with self._lock:
+            self.publish_snapshot()
+        self.persistence = MapPersistence(self, self.mapper, self._lock, self.publish_snapshot)
         self.label_volume = LabelVolumeInterface(self, self.mapper, self._lock, self.map_frame,
-                                                 self.map_cloud_max_points)
+                                                 self.map_cloud_max_points, self.snapshot, self.publish_snapshot)
         # last: nothing after it can fail, so a failed configure never leaves a page serving; a page that cannot
         # be served is logged and reported, and the node maps on
-        self.web_view = WebViewInterface(self, self.mapper, self._lock, declare_web_view(self),
-                                         self.map_cloud_max_points)
+        self.web_view = WebViewInterface(self, self.snapshot, declare_web_view(self), self.map_cloud_max_points)
 
     def _activate(self) -> None:
         """Subscribe to the inputs and start the processing, status and map timers."""
@@ -329,6 +336,7 @@ class MappingInterface:
         self._destroy_since(self._created.pop('configure'))
         with self._lock:
             self.mapper = None
+            self._snapshot = None
         self.persistence = self.label_volume = None
         self.tf_buffer = None
         try:
@@ -520,6 +528,7 @@ class MappingInterface:
             with self._lock:
                 if candidate:
                     self.mapper.integrate(frame, force=True)
+                    self.publish_snapshot()
                 else:
                     self.mapper.validate(frame)
                 total = self.mapper.timings_s.get('total', 0.0)
@@ -569,17 +578,30 @@ class MappingInterface:
         else:  # never let one bad frame take the node down
             self._error(f'frame failed: {type(e).__name__}: {e}', cam)
 
+    # ------------------------------------------------------------------ snapshots and readers
+    def publish_snapshot(self) -> None:
+        """Make a snapshot of the map the one readers answer from (caller holds the map lock; called after every
+        change of the map or of its query settings)."""
+        self._snapshot = self.mapper.snapshot() if self.mapper is not None else None
+
+    def snapshot(self) -> Optional[MapSnapshot]:
+        """The latest published snapshot of the map (None before configure and after cleanup); no lock needed."""
+        return self._snapshot
+
     def on_segment(self, request, response):
-        """Answer a text query with the matching voxels as a PointCloud2 and split into object instances."""
+        """Answer a text query with the matching voxels as a PointCloud2 and split into object instances, from the
+        latest snapshot of the map (never waits for a keyframe being integrated)."""
         t0 = time.perf_counter()
         try:
-            with self._lock:
-                if self.mapper is None:
-                    raise ValueError('the node is not configured')
-                if self.mapper.map.size == 0:
-                    raise ValueError('the map is empty: no keyframe integrated yet')
-                seg = self.mapper.segment(request.text, list(request.negatives), float(request.threshold))
-            objects = self.objects.extract(seg.xyz, seg.scores, self._short(request.text), self.mapper.cfg)
+            snap = self._snapshot
+            if snap is None:
+                raise ValueError('the node is not configured')
+            if snap.size == 0:
+                raise ValueError('the map is empty: no keyframe integrated yet')
+            seg = snap.segment(request.text, list(request.negatives), float(request.threshold))
+            self.get_logger().debug(f'segment_by_text({self._short(request.text)!r}) answered from map generation '
+                                    f'{snap.generation} ({snap.keyframes} keyframes, {snap.size} voxels)')
+            objects = self.objects.extract(seg.xyz, seg.scores, self._short(request.text), snap.cfg)
             stamp = self.get_clock().now().to_msg()
             response.cloud = conv.make_pointcloud2(seg.xyz, seg.rgb, seg.scores, self.map_frame, stamp)
             response.scores = seg.scores.astype(np.float32).tolist()
@@ -602,10 +624,11 @@ class MappingInterface:
         return text if len(text) <= n else text[:n - 3] + '...'
 
     def publish_map(self) -> None:
-        with self._lock:
-            if self.mapper is None or self.mapper.map.size == 0:
-                return
-            cloud = self.mapper.map_cloud(self.map_cloud_max_points)
+        """~/map_cloud from the latest snapshot."""
+        snap = self._snapshot
+        if snap is None or snap.size == 0:
+            return
+        cloud = snap.map_cloud(self.map_cloud_max_points)
         self.map_pub.publish(conv.make_pointcloud2(cloud.xyz, cloud.rgb, None, self.map_frame,
                                                    self.get_clock().now().to_msg()))
 

@@ -2,18 +2,18 @@
 served for the live map while ``web_view.enabled`` is true.
 
 The map drawn in the page is refreshed every ``web_view.refresh_s`` when keyframes arrived (or the map was
-loaded, cleared or merged, or the vocabulary changed); the query box answers with the node's mapper under the node's
-map lock, like ``segment_by_text``. The page is optional: when viser is not installed or the address cannot be
+loaded, cleared or merged, or the vocabulary changed); the drawing and the query box read the node's latest map
+snapshot, like ``segment_by_text``, so they never wait for a keyframe being integrated. The page is optional: when viser is not installed or the address cannot be
 served, the node logs the reason, reports it in ``~/status`` (``web_view.error``) and keeps mapping; a live change
 that cannot be served is refused with the reason and the previous page kept.
 """
 from __future__ import annotations
 
-import threading
+from typing import Callable, Optional
 
 from rclpy.node import Node
 
-from ov3d_ros.core.mapper import Mapper
+from ov3d_ros.core.snapshot import MapSnapshot
 from ov3d_ros.ros.params import declare
 
 PARAMETERS = {
@@ -33,11 +33,12 @@ def declare_web_view(node: Node) -> dict:
 
 
 class WebViewInterface:
-    """Serves ``mapper`` (guarded by ``lock``) in the browser according to ``settings`` (``web_view.*`` values by
-    short name); :meth:`apply` takes live changes, :meth:`close` stops the page."""
+    """Serves the map of ``snapshot`` (returns the node's latest :class:`MapSnapshot`) in the browser according
+    to ``settings`` (``web_view.*`` values by short name); :meth:`apply` takes live changes, :meth:`close` stops
+    the page."""
 
-    def __init__(self, node: Node, mapper: Mapper, lock: threading.Lock, settings: dict, max_points: int):
-        self.node, self.mapper, self.lock, self.max_points = node, mapper, lock, max_points
+    def __init__(self, node: Node, snapshot: Callable[[], Optional[MapSnapshot]], settings: dict, max_points: int):
+        self.node, self.snapshot, self.max_points = node, snapshot, max_points
         self.settings = dict(settings)
         self.view = None
         self.error = ''
@@ -53,8 +54,8 @@ class WebViewInterface:
         """A MapWebView for settings ``s``; an exception with the reason when it cannot serve (RuntimeError: viser
         missing, an address that cannot be served)."""
         from ov3d_ros.tools.web_view import MapWebView
-        view = MapWebView(self.mapper, s['host'], s['port'], self.max_points, lock=self.lock,
-                          refresh_s=s['refresh_s'], next_free_port=False)
+        view = MapWebView(self.snapshot, s['host'], s['port'], self.max_points, refresh_s=s['refresh_s'],
+                          next_free_port=False)
         self.node.get_logger().info(f'web view of the live map on {view.url} (redrawn every {s["refresh_s"]:g} s '
                                     'when it changed)')
         return view

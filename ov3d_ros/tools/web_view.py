@@ -6,10 +6,11 @@ with their legend when the map has a vocabulary.
     view.show_query('sofa')                                                   # what typing in the box does
 
 viser serves its own prebuilt web client (three.js) and pushes scene updates over a websocket; nothing here
-draws by hand. Reads of the map run under ``lock``: for a live map (the mapping node's ``web_view.*``
-parameters) pass the node's mapper lock and ``refresh_s``, and a background thread redraws the map whenever it
-changed. The lock is held only to copy the points out and to run the query itself; drawing, object extraction and
-sending happen outside it.
+draws by hand. The map is read from a Mapper under ``lock``, or from snapshots: for a live map (the mapping
+node's ``web_view.*`` parameters) pass a function returning the node's latest
+:class:`~ov3d_ros.core.snapshot.MapSnapshot` and ``refresh_s``, and a background thread redraws the map whenever
+it changed. The lock is held only to copy the points out and to run the query itself; drawing, object extraction
+and sending happen outside it.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import html
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 from ov3d_ros.core.mapper import Mapper
+from ov3d_ros.core.snapshot import MapSnapshot
 
 HIGHLIGHT_RGB = (255, 0, 255)       # answer voxels (a colour no generated scene uses)
 BOX_RGB = (255, 220, 0)             # object boxes
@@ -51,7 +53,8 @@ class MapWebView:
     """Serves ``mapper``'s map on http://host:port.
 
     Args:
-        mapper: the map to show and query.
+        mapper: the map to show and query: a Mapper (read under ``lock``), or a function returning the
+            :class:`MapSnapshot` to read (the newest one each time; None: nothing to show yet).
         host, port: where to serve (127.0.0.1 = this machine only; 0.0.0.0 = the network).
         max_points: voxels drawn at most (uniformly thinned above that).
         min_object_voxels: connected components of the answer smaller than this get no box
@@ -59,11 +62,12 @@ class MapWebView:
         lock: held while reading the map (e.g. the node's mapper lock); default a private one.
     """
 
-    def __init__(self, mapper: Mapper, host: str = '127.0.0.1', port: int = 8080, max_points: int = 400_000,
+    def __init__(self, mapper: Union[Mapper, Callable[[], Optional[MapSnapshot]]], host: str = '127.0.0.1', port: int = 8080, max_points: int = 400_000,
                  min_object_voxels: int = 8, lock: Optional[threading.Lock] = None, refresh_s: float = 0.0,
                  next_free_port: bool = True):
         viser = import_viser()
-        self.mapper, self.max_points, self.min_object_voxels = mapper, max_points, min_object_voxels
+        self.max_points, self.min_object_voxels = max_points, min_object_voxels
+        self._read = mapper.view if isinstance(mapper, Mapper) else mapper
         self.lock = lock or threading.Lock()
         self.refresh_s = refresh_s
         self.answer: Optional[Answer] = None
@@ -108,24 +112,30 @@ class MapWebView:
         host = self.host if self.host not in ('0.0.0.0', '::', '', '127.0.0.1', '::1') else 'localhost'
         return f'http://[{host}]:{self.port}' if ':' in host else f'http://{host}:{self.port}'
 
-    def _version(self) -> tuple:
-        """What the drawn map depends on (caller holds ``lock``): keyframes, voxels, vocabulary, drawn points."""
-        m = self.mapper
-        return (id(m.map), m.num_keyframes, m.map.size, tuple(m.labels.names) if m.labels is not None else (),
-                self.max_points)
+    def _version(self, snap: MapSnapshot) -> tuple:
+        """What the drawn map depends on: the map's generation, vocabulary and the points drawn."""
+        return (snap.generation, snap.keyframes, snap.size, tuple(snap.vocabulary), self.max_points)
+
+    def _snapshot(self) -> MapSnapshot:
+        """The map to read now (caller holds ``lock``); ValueError while there is none (a node not configured)."""
+        snap = self._read()
+        if snap is None:
+            raise ValueError('the map is not ready yet')
+        return snap
 
     def refresh(self, if_changed: bool = False) -> bool:
         """(Re)draw the map, and the label colours and legend when the map has a vocabulary; with ``if_changed``
         only when keyframes, voxels or the vocabulary changed since the last drawing. Whether it drew."""
         with self._drawing:
             with self.lock:
-                version = self._version()
+                snap = self._snapshot()
+                version = self._version(snap)
                 if if_changed and version == self._drawn:
                     return False
-                cloud = self.mapper.map_cloud(self.max_points)
-                labels, idx = self.mapper.label_cloud(self.max_points)
-                names = list(self.mapper.labels.names) if self.mapper.labels is not None else []
-                vs = self.mapper.map.voxel_size_m
+                cloud = snap.map_cloud(self.max_points)
+                labels, idx = snap.label_cloud(self.max_points)
+                names = snap.vocabulary
+                vs = snap.map.voxel_size_m
             self._draw(cloud, labels, idx, names, vs)
             self._drawn, self.points = version, len(cloud.xyz)
             self.refreshes += 1
@@ -192,12 +202,13 @@ class MapWebView:
             return self.answer
         try:
             with self.lock:
-                if self.mapper.map.size == 0:
+                snap = self._snapshot()
+                if snap.size == 0:
                     raise ValueError('the map is empty: no keyframe integrated yet')
-                res = self.mapper.query(text)
-                xyz = self.mapper.map.centers(res.rows).cpu().numpy()
+                res = snap.query(text)
+                xyz = snap.map.centers(res.rows).cpu().numpy()
                 scores = res.scores.cpu().numpy()
-                vs, gap = self.mapper.map.voxel_size_m, self.mapper.cfg.objects.gap_vox
+                vs, gap = snap.map.voxel_size_m, snap.cfg.objects.gap_vox
             objects = extract_objects(xyz, scores, vs, text, gap, self.min_object_voxels)
         except ValueError as e:
             self.answer = Answer(text, error=str(e))

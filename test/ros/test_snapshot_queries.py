@@ -1,0 +1,136 @@
+"""Readers of the mapping node answer from the latest map snapshot, never waiting for a keyframe being integrated:
+a node in this process, ticked by the test, with its integration held in the middle of a keyframe (map lock
+taken) while ``segment_by_text``, ``~/map_cloud`` and ``~/label_cloud`` answer; after the keyframe they answer from
+the new generation."""
+import threading
+
+import numpy as np
+from rclpy.parameter import Parameter
+
+from ov3d_ros.core.camera import PinholeCamera
+from ov3d_ros.srv import SegmentByText
+
+from conftest import BadInputPublisher, private_domain
+
+
+def wall(shift_px: int = 0):
+    """rgb (48, 64, 3), depth (48, 64) uint16 mm, labels (48, 64): a wall at 2 m, chair lower left, plant right."""
+    depth = np.full((48, 64), 2000, np.uint16)
+    labels = np.full((48, 64), 1, np.uint16)
+    labels[16:, :32 + shift_px] = 2
+    labels[16:, 32 + shift_px:] = 3
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[..., 0] = 200
+    return rgb, depth, labels
+
+
+def finishes(fn, timeout_s: float = 120.0):
+    """Run ``fn`` in a thread and return its result; fails if it is still waiting after ``timeout_s`` (it would
+    wait forever on a lock the test holds: the timeout only turns a hang into a failure)."""
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault('value', fn()), daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    assert not worker.is_alive(), f'{fn} waited for the map lock'
+    return out.get('value')
+
+
+def test_queries_answer_from_the_snapshot_while_a_keyframe_holds_the_lock():
+    from ov3d_ros.ros.mapping_node import MappingNode
+    from ov3d_ros.tools.demo_client import DemoClient
+    overrides = {'pose_source': 'pose', 'input_qos': 'reliable', 'features.source': 'simulated',
+                 'features.sim_patch_px': 4, 'map.device': 'cpu', 'map.voxel_size_m': 0.1, 'map.pixel_stride': 1,
+                 'purify.enabled': False, 'labels.vocabulary': ['wall', 'chair', 'plant'],
+                 'labels.min_component_vox': 1, 'keyframes.min_interval_s': 0.0,
+                 'tick_rate_hz': 0.001, 'map_publish_rate_hz': 0.0, 'label_publish_rate_hz': 0.0}
+    camera = PinholeCamera(40.0, 40.0, 31.5, 23.5, 64, 48)
+    with private_domain():
+        client = DemoClient()
+        node = MappingNode(context=client.context,
+                           parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+        client.executor.add_node(node)
+        pub = BadInputPublisher(client)
+        maps, labels = [], []
+        node.map_pub.publish = maps.append                  # what the map and label timers would publish
+        node.label_volume.cloud_pub.publish = labels.append
+
+        def send_and_tick(position, shift_px):
+            """One frame at ``position``; spin until the node holds it, then tick (returns when integrated)."""
+            t = pub.now()
+            rgb, depth, lab = wall(shift_px)
+            pub.send(rgb, depth, camera=camera, labels=lab, stamp=t, position=position)
+            for _ in range(300):
+                client.spin(0.1)
+                cam = node.cameras[0]
+                if cam.depth and cam.color and cam.labels and cam.camera_info is not None and len(node._poses):
+                    break
+            node.tick()
+
+        def ask(text, threshold=0.0):
+            request = SegmentByText.Request(text=text, threshold=threshold)
+            return node.on_segment(request, SegmentByText.Response())
+
+        try:
+            assert ask('chair').success is False                  # empty map: refused from the first snapshot
+            send_and_tick((0.0, 0.0, 0.0), 0)
+            first = node.snapshot()
+            assert first.keyframes == 1 and first.size == node.mapper.map.size > 100
+            expected = {t: first.segment(t, [], th) for t, th in (('chair', 0.0), ('a red sofa', 0.01))}
+            assert len(expected['chair'].xyz) > 10 and expected['chair'].source == 'label volume'
+
+            # hold the next keyframe inside the integration, the map lock taken
+            entered, release = threading.Event(), threading.Event()
+            integrate = node.mapper.integrate
+
+            def held(*args, **kwargs):
+                entered.set()
+                assert release.wait(300.0)
+                return integrate(*args, **kwargs)
+            node.mapper.integrate = held
+            t = pub.now()
+            rgb, depth, lab = wall(12)
+            pub.send(rgb, depth, camera=camera, labels=lab, stamp=t, position=(0.6, 0.0, 0.0))
+            for _ in range(300):
+                client.spin(0.1)
+                if node.cameras[0].depth and node.cameras[0].depth[-1].header.stamp.sec == int(t) and \
+                        len(node._poses) > 1:
+                    break
+            ticking = threading.Thread(target=node.tick, daemon=True)
+            ticking.start()
+            try:
+                assert entered.wait(300.0)
+                assert node._lock.locked()
+                for text, want in expected.items():
+                    res = finishes(lambda: ask(text, 0.01 if text == 'a red sofa' else 0.0))
+                    assert res.success, res.message
+                    np.testing.assert_array_equal(np.array(res.scores, np.float32), want.scores)
+                    assert res.cloud.width == len(want.scores)
+                finishes(node.publish_map)
+                finishes(node.label_volume.publish)
+                assert maps[-1].width == first.size
+                assert labels[-1].width == len(first.label_cloud()[0].xyz)
+                assert node.snapshot() is first                 # nothing new published mid-keyframe
+            finally:
+                release.set()
+                ticking.join(300.0)
+            assert not ticking.is_alive()
+            node.mapper.integrate = integrate
+
+            # the keyframe is in: readers answer from the new generation
+            second = node.snapshot()
+            assert second.keyframes == 2 and second.generation > first.generation
+            assert second.size == node.mapper.map.size > first.size
+            with node._lock:
+                live = node.mapper.segment('chair')
+            res = ask('chair')
+            assert res.success
+            np.testing.assert_array_equal(np.array(res.scores, np.float32), live.scores)
+            assert len(live.scores) != len(expected['chair'].scores)
+            node.publish_map()
+            assert maps[-1].width == second.size
+        finally:
+            client.executor.remove_node(pub.node)
+            client.executor.remove_node(node)
+            pub.node.destroy_node()
+            node.destroy_node()
+            client.close()
