@@ -115,6 +115,7 @@ class MappingInterface:
                              f'expected 7 or 7 per camera ({7 * len(self.cameras_ns)})')
         self._lock = threading.Lock()            # guards the mapper
         self._snapshot: Optional[MapSnapshot] = None   # what readers answer from (see publish_snapshot)
+        self._snapshot_stale = False
         self._mapping_timers = {}
         self._created = {}
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -336,7 +337,7 @@ class MappingInterface:
         self._destroy_since(self._created.pop('configure'))
         with self._lock:
             self.mapper = None
-            self._snapshot = None
+            self._snapshot, self._snapshot_stale = None, False
         self.persistence = self.label_volume = None
         self.tf_buffer = None
         try:
@@ -581,11 +582,22 @@ class MappingInterface:
     # ------------------------------------------------------------------ snapshots and readers
     def publish_snapshot(self) -> None:
         """Make a snapshot of the map the one readers answer from (caller holds the map lock; called after every
-        change of the map or of its query settings)."""
-        self._snapshot = self.mapper.snapshot() if self.mapper is not None else None
+        change of the map or of its query settings). In ``purify.mode: whole`` the snapshot is only marked stale:
+        the whole map is re-pooled when a reader next needs it (:meth:`snapshot`), not after every keyframe."""
+        m = self.mapper
+        if m is not None and m.purifier is not None and m.cfg.purify.mode == 'whole' and self._snapshot is not None:
+            self._snapshot_stale = True
+            return
+        self._snapshot = m.snapshot() if m is not None else None
+        self._snapshot_stale = False
 
     def snapshot(self) -> Optional[MapSnapshot]:
-        """The latest published snapshot of the map (None before configure and after cleanup); no lock needed."""
+        """The latest snapshot of the map (None before configure and after cleanup); no lock needed, except once
+        after keyframes in ``purify.mode: whole``, where the reader re-pools the map under the lock."""
+        if self._snapshot_stale:
+            with self._lock:
+                if self._snapshot_stale and self.mapper is not None:
+                    self._snapshot, self._snapshot_stale = self.mapper.snapshot(), False
         return self._snapshot
 
     def on_segment(self, request, response):
@@ -593,7 +605,7 @@ class MappingInterface:
         latest snapshot of the map (never waits for a keyframe being integrated)."""
         t0 = time.perf_counter()
         try:
-            snap = self._snapshot
+            snap = self.snapshot()
             if snap is None:
                 raise ValueError('the node is not configured')
             if snap.size == 0:
@@ -625,7 +637,7 @@ class MappingInterface:
 
     def publish_map(self) -> None:
         """~/map_cloud from the latest snapshot."""
-        snap = self._snapshot
+        snap = self.snapshot()
         if snap is None or snap.size == 0:
             return
         cloud = snap.map_cloud(self.map_cloud_max_points)
