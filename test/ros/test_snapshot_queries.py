@@ -2,6 +2,7 @@
 a node in this process, ticked by the test, with its integration held in the middle of a keyframe (map lock
 taken) while ``segment_by_text``, ``~/map_cloud`` and ``~/label_cloud`` answer; after the keyframe they answer from
 the new generation."""
+import contextlib
 import threading
 
 import numpy as np
@@ -35,102 +36,128 @@ def finishes(fn, timeout_s: float = 120.0):
     return out.get('value')
 
 
-def test_queries_answer_from_the_snapshot_while_a_keyframe_holds_the_lock():
+OVERRIDES = {'pose_source': 'pose', 'input_qos': 'reliable', 'features.source': 'simulated',
+             'features.sim_patch_px': 4, 'map.device': 'cpu', 'map.voxel_size_m': 0.1, 'map.pixel_stride': 1,
+             'purify.enabled': False, 'labels.vocabulary': ['wall', 'chair', 'plant'],
+             'labels.min_component_vox': 1, 'keyframes.min_interval_s': 0.0,
+             'tick_rate_hz': 0.001, 'map_publish_rate_hz': 0.0, 'label_publish_rate_hz': 0.0}
+CAMERA = PinholeCamera(40.0, 40.0, 31.5, 23.5, 64, 48)
+
+
+@contextlib.contextmanager
+def ticked_node(**changes):
+    """A MappingNode in this process (OVERRIDES + ``changes``), its timers effectively off, and
+    ``send_and_tick(position, shift_px)``: one frame at ``position``, spun until the node holds it, then ticked."""
     from ov3d_ros.ros.mapping_node import MappingNode
     from ov3d_ros.tools.demo_client import DemoClient
-    overrides = {'pose_source': 'pose', 'input_qos': 'reliable', 'features.source': 'simulated',
-                 'features.sim_patch_px': 4, 'map.device': 'cpu', 'map.voxel_size_m': 0.1, 'map.pixel_stride': 1,
-                 'purify.enabled': False, 'labels.vocabulary': ['wall', 'chair', 'plant'],
-                 'labels.min_component_vox': 1, 'keyframes.min_interval_s': 0.0,
-                 'tick_rate_hz': 0.001, 'map_publish_rate_hz': 0.0, 'label_publish_rate_hz': 0.0}
-    camera = PinholeCamera(40.0, 40.0, 31.5, 23.5, 64, 48)
     with private_domain():
         client = DemoClient()
-        node = MappingNode(context=client.context,
-                           parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+        node = MappingNode(context=client.context, parameter_overrides=[
+            Parameter(k, value=v) for k, v in {**OVERRIDES, **changes}.items()])
         client.executor.add_node(node)
         pub = BadInputPublisher(client)
-        maps, labels = [], []
-        node.map_pub.publish = maps.append                  # what the map and label timers would publish
-        node.label_volume.cloud_pub.publish = labels.append
 
         def send_and_tick(position, shift_px):
-            """One frame at ``position``; spin until the node holds it, then tick (returns when integrated)."""
             t = pub.now()
             rgb, depth, lab = wall(shift_px)
-            pub.send(rgb, depth, camera=camera, labels=lab, stamp=t, position=position)
+            pub.send(rgb, depth, camera=CAMERA, labels=lab, stamp=t, position=position)
             for _ in range(300):
                 client.spin(0.1)
                 cam = node.cameras[0]
                 if cam.depth and cam.color and cam.labels and cam.camera_info is not None and len(node._poses):
                     break
             node.tick()
-
-        def ask(text, threshold=0.0):
-            request = SegmentByText.Request(text=text, threshold=threshold)
-            return node.on_segment(request, SegmentByText.Response())
-
         try:
-            assert ask('chair').success is False                  # empty map: refused from the first snapshot
-            send_and_tick((0.0, 0.0, 0.0), 0)
-            first = node.snapshot()
-            assert first.keyframes == 1 and first.size == node.mapper.map.size > 100
-            expected = {t: first.segment(t, [], th) for t, th in (('chair', 0.0), ('a red sofa', 0.01))}
-            assert len(expected['chair'].xyz) > 10 and expected['chair'].source == 'label volume'
-
-            # hold the next keyframe inside the integration, the map lock taken
-            entered, release = threading.Event(), threading.Event()
-            integrate = node.mapper.integrate
-
-            def held(*args, **kwargs):
-                entered.set()
-                assert release.wait(300.0)
-                return integrate(*args, **kwargs)
-            node.mapper.integrate = held
-            t = pub.now()
-            rgb, depth, lab = wall(12)
-            pub.send(rgb, depth, camera=camera, labels=lab, stamp=t, position=(0.6, 0.0, 0.0))
-            for _ in range(300):
-                client.spin(0.1)
-                if node.cameras[0].depth and node.cameras[0].depth[-1].header.stamp.sec == int(t) and \
-                        len(node._poses) > 1:
-                    break
-            ticking = threading.Thread(target=node.tick, daemon=True)
-            ticking.start()
-            try:
-                assert entered.wait(300.0)
-                assert node._lock.locked()
-                for text, want in expected.items():
-                    res = finishes(lambda: ask(text, 0.01 if text == 'a red sofa' else 0.0))
-                    assert res.success, res.message
-                    np.testing.assert_array_equal(np.array(res.scores, np.float32), want.scores)
-                    assert res.cloud.width == len(want.scores)
-                finishes(node.publish_map)
-                finishes(node.label_volume.publish)
-                assert maps[-1].width == first.size
-                assert labels[-1].width == len(first.label_cloud()[0].xyz)
-                assert node.snapshot() is first                 # nothing new published mid-keyframe
-            finally:
-                release.set()
-                ticking.join(300.0)
-            assert not ticking.is_alive()
-            node.mapper.integrate = integrate
-
-            # the keyframe is in: readers answer from the new generation
-            second = node.snapshot()
-            assert second.keyframes == 2 and second.generation > first.generation
-            assert second.size == node.mapper.map.size > first.size
-            with node._lock:
-                live = node.mapper.segment('chair')
-            res = ask('chair')
-            assert res.success
-            np.testing.assert_array_equal(np.array(res.scores, np.float32), live.scores)
-            assert len(live.scores) != len(expected['chair'].scores)
-            node.publish_map()
-            assert maps[-1].width == second.size
+            yield client, node, pub, send_and_tick
         finally:
             client.executor.remove_node(pub.node)
             client.executor.remove_node(node)
             pub.node.destroy_node()
             node.destroy_node()
             client.close()
+
+
+def ask(node, text, threshold=0.0):
+    return node.on_segment(SegmentByText.Request(text=text, threshold=threshold), SegmentByText.Response())
+
+
+def test_queries_answer_from_the_snapshot_while_a_keyframe_holds_the_lock():
+    with ticked_node() as (client, node, pub, send_and_tick):
+        maps, labels = [], []
+        node.map_pub.publish = maps.append                  # what the map and label timers would publish
+        node.label_volume.cloud_pub.publish = labels.append
+        assert ask(node, 'chair').success is False                  # empty map: refused from the first snapshot
+        send_and_tick((0.0, 0.0, 0.0), 0)
+        first = node.snapshot()
+        assert first.keyframes == 1 and first.size == node.mapper.map.size > 100
+        expected = {t: first.segment(t, [], th) for t, th in (('chair', 0.0), ('a red sofa', 0.01))}
+        assert len(expected['chair'].xyz) > 10 and expected['chair'].source == 'label volume'
+
+        # hold the next keyframe inside the integration, the map lock taken
+        entered, release = threading.Event(), threading.Event()
+        integrate = node.mapper.integrate
+
+        def held(*args, **kwargs):
+            entered.set()
+            assert release.wait(300.0)
+            return integrate(*args, **kwargs)
+        node.mapper.integrate = held
+        t = pub.now()
+        rgb, depth, lab = wall(12)
+        pub.send(rgb, depth, camera=CAMERA, labels=lab, stamp=t, position=(0.6, 0.0, 0.0))
+        for _ in range(300):
+            client.spin(0.1)
+            if node.cameras[0].depth and node.cameras[0].depth[-1].header.stamp.sec == int(t) and \
+                    len(node._poses) > 1:
+                break
+        ticking = threading.Thread(target=node.tick, daemon=True)
+        ticking.start()
+        try:
+            assert entered.wait(300.0)
+            assert node._lock.locked()
+            for text, want in expected.items():
+                res = finishes(lambda: ask(node, text, 0.01 if text == 'a red sofa' else 0.0))
+                assert res.success, res.message
+                np.testing.assert_array_equal(np.array(res.scores, np.float32), want.scores)
+                assert res.cloud.width == len(want.scores)
+            finishes(node.publish_map)
+            finishes(node.label_volume.publish)
+            assert maps[-1].width == first.size
+            assert labels[-1].width == len(first.label_cloud()[0].xyz)
+            assert node.snapshot() is first                 # nothing new published mid-keyframe
+        finally:
+            release.set()
+            ticking.join(300.0)
+        assert not ticking.is_alive()
+        node.mapper.integrate = integrate
+
+        # the keyframe is in: readers answer from the new generation
+        second = node.snapshot()
+        assert second.keyframes == 2 and second.generation > first.generation
+        assert second.size == node.mapper.map.size > first.size
+        with node._lock:
+            live = node.mapper.segment('chair')
+        res = ask(node, 'chair')
+        assert res.success
+        np.testing.assert_array_equal(np.array(res.scores, np.float32), live.scores)
+        assert len(live.scores) != len(expected['chair'].scores)
+        node.publish_map()
+        assert maps[-1].width == second.size
+
+
+def test_whole_mode_pools_when_a_reader_needs_it_not_after_every_keyframe():
+    with ticked_node(**{'purify.enabled': True, 'purify.affinity': 'fallback',
+                        'purify.mode': 'whole'}) as (client, node, pub, send_and_tick):
+        pools = []
+        purify_all = node.mapper.purify_all
+        node.mapper.purify_all = lambda: (pools.append(1), purify_all())[1]
+        send_and_tick((0.0, 0.0, 0.0), 0)
+        send_and_tick((0.6, 0.0, 0.0), 12)
+        assert node.mapper.num_keyframes == 2 and pools == [] and node._snapshot_stale
+        res = ask(node, 'chair')                     # the first reader pools the whole map once
+        assert res.success and len(pools) == 1 and not node._snapshot_stale
+        with node._lock:
+            live = node.mapper.segment('chair')
+        np.testing.assert_array_equal(np.array(res.scores, np.float32), live.scores)
+        assert ask(node, 'plant').success and len(pools) == 1     # no keyframe since: the same snapshot
+        assert node.snapshot().keyframes == 2
