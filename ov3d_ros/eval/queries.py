@@ -54,6 +54,8 @@ def query_scores(mapper, gt: dict, queries: Dict[str, str], ignored: Sequence[st
     counted = ~np.isin(label, [i for i, n in enumerate(names) if n in ignored])
     default = float(mapper.cfg.query.default_threshold)
     levels = sorted({default, *[float(t) for t in thresholds]})      # answers at each level, nested
+    # every GT point's nearest observed voxel (-1: none within a voxel), found once for all queries
+    nearest = mapper.label_points(gt['xyz'], torch.arange(mapper.map.size, device=mapper.device))
     out = []
     for text, target in queries.items():
         if target not in names or not np.any(label == names.index(target)):
@@ -62,7 +64,7 @@ def query_scores(mapper, gt: dict, queries: Dict[str, str], ignored: Sequence[st
         # per voxel, how many levels its score reaches (0 = not returned at any)
         reached = torch.zeros(mapper.map.size, dtype=torch.int64, device=mapper.device)
         reached[res.rows] = (res.scores[:, None] >= torch.tensor(levels, device=res.scores.device)).sum(1)
-        point_level = mapper.label_points(gt['xyz'], reached)
+        point_level = np.concatenate([[0], reached.cpu().numpy()])[nearest + 1]      # no voxel: level 0
         is_target = label == names.index(target)
         counts = [int((reached > i).sum()) for i in range(len(levels))]
 
