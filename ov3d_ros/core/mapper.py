@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -126,15 +126,26 @@ class Mapper:
             if self.keyframes.check(f.T_W_C, f.stamp_s):
                 self.keyframes.accept(f.T_W_C, f.stamp_s)
                 keys.append(f)
-        batchable = [f for f in keys if f.features is None and f.labels is None]
-        if len(batchable) > 1 and hasattr(self.extractor, 'extract_batch') and \
-                len({f.rgb.shape for f in batchable}) == 1:
-            grids = self.extractor.extract_batch([f.rgb for f in batchable])
-            done = {id(f): g for f, g in zip(batchable, grids)}
-            keys = [replace(f, features=done[id(f)]) if id(f) in done else f for f in keys]
-        for f in keys:
+        for f in self.with_batched_features(keys):
             self.integrate(f, force=True)
         return len(keys)
+
+    def batchable(self, frames: Sequence[Frame]) -> List[Frame]:
+        """The frames among ``frames`` whose features one batch of the feature source extracts: those without
+        precomputed features or label images, when there are two or more of them, all of one image size, and the
+        source takes batches (``extract_batch``: one ViT batch, fp16 on CUDA); else none."""
+        todo = [f for f in frames if f.features is None and f.labels is None]
+        if len(todo) > 1 and hasattr(self.extractor, 'extract_batch') and len({f.rgb.shape for f in todo}) == 1:
+            return todo
+        return []
+
+    def with_batched_features(self, frames: Sequence[Frame]) -> List[Frame]:
+        """``frames``, those of :meth:`batchable` with their features extracted in one batch (``Frame.features``)."""
+        todo = self.batchable(frames)
+        if not todo:
+            return list(frames)
+        done = {id(f): g for f, g in zip(todo, self.extractor.extract_batch([f.rgb for f in todo]))}
+        return [replace(f, features=done[id(f)]) if id(f) in done else f for f in frames]
 
     def integrate(self, frame: Frame, force: bool = False) -> bool:
         """Integrate ``frame`` if it is a keyframe (or ``force``); returns whether it was integrated."""
@@ -307,7 +318,7 @@ class Mapper:
         rows (about 1 KB per voxel at D=512; README: performance), no feature extraction or pooling (in
         ``purify.mode: whole`` a stale map is re-pooled first, as a query would)."""
         import copy
-        features = self.query_features()              # refreshes the pooling in 'whole' mode
+        self._refresh_purified()                      # 'whole' mode: re-pool a stale map first
         names = ['weights', 'colors']
         if self.purifier is None or 'purified' not in self.map.cake:
             names += ['features', 'norms']
@@ -318,7 +329,6 @@ class Mapper:
         from ov3d_ros.core.label_volume import LAYERS as LABEL_LAYERS
         names += [n for n in LABEL_LAYERS if self.labels is not None and n in self.map.cake]
         vmap = self.map.copy(names)
-        assert vmap.cake.rows(source).shape == features.shape
         labels = None
         if self.labels is not None:
             labels = LabelVolume(self.labels.names, self.labels.text.clone(), self.labels.temperature, vmap.cake,

@@ -11,7 +11,7 @@ O(new voxels) and the map grows without any fixed scene bound (±2^20 voxels per
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 
@@ -263,7 +263,3 @@ class VoxelFeatureMap:
         out.cake = self.cake.copy(names)
         return out
 
-    def snapshot(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Copies of (centres (V,3), features (V,D) fp16, weights (V,), colors (V,3)) for readers."""
-        s = self.cake.snapshot(('features', 'weights', 'colors'))
-        return self.centers(), s['features'], s['weights'], s['colors']

@@ -481,7 +481,7 @@ class MappingInterface:
         in one tick go through the feature extractor as one batch when it takes batches (CLIP)."""
         taken = [p for p in (self._take(cam) for cam in self.cameras) if p is not None]
         batch = [p for p in taken if p[2]]
-        if len(batch) > 1 and self._batchable([frame for _, frame, _ in batch]):
+        if len(batch) > 1 and len(self.mapper.batchable([frame for _, frame, _ in batch])) == len(batch):
             self._integrate_batch(batch)
             taken = [p for p in taken if not p[2]]
         for cam, frame, candidate in taken:
@@ -541,12 +541,6 @@ class MappingInterface:
         except Exception as e:
             self._frame_failed(e, cam)
 
-    def _batchable(self, frames: List[Frame]) -> bool:
-        """Whether these keyframes can share one feature-extractor batch: it takes batches and they are images of
-        one size without precomputed features or label images (the simulated source extracts frame by frame)."""
-        return (hasattr(self.mapper.extractor, 'extract_batch') and len({f.rgb.shape for f in frames}) == 1
-                and all(f.features is None and f.labels is None for f in frames))
-
     def _integrate_batch(self, batch) -> None:
         """Keyframes of several cameras (``[(cam, Frame, True), ...]``): each validated (a bad one is dropped for
         its camera alone), the features of the rest extracted in one batch, then each integrated and counted as
@@ -564,14 +558,14 @@ class MappingInterface:
                 return
             try:
                 t0 = time.perf_counter()
-                grids = self.mapper.extractor.extract_batch([frame.rgb for _, frame in valid])
+                frames = self.mapper.with_batched_features([frame for _, frame in valid])
                 share = (time.perf_counter() - t0) / len(valid)
             except Exception as e:
                 for cam, _ in valid:
                     self._frame_failed(e, cam)
                 return
-        for (cam, frame), grid in zip(valid, grids):
-            self._process(cam, replace(frame, features=grid), True, share)
+        for (cam, _), frame in zip(valid, frames):
+            self._process(cam, frame, True, share)
 
     def _frame_failed(self, e: Exception, cam: CameraInput) -> None:
         if isinstance(e, (ValueError, RuntimeError)):
