@@ -10,6 +10,7 @@ decides first. Callbacks only store messages; the node's processing timer calls 
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from typing import Deque, Optional
@@ -37,6 +38,9 @@ class CameraInput:
         self.depth: Deque = collections.deque(maxlen=queue)
         self.depth_arrival: Deque[float] = collections.deque(maxlen=queue)
         self.labels: Deque[Image] = collections.deque(maxlen=queue)
+        # arrival order of every buffered message (one counter for all streams), parallel to the buffers
+        self._order = itertools.count()
+        self._arrived = {id(b): collections.deque(maxlen=queue) for b in (self.color, self.depth, self.labels)}
         self.camera_info: Optional[CameraInfo] = None
         self.camera_error = ''                  # why the latest camera info was rejected ('' = it was valid)
         self.last_stamp: Optional[float] = None  # stamp of the last frame taken
@@ -59,36 +63,39 @@ class CameraInput:
                 'camera_info': _topic(self.namespace, 'color/camera_info'),
                 'labels': _topic(self.namespace, 'labels/image')}
 
-    def subscribe(self, node, qos, on_camera_info, labels: bool) -> None:
-        """Create this camera's subscriptions on ``node`` (``labels``: the simulated source's label images)."""
+    def subscribe(self, node, qos, on_camera_info, labels: bool, group=None) -> None:
+        """Create this camera's subscriptions on ``node`` (``labels``: the simulated source's label images) in
+        callback ``group`` (the callbacks only store messages under the camera's lock, so a reentrant group lets
+        one stream's message be stored while another's is)."""
         t = self.topics()
+        sub = lambda kind, topic, cb: node.create_subscription(kind, topic, cb, qos, callback_group=group)  # noqa: E731
         self._subs = [
-            node.create_subscription(CompressedImage if self.color_transport == 'compressed' else Image,
-                                     t['color'], self._push(self.color), qos),
-            node.create_subscription(CompressedImage if self.depth_transport == 'compressedDepth' else Image,
-                                     t['depth'], self._push_depth, qos),
-            node.create_subscription(CameraInfo, t['camera_info'], lambda m: on_camera_info(self, m), qos)]
+            sub(CompressedImage if self.color_transport == 'compressed' else Image, t['color'], self._push(self.color)),
+            sub(CompressedImage if self.depth_transport == 'compressedDepth' else Image, t['depth'], self._push_depth),
+            sub(CameraInfo, t['camera_info'], lambda m: on_camera_info(self, m))]
         if labels:
-            self._subs.append(node.create_subscription(Image, t['labels'], self._push(self.labels), qos))
+            self._subs.append(sub(Image, t['labels'], self._push(self.labels)))
 
     def unsubscribe(self, node) -> None:
         for sub in self._subs:
             node.destroy_subscription(sub)
         self._subs = []
         with self.lock:
-            for buf in (self.color, self.depth, self.depth_arrival, self.labels):
+            for buf in (self.color, self.depth, self.depth_arrival, self.labels, *self._arrived.values()):
                 buf.clear()
 
     def _push(self, buffer: Deque):
         def callback(msg):
             with self.lock:
                 buffer.append(msg)
+                self._arrived[id(buffer)].append(next(self._order))
         return callback
 
     def _push_depth(self, msg) -> None:
         with self.lock:
             self.depth.append(msg)
             self.depth_arrival.append(time.monotonic())
+            self._arrived[id(self.depth)].append(next(self._order))
 
     # ------------------------------------------------------------------ synchronisation
     @staticmethod
@@ -102,11 +109,15 @@ class CameraInput:
         for _ in range(n):
             self.depth.popleft()
             self.depth_arrival.popleft()
+            self._arrived[id(self.depth)].popleft()
 
     def take(self, slop: float, timeout_s: float, simulated: bool, pose_ready, describe_missing_pose):
         """Pop the newest depth image whose partners arrived: (depth, colour, labels or None, stamp), or None.
-        Older depth images are superseded. Depth images waiting longer than ``timeout_s`` (or a full queue) are
-        dropped with a ValueError naming what is missing. ``pose_ready(depth, t)`` says if its pose is there."""
+        Older depth images are superseded. A depth image that cannot be paired any more is dropped with a
+        ValueError naming what is missing: its colour (or label) image is lost when a newer-stamped one arrived
+        after the depth image (each topic delivers in order); it waited longer than ``timeout_s`` while newer depth images came; or the queue
+        is full. One still waiting for partners that may come (a reliable image re-sent after a lost fragment,
+        a publisher behind on a loaded machine) is kept. ``pose_ready(depth, t)`` says if its pose is there."""
         with self.lock:
             for i in range(len(self.depth) - 1, -1, -1):
                 depth = self.depth[i]
@@ -117,21 +128,32 @@ class CameraInput:
                     self.stats['superseded'] += i
                     self._pop_depth(i + 1)
                     return depth, color, labels, t
-            now = time.monotonic()
-            expired = sum(1 for a in self.depth_arrival if now - a > timeout_s)
-            if expired or len(self.depth) == self.depth.maxlen:
-                oldest = self.depth[0]
-                t = conv.stamp_to_sec(oldest.header.stamp)
-                missing = [name for name, buf in (('colour image', self.color), ('label image', self.labels))
-                           if (name == 'colour image' or simulated) and self.nearest(buf, t, slop) is None]
-                if not pose_ready(oldest, t):
-                    missing.append(describe_missing_pose(oldest))
-                self._pop_depth(max(expired, 1))
-                where = f'{self.name}: ' if self.namespace else ''
-                raise ValueError(f'{where}dropped {max(expired, 1)} depth image(s): no '
-                                 f'{" or ".join(missing or ["partner"])} within sync_slop_s={slop} s after waiting '
-                                 f'{timeout_s} s; check topics and stamps')
-        return None
+            if not self.depth:
+                return None
+            oldest = self.depth[0]
+            t = conv.stamp_to_sec(oldest.header.stamp)
+            streams = [('colour image', self.color)] + ([('label image', self.labels)] if simulated else [])
+            missing = [(name, buf) for name, buf in streams if self.nearest(buf, t, slop) is None]
+            since = self._arrived[id(self.depth)][0]
+            lost = [name for name, buf in missing
+                    if any(conv.stamp_to_sec(m.header.stamp) > t + slop and seq > since
+                           for m, seq in zip(buf, self._arrived[id(buf)]))]
+            waited = time.monotonic() - self.depth_arrival[0]
+            if not lost and not (waited > timeout_s and len(self.depth) > 1) and len(self.depth) < self.depth.maxlen:
+                return None
+            names = [name for name, _ in missing]
+            if not pose_ready(oldest, t):
+                names.append(describe_missing_pose(oldest))
+            self._pop_depth(1)
+            where = f'{self.name}: ' if self.namespace else ''
+            if lost:
+                why = f'its {" and ".join(lost)} never came (a newer one did)'
+            elif len(self.depth) + 1 == self.depth.maxlen and waited <= timeout_s:
+                why = f'the queue ({self.depth.maxlen} depth images) was full'
+            else:
+                why = f'waited {timeout_s} s while newer depth images came'
+            raise ValueError(f'{where}dropped a depth image: no {" or ".join(names or ["partner"])} within '
+                             f'sync_slop_s={slop} s; {why}; check topics and stamps')
 
     def is_keyframe_candidate(self, mapper, T_W_C, t: float) -> bool:
         """Whether this camera's keyframe rule (the map's keyframe settings, this camera's last keyframe) takes

@@ -28,7 +28,7 @@ import numpy as np
 import rclpy
 import rclpy.time
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
@@ -99,8 +99,9 @@ class MappingInterface:
                                        "depth/image) or 'compressedDepth' (image_transport's PNG depth on "
                                        "depth/image/compressedDepth).")
         self.sync_slop_s = declare(self, 'sync_slop_s', 0.05, 'Max time difference between paired messages.')
-        self.sync_timeout_s = declare(self, 'sync_timeout_s', 2.0, 'Depth images still without colour/pose '
-                                      'partners this long after arrival are dropped (counted, logged).')
+        self.sync_timeout_s = declare(self, 'sync_timeout_s', 5.0, 'Depth images still without colour/pose '
+                                      'partners this long after arrival are dropped (counted, logged). Above Fast '
+                                      "DDS's 3 s heartbeat period: a reliable image that lost a fragment comes then.")
         self.tick_rate_hz = declare(self, 'tick_rate_hz', 20.0, 'Rate of the processing timer.')
         self.map_publish_rate_hz = declare(self, 'map_publish_rate_hz', 0.5, 'Rate of ~/map_cloud (0 = off).')
         self.map_cloud_max_points = declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
@@ -295,12 +296,16 @@ class MappingInterface:
         """Subscribe to the inputs and start the processing, status and map timers."""
         before = self._track()
         qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=self.queue_size)
+        # inputs in a reentrant group of their own: a message is stored as soon as it is in, whatever else runs
+        # (in the node's default, mutually exclusive group a colour image or pose could wait seconds behind other
+        # callbacks while its depth image was already waiting, and the frame was dropped)
+        inputs = ReentrantCallbackGroup()
         for cam in self.cameras:
-            cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated)
+            cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated, inputs)
         if self.pose_source == 'pose':
-            self.create_subscription(PoseStamped, 'pose', self._push_pose, 50)
+            self.create_subscription(PoseStamped, 'pose', self._push_pose, 50, callback_group=inputs)
         elif self.pose_source == 'odometry':
-            self.create_subscription(Odometry, 'odom', self._push_pose, 50)
+            self.create_subscription(Odometry, 'odom', self._push_pose, 50, callback_group=inputs)
         self._mapping_timers, self._mapping_active = {}, True
         for name in ('tick', 'status', 'map'):
             self._restart_timer(name)

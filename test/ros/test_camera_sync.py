@@ -1,0 +1,90 @@
+"""Colour/depth/pose pairing of one camera (CameraInput.take) on real sensor_msgs messages: which depth images wait,
+which are taken, superseded or dropped, and why."""
+import numpy as np
+import pytest
+from sensor_msgs.msg import Image
+
+from ov3d_ros.ros import conversions as conv
+from ov3d_ros.ros.camera_input import CameraInput
+
+SLOP = 0.05
+
+
+def image(stamp: float) -> Image:
+    return conv.numpy_to_image(np.zeros((4, 4), np.uint16), 'mono16', conv.make_header('camera', conv.sec_to_stamp(stamp)))
+
+
+def camera(queue: int = 10) -> CameraInput:
+    return CameraInput('', queue)
+
+
+def take(cam: CameraInput, timeout_s: float = 5.0, poses=None):
+    """cam.take with the pose topic holding ``poses`` (stamps; None = every stamp has its pose)."""
+    ready = (lambda depth, t: True) if poses is None else \
+        (lambda depth, t: any(abs(p - t) <= SLOP for p in poses))
+    return cam.take(SLOP, timeout_s, False, ready, lambda depth: 'pose message')
+
+
+def push(cam: CameraInput, color=(), depth=()):
+    for t in color:
+        cam._push(cam.color)(image(t))
+    for t in depth:
+        cam._push_depth(image(t))
+
+
+def test_a_depth_image_waits_for_a_colour_image_that_may_still_come():
+    cam = camera()
+    push(cam, color=[1.0], depth=[1.0, 2.0])
+    # frame 2's colour is late (a reliable image re-sent, a busy publisher): 1 is taken, nothing is dropped
+    assert take(cam)[3] == 1.0
+    for _ in range(3):
+        assert take(cam, timeout_s=0.0) is None          # waiting past the timeout, but nothing newer came
+    assert len(cam.depth) == 1 and cam.stats['dropped'] == 0
+    push(cam, color=[2.0])
+    depth, color, labels, t = take(cam)
+    assert t == 2.0 and conv.stamp_to_sec(color.header.stamp) == 2.0 and labels is None
+
+
+def test_newest_complete_frame_is_taken_and_older_ones_superseded():
+    cam = camera()
+    push(cam, color=[1.0, 2.0, 3.0], depth=[1.0, 2.0, 3.0, 4.0])
+    assert take(cam)[3] == 3.0                          # 4 has no colour yet
+    assert cam.stats['superseded'] == 2 and [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [4.0]
+
+
+def test_a_depth_image_whose_colour_was_lost_is_dropped_at_once():
+    cam = camera()
+    push(cam, color=[1.0], depth=[2.0])
+    push(cam, color=[3.0])                               # colour 2 never came, and a newer one (3) came after
+    with pytest.raises(ValueError, match=r'no colour image within sync_slop_s=0.05 s; its colour image never '
+                                         r'came \(a newer one did\)'):
+        take(cam)
+    assert len(cam.depth) == 0
+
+
+def test_a_depth_image_stamped_back_in_time_waits_for_its_own_colour_image():
+    cam = camera()
+    push(cam, color=[100.0, 101.0], depth=[100.0])
+    assert take(cam)[3] == 100.0
+    push(cam, depth=[5.0])                               # time jumped back (a looping bag); colour 5 still to come
+    assert take(cam, timeout_s=0.0) is None             # later-stamped colour images came before it: no evidence
+    push(cam, color=[5.0])
+    assert take(cam)[3] == 5.0
+
+
+def test_a_stalled_colour_stream_drops_old_depth_images_after_the_timeout():
+    cam = camera()
+    push(cam, depth=[1.0, 2.0])                          # no colour at all, depth keeps coming
+    assert take(cam, timeout_s=60.0) is None             # within the timeout: waiting
+    with pytest.raises(ValueError, match=r'no colour image .*; waited 0.0 s while newer depth images came'):
+        take(cam, timeout_s=0.0)
+    assert [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [2.0]
+    assert take(cam, timeout_s=0.0) is None              # the newest one keeps waiting
+
+
+def test_a_missing_pose_is_named_and_a_full_queue_drops_the_oldest():
+    cam = camera(queue=3)
+    push(cam, color=[1.0, 2.0, 3.0], depth=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r'no pose message within .*the queue \(3 depth images\) was full'):
+        take(cam, timeout_s=60.0, poses=[])
+    assert take(cam, poses=[3.0])[3] == 3.0 and cam.stats['superseded'] == 1
