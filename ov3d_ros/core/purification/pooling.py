@@ -56,31 +56,77 @@ def embedding_logits(emb: torch.Tensor, nbr: torch.Tensor, scale: float) -> torc
     return torch.where(nbr >= 0, scale * cos, torch.full_like(cos, -torch.inf))
 
 
+class PoolMatrix:
+    """The pooling step F_rows <- W F_nbr as a CSR matrix over a local universe: ``rows`` first (local index i is
+    rows[i]), then the other neighbours (held fixed). Built once per neighbour table and weights, applied to any
+    number of channels (:meth:`apply`).
+
+    Args:
+        rows: (R,) unique map rows to pool.
+        nbr: (R, M) neighbour rows (-1 missing), column 0 the voxel itself.
+        weights: (R, M) weights (rows sum to 1).
+        check: verify the CSR invariants (for tests).
+
+    Attributes:
+        universe: (U,) int64 map rows, ``rows`` first.
+        matrix: (R, U) float32 sparse CSR W, column indices sorted and unique within each row, so the same
+            sparse-dense product runs on CPU and CUDA.
+    """
+
+    CHUNK = 32
+    """Feature columns pooled together on CPU: the pooling is column-wise, and all T iterations over a slice of
+    32 columns keep the (U, 32) working set in cache (about 3x faster than all D columns at once at D = 384)."""
+
+    def __init__(self, rows: torch.Tensor, nbr: torch.Tensor, weights: torch.Tensor, check: bool = False):
+        R, M = nbr.shape
+        valid = nbr >= 0
+        universe, inv = torch.unique(torch.cat([rows, nbr[valid]]), return_inverse=True)
+        U = len(universe)
+        # renumber the universe so that rows come first: pooled rows are then a leading slice
+        local = torch.empty(U, dtype=torch.int64, device=nbr.device)
+        is_row = torch.zeros(U, dtype=torch.bool, device=nbr.device)
+        is_row[inv[:R]] = True
+        local[inv[:R]] = torch.arange(R, device=nbr.device)
+        local[~is_row] = torch.arange(R, U, device=nbr.device)
+        self.universe = torch.empty_like(universe)
+        self.universe[local] = universe
+        local_nbr = torch.full_like(nbr, U)                     # missing neighbours sort last
+        local_nbr[valid] = local[inv[R:]]
+        local_nbr, order = torch.sort(local_nbr, dim=1)
+        w = weights.float().gather(1, order)
+        keep = local_nbr < U
+        crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=nbr.device), keep.sum(1).cumsum(0)])
+        self.matrix = torch.sparse_csr_tensor(crow, local_nbr[keep], w[keep], size=(R, U), check_invariants=check)
+        self.rows = rows
+
+    def apply(self, features: torch.Tensor, outside: torch.Tensor, iterations: int) -> torch.Tensor:
+        """Run ``iterations`` steps from ``features`` (R, K) (start values of ``rows``); ``outside`` (>= V, K): the
+        values of the other neighbours. Returns (R, K) float32."""
+        R, K = features.shape
+        start = outside[self.universe[R:]]
+        if int(iterations) <= 0:
+            return features.float().clone()
+        step = K if features.device.type != 'cpu' else self.CHUNK
+        out = torch.empty(R, K, dtype=torch.float32, device=features.device)
+        for c in range(0, K, step):
+            x = torch.cat([features[:, c:c + step].float(), start[:, c:c + step].float()])
+            y = x.clone()                                          # double buffer: rows R.. stay fixed in both
+            for _ in range(int(iterations)):
+                torch.mm(self.matrix, x, out=y[:R])
+                x, y = y, x
+            out[:, c:c + step] = x[:R]
+        return out
+
+
 def pool(features: torch.Tensor, rows: torch.Tensor, nbr: torch.Tensor, weights: torch.Tensor,
          outside: torch.Tensor, iterations: int, check: bool = False) -> torch.Tensor:
     """Run ``iterations`` steps of F_rows <- W F_nbr; returns (R, D) float32 pooled features of ``rows``.
 
-    features (R, D): start values of ``rows``; nbr (R, M) neighbour rows (-1 missing) and weights (R, M)
+    features (R, D): start values of ``rows`` (unique); nbr (R, M) neighbour rows (-1 missing) and weights (R, M)
     (rows sum to 1); outside (V, D): values used for neighbours that are not in ``rows`` (held fixed).
-    W is a valid CSR matrix (column indices sorted and unique within each row), so the same sparse-dense
-    product runs on CPU and CUDA (``check``: verify the CSR invariants, for tests).
+    One :class:`PoolMatrix` (``check``: verify its CSR invariants, for tests).
     """
-    R, M = nbr.shape
-    cols = torch.cat([rows, nbr[nbr >= 0]])
-    universe, inv = torch.unique(cols, return_inverse=True)
-    local_rows = inv[:R]
-    local_nbr = torch.full_like(nbr, len(universe))            # missing neighbours sort last
-    local_nbr[nbr >= 0] = inv[R:]
-    local_nbr, order = torch.sort(local_nbr, dim=1)
-    w = weights.float().gather(1, order)
-    keep = local_nbr < len(universe)
-    crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=nbr.device), keep.sum(1).cumsum(0)])
-    A = torch.sparse_csr_tensor(crow, local_nbr[keep], w[keep], size=(R, len(universe)), check_invariants=check)
-    x = outside[universe].float()
-    x[local_rows] = features.float()
-    for _ in range(int(iterations)):
-        x[local_rows] = A @ x
-    return x[local_rows]
+    return PoolMatrix(rows, nbr, weights, check).apply(features, outside, iterations)
 
 
 def receptive_field_vox(net: Optional[torch.nn.Module]) -> int:
@@ -180,10 +226,10 @@ class GeometryPooling:
             logits = fallback_logits(vmap.colors, self.normals, self.offsets, nbr, self.cfg)
         weights = torch.softmax(logits, dim=1)
         t1 = time.perf_counter()
-        pooled = pool(vmap.features[rows], rows, nbr, weights, self.purified[:n], self.cfg.iterations)
-        self.purified[rows] = pooled.to(torch.float16)
+        op = PoolMatrix(rows, nbr, weights)
+        self.purified[rows] = op.apply(vmap.features[rows], self.purified[:n], self.cfg.iterations).to(torch.float16)
         for raw, out in channels:
-            out[rows] = pool(raw[rows], rows, nbr, weights, out[:n], self.cfg.iterations).to(out.dtype)
+            out[rows] = op.apply(raw[rows], out[:n], self.cfg.iterations).to(out.dtype)
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
                           'embedded': len(embedded) if self.embed is not None else 0}
         return len(rows)
