@@ -26,8 +26,8 @@ import torch
 
 from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.layer_cake import LayerCake
-from ov3d_ros.core.purification.graph import (ball_offsets, ball_region, connected_dilation, estimate_normals,
-                                              neighbour_rows)
+from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
+                                              estimate_normals, neighbour_rows)
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
@@ -242,25 +242,25 @@ class GeometryPooling:
         """Incremental mode: bring normals and embeddings up to date around ``touched`` and pick the voxels to
         re-pool. Returns (rows to re-pool (R,), their neighbour table (R, M), rows whose embedding was refreshed)."""
         touched = torch.unique(touched)
+        table = NeighbourTable(vmap, self.offsets)   # each voxel's neighbours looked up once
         # normals: every voxel within radius_vox of a touched (possibly new) voxel sees another neighbourhood
-        renormal = ball_region(vmap, touched, self.offsets)
-        self.normals[renormal] = estimate_normals(vmap, renormal, neighbour_rows(vmap, renormal, self.offsets),
-                                                  self.offsets)
+        renormal = ball_region(vmap, touched, self.offsets, table)
+        self.normals[renormal] = estimate_normals(vmap, renormal, table(renormal), self.offsets)
         changed = embedded = renormal   # voxels whose affinity inputs changed (colour, feature, normal)
         if self.embed is not None:
             # outputs within the receptive field of a changed input change; computing them exactly needs their
             # own receptive field as context: run on changed + 2 * rf, keep changed + rf
-            ctx, hops = connected_dilation(vmap, renormal, 2 * self.context_vox)
+            ctx, hops = connected_dilation(vmap, renormal, 2 * self.context_vox, table)
             emb = self.embed(vmap, ctx, self.normals[ctx])
             inner = hops <= self.context_vox
             embedded = ctx[inner]
             self._store_embeddings(emb[inner], embedded)
             changed = embedded
         # affinities change for every voxel whose neighbourhood holds a changed voxel; pool them plus a margin
-        rows = ball_region(vmap, changed, self.offsets)
+        rows = ball_region(vmap, changed, self.offsets, table)
         if self.cfg.margin_vox > 0:
-            rows = connected_dilation(vmap, rows, self.cfg.margin_vox)[0]
-        return rows, neighbour_rows(vmap, rows, self.offsets), embedded
+            rows = connected_dilation(vmap, rows, self.cfg.margin_vox, table)[0]
+        return rows, table(rows), embedded
 
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V, D) purified features of all map rows (the raw ones before the first update)."""
