@@ -49,35 +49,41 @@ def fallback_logits(colors: torch.Tensor, normals: torch.Tensor, offsets: torch.
     return torch.where(nbr >= 0, -(dc + dn + dd), torch.full_like(dc, -torch.inf))
 
 
-def embedding_logits(emb: torch.Tensor, nbr: torch.Tensor, scale: float) -> torch.Tensor:
-    """(R, M) logits scale * cos(e_i, e_j) from unit embeddings emb (V, E) indexed by rows; -inf if missing."""
-    safe = nbr.clamp_min(0)
-    cos = (emb[safe].float() * emb[safe[:, :1]].float()).sum(-1)
+def embedding_logits(emb: torch.Tensor, nbr: torch.Tensor, scale: float,
+                     matrix: Optional['PoolMatrix'] = None) -> torch.Tensor:
+    """(R, M) logits scale * cos(e_i, e_j) from unit embeddings emb (V, E) indexed by rows; -inf if missing.
+
+    nbr (R, M): neighbour rows, column 0 the voxels themselves (unique). ``matrix``: the :class:`PoolMatrix` of
+    these rows and ``nbr``, whose local indexing the dot products reuse (built here when None).
+    """
+    cos = (PoolMatrix(nbr[:, 0], nbr) if matrix is None else matrix).edge_dots(emb)
     return torch.where(nbr >= 0, scale * cos, torch.full_like(cos, -torch.inf))
 
 
 class PoolMatrix:
     """The pooling step F_rows <- W F_nbr as a CSR matrix over a local universe: ``rows`` first (local index i is
-    rows[i]), then the other neighbours (held fixed). Built once per neighbour table and weights, applied to any
-    number of channels (:meth:`apply`).
+    rows[i]), then the other neighbours (held fixed). Its pattern is built once per neighbour table; it serves the
+    edge dot products of the learned affinity (:meth:`edge_dots`), takes the weights (:meth:`set_weights`) and
+    is applied to any number of channels (:meth:`apply`).
 
     Args:
         rows: (R,) unique map rows to pool.
         nbr: (R, M) neighbour rows (-1 missing), column 0 the voxel itself.
-        weights: (R, M) weights (rows sum to 1).
+        weights: (R, M) weights (rows sum to 1), or None to give them later with :meth:`set_weights`.
         check: verify the CSR invariants (for tests).
 
     Attributes:
         universe: (U,) int64 map rows, ``rows`` first.
-        matrix: (R, U) float32 sparse CSR W, column indices sorted and unique within each row, so the same
-            sparse-dense product runs on CPU and CUDA.
+        matrix: (R, U) float32 sparse CSR W (None before the weights are set), column indices sorted and unique
+            within each row, so the same sparse-dense product runs on CPU and CUDA.
     """
 
     CHUNK = 32
     """Feature columns pooled together on CPU: the pooling is column-wise, and all T iterations over a slice of
     32 columns keep the (U, 32) working set in cache (about 3x faster than all D columns at once at D = 384)."""
 
-    def __init__(self, rows: torch.Tensor, nbr: torch.Tensor, weights: torch.Tensor, check: bool = False):
+    def __init__(self, rows: torch.Tensor, nbr: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                 check: bool = False):
         R, M = nbr.shape
         valid = nbr >= 0
         universe, inv = torch.unique(torch.cat([rows, nbr[valid]]), return_inverse=True)
@@ -86,18 +92,40 @@ class PoolMatrix:
         local = torch.empty(U, dtype=torch.int64, device=nbr.device)
         is_row = torch.zeros(U, dtype=torch.bool, device=nbr.device)
         is_row[inv[:R]] = True
+        if int(is_row.sum()) != R:
+            raise ValueError('PoolMatrix: rows must be unique')
         local[inv[:R]] = torch.arange(R, device=nbr.device)
         local[~is_row] = torch.arange(R, U, device=nbr.device)
         self.universe = torch.empty_like(universe)
         self.universe[local] = universe
         local_nbr = torch.full_like(nbr, U)                     # missing neighbours sort last
         local_nbr[valid] = local[inv[R:]]
-        local_nbr, order = torch.sort(local_nbr, dim=1)
-        w = weights.float().gather(1, order)
-        keep = local_nbr < U
-        crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=nbr.device), keep.sum(1).cumsum(0)])
-        self.matrix = torch.sparse_csr_tensor(crow, local_nbr[keep], w[keep], size=(R, U), check_invariants=check)
-        self.rows = rows
+        local_nbr, self._order = torch.sort(local_nbr, dim=1)
+        self._keep = local_nbr < U
+        self._crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=nbr.device), self._keep.sum(1).cumsum(0)])
+        self._col = local_nbr[self._keep]
+        self._check, self.rows, self.matrix = check, rows, None
+        if weights is not None:
+            self.set_weights(weights)
+
+    def _csr(self, values: torch.Tensor) -> torch.Tensor:
+        R, U = len(self.rows), len(self.universe)
+        return torch.sparse_csr_tensor(self._crow, self._col, values, size=(R, U), check_invariants=self._check)
+
+    def set_weights(self, weights: torch.Tensor) -> None:
+        """Take (R, M) weights laid out like ``nbr`` (rows sum to 1) as the values of :attr:`matrix`."""
+        self.matrix = self._csr(weights.float().gather(1, self._order)[self._keep])
+
+    def edge_dots(self, emb: torch.Tensor) -> torch.Tensor:
+        """(R, M) float32 dot products e_i . e_j of each row's embedding with each neighbour's, laid out like
+        ``nbr`` (0 where missing), from emb (V, E) indexed by map rows: one sampled dense product over the
+        pattern, without an (R, M, E) gather."""
+        e = emb[self.universe].float()
+        zero = torch.zeros(len(self._col), dtype=torch.float32, device=e.device)
+        dots = torch.sparse.sampled_addmm(self._csr(zero), e[:len(self.rows)], e.T, beta=0.0).values()
+        by_column = torch.zeros(self._order.shape, dtype=torch.float32, device=e.device)
+        by_column[self._keep] = dots
+        return torch.empty_like(by_column).scatter_(1, self._order, by_column)
 
     def apply(self, features: torch.Tensor, outside: torch.Tensor, iterations: int) -> torch.Tensor:
         """Run ``iterations`` steps from ``features`` (R, K) (start values of ``rows``); ``outside`` (>= V, K): the
@@ -220,13 +248,13 @@ class GeometryPooling:
                 self._store_embeddings(self.embed(vmap, rows, self.normals[rows]), rows)
         else:
             rows, nbr, embedded = self._refresh(vmap, touched)
+        op = PoolMatrix(rows, nbr)
         if self.embed is not None:
-            logits = embedding_logits(self.embeddings, nbr, self.cfg.scale)
+            logits = embedding_logits(self.embeddings, nbr, self.cfg.scale, op)
         else:
             logits = fallback_logits(vmap.colors, self.normals, self.offsets, nbr, self.cfg)
-        weights = torch.softmax(logits, dim=1)
+        op.set_weights(torch.softmax(logits, dim=1))
         t1 = time.perf_counter()
-        op = PoolMatrix(rows, nbr, weights)
         self.purified[rows] = op.apply(vmap.features[rows], self.purified[:n], self.cfg.iterations).to(torch.float16)
         for raw, out in channels:
             out[rows] = op.apply(raw[rows], out[:n], self.cfg.iterations).to(out.dtype)
