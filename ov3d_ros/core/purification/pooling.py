@@ -42,11 +42,14 @@ def fallback_logits(colors: torch.Tensor, normals: torch.Tensor, offsets: torch.
 
     colors (V, 3) and normals (V, 3) are indexed by map rows; nbr (R, M) holds rows (column 0 = the voxel).
     """
-    safe = nbr.clamp_min(0)
-    dc = (colors[safe] - colors[safe[:, :1]]).square().sum(-1) / (2 * cfg.sigma_color ** 2)
-    dn = (1 - (normals[safe] * normals[safe[:, :1]]).sum(-1).abs()) / cfg.sigma_normal
-    dd = offsets.float().square().sum(-1)[None] / (2 * cfg.sigma_distance_vox ** 2)
-    return torch.where(nbr >= 0, -(dc + dn + dd), torch.full_like(dc, -torch.inf))
+    valid = nbr >= 0                                   # computed on present neighbours only
+    j, i = nbr[valid], nbr[:, :1].expand_as(nbr)[valid]
+    dc = (colors[j] - colors[i]).square().sum(-1) / (2 * cfg.sigma_color ** 2)
+    dn = (1 - (normals[j] * normals[i]).sum(-1).abs()) / cfg.sigma_normal
+    dd = offsets.to(nbr.device).float().square().sum(-1).expand(nbr.shape)[valid] / (2 * cfg.sigma_distance_vox ** 2)
+    out = torch.full(nbr.shape, -torch.inf, dtype=torch.float32, device=nbr.device)
+    out[valid] = -(dc + dn + dd)
+    return out
 
 
 def embedding_logits(emb: torch.Tensor, nbr: torch.Tensor, scale: float,
@@ -85,21 +88,22 @@ class PoolMatrix:
     def __init__(self, rows: torch.Tensor, nbr: torch.Tensor, weights: Optional[torch.Tensor] = None,
                  check: bool = False):
         R, M = nbr.shape
+        dev = nbr.device
         valid = nbr >= 0
-        universe, inv = torch.unique(torch.cat([rows, nbr[valid]]), return_inverse=True)
-        U = len(universe)
-        # renumber the universe so that rows come first: pooled rows are then a leading slice
-        local = torch.empty(U, dtype=torch.int64, device=nbr.device)
-        is_row = torch.zeros(U, dtype=torch.bool, device=nbr.device)
-        is_row[inv[:R]] = True
-        if int(is_row.sum()) != R:
+        # local numbering: rows first (pooled rows are then a leading slice), then the other neighbours, sorted;
+        # a lookup table over map rows instead of a unique over every (row, neighbour) pair
+        V = 1 + int(max(rows.max(), nbr.max())) if R else 0
+        lut = torch.full((V,), -1, dtype=torch.int64, device=dev)
+        lut[rows] = torch.arange(R, device=dev)
+        if not torch.equal(lut[rows], torch.arange(R, device=dev)):
             raise ValueError('PoolMatrix: rows must be unique')
-        local[inv[:R]] = torch.arange(R, device=nbr.device)
-        local[~is_row] = torch.arange(R, U, device=nbr.device)
-        self.universe = torch.empty_like(universe)
-        self.universe[local] = universe
-        local_nbr = torch.full_like(nbr, U)                     # missing neighbours sort last
-        local_nbr[valid] = local[inv[R:]]
+        local_nbr = lut[nbr.clamp_min(0)]
+        outside = valid & (local_nbr < 0)
+        ext, of_ext = torch.unique(nbr[outside], return_inverse=True)
+        local_nbr[outside] = R + of_ext
+        self.universe = torch.cat([rows, ext])
+        U = len(self.universe)
+        local_nbr[~valid] = U                                    # missing neighbours sort last
         local_nbr, self._order = torch.sort(local_nbr, dim=1)
         self._keep = local_nbr < U
         self._crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=nbr.device), self._keep.sum(1).cumsum(0)])
