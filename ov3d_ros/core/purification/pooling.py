@@ -126,7 +126,7 @@ class PoolMatrix:
         pattern, without an (R, M, E) gather."""
         e = emb[self.universe].float()
         zero = torch.zeros(len(self._col), dtype=torch.float32, device=e.device)
-        dots = torch.sparse.sampled_addmm(self._csr(zero), e[:len(self.rows)], e.T, beta=0.0).values()
+        dots = torch.sparse.sampled_addmm(self._csr(zero), e[:len(self.rows)], e.T.contiguous(), beta=0.0).values()
         by_column = torch.zeros(self._order.shape, dtype=torch.float32, device=e.device)
         by_column[self._keep] = dots
         return torch.empty_like(by_column).scatter_(1, self._order, by_column)
@@ -135,16 +135,20 @@ class PoolMatrix:
         """Run ``iterations`` steps from ``features`` (R, K) (start values of ``rows``); ``outside`` (>= V, K): the
         values of the other neighbours. Returns (R, K) float32."""
         R, K = features.shape
-        start = outside[self.universe[R:]]
         if int(iterations) <= 0:
             return features.float().clone()
-        step = K if features.device.type != 'cpu' else self.CHUNK
+        start = outside[self.universe[R:]]
+        cpu = features.device.type == 'cpu'
+        step = self.CHUNK if cpu else max(K, 1)
         out = torch.empty(R, K, dtype=torch.float32, device=features.device)
         for c in range(0, K, step):
             x = torch.cat([features[:, c:c + step].float(), start[:, c:c + step].float()])
             y = x.clone()                                          # double buffer: rows R.. stay fixed in both
             for _ in range(int(iterations)):
-                torch.mm(self.matrix, x, out=y[:R])
+                if cpu:
+                    torch.mm(self.matrix, x, out=y[:R])            # no allocation per step
+                else:
+                    y[:R] = self.matrix @ x
                 x, y = y, x
             out[:, c:c + step] = x[:R]
         return out
