@@ -59,7 +59,8 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
     pooling = GeometryPooling(cfg, embed)
     # a keyframe's patch: the voxels nearest to a corner of the building, about ``touched`` of them
     corner = pts.min(0).values + torch.tensor([1.0, 1.0, 0.0])
-    patch = torch.argsort((pts - corner).norm(dim=1))[:touched].to(device)
+    nearest = torch.argsort((pts - corner).norm(dim=1))[:touched]
+    patch = vmap.rows_of(pts[nearest])     # map rows follow the voxel keys' order, not the points'
     times, region = [], 0
     for rep in range(4):
         if device.startswith('cuda'):
