@@ -43,7 +43,8 @@ def building_exactly(n_voxels: int) -> torch.Tensor:
     return pts[:n_voxels]
 
 
-def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, radius: int, embed, whole: bool) -> dict:
+def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, radius: int, embed, whole: bool,
+        margin: int = 3) -> dict:
     from ov3d_ros.core.config import PurifyConfig
     from ov3d_ros.core.purification.pooling import GeometryPooling
     from ov3d_ros.core.voxel_map import VoxelFeatureMap
@@ -54,11 +55,12 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
         feats = torch.nn.functional.normalize(torch.randn(len(chunk), dim, generator=g), dim=1)
         vmap.integrate(pts[chunk], feats, torch.rand(len(chunk), 3, generator=g) * 255)
     cfg = PurifyConfig(enabled=True, affinity='learned' if embed else 'fallback', iterations=iterations,
-                       radius_vox=radius)
+                       radius_vox=radius, margin_vox=margin)
     pooling = GeometryPooling(cfg, embed)
     # a keyframe's patch: the voxels nearest to a corner of the building, about ``touched`` of them
     corner = pts.min(0).values + torch.tensor([1.0, 1.0, 0.0])
-    patch = torch.argsort((pts - corner).norm(dim=1))[:touched].to(device)
+    nearest = torch.argsort((pts - corner).norm(dim=1))[:touched]
+    patch = vmap.rows_of(pts[nearest])     # map rows follow the voxel keys' order, not the points'
     times, region = [], 0
     for rep in range(4):
         if device.startswith('cuda'):
@@ -70,7 +72,7 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
         if rep:
             times.append((time.perf_counter() - t0, time.process_time() - c0))
     row = {'map_voxels': vmap.size, 'touched': touched, 'repooled': region, 'affinity': cfg.affinity,
-           'T': iterations, 'radius_vox': radius, 'device': device,
+           'T': iterations, 'radius_vox': radius, 'margin_vox': margin, 'device': device,
            'per_keyframe_ms': round(1e3 * sorted(times)[len(times) // 2][0], 1),
            'per_keyframe_cpu_ms': round(1e3 * sorted(times, key=lambda t: t[1])[len(times) // 2][1], 1),
            'of_which_affinity_ms': round(1e3 * pooling.timings_s['affinity'], 1)}
@@ -91,6 +93,7 @@ def main() -> None:
     p.add_argument('--dim', type=int, default=384, help='feature dimension (384 simulated, 512 CLIP ViT-B-16)')
     p.add_argument('--iterations', type=int, default=18)
     p.add_argument('--radius', type=int, default=2)
+    p.add_argument('--margin', type=int, default=3, help='purify.margin_vox: voxel steps re-pooled beyond the changed ones')
     p.add_argument('--checkpoint', help='student checkpoint: time the learned affinity instead of the fallback')
     p.add_argument('--whole', action='store_true', help='also time one whole-map pooling')
     args = p.parse_args()
@@ -101,7 +104,7 @@ def main() -> None:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}')
     for n in args.sizes:
         print(json.dumps(run(n, args.touched, args.dim, args.device, args.iterations, args.radius, embed,
-                             args.whole)), flush=True)
+                             args.whole, args.margin)), flush=True)
 
 
 if __name__ == '__main__':

@@ -51,19 +51,23 @@ class KeyIndex:
 
     def find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
         """(N,) int64 keys → (N,) int64 rows, -1 where absent. ``row_keys``: (capacity,) the map's key column."""
-        out = torch.full_like(keys, -1)
-        idx, slot, k = None, self._home(keys), keys
-        while k.numel():
-            r = self.table[slot].long()
+        mask = self.slots - 1
+        slot = self._home(keys)
+        r = self.table.index_select(0, slot).long()
+        occupied = r >= 0
+        hit = occupied & (row_keys.index_select(0, r.clamp_min(0)) == keys)
+        out = torch.where(hit, r, -1)             # first probe: most keys resolve here
+        go = torch.nonzero(occupied & ~hit).flatten()   # occupied by another key: probe the next slot
+        slot = slot.index_select(0, go)
+        while go.numel():
+            slot = (slot + 1) & mask
+            r = self.table.index_select(0, slot).long()
             occupied = r >= 0
-            hit = occupied & (row_keys[r.clamp_min(0)] == k)
-            if idx is None:                       # first probe: most keys resolve here, no compaction needed
-                out = torch.where(hit, r, out)
-                idx = torch.arange(len(keys), device=keys.device)
-            else:
-                out[idx[hit]] = r[hit]
-            go = occupied & ~hit                  # occupied by another key: probe the next slot
-            idx, slot, k = idx[go], (slot[go] + 1) & (self.slots - 1), k[go]
+            hit = occupied & (row_keys.index_select(0, r.clamp_min(0)) == keys.index_select(0, go))
+            found = torch.nonzero(hit).flatten()
+            out[go.index_select(0, found)] = r.index_select(0, found)
+            on = torch.nonzero(occupied & ~hit).flatten()
+            go, slot = go.index_select(0, on), slot.index_select(0, on)
         return out
 
     def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:

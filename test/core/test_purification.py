@@ -3,7 +3,8 @@ import torch
 
 from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.purification.distill import DistillConfig, Teacher, pick_pairs
-from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
+from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
+                                              cube_offsets, estimate_normals, neighbour_rows)
 from ov3d_ros.core.purification.pooling import GeometryPooling, pool
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys
 
@@ -29,6 +30,32 @@ def test_offsets_and_neighbours():
     assert (nbr[0] >= 0).sum() == 5 and (nbr[1] >= 0).sum() == 3   # in-plane 4-neighbourhood + itself
     normals = estimate_normals(m, rows, neighbour_rows(m, rows, ball_offsets(2)), ball_offsets(2))
     assert torch.allclose(normals.abs(), torch.tensor([[0.0, 0.0, 1.0]] * 2), atol=1e-5)
+
+
+def test_neighbour_table_and_dilation_agree_with_direct_lookups():
+    """The cached neighbour table returns what the index does (repeated rows too), and the breadth-first
+    dilation through it reaches the voxels, with the hop counts, of a plain set-based search."""
+    g = torch.Generator().manual_seed(0)
+    coords = torch.nonzero(torch.rand(12, 12, 6, generator=g) < 0.35)
+    m = VoxelFeatureMap(1.0, 2)
+    m.integrate(coords.float() + 0.5, torch.randn(len(coords), 2, generator=g))
+    off = ball_offsets(2)
+    table = NeighbourTable(m, off)
+    for rows in (torch.tensor([3, 7, 3, 0]), torch.randint(0, m.size, (50,), generator=g), torch.arange(m.size)):
+        assert torch.equal(table(rows), neighbour_rows(m, rows, off))
+        assert torch.equal(table.cube(rows), table(rows)[:, off.abs().amax(1) <= 1])
+    assert table.looked_up == m.size                       # each row looked up once
+    assert torch.equal(ball_region(m, rows[:9], off, table), ball_region(m, rows[:9], off))
+    cube = neighbour_rows(m, torch.arange(m.size), cube_offsets(1))
+    start = torch.tensor([5, 5, 17])
+    hops = {int(r): 0 for r in start}
+    frontier = set(hops)
+    for step in range(1, 4):
+        frontier = {int(n) for r in frontier for n in cube[r] if n >= 0 and int(n) not in hops}
+        hops.update({r: step for r in frontier})
+    for t in (None, NeighbourTable(m, off)):
+        reached, got = connected_dilation(m, start, 3, t)
+        assert reached.tolist() == sorted(hops) and got.tolist() == [hops[r] for r in sorted(hops)]
 
 
 def test_pooling_keeps_constant_features_and_averages_varying_ones():

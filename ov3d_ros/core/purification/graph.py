@@ -6,6 +6,8 @@ neighbourhood lookup is one ``searchsorted`` per (voxel, offset): no KD-tree, sa
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys
@@ -58,31 +60,95 @@ def cube_offsets(radius_vox: int, device: torch.device | str = 'cpu') -> torch.T
     return grid[torch.argsort(grid.abs().amax(1), stable=True)]
 
 
-def ball_region(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Sorted unique ``rows`` and every occupied voxel at one of ``offsets`` from them."""
+class NeighbourTable:
+    """Neighbour rows of map rows at fixed ``offsets``, looked up in the map's index once per row and reused:
+    one keyframe's refresh asks for the neighbourhoods of mostly the same voxels several times (ball regions,
+    connected dilation, normals, pooling). Valid while the map's rows do not change (build one per update).
+
+    Args:
+        vmap: the map.
+        offsets: (M, 3) int64 offsets, e.g. :func:`ball_offsets`; column j of a table holds the neighbour at
+            offsets[j]. The 26-connected neighbours (:meth:`cube`) come from the columns of the offsets with
+            Chebyshev length <= 1, which must all be there (as in a ball of radius >= 2); otherwise
+            :meth:`cube` looks them up directly.
+    """
+
+    def __init__(self, vmap: VoxelFeatureMap, offsets: torch.Tensor):
+        self.vmap, self.offsets = vmap, offsets.to(vmap.device)
+        self._slot = torch.full((vmap.size,), -1, dtype=torch.int64, device=vmap.device)   # row -> table row
+        self._data = torch.empty(0, len(offsets), dtype=torch.int64, device=vmap.device)
+        self._used = 0
+        unit = self.offsets.abs().amax(1) <= 1
+        self._cube = torch.nonzero(unit).flatten() if int(unit.sum()) == 27 else None
+        self.looked_up = 0
+        """Rows whose neighbours were looked up in the index so far (each once)."""
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R, M) int64 neighbour rows of (R,) map ``rows`` (repeats allowed); -1 where unoccupied."""
+        slot = self._slot[rows]
+        miss = rows[slot < 0]
+        if len(miss):
+            # one winner per distinct row: every copy writes its index, the copies that read their own back win
+            idx = torch.arange(len(miss), device=rows.device)
+            self._slot[miss] = idx
+            new = miss[self._slot[miss] == idx]
+            need = self._used + len(new)
+            if need > len(self._data):
+                grown = torch.empty(max(need, 2 * len(self._data)), self._data.shape[1], dtype=torch.int64,
+                                    device=rows.device)
+                grown[:self._used] = self._data[:self._used]
+                self._data = grown
+            self._data[self._used:need] = neighbour_rows(self.vmap, new, self.offsets)
+            self._slot[new] = torch.arange(self._used, need, device=rows.device)
+            self._used = need
+            self.looked_up = need
+            slot = self._slot[rows]
+        return self._data[slot]
+
+    def cube(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R, 27) int64 rows of the 26-connected neighbours of ``rows`` and of the voxels themselves; -1 where
+        unoccupied."""
+        if self._cube is None:
+            return neighbour_rows(self.vmap, rows, cube_offsets(1, self.vmap.device))
+        return self(rows)[:, self._cube]
+
+
+def ball_region(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor,
+                table: Optional[NeighbourTable] = None) -> torch.Tensor:
+    """Sorted unique ``rows`` and every occupied voxel at one of ``offsets`` from them (``table``: a
+    :class:`NeighbourTable` of the same offsets to take the neighbours from)."""
     if len(rows) == 0:
         return torch.unique(rows)
-    nbr = neighbour_rows(vmap, rows, offsets)
+    nbr = neighbour_rows(vmap, rows, offsets) if table is None else table(rows)
     return torch.unique(torch.cat([rows, nbr[nbr >= 0]]))
 
 
-def connected_dilation(vmap: VoxelFeatureMap, rows: torch.Tensor, steps: int) -> tuple:
+def connected_dilation(vmap: VoxelFeatureMap, rows: torch.Tensor, steps: int,
+                       table: Optional[NeighbourTable] = None) -> tuple:
     """Occupied voxels within ``steps`` steps of ``rows`` through 26-connected occupied voxels.
 
     This is how far a chain of ``steps`` 3x3x3 submanifold convolutions carries information on the map. Returns
     (reached (S,) sorted unique rows, hops (S,) int64: the step count at which each was first reached). A
-    breadth-first search over the newly reached voxels only: the cost follows the reached set, not the map.
+    breadth-first search over the newly reached voxels only: the cost follows the reached set, not the map
+    (``table``: a :class:`NeighbourTable` to take the neighbours from).
     """
-    reached = torch.unique(rows)
-    hops = torch.zeros(len(reached), dtype=torch.int64, device=reached.device)
-    frontier, offsets = reached, cube_offsets(1, vmap.device)
+    table = NeighbourTable(vmap, cube_offsets(1, vmap.device)) if table is None else table
+    frontier = torch.unique(rows)
+    seen = torch.zeros(vmap.size, dtype=torch.bool, device=frontier.device)
+    seen[frontier] = True
+    claim = torch.empty(vmap.size, dtype=torch.int64, device=frontier.device)
+    parts, hops = [frontier], [torch.zeros(len(frontier), dtype=torch.int64, device=frontier.device)]
     for step in range(1, int(steps) + 1):
         if len(frontier) == 0:
             break
-        nbr = neighbour_rows(vmap, frontier, offsets)
-        cand = torch.unique(nbr[nbr >= 0])
-        new = cand[~torch.isin(cand, reached)]
-        reached, order = torch.sort(torch.cat([reached, new]))
-        hops = torch.cat([hops, torch.full((len(new),), step, dtype=torch.int64, device=hops.device)])[order]
-        frontier = new
-    return reached, hops
+        cand = table.cube(frontier).flatten()
+        cand = cand[cand >= 0]
+        cand = cand[~seen[cand]]
+        idx = torch.arange(len(cand), device=cand.device)   # one winner per distinct voxel (see NeighbourTable)
+        claim[cand] = idx
+        frontier = cand[claim[cand] == idx]
+        seen[frontier] = True
+        parts.append(frontier)
+        hops.append(torch.full((len(frontier),), step, dtype=torch.int64, device=frontier.device))
+    reached, order = torch.sort(torch.cat(parts))
+    return reached, torch.cat(hops)[order]
