@@ -191,19 +191,24 @@ class LayerCake:
             return torch.full_like(keys, -1, device=self.device)
         return self.index.find(keys.to(self.device), self.keys)
 
-    def insert(self, keys: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 rows of ``keys`` (repeats allowed), appending zero rows for keys not in the index yet."""
+    def insert(self, keys: torch.Tensor, unique: bool = False) -> torch.Tensor:
+        """(N,) int64 rows of ``keys`` (repeats allowed), appending zero rows for keys not in the index yet (in
+        the order of their keys when ``keys`` are sorted). ``unique``: the caller guarantees no repeats (skips
+        deduplication)."""
         rows = self.lookup(keys)
         missing = rows < 0
         if bool(missing.any()):
-            new_keys, of_new = torch.unique(keys[missing], return_inverse=True)
+            if unique:
+                new_keys = keys[missing]
+            else:
+                new_keys, of_new = torch.unique(keys[missing], return_inverse=True)
             n_new = new_keys.shape[0]
             self.reserve(self.size + n_new)
             new_rows = torch.arange(self.size, self.size + n_new, device=self.device)
-            self.keys[new_rows] = new_keys
+            self.keys[self.size:self.size + n_new] = new_keys
             self.index.insert(new_keys, new_rows)
             self.size += n_new
-            rows[missing] = new_rows[of_new]
+            rows[missing] = new_rows if unique else new_rows[of_new]
         return rows
 
     def reserve(self, rows: int) -> None:
