@@ -38,6 +38,9 @@ class KeyIndex:
         device: torch device of the table.
     """
 
+    WINDOW = 8
+    """Slots probed per vectorised step (most keys resolve in their first window)."""
+
     def __init__(self, slots: int, device: torch.device):
         self.bits = max(4, (int(slots) - 1).bit_length())
         self.table = torch.full((1 << self.bits,), -1, dtype=torch.int32, device=device)
@@ -49,31 +52,49 @@ class KeyIndex:
     def _home(self, keys: torch.Tensor) -> torch.Tensor:
         return ((keys * _HASH_MUL) >> (64 - self.bits)) & (self.slots - 1)
 
+    def _window(self, slot: torch.Tensor) -> torch.Tensor:
+        """(n,) slots → (n * WINDOW,) the slots probed from each, in probing order."""
+        return ((slot[:, None] + torch.arange(self.WINDOW, device=slot.device)) & (self.slots - 1)).reshape(-1)
+
     def find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 keys → (N,) int64 rows, -1 where absent. ``row_keys``: (capacity,) the map's key column."""
-        out = torch.full_like(keys, -1)
-        idx, slot, k = None, self._home(keys), keys
-        while k.numel():
-            r = self.table[slot].long()
-            occupied = r >= 0
-            hit = occupied & (row_keys[r.clamp_min(0)] == k)
-            if idx is None:                       # first probe: most keys resolve here, no compaction needed
-                out = torch.where(hit, r, out)
-                idx = torch.arange(len(keys), device=keys.device)
-            else:
-                out[idx[hit]] = r[hit]
-            go = occupied & ~hit                  # occupied by another key: probe the next slot
-            idx, slot, k = idx[go], (slot[go] + 1) & (self.slots - 1), k[go]
+        """(N,) int64 keys → (N,) int64 rows, -1 where absent. ``row_keys``: (capacity,) the map's key column.
+        Probes the home slot, then ``WINDOW`` slots per step for the keys left; a key is absent at the first
+        empty slot."""
+        slot = self._home(keys)
+        r = self.table.index_select(0, slot).long()
+        occupied = r >= 0
+        hit = occupied & (row_keys.index_select(0, r.clamp_min(0)) == keys)
+        out = torch.where(hit, r, torch.full_like(r, -1))          # most keys resolve at their home slot
+        idx = (occupied & ~hit).nonzero().squeeze(1)
+        slot, k = slot.index_select(0, idx) + 1, keys.index_select(0, idx)
+        while idx.numel():
+            n = idx.numel()
+            r = self.table.index_select(0, self._window(slot)).long().view(n, self.WINDOW)
+            empty = r < 0
+            hit = ~empty & (row_keys.index_select(0, r.clamp_min(0).reshape(-1)).view(n, self.WINDOW) == k[:, None])
+            stop = empty | hit
+            first = stop.to(torch.uint8).argmax(1, keepdim=True)      # the first hit or empty slot
+            found = hit.gather(1, first).squeeze(1)
+            out[idx[found]] = r.gather(1, first).squeeze(1)[found]
+            go = (~stop.any(1)).nonzero().squeeze(1)                  # all occupied by other keys: next window
+            idx, slot, k = idx.index_select(0, go), slot.index_select(0, go) + self.WINDOW, k.index_select(0, go)
         return out
 
     def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Add (N,) unique int64 ``keys`` that are not in the table yet, mapping to (N,) distinct ``rows``."""
         slot, r = self._home(keys), rows.to(torch.int32)
         while r.numel():
-            free = self.table[slot] < 0
-            self.table[slot[free]] = r[free]      # keys racing for one slot: one of them wins it
-            lost = self.table[slot] != r
-            slot, r = (slot[lost] + 1) & (self.slots - 1), r[lost]
+            n = r.numel()
+            window = self._window(slot).view(n, self.WINDOW)
+            free = self.table.index_select(0, window.reshape(-1)).view(n, self.WINDOW) < 0
+            first = free.to(torch.uint8).argmax(1, keepdim=True)
+            target = window.gather(1, first).squeeze(1)
+            has = free.any(1)
+            self.table[target[has]] = r[has]                          # keys racing for one slot: one of them wins
+            lost = (self.table.index_select(0, target) != r).nonzero().squeeze(1)
+            # a lost race resumes after the slot it lost; a window without free slots, after the window
+            slot = torch.where(has, target + 1, slot + self.WINDOW).index_select(0, lost)
+            r = r.index_select(0, lost)
 
     def clear(self) -> None:
         self.table.fill_(-1)

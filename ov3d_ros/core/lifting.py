@@ -99,14 +99,15 @@ def _block_gram(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
     dev = grid.device
     xn = (torch.arange(w, device=dev) + 1).clamp(max=w - 1)
     yn = (torch.arange(h, device=dev) + 1).clamp(max=h - 1)
-    right, below = g[:, xn], g[yn]
+    right, below = g.index_select(1, xn), g.index_select(0, yn)
     sq = (g * g).sum(-1)                                   # |c|^2 of every cell
     hor = (g * right).sum(-1)                              # c . (cell right of c)
     ver = (g * below).sum(-1)                              # c . (cell below c)
-    dia = (g * below[:, xn]).sum(-1)                       # c0 . c3
+    dia = (g * below.index_select(1, xn)).sum(-1)          # c0 . c3
     anti = (right * below).sum(-1)                         # c1 . c2
-    sq_r, sq_b = sq[:, xn], sq[yn]
-    gram = torch.stack([sq, sq_r, sq_b, sq_b[:, xn], hor, ver, dia, anti, ver[:, xn], hor[yn]], dim=-1)
+    sq_r, sq_b = sq.index_select(1, xn), sq.index_select(0, yn)
+    gram = torch.stack([sq, sq_r, sq_b, sq_b.index_select(1, xn), hor, ver, dia, anti, ver.index_select(1, xn),
+                        hor.index_select(0, yn)], dim=-1)
     return gram.reshape(h * w, 10)
 
 
@@ -114,7 +115,7 @@ def _unit_weights(weights: torch.Tensor, products: torch.Tensor, blocks: torch.T
                   gram: torch.Tensor) -> torch.Tensor:
     """(N, 4) bilinear weights divided by the norm of each mixture, from (N, 10) ``_pair_products`` of the
     weights and the (B, 10) ``_block_gram`` of each point's block."""
-    norm = (products * gram[blocks]).sum(1).clamp_min(1e-12).sqrt()
+    norm = (products * gram.index_select(0, blocks)).sum(1).clamp_min(1e-12).sqrt()
     return weights / norm[:, None]
 
 
@@ -174,12 +175,12 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
                                               float(camera.cx), float(camera.cy))
     valid = valid_depth_mask(depth_m[::s, ::s], min_depth_m, max_depth_m)
     p = torch.nonzero(valid.reshape(-1)).squeeze(1)          # raster order of the strided image
-    f, i = floats[p], ints[p]
+    f, i = floats.index_select(0, p), ints.index_select(0, p)
     pixel, blocks = i[:, 0], i[:, 1]
-    z = depth_m.reshape(-1)[pixel]
+    z = depth_m.reshape(-1).index_select(0, pixel)
     xyz = torch.cat([f[:, :2] * z[:, None], z[:, None]], dim=1)
     points = transform_points(T_W_C.to(device, torch.float32), xyz)
     grid = feature_grid.reshape(h * w, D).float()
     unit = _unit_weights(f[:, 2:6], f[:, 6:], blocks, _block_gram(grid, h, w))
-    colors = rgb.to(device).reshape(H * W, 3)[pixel].float()
+    colors = rgb.to(device).reshape(H * W, 3).index_select(0, pixel).float()
     return LiftedPoints(points, CellFeatures(grid, None, unit, blocks, block_cells), colors)

@@ -31,7 +31,8 @@ def voxel_coords(points: torch.Tensor, voxel_size_m: float) -> torch.Tensor:
 def pack_keys(coords: torch.Tensor) -> torch.Tensor:
     """(N, 3) int64 voxel coordinates → (N,) int64 keys (21 bits per axis)."""
     c = coords + _OFFSET
-    if bool(((c < 0) | (c > _MASK)).any()):
+    lo, hi = torch.aminmax(c) if c.numel() else (c.new_zeros(()), c.new_zeros(()))
+    if int(lo) < 0 or int(hi) > _MASK:
         raise ValueError('voxel coordinates out of range (points farther than 2^20 voxels from the origin)')
     return (c[:, 0] << (2 * _BITS)) | (c[:, 1] << _BITS) | c[:, 2]
 
@@ -162,14 +163,18 @@ class VoxelFeatureMap:
         v, old = rows.shape[0], rows.shape[0] - fresh          # rows[:old] were in the map, rows[old:] are new
         count = torch.bincount(inv, minlength=v)
         w_sum = count.float() if w is None else torch.zeros(v, device=dev).index_add_(0, inv, w)
-        w_old = self.weights[rows]
+        w_old = self.weights.index_select(0, rows)
         w_eff = w_old.clamp(max=self.max_weight) if self.max_weight > 0 else w_old
         denom = w_eff + w_sum
         mean = self._feature_means(v, inv, features, w, denom)     # sum of w f / denom
         if old:                                                     # new rows have no old feature (w_eff 0)
             prev = self.features.index_select(0, rows[:old]).float()
             mean[:old].addcmul_(prev, (w_eff[:old] / denom[:old])[:, None])
-        self._set_features(rows, mean)
+            self._set_features(rows[:old], mean[:old])
+        if fresh:                                                   # new rows: the last ones of the map
+            new = slice(self.size - fresh, self.size)
+            self.features[new] = mean[old:]
+            self.norms[new] = _norms(self.features[new])
         if colors is not None:
             c = colors.to(dev).float()
             c_sum = torch.zeros(v, 3, device=dev).index_add_(0, inv, c if w is None else c * w[:, None])
@@ -189,7 +194,7 @@ class VoxelFeatureMap:
         rows, order = torch.sort(by_key)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.shape[0], device=order.device)
-        return rows, rank[key_of_run][run_of], self.cake.size - before
+        return rows, rank.index_select(0, key_of_run).index_select(0, run_of), self.cake.size - before
 
     def _feature_means(self, v: int, inv: torch.Tensor, features, w: Optional[torch.Tensor],
                        denom: torch.Tensor) -> torch.Tensor:
