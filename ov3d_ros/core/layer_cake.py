@@ -142,6 +142,8 @@ class LayerCake:
     """
 
     KEYS = 'keys'
+    CHUNK = 4096
+    """Rows per step of whole-layer operations that go through fp32 (:meth:`project`)."""
 
     def __init__(self, device: torch.device | str = 'cpu', capacity: int = 16):
         self.device = torch.device(device)
@@ -272,8 +274,13 @@ class LayerCake:
                 continue
             if spec.width != m.shape[0]:
                 raise ValueError(f'projection is for D={m.shape[0]} features, layer {name!r} has D={spec.width}')
-            out = torch.zeros(self._capacity, m.shape[1], dtype=spec.dtype, device=self.device)
-            out[:self.size] = (self.layers[name][:self.size].float() @ m).to(spec.dtype)
+            layer = self.layers[name]
+            # Square: rotated in place; else into a new layer. In chunks of rows, so the fp32 copies stay small.
+            out = layer if m.shape[0] == m.shape[1] else \
+                torch.zeros(self._capacity, m.shape[1], dtype=spec.dtype, device=self.device)
+            for start in range(0, self.size, self.CHUNK):
+                stop = min(start + self.CHUNK, self.size)
+                out[start:stop] = layer[start:stop].float() @ m
             self.layers[name] = out
             self.specs[name] = LayerSpec(name, int(m.shape[1]), spec.dtype, spec.persist, spec.feature)
 

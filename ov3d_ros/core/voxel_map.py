@@ -135,7 +135,9 @@ class VoxelFeatureMap:
         if matrix.shape[0] != self.dim:
             raise ValueError(f'projection is for D={matrix.shape[0]} features, the map has D={self.dim}')
         self.cake.project(matrix)
-        self.norms[:self.size] = _norms(self.features[:self.size])
+        for start in range(0, self.size, self.cake.CHUNK):
+            stop = min(start + self.cake.CHUNK, self.size)
+            self.norms[start:stop] = _norms(self.features[start:stop])
 
     def integrate(self, points: torch.Tensor, features: Union[torch.Tensor, CellFeatures],
                   colors: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
