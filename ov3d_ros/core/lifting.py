@@ -144,12 +144,12 @@ def sample_features(feature_grid: torch.Tensor, u: torch.Tensor, v: torch.Tensor
 def _pixel_tables(device: torch.device, H: int, W: int, s: int, h: int, w: int, fx: float, fy: float, cx: float,
                   cy: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What lifting needs of every pixel of the strided image that does not depend on the frame (P pixels, raster
-    order): (P, 16) float32 [ray x, ray y (the camera-frame point at depth 1), 4 bilinear weights,
+    order): (P, 17) float32 [ray x, ray y, 1 (the camera-frame point at depth 1), 4 bilinear weights,
     10 ``_pair_products``], (P, 2) int64 [pixel index in the full image, block], and the (h * w, 4) block cells."""
     vs, us = torch.arange(0, H, s, device=device), torch.arange(0, W, s, device=device)
     v, u = (t.reshape(-1) for t in torch.meshgrid(vs, us, indexing='ij'))
     blocks, weights = _bilinear(u, v, W, H, h, w)
-    ray = torch.stack([(u.float() - cx) / fx, (v.float() - cy) / fy], dim=1)
+    ray = torch.stack([(u.float() - cx) / fx, (v.float() - cy) / fy, torch.ones(u.shape, device=device)], dim=1)
     floats = torch.cat([ray, weights, _pair_products(weights)], dim=1)
     return floats, torch.stack([v * W + u, blocks], dim=1), _block_cells(h, w, device)
 
@@ -178,9 +178,9 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
     f, i = floats.index_select(0, p), ints.index_select(0, p)
     pixel, blocks = i[:, 0], i[:, 1]
     z = depth_m.reshape(-1).index_select(0, pixel)
-    xyz = torch.cat([f[:, :2] * z[:, None], z[:, None]], dim=1)
+    xyz = f[:, :3] * z[:, None]
     points = transform_points(T_W_C.to(device, torch.float32), xyz)
     grid = feature_grid.reshape(h * w, D).float()
-    unit = _unit_weights(f[:, 2:6], f[:, 6:], blocks, _block_gram(grid, h, w))
+    unit = _unit_weights(f[:, 3:7], f[:, 7:], blocks, _block_gram(grid, h, w))
     colors = rgb.to(device).reshape(H * W, 3).index_select(0, pixel).float()
     return LiftedPoints(points, CellFeatures(grid, None, unit, blocks, block_cells), colors)
