@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -140,18 +140,40 @@ def sample_features(feature_grid: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     return bilinear_cells(feature_grid, u, v, width, height).dense()
 
 
+class _PixelTables(NamedTuple):
+    """What lifting needs of the pixels of a strided image that does not depend on the frame (P pixels in raster
+    order, Hs rows, Ws columns). Bilinear weights are separable: (a0, a1) of a pixel's row times (b0, b1) of its
+    column, so the squared norm of a pixel's mixture, w^T G w over its block's (4, 4) Gram matrix G, is
+    b^T Q b with Q a (2, 2) matrix per (row, block column): norms come from small row and column tables."""
+
+    rays: torch.Tensor          # (P, 3) float32 camera-frame point of each pixel at depth 1
+    weights: torch.Tensor       # (P, 4) float32 bilinear weights
+    ints: torch.Tensor          # (P, 2) int64 [pixel index in the full image, block]
+    block_cells: torch.Tensor   # (h * w, 4) int64
+    row_block: torch.Tensor     # (Hs,) int64 block row y0 of each pixel row
+    row_coef: torch.Tensor      # (Hs, 10, 3) float32: Q (as q00, q11, 2 q01) = block Gram (10,) @ row_coef
+    col_block: torch.Tensor     # (Ws,) int64 block column x0 of each pixel column
+    col_coef: torch.Tensor      # (Ws, 3) float32 [b0^2, b1^2, b0 b1]
+
+
 @functools.lru_cache(maxsize=8)
 def _pixel_tables(device: torch.device, H: int, W: int, s: int, h: int, w: int, fx: float, fy: float, cx: float,
-                  cy: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What lifting needs of every pixel of the strided image that does not depend on the frame (P pixels, raster
-    order): (P, 17) float32 [ray x, ray y, 1 (the camera-frame point at depth 1), 4 bilinear weights,
-    10 ``_pair_products``], (P, 2) int64 [pixel index in the full image, block], and the (h * w, 4) block cells."""
+                  cy: float) -> _PixelTables:
     vs, us = torch.arange(0, H, s, device=device), torch.arange(0, W, s, device=device)
     v, u = (t.reshape(-1) for t in torch.meshgrid(vs, us, indexing='ij'))
     blocks, weights = _bilinear(u, v, W, H, h, w)
-    ray = torch.stack([(u.float() - cx) / fx, (v.float() - cy) / fy, torch.ones(u.shape, device=device)], dim=1)
-    floats = torch.cat([ray, weights, _pair_products(weights)], dim=1)
-    return floats, torch.stack([v * W + u, blocks], dim=1), _block_cells(h, w, device)
+    rays = torch.stack([(u.float() - cx) / fx, (v.float() - cy) / fy, torch.ones(u.shape, device=device)], dim=1)
+    col_block, col_w = _bilinear(us, torch.zeros_like(us), W, H, 1, w)          # (b0, b1) = weights 0, 1
+    row_block, row_w = _bilinear(torch.zeros_like(vs), vs, W, H, h, 1)          # (a0, a1) = weights 0, 2
+    b0, b1 = col_w[:, 0], col_w[:, 1]
+    a0, a1 = row_w[:, 0], row_w[:, 2]
+    # Gram entries (``_block_gram`` order) into q00 (left cells c0, c2), q11 (right cells c1, c3), 2 q01
+    coef = torch.zeros(len(vs), 10, 3, device=device)
+    coef[:, 0, 0], coef[:, 5, 0], coef[:, 2, 0] = a0 * a0, 2 * a0 * a1, a1 * a1
+    coef[:, 1, 1], coef[:, 8, 1], coef[:, 3, 1] = a0 * a0, 2 * a0 * a1, a1 * a1
+    coef[:, 4, 2], coef[:, 6, 2], coef[:, 7, 2], coef[:, 9, 2] = 2 * a0 * a0, 2 * a0 * a1, 2 * a0 * a1, 2 * a1 * a1
+    return _PixelTables(rays, weights, torch.stack([v * W + u, blocks], dim=1), _block_cells(h, w, device),
+                        row_block, coef, col_block, torch.stack([b0 * b0, b1 * b1, b0 * b1], dim=1))
 
 
 def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.Tensor, camera: PinholeCamera,
@@ -171,16 +193,18 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
     H, W = depth_m.shape
     h, w, D = feature_grid.shape
     s = max(1, int(pixel_stride))
-    floats, ints, block_cells = _pixel_tables(device, H, W, s, h, w, float(camera.fx), float(camera.fy),
-                                              float(camera.cx), float(camera.cy))
+    t = _pixel_tables(device, H, W, s, h, w, float(camera.fx), float(camera.fy), float(camera.cx), float(camera.cy))
     valid = valid_depth_mask(depth_m[::s, ::s], min_depth_m, max_depth_m)
     p = torch.nonzero(valid.reshape(-1)).squeeze(1)          # raster order of the strided image
-    f, i = floats.index_select(0, p), ints.index_select(0, p)
+    i = t.ints.index_select(0, p)
     pixel, blocks = i[:, 0], i[:, 1]
     z = depth_m.reshape(-1).index_select(0, pixel)
-    xyz = f[:, :3] * z[:, None]
-    points = transform_points(T_W_C.to(device, torch.float32), xyz)
+    points = transform_points(T_W_C.to(device, torch.float32), t.rays.index_select(0, p) * z[:, None])
     grid = feature_grid.reshape(h * w, D).float()
-    unit = _unit_weights(f[:, 3:7], f[:, 7:], blocks, _block_gram(grid, h, w))
+    # Squared norm of every pixel's mixture: b^T Q b, Q from the block Gram of the pixel's row (see _PixelTables)
+    q = torch.matmul(_block_gram(grid, h, w).view(h, w, 10).index_select(0, t.row_block), t.row_coef)
+    norm2 = (q.index_select(1, t.col_block) * t.col_coef).sum(-1).reshape(-1)
+    norm = norm2.index_select(0, p).clamp_min(1e-12).sqrt()
+    unit = t.weights.index_select(0, p).div_(norm[:, None])
     colors = rgb.to(device).reshape(H * W, 3).index_select(0, pixel).float()
-    return LiftedPoints(points, CellFeatures(grid, None, unit, blocks, block_cells), colors)
+    return LiftedPoints(points, CellFeatures(grid, None, unit, blocks, t.block_cells), colors)
