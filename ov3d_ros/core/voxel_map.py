@@ -10,7 +10,7 @@ O(new voxels) and the map grows without any fixed scene bound (±2^20 voxels per
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +185,7 @@ class VoxelFeatureMap:
         self.counts[rows] += count.to(torch.int32)
         return rows
 
-    def _touch(self, keys: torch.Tensor):
+    def _touch(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """Rows of (N,) ``keys``, appending rows for keys not yet in the map. Returns the (V,) sorted unique rows
         touched, (N,) the index of each key's row among them, and how many of them are new (the last ones)."""
         # Neighbouring points mostly share a voxel: runs of equal keys collapse first (no sort of the points).
