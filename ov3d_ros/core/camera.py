@@ -72,4 +72,4 @@ class PinholeCamera:
 def transform_points(T_A_B: torch.Tensor, points_b: torch.Tensor) -> torch.Tensor:
     """Apply a (4, 4) rigid transform to (..., 3) points expressed in frame B; returns them in frame A."""
     T = T_A_B.to(points_b.dtype)
-    return points_b @ T[:3, :3].T + T[:3, 3]
+    return points_b @ T[:3, :3].T.contiguous() + T[:3, 3]

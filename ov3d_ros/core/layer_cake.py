@@ -38,6 +38,9 @@ class KeyIndex:
         device: torch device of the table.
     """
 
+    WINDOW = 8
+    """Slots probed per vectorised step (most keys resolve in their first window)."""
+
     def __init__(self, slots: int, device: torch.device):
         self.bits = max(4, (int(slots) - 1).bit_length())
         self.table = torch.full((1 << self.bits,), -1, dtype=torch.int32, device=device)
@@ -49,35 +52,49 @@ class KeyIndex:
     def _home(self, keys: torch.Tensor) -> torch.Tensor:
         return ((keys * _HASH_MUL) >> (64 - self.bits)) & (self.slots - 1)
 
+    def _window(self, slot: torch.Tensor) -> torch.Tensor:
+        """(n,) slots → (n * WINDOW,) the slots probed from each, in probing order."""
+        return ((slot[:, None] + torch.arange(self.WINDOW, device=slot.device)) & (self.slots - 1)).reshape(-1)
+
     def find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 keys → (N,) int64 rows, -1 where absent. ``row_keys``: (capacity,) the map's key column."""
-        mask = self.slots - 1
+        """(N,) int64 keys → (N,) int64 rows, -1 where absent. ``row_keys``: (capacity,) the map's key column.
+        Probes the home slot, then ``WINDOW`` slots per step for the keys left; a key is absent at the first
+        empty slot."""
         slot = self._home(keys)
         r = self.table.index_select(0, slot).long()
         occupied = r >= 0
         hit = occupied & (row_keys.index_select(0, r.clamp_min(0)) == keys)
-        out = torch.where(hit, r, -1)             # first probe: most keys resolve here
-        go = torch.nonzero(occupied & ~hit).flatten()   # occupied by another key: probe the next slot
-        slot = slot.index_select(0, go)
-        while go.numel():
-            slot = (slot + 1) & mask
-            r = self.table.index_select(0, slot).long()
-            occupied = r >= 0
-            hit = occupied & (row_keys.index_select(0, r.clamp_min(0)) == keys.index_select(0, go))
-            found = torch.nonzero(hit).flatten()
-            out[go.index_select(0, found)] = r.index_select(0, found)
-            on = torch.nonzero(occupied & ~hit).flatten()
-            go, slot = go.index_select(0, on), slot.index_select(0, on)
+        out = torch.where(hit, r, torch.full_like(r, -1))          # most keys resolve at their home slot
+        idx = (occupied & ~hit).nonzero().squeeze(1)
+        slot, k = slot.index_select(0, idx) + 1, keys.index_select(0, idx)
+        while idx.numel():
+            n = idx.numel()
+            r = self.table.index_select(0, self._window(slot)).long().view(n, self.WINDOW)
+            empty = r < 0
+            hit = ~empty & (row_keys.index_select(0, r.clamp_min(0).reshape(-1)).view(n, self.WINDOW) == k[:, None])
+            stop = empty | hit
+            first = stop.to(torch.uint8).argmax(1, keepdim=True)      # the first hit or empty slot
+            found = hit.gather(1, first).squeeze(1)
+            out[idx[found]] = r.gather(1, first).squeeze(1)[found]
+            go = (~stop.any(1)).nonzero().squeeze(1)                  # all occupied by other keys: next window
+            idx, slot, k = idx.index_select(0, go), slot.index_select(0, go) + self.WINDOW, k.index_select(0, go)
         return out
 
     def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Add (N,) unique int64 ``keys`` that are not in the table yet, mapping to (N,) distinct ``rows``."""
         slot, r = self._home(keys), rows.to(torch.int32)
         while r.numel():
-            free = self.table[slot] < 0
-            self.table[slot[free]] = r[free]      # keys racing for one slot: one of them wins it
-            lost = self.table[slot] != r
-            slot, r = (slot[lost] + 1) & (self.slots - 1), r[lost]
+            n = r.numel()
+            window = self._window(slot).view(n, self.WINDOW)
+            free = self.table.index_select(0, window.reshape(-1)).view(n, self.WINDOW) < 0
+            first = free.to(torch.uint8).argmax(1, keepdim=True)
+            target = window.gather(1, first).squeeze(1)
+            has = free.any(1)
+            self.table[target[has]] = r[has]                          # keys racing for one slot: one of them wins
+            lost = (self.table.index_select(0, target) != r).nonzero().squeeze(1)
+            # a lost race resumes after the slot it lost; a window without free slots, after the window
+            slot = torch.where(has, target + 1, slot + self.WINDOW).index_select(0, lost)
+            r = r.index_select(0, lost)
 
     def clear(self) -> None:
         self.table.fill_(-1)
@@ -125,6 +142,8 @@ class LayerCake:
     """
 
     KEYS = 'keys'
+    CHUNK = 4096
+    """Rows per step of whole-layer operations that go through fp32 (:meth:`project`)."""
 
     def __init__(self, device: torch.device | str = 'cpu', capacity: int = 16):
         self.device = torch.device(device)
@@ -195,19 +214,24 @@ class LayerCake:
             return torch.full_like(keys, -1, device=self.device)
         return self.index.find(keys.to(self.device), self.keys)
 
-    def insert(self, keys: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 rows of ``keys`` (repeats allowed), appending zero rows for keys not in the index yet."""
+    def insert(self, keys: torch.Tensor, unique: bool = False) -> torch.Tensor:
+        """(N,) int64 rows of ``keys`` (repeats allowed), appending zero rows for keys not in the index yet (in
+        the order of their keys when ``keys`` are sorted). ``unique``: the caller guarantees no repeats (skips
+        deduplication)."""
         rows = self.lookup(keys)
         missing = rows < 0
         if bool(missing.any()):
-            new_keys, of_new = torch.unique(keys[missing], return_inverse=True)
+            if unique:
+                new_keys = keys[missing]
+            else:
+                new_keys, of_new = torch.unique(keys[missing], return_inverse=True)
             n_new = new_keys.shape[0]
             self.reserve(self.size + n_new)
             new_rows = torch.arange(self.size, self.size + n_new, device=self.device)
-            self.keys[new_rows] = new_keys
+            self.keys[self.size:self.size + n_new] = new_keys
             self.index.insert(new_keys, new_rows)
             self.size += n_new
-            rows[missing] = new_rows[of_new]
+            rows[missing] = new_rows if unique else new_rows[of_new]
         return rows
 
     def reserve(self, rows: int) -> None:
@@ -250,8 +274,13 @@ class LayerCake:
                 continue
             if spec.width != m.shape[0]:
                 raise ValueError(f'projection is for D={m.shape[0]} features, layer {name!r} has D={spec.width}')
-            out = torch.zeros(self._capacity, m.shape[1], dtype=spec.dtype, device=self.device)
-            out[:self.size] = (self.layers[name][:self.size].float() @ m).to(spec.dtype)
+            layer = self.layers[name]
+            # Square: rotated in place; else into a new layer. In chunks of rows, so the fp32 copies stay small.
+            out = layer if m.shape[0] == m.shape[1] else \
+                torch.zeros(self._capacity, m.shape[1], dtype=spec.dtype, device=self.device)
+            for start in range(0, self.size, self.CHUNK):
+                stop = min(start + self.CHUNK, self.size)
+                out[start:stop] = layer[start:stop].float() @ m
             self.layers[name] = out
             self.specs[name] = LayerSpec(name, int(m.shape[1]), spec.dtype, spec.persist, spec.feature)
 

@@ -1,15 +1,21 @@
 """Lift one RGB-D keyframe and its dense 2D features into world-frame points."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from ov3d_ros.core.camera import PinholeCamera, transform_points
 from ov3d_ros.core.depth import valid_depth_mask
 
+# The 10 distinct products w_k w_l of a 2x2 block's bilinear weights (k <= l) and the factor of each in w^T G w.
+_PAIR_K = (0, 1, 2, 3, 0, 0, 0, 1, 1, 2)
+_PAIR_L = (0, 1, 2, 3, 1, 2, 3, 2, 3, 3)
+_PAIR_FACTOR = (1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
 
-@dataclass
+
 class CellFeatures:
     """Per-point features as bilinear mixtures of a coarse feature grid's cells.
 
@@ -17,14 +23,28 @@ class CellFeatures:
     fusing through cells instead of per-point D-dim vectors is an order of magnitude cheaper.
     grid (M, D); cells (N, 4) int64 rows of ``grid``; weights (N, 4) such that ``weights @ grid[cells]`` is the
     L2-normalised bilinear sample of each point.
+
+    Optionally ``blocks`` (N,) int64 and ``block_cells`` (B, 4) int64 with ``cells == block_cells[blocks]``: the
+    points of one block (the 2x2 cells around them) share their cells, so fusion sums weights once per
+    (voxel, block) instead of per (voxel, cell). ``cells`` may then be None; it is derived on first use.
     """
 
-    grid: torch.Tensor
-    cells: torch.Tensor
-    weights: torch.Tensor
+    def __init__(self, grid: torch.Tensor, cells: Optional[torch.Tensor], weights: torch.Tensor,
+                 blocks: Optional[torch.Tensor] = None, block_cells: Optional[torch.Tensor] = None):
+        if cells is None and (blocks is None or block_cells is None):
+            raise ValueError('CellFeatures needs cells, or blocks and block_cells')
+        self.grid, self.weights, self.blocks, self.block_cells = grid, weights, blocks, block_cells
+        self._cells = cells
+
+    @property
+    def cells(self) -> torch.Tensor:
+        """(N, 4) int64 rows of ``grid``."""
+        if self._cells is None:
+            self._cells = self.block_cells[self.blocks]
+        return self._cells
 
     def __len__(self) -> int:
-        return self.cells.shape[0]
+        return self.weights.shape[0]
 
     def dense(self) -> torch.Tensor:
         """(N, D) per-point features."""
@@ -41,6 +61,64 @@ class LiftedPoints:
     colors: torch.Tensor
 
 
+def _bilinear(u: torch.Tensor, v: torch.Tensor, width: int, height: int, h: int, w: int
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N,) int64 block (its top-left cell y0 * w + x0) and (N, 4) bilinear weights of the 2x2 cells
+    [(y0, x0), (y0, x1), (y1, x0), (y1, x1)] of a (h, w) grid over a ``width`` x ``height`` image at pixels (u, v)
+    (``grid_sample(align_corners=False, padding_mode='border')``)."""
+    x = ((u.float() + 0.5) / width * w - 0.5).clamp(0, w - 1)
+    y = ((v.float() + 0.5) / height * h - 0.5).clamp(0, h - 1)
+    x0 = x.floor().clamp(max=max(w - 2, 0))
+    y0 = y.floor().clamp(max=max(h - 2, 0))
+    fx, fy = (x - x0).clamp(0, 1), (y - y0).clamp(0, 1)
+    blocks = y0.long() * w + x0.long()
+    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=1)
+    return blocks, weights
+
+
+def _block_cells(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(h * w, 4) int64 cells of the block whose top-left cell is each cell (neighbours clamped to the grid)."""
+    yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing='ij')
+    xn, yn = (xx + 1).clamp(max=w - 1), (yy + 1).clamp(max=h - 1)
+    return torch.stack([yy * w + xx, yy * w + xn, yn * w + xx, yn * w + xn], dim=-1).reshape(h * w, 4)
+
+
+def _pair_products(weights: torch.Tensor) -> torch.Tensor:
+    """(N, 4) weights → (N, 10) factor * w_k * w_l over ``_PAIR_K``/``_PAIR_L``."""
+    k = torch.tensor(_PAIR_K, device=weights.device)
+    l_ = torch.tensor(_PAIR_L, device=weights.device)
+    factor = torch.tensor(_PAIR_FACTOR, device=weights.device)
+    return weights[:, k] * weights[:, l_] * factor
+
+
+def _block_gram(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(h * w, 10) float32 dot products of each block's 4 cells, ordered like ``_PAIR_K``/``_PAIR_L``:
+    |c0|^2, |c1|^2, |c2|^2, |c3|^2, c0.c1, c0.c2, c0.c3, c1.c2, c1.c3, c2.c3 (c0 the top-left cell, c1 right of
+    it, c2 below, c3 diagonal; neighbours clamped to the grid). Only neighbouring cells are multiplied."""
+    g = grid.reshape(h, w, -1)
+    dev = grid.device
+    xn = (torch.arange(w, device=dev) + 1).clamp(max=w - 1)
+    yn = (torch.arange(h, device=dev) + 1).clamp(max=h - 1)
+    right, below = g.index_select(1, xn), g.index_select(0, yn)
+    sq = (g * g).sum(-1)                                   # |c|^2 of every cell
+    hor = (g * right).sum(-1)                              # c . (cell right of c)
+    ver = (g * below).sum(-1)                              # c . (cell below c)
+    dia = (g * below.index_select(1, xn)).sum(-1)          # c0 . c3
+    anti = (right * below).sum(-1)                         # c1 . c2
+    sq_r, sq_b = sq.index_select(1, xn), sq.index_select(0, yn)
+    gram = torch.stack([sq, sq_r, sq_b, sq_b.index_select(1, xn), hor, ver, dia, anti, ver.index_select(1, xn),
+                        hor.index_select(0, yn)], dim=-1)
+    return gram.reshape(h * w, 10)
+
+
+def _unit_weights(weights: torch.Tensor, products: torch.Tensor, blocks: torch.Tensor,
+                  gram: torch.Tensor) -> torch.Tensor:
+    """(N, 4) bilinear weights divided by the norm of each mixture, from (N, 10) ``_pair_products`` of the
+    weights and the (B, 10) ``_block_gram`` of each point's block."""
+    norm = (products * gram.index_select(0, blocks)).sum(1).clamp_min(1e-12).sqrt()
+    return weights / norm[:, None]
+
+
 def bilinear_cells(feature_grid: torch.Tensor, u: torch.Tensor, v: torch.Tensor, width: int,
                    height: int) -> CellFeatures:
     """Bilinear sampling of a (h, w, D) grid covering a ``width`` x ``height`` image at pixels (u, v).
@@ -49,22 +127,9 @@ def bilinear_cells(feature_grid: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """
     h, w, D = feature_grid.shape
     grid = feature_grid.reshape(h * w, D).float()
-    x = ((u.float() + 0.5) / width * w - 0.5).clamp(0, w - 1)
-    y = ((v.float() + 0.5) / height * h - 0.5).clamp(0, h - 1)
-    x0 = x.floor().clamp(max=max(w - 2, 0)).long()
-    y0 = y.floor().clamp(max=max(h - 2, 0)).long()
-    fx, fy = (x - x0).clamp(0, 1), (y - y0).clamp(0, 1)
-    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
-    cells = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], dim=1)
-    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=1)
-    # Norm of each mixture from the 4x4 Gram matrix of its 2x2 block of cells (one per block, shared).
-    yy, xx = torch.meshgrid(torch.arange(h, device=grid.device), torch.arange(w, device=grid.device), indexing='ij')
-    xn, yn = (xx + 1).clamp(max=w - 1), (yy + 1).clamp(max=h - 1)
-    block_cells = torch.stack([yy * w + xx, yy * w + xn, yn * w + xx, yn * w + xn], dim=-1).reshape(h * w, 4)
-    block_vecs = grid[block_cells]                                               # (M, 4, D)
-    gram = torch.einsum('mkd,mld->mkl', block_vecs, block_vecs)[cells[:, 0]]    # (N, 4, 4)
-    norm = torch.einsum('nk,nkl,nl->n', weights, gram, weights).clamp_min(1e-12).sqrt()
-    return CellFeatures(grid, cells, weights / norm[:, None])
+    blocks, weights = _bilinear(u, v, width, height, h, w)
+    unit = _unit_weights(weights, _pair_products(weights), blocks, _block_gram(grid, h, w))
+    return CellFeatures(grid, None, unit, blocks, _block_cells(h, w, grid.device))
 
 
 def sample_features(feature_grid: torch.Tensor, u: torch.Tensor, v: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -73,6 +138,42 @@ def sample_features(feature_grid: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     Returns (N, D) float32 features, L2-normalised.
     """
     return bilinear_cells(feature_grid, u, v, width, height).dense()
+
+
+class _PixelTables(NamedTuple):
+    """What lifting needs of the pixels of a strided image that does not depend on the frame (P pixels in raster
+    order, Hs rows, Ws columns). Bilinear weights are separable: (a0, a1) of a pixel's row times (b0, b1) of its
+    column, so the squared norm of a pixel's mixture, w^T G w over its block's (4, 4) Gram matrix G, is
+    b^T Q b with Q a (2, 2) matrix per (row, block column): norms come from small row and column tables."""
+
+    rays: torch.Tensor          # (P, 3) float32 camera-frame point of each pixel at depth 1
+    weights: torch.Tensor       # (P, 4) float32 bilinear weights
+    ints: torch.Tensor          # (P, 2) int64 [pixel index in the full image, block]
+    block_cells: torch.Tensor   # (h * w, 4) int64
+    row_block: torch.Tensor     # (Hs,) int64 block row y0 of each pixel row
+    row_coef: torch.Tensor      # (Hs, 10, 3) float32: Q (as q00, q11, 2 q01) = block Gram (10,) @ row_coef
+    col_block: torch.Tensor     # (Ws,) int64 block column x0 of each pixel column
+    col_coef: torch.Tensor      # (Ws, 3) float32 [b0^2, b1^2, b0 b1]
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_tables(device: torch.device, H: int, W: int, s: int, h: int, w: int, fx: float, fy: float, cx: float,
+                  cy: float) -> _PixelTables:
+    vs, us = torch.arange(0, H, s, device=device), torch.arange(0, W, s, device=device)
+    v, u = (t.reshape(-1) for t in torch.meshgrid(vs, us, indexing='ij'))
+    blocks, weights = _bilinear(u, v, W, H, h, w)
+    rays = torch.stack([(u.float() - cx) / fx, (v.float() - cy) / fy, torch.ones(u.shape, device=device)], dim=1)
+    col_block, col_w = _bilinear(us, torch.zeros_like(us), W, H, 1, w)          # (b0, b1) = weights 0, 1
+    row_block, row_w = _bilinear(torch.zeros_like(vs), vs, W, H, h, 1)          # (a0, a1) = weights 0, 2
+    b0, b1 = col_w[:, 0], col_w[:, 1]
+    a0, a1 = row_w[:, 0], row_w[:, 2]
+    # Gram entries (``_block_gram`` order) into q00 (left cells c0, c2), q11 (right cells c1, c3), 2 q01
+    coef = torch.zeros(len(vs), 10, 3, device=device)
+    coef[:, 0, 0], coef[:, 5, 0], coef[:, 2, 0] = a0 * a0, 2 * a0 * a1, a1 * a1
+    coef[:, 1, 1], coef[:, 8, 1], coef[:, 3, 1] = a0 * a0, 2 * a0 * a1, a1 * a1
+    coef[:, 4, 2], coef[:, 6, 2], coef[:, 7, 2], coef[:, 9, 2] = 2 * a0 * a0, 2 * a0 * a1, 2 * a0 * a1, 2 * a1 * a1
+    return _PixelTables(rays, weights, torch.stack([v * W + u, blocks], dim=1), _block_cells(h, w, device),
+                        row_block, coef, col_block, torch.stack([b0 * b0, b1 * b1, b0 * b1], dim=1))
 
 
 def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.Tensor, camera: PinholeCamera,
@@ -88,17 +189,22 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
         pixel_stride: use every n-th pixel along u and v.
     """
     device = feature_grid.device
-    depth_m = depth_m.to(device)
+    depth_m = depth_m.to(device).contiguous()
     H, W = depth_m.shape
+    h, w, D = feature_grid.shape
     s = max(1, int(pixel_stride))
-    sub = depth_m[::s, ::s]
-    valid = valid_depth_mask(sub, min_depth_m, max_depth_m)
-    vv, uu = torch.nonzero(valid, as_tuple=True)
-    v, u = vv * s, uu * s
-    z = sub[vv, uu]
-    x = (u.float() - camera.cx) / camera.fx * z
-    y = (v.float() - camera.cy) / camera.fy * z
-    points = transform_points(T_W_C.to(device, torch.float32), torch.stack([x, y, z], dim=-1))
-    feats = bilinear_cells(feature_grid, u, v, W, H)
-    colors = rgb.to(device)[v, u].float()
-    return LiftedPoints(points, feats, colors)
+    t = _pixel_tables(device, H, W, s, h, w, float(camera.fx), float(camera.fy), float(camera.cx), float(camera.cy))
+    valid = valid_depth_mask(depth_m[::s, ::s], min_depth_m, max_depth_m)
+    p = torch.nonzero(valid.reshape(-1)).squeeze(1)          # raster order of the strided image
+    i = t.ints.index_select(0, p)
+    pixel, blocks = i[:, 0], i[:, 1]
+    z = depth_m.reshape(-1).index_select(0, pixel)
+    points = transform_points(T_W_C.to(device, torch.float32), t.rays.index_select(0, p) * z[:, None])
+    grid = feature_grid.reshape(h * w, D).float()
+    # Squared norm of every pixel's mixture: b^T Q b, Q from the block Gram of the pixel's row (see _PixelTables)
+    q = torch.matmul(_block_gram(grid, h, w).view(h, w, 10).index_select(0, t.row_block), t.row_coef)
+    norm2 = (q.index_select(1, t.col_block) * t.col_coef).sum(-1).reshape(-1)
+    norm = norm2.index_select(0, p).clamp_min(1e-12).sqrt()
+    unit = t.weights.index_select(0, p).div_(norm[:, None])
+    colors = rgb.to(device).reshape(H * W, 3).index_select(0, pixel).float()
+    return LiftedPoints(points, CellFeatures(grid, None, unit, blocks, t.block_cells), colors)

@@ -10,10 +10,10 @@ O(new voxels) and the map grows without any fixed scene bound (±2^20 voxels per
 """
 from __future__ import annotations
 
-import warnings
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from ov3d_ros.core.layer_cake import KeyIndex, LayerCake  # noqa: F401  (KeyIndex re-exported)
 from ov3d_ros.core.lifting import CellFeatures
@@ -31,9 +31,15 @@ def voxel_coords(points: torch.Tensor, voxel_size_m: float) -> torch.Tensor:
 def pack_keys(coords: torch.Tensor) -> torch.Tensor:
     """(N, 3) int64 voxel coordinates → (N,) int64 keys (21 bits per axis)."""
     c = coords + _OFFSET
-    if bool(((c < 0) | (c > _MASK)).any()):
+    lo, hi = torch.aminmax(c) if c.numel() else (c.new_zeros(()), c.new_zeros(()))
+    if int(lo) < 0 or int(hi) > _MASK:
         raise ValueError('voxel coordinates out of range (points farther than 2^20 voxels from the origin)')
     return (c[:, 0] << (2 * _BITS)) | (c[:, 1] << _BITS) | c[:, 2]
+
+
+def _norms(features: torch.Tensor) -> torch.Tensor:
+    """(M, D) features (fp16) → (M,) float32 L2 norms, accumulated in fp32."""
+    return torch.linalg.vector_norm(features, dim=1, dtype=torch.float32)
 
 
 def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
@@ -120,8 +126,8 @@ class VoxelFeatureMap:
     def _set_features(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Store (M, D) float ``values`` as fp16 at ``rows`` and update their norms."""
         half = values.to(torch.float16)
-        self.features[rows] = half
-        self.norms[rows] = half.float().norm(dim=1)         # of the stored values: the same after a reload
+        self.features.index_copy_(0, rows, half)
+        self.norms.index_copy_(0, rows, _norms(half))       # of the stored values: the same after a reload
 
     def project(self, matrix: torch.Tensor) -> None:
         """Rotate every feature layer of the cake by ``matrix`` (D, d) (f -> f @ matrix): the map's feature
@@ -129,7 +135,9 @@ class VoxelFeatureMap:
         if matrix.shape[0] != self.dim:
             raise ValueError(f'projection is for D={matrix.shape[0]} features, the map has D={self.dim}')
         self.cake.project(matrix)
-        self.norms[:self.size] = self.features[:self.size].float().norm(dim=1)
+        for start in range(0, self.size, self.cake.CHUNK):
+            stop = min(start + self.cake.CHUNK, self.size)
+            self.norms[start:stop] = _norms(self.features[start:stop])
 
     def integrate(self, points: torch.Tensor, features: Union[torch.Tensor, CellFeatures],
                   colors: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -153,54 +161,78 @@ class VoxelFeatureMap:
         dev = self.device
         points = points.to(dev)
         w = None if weights is None else weights.to(dev, torch.float32)
-        keys = pack_keys(voxel_coords(points, self.voxel_size_m))
-        # Neighbouring points mostly share a voxel: look each run of equal keys up once (no sort of the points).
-        run_keys, run_of = torch.unique_consecutive(keys, return_inverse=True)
-        rows, voxel_of_run = torch.unique(self._rows_for(run_keys), return_inverse=True)    # touched voxels
-        inv = voxel_of_run[run_of]                                                         # (N,) into rows
-        v = rows.shape[0]
-        ones = torch.ones(n, device=dev)
-        w_sum = torch.zeros(v, device=dev).index_add_(0, inv, ones if w is None else w)
-        f_sum = self._feature_sums(v, inv, features, w)
-        w_old = self.weights[rows]
+        rows, inv, fresh = self._touch(pack_keys(voxel_coords(points, self.voxel_size_m)))
+        v, old = rows.shape[0], rows.shape[0] - fresh          # rows[:old] were in the map, rows[old:] are new
+        count = torch.bincount(inv, minlength=v)
+        w_sum = count.float() if w is None else torch.zeros(v, device=dev).index_add_(0, inv, w)
+        w_old = self.weights.index_select(0, rows)
         w_eff = w_old.clamp(max=self.max_weight) if self.max_weight > 0 else w_old
-        denom = (w_eff + w_sum)[:, None]
-        self._set_features(rows, self.features[rows].float().mul_(w_eff[:, None]).add_(f_sum).div_(denom))
+        denom = w_eff + w_sum
+        mean = self._feature_means(v, inv, features, w, denom)     # sum of w f / denom
+        if old:                                                     # new rows have no old feature (w_eff 0)
+            prev = self.features.index_select(0, rows[:old]).float()
+            mean[:old].addcmul_(prev, (w_eff[:old] / denom[:old])[:, None])
+            self._set_features(rows[:old], mean[:old])
+        if fresh:                                                   # new rows: the last ones of the map
+            new = slice(self.size - fresh, self.size)
+            self.features[new] = mean[old:]
+            self.norms[new] = _norms(self.features[new])
         if colors is not None:
             c = colors.to(dev).float()
             c_sum = torch.zeros(v, 3, device=dev).index_add_(0, inv, c if w is None else c * w[:, None])
-            self.colors[rows] = (self.colors[rows] * w_eff[:, None] + c_sum) / denom
+            self.colors[rows] = (self.colors[rows] * w_eff[:, None] + c_sum) / denom[:, None]
         self.weights[rows] = w_old + w_sum
-        self.counts[rows] += torch.bincount(inv, minlength=v).to(torch.int32)
+        self.counts[rows] += count.to(torch.int32)
         return rows
 
-    def _feature_sums(self, v: int, inv: torch.Tensor, features, w: Optional[torch.Tensor]) -> torch.Tensor:
-        """(v, D) float32 weighted feature sums per touched voxel; D-wide work once per (voxel, feature cell)."""
+    def _touch(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Rows of (N,) ``keys``, appending rows for keys not yet in the map. Returns the (V,) sorted unique rows
+        touched, (N,) the index of each key's row among them, and how many of them are new (the last ones)."""
+        # Neighbouring points mostly share a voxel: runs of equal keys collapse first (no sort of the points).
+        run_keys, run_of = torch.unique_consecutive(keys, return_inverse=True)
+        unique_keys, key_of_run = torch.unique(run_keys, return_inverse=True)
+        before = self.cake.size
+        by_key = self.cake.insert(unique_keys, unique=True)
+        rows, order = torch.sort(by_key)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.shape[0], device=order.device)
+        return rows, rank.index_select(0, key_of_run).index_select(0, run_of), self.cake.size - before
+
+    def _feature_means(self, v: int, inv: torch.Tensor, features, w: Optional[torch.Tensor],
+                       denom: torch.Tensor) -> torch.Tensor:
+        """(v, D) float32 weighted feature sums per touched voxel divided by (v,) ``denom``; with ``CellFeatures``
+        D-wide work once per (voxel, feature cell)."""
+        dev = self.device
         if not isinstance(features, CellFeatures):
-            f = features.to(self.device).float()
-            return torch.zeros(v, self.dim, device=self.device).index_add_(0, inv, f if w is None else f * w[:, None])
-        # Weights summed per (voxel, cell) pair: corner by corner, runs of neighbouring points sharing the pair are
-        # collapsed first (no sort), then the remaining pairs sorted once; the sorted pairs are a valid CSR matrix
-        # S (v, M) (columns sorted and unique within each row) and the sums are S @ grid.
-        m, dev = features.grid.shape[0], self.device
+            f = features.to(dev).float()
+            f_sum = torch.zeros(v, self.dim, device=dev).index_add_(0, inv, f if w is None else f * w[:, None])
+            return f_sum.div_(denom[:, None])
         cw = features.weights.to(dev)
         if w is not None:
             cw = cw * w[:, None]
-        pair = (inv[None, :] * m + features.cells.to(dev).T).reshape(-1)          # (4N,) corner-major
-        run_pair, run_of = torch.unique_consecutive(pair, return_inverse=True)
-        run_w = torch.zeros(run_pair.shape[0], device=dev).index_add_(0, run_of, cw.T.reshape(-1))
-        upair, pinv = torch.unique(run_pair, return_inverse=True)
-        pw = torch.zeros(upair.shape[0], device=dev).index_add_(0, pinv, run_w)
-        crow = torch.zeros(v + 1, dtype=torch.int64, device=dev)
-        crow[1:] = torch.cumsum(torch.bincount(upair // m, minlength=v), 0)
-        with torch.sparse.check_sparse_tensor_invariants(False), warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)                          # "CSR support is in beta"
-            S = torch.sparse_csr_tensor(crow, upair % m, pw, (v, m))
-        return S @ features.grid.to(dev).float()
-
-    def _rows_for(self, keys: torch.Tensor) -> torch.Tensor:
-        """(N,) rows of ``keys`` (repeats allowed), appending rows for keys not yet in the map."""
-        return self.cake.insert(keys)
+        if features.blocks is not None:           # points of one block share their cells: one pair per block
+            group, group_cells, voxel, gw = features.blocks.to(dev), features.block_cells.to(dev), inv, cw
+        else:                                     # one pair per cell, corner by corner (runs stay long)
+            cells = features.cells.to(dev)
+            m = features.grid.shape[0]
+            group, group_cells = cells.T.reshape(-1), torch.arange(m, device=dev)[:, None]
+            voxel, gw = inv.repeat(cells.shape[1]), cw.T.reshape(-1, 1)
+        # Weights summed per (voxel, group) pair: runs of neighbouring points sharing the pair collapse first (no
+        # sort), the rest are sorted once, so each voxel's pairs are consecutive; the feature means are then
+        # one weighted sum of grid rows per voxel (an embedding bag, i.e. a CSR matrix times the grid).
+        g = group_cells.shape[0]
+        run_pair, run_of = torch.unique_consecutive(voxel * g + group, return_inverse=True)
+        pairs, pair_of_run = torch.unique(run_pair, return_inverse=True)
+        k = gw.shape[1]                           # summed as one flat column (faster than k-wide rows)
+        flat = (pair_of_run.index_select(0, run_of)[:, None] * k + torch.arange(k, device=dev)).reshape(-1)
+        pw = torch.zeros(pairs.shape[0] * k, device=dev).index_add_(0, flat, gw.reshape(-1)).view(-1, k)
+        pair_voxel = pairs // g
+        pw.div_(denom.index_select(0, pair_voxel)[:, None])
+        offsets = torch.zeros(v + 1, dtype=torch.int64, device=dev)
+        offsets[1:] = torch.cumsum(torch.bincount(pair_voxel, minlength=v) * k, 0)
+        cols = group_cells.index_select(0, pairs - pair_voxel * g).reshape(-1)
+        return F.embedding_bag(cols, features.grid.to(dev).float(),
+                               offsets, mode='sum', per_sample_weights=pw.reshape(-1), include_last_offset=True)
 
     def centers(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(V, 3) float32 voxel centres in the world frame (all voxels, or the given rows)."""
@@ -239,7 +271,7 @@ class VoxelFeatureMap:
         state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()}
         self.cake.load_state(state, feature=('features',) + tuple(feature))
         self._add_layers(self.dim)
-        self.norms[:n] = self.features[:n].float().norm(dim=1)
+        self.norms[:n] = _norms(self.features[:n])
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (sorted unique int64), compacted to rows 0..len-1 in that order (evicts the rest),

@@ -99,3 +99,20 @@ def test_lift_keyframe_world_points_and_invalid_depth():
     assert lifted.features.dense().shape == (13, 8)
     strided = lift_keyframe(depth, rgb, feats, cam, T, 0.1, 5.0, pixel_stride=2)
     assert strided.points.shape[0] == 2  # (0,0) missing, (0,2) beyond range; (2,0), (2,2) remain
+
+
+def test_lifted_features_are_the_bilinear_samples_of_their_pixels():
+    g = torch.Generator().manual_seed(4)
+    cam = PinholeCamera(60.0, 60.0, 47.5, 31.5, 96, 64)
+    depth = torch.rand(64, 96, generator=g) * 3 + 0.5
+    depth[10:20, 30:50] = 0.0                                     # a hole: raster order skips it
+    grid = torch.randn(5, 7, 16, generator=g)                     # not unit norm: the norms matter
+    rgb = torch.randint(0, 256, (64, 96, 3), dtype=torch.uint8, generator=g)
+    for stride in (1, 2, 3):
+        lifted = lift_keyframe(depth, rgb, grid, cam, torch.eye(4, dtype=torch.float64), 0.1, 5.0, stride)
+        vv, uu = torch.nonzero(depth[::stride, ::stride] > 0, as_tuple=True)
+        v, u = vv * stride, uu * stride
+        assert torch.allclose(lifted.features.dense(), sample_features(grid, u, v, 96, 64), atol=1e-5)
+        assert torch.equal(lifted.features.cells, bilinear_cells(grid, u, v, 96, 64).cells)
+        assert torch.equal(lifted.colors, rgb[v, u].float())
+        assert torch.allclose(lifted.points[:, 2], depth[v, u])

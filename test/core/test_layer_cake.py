@@ -137,3 +137,21 @@ def test_a_shared_cake_reads_the_same_rows_and_keeps_its_own_layers():
     assert other.lookup(torch.tensor([103])).tolist() == [3]
     other.add_layer('pooled', 4, torch.float16)[:5] = 1
     assert 'pooled' not in cake and other.size == cake.size == 5
+
+
+def test_key_index_probes_past_full_windows_and_around_the_table_end():
+    from ov3d_ros.core.layer_cake import KeyIndex
+    index = KeyIndex(32, torch.device('cpu'))
+    candidates = torch.arange(1, 200_000)
+    homes = index._home(candidates)
+    last = candidates[homes == index.slots - 1][:14]        # all want the last slot: chains wrap to slot 0 onwards
+    first = candidates[homes == 3][:2]                       # a home inside that chain
+    keys = torch.cat([last, first])
+    row_keys = torch.zeros(64, dtype=torch.int64)
+    row_keys[:len(keys)] = keys
+    index.insert(keys[:5], torch.arange(5))                  # in two calls: the second races past the first
+    index.insert(keys[5:], torch.arange(5, len(keys)))
+    assert index.find(keys, row_keys).tolist() == list(range(len(keys)))
+    absent = torch.cat([candidates[homes == index.slots - 1][14:20], candidates[homes == 3][2:4]])
+    assert (index.find(absent, row_keys) == -1).all()
+    assert int((index.table >= 0).sum()) == len(keys)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ov3d_ros.core.lifting import bilinear_cells
+from ov3d_ros.core.lifting import CellFeatures, bilinear_cells
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys, unpack_keys, voxel_coords
 
 
@@ -122,3 +122,27 @@ def test_hash_index_matches_a_dictionary_through_growth_keep_and_reload():
     back = VoxelFeatureMap(1.0, 1, capacity=16)
     back.load_state(m.state())
     assert back.lookup(kept_keys).tolist() == list(range(len(kept)))
+
+
+def test_cells_fuse_the_same_with_or_without_their_blocks():
+    g = torch.Generator().manual_seed(2)
+    grid = torch.nn.functional.normalize(torch.randn(5, 7, 16, generator=g), dim=-1)
+    u, v = torch.randint(0, 112, (3000,), generator=g), torch.randint(0, 80, (3000,), generator=g)
+    blocked = bilinear_cells(grid, u, v, 112, 80)
+    assert blocked.blocks is not None
+    plain = CellFeatures(blocked.grid, blocked.cells, blocked.weights)       # per-cell pairs only
+    pts = torch.stack([u / 112.0, v / 80.0, torch.zeros(3000)], dim=-1)
+    colors = torch.rand(3000, 3, generator=g) * 255
+    a, b = VoxelFeatureMap(0.05, 16, max_weight=3.0), VoxelFeatureMap(0.05, 16, max_weight=3.0)
+    for part in torch.arange(3000).split(1000):                             # later calls blend with stored rows
+        blocked_part = CellFeatures(blocked.grid, None, blocked.weights[part], blocked.blocks[part],
+                                    blocked.block_cells)
+        plain_part = CellFeatures(plain.grid, plain.cells[part], plain.weights[part])
+        rows_a = a.integrate(pts[part], blocked_part, colors[part])
+        rows_b = b.integrate(pts[part], plain_part, colors[part])
+        assert torch.equal(rows_a, rows_b) and torch.equal(rows_a, torch.unique(rows_a))
+    n = a.size
+    assert n == b.size and torch.equal(a.keys[:n], b.keys[:n]) and torch.equal(a.counts[:n], b.counts[:n])
+    assert torch.allclose(a.features[:n].float(), b.features[:n].float(), atol=2e-3)
+    assert torch.allclose(a.colors[:n], b.colors[:n]) and torch.allclose(a.weights[:n], b.weights[:n])
+    assert torch.allclose(a.feature_norms(), a.features[:n].float().norm(dim=1))
