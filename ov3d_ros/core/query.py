@@ -56,7 +56,7 @@ def relevancy_scores(features: torch.Tensor, query: torch.Tensor, negatives: tor
     for start in range(0, features.shape[0], chunk):
         f = features[start:start + chunk]
         n = norms[start:start + chunk] if norms is not None else \
-            torch.linalg.vector_norm(f, dim=1, dtype=torch.float32)
+            torch.linalg.vector_norm(f.float(), dim=1)      # faster than dtype=float32 on CPU
         cos = (f @ texts.T.to(f.dtype)).float().div_(n.float().clamp_min(1e-12)[:, None])     # (c, K + 1)
         if texts.shape[0] == 1:
             out[start:start + chunk] = 1.0
