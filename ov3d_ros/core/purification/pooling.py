@@ -14,7 +14,7 @@ compute differently:
 and re-pools those voxels plus ``margin_vox`` more, starting from their raw fused features; neighbours outside
 that set contribute their current purified features (the one remaining approximation). The cost per keyframe
 follows the touched region dilated by these radii, not the map size. ``mode='whole'`` re-pools everything at
-once (the offline reference). Pooling is a gather-sum over the (R, M) neighbour table (CPU and CUDA alike).
+once (the offline reference). Pooling is a sparse CSR product (:class:`PoolMatrix`, the same on CPU and CUDA).
 """
 from __future__ import annotations
 
