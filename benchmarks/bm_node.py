@@ -137,11 +137,12 @@ def bench_stream(args, env_vars, out: Path) -> dict:
         # depth is the last message of a frame: frames published = depth images seen here
         client.node.create_subscription(Image, '/depth/image',
                                         lambda m: depth_stamps.append(conv.stamp_to_sec(m.header.stamp)), qos)
-        n_frames = max(2, round(args.seconds * args.rate_hz))     # the trajectory spans the stream
+        # the trajectory spans the stream, or --prerender frames rendered first and looped
+        n_frames = args.prerender or max(2, round(args.seconds * args.rate_hz))
         player = start_scene_player(env_vars, out / 'player.log', [
             f'n_frames:={n_frames}', f'rate_hz:={float(args.rate_hz)}', f'width:={args.width}',
-            f'height:={args.height}', 'loop:=true'])
-        end = time.monotonic() + 120.0
+            f'height:={args.height}', 'loop:=true', f'prerender:={str(bool(args.prerender)).lower()}'])
+        end = time.monotonic() + 120.0 + (10.0 * args.prerender)   # a frame renders in ~1-3 s here
         while not depth_stamps and time.monotonic() < end and player.alive():
             client.spin(0.1)
         if not depth_stamps:
@@ -275,6 +276,9 @@ def main() -> None:
     p.add_argument('--rate-hz', type=float, default=30.0)
     p.add_argument('--width', type=int, default=640)
     p.add_argument('--height', type=int, default=480)
+    p.add_argument('--prerender', type=int, default=0, metavar='N',
+                   help='the player renders N frames along the trajectory first and loops them at --rate-hz '
+                        '(the stream rate then holds on a CPU that renders slower; 0: render each frame on the fly)')
     p.add_argument('--query-period', type=float, default=2.0, help='seconds between queries during the stream')
     p.add_argument('--query-timeout', type=float, default=60.0, help='a call unanswered this long is a failure')
     p.add_argument('--settle-timeout', type=float, default=60.0,
