@@ -63,12 +63,10 @@ class CameraInput:
                 'camera_info': _topic(self.namespace, 'color/camera_info'),
                 'labels': _topic(self.namespace, 'labels/image')}
 
-    def subscribe(self, node, qos, on_camera_info, labels: bool, group=None) -> None:
-        """Create this camera's subscriptions on ``node`` (``labels``: the simulated source's label images) in
-        callback ``group`` (the callbacks only store messages under the camera's lock, so a reentrant group lets
-        one stream's message be stored while another's is)."""
+    def subscribe(self, node, qos, on_camera_info, labels: bool) -> None:
+        """Create this camera's subscriptions on ``node`` (``labels``: the simulated source's label images)."""
         t = self.topics()
-        sub = lambda kind, topic, cb: node.create_subscription(kind, topic, cb, qos, callback_group=group)  # noqa: E731
+        sub = lambda kind, topic, cb: node.create_subscription(kind, topic, cb, qos)  # noqa: E731
         self._subs = [
             sub(CompressedImage if self.color_transport == 'compressed' else Image, t['color'], self._push(self.color)),
             sub(CompressedImage if self.depth_transport == 'compressedDepth' else Image, t['depth'], self._push_depth),

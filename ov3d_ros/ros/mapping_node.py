@@ -28,7 +28,7 @@ import numpy as np
 import rclpy
 import rclpy.time
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
@@ -296,16 +296,12 @@ class MappingInterface:
         """Subscribe to the inputs and start the processing, status and map timers."""
         before = self._track()
         qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=self.queue_size)
-        # inputs in a reentrant group of their own: a message is stored as soon as it is in, whatever else runs
-        # (in the node's default, mutually exclusive group a colour image or pose could wait seconds behind other
-        # callbacks while its depth image was already waiting, and the frame was dropped)
-        inputs = ReentrantCallbackGroup()
         for cam in self.cameras:
-            cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated, inputs)
+            cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated)
         if self.pose_source == 'pose':
-            self.create_subscription(PoseStamped, 'pose', self._push_pose, 50, callback_group=inputs)
+            self.create_subscription(PoseStamped, 'pose', self._push_pose, 50)
         elif self.pose_source == 'odometry':
-            self.create_subscription(Odometry, 'odom', self._push_pose, 50, callback_group=inputs)
+            self.create_subscription(Odometry, 'odom', self._push_pose, 50)
         self._mapping_timers, self._mapping_active = {}, True
         for name in ('tick', 'status', 'map'):
             self._restart_timer(name)
