@@ -42,6 +42,16 @@ class DemoClient:
         while time.monotonic() < end:
             self.executor.spin_once(timeout_sec=min(0.1, max(0.0, end - time.monotonic())))
 
+    def next_status(self, timeout_s: float = 30.0) -> dict:
+        """The next ~/status the node publishes after this call (TimeoutError if none comes in ``timeout_s``)."""
+        self.status = None
+        end = time.monotonic() + timeout_s
+        while self.status is None and time.monotonic() < end:
+            self.spin(0.2)
+        if self.status is None:
+            raise TimeoutError(f'no ~/status received in {timeout_s} s')
+        return self.status
+
     def wait_for_service(self, node_proc, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end and node_proc.alive():

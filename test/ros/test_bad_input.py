@@ -289,8 +289,7 @@ def test_burst_of_malformed_messages_is_survived_and_counted(graph, bad_input):
         dict(camera=CAMERA, depth=np.full((48, 64), np.nan, np.float32), depth_encoding='32FC1'),
         dict(camera=CAMERA, depth=rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), depth_encoding='rgb8'),
         dict(camera=CAMERA, labels=np.full((48, 64), 999, np.uint16))]
-    client.spin(1.5)
-    before = dict(client.status)
+    before = dict(client.next_status())
     for i in range(60):                                             # 60 frames, about 20 Hz
         pub.send(**{'rgb': RGB, 'depth': DEPTH_MM, **bursts[i % len(bursts)]})
         client.spin(0.05)
