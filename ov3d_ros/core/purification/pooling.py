@@ -81,9 +81,10 @@ class PoolMatrix:
             within each row, so the same sparse-dense product runs on CPU and CUDA.
     """
 
-    CHUNK = 32
+    CHUNK = 64
     """Feature columns pooled together on CPU: the pooling is column-wise, and all T iterations over a slice of
-    32 columns keep the (U, 32) working set in cache (about 3x faster than all D columns at once at D = 384)."""
+    64 columns keep the (U, 64) working set in cache (about 3x faster than all D columns at once at D = 384; 16,
+    32 and 128 columns are 15-55 % slower than 64 with int32 indices)."""
 
     def __init__(self, rows: torch.Tensor, nbr: torch.Tensor, weights: Optional[torch.Tensor] = None,
                  check: bool = False):
@@ -106,8 +107,10 @@ class PoolMatrix:
         local_nbr[~valid] = U                                    # missing neighbours sort last
         local_nbr, self._order = torch.sort(local_nbr, dim=1)
         self._keep = local_nbr < U
-        self._crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=nbr.device), self._keep.sum(1).cumsum(0)])
-        self._col = local_nbr[self._keep]
+        # int32 indices (half the index traffic of every product: about 15 % faster on CPU) while they fit
+        index = torch.int32 if max(U, int(valid.sum())) < 2 ** 31 else torch.int64
+        self._crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), self._keep.sum(1).cumsum(0)]).to(index)
+        self._col = local_nbr[self._keep].to(index)
         self._check, self.rows, self.matrix = check, rows, None
         if weights is not None:
             self.set_weights(weights)
