@@ -25,6 +25,34 @@ def _topic(namespace: str, name: str) -> str:
     return f'{namespace.strip("/")}/{name}' if namespace.strip('/') else name
 
 
+class Inbox(collections.deque):
+    """One input stream's buffered messages, oldest first (at most ``maxlen``: the oldest falls out), each with
+    its arrival number (``order``: one counter per camera, so streams can be compared) and arrival time
+    (``arrival``, monotonic seconds), kept in step by :meth:`push`, :meth:`drop` and :meth:`clear`."""
+
+    def __init__(self, maxlen: int):
+        super().__init__(maxlen=maxlen)
+        self.order: Deque[int] = collections.deque(maxlen=maxlen)
+        self.arrival: Deque[float] = collections.deque(maxlen=maxlen)
+
+    def push(self, msg, order: int) -> None:
+        self.append(msg)
+        self.order.append(order)
+        self.arrival.append(time.monotonic())
+
+    def drop(self, n: int) -> None:
+        """Remove the ``n`` oldest messages."""
+        for _ in range(n):
+            self.popleft()
+            self.order.popleft()
+            self.arrival.popleft()
+
+    def clear(self) -> None:
+        super().clear()
+        self.order.clear()
+        self.arrival.clear()
+
+
 class CameraInput:
     """Buffers and counters of one camera; ``T_B_C`` (4, 4) is its mount in the pose topic's frame (pose and
     odometry sources without TF)."""
@@ -34,13 +62,8 @@ class CameraInput:
         self.name = self.namespace or 'camera'
         self.color_transport, self.depth_transport = color_transport, depth_transport
         self.lock = threading.Lock()            # guards the buffers
-        self.color: Deque = collections.deque(maxlen=queue)
-        self.depth: Deque = collections.deque(maxlen=queue)
-        self.depth_arrival: Deque[float] = collections.deque(maxlen=queue)
-        self.labels: Deque[Image] = collections.deque(maxlen=queue)
-        # arrival order of every buffered message (one counter for all streams), parallel to the buffers
-        self._order = itertools.count()
-        self._arrived = {id(b): collections.deque(maxlen=queue) for b in (self.color, self.depth, self.labels)}
+        self.color, self.depth, self.labels = Inbox(queue), Inbox(queue), Inbox(queue)
+        self._order = itertools.count()         # arrival numbers, one counter for all of this camera's streams
         self.camera_info: Optional[CameraInfo] = None
         self.camera_error = ''                  # why the latest camera info was rejected ('' = it was valid)
         self.last_stamp: Optional[float] = None  # stamp of the last frame taken
@@ -68,8 +91,10 @@ class CameraInput:
         t = self.topics()
         sub = lambda kind, topic, cb: node.create_subscription(kind, topic, cb, qos)  # noqa: E731
         self._subs = [
-            sub(CompressedImage if self.color_transport == 'compressed' else Image, t['color'], self._push(self.color)),
-            sub(CompressedImage if self.depth_transport == 'compressedDepth' else Image, t['depth'], self._push_depth),
+            sub(CompressedImage if self.color_transport == 'compressed' else Image, t['color'],
+                self._push(self.color)),
+            sub(CompressedImage if self.depth_transport == 'compressedDepth' else Image, t['depth'],
+                self._push(self.depth)),
             sub(CameraInfo, t['camera_info'], lambda m: on_camera_info(self, m))]
         if labels:
             self._subs.append(sub(Image, t['labels'], self._push(self.labels)))
@@ -79,21 +104,14 @@ class CameraInput:
             node.destroy_subscription(sub)
         self._subs = []
         with self.lock:
-            for buf in (self.color, self.depth, self.depth_arrival, self.labels, *self._arrived.values()):
+            for buf in (self.color, self.depth, self.labels):
                 buf.clear()
 
-    def _push(self, buffer: Deque):
+    def _push(self, buffer: Inbox):
         def callback(msg):
             with self.lock:
-                buffer.append(msg)
-                self._arrived[id(buffer)].append(next(self._order))
+                buffer.push(msg, next(self._order))
         return callback
-
-    def _push_depth(self, msg) -> None:
-        with self.lock:
-            self.depth.append(msg)
-            self.depth_arrival.append(time.monotonic())
-            self._arrived[id(self.depth)].append(next(self._order))
 
     # ------------------------------------------------------------------ synchronisation
     @staticmethod
@@ -103,19 +121,14 @@ class CameraInput:
             return best
         return None
 
-    def _pop_depth(self, n: int) -> None:
-        for _ in range(n):
-            self.depth.popleft()
-            self.depth_arrival.popleft()
-            self._arrived[id(self.depth)].popleft()
-
     def take(self, slop: float, timeout_s: float, simulated: bool, pose_ready, describe_missing_pose):
         """Pop the newest depth image whose partners arrived: (depth, colour, labels or None, stamp), or None.
         Older depth images are superseded. A depth image that cannot be paired any more is dropped with a
         ValueError naming what is missing: its colour (or label) image is lost when a newer-stamped one arrived
-        after the depth image (each topic delivers in order); it waited longer than ``timeout_s`` while newer depth images came; or the queue
-        is full. One still waiting for partners that may come (a reliable image re-sent after a lost fragment,
-        a publisher behind on a loaded machine) is kept. ``pose_ready(depth, t)`` says if its pose is there."""
+        after the depth image (each topic delivers in order); it waited longer than ``timeout_s`` while newer
+        depth images came; or the queue is full. One still waiting for partners that may come (a reliable image
+        re-sent after a lost fragment, a publisher behind on a loaded machine) is kept. ``pose_ready(depth, t)``
+        says if its pose is there."""
         with self.lock:
             for i in range(len(self.depth) - 1, -1, -1):
                 depth = self.depth[i]
@@ -124,7 +137,7 @@ class CameraInput:
                 labels = self.nearest(self.labels, t, slop) if simulated else None
                 if color is not None and (labels is not None or not simulated) and pose_ready(depth, t):
                     self.stats['superseded'] += i
-                    self._pop_depth(i + 1)
+                    self.depth.drop(i + 1)
                     return depth, color, labels, t
             if not self.depth:
                 return None
@@ -132,17 +145,17 @@ class CameraInput:
             t = conv.stamp_to_sec(oldest.header.stamp)
             streams = [('colour image', self.color)] + ([('label image', self.labels)] if simulated else [])
             missing = [(name, buf) for name, buf in streams if self.nearest(buf, t, slop) is None]
-            since = self._arrived[id(self.depth)][0]
+            since = self.depth.order[0]
             lost = [name for name, buf in missing
                     if any(conv.stamp_to_sec(m.header.stamp) > t + slop and seq > since
-                           for m, seq in zip(buf, self._arrived[id(buf)]))]
-            waited = time.monotonic() - self.depth_arrival[0]
+                           for m, seq in zip(buf, buf.order))]
+            waited = time.monotonic() - self.depth.arrival[0]
             if not lost and not (waited > timeout_s and len(self.depth) > 1) and len(self.depth) < self.depth.maxlen:
                 return None
             names = [name for name, _ in missing]
             if not pose_ready(oldest, t):
                 names.append(describe_missing_pose(oldest))
-            self._pop_depth(1)
+            self.depth.drop(1)
             where = f'{self.name}: ' if self.namespace else ''
             if lost:
                 why = f'its {" and ".join(lost)} never came (a newer one did)'

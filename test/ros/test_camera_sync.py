@@ -29,7 +29,7 @@ def push(cam: CameraInput, color=(), depth=()):
     for t in color:
         cam._push(cam.color)(image(t))
     for t in depth:
-        cam._push_depth(image(t))
+        cam._push(cam.depth)(image(t))
 
 
 def test_a_depth_image_waits_for_a_colour_image_that_may_still_come():
