@@ -7,7 +7,7 @@ Every occupied voxel owns one row. The index (:class:`KeyIndex`, a hash table ov
 layer belongs to the same voxel. Rows are appended by :meth:`LayerCake.insert` and only move when
 :meth:`LayerCake.keep` compacts them (eviction). This class is the one place where layers grow (capacity
 doubling), are compacted, rotated into a new feature basis (:meth:`LayerCake.project`, for compression),
-copied for readers (:meth:`LayerCake.snapshot`), measured (:meth:`LayerCake.memory_report`) and saved or loaded
+copied for readers (:meth:`LayerCake.copy`), measured (:meth:`LayerCake.memory_report`) and saved or loaded
 (:meth:`LayerCake.state` / :meth:`LayerCake.load_state`, used by ``map_io``). The integrators that own the layers
 (fusion in ``voxel_map``, purification in ``purification/pooling``, the label volume in ``label_volume``) declare
 them with :meth:`LayerCake.add_layer` and read and write their rows in place.
@@ -283,12 +283,6 @@ class LayerCake:
                 out[start:stop] = layer[start:stop].float() @ m
             self.layers[name] = out
             self.specs[name] = LayerSpec(name, int(m.shape[1]), spec.dtype, spec.persist, spec.feature)
-
-    def snapshot(self, names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
-        """{name: (size, ...) copy} of the rows in use of the named layers (default: all): a consistent picture
-        for readers that must not see later writes."""
-        names = self.layers if names is None else names
-        return {name: self.layers[name][:self.size].clone() for name in names}
 
     def copy(self, names: Optional[Iterable[str]] = None) -> 'LayerCake':
         """A cake of its own holding copies of the rows in use of the named layers (default: all; keys always) and

@@ -31,7 +31,7 @@ def test_insert_finds_existing_rows_and_appends_new_keys_once():
 
 def test_growth_doubles_capacity_and_keeps_every_layer():
     cake = cake_with_layers(10)
-    before = cake.snapshot()
+    before = {name: cake.rows(name).clone() for name in cake.layers}
     cake.insert(torch.arange(1000, 1030))                            # 40 rows: 16 -> 64
     assert cake.capacity == 64 and cake.size == 40
     for name, t in before.items():
@@ -44,7 +44,7 @@ def test_growth_doubles_capacity_and_keeps_every_layer():
 
 def test_keep_compacts_all_layers_together_and_reindexes():
     cake = cake_with_layers(10)
-    before = cake.snapshot()
+    before = {name: cake.rows(name).clone() for name in cake.layers}
     kept = torch.tensor([1, 4, 8])
     cake.keep(kept)
     assert cake.size == 3
@@ -57,7 +57,7 @@ def test_keep_compacts_all_layers_together_and_reindexes():
 def test_project_rotates_only_feature_layers():
     cake = cake_with_layers(5, dim=4)
     cake.add_layer('other_feat', 4, torch.float32, feature=True)[:5] = 1.0
-    before = cake.snapshot()
+    before = {name: cake.rows(name).clone() for name in cake.layers}
     R = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     cake.project(R)
     assert cake.specs['feat'].width == 2 and cake['feat'].shape == (cake.capacity, 2)
@@ -69,12 +69,16 @@ def test_project_rotates_only_feature_layers():
         cake.project(torch.randn(3, 2))
 
 
-def test_snapshot_is_a_copy_of_the_rows_in_use():
-    cake = cake_with_layers(4)
-    snap = cake.snapshot(['score'])
-    assert list(snap) == ['score'] and snap['score'].shape == (4,)
-    cake['score'][:4] = -1
-    assert snap['score'].tolist() == [0.0, 0.5, 1.0, 1.5]
+def test_copy_is_a_cake_of_its_own_that_later_writes_do_not_change():
+    cake = cake_with_layers(10)
+    copy = cake.copy(['score'])
+    assert list(copy.layers) == ['keys', 'score'] and copy.size == 10 and copy.capacity == 16
+    cake['score'][:10] = -1
+    cake.insert(torch.arange(1000, 1030))
+    cake.keep(torch.tensor([0, 25]))
+    assert copy.rows('score').tolist() == [0.5 * i for i in range(10)]
+    assert torch.equal(copy.lookup(torch.arange(100, 110)), torch.arange(10))      # its own index
+    assert copy.lookup(torch.tensor([1000])).tolist() == [-1]
 
 
 def test_memory_report_lists_every_layer_and_the_index():
