@@ -14,7 +14,8 @@ Sections (one JSON line per row, each with device, torch version, threads and si
   pooling  incremental geometry pooling per keyframe (fallback and learned affinity) against map size
            (benchmarks/bm_pooling.py's synthetic building).
   clip     CLIP ViT-B/16 dense features per 640x480 keyframe at 224/336/448 px short side, fp32 and bf16 on the
-           CPU (fp16 on CUDA), random weights (pretrained=none: the same cost as trained weights).
+           CPU (fp16 on CUDA), random weights (pretrained=none: the same cost as trained weights); with
+           --clip-compile also through torch.compile (features.compile), with its one-off compile time.
 The features are SIMULATED (the built-in scene's label images through the simulated teacher) except in `clip`.
 """
 from __future__ import annotations
@@ -237,12 +238,25 @@ def bench_clip(args) -> None:
         ex._pos_cache, ex._bias_cache = {}, {}
         for side in args.clip_sizes:
             ex.cfg.image_short_side = side
+            row = dict(env(args.device), section='clip', model='ViT-B-16 (random weights)', dense=ex.dense_mode,
+                       image='640x480', short_side_px=side, tokens=list(ex.grid_size(480, 640)),
+                       dtype=str(dtype).split('.')[-1])
+            ex._vit = ex.forward_vit
             with torch.no_grad():
                 t, cpu = timed(lambda: ex.extract(rgb), args.device, args.clip_reps)
-            emit(dict(env(args.device), section='clip', model='ViT-B-16 (random weights)', dense=ex.dense_mode,
-                      image='640x480', short_side_px=side, tokens=list(ex.grid_size(480, 640)),
-                      dtype=str(dtype).split('.')[-1], per_keyframe_ms=round(1e3 * t, 1),
-                      per_keyframe_cpu_ms=round(1e3 * cpu, 1)))
+            row.update(per_keyframe_ms=round(1e3 * t, 1), per_keyframe_cpu_ms=round(1e3 * cpu, 1))
+            if args.clip_compile:            # features.compile: the same forward through torch.compile
+                ex._vit = ex._compiled()
+                sync(args.device)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    ex.extract(rgb)
+                    sync(args.device)
+                    compile_s = time.perf_counter() - t0
+                    tc, cpuc = timed(lambda: ex.extract(rgb), args.device, args.clip_reps)
+                row.update(compiled_ms=round(1e3 * tc, 1), compiled_cpu_ms=round(1e3 * cpuc, 1),
+                           compile_s=round(compile_s, 1), compiled_speedup=round(t / tc, 2))
+            emit(row)
 
 
 def main() -> None:
@@ -258,6 +272,8 @@ def main() -> None:
     p.add_argument('--touched', type=int, default=15_000)
     p.add_argument('--clip-sizes', type=int, nargs='+', default=[224, 336, 448])
     p.add_argument('--clip-reps', type=int, default=2)
+    p.add_argument('--clip-compile', action='store_true',
+                   help='also time the ViT through torch.compile (features.compile; compiles once per size)')
     args = p.parse_args()
     print(json.dumps(dict(env(args.device), cpu_count=__import__('os').cpu_count())), flush=True)
     for section in args.only:

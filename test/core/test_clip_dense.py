@@ -70,6 +70,22 @@ def test_reconfigure(ext, image, monkeypatch):
     assert ext.cfg is cfg
 
 
+def test_compiled_vit_gives_the_eager_features(ext, image, monkeypatch):
+    """features.compile runs the same ViT through torch.compile (whole image and windows); switching it off by
+    reconfigure goes back to the eager forward."""
+    cfg = ext.cfg
+    monkeypatch.setattr(ext, 'cfg', cfg)
+    monkeypatch.setattr(ext, '_vit', ext._vit)
+    eager = ext.extract(image)
+    ext.reconfigure(dataclasses.replace(cfg, compile=True))
+    assert ext._vit is not ext.forward_vit
+    compiled = ext.extract(image)
+    assert compiled.shape == eager.shape and torch.allclose(compiled, eager, atol=1e-5)
+    assert not torch.allclose(compiled, ext.extract(image[:, ::-1].copy()), atol=1e-3)   # not a cached answer
+    ext.reconfigure(cfg)
+    assert ext._vit == ext.forward_vit and torch.equal(ext.extract(image), eager)
+
+
 @pytest.mark.parametrize('mode', DENSE_MODES)
 @pytest.mark.parametrize('short_side, grid', [(64, (4, 5)), (96, (6, 8))])
 def test_shape_unit_norm_deterministic(ext, image, monkeypatch, mode, short_side, grid):

@@ -73,7 +73,7 @@ class OpenClipDenseExtractor(FeatureExtractor):
 
     Args:
         cfg: feature config (model, pretrained, cache_dir, dense_mode, image_short_side, window_px,
-            window_stride_px).
+            window_stride_px, compile).
         device: torch device; fp16 on CUDA, fp32 otherwise.
     Raises:
         WeightsNotFoundError: the weights named by ``cfg.pretrained`` are not available locally.
@@ -110,6 +110,11 @@ class OpenClipDenseExtractor(FeatureExtractor):
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         self._pos_cache: dict = {}
         self._bias_cache: dict = {}
+        self._vit = self._compiled() if cfg.compile else self.forward_vit
+
+    def _compiled(self):
+        """:meth:`forward_vit` through ``torch.compile`` (static shapes: one graph per image size)."""
+        return torch.compile(self.forward_vit, dynamic=False)
 
     def reconfigure(self, cfg: FeatureConfig) -> None:
         """Take the dense mode and image/window sizes of ``cfg`` without reloading the model; raises ValueError when
@@ -117,6 +122,8 @@ class OpenClipDenseExtractor(FeatureExtractor):
         if (cfg.model, cfg.pretrained, cfg.cache_dir) != (self.cfg.model, self.cfg.pretrained, self.cfg.cache_dir):
             raise ValueError('reconfigure keeps the model and weights; create a new extractor for other ones')
         check_config(cfg)
+        if cfg.compile != self.cfg.compile:
+            self._vit = self._compiled() if cfg.compile else self.forward_vit
         self.cfg, self.dense_mode = cfg, cfg.dense_mode
 
     @property
@@ -211,10 +218,10 @@ class OpenClipDenseExtractor(FeatureExtractor):
         gh, gw = x.shape[2] // p, x.shape[3] // p
         layout = self.window_layout(gh, gw)
         if layout is None:
-            return self.forward_vit(x)
+            return self._vit(x)
         (wh, ww), offsets = layout
         crops = torch.stack([x[:, :, y * p:(y + wh) * p, c * p:(c + ww) * p] for y, c in offsets], 1)
-        f = self.forward_vit(crops.flatten(0, 1)).view(B, len(offsets), wh, ww, -1)
+        f = self._vit(crops.flatten(0, 1)).view(B, len(offsets), wh, ww, -1)
         out = f.new_zeros(B, gh, gw, f.shape[-1])
         for i, (y, c) in enumerate(offsets):
             out[:, y:y + wh, c:c + ww] += f[:, i]
