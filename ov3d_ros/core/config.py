@@ -82,9 +82,9 @@ class FeatureConfig:
     0 = half a window."""
     compile: bool = False
     """Run the ViT through ``torch.compile`` (inductor; needs a C++ compiler on CPU, Triton on CUDA). Every new
-    image size compiles once (about 40 s on a 2-core CPU). Measured on this CPU (ViT-B-16, 224 px, one thread):
-    fp32 0.95x, bf16 1.1x of eager, so it is off by default; `benchmarks/bm_compare.py --only clip
-    --clip-compile` measures it on the robot's device."""
+    image size compiles once (about 40 s on a 2-core CPU). Measured on a 2-core CPU (ViT-B-16, 224-448 px, fp32
+    and bf16, one thread): 0.88-1.18x the eager time, no measurable gain, so it is off by default;
+    ``benchmarks/bm_compare.py --only clip --clip-compile`` measures it on the robot's device."""
     sim_patch_px: int = 16
     """Simulated source: patch size in pixels (features are constant per patch, like a ViT). Always used as
     given (no preset sets it)."""

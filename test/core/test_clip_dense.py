@@ -71,8 +71,8 @@ def test_reconfigure(ext, image, monkeypatch):
 
 
 def test_compiled_vit_gives_the_eager_features(ext, image, monkeypatch):
-    """features.compile runs the same ViT through torch.compile (whole image and windows); switching it off by
-    reconfigure goes back to the eager forward."""
+    """features.compile runs the same ViT through torch.compile; switching it off by reconfigure goes back to
+    the eager forward."""
     cfg = ext.cfg
     monkeypatch.setattr(ext, 'cfg', cfg)
     monkeypatch.setattr(ext, '_vit', ext._vit)
