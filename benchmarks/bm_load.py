@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's ov3d_ros first
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 QUERIES = ('chair', 'table', 'sofa', 'bed', 'cabinet', 'plant', 'lamp', 'door', 'red chair', 'something to sit on')
 
@@ -48,9 +49,9 @@ def fire(client, service, n: int, timeout_s: float) -> list:
 def main() -> None:
     from rclpy.qos import QoSProfile
     from sensor_msgs.msg import Image
+    from bm_node import private_domain_env, start
     from ov3d_ros.srv import SegmentByText
-    from ov3d_ros.tools.demo_client import DemoClient
-    from ov3d_ros.tools.ros_graph import private_ros_env, start_mapping_node, start_scene_player
+    from ov3d_ros.tools.ros_graph import start_scene_player
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--concurrency', type=int, default=50)
@@ -62,14 +63,10 @@ def main() -> None:
     args = p.parse_args()
 
     out = Path(tempfile.mkdtemp(prefix='bm_load_'))
-    env = private_ros_env()
-    import os
-    os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'RMW_IMPLEMENTATION')})
-    node = start_mapping_node(env, out / 'node.log')
-    player, client = None, DemoClient()
+    env = private_domain_env()
+    node, client = start(env, out, [], 180.0)
+    player = None
     try:
-        if not client.wait_for_service(node, 180.0):
-            raise SystemExit('the mapping node did not come up:\n' + node.log()[-3000:])
         depth_count = [0]
         client.node.create_subscription(Image, '/depth/image', lambda m: depth_count.__setitem__(0, depth_count[0] + 1),
                                         QoSProfile(depth=10))

@@ -95,6 +95,16 @@ def node_device(log: str) -> str:
     return 'unknown'
 
 
+def private_domain_env() -> dict:
+    """Environment of a private ROS domain for the processes started here, also applied to this process (its
+    DemoClient joins the same domain)."""
+    from ov3d_ros.tools.ros_graph import private_ros_env
+    env_vars = private_ros_env()
+    os.environ.update({k: env_vars[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE',
+                                                 'RMW_IMPLEMENTATION')})
+    return env_vars
+
+
 def start(env_vars, out: Path, params, timeout_s: float = 300.0):
     """The mapping node (mapping.yaml + demo.yaml + ``params``) and a DemoClient once its service is up."""
     from ov3d_ros.tools.demo_client import DemoClient
@@ -290,10 +300,7 @@ def main() -> None:
     args = p.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix='bm_node_'))
     out.mkdir(parents=True, exist_ok=True)
-    from ov3d_ros.tools.ros_graph import private_ros_env
-    env_vars = private_ros_env()
-    os.environ.update({k: env_vars[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE',
-                                                 'RMW_IMPLEMENTATION')})
+    env_vars = private_domain_env()
     print(json.dumps(dict(env('host'), cpu_count=os.cpu_count(), logs=str(out), params=args.param)), flush=True)
     rows = {}
     for section in args.only:
