@@ -88,3 +88,15 @@ def test_a_missing_pose_is_named_and_a_full_queue_drops_the_oldest():
     with pytest.raises(ValueError, match=r'no pose message within .*the queue \(3 depth images\) was full'):
         take(cam, timeout_s=60.0, poses=[])
     assert take(cam, poses=[3.0])[3] == 3.0 and cam.stats['superseded'] == 1
+
+
+def test_pose_callbacks_never_wait_behind_image_callbacks(local_node):
+    """Poses are stored from a callback group of their own: under a multi-threaded executor a pose is taken while
+    image callbacks (the node's default group, taken first when several are ready) keep that group busy."""
+    node = local_node['node']
+    subs = {s.topic_name: s for s in node.subscriptions}
+    assert {'/pose', '/color/image', '/depth/image'} <= set(subs), sorted(subs)
+    images = {subs[t].callback_group for t in ('/color/image', '/depth/image')}
+    assert images == {node.default_callback_group}
+    assert subs['/pose'].callback_group not in images
+    assert sum(s.callback_group is subs['/pose'].callback_group for s in node.subscriptions) == 1
