@@ -121,24 +121,37 @@ class CameraInput:
             return best
         return None
 
-    def take(self, slop: float, timeout_s: float, simulated: bool, pose_ready, describe_missing_pose):
+    def take(self, slop: float, timeout_s: float, simulated: bool, pose_ready, describe_missing_pose,
+             prefer=None):
         """Pop the newest depth image whose partners arrived: (depth, colour, labels or None, stamp), or None.
-        Older depth images are superseded. A depth image that cannot be paired any more is dropped with a
+        Older depth images are superseded. ``prefer(depth, t)``: when given, the oldest complete depth image it
+        accepts is taken instead (the next keyframe candidate, so that frames that pile up while a keyframe is
+        integrated lose no keyframe); the newer ones stay queued, and the newest is taken when it accepts none.
+        A depth image that cannot be paired any more is dropped with a
         ValueError naming what is missing: its colour (or label) image is lost when a newer-stamped one arrived
         after the depth image (each topic delivers in order); it waited longer than ``timeout_s`` while newer
         depth images came; or the queue is full. One still waiting for partners that may come (a reliable image
         re-sent after a lost fragment, a publisher behind on a loaded machine) is kept. ``pose_ready(depth, t)``
         says if its pose is there."""
         with self.lock:
+            complete = []                                    # (index, depth, colour, labels, stamp), newest first
             for i in range(len(self.depth) - 1, -1, -1):
                 depth = self.depth[i]
                 t = conv.stamp_to_sec(depth.header.stamp)
                 color = self.nearest(self.color, t, slop)
                 labels = self.nearest(self.labels, t, slop) if simulated else None
                 if color is not None and (labels is not None or not simulated) and pose_ready(depth, t):
-                    self.stats['superseded'] += i
-                    self.depth.drop(i + 1)
-                    return depth, color, labels, t
+                    complete.append((i, depth, color, labels, t))
+                    if prefer is None:
+                        break
+            if complete:
+                pick = complete[0]
+                if prefer is not None:
+                    pick = next((c for c in reversed(complete) if prefer(c[1], c[4])), pick)
+                i, depth, color, labels, t = pick
+                self.stats['superseded'] += i
+                self.depth.drop(i + 1)
+                return depth, color, labels, t
             if not self.depth:
                 return None
             oldest = self.depth[0]

@@ -481,8 +481,9 @@ class MappingInterface:
 
     # ------------------------------------------------------------------ processing
     def tick(self) -> None:
-        """Integrate the newest complete frame of each camera if it is a keyframe; the keyframes of several cameras
-        in one tick go through the feature extractor as one batch when it takes batches (CLIP)."""
+        """Integrate each camera's oldest queued keyframe candidate (else validate its newest complete frame); the
+        keyframes of several cameras in one tick go through the feature extractor as one batch when it takes
+        batches (CLIP)."""
         taken = [p for p in (self._take(cam) for cam in self.cameras) if p is not None]
         batch = [p for p in taken if p[2]]
         if len(batch) > 1 and len(self.mapper.batchable([frame for _, frame, _ in batch])) == len(batch):
@@ -492,11 +493,12 @@ class MappingInterface:
             self._process(cam, frame, candidate)
 
     def _take(self, cam: CameraInput):
-        """(cam, Frame, keyframe candidate) of the camera's newest complete frame, None when there is none or it
-        was dropped (counted, the reason logged)."""
+        """(cam, Frame, keyframe candidate) of the camera's oldest queued keyframe candidate, else of its newest
+        complete frame; None when there is none or it was dropped (counted, the reason logged)."""
         try:
             simulated = self.mapper.extractor.simulated
-            taken = cam.take(self.sync_slop_s, self.sync_timeout_s, simulated, self._pose_ready, self._missing_pose)
+            taken = cam.take(self.sync_slop_s, self.sync_timeout_s, simulated, self._pose_ready, self._missing_pose,
+                             lambda depth, t: self._is_candidate(cam, depth, t))
             if taken is None:
                 return None
             depth, color, labels, t = taken
@@ -525,6 +527,14 @@ class MappingInterface:
         except Exception as e:
             self._frame_failed(e, cam)
             return None
+
+    def _is_candidate(self, cam: CameraInput, depth, t: float) -> bool:
+        """Whether a complete queued frame is a keyframe candidate of the camera's rule (False when its pose
+        cannot be had: it is then judged, and dropped with the reason, only if it is taken as the newest)."""
+        try:
+            return cam.is_keyframe_candidate(self.mapper, self._pose_at(cam, depth, t), t)
+        except ValueError:
+            return False
 
     def _process(self, cam: CameraInput, frame: Frame, candidate: bool, features_s: float = 0.0) -> None:
         """Integrate a keyframe candidate (or only validate another frame) and count it. ``features_s``: this

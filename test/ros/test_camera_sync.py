@@ -52,6 +52,27 @@ def test_newest_complete_frame_is_taken_and_older_ones_superseded():
     assert cam.stats['superseded'] == 2 and [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [4.0]
 
 
+def test_with_a_preference_the_oldest_preferred_complete_frame_is_taken_first():
+    """The node prefers keyframe candidates: of frames that piled up, each candidate is taken in turn (older
+    non-candidates superseded, newer frames kept); with no candidate left, the newest complete frame."""
+    cam = camera()
+    push(cam, color=[1.0, 2.0, 3.0, 4.0, 5.0], depth=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])   # 6: no colour yet
+    asked = []
+
+    def keyframe(depth, t):
+        asked.append(t)
+        return t in (2.0, 4.0)
+
+    prefer = lambda: cam.take(SLOP, 5.0, False, lambda d, t: True, lambda d: 'pose', keyframe)  # noqa: E731
+    assert prefer()[3] == 2.0 and cam.stats['superseded'] == 1
+    assert asked == [1.0, 2.0]                                   # oldest first, stops at the first candidate
+    assert [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [3.0, 4.0, 5.0, 6.0]
+    assert prefer()[3] == 4.0 and cam.stats['superseded'] == 2
+    assert prefer()[3] == 5.0 and cam.stats['superseded'] == 2   # no candidate left: the newest complete one
+    assert [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [6.0]
+    assert prefer() is None
+
+
 def test_a_depth_image_whose_colour_was_lost_is_dropped_at_once():
     cam = camera()
     push(cam, color=[1.0], depth=[2.0])
