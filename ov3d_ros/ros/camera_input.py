@@ -35,10 +35,13 @@ class Inbox(collections.deque):
         self.order: Deque[int] = collections.deque(maxlen=maxlen)
         self.arrival: Deque[float] = collections.deque(maxlen=maxlen)
 
-    def push(self, msg, order: int) -> None:
+    def push(self, msg, order: int) -> bool:
+        """Append ``msg``; True when the queue was full and its oldest message fell out."""
+        full = len(self) == self.maxlen
         self.append(msg)
         self.order.append(order)
         self.arrival.append(time.monotonic())
+        return full
 
     def drop(self, n: int) -> None:
         """Remove the ``n`` oldest messages."""
@@ -110,7 +113,8 @@ class CameraInput:
     def _push(self, buffer: Inbox):
         def callback(msg):
             with self.lock:
-                buffer.push(msg, next(self._order))
+                if buffer.push(msg, next(self._order)) and buffer is self.depth:
+                    self.stats['superseded'] += 1        # a queued depth image pushed out by a newer one
         return callback
 
     # ------------------------------------------------------------------ synchronisation

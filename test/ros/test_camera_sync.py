@@ -73,6 +73,14 @@ def test_with_a_preference_the_oldest_preferred_complete_frame_is_taken_first():
     assert prefer() is None
 
 
+def test_depth_images_pushed_out_of_a_full_queue_are_counted_as_superseded():
+    cam = camera(queue=3)
+    push(cam, color=[1.0, 2.0, 3.0, 4.0, 5.0], depth=[1.0, 2.0, 3.0, 4.0, 5.0])
+    assert cam.stats['superseded'] == 2 and len(cam.color) == 3
+    assert [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [3.0, 4.0, 5.0]
+    assert list(cam.depth.order) == [7, 8, 9] and len(cam.depth.arrival) == 3      # kept in step
+
+
 def test_a_depth_image_whose_colour_was_lost_is_dropped_at_once():
     cam = camera()
     push(cam, color=[1.0], depth=[2.0])
