@@ -118,12 +118,17 @@ def start(env_vars, out: Path, params, timeout_s: float = 300.0):
     return node, client
 
 
-def selected_keyframes(poses) -> int:
-    """Keyframes the node's rule (config/mapping.yaml + demo.yaml) selects among [(stamp s, T_W_C (4, 4))]."""
+def selected_keyframes(poses, params=()) -> int:
+    """Keyframes the node's rule (config/mapping.yaml + demo.yaml, then the ``keyframes.*`` entries of ``params``,
+    ``name:=value``) selects among [(stamp s, T_W_C (4, 4))]."""
     from ov3d_ros.core.config import load_yaml_config
     from ov3d_ros.core.keyframes import KeyframeSelector
     from ov3d_ros.tools.ros_graph import CONFIG
-    selector, n = KeyframeSelector(load_yaml_config([CONFIG / 'mapping.yaml', CONFIG / 'demo.yaml']).keyframes), 0
+    cfg = load_yaml_config([CONFIG / 'mapping.yaml', CONFIG / 'demo.yaml']).keyframes
+    for name, value in (p.split(':=', 1) for p in params):
+        if name.startswith('keyframes.'):
+            setattr(cfg, name.split('.', 1)[1], float(value))
+    selector, n = KeyframeSelector(cfg), 0
     for t, T in poses:
         if selector.check(T, t):
             selector.accept(T, t)
@@ -147,10 +152,12 @@ def bench_stream(args, env_vars, out: Path) -> dict:
         # depth is the last message of a frame: frames published = depth images seen here
         client.node.create_subscription(Image, '/depth/image',
                                         lambda m: depth_stamps.append(conv.stamp_to_sec(m.header.stamp)), qos)
-        # the trajectory spans the stream, or --prerender frames rendered first and looped
-        n_frames = args.prerender or max(2, round(args.seconds * args.rate_hz))
+        # the trajectory spans the stream, or --prerender frames rendered first and looped (the first
+        # --prerender frames of a --trajectory-frames long trajectory, when given)
+        n_frames = args.trajectory_frames or args.prerender or max(2, round(args.seconds * args.rate_hz))
         player = start_scene_player(env_vars, out / 'player.log', [
-            f'n_frames:={n_frames}', f'rate_hz:={float(args.rate_hz)}', f'width:={args.width}',
+            f'n_frames:={n_frames}', f'play_frames:={args.prerender if args.trajectory_frames else 0}',
+            f'rate_hz:={float(args.rate_hz)}', f'width:={args.width}',
             f'height:={args.height}', 'loop:=true', f'prerender:={str(bool(args.prerender)).lower()}'])
         end = time.monotonic() + 120.0 + (10.0 * args.prerender)   # a frame renders in ~1-3 s here
         while not depth_stamps and time.monotonic() < end and player.alive():
@@ -198,7 +205,7 @@ def bench_stream(args, env_vars, out: Path) -> dict:
     failures = [q['future'].result().message if q['future'].done() else 'no answer' for q in queries
                 if not (q['future'].done() and q['future'].result().success)]
     received = final['frames'] + final['superseded'] + final['dropped'] + final['pending_depth']
-    selected = selected_keyframes([(t, poses[t]) for t in depth_stamps if t in poses])
+    selected = selected_keyframes([(t, poses[t]) for t in depth_stamps if t in poses], args.param)
     row = dict(env(device), section='stream', image=f'{args.width}x{args.height}', rate_hz=args.rate_hz,
                seconds=round(streamed, 1), trajectory_frames=n_frames, frames_published=published,
                published_hz=round((published - 1) / max(streamed, 1e-9), 1), frames_received=received,
@@ -289,6 +296,9 @@ def main() -> None:
     p.add_argument('--prerender', type=int, default=0, metavar='N',
                    help='the player renders N frames along the trajectory first and loops them at --rate-hz '
                         '(the stream rate then holds on a CPU that renders slower; 0: render each frame on the fly)')
+    p.add_argument('--trajectory-frames', type=int, default=0, metavar='M',
+                   help='with --prerender N: the trajectory has M frames and the player plays its first N (e.g. '
+                        'M 1800, N 300: the first 10 s of the 60 s loop at its own 30 Hz pace)')
     p.add_argument('--query-period', type=float, default=2.0, help='seconds between queries during the stream')
     p.add_argument('--query-timeout', type=float, default=60.0, help='a call unanswered this long is a failure')
     p.add_argument('--settle-timeout', type=float, default=60.0,

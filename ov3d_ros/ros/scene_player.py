@@ -31,6 +31,8 @@ class ScenePlayer(Node):
         super().__init__('ov3d_scene_player', **kwargs)
         seed = declare(self, 'seed', 0, 'Scene and trajectory seed.')
         n_frames = declare(self, 'n_frames', 60, 'Frames along the trajectory.')
+        play_frames = declare(self, 'play_frames', 0, 'Play only the first play_frames frames of the trajectory '
+                              '(e.g. 300 of 1800: the first 10 s of a 60 s loop at 30 Hz); 0 = all of them.')
         self.rate_hz = declare(self, 'rate_hz', 5.0, 'Publishing rate.')
         self.loop = declare(self, 'loop', False, 'Start over after the last frame (else stop publishing).')
         prerender = declare(self, 'prerender', False, 'Render every frame before publishing, so that rate_hz '
@@ -45,6 +47,8 @@ class ScenePlayer(Node):
                          'x y z qx qy qz qw of each camera in the published pose frame, 7 per camera (or 7 for all).')
         self.color_transport = declare(self, 'color_transport', 'raw', "'raw' (Image) or 'compressed' (JPEG).")
         self.depth_transport = declare(self, 'depth_transport', 'raw', "'raw' (Image) or 'compressedDepth' (PNG).")
+        if play_frames < 0:
+            raise ValueError(f'play_frames must be >= 0, got {play_frames}')
         if self.depth_encoding not in ('16UC1', '32FC1'):
             raise ValueError(f"depth_encoding must be '16UC1' or '32FC1', got {self.depth_encoding!r}")
         if self.color_transport not in ('raw', 'compressed') or self.depth_transport not in ('raw', 'compressedDepth'):
@@ -54,7 +58,7 @@ class ScenePlayer(Node):
         if len(mounts) not in (7, 7 * len(namespaces)):
             raise ValueError(f'camera_mounts needs 7 or {7 * len(namespaces)} numbers, got {len(mounts)}')
         self.scene = builtin_scene(seed)
-        self.poses = builtin_trajectory(self.scene, n_frames, seed)
+        self.poses = builtin_trajectory(self.scene, n_frames, seed)[:play_frames or None]
         self.camera = default_camera(width, height)
         self.index = 0
         self.published = 0

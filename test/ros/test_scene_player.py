@@ -40,3 +40,18 @@ def test_prerendered_frames_are_published_at_the_rate_and_match_the_scene():
             client.executor.remove_node(player)
             player.destroy_node()
             client.close()
+
+
+def test_play_frames_plays_the_start_of_a_longer_trajectory():
+    from ov3d_ros.sim import builtin_scene, builtin_trajectory
+    overrides = {'n_frames': 90, 'play_frames': 4, 'width': 16, 'height': 12}
+    with private_domain():
+        client = DemoClient()
+        player = ScenePlayer(context=client.context,
+                             parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+        try:
+            full = builtin_trajectory(builtin_scene(0), 90, 0)
+            assert len(player.poses) == 4 and all(np.allclose(a, b) for a, b in zip(player.poses, full[:4]))
+        finally:
+            player.destroy_node()
+            client.close()
