@@ -131,12 +131,11 @@ class CameraInput:
         Older depth images are superseded. ``prefer(depth, t)``: when given, the oldest complete depth image it
         accepts is taken instead (the next keyframe candidate, so that frames that pile up while a keyframe is
         integrated lose no keyframe); the newer ones stay queued, and the newest is taken when it accepts none.
-        A depth image that cannot be paired any more is dropped with a
-        ValueError naming what is missing: its colour (or label) image is lost when a newer-stamped one arrived
-        after the depth image (each topic delivers in order); it waited longer than ``timeout_s`` while newer
-        depth images came; or the queue is full. One still waiting for partners that may come (a reliable image
-        re-sent after a lost fragment, a publisher behind on a loaded machine) is kept. ``pose_ready(depth, t)``
-        says if its pose is there."""
+        A depth image that cannot be paired any more is dropped with a ValueError naming what is missing: its
+        colour (or label) image is lost when a newer-stamped one arrived after the depth image (each topic
+        delivers in order); it waited longer than ``timeout_s`` while newer depth images came; or the queue is
+        full. One still waiting for partners that may come (a reliable image re-sent after a lost fragment, a
+        publisher behind on a loaded machine) is kept. ``pose_ready(depth, t)`` says if its pose is there."""
         with self.lock:
             complete = []                                    # (index, depth, colour, labels, stamp), newest first
             for i in range(len(self.depth) - 1, -1, -1):

@@ -298,8 +298,8 @@ class MappingInterface:
         qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=self.queue_size)
         for cam in self.cameras:
             cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated)
-        # poses in a group of their own: the callback only appends under a lock, and in the default group it
-        # waited behind every ready image callback (created earlier, taken first), up to 1.2 s at 6 Hz on 2 cores
+        # poses in a group of their own: the callback only appends under a lock, and in the default group it can
+        # wait behind every ready image callback (created earlier, taken first; poses came up to 1.2 s late at 6 Hz)
         poses = MutuallyExclusiveCallbackGroup()
         if self.pose_source == 'pose':
             self.create_subscription(PoseStamped, 'pose', self._push_pose, 50, callback_group=poses)
