@@ -495,10 +495,21 @@ class MappingInterface:
     def _take(self, cam: CameraInput):
         """(cam, Frame, keyframe candidate) of the camera's oldest queued keyframe candidate, else of its newest
         complete frame; None when there is none or it was dropped (counted, the reason logged)."""
+        poses = {}           # id(depth) -> T_W_C of the queued frames the keyframe rule was asked about
+
+        def prefer(depth, t: float) -> bool:
+            """A complete queued frame is preferred when it is a keyframe candidate (not when its pose cannot be
+            had: it is then judged, and dropped with the reason, only if it is taken as the newest)."""
+            try:
+                poses[id(depth)] = T_W_C = self._pose_at(cam, depth, t)
+            except ValueError:
+                return False
+            return cam.is_keyframe_candidate(self.mapper, T_W_C, t)
+
         try:
             simulated = self.mapper.extractor.simulated
             taken = cam.take(self.sync_slop_s, self.sync_timeout_s, simulated, self._pose_ready, self._missing_pose,
-                             lambda depth, t: self._is_candidate(cam, depth, t))
+                             prefer)
             if taken is None:
                 return None
             depth, color, labels, t = taken
@@ -508,8 +519,10 @@ class MappingInterface:
                                               if cam.camera_error else ''))
             self._check_stamp(cam, t)
             camera = conv.camera_info_to_camera(cam.camera_info)
-            T_W_C = self._pose_at(cam, depth, t)
-            candidate = cam.is_keyframe_candidate(self.mapper, T_W_C, t)
+            T_W_C = poses.get(id(depth))                 # the pose is looked up once per frame
+            if T_W_C is None:
+                T_W_C = self._pose_at(cam, depth, t)
+            candidate = cam.is_keyframe_candidate(self.mapper, T_W_C, t)  # after _check_stamp, which may restart it
             if cam.compressed and not candidate:         # not a keyframe: never decoded
                 cam.stats['frames'] += 1
                 cam.stats['not_decoded'] += 1
@@ -527,14 +540,6 @@ class MappingInterface:
         except Exception as e:
             self._frame_failed(e, cam)
             return None
-
-    def _is_candidate(self, cam: CameraInput, depth, t: float) -> bool:
-        """Whether a complete queued frame is a keyframe candidate of the camera's rule (False when its pose
-        cannot be had: it is then judged, and dropped with the reason, only if it is taken as the newest)."""
-        try:
-            return cam.is_keyframe_candidate(self.mapper, self._pose_at(cam, depth, t), t)
-        except ValueError:
-            return False
 
     def _process(self, cam: CameraInput, frame: Frame, candidate: bool, features_s: float = 0.0) -> None:
         """Integrate a keyframe candidate (or only validate another frame) and count it. ``features_s``: this
