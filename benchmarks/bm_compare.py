@@ -21,6 +21,7 @@ The features are SIMULATED (the built-in scene's label images through the simula
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -237,16 +238,15 @@ def bench_clip(args) -> None:
         ex.model.to(dtype)
         ex._pos_cache, ex._bias_cache = {}, {}
         for side in args.clip_sizes:
-            ex.cfg.image_short_side = side
+            ex.reconfigure(dataclasses.replace(ex.cfg, image_short_side=side, compile=False))
             row = dict(env(args.device), section='clip', model='ViT-B-16 (random weights)', dense=ex.dense_mode,
                        image='640x480', short_side_px=side, tokens=list(ex.grid_size(480, 640)),
                        dtype=str(dtype).split('.')[-1])
-            ex._vit = ex.forward_vit
             with torch.no_grad():
                 t, cpu = timed(lambda: ex.extract(rgb), args.device, args.clip_reps)
             row.update(per_keyframe_ms=round(1e3 * t, 1), per_keyframe_cpu_ms=round(1e3 * cpu, 1))
             if args.clip_compile:            # features.compile: the same forward through torch.compile
-                ex._vit = ex._compiled()
+                ex.reconfigure(dataclasses.replace(ex.cfg, compile=True))     # a new graph: compiled below
                 sync(args.device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
