@@ -82,6 +82,7 @@ STUDENT_ARGS ?= --steps 100 --max-tiles 1
 SEEDS ?= 0 1 2
 LEARNED := purify.enabled=true purify.affinity=learned
 WHOLE := $(LEARNED) purify.mode=whole
+FALLBACK := purify.enabled=true purify.affinity=fallback purify.mode=whole
 
 train-models: setup
 	for b in $(TRAIN_BLOCKS); do $(PY) -m ov3d_ros.cli make-scenes --out $(TRAIN_OUT)/scenes --count $(TRAIN_COUNT) \
@@ -110,9 +111,11 @@ eval-scenes: setup
 	  --config config/eval.yaml --set features.sim_patch_px=4
 
 # Ablations on the tuning split only: student recipe (teacher features / k-means clusters of them), pooling
-# iterations T and scale, the oracle for reference; query temperature and threshold (synonym queries, one scoring
+# iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene); query temperature and threshold (synonym queries, one scoring
 # pass per query for all thresholds); the label volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
+SP_K ?= 0.01 0.02 0.04
+SP_BLEND ?= 0.5 0.7 0.85
 K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
 eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_purify $(EVAL_ARGS) \
@@ -121,6 +124,13 @@ eval-tune: eval-scenes
 	  $(foreach r,s0 s0_k32,$(foreach v,T18_s20 T6_s20 T36_s20 T18_s10 T18_s40,--variant $(r)_$(v) $(WHOLE) \
 	  $(if $(filter s0,$(r)),purify.checkpoint=default,$(K32)) \
 	  purify.iterations=$(subst T,,$(word 1,$(subst _, ,$(v)))) purify.scale=$(subst s,,$(word 2,$(subst _, ,$(v)))).0))
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_superpoints $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false --variant "s0, pooling only" $(WHOLE) purify.checkpoint=default purify.superpoint_k=0 \
+	  $(foreach k,$(SP_K),$(foreach b,$(SP_BLEND),--variant s0_k$(k)_b$(b) $(WHOLE) purify.checkpoint=default \
+	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b))) \
+	  --variant "superpoints only (no pooling)" $(FALLBACK) purify.iterations=0 \
+	  --variant "fallback, pooling only" $(FALLBACK) purify.superpoint_k=0 --variant "fallback + superpoints" $(FALLBACK) \
+	  --variant "oracle, pooling only" $(WHOLE) $(ORACLE) purify.superpoint_k=0 --variant "oracle + superpoints" $(WHOLE) $(ORACLE)
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
 	  --query-thresholds 0.3 0.4 0.5 0.55 0.6 0.7 0.8 0.9 \
 	  $(foreach t,0.15 0.05 0.02 0.01,--variant T$(t) $(WHOLE) purify.checkpoint=default query.temperature=$(t))
@@ -129,20 +139,27 @@ eval-tune: eval-scenes
 	  labels.temperature=$(t))
 
 # The reported tables, on the test split only: shipped student with the default config (incremental) and
-# whole-map, its three training seeds, the fallback affinity, the oracle; the same checkpoint on 64-d features.
+# whole-map, its three training seeds, the fallback affinity, the oracle, each with and without the superpoint
+# vote, and the vote alone; the same checkpoint on 64-d features. Learned and oracle rows use the default
+# superpoint settings unless they say "pooling only" (purify.superpoint_k=0).
 eval-test: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test/scene_???? --out $(EVAL_OUT)/test_table $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false \
-	  --variant fallback purify.enabled=true purify.affinity=fallback purify.mode=whole \
+	  --variant "superpoints only (no pooling)" $(FALLBACK) purify.iterations=0 \
+	  --variant "fallback, pooling only" $(FALLBACK) purify.superpoint_k=0 \
+	  --variant "fallback + superpoints" $(FALLBACK) \
+	  --variant "learned s0, pooling only" $(WHOLE) purify.checkpoint=default purify.superpoint_k=0 \
 	  --variant learned@s0 $(WHOLE) purify.checkpoint=default \
 	  --variant learned@s1 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s1.safetensors \
 	  --variant learned@s2 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s2.safetensors \
-	  --variant "oracle (labels teacher)" $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
+	  --variant "oracle (labels teacher), pooling only" $(WHOLE) $(ORACLE) purify.superpoint_k=0 \
+	  --variant "oracle (labels teacher) + superpoints" $(WHOLE) $(ORACLE)
 	$(PY) -m ov3d_ros.cli eval $(addprefix $(EVAL_OUT)/test/,$(TEST_INC_SCENES)) --out $(EVAL_OUT)/test_incremental \
 	  $(EVAL_ARGS) --variant "learned (shipped), whole" $(WHOLE) purify.checkpoint=default \
 	  --variant "learned (shipped, default config: incremental)" $(LEARNED) purify.mode=incremental purify.checkpoint=default
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test_d64/scene_???? --out $(EVAL_OUT)/test_d64_table $(EVAL_ARGS) \
 	  --features precomputed --variant "raw, 64-d precomputed" purify.enabled=false \
+	  --variant "learned, same checkpoint, whole, pooling only" $(WHOLE) purify.checkpoint=default purify.superpoint_k=0 \
 	  --variant "learned, same checkpoint, whole" $(WHOLE) purify.checkpoint=default
 
 eval: eval-tune eval-test

@@ -7,6 +7,8 @@ The map is a synthetic building at 5 cm: a floor with a grid of 2.5 m high walls
 requested number of voxels, with random features (D = --dim) and colours. A "keyframe" re-fuses a compact
 patch of about --touched voxels (what one 640x480 keyframe touches at 5 cm) in a corner; incremental pooling
 re-pools that patch plus the margin. The time must not grow with the map; whole-map pooling is shown beside.
+``superpoint_vote_ms``: the superpoint vote (``purify.superpoint_k`` > 0) that the first reader after a keyframe
+pays, over the whole map (segmentation + vote); ``--superpoint-k 0`` leaves it out.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def building_exactly(n_voxels: int) -> torch.Tensor:
 
 
 def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, radius: int, embed, whole: bool,
-        margin: int = 3) -> dict:
+        margin: int = 3, superpoint_k=None) -> dict:
     from ov3d_ros.core.config import PurifyConfig
     from ov3d_ros.core.purification.pooling import GeometryPooling
     from ov3d_ros.core.voxel_map import VoxelFeatureMap
@@ -56,6 +58,8 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
         vmap.integrate(pts[chunk], feats, torch.rand(len(chunk), 3, generator=g) * 255)
     cfg = PurifyConfig(enabled=True, affinity='learned' if embed else 'fallback', iterations=iterations,
                        radius_vox=radius, margin_vox=margin)
+    if superpoint_k is not None:
+        cfg.superpoint_k = superpoint_k
     pooling = GeometryPooling(cfg, embed)
     # a keyframe's patch: the voxels nearest to a corner of the building, about ``touched`` of them
     corner = pts.min(0).values + torch.tensor([1.0, 1.0, 0.0])
@@ -76,6 +80,13 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
            'per_keyframe_ms': round(1e3 * sorted(times)[len(times) // 2][0], 1),
            'per_keyframe_cpu_ms': round(1e3 * sorted(times, key=lambda t: t[1])[len(times) // 2][1], 1),
            'of_which_affinity_ms': round(1e3 * pooling.timings_s['affinity'], 1)}
+    if pooling.votes:      # the superpoint vote a reader pays once after each keyframe (whole map)
+        t0 = time.perf_counter()
+        pooling.features(vmap)
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        row['superpoint_vote_ms'] = round(1e3 * (time.perf_counter() - t0), 1)
+        row['superpoints'] = int(pooling.superpoints(vmap).max()) + 1
     if whole:
         t0 = time.perf_counter()
         pooling.update(vmap)
@@ -96,6 +107,8 @@ def main() -> None:
     p.add_argument('--margin', type=int, default=3, help='purify.margin_vox: voxel steps re-pooled beyond the changed ones')
     p.add_argument('--checkpoint', help='student checkpoint: time the learned affinity instead of the fallback')
     p.add_argument('--whole', action='store_true', help='also time one whole-map pooling')
+    p.add_argument('--superpoint-k', type=float, default=None,
+                   help='purify.superpoint_k for the superpoint vote (default: the config default; 0 = off)')
     args = p.parse_args()
     embed = None
     if args.checkpoint:
@@ -104,7 +117,7 @@ def main() -> None:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}')
     for n in args.sizes:
         print(json.dumps(run(n, args.touched, args.dim, args.device, args.iterations, args.radius, embed,
-                             args.whole, args.margin)), flush=True)
+                             args.whole, args.margin, args.superpoint_k)), flush=True)
 
 
 if __name__ == '__main__':

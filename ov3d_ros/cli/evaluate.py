@@ -111,10 +111,12 @@ def _map_variant(cfg, source, gt, args, cache: dict):
         base.cfg.query = copy.deepcopy(cfg.query)       # variants may differ in their query settings only
         base.texts.clear()
         return base, dict(stats)
-    pooled_key = key + json.dumps(asdict(cfg.purify), sort_keys=True)
-    if pooled_key in cache:                             # same pooling, other query settings
+    pooling = {k: v for k, v in asdict(cfg.purify).items() if not k.startswith('superpoint_')}
+    pooled_key = key + json.dumps(pooling, sort_keys=True)
+    if pooled_key in cache:           # same pooling, other query or superpoint settings (read-time stages)
         mapper, pooled_stats = cache[pooled_key]
         mapper.cfg.query = copy.deepcopy(cfg.query)
+        mapper.cfg.purify = mapper.purifier.cfg = copy.deepcopy(cfg.purify)
         mapper.texts.clear()
         return mapper, dict(pooled_stats)
     mapper = Mapper(cfg, base.extractor)
@@ -133,7 +135,7 @@ def _timing(scenes: list) -> dict:
         vals = [s['mapping'].get(key) for s in scenes if s['mapping'].get(key) is not None]
         return float(np.mean(vals)) if vals else None
     return {'keyframe_ms': mean('keyframe_ms_mean'), 'purify_ms': mean('purify_ms_mean'),
-            'whole_purify_s': mean('whole_purify_s')}
+            'whole_purify_s': mean('whole_purify_s'), 'superpoints_s': mean('superpoints_s')}
 
 
 def _merge(dirs) -> tuple:
@@ -167,6 +169,8 @@ def eval_scene(path: str, variants: list, args: argparse.Namespace) -> list:
         mapper, stats = _map_variant(cfg, source, gt, args, cache)
         t0 = time.perf_counter()
         scene = score_mapper(mapper, gt)
+        if mapper.purifier is not None and mapper.purifier.votes:    # paid by the first reader after keyframes
+            stats['superpoints_s'] = mapper.purifier.timings_s.get('superpoints')
         scene.update(scene=str(path), variant=name, mapping=stats, eval_s=time.perf_counter() - t0,
                      bytes_per_voxel=mapper.bytes_per_voxel())
         if args.queries:

@@ -185,6 +185,15 @@ class PurifyConfig:
     margin_vox: int = 3
     """Incremental mode: beyond the voxels whose affinities a keyframe changed (its touched voxels, widened by the
     normal radius and the student's receptive field), re-pool this many more voxel steps around them."""
+    superpoint_k: float = 0.02
+    """Superpoint voting after pooling (0 = off): the map is over-segmented into regions of similar normal and
+    colour (Felzenszwalb-Huttenlocher criterion with this constant on the 26-connected voxel graph; larger:
+    larger regions) and each voxel's purified feature is blended with its region's mean. Label-free, reads no
+    feature; recomputed over the whole map when a reader needs it after keyframes came."""
+    superpoint_blend: float = 0.85
+    """Weight of the region mean in the blend (0-1)."""
+    superpoint_min_vox: int = 20
+    """Regions smaller than this many voxels join their most similar neighbour region."""
 
 
 @dataclass

@@ -329,6 +329,8 @@ class Mapper:
         from ov3d_ros.core.label_volume import LAYERS as LABEL_LAYERS
         names += [n for n in LABEL_LAYERS if self.labels is not None and n in self.map.cake]
         vmap = self.map.copy(names)
+        if source == 'purified' and self.purifier.votes:   # what queries read: the superpoint vote
+            vmap.cake.rows('purified').copy_(self.purifier.features(self.map))
         labels = None
         if self.labels is not None:
             labels = LabelVolume(self.labels.names, self.labels.text.clone(), self.labels.temperature, vmap.cake,

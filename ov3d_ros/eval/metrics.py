@@ -235,6 +235,8 @@ def ci_table(rows: Dict[str, dict], baseline: Optional[str] = None) -> str:
         ms = f"{t['keyframe_ms']:.0f} ({t['purify_ms']:.0f})" if t.get("keyframe_ms") is not None else ""
         if t.get("whole_purify_s") is not None:
             ms += f"{' + ' if ms else ''}whole map {t['whole_purify_s']:.1f} s"
+        if t.get("superpoints_s") is not None:
+            ms += f"{' + ' if ms else ''}superpoints {t['superpoints_s']:.2f} s"
         lines.append(f"| {name} | {ps.get('miou', {}).get('n', r.get('num_scenes', ''))} | {_pm(ps.get('miou'))} | "
                      f"{_pm(ps.get('boundary_miou'))} | {_pm(ps.get('fragmentation'), 2)} | "
                      f"{_pm(d.get('miou'), signed=True) if d else ''} | "

@@ -595,10 +595,12 @@ class MappingInterface:
     # ------------------------------------------------------------------ snapshots and readers
     def publish_snapshot(self) -> None:
         """Make a snapshot of the map the one readers answer from (caller holds the map lock; called after every
-        change of the map or of its query settings). In ``purify.mode: whole`` the snapshot is only marked stale:
-        the whole map is re-pooled when a reader next needs it (:meth:`snapshot`), not after every keyframe."""
+        change of the map or of its query settings). In ``purify.mode: whole`` or with the superpoint vote the
+        snapshot is only marked stale: the whole map is re-pooled or voted when a reader next needs it
+        (:meth:`snapshot`), not after every keyframe."""
         m = self.mapper
-        if m is not None and m.purifier is not None and m.cfg.purify.mode == 'whole' and self._snapshot is not None:
+        lazy = m is not None and m.purifier is not None and (m.cfg.purify.mode == 'whole' or m.purifier.votes)
+        if lazy and self._snapshot is not None:
             self._snapshot_stale = True
             return
         self._snapshot = m.snapshot() if m is not None else None
@@ -606,7 +608,8 @@ class MappingInterface:
 
     def snapshot(self) -> Optional[MapSnapshot]:
         """The latest snapshot of the map (None before configure and after cleanup); no lock needed, except once
-        after keyframes in ``purify.mode: whole``, where the reader re-pools the map under the lock."""
+        after keyframes in ``purify.mode: whole`` or with the superpoint vote, where the reader re-pools or votes
+        over the map under the lock."""
         if self._snapshot_stale:
             with self._lock:
                 if self._snapshot_stale and self.mapper is not None:

@@ -33,7 +33,7 @@ LIVE = frozenset({
     'query.default_threshold', 'query.min_observations',
     'purify.enabled', 'purify.affinity', 'purify.checkpoint', 'purify.radius_vox', 'purify.iterations',
     'purify.scale', 'purify.sigma_color', 'purify.sigma_normal', 'purify.sigma_distance_vox', 'purify.mode',
-    'purify.margin_vox',
+    'purify.margin_vox', 'purify.superpoint_k', 'purify.superpoint_blend', 'purify.superpoint_min_vox',
     'labels.vocabulary', 'labels.smoothing_radius_vox', 'labels.min_component_vox', 'labels.feature_prior',
     'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
     'pose_to_camera', 'use_sim_time',
@@ -96,7 +96,7 @@ def _templates(v) -> Optional[str]:
     return f'every template needs exactly one {{}} for the text; got {bad[0]!r}' if bad else None
 
 
-def _threshold(v) -> Optional[str]:
+def _fraction(v) -> Optional[str]:
     return None if _finite(v) and 0.0 <= v <= 1.0 else 'must be a number in [0, 1]'
 
 
@@ -125,12 +125,14 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     'keyframes.min_translation_m': _at_least(0.0), 'keyframes.min_rotation_deg': _at_least(0.0),
     'keyframes.max_interval_s': _at_least(0.0), 'keyframes.min_interval_s': _at_least(0.0),
     'query.templates': _templates, 'query.repetitions': _at_least(1), 'query.temperature': _at_least(0.0),
-    'query.default_threshold': _threshold, 'query.min_observations': _at_least(0.0),
+    'query.default_threshold': _fraction, 'query.min_observations': _at_least(0.0),
     'query.default_negatives': lambda v: None if len(v) <= 32 else 'at most 32 negatives',
     'purify.affinity': _one_of('learned', 'fallback'), 'purify.mode': _one_of('incremental', 'whole'),
     'purify.radius_vox': _at_least(1), 'purify.iterations': _at_least(0), 'purify.scale': _at_least(0.0, True),
     'purify.sigma_color': _at_least(0.0, True), 'purify.sigma_normal': _at_least(0.0, True),
     'purify.sigma_distance_vox': _at_least(0.0, True), 'purify.margin_vox': _at_least(0),
+    'purify.superpoint_k': _at_least(0.0), 'purify.superpoint_blend': _fraction,
+    'purify.superpoint_min_vox': _at_least(0),
     'labels.smoothing_radius_vox': _at_least(0), 'labels.min_component_vox': _at_least(0),
     'features.source': _one_of('clip', 'simulated'),
     'features.dense_mode': _one_of('naclip', 'sclip', 'clearclip', 'maskclip'),

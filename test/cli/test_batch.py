@@ -8,7 +8,7 @@ from ov3d_ros.cli.main import main
 from ov3d_ros.core.map_io import load_map
 
 SIM = ['--features', 'simulated', '--device', 'cpu', '--quiet', '--set', 'keyframes.min_translation_m=0.0']
-TIMINGS = ('timing', 'purify_ms_mean', 'wall_s', 'keyframe_ms_mean', 'eval_s')
+TIMINGS = ('timing', 'purify_ms_mean', 'wall_s', 'keyframe_ms_mean', 'eval_s', 'superpoints_s')
 
 
 @pytest.fixture(scope='module')

@@ -184,13 +184,16 @@ def new_sim_mapper(sim_extractor):
 
 
 def _wall_frame(stamp_s: float = 0.0) -> Frame:
-    """A wall 2 m in front of the camera (64x48): left half labelled chair, right half plant, top rows wall."""
+    """A wall 2 m in front of the camera (64x48): left half labelled chair, right half plant, top rows wall, each
+    region in a colour of its own (different objects)."""
     cam = PinholeCamera(40.0, 40.0, 31.5, 23.5, 64, 48)
     labels = np.full((48, 64), 1, np.uint16)
     labels[16:, :32] = 2
     labels[16:, 32:] = 3
     rgb = np.zeros((48, 64, 3), np.uint8)
     rgb[..., 0] = 200
+    rgb[16:, :32] = (60, 60, 200)
+    rgb[16:, 32:] = (40, 160, 40)
     return Frame(rgb, np.full((48, 64), 2.0, np.float32), cam, np.eye(4), stamp_s, labels)
 
 

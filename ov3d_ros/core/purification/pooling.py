@@ -28,6 +28,7 @@ from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.layer_cake import LayerCake
 from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
                                               estimate_normals, neighbour_rows)
+from ov3d_ros.core.purification.superpoints import segment_graph, superpoint_vote, voxel_edges
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
@@ -209,6 +210,9 @@ class GeometryPooling:
             raise ValueError('purify.affinity learned needs a student network (purify.checkpoint)')
         if cfg.mode not in ('incremental', 'whole'):
             raise ValueError(f"purify.mode must be 'incremental' or 'whole', got {cfg.mode!r}")
+        if not (cfg.superpoint_k >= 0 and 0 <= cfg.superpoint_blend <= 1 and cfg.superpoint_min_vox >= 0):
+            raise ValueError('purify.superpoint_k must be >= 0, superpoint_blend in [0, 1] and superpoint_min_vox '
+                             f'>= 0, got {cfg.superpoint_k}, {cfg.superpoint_blend}, {cfg.superpoint_min_vox}')
         self.cfg, self.embed = cfg, embed if cfg.affinity == 'learned' else None
         if context_vox is None:
             owner = getattr(self.embed, '__self__', None)
@@ -217,6 +221,8 @@ class GeometryPooling:
         self.offsets: Optional[torch.Tensor] = None
         self.cake: Optional[LayerCake] = None          # the map's layers this purifier writes (set by update)
         self.timings_s = {}
+        self.version = 0                               # counts updates (the superpoint vote's cache key)
+        self._voted: tuple = (None, None)               # (key, (V, D) float16 voted features)
 
     def _layer(self, name: str) -> Optional[torch.Tensor]:
         return None if self.cake is None else self.cake.get(name)
@@ -271,6 +277,7 @@ class GeometryPooling:
             out[rows] = op.apply(raw[rows], out[:n], self.cfg.iterations).to(out.dtype)
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
                           'embedded': len(embedded) if self.embed is not None else 0}
+        self.version += 1
         return len(rows)
 
     def _store_embeddings(self, emb: torch.Tensor, rows: torch.Tensor) -> None:
@@ -301,9 +308,33 @@ class GeometryPooling:
             rows = connected_dilation(vmap, rows, self.cfg.margin_vox, table)[0]
         return rows, table(rows), embedded
 
+    @property
+    def votes(self) -> bool:
+        """Whether superpoint voting is on (``superpoint_k`` > 0 and ``superpoint_blend`` > 0)."""
+        return self.cfg.superpoint_k > 0 and self.cfg.superpoint_blend > 0
+
+    def superpoints(self, vmap: VoxelFeatureMap) -> torch.Tensor:
+        """(V,) int64 superpoint index of every map row (reads the map's normals layer: after an update, or restored
+        with a loaded map)."""
+        i, j, w = voxel_edges(vmap, vmap.cake.get('normals'))
+        return segment_graph(vmap.size, i, j, w, self.cfg.superpoint_k, self.cfg.superpoint_min_vox)
+
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
-        """(V, D) purified features of all map rows (the raw ones before the first update)."""
+        """(V, D) purified features of all map rows (the raw ones before the first update): the pooled features,
+        with superpoint voting (:attr:`votes`) their blend with their superpoint's mean, computed over the whole
+        map once per update and kept until the next (a float16 copy of the feature rows while kept)."""
         purified = vmap.cake.get('purified')
         if purified is None:
             return vmap.features[:vmap.size]
-        return purified[:vmap.size]
+        if not self.votes or vmap.size == 0:
+            return purified[:vmap.size]
+        c = self.cfg
+        key = (self.version, vmap.size, vmap.dim, purified.data_ptr(), c.superpoint_k, c.superpoint_blend,
+               c.superpoint_min_vox)
+        if self._voted[0] != key:
+            self._voted = (None, None)                  # free the old copy first
+            t0 = time.perf_counter()
+            voted = superpoint_vote(purified[:vmap.size], self.superpoints(vmap), self.cfg.superpoint_blend)
+            self._voted = (key, voted.to(torch.float16))
+            self.timings_s['superpoints'] = time.perf_counter() - t0
+        return self._voted[1]

@@ -1,0 +1,119 @@
+import torch
+import torch.nn.functional as F
+
+from ov3d_ros.core.config import PurifyConfig
+from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
+from ov3d_ros.core.purification.pooling import GeometryPooling
+from ov3d_ros.core.purification.superpoints import segment_graph, superpoint_vote, voxel_edges
+from ov3d_ros.core.voxel_map import VoxelFeatureMap
+
+
+def grid_graph(h, w):
+    g = torch.arange(h * w).reshape(h, w)
+    i = torch.cat([g[:, :-1].flatten(), g[:-1, :].flatten()])
+    j = torch.cat([g[:, 1:].flatten(), g[1:, :].flatten()])
+    return i, j
+
+
+def test_segments_follow_strong_edges_and_never_cross_them():
+    """A 20x20 grid in two halves joined by heavy edges: at any k up to the heavy weight, no region crosses the
+    cut; a larger k gives fewer regions; min_size merges the small ones."""
+    i, j = grid_graph(20, 20)
+    w = torch.rand(len(i), generator=torch.Generator().manual_seed(0)) * 0.05
+    left_i, left_j = (i % 20) < 10, (j % 20) < 10
+    w[left_i != left_j] += 1.0
+    counts = []
+    for k in (0.001, 0.01, 0.5):
+        seg = segment_graph(400, i, j, w, k)
+        left = seg[torch.arange(400) % 20 < 10]
+        right = seg[torch.arange(400) % 20 >= 10]
+        assert not set(left.tolist()) & set(right.tolist())
+        assert sorted(set(seg.tolist())) == list(range(int(seg.max()) + 1))      # ids 0..S-1
+        counts.append(int(seg.max()) + 1)
+    assert counts[0] > counts[1] >= counts[2] == 2
+    seg = segment_graph(400, i, j, w, 0.001, min_size=30)
+    assert int(seg.max()) + 1 < counts[0] and torch.bincount(seg).min() >= 30
+    # a cut that is cheap compared with k is crossed: one region
+    assert int(segment_graph(400, i, j, w * 0.01, 5.0).max()) == 0
+
+
+def test_segments_of_an_edgeless_or_empty_graph():
+    none = torch.zeros(0, dtype=torch.int64)
+    assert segment_graph(0, none, none, torch.zeros(0), 1.0).numel() == 0
+    assert segment_graph(3, none, none, torch.zeros(0), 1.0, min_size=5).tolist() == [0, 1, 2]
+
+
+def box_corner_map():
+    """A floor (z = 0) and a wall (x = 0) meeting at a right angle, 1 voxel per unit, the same colour, with
+    features: the wall is class 1, the floor class 0, but a 4x10 part of the floor reads class 1 (a region-level
+    error of the 2D model) and every voxel has some noise."""
+    g = torch.Generator().manual_seed(0)
+    floor = torch.stack(torch.meshgrid(torch.arange(1, 16), torch.arange(10), torch.zeros(1, dtype=torch.int64),
+                                       indexing='ij'), -1).reshape(-1, 3)
+    wall = torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.int64), torch.arange(10), torch.arange(0, 12),
+                                      indexing='ij'), -1).reshape(-1, 3)
+    pts = torch.cat([floor, wall]).float() + 0.5
+    cls = torch.cat([torch.zeros(len(floor), dtype=torch.int64), torch.ones(len(wall), dtype=torch.int64)])
+    wrong = torch.cat([(floor[:, 0] >= 10) & (floor[:, 0] < 14), torch.zeros(len(wall), dtype=torch.bool)])
+    text = torch.eye(8)[:2]
+    feats = text[torch.where(wrong, 1, cls)] + 0.3 * torch.randn(len(pts), 8, generator=g)
+    m = VoxelFeatureMap(1.0, 8)
+    m.integrate(pts, feats, torch.full((len(pts), 3), 200.0))
+    rows = m.rows_of(pts)
+    return m, rows, cls, wrong, text
+
+
+def test_superpoint_vote_fixes_a_region_level_error_that_pooling_keeps():
+    """Known answer: the wrong floor part is 40 voxels, too large for 2-voxel pooling to outvote, but the floor
+    is one superpoint (one normal, one colour) whose mean is the floor class; the wall stays the wall."""
+    m, rows, cls, wrong, text = box_corner_map()
+    off = ball_offsets(2)
+    normals = estimate_normals(m, torch.arange(m.size), neighbour_rows(m, torch.arange(m.size), off), off)
+    seg = segment_graph(m.size, *voxel_edges(m, normals), k=0.05, min_size=5)
+    floor_ids, wall_ids = seg[rows[cls == 0]], seg[rows[cls == 1]]
+    assert torch.bincount(floor_ids).max() > 0.8 * len(floor_ids)               # the floor is mostly one region
+    cfg = dict(enabled=True, affinity='fallback', iterations=6, mode='whole', sigma_normal=0.1)
+    labels = {}
+    for name, blend in (('pooled', 0.0), ('voted', 0.85)):
+        p = GeometryPooling(PurifyConfig(superpoint_k=0.05, superpoint_blend=blend, superpoint_min_vox=5, **cfg))
+        p.update(m)
+        labels[name] = (p.features(m).float()[rows] @ text.T).argmax(1)
+    assert (labels['pooled'][wrong] == 1).float().mean() > 0.7                  # pooling keeps the error
+    assert (labels['voted'] == cls).float().mean() > 0.97                       # the vote fixes it
+    assert (labels['voted'][cls == 1] == 1).all()
+    assert len(set(floor_ids.tolist()) & set(wall_ids.tolist())) <= 1           # the corner row is shared at most
+
+
+def test_vote_keeps_norms_and_constant_features_and_blend_zero_is_identity():
+    f = torch.randn(50, 6, generator=torch.Generator().manual_seed(3))
+    seg = torch.arange(50) // 10
+    out = superpoint_vote(f, seg, 0.7)
+    assert torch.allclose(out.norm(dim=1), f.norm(dim=1), atol=1e-5)
+    assert torch.allclose(superpoint_vote(f, seg, 0.0), f, atol=1e-6)
+    full = superpoint_vote(f, seg, 1.0)                     # every voxel takes its region's mean direction
+    for s in range(5):
+        d = F.normalize(full[seg == s], dim=1)
+        assert torch.allclose(d, d[:1].expand_as(d), atol=1e-5)
+    const = torch.tensor([0.5, -1.0, 2.0, 0.25]).expand(30, -1)
+    assert torch.allclose(superpoint_vote(const, torch.zeros(30, dtype=torch.int64), 0.85), const, atol=1e-5)
+
+
+def test_voted_features_follow_every_update():
+    """The vote is cached per update: a new keyframe's pooling gives new voted features, not the cached ones."""
+    m, rows, cls, wrong, text = box_corner_map()
+    p = GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', iterations=2, mode='whole',
+                                     superpoint_k=0.05, superpoint_blend=0.85))
+    p.update(m)
+    first = p.features(m).clone()
+    assert p.features(m) is p.features(m)                   # kept between updates
+    assert 'superpoints' in p.timings_s
+    m.integrate(torch.tensor([[20.5, 0.5, 0.5]]), torch.ones(1, 8), torch.full((1, 3), 10.0))
+    p.update(m)
+    assert p.features(m).shape[0] == first.shape[0] + 1
+
+
+def test_invalid_superpoint_settings_are_refused():
+    import pytest
+    for bad in (dict(superpoint_k=-1.0), dict(superpoint_blend=1.5), dict(superpoint_min_vox=-2)):
+        with pytest.raises(ValueError, match='superpoint'):
+            GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', **bad))
