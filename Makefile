@@ -116,6 +116,7 @@ eval-scenes: setup
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
 SP_K ?= 0.01 0.02 0.04
 SP_BLEND ?= 0.5 0.7 0.85
+SP0 := purify.superpoint_block_vox=0
 K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
 eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_purify $(EVAL_ARGS) \
@@ -127,10 +128,14 @@ eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_superpoints $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false --variant "s0, pooling only" $(WHOLE) purify.checkpoint=default purify.superpoint_k=0 \
 	  $(foreach k,$(SP_K),$(foreach b,$(SP_BLEND),--variant s0_k$(k)_b$(b) $(WHOLE) purify.checkpoint=default \
-	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b))) \
-	  --variant "superpoints only (no pooling)" $(FALLBACK) purify.iterations=0 \
-	  --variant "fallback, pooling only" $(FALLBACK) purify.superpoint_k=0 --variant "fallback + superpoints" $(FALLBACK) \
-	  --variant "oracle, pooling only" $(WHOLE) $(ORACLE) purify.superpoint_k=0 --variant "oracle + superpoints" $(WHOLE) $(ORACLE)
+	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b) $(SP0))) \
+	  --variant "superpoints only (no pooling)" $(FALLBACK) purify.iterations=0 $(SP0) \
+	  --variant "fallback, pooling only" $(FALLBACK) purify.superpoint_k=0 --variant "fallback + superpoints" $(FALLBACK) $(SP0) \
+	  --variant "oracle, pooling only" $(WHOLE) $(ORACLE) purify.superpoint_k=0 \
+	  --variant "oracle + superpoints" $(WHOLE) $(ORACLE) $(SP0)
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_superpoint_blocks $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false \
+	  $(foreach b,0 16 32 64,--variant b$(b) $(WHOLE) purify.checkpoint=default purify.superpoint_block_vox=$(b))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
 	  --query-thresholds 0.3 0.4 0.5 0.55 0.6 0.7 0.8 0.9 \
 	  $(foreach t,0.15 0.05 0.02 0.01,--variant T$(t) $(WHOLE) purify.checkpoint=default query.temperature=$(t))
@@ -145,11 +150,12 @@ eval-tune: eval-scenes
 eval-test: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test/scene_???? --out $(EVAL_OUT)/test_table $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false \
-	  --variant "superpoints only (no pooling)" $(FALLBACK) purify.iterations=0 \
+	  --variant "superpoints only (no pooling), whole-map superpoints" $(FALLBACK) purify.iterations=0 $(SP0) \
 	  --variant "fallback, pooling only" $(FALLBACK) purify.superpoint_k=0 \
-	  --variant "fallback + superpoints" $(FALLBACK) \
+	  --variant "fallback + superpoints, whole-map superpoints" $(FALLBACK) $(SP0) \
 	  --variant "learned s0, pooling only" $(WHOLE) purify.checkpoint=default purify.superpoint_k=0 \
 	  --variant learned@s0 $(WHOLE) purify.checkpoint=default \
+	  --variant "learned@s0, superpoints over the whole map (block 0)" $(WHOLE) purify.checkpoint=default $(SP0) \
 	  --variant learned@s1 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s1.safetensors \
 	  --variant learned@s2 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s2.safetensors \
 	  --variant "oracle (labels teacher), pooling only" $(WHOLE) $(ORACLE) purify.superpoint_k=0 \

@@ -189,11 +189,15 @@ class PurifyConfig:
     """Superpoint voting after pooling (0 = off): the map is over-segmented into regions of similar normal and
     colour (Felzenszwalb-Huttenlocher criterion with this constant on the 26-connected voxel graph; larger:
     larger regions) and each voxel's purified feature is blended with its region's mean. Label-free, reads no
-    feature; recomputed over the whole map when a reader needs it after keyframes came."""
+    feature; brought up to date when a reader needs it after keyframes came."""
     superpoint_blend: float = 0.85
     """Weight of the region mean in the blend (0-1)."""
     superpoint_min_vox: int = 20
     """Regions smaller than this many voxels join their most similar neighbour region."""
+    superpoint_block_vox: int = 64
+    """Superpoints stay inside cubes of this many voxels a side, so after a keyframe only the cubes it changed are
+    segmented and voted again (cost follows the keyframe, not the map); 0: superpoints over the whole map, voted
+    over the whole map after every keyframe."""
 
 
 @dataclass

@@ -139,6 +139,9 @@ class LayerCake:
         layers: {name: (capacity,) or (capacity, width) tensor}, the ``keys`` layer (int64 packed voxel keys)
             first.
         specs: {name: :class:`LayerSpec`}.
+        epoch: counts the operations that move, drop or re-basis rows (:meth:`keep`, :meth:`project`,
+            :meth:`clear`, :meth:`load_state`); inserts do not change it. Layers derived incrementally from others
+            (e.g. the superpoint vote) are rebuilt when it changes.
     """
 
     KEYS = 'keys'
@@ -148,6 +151,7 @@ class LayerCake:
     def __init__(self, device: torch.device | str = 'cpu', capacity: int = 16):
         self.device = torch.device(device)
         self.size = 0
+        self.epoch = 0
         self._capacity = max(16, int(capacity))
         self.specs: Dict[str, LayerSpec] = {}
         self.layers: Dict[str, torch.Tensor] = {}
@@ -263,12 +267,14 @@ class LayerCake:
             t[:n] = t[rows]                       # the gather copies before the write
             t[n:self.size] = 0
         self.size = n
+        self.epoch += 1
         self._reindex()
 
     def project(self, matrix: torch.Tensor) -> None:
         """Rotate every feature layer into a new basis: each row f becomes f @ matrix (D, d); their width becomes d.
         Other layers are untouched (derived values such as norms are the owner's to refresh)."""
         m = matrix.to(self.device).float()
+        self.epoch += 1
         for name, spec in list(self.specs.items()):
             if not spec.feature:
                 continue
@@ -289,7 +295,7 @@ class LayerCake:
         of the index: a consistent picture of the map for readers, which later inserts, compaction
         (:meth:`keep`), projection or clearing of this cake never change. Its capacity is its size (at least 16)."""
         out = LayerCake.__new__(LayerCake)
-        out.device, out.size, out._capacity = self.device, self.size, max(16, self.size)
+        out.device, out.size, out._capacity, out.epoch = self.device, self.size, max(16, self.size), 0
         names = [self.KEYS] + [n for n in (self.layers if names is None else names) if n != self.KEYS]
         out.specs = {n: self.specs[n] for n in names}
         out.layers = {}
@@ -310,6 +316,7 @@ class LayerCake:
         afterwards (the other would not follow)."""
         out = LayerCake.__new__(LayerCake)
         out.device, out.size, out._capacity, out.index = self.device, self.size, self._capacity, self.index
+        out.epoch = self.epoch
         names = [self.KEYS] + [n for n in (self.layers if names is None else names) if n != self.KEYS]
         out.specs = {n: self.specs[n] for n in names}
         out.layers = {n: self.layers[n] for n in names}
@@ -318,6 +325,7 @@ class LayerCake:
     def clear(self) -> None:
         """Remove every row (layers and allocation stay)."""
         self.size = 0
+        self.epoch += 1
         for t in self.layers.values():
             t.zero_()
         self.index.clear()
@@ -358,6 +366,7 @@ class LayerCake:
         if torch.unique(keys).numel() != n:
             raise ValueError('voxel keys are not unique')
         self.specs, self.layers, self.size = {}, {}, 0
+        self.epoch += 1
         self._capacity = max(16, n, self._capacity)
         for name, t in state.items():
             width = 0 if t.ndim == 1 else int(t.shape[1])

@@ -546,12 +546,15 @@ class MappingInterface:
         frame's share of a batched feature extraction (``frame.features`` then holds its features)."""
         try:
             with self._lock:
+                snapshot_s = 0.0
                 if candidate:
                     self.mapper.integrate(frame, force=True)
-                    self.publish_snapshot()
+                    t0 = time.perf_counter()
+                    self.publish_snapshot()            # the superpoint vote of the keyframe's blocks, the copy
+                    snapshot_s = time.perf_counter() - t0
                 else:
                     self.mapper.validate(frame)
-                total = self.mapper.timings_s.get('total', 0.0)
+                total = self.mapper.timings_s.get('total', 0.0) + snapshot_s
             cam.last_stamp = frame.stamp_s
             if candidate:
                 cam.keyframes.accept(frame.T_W_C, frame.stamp_s)
@@ -595,11 +598,14 @@ class MappingInterface:
     # ------------------------------------------------------------------ snapshots and readers
     def publish_snapshot(self) -> None:
         """Make a snapshot of the map the one readers answer from (caller holds the map lock; called after every
-        change of the map or of its query settings). In ``purify.mode: whole`` or with the superpoint vote the
-        snapshot is only marked stale: the whole map is re-pooled or voted when a reader next needs it
-        (:meth:`snapshot`), not after every keyframe."""
+        change of the map or of its query settings). In ``purify.mode: whole``, or with a superpoint vote over the
+        whole map (``superpoint_block_vox: 0``), the snapshot is only marked stale: the whole map is re-pooled or
+        voted when a reader next needs it (:meth:`snapshot`), not after every keyframe. Otherwise the keyframe's
+        blocks are voted here, so readers never wait."""
         m = self.mapper
-        lazy = m is not None and m.purifier is not None and (m.cfg.purify.mode == 'whole' or m.purifier.votes)
+        p = None if m is None else m.cfg.purify
+        lazy = m is not None and m.purifier is not None and (
+            p.mode == 'whole' or (m.purifier.votes and p.superpoint_block_vox <= 0))
         if lazy and self._snapshot is not None:
             self._snapshot_stale = True
             return
@@ -608,8 +614,8 @@ class MappingInterface:
 
     def snapshot(self) -> Optional[MapSnapshot]:
         """The latest snapshot of the map (None before configure and after cleanup); no lock needed, except once
-        after keyframes in ``purify.mode: whole`` or with the superpoint vote, where the reader re-pools or votes
-        over the map under the lock."""
+        after keyframes in ``purify.mode: whole`` or with a whole-map superpoint vote, where the reader re-pools or
+        votes over the map under the lock."""
         if self._snapshot_stale:
             with self._lock:
                 if self._snapshot_stale and self.mapper is not None:

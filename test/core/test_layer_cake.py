@@ -159,3 +159,21 @@ def test_key_index_probes_past_full_windows_and_around_the_table_end():
     absent = torch.cat([candidates[homes == index.slots - 1][14:20], candidates[homes == 3][2:4]])
     assert (index.find(absent, row_keys) == -1).all()
     assert int((index.table >= 0).sum()) == len(keys)
+
+
+def test_epoch_counts_what_moves_or_rebases_rows_but_not_inserts():
+    """Layers derived incrementally (the superpoint vote) rebuild when the epoch changes: compaction, projection,
+    clearing and loading change it; inserting rows (growth included) does not."""
+    cake = cake_with_layers(10)
+    e = cake.epoch
+    cake.insert(torch.arange(1000, 1030))
+    assert cake.epoch == e
+    cake.keep(torch.arange(0, 40, 2))
+    assert cake.epoch == e + 1
+    cake.project(torch.eye(4)[:, :2])
+    assert cake.epoch == e + 2
+    cake.load_state(cake.state())
+    assert cake.epoch == e + 3
+    cake.clear()
+    assert cake.epoch == e + 4
+    assert cake.share().epoch == cake.epoch

@@ -99,17 +99,65 @@ def test_vote_keeps_norms_and_constant_features_and_blend_zero_is_identity():
 
 
 def test_voted_features_follow_every_update():
-    """The vote is cached per update: a new keyframe's pooling gives new voted features, not the cached ones."""
+    """The vote is kept between reads and brought up to date by each update: a new keyframe's voxel gets a vote."""
     m, rows, cls, wrong, text = box_corner_map()
     p = GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', iterations=2, mode='whole',
                                      superpoint_k=0.05, superpoint_blend=0.85))
     p.update(m)
     first = p.features(m).clone()
-    assert p.features(m) is p.features(m)                   # kept between updates
     assert 'superpoints' in p.timings_s
+    p.timings_s.clear()
+    assert torch.equal(p.features(m), first) and 'superpoints' not in p.timings_s     # kept: no second vote
     m.integrate(torch.tensor([[20.5, 0.5, 0.5]]), torch.ones(1, 8), torch.full((1, 3), 10.0))
     p.update(m)
-    assert p.features(m).shape[0] == first.shape[0] + 1
+    out = p.features(m)
+    assert out.shape[0] == first.shape[0] + 1 and 'superpoints' in p.timings_s
+    assert out[-1].float().norm() > 0
+
+
+def striped_room(seed=0):
+    """(N, 3) voxel centres (5 cm) of a 4 m x 4 m floor and two walls with colour stripes, and their colours."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.arange(80)
+    floor = torch.stack(torch.meshgrid(r, r, torch.zeros(1, dtype=torch.int64), indexing='ij'), -1).reshape(-1, 3)
+    wall_x = torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.int64), r, torch.arange(1, 40),
+                                        indexing='ij'), -1).reshape(-1, 3)
+    wall_y = wall_x[:, [1, 0, 2]]
+    keys = torch.cat([floor, wall_x, wall_y])
+    colour = ((keys[:, 0] // 13 + keys[:, 1] // 17) % 3).float()[:, None] * 80 + torch.rand(len(keys), 3, generator=g) * 6
+    return (keys.float() + 0.5) * 0.05, colour
+
+
+def test_incremental_vote_over_blocks_equals_a_whole_map_vote_and_follows_eviction():
+    """Keyframes add and re-fuse parts of a room with incremental pooling, reads come after some of them: the
+    voted features always equal a vote over the whole map of the same pooled features, while a read after a
+    small keyframe votes only the blocks it changed; superpoints never cross a block; after eviction too."""
+    pts, colour = striped_room()
+    g = torch.Generator().manual_seed(1)
+    feats = F.normalize(torch.randn(len(pts), 16, generator=g), dim=1)
+    cfg = PurifyConfig(enabled=True, affinity='fallback', iterations=3, superpoint_k=0.05, superpoint_min_vox=5,
+                       superpoint_block_vox=16)
+    m = VoxelFeatureMap(0.05, 16)
+    p = GeometryPooling(cfg)
+    order = torch.randperm(len(pts), generator=g)
+    corner = torch.nonzero((pts[:, 0] < 0.3) & (pts[:, 1] < 0.3)).flatten()
+    parts = list(torch.split(order, 6000)) + [corner, corner]       # then re-fuse a corner: no new voxel
+    for step, part in enumerate(parts):
+        new = feats[part] if step < 3 else F.normalize(torch.randn(len(part), 16, generator=g), dim=1)
+        p.update(m, m.integrate(pts[part], new, colour[part] + 40 * (step == 3)))
+        if step in (0, 2, 4):
+            seg = p.superpoints(m)
+            whole = superpoint_vote(m.cake['purified'][:m.size], seg, cfg.superpoint_blend)
+            assert torch.allclose(p.features(m).float(), whole, atol=2e-3, rtol=0)
+            blocks = torch.div(torch.round(m.centers() / 0.05 - 0.5).long(), 16, rounding_mode='floor')
+            for s in torch.unique(seg)[:50]:
+                assert len(torch.unique(blocks[seg == s], dim=0)) == 1          # inside one block
+    assert p.timings_s['superpoint_voxels'] < 0.5 * m.size                     # the corner keyframes: their blocks
+    keep = torch.nonzero(m.centers()[:, 2] < 1.0).flatten()                   # evict the upper walls
+    m.keep(keep)
+    whole = superpoint_vote(m.cake['purified'][:m.size], p.superpoints(m), cfg.superpoint_blend)
+    assert torch.allclose(p.features(m).float(), whole, atol=2e-3, rtol=0)
+    assert p.timings_s['superpoint_voxels'] == m.size
 
 
 def test_invalid_superpoint_settings_are_refused():

@@ -28,7 +28,7 @@ from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.layer_cake import LayerCake
 from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
                                               estimate_normals, neighbour_rows)
-from ov3d_ros.core.purification.superpoints import segment_graph, superpoint_vote, voxel_edges
+from ov3d_ros.core.purification.superpoints import block_ids, segment_rows, superpoint_vote
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
@@ -187,9 +187,10 @@ def receptive_field_vox(net: Optional[torch.nn.Module]) -> int:
     return r
 
 
-LAYERS = ('purified', 'normals', 'embeddings')
+LAYERS = ('purified', 'normals', 'embeddings', 'voted', 'superpoint_block')
 """The layers purification keeps on the map's cake: purified (V, D) float16 (a feature layer, so compression
-rotates it: pooling is linear), normals (V, 3) float32, embeddings (V, E) float16 (learned affinity only)."""
+rotates it: pooling is linear), normals (V, 3) float32, embeddings (V, E) float16 (learned affinity only);
+with the superpoint vote voted (V, D) float16 and superpoint_block (V,) int64 (not saved: re-voted)."""
 
 
 class GeometryPooling:
@@ -210,9 +211,11 @@ class GeometryPooling:
             raise ValueError('purify.affinity learned needs a student network (purify.checkpoint)')
         if cfg.mode not in ('incremental', 'whole'):
             raise ValueError(f"purify.mode must be 'incremental' or 'whole', got {cfg.mode!r}")
-        if not (cfg.superpoint_k >= 0 and 0 <= cfg.superpoint_blend <= 1 and cfg.superpoint_min_vox >= 0):
-            raise ValueError('purify.superpoint_k must be >= 0, superpoint_blend in [0, 1] and superpoint_min_vox '
-                             f'>= 0, got {cfg.superpoint_k}, {cfg.superpoint_blend}, {cfg.superpoint_min_vox}')
+        if not (cfg.superpoint_k >= 0 and 0 <= cfg.superpoint_blend <= 1 and cfg.superpoint_min_vox >= 0
+                and cfg.superpoint_block_vox >= 0):
+            raise ValueError('purify.superpoint_k must be >= 0, superpoint_blend in [0, 1], superpoint_min_vox and '
+                             f'superpoint_block_vox >= 0, got {cfg.superpoint_k}, {cfg.superpoint_blend}, '
+                             f'{cfg.superpoint_min_vox}, {cfg.superpoint_block_vox}')
         self.cfg, self.embed = cfg, embed if cfg.affinity == 'learned' else None
         if context_vox is None:
             owner = getattr(self.embed, '__self__', None)
@@ -221,8 +224,12 @@ class GeometryPooling:
         self.offsets: Optional[torch.Tensor] = None
         self.cake: Optional[LayerCake] = None          # the map's layers this purifier writes (set by update)
         self.timings_s = {}
-        self.version = 0                               # counts updates (the superpoint vote's cache key)
-        self._voted: tuple = (None, None)               # (key, (V, D) float16 voted features)
+        self.version = 0                               # counts updates
+        # the superpoint vote's 'voted' layer: what it was made for, rows it covers, blocks re-pooled since
+        self._vote_state: Optional[tuple] = None
+        self._voted_size = 0
+        self._vote_pending: list = []
+        self._vote_all = True
 
     def _layer(self, name: str) -> Optional[torch.Tensor]:
         return None if self.cake is None else self.cake.get(name)
@@ -278,6 +285,10 @@ class GeometryPooling:
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
                           'embedded': len(embedded) if self.embed is not None else 0}
         self.version += 1
+        if whole or not self.votes or self.cfg.superpoint_block_vox <= 0:
+            self._vote_all = True
+        else:       # re-pooled rows cover every voxel whose colour, normal or purified feature changed
+            self._vote_pending.append(torch.unique(block_ids(vmap, rows, self.cfg.superpoint_block_vox)))
         return len(rows)
 
     def _store_embeddings(self, emb: torch.Tensor, rows: torch.Tensor) -> None:
@@ -316,25 +327,53 @@ class GeometryPooling:
     def superpoints(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V,) int64 superpoint index of every map row (reads the map's normals layer: after an update, or restored
         with a loaded map)."""
-        i, j, w = voxel_edges(vmap, vmap.cake.get('normals'))
-        return segment_graph(vmap.size, i, j, w, self.cfg.superpoint_k, self.cfg.superpoint_min_vox)
+        c = self.cfg
+        return segment_rows(vmap, vmap.cake.get('normals'), None, c.superpoint_k, c.superpoint_min_vox,
+                            c.superpoint_block_vox)
 
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V, D) purified features of all map rows (the raw ones before the first update): the pooled features,
-        with superpoint voting (:attr:`votes`) their blend with their superpoint's mean, computed over the whole
-        map once per update and kept until the next (a float16 copy of the feature rows while kept)."""
+        with superpoint voting (:attr:`votes`) their blend with their superpoint's mean (the ``voted`` layer,
+        brought up to date here: the blocks re-pooled since the last call, or the whole map)."""
         purified = vmap.cake.get('purified')
         if purified is None:
             return vmap.features[:vmap.size]
         if not self.votes or vmap.size == 0:
             return purified[:vmap.size]
-        c = self.cfg
-        key = (self.version, vmap.size, vmap.dim, purified.data_ptr(), c.superpoint_k, c.superpoint_blend,
-               c.superpoint_min_vox)
-        if self._voted[0] != key:
-            self._voted = (None, None)                  # free the old copy first
-            t0 = time.perf_counter()
-            voted = superpoint_vote(purified[:vmap.size], self.superpoints(vmap), self.cfg.superpoint_blend)
-            self._voted = (key, voted.to(torch.float16))
-            self.timings_s['superpoints'] = time.perf_counter() - t0
-        return self._voted[1]
+        self._vote(vmap)
+        return vmap.cake['voted'][:vmap.size]
+
+    def _vote(self, vmap: VoxelFeatureMap) -> None:
+        """Bring the ``voted`` layer up to date. Superpoints stay inside blocks of ``superpoint_block_vox`` voxels,
+        so only the blocks holding a re-pooled voxel are segmented and voted again, and the result equals a vote
+        over the whole map; a changed map layout (eviction, projection, load), changed settings, whole-map pooling
+        or ``superpoint_block_vox: 0`` (superpoints over the whole map) vote over the whole map."""
+        c, n, cake = self.cfg, vmap.size, vmap.cake
+        block = c.superpoint_block_vox
+        state = (id(cake), cake.epoch, vmap.dim, c.superpoint_k, c.superpoint_blend, c.superpoint_min_vox, block)
+        voted = cake.get('voted')
+        if state != self._vote_state or voted is None or cake.specs['voted'].width != vmap.dim:
+            self._vote_all = True
+        if not self._vote_all and not self._vote_pending and self._voted_size == n:
+            return
+        self._vote_all = self._vote_all or block <= 0
+        t0 = time.perf_counter()
+        if voted is None or cake.specs['voted'].width != vmap.dim:
+            cake.remove_layer('voted')
+            voted = cake.add_layer('voted', vmap.dim, torch.float16, persist=False, feature=True)
+        if block > 0:           # each row's block key, kept as a layer (computed once per row)
+            have = 0 if self._vote_all or 'superpoint_block' not in cake else self._voted_size
+            keys = cake.add_layer('superpoint_block', 0, torch.int64, persist=False)
+            keys[have:n] = block_ids(vmap, torch.arange(have, n, device=vmap.device), block)
+        if self._vote_all:
+            rows = torch.arange(n, device=vmap.device)
+        else:
+            fresh = keys[self._voted_size:n]                  # rows added without an update
+            blocks = torch.unique(torch.cat(self._vote_pending + [fresh]))
+            at = torch.searchsorted(blocks, keys[:n]).clamp_max(len(blocks) - 1)
+            rows = torch.nonzero(blocks[at] == keys[:n]).flatten()
+        segments = segment_rows(vmap, cake['normals'], rows, c.superpoint_k, c.superpoint_min_vox, block)
+        voted[rows] = superpoint_vote(cake['purified'][rows], segments, c.superpoint_blend, torch.float16)
+        self._vote_state, self._voted_size, self._vote_pending, self._vote_all = state, n, [], False
+        self.timings_s['superpoints'] = time.perf_counter() - t0
+        self.timings_s['superpoint_voxels'] = len(rows)

@@ -11,33 +11,61 @@ normal disagreement 1 - |n_i . n_j| + RGB distance / 255): two regions merge ove
 at most both regions' internal difference + ``k`` / size. It runs in Borůvka rounds (every region takes its
 cheapest outgoing edge at once), vectorised in torch, the same on CPU and CUDA, so the cost is a few passes
 over the edges rather than a sequential union-find. Neither the features nor any label are read.
+Superpoints may be kept inside fixed cubes of ``block_vox`` voxels a side (:func:`block_ids`): cubes are then
+independent, so after a keyframe only the cubes it changed are segmented and voted again (:mod:`.pooling`).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ov3d_ros.core.purification.graph import cube_offsets, neighbour_rows
-from ov3d_ros.core.voxel_map import VoxelFeatureMap
+from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys, unpack_keys
 
 
-def voxel_edges(vmap: VoxelFeatureMap, normals: torch.Tensor) -> tuple:
-    """The 26-connected voxel graph of the map's first ``vmap.size`` rows, each edge once.
+def block_ids(vmap: VoxelFeatureMap, rows: torch.Tensor, block_vox: int) -> torch.Tensor:
+    """(R,) int64 key of the ``block_vox``-sided cube of voxels that holds each of ``rows`` (the superpoint blocks;
+    stable under compaction and growth of the map, like the voxel keys)."""
+    return pack_keys(torch.div(unpack_keys(vmap.keys[rows]), int(block_vox), rounding_mode='floor'))
 
-    normals (V, 3) unit normals by row. Returns (i (E,), j (E,) int64 rows, w (E,) float32 weights:
-    1 - |n_i . n_j| + |rgb_i - rgb_j| / 255).
+
+def voxel_edges(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                block_vox: int = 0) -> tuple:
+    """The 26-connected voxel graph over ``rows`` (default all ``vmap.size`` rows), each edge once.
+
+    normals (capacity or V, 3) unit normals by row. ``rows``: sorted unique int64 rows; every edge from one of them
+    is kept, so ``rows`` must hold every neighbour they have in the graph (the whole map, or whole blocks).
+    ``block_vox`` > 0 keeps only edges inside one block (:func:`block_ids`). Edges come in the order (row, offset),
+    so a subset of rows lists its edges in the same relative order as the whole map (ties break alike).
+    Returns (i (E,), j (E,) int64 rows, w (E,) float32 weights: 1 - |n_i . n_j| + |rgb_i - rgb_j| / 255).
     """
-    n = vmap.size
+    rows = torch.arange(vmap.size, device=vmap.device) if rows is None else rows
     offsets = cube_offsets(1, vmap.device)[1:]
     half = offsets[(offsets[:, 0] > 0) | ((offsets[:, 0] == 0) & (offsets[:, 1] > 0)) |
                    ((offsets[:, 0] == 0) & (offsets[:, 1] == 0) & (offsets[:, 2] > 0))]   # 13 of 26
-    rows = torch.arange(n, device=vmap.device)
     nbr = neighbour_rows(vmap, rows, half)
+    if block_vox > 0:
+        c = unpack_keys(vmap.keys[rows])[:, None]                           # (R, 1, 3)
+        inside = (torch.div(c + half, block_vox, rounding_mode='floor') ==
+                  torch.div(c, block_vox, rounding_mode='floor')).all(2)   # the neighbour is in the row's block
+        nbr = torch.where(inside, nbr, -1)
     ok = nbr >= 0
     i, j = rows[:, None].expand_as(nbr)[ok], nbr[ok]
-    nrm, col = normals[:n].float(), vmap.colors[:n].float()
-    w = 1 - (nrm[i] * nrm[j]).sum(1).abs() + (col[i] - col[j]).norm(dim=1) / 255.0
+    nrm, col = normals.float(), vmap.colors
+    w = 1 - (nrm[i] * nrm[j]).sum(1).abs() + (col[i].float() - col[j].float()).norm(dim=1) / 255.0
     return i, j, w
+
+
+def segment_rows(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[torch.Tensor], k: float,
+                 min_size: int, block_vox: int = 0) -> torch.Tensor:
+    """(R,) int64 superpoint index (0..S-1) of each of ``rows`` (sorted unique; default all rows): the
+    :func:`segment_graph` of their :func:`voxel_edges`. With ``block_vox`` > 0 superpoints never cross a block, so
+    the superpoints of whole blocks come out the same whether segmented alone or with the whole map."""
+    rows = torch.arange(vmap.size, device=vmap.device) if rows is None else rows
+    i, j, w = voxel_edges(vmap, normals, rows, block_vox)
+    return segment_graph(len(rows), torch.searchsorted(rows, i), torch.searchsorted(rows, j), w, k, min_size)
 
 
 def _relabel(parent: torch.Tensor) -> torch.Tensor:
@@ -118,15 +146,27 @@ def segment_graph(num: int, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, k
     return torch.unique(comp, return_inverse=True)[1]
 
 
-def superpoint_vote(features: torch.Tensor, segments: torch.Tensor, blend: float) -> torch.Tensor:
-    """(V, D) float32 features blended with their superpoint's mean direction: each voxel keeps its norm and takes
-    the direction of (1 - blend) f_i / |f_i| + blend * m_s / |m_s|, m_s the mean feature of its superpoint s.
+def superpoint_vote(features: torch.Tensor, segments: torch.Tensor, blend: float, dtype: Optional[torch.dtype] = None,
+                    chunk: int = 8192) -> torch.Tensor:
+    """(V, D) features blended with their superpoint's mean direction: each voxel keeps its norm and takes the
+    direction of (1 - blend) f_i / |f_i| + blend * m_s / |m_s|, m_s the mean feature of its superpoint s.
 
-    features (V, D); segments (V,) int64 superpoint ids (0..S-1), e.g. from :func:`segment_graph`.
+    features (V, D) any float dtype; segments (V,) int64 superpoint ids (0..S-1), e.g. from :func:`segment_graph`.
+    The result has ``dtype`` (default float32); it is computed ``chunk`` rows at a time in float32, so no (V, D)
+    float32 temporary is made (at 1 M x 384 those cost more in page faults than the arithmetic).
     """
-    f = features.float()
-    num = int(segments.max()) + 1 if len(segments) else 0
-    sums = torch.zeros(num, f.shape[1], device=f.device).index_add_(0, segments, f)
-    norm = f.norm(dim=1, keepdim=True)
-    mixed = (1 - blend) * f / norm.clamp_min(1e-12) + blend * F.normalize(sums, dim=1)[segments]
-    return F.normalize(mixed, dim=1) * norm
+    v, d = features.shape
+    out = torch.empty(v, d, dtype=dtype or torch.float32, device=features.device)
+    if v == 0:
+        return out
+    num = int(segments.max()) + 1
+    sums = torch.zeros(num, d, device=features.device)
+    for lo in range(0, v, chunk):
+        sums.index_add_(0, segments[lo:lo + chunk], features[lo:lo + chunk].float())
+    means = F.normalize(sums, dim=1)
+    for lo in range(0, v, chunk):
+        f = features[lo:lo + chunk].float()
+        norm = f.norm(dim=1, keepdim=True)
+        mixed = torch.addcmul(blend * means[segments[lo:lo + chunk]], f, (1 - blend) / norm.clamp_min(1e-12))
+        out[lo:lo + chunk] = mixed.mul_(norm / mixed.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return out
