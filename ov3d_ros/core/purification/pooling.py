@@ -224,7 +224,6 @@ class GeometryPooling:
         self.offsets: Optional[torch.Tensor] = None
         self.cake: Optional[LayerCake] = None          # the map's layers this purifier writes (set by update)
         self.timings_s = {}
-        self.version = 0                               # counts updates
         # the superpoint vote's 'voted' layer: what it was made for, rows it covers, blocks re-pooled since
         self._vote_state: Optional[tuple] = None
         self._voted_size = 0
@@ -284,7 +283,6 @@ class GeometryPooling:
             out[rows] = op.apply(raw[rows], out[:n], self.cfg.iterations).to(out.dtype)
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
                           'embedded': len(embedded) if self.embed is not None else 0}
-        self.version += 1
         if whole or not self.votes or self.cfg.superpoint_block_vox <= 0:
             self._vote_all = True
         else:       # re-pooled rows cover every voxel whose colour, normal or purified feature changed
@@ -352,13 +350,14 @@ class GeometryPooling:
         block = c.superpoint_block_vox
         state = (id(cake), cake.epoch, vmap.dim, c.superpoint_k, c.superpoint_blend, c.superpoint_min_vox, block)
         voted = cake.get('voted')
-        if state != self._vote_state or voted is None or cake.specs['voted'].width != vmap.dim:
+        new_layer = voted is None or cake.specs['voted'].width != vmap.dim
+        if state != self._vote_state or new_layer:
             self._vote_all = True
         if not self._vote_all and not self._vote_pending and self._voted_size == n:
             return
         self._vote_all = self._vote_all or block <= 0
         t0 = time.perf_counter()
-        if voted is None or cake.specs['voted'].width != vmap.dim:
+        if new_layer:
             cake.remove_layer('voted')
             voted = cake.add_layer('voted', vmap.dim, torch.float16, persist=False, feature=True)
         if block > 0:           # each row's block key, kept as a layer (computed once per row)
