@@ -603,9 +603,7 @@ class MappingInterface:
         voted when a reader next needs it (:meth:`snapshot`), not after every keyframe. Otherwise the keyframe's
         blocks are voted here, so readers never wait."""
         m = self.mapper
-        p = None if m is None else m.cfg.purify
-        lazy = m is not None and m.purifier is not None and (
-            p.mode == 'whole' or (m.purifier.votes and p.superpoint_block_vox <= 0))
+        lazy = m is not None and m.purifier is not None and m.purifier.reads_whole_map
         if lazy and self._snapshot is not None:
             self._snapshot_stale = True
             return

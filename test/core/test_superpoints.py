@@ -165,3 +165,12 @@ def test_invalid_superpoint_settings_are_refused():
     for bad in (dict(superpoint_k=-1.0), dict(superpoint_blend=1.5), dict(superpoint_min_vox=-2)):
         with pytest.raises(ValueError, match='superpoint'):
             GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', **bad))
+
+
+def test_reads_whole_map_when_pooling_or_the_vote_spans_the_map():
+    def reads(**kw):
+        return GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', **kw)).reads_whole_map
+    assert not reads(mode='incremental')                                # default: cubes of 64 voxels
+    assert reads(mode='whole')
+    assert reads(mode='incremental', superpoint_block_vox=0)            # superpoints over the whole map
+    assert not reads(mode='incremental', superpoint_block_vox=0, superpoint_k=0.0)   # no vote at all

@@ -283,7 +283,7 @@ class GeometryPooling:
             out[rows] = op.apply(raw[rows], out[:n], self.cfg.iterations).to(out.dtype)
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
                           'embedded': len(embedded) if self.embed is not None else 0}
-        if whole or not self.votes or self.cfg.superpoint_block_vox <= 0:
+        if whole or not self.votes or self.reads_whole_map:
             self._vote_all = True
         else:       # re-pooled rows cover every voxel whose colour, normal or purified feature changed
             self._vote_pending.append(torch.unique(block_ids(vmap, rows, self.cfg.superpoint_block_vox)))
@@ -321,6 +321,13 @@ class GeometryPooling:
     def votes(self) -> bool:
         """Whether superpoint voting is on (``superpoint_k`` > 0 and ``superpoint_blend`` > 0)."""
         return self.cfg.superpoint_k > 0 and self.cfg.superpoint_blend > 0
+
+    @property
+    def reads_whole_map(self) -> bool:
+        """Whether the first read after a keyframe works over the whole map: whole-map pooling (``mode: whole``) or
+        a superpoint vote over the whole map (``superpoint_block_vox: 0``). Readers then best read lazily, once
+        after any number of keyframes; otherwise a read costs what the keyframe changed."""
+        return self.cfg.mode == 'whole' or (self.votes and self.cfg.superpoint_block_vox <= 0)
 
     def superpoints(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V,) int64 superpoint index of every map row (reads the map's normals layer: after an update, or restored

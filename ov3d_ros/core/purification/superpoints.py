@@ -71,7 +71,7 @@ def segment_rows(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[to
 def _relabel(parent: torch.Tensor) -> torch.Tensor:
     """Follow ``parent`` pointers to their roots (pointer jumping)."""
     while True:
-        nxt = parent[parent]
+        nxt = parent.index_select(0, parent)
         if torch.equal(nxt, parent):
             return parent
         parent = nxt
@@ -82,11 +82,11 @@ def _union(num: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (label propagation to the smallest index, with pointer jumping)."""
     label = torch.arange(num, device=a.device)
     while True:
-        m = torch.minimum(label[a], label[b])
+        m = torch.minimum(label.index_select(0, a), label.index_select(0, b))
         new = label.clone()
         new.scatter_reduce_(0, a, m, reduce='amin')
         new.scatter_reduce_(0, b, m, reduce='amin')
-        new = _relabel(torch.minimum(new, new[new]))
+        new = _relabel(torch.minimum(new, new.index_select(0, new)))
         if torch.equal(new, label):
             return label
         label = new
@@ -110,39 +110,43 @@ def segment_graph(num: int, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, k
     if num == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
     order = torch.argsort(w, stable=True)
-    i, j, w = i[order], j[order], w[order].float()
+    i, j, w = i.index_select(0, order), j.index_select(0, order), w.index_select(0, order).float()
     comp = torch.arange(num, device=device)           # node -> its region's root node
     size = torch.ones(num, dtype=torch.float32, device=device)       # valid at roots
     internal = torch.zeros(num, dtype=torch.float32, device=device)  # valid at roots: largest merged edge
     for small_pass in (False, True):
         if small_pass and min_size <= 1:
             break
-        while True:
-            ci, cj = comp[i], comp[j]
-            live = ci != cj
-            i, j, w, ci, cj = i[live], j[live], w[live], ci[live], cj[live]   # edges inside a region: done
-            if len(w) == 0:
+        while True:       # (index_select and one nonzero per filter: boolean masks are several times slower)
+            ci, cj = comp.index_select(0, i), comp.index_select(0, j)
+            live = torch.nonzero(ci != cj).flatten()          # edges inside a region: done
+            if len(live) == 0:
                 break
+            if len(live) < len(w):
+                i, j, w, ci, cj = (t.index_select(0, live) for t in (i, j, w, ci, cj))
             rank = torch.arange(len(w), device=device)   # still in weight order
             best = _cheapest(ci, cj, rank, num)
-            chosen = (best[ci] == rank) | (best[cj] == rank)
-            a, b, we = ci[chosen], cj[chosen], w[chosen]
+            chosen = torch.nonzero((best.index_select(0, ci) == rank) | (best.index_select(0, cj) == rank)).flatten()
+            a, b, we = ci.index_select(0, chosen), cj.index_select(0, chosen), w.index_select(0, chosen)
+            sa, sb = size.index_select(0, a), size.index_select(0, b)
             if small_pass:
-                accept = (size[a] < min_size) | (size[b] < min_size)
+                accept = (sa < min_size) | (sb < min_size)
             else:
-                accept = (we <= internal[a] + k / size[a]) & (we <= internal[b] + k / size[b])
-            if not bool(accept.any()):
+                accept = (we <= internal.index_select(0, a) + k / sa) & (we <= internal.index_select(0, b) + k / sb)
+            accept = torch.nonzero(accept).flatten()
+            if len(accept) == 0:
                 break
-            a, b, we = a[accept], b[accept], we[accept]
+            a, b, we = a.index_select(0, accept), b.index_select(0, accept), we.index_select(0, accept)
             root = _union(num, a, b)                  # old root -> new root (identity elsewhere)
             is_root = comp == torch.arange(num, device=device)
             olds = torch.nonzero(is_root).flatten()
-            size = torch.zeros(num, device=device).index_add_(0, root[olds], size[olds])
-            merged = internal.clone()
-            merged[~is_root] = 0
+            to = root.index_select(0, olds)
+            size = torch.zeros(num, device=device).index_add_(0, to, size.index_select(0, olds))
+            merged = torch.where(is_root, internal, 0.0)
             merged.scatter_reduce_(0, a, we, reduce='amax')
-            internal = torch.zeros(num, device=device).scatter_reduce_(0, root[olds], merged[olds], reduce='amax')
-            comp = root[comp]
+            internal = torch.zeros(num, device=device).scatter_reduce_(0, to, merged.index_select(0, olds),
+                                                                       reduce='amax')
+            comp = root.index_select(0, comp)
     return torch.unique(comp, return_inverse=True)[1]
 
 
