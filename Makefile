@@ -111,12 +111,15 @@ eval-scenes: setup
 	  --config config/eval.yaml --set features.sim_patch_px=4
 
 # Ablations on the tuning split only: student recipe (teacher features / k-means clusters of them), pooling
-# iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene); query temperature and threshold (synonym queries, one scoring
+# iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene), its
+# cube size, its minimum superpoint size and T with the vote; query temperature and threshold (synonym queries, one scoring
 # pass per query for all thresholds); the label volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
 SP_K ?= 0.01 0.02 0.04
 SP_BLEND ?= 0.5 0.7 0.85
 SP0 := purify.superpoint_block_vox=0
+# min_vox 20: what the superpoint grid and the block sweep ran with, before the min_vox sweep chose 40
+SP20 := purify.superpoint_min_vox=20
 K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
 eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_purify $(EVAL_ARGS) \
@@ -128,14 +131,21 @@ eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_superpoints $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false --variant "s0, pooling only" $(WHOLE) purify.checkpoint=default purify.superpoint_k=0 \
 	  $(foreach k,$(SP_K),$(foreach b,$(SP_BLEND),--variant s0_k$(k)_b$(b) $(WHOLE) purify.checkpoint=default \
-	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b) $(SP0))) \
-	  --variant "superpoints only (no pooling)" $(FALLBACK) purify.iterations=0 $(SP0) \
-	  --variant "fallback, pooling only" $(FALLBACK) purify.superpoint_k=0 --variant "fallback + superpoints" $(FALLBACK) $(SP0) \
+	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b) $(SP0) $(SP20))) \
+	  --variant "superpoints only (no pooling)" $(FALLBACK) purify.iterations=0 $(SP0) $(SP20) \
+	  --variant "fallback, pooling only" $(FALLBACK) purify.superpoint_k=0 \
+	  --variant "fallback + superpoints" $(FALLBACK) $(SP0) $(SP20) \
 	  --variant "oracle, pooling only" $(WHOLE) $(ORACLE) purify.superpoint_k=0 \
-	  --variant "oracle + superpoints" $(WHOLE) $(ORACLE) $(SP0)
+	  --variant "oracle + superpoints" $(WHOLE) $(ORACLE) $(SP0) $(SP20)
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_superpoint_blocks $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false \
-	  $(foreach b,0 16 32 64,--variant b$(b) $(WHOLE) purify.checkpoint=default purify.superpoint_block_vox=$(b))
+	  $(foreach b,0 16 32 64,--variant b$(b) $(WHOLE) purify.checkpoint=default purify.superpoint_block_vox=$(b) $(SP20))
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_superpoint_min $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false \
+	  $(foreach m,5 10 20 40 80 160 320,--variant min$(m) $(WHOLE) purify.checkpoint=default purify.superpoint_min_vox=$(m)) \
+	  $(foreach t,6 12,--variant T$(t)_min40 $(WHOLE) purify.checkpoint=default purify.iterations=$(t)) \
+	  $(foreach k,0.01 0.02 0.04,$(foreach b,0.85 0.95,--variant k$(k)_b$(b)_min20 $(WHOLE) purify.checkpoint=default \
+	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b) $(SP20)))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
 	  --query-thresholds 0.3 0.4 0.5 0.55 0.6 0.7 0.8 0.9 \
 	  $(foreach t,0.15 0.05 0.02 0.01,--variant T$(t) $(WHOLE) purify.checkpoint=default query.temperature=$(t))
@@ -169,7 +179,8 @@ eval-test: eval-scenes
 	  --variant "learned, same checkpoint, whole" $(WHOLE) purify.checkpoint=default
 
 eval: eval-tune eval-test
-	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(EVAL_OUT)/tune_query/queries_sweep.md $(EVAL_OUT)/tune_labels/table_ci.md \
+	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(addprefix $(EVAL_OUT)/tune_,$(addsuffix /table_ci.md,superpoints \
+	  superpoint_blocks superpoint_min)) $(EVAL_OUT)/tune_query/queries_sweep.md $(EVAL_OUT)/tune_labels/table_ci.md \
 	  $(EVAL_OUT)/test_table/table_ci.md \
 	  $(EVAL_OUT)/test_incremental/table_ci.md $(EVAL_OUT)/test_d64_table/table_ci.md
 

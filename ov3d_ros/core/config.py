@@ -192,7 +192,7 @@ class PurifyConfig:
     feature; brought up to date when a reader needs it after keyframes came."""
     superpoint_blend: float = 0.85
     """Weight of the region mean in the blend (0-1)."""
-    superpoint_min_vox: int = 20
+    superpoint_min_vox: int = 40
     """Regions smaller than this many voxels join their most similar neighbour region."""
     superpoint_block_vox: int = 64
     """Superpoints stay inside cubes of this many voxels a side, so after a keyframe only the cubes it changed are
