@@ -165,7 +165,7 @@ eval-test: eval-scenes
 	  --variant "fallback + superpoints, whole-map superpoints" $(FALLBACK) $(SP0) \
 	  --variant "learned s0, pooling only" $(WHOLE) purify.checkpoint=default purify.superpoint_k=0 \
 	  --variant learned@s0 $(WHOLE) purify.checkpoint=default \
-	  --variant "learned@s0, superpoints over the whole map (block 0)" $(WHOLE) purify.checkpoint=default $(SP0) \
+	  --variant "learned s0, superpoints over the whole map (block 0)" $(WHOLE) purify.checkpoint=default $(SP0) \
 	  --variant learned@s1 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s1.safetensors \
 	  --variant learned@s2 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s2.safetensors \
 	  --variant "oracle (labels teacher), pooling only" $(WHOLE) $(ORACLE) purify.superpoint_k=0 \
