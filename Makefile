@@ -118,8 +118,9 @@ ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
 SP_K ?= 0.01 0.02 0.04
 SP_BLEND ?= 0.5 0.7 0.85
 SP0 := purify.superpoint_block_vox=0
-# min_vox 20: what the superpoint grid and the block sweep ran with, before the min_vox sweep chose 40
-SP20 := purify.superpoint_min_vox=20
+# What the older superpoint tables ran with: min_vox 20 (grid, blocks) and unweighted means (all of them)
+SPU := purify.superpoint_weighted=false
+SP20 := purify.superpoint_min_vox=20 $(SPU)
 K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
 eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_purify $(EVAL_ARGS) \
@@ -142,8 +143,10 @@ eval-tune: eval-scenes
 	  $(foreach b,0 16 32 64,--variant b$(b) $(WHOLE) purify.checkpoint=default purify.superpoint_block_vox=$(b) $(SP20))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_superpoint_min $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false \
-	  $(foreach m,5 10 20 40 80 160 320,--variant min$(m) $(WHOLE) purify.checkpoint=default purify.superpoint_min_vox=$(m)) \
-	  $(foreach t,6 12,--variant T$(t)_min40 $(WHOLE) purify.checkpoint=default purify.iterations=$(t)) \
+	  $(foreach m,5 10 20 40 80 160 320,--variant min$(m) $(WHOLE) purify.checkpoint=default \
+	  purify.superpoint_min_vox=$(m) $(SPU)) \
+	  $(foreach t,6 12,--variant T$(t)_min40 $(WHOLE) purify.checkpoint=default purify.iterations=$(t) $(SPU)) \
+	  --variant "min40, means weighted by fusion weight (default)" $(WHOLE) purify.checkpoint=default \
 	  $(foreach k,0.01 0.02 0.04,$(foreach b,0.85 0.95,--variant k$(k)_b$(b)_min20 $(WHOLE) purify.checkpoint=default \
 	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b) $(SP20)))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \

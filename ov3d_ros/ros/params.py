@@ -34,7 +34,7 @@ LIVE = frozenset({
     'purify.enabled', 'purify.affinity', 'purify.checkpoint', 'purify.radius_vox', 'purify.iterations',
     'purify.scale', 'purify.sigma_color', 'purify.sigma_normal', 'purify.sigma_distance_vox', 'purify.mode',
     'purify.margin_vox', 'purify.superpoint_k', 'purify.superpoint_blend', 'purify.superpoint_min_vox',
-    'purify.superpoint_block_vox',
+    'purify.superpoint_block_vox', 'purify.superpoint_weighted',
     'labels.vocabulary', 'labels.smoothing_radius_vox', 'labels.min_component_vox', 'labels.feature_prior',
     'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
     'pose_to_camera', 'use_sim_time',

@@ -98,6 +98,17 @@ def test_vote_keeps_norms_and_constant_features_and_blend_zero_is_identity():
     assert torch.allclose(superpoint_vote(const, torch.zeros(30, dtype=torch.int64), 0.85), const, atol=1e-5)
 
 
+def test_weighted_vote_is_the_mean_of_the_fused_observations():
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    seg = torch.tensor([0, 0, 1])
+    w = torch.tensor([9.0, 1.0, 4.0])
+    full = superpoint_vote(f, seg, 1.0, weights=w)
+    assert torch.allclose(full[:2], F.normalize(torch.tensor([9.0, 1.0]), dim=0).expand(2, 2), atol=1e-6)
+    assert torch.allclose(full[2], f[2])
+    assert torch.allclose(superpoint_vote(f, seg, 0.85, weights=torch.ones(3)), superpoint_vote(f, seg, 0.85))
+    assert torch.equal(f, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))   # the input is left alone
+
+
 def test_voted_features_follow_every_update():
     """The vote is kept between reads and brought up to date by each update: a new keyframe's voxel gets a vote."""
     m, rows, cls, wrong, text = box_corner_map()
@@ -147,7 +158,7 @@ def test_incremental_vote_over_blocks_equals_a_whole_map_vote_and_follows_evicti
         p.update(m, m.integrate(pts[part], new, colour[part] + 40 * (step == 3)))
         if step in (0, 2, 4):
             seg = p.superpoints(m)
-            whole = superpoint_vote(m.cake['purified'][:m.size], seg, cfg.superpoint_blend)
+            whole = superpoint_vote(m.cake['purified'][:m.size], seg, cfg.superpoint_blend, weights=m.weights[:m.size])
             assert torch.allclose(p.features(m).float(), whole, atol=2e-3, rtol=0)
             blocks = torch.div(torch.round(m.centers() / 0.05 - 0.5).long(), 16, rounding_mode='floor')
             for s in torch.unique(seg)[:50]:
@@ -155,9 +166,14 @@ def test_incremental_vote_over_blocks_equals_a_whole_map_vote_and_follows_evicti
     assert p.timings_s['superpoint_voxels'] < 0.5 * m.size                     # the corner keyframes: their blocks
     keep = torch.nonzero(m.centers()[:, 2] < 1.0).flatten()                   # evict the upper walls
     m.keep(keep)
-    whole = superpoint_vote(m.cake['purified'][:m.size], p.superpoints(m), cfg.superpoint_blend)
+    whole = superpoint_vote(m.cake['purified'][:m.size], p.superpoints(m), cfg.superpoint_blend,
+                            weights=m.weights[:m.size])
     assert torch.allclose(p.features(m).float(), whole, atol=2e-3, rtol=0)
     assert p.timings_s['superpoint_voxels'] == m.size
+    unweighted = superpoint_vote(m.cake['purified'][:m.size], p.superpoints(m), cfg.superpoint_blend)
+    assert not torch.allclose(unweighted, whole, atol=2e-3, rtol=0)          # the re-fused corner counts more
+    p.cfg.superpoint_weighted = False                                         # a settings change re-votes
+    assert torch.allclose(p.features(m).float(), unweighted, atol=2e-3, rtol=0)
 
 
 def test_invalid_superpoint_settings_are_refused():

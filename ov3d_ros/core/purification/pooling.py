@@ -355,7 +355,8 @@ class GeometryPooling:
         or ``superpoint_block_vox: 0`` (superpoints over the whole map) vote over the whole map."""
         c, n, cake = self.cfg, vmap.size, vmap.cake
         block = c.superpoint_block_vox
-        state = (id(cake), cake.epoch, vmap.dim, c.superpoint_k, c.superpoint_blend, c.superpoint_min_vox, block)
+        state = (id(cake), cake.epoch, vmap.dim, c.superpoint_k, c.superpoint_blend, c.superpoint_min_vox, block,
+                 c.superpoint_weighted)
         voted = cake.get('voted')
         new_layer = voted is None or cake.specs['voted'].width != vmap.dim
         if state != self._vote_state or new_layer:
@@ -379,7 +380,9 @@ class GeometryPooling:
             at = torch.searchsorted(blocks, keys[:n]).clamp_max(len(blocks) - 1)
             rows = torch.nonzero(blocks[at] == keys[:n]).flatten()
         segments = segment_rows(vmap, cake['normals'], rows, c.superpoint_k, c.superpoint_min_vox, block)
-        voted[rows] = superpoint_vote(cake['purified'][rows], segments, c.superpoint_blend, torch.float16)
+        weights = vmap.weights[rows] if c.superpoint_weighted else None
+        voted[rows] = superpoint_vote(cake['purified'][rows], segments, c.superpoint_blend, torch.float16,
+                                      weights=weights)
         self._vote_state, self._voted_size, self._vote_pending, self._vote_all = state, n, [], False
         self.timings_s['superpoints'] = time.perf_counter() - t0
         self.timings_s['superpoint_voxels'] = len(rows)

@@ -151,9 +151,10 @@ def segment_graph(num: int, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, k
 
 
 def superpoint_vote(features: torch.Tensor, segments: torch.Tensor, blend: float, dtype: Optional[torch.dtype] = None,
-                    chunk: int = 8192) -> torch.Tensor:
+                    chunk: int = 8192, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(V, D) features blended with their superpoint's mean direction: each voxel keeps its norm and takes the
-    direction of (1 - blend) f_i / |f_i| + blend * m_s / |m_s|, m_s the mean feature of its superpoint s.
+    direction of (1 - blend) f_i / |f_i| + blend * m_s / |m_s|, m_s the mean feature of its superpoint s
+    (weighted by ``weights`` (V,), e.g. the voxels' fusion weights; default: each voxel once).
 
     features (V, D) any float dtype; segments (V,) int64 superpoint ids (0..S-1), e.g. from :func:`segment_graph`.
     The result has ``dtype`` (default float32); it is computed ``chunk`` rows at a time in float32, so no (V, D)
@@ -166,7 +167,10 @@ def superpoint_vote(features: torch.Tensor, segments: torch.Tensor, blend: float
     num = int(segments.max()) + 1
     sums = torch.zeros(num, d, device=features.device)
     for lo in range(0, v, chunk):
-        sums.index_add_(0, segments[lo:lo + chunk], features[lo:lo + chunk].float())
+        f = features[lo:lo + chunk].float()
+        if weights is not None:
+            f = f * weights[lo:lo + chunk, None].float()
+        sums.index_add_(0, segments[lo:lo + chunk], f)
     means = F.normalize(sums, dim=1)
     for lo in range(0, v, chunk):
         f = features[lo:lo + chunk].float()
