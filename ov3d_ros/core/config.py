@@ -195,8 +195,9 @@ class PurifyConfig:
     superpoint_min_vox: int = 40
     """Regions smaller than this many voxels join their most similar neighbour region."""
     superpoint_weighted: bool = True
-    """Each voxel counts in its superpoint's mean by its fusion weight (the points fused into it), so the mean is
-    that of the superpoint's observations, as if they had been fused into one cell; false: each voxel once."""
+    """Each voxel counts in its superpoint's mean by its fusion weight (the points fused into it, capped at
+    ``map.max_weight`` as in fusion), so the mean is that of the superpoint's observations, as if they had been
+    fused into one cell; false: each voxel once."""
     superpoint_block_vox: int = 64
     """Superpoints stay inside cubes of this many voxels a side, so after a keyframe only the cubes it changed are
     segmented and voted again (cost follows the keyframe, not the map); 0: superpoints over the whole map, voted

@@ -190,3 +190,27 @@ def test_reads_whole_map_when_pooling_or_the_vote_spans_the_map():
     assert reads(mode='whole')
     assert reads(mode='incremental', superpoint_block_vox=0)            # superpoints over the whole map
     assert not reads(mode='incremental', superpoint_block_vox=0, superpoint_k=0.0)   # no vote at all
+
+
+def test_vote_weights_are_capped_like_fusion():
+    """A voxel a parked camera keeps re-observing weighs no more than ``max_weight`` in its superpoint's mean."""
+    pts, colour = striped_room()
+    cfg = PurifyConfig(enabled=True, affinity='fallback', iterations=0, superpoint_k=0.05, superpoint_min_vox=5)
+    m = VoxelFeatureMap(0.05, 4, max_weight=2.0)                             # every other voxel: 1 point
+    p = GeometryPooling(cfg)
+    f = torch.zeros(len(pts), 4)
+    f[:, 0] = 1.0
+    p.update(m, m.integrate(pts, f, colour))
+    stare = torch.arange(3)                                                  # three voxels, another meaning
+    other = torch.tensor([[0.0, 1.0, 0.0, 0.0]]).expand(3, -1)
+    for _ in range(20):
+        p.update(m, m.integrate(pts[stare], other, colour[stare], weights=torch.full((3,), 1000.0)))
+    rows = m.rows_of(pts[stare])
+    assert float(m.weights[rows].min()) > 1e4
+    seg = p.superpoints(m)
+    capped = superpoint_vote(m.cake['purified'][:m.size], seg, cfg.superpoint_blend,
+                             weights=m.weights[:m.size].clamp_max(2.0))
+    assert torch.allclose(p.features(m).float(), capped, atol=2e-3, rtol=0)
+    mates = torch.nonzero(seg == seg[rows[0]]).flatten()
+    mates = mates[~torch.isin(mates, rows)]
+    assert len(mates) > 10 and float(p.features(m)[mates, 0].float().mean()) > 0.9   # still mostly 'f0'
