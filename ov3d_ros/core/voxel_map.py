@@ -116,6 +116,11 @@ class VoxelFeatureMap:
         """(N,) keys → (N,) int64 rows, -1 where the voxel is not in the map."""
         return self.cake.lookup(keys)
 
+    def capped(self, weights: torch.Tensor) -> torch.Tensor:
+        """Accumulated ``weights`` (e.g. ``self.weights[rows]``) as the running means count them: capped at
+        ``max_weight`` (unchanged when it is 0)."""
+        return weights.clamp(max=self.max_weight) if self.max_weight > 0 else weights
+
     def rows_of(self, points: torch.Tensor) -> torch.Tensor:
         """(N,) int64 rows of the voxels containing (N, 3) points, -1 where the voxel is not in the map."""
         return self.lookup(pack_keys(voxel_coords(points.to(self.device), self.voxel_size_m)))
@@ -167,7 +172,7 @@ class VoxelFeatureMap:
         count = torch.bincount(inv, minlength=v)
         w_sum = count.float() if w is None else torch.zeros(v, device=dev).index_add_(0, inv, w)
         w_old = self.weights.index_select(0, rows)
-        w_eff = w_old.clamp(max=self.max_weight) if self.max_weight > 0 else w_old
+        w_eff = self.capped(w_old)
         denom = w_eff + w_sum
         mean = self._feature_means(v, inv, features, w, denom)     # sum of w f / denom
         if old:                                                     # new rows have no old feature (w_eff 0)

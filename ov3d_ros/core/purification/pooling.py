@@ -380,9 +380,8 @@ class GeometryPooling:
             at = torch.searchsorted(blocks, keys[:n]).clamp_max(len(blocks) - 1)
             rows = torch.nonzero(blocks[at] == keys[:n]).flatten()
         segments = segment_rows(vmap, cake['normals'], rows, c.superpoint_k, c.superpoint_min_vox, block)
-        weights = None
-        if c.superpoint_weighted:       # capped like the running means of fusion (a parked camera's view: 1e4)
-            weights = vmap.weights[rows].clamp_max(vmap.max_weight) if vmap.max_weight > 0 else vmap.weights[rows]
+        # capped as fusion counts them (a voxel a parked camera keeps seeing cannot take over its superpoint)
+        weights = vmap.capped(vmap.weights[rows]) if c.superpoint_weighted else None
         voted[rows] = superpoint_vote(cake['purified'][rows], segments, c.superpoint_blend, torch.float16,
                                       weights=weights)
         self._vote_state, self._voted_size, self._vote_pending, self._vote_all = state, n, [], False
