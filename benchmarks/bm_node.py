@@ -189,10 +189,11 @@ def bench_stream(args, env_vars, out: Path) -> dict:
         while time.monotonic() < end:
             client.spin(0.5)
             s = client.status
-            key = s and (s['frames'], s['superseded'], s['dropped'], s['keyframes'], s['pending_depth'])
+            key = s and (s['frames'], s['superseded'], s['dropped'], s['keyframes'], s['pending_depth'],
+                         s['pending_keyframes'])
             if key != last:
                 last, since = key, time.monotonic()
-            elif s['pending_depth'] == 0 and time.monotonic() - since > 2.5:
+            elif s['pending_depth'] == 0 and s['pending_keyframes'] == 0 and time.monotonic() - since > 2.5:
                 break
         final = dict(client.status)
         alive = node.alive()

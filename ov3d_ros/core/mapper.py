@@ -118,17 +118,29 @@ class Mapper:
                 raise ValueError('precomputed features contain NaN or inf')
 
     def integrate_batch(self, frames: Sequence[Frame]) -> int:
-        """Integrate the keyframes among ``frames`` (in order), running the feature extractor once on all of them
-        when it takes batches (``extract_batch``: one ViT batch, fp16 on CUDA). Returns how many were integrated."""
+        """Integrate the keyframes among ``frames`` (in order, by the map's keyframe rule) together
+        (:meth:`integrate_keyframes`). Returns how many were integrated."""
         keys = []
         for f in frames:
             self.validate(f)
             if self.keyframes.check(f.T_W_C, f.stamp_s):
                 self.keyframes.accept(f.T_W_C, f.stamp_s)
                 keys.append(f)
-        for f in self.with_batched_features(keys):
-            self.integrate(f, force=True)
-        return len(keys)
+        return self.integrate_keyframes(keys)
+
+    def integrate_keyframes(self, frames: Sequence[Frame]) -> int:
+        """Integrate every one of ``frames`` as a keyframe (no keyframe rule), in order, as one batch: the feature
+        extractor runs once on all of them when it takes batches (``extract_batch``: one ViT batch, fp16 on
+        CUDA), each is fused, and then purification runs once over every voxel they touched (consecutive
+        keyframes see mostly the same voxels, so a batch costs little more than one keyframe's purification),
+        followed by ``clear_radius_m`` and ``max_voxels`` around the last camera (the map may exceed
+        ``max_voxels`` by one batch until then). All frames are validated before any is fused: one bad frame
+        raises ValueError and integrates none. Returns how many were integrated."""
+        for f in frames:
+            self.validate(f)
+        if frames:
+            self._integrate(self.with_batched_features(frames))
+        return len(frames)
 
     def batchable(self, frames: Sequence[Frame]) -> List[Frame]:
         """The frames among ``frames`` whose features one batch of the feature source extracts: those without
@@ -152,47 +164,65 @@ class Mapper:
         self.validate(frame)
         if not force and not self.keyframes.check(frame.T_W_C, frame.stamp_s):
             return False
-        t0 = time.perf_counter()
+        self._integrate([frame])
+        return True
+
+    def _features(self, frame: Frame) -> torch.Tensor:
+        """(h, w, D) float32 unit features of a validated frame: its precomputed ones or the extractor's."""
         if frame.features is not None:
-            feats = torch.nn.functional.normalize(torch.as_tensor(frame.features, dtype=torch.float32,
-                                                                  device=self.device), dim=-1)
-        elif getattr(self.extractor, 'uses_geometry', False):   # the simulated source anchors errors in the world
-            feats = self.extractor.extract(frame.rgb, frame.labels, depth_m=frame.depth_m, camera=frame.camera,
-                                           T_W_C=frame.T_W_C)
-        else:
-            feats = self.extractor.extract(frame.rgb, frame.labels)
-        t_features = time.perf_counter()
-        if 0 < self.cfg.map.compress_dim < feats.shape[-1]:
-            self._update_projection(feats.reshape(-1, feats.shape[-1]))
-        t1 = time.perf_counter()
-        lifted = lift_keyframe(torch.from_numpy(np.array(frame.depth_m, dtype=np.float32, order='C')),
-                               torch.from_numpy(np.array(frame.rgb, order='C')),
-                               feats if self.projection is None else self.projection.project(feats), frame.camera,
-                               torch.from_numpy(np.asarray(frame.T_W_C, dtype=np.float64)),
-                               self.cfg.map.min_depth_m, self.cfg.map.max_depth_m, self.cfg.map.pixel_stride)
-        touched = self.map.integrate(lifted.points, lifted.features, lifted.colors)
-        if self.labels is not None:   # class probabilities from the full-dimension features
-            cells = CellFeatures(feats.reshape(-1, feats.shape[-1]), lifted.features.cells, lifted.features.weights)
-            self.labels.integrate(self.map.rows_of(lifted.points), cells)
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
+            return torch.nn.functional.normalize(torch.as_tensor(frame.features, dtype=torch.float32,
+                                                                 device=self.device), dim=-1)
+        if getattr(self.extractor, 'uses_geometry', False):   # the simulated source anchors errors in the world
+            return self.extractor.extract(frame.rgb, frame.labels, depth_m=frame.depth_m, camera=frame.camera,
+                                          T_W_C=frame.T_W_C)
+        return self.extractor.extract(frame.rgb, frame.labels)
+
+    def _integrate(self, frames: Sequence[Frame]) -> None:
+        """Fuse validated keyframes in order, then purify once over every voxel they touched. Rows do not move
+        between the fusions (inserts append; eviction comes after purification), so the touched rows stay valid.
+        ``timings_s``: seconds for the whole batch, and ``keyframes`` in it."""
+        t0 = time.perf_counter()
+        spent = {'features': 0.0, 'compress': 0.0, 'fusion': 0.0}
+        touched = []
+        for frame in frames:
+            t_start = time.perf_counter()
+            feats = self._features(frame)
+            t_features = time.perf_counter()
+            if 0 < self.cfg.map.compress_dim < feats.shape[-1]:
+                self._update_projection(feats.reshape(-1, feats.shape[-1]))
+            t1 = time.perf_counter()
+            lifted = lift_keyframe(torch.from_numpy(np.array(frame.depth_m, dtype=np.float32, order='C')),
+                                   torch.from_numpy(np.array(frame.rgb, order='C')),
+                                   feats if self.projection is None else self.projection.project(feats),
+                                   frame.camera, torch.from_numpy(np.asarray(frame.T_W_C, dtype=np.float64)),
+                                   self.cfg.map.min_depth_m, self.cfg.map.max_depth_m, self.cfg.map.pixel_stride)
+            touched.append(self.map.integrate(lifted.points, lifted.features, lifted.colors))
+            if self.labels is not None:   # class probabilities from the full-dimension features
+                cells = CellFeatures(feats.reshape(-1, feats.shape[-1]), lifted.features.cells,
+                                     lifted.features.weights)
+                self.labels.integrate(self.map.rows_of(lifted.points), cells)
+            if self.device.type == 'cuda':
+                torch.cuda.synchronize(self.device)
+            self.keyframes.accept(frame.T_W_C, frame.stamp_s)
+            self.num_keyframes += 1
+            t2 = time.perf_counter()
+            spent['features'] += t1 - t_start
+            spent['compress'] += t1 - t_features
+            spent['fusion'] += t2 - t1
         t2 = time.perf_counter()
         if self.purifier is not None and self.cfg.purify.mode == 'incremental':
-            self.purifier.update(self.map, touched, self._label_channels())
+            self.purifier.update(self.map, torch.cat(touched), self._label_channels())
             if self.device.type == 'cuda':
                 torch.cuda.synchronize(self.device)
         self._purified_stale = True
+        position = frames[-1].T_W_C[:3, 3]
         if self.cfg.map.clear_radius_m > 0:
-            self.clear_beyond(frame.T_W_C[:3, 3], self.cfg.map.clear_radius_m)
+            self.clear_beyond(position, self.cfg.map.clear_radius_m)
         if 0 < self.cfg.map.max_voxels < self.map.size:
-            self.evict(frame.T_W_C[:3, 3], int(0.9 * self.cfg.map.max_voxels))
-        self.keyframes.accept(frame.T_W_C, frame.stamp_s)
-        self.num_keyframes += 1
+            self.evict(position, int(0.9 * self.cfg.map.max_voxels))
         self.generation += 1
         t3 = time.perf_counter()
-        self.timings_s = {'features': t1 - t0, 'compress': t1 - t_features, 'fusion': t2 - t1, 'purify': t3 - t2,
-                          'total': t3 - t0}
-        return True
+        self.timings_s = {**spent, 'purify': t3 - t2, 'total': t3 - t0, 'keyframes': len(frames)}
 
     def _update_projection(self, samples: torch.Tensor) -> None:
         """Fit the feature compression on a keyframe's (N, D) features, or fold them into it (map.compress_*),

@@ -73,6 +73,7 @@ class CameraInput:
         self.last_error = ''
         self.stats = collections.Counter()
         self.keyframes: Optional[KeyframeSelector] = None
+        self.pending: Deque = collections.deque()  # selected keyframes (core Frames) waiting to be integrated
         self._selector_of = None                # the mapper's selector when ours was made (a new one = new map)
         self.T_B_C = None
         self._subs = []
@@ -109,6 +110,7 @@ class CameraInput:
         with self.lock:
             for buf in (self.color, self.depth, self.labels):
                 buf.clear()
+        self.pending.clear()
 
     def _push(self, buffer: Inbox):
         def callback(msg):
@@ -193,4 +195,5 @@ class CameraInput:
         return {'frames': self.stats['frames'], 'keyframes': self.stats['keyframes'],
                 'dropped': self.stats['dropped'], 'superseded': self.stats['superseded'],
                 'not_decoded': self.stats['not_decoded'], 'pending_depth': len(self.depth),
+                'pending_keyframes': len(self.pending),
                 'last_error': self.last_error}

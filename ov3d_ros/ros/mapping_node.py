@@ -1,9 +1,10 @@
 """The ov3d mapping node: RGB-D cameras + camera info + pose in, open-vocabulary voxel map and /segment_by_text out.
 
-Callbacks only store messages. One timer (``tick``) pairs each camera's depth with its colour (and labels for the
-simulated source) and a pose, converts, and integrates keyframes; it is the only writer of the map besides the
-load, clear, merge and vocabulary services (``map_persistence``, ``label_volume``) and live parameter changes,
-all under one lock. Whoever changes the map publishes a :class:`~ov3d_ros.core.snapshot.MapSnapshot` of it under
+Callbacks only store messages. A timer (``select``) pairs each camera's depth with its colour (and labels for the
+simulated source) and a pose, converts, and selects keyframes into the camera's pending keyframes; another
+(``tick``) integrates all pending keyframes as one batch. It is the only writer of the map besides the load,
+clear, merge and vocabulary services (``map_persistence``, ``label_volume``) and live parameter changes, all under
+one lock. Whoever changes the map publishes a :class:`~ov3d_ros.core.snapshot.MapSnapshot` of it under
 that lock (a copy of what queries read, taken after every integrated keyframe); ``segment_by_text``, the map and
 label clouds, the objects and the optional browser view (``web_view``) answer from the latest snapshot without
 taking the lock, so a query never waits behind a keyframe being integrated.
@@ -107,6 +108,9 @@ class MappingInterface:
         self.map_cloud_max_points = declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
         self.input_qos = declare(self, 'input_qos', 'sensor_data', "QoS of image inputs: 'sensor_data' or 'reliable'.")
         self.queue_size = declare(self, 'queue_size', 10, 'Messages kept per input topic while waiting for a partner.')
+        self.max_pending_keyframes = declare(self, 'max_pending_keyframes', 30, 'Selected keyframes per camera '
+                                             'waiting to be integrated (they are integrated together, as one '
+                                             'batch); beyond this the oldest is dropped (counted, logged).')
         declare_web_view(self)
         check_node(self)
         if not self.cameras_ns or len(set(self.cameras_ns)) != len(self.cameras_ns):
@@ -115,6 +119,8 @@ class MappingInterface:
             raise ValueError(f'pose_to_camera has {len(self.get_parameter("pose_to_camera").value)} numbers; '
                              f'expected 7 or 7 per camera ({7 * len(self.cameras_ns)})')
         self._lock = threading.Lock()            # guards the mapper
+        self._select_lock = threading.Lock()     # one select() at a time (its timer and tick)
+        self._pending_lock = threading.Lock()    # guards the cameras' pending keyframes
         self._snapshot: Optional[MapSnapshot] = None   # what readers answer from (see publish_snapshot)
         self._snapshot_stale = False
         self._mapping_timers = {}
@@ -199,6 +205,9 @@ class MappingInterface:
         if 'tick_rate_hz' in new:
             self.tick_rate_hz = new['tick_rate_hz']
             self._restart_timer('tick')
+            self._restart_timer('select')
+        if 'max_pending_keyframes' in new:
+            self.max_pending_keyframes = new['max_pending_keyframes']
         if 'map_publish_rate_hz' in new:
             self.map_publish_rate_hz = new['map_publish_rate_hz']
             self._restart_timer('map')
@@ -306,7 +315,7 @@ class MappingInterface:
         elif self.pose_source == 'odometry':
             self.create_subscription(Odometry, 'odom', self._push_pose, 50, callback_group=poses)
         self._mapping_timers, self._mapping_active = {}, True
-        for name in ('tick', 'status', 'map'):
+        for name in ('tick', 'select', 'status', 'map'):
             self._restart_timer(name)
         self._created['activate'] = before
         topics = '; '.join(', '.join(c.topics()[k] for k in ('color', 'depth', 'camera_info')) for c in self.cameras)
@@ -319,9 +328,10 @@ class MappingInterface:
         old = self._mapping_timers.pop(name, None)
         if old is not None:
             self.destroy_timer(old)
-        period = {'tick': 1.0 / self.tick_rate_hz, 'status': 1.0,
+        period = {'tick': 1.0 / self.tick_rate_hz, 'select': 1.0 / self.tick_rate_hz, 'status': 1.0,
                   'map': 1.0 / self.map_publish_rate_hz if self.map_publish_rate_hz > 0 else 0.0}[name]
-        callback = {'tick': self.tick, 'status': self.publish_status, 'map': self.publish_map}[name]
+        callback = {'tick': self.tick, 'select': self.select, 'status': self.publish_status,
+                    'map': self.publish_map}[name]
         if period > 0:
             self._mapping_timers[name] = self.create_timer(period, callback, MutuallyExclusiveCallbackGroup())
 
@@ -481,16 +491,90 @@ class MappingInterface:
 
     # ------------------------------------------------------------------ processing
     def tick(self) -> None:
-        """Integrate each camera's oldest queued keyframe candidate (else validate its newest complete frame); the
-        keyframes of several cameras in one tick go through the feature extractor as one batch when it takes
-        batches (CLIP)."""
-        taken = [p for p in (self._take(cam) for cam in self.cameras) if p is not None]
-        batch = [p for p in taken if p[2]]
-        if len(batch) > 1 and len(self.mapper.batchable([frame for _, frame, _ in batch])) == len(batch):
-            self._integrate_batch(batch)
-            taken = [p for p in taken if not p[2]]
-        for cam, frame, candidate in taken:
-            self._process(cam, frame, candidate)
+        """Select keyframes from every camera's queue (:meth:`select`), then integrate all that wait
+        (:meth:`integrate_pending`)."""
+        self.select()
+        self.integrate_pending()
+
+    def select(self) -> None:
+        """Take every camera's queued frames, oldest keyframe candidate first: a candidate (the camera's keyframe
+        rule, judged and accepted now, not when it is integrated) is validated, decoded and joins the camera's
+        pending keyframes; otherwise the newest complete frame is validated and counted and older ones are
+        superseded. Cheap (no feature extraction, no map lock): it also runs on a timer of its own while a batch
+        of keyframes is integrated, so keyframes that arrive meanwhile wait as frames, not in the input queues
+        that newer images push them out of. At most ``max_pending_keyframes`` wait per camera; beyond that the
+        oldest is dropped (counted, logged)."""
+        if not self._select_lock.acquire(blocking=False):
+            return                                      # the other timer is selecting
+        try:
+            for cam in self.cameras:
+                while True:
+                    taken = self._take(cam)
+                    if taken is None:
+                        break
+                    self._select(*taken)
+        finally:
+            self._select_lock.release()
+
+    def _select(self, cam: CameraInput, frame: Frame, candidate: bool) -> None:
+        try:
+            mapper = self.mapper
+            if mapper is None:
+                return
+            mapper.validate(frame)                      # reads the config only: no map lock
+            cam.last_stamp = frame.stamp_s
+            if not candidate:
+                return
+            cam.keyframes.accept(frame.T_W_C, frame.stamp_s)
+            with self._pending_lock:
+                cam.pending.append(frame)
+                overflow = len(cam.pending) - self.max_pending_keyframes
+                late = [cam.pending.popleft() for _ in range(max(overflow, 0))]
+            for old in late:
+                self._error(f'{cam.name}: {self.max_pending_keyframes} keyframes were waiting to be integrated '
+                            f'(max_pending_keyframes): the one at {old.stamp_s:.3f} s was dropped; integration is '
+                            'slower than keyframes come (raise keyframes.min_translation_m or use a GPU)', cam)
+        except Exception as e:
+            self._frame_failed(e, cam)
+
+    def integrate_pending(self) -> None:
+        """Integrate every camera's pending keyframes, oldest first, as one batch (``Mapper.integrate_keyframes``:
+        features in one batch where the source takes batches, each keyframe fused, one purification over all
+        they touched) and publish one snapshot: when keyframes come faster than one is integrated, they wait and
+        are integrated together, each for less. A batch that fails is retried keyframe by keyframe, so one bad
+        keyframe is dropped alone (counted, the reason logged)."""
+        with self._pending_lock:
+            batch = [(cam, cam.pending.popleft()) for cam in self.cameras for _ in range(len(cam.pending))]
+        batch.sort(key=lambda p: p[1].stamp_s)
+        if batch:
+            self._integrate(batch)
+
+    def _integrate(self, batch) -> None:
+        fused = 0
+        try:
+            with self._lock:
+                if self.mapper is None:
+                    return
+                t0, before = time.perf_counter(), self.mapper.num_keyframes
+                try:
+                    self.mapper.integrate_keyframes([frame for _, frame in batch])
+                finally:
+                    fused = self.mapper.num_keyframes - before
+                self.publish_snapshot()            # the superpoint vote of the batch's blocks, the copy
+                each = (time.perf_counter() - t0) / len(batch)
+        except Exception as e:
+            if fused == 0 and len(batch) > 1:      # refused before any was fused: find the bad one(s)
+                for one in batch:
+                    self._integrate([one])
+                return
+            for cam, _ in batch[:fused]:           # in the map, though the step after fusion failed
+                cam.stats['keyframes'] += 1
+            for cam, _ in batch[fused:]:
+                self._frame_failed(e, cam)
+            return
+        for cam, _ in batch:
+            cam.stats['keyframes'] += 1
+            self._kf_times.append(each)
 
     def _take(self, cam: CameraInput):
         """(cam, Frame, keyframe candidate) of the camera's oldest queued keyframe candidate, else of its newest
@@ -540,54 +624,6 @@ class MappingInterface:
         except Exception as e:
             self._frame_failed(e, cam)
             return None
-
-    def _process(self, cam: CameraInput, frame: Frame, candidate: bool, features_s: float = 0.0) -> None:
-        """Integrate a keyframe candidate (or only validate another frame) and count it. ``features_s``: this
-        frame's share of a batched feature extraction (``frame.features`` then holds its features)."""
-        try:
-            with self._lock:
-                snapshot_s = 0.0
-                if candidate:
-                    self.mapper.integrate(frame, force=True)
-                    t0 = time.perf_counter()
-                    self.publish_snapshot()            # the superpoint vote of the keyframe's blocks, the copy
-                    snapshot_s = time.perf_counter() - t0
-                else:
-                    self.mapper.validate(frame)
-                total = self.mapper.timings_s.get('total', 0.0) + snapshot_s
-            cam.last_stamp = frame.stamp_s
-            if candidate:
-                cam.keyframes.accept(frame.T_W_C, frame.stamp_s)
-                cam.stats['keyframes'] += 1
-                self._kf_times.append(features_s + total)
-        except Exception as e:
-            self._frame_failed(e, cam)
-
-    def _integrate_batch(self, batch) -> None:
-        """Keyframes of several cameras (``[(cam, Frame, True), ...]``): each validated (a bad one is dropped for
-        its camera alone), the features of the rest extracted in one batch, then each integrated and counted as
-        in :meth:`_process`. Not ``Mapper.integrate_batch``: that applies the map's own keyframe rule on top of
-        each camera's, which would drop a camera's keyframe taken close to another camera's."""
-        valid = []
-        with self._lock:
-            for cam, frame, _ in batch:
-                try:
-                    self.mapper.validate(frame)
-                    valid.append((cam, frame))
-                except Exception as e:
-                    self._frame_failed(e, cam)
-            if not valid:
-                return
-            try:
-                t0 = time.perf_counter()
-                frames = self.mapper.with_batched_features([frame for _, frame in valid])
-                share = (time.perf_counter() - t0) / len(valid)
-            except Exception as e:
-                for cam, _ in valid:
-                    self._frame_failed(e, cam)
-                return
-        for (cam, _), frame in zip(valid, frames):
-            self._process(cam, frame, True, share)
 
     def _frame_failed(self, e: Exception, cam: CameraInput) -> None:
         if isinstance(e, (ValueError, RuntimeError)):
@@ -669,7 +705,7 @@ class MappingInterface:
         times = np.array(self._kf_times or [0.0])
         cams = {c.name: c.status() for c in self.cameras}
         total = {k: sum(c[k] for c in cams.values()) for k in ('frames', 'keyframes', 'dropped', 'superseded',
-                                                                 'not_decoded', 'pending_depth')}
+                                                                 'not_decoded', 'pending_depth', 'pending_keyframes')}
         return {**total, 'voxels': self.mapper.map.size, 'evicted_voxels': self.mapper.evicted_voxels,
                 'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_p95_s': float(np.percentile(times, 95)),
                 'keyframe_time_max_s': float(times.max()),

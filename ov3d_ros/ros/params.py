@@ -37,7 +37,7 @@ LIVE = frozenset({
     'purify.superpoint_block_vox', 'purify.superpoint_weighted',
     'labels.vocabulary', 'labels.smoothing_radius_vox', 'labels.min_component_vox', 'labels.feature_prior',
     'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
-    'pose_to_camera', 'use_sim_time',
+    'max_pending_keyframes', 'pose_to_camera', 'use_sim_time',
     'web_view.enabled', 'web_view.host', 'web_view.port', 'web_view.refresh_s',
 })
 """Parameters a ``ros2 param set`` changes while the node runs."""
@@ -140,7 +140,7 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     'features.sim_preset': _one_of('clean', 'default', 'hard', 'custom'),
     'sync_slop_s': _at_least(0.0, True), 'sync_timeout_s': _at_least(0.0, True),
     'tick_rate_hz': _at_least(0.0, True), 'map_publish_rate_hz': _at_least(0.0),
-    'map_cloud_max_points': _at_least(0), 'queue_size': _at_least(1),
+    'map_cloud_max_points': _at_least(0), 'queue_size': _at_least(1), 'max_pending_keyframes': _at_least(1),
     'pose_source': _one_of('tf', 'pose', 'odometry'), 'input_qos': _one_of('sensor_data', 'reliable'),
     'color_transport': _one_of('raw', 'compressed'), 'depth_transport': _one_of('raw', 'compressedDepth'),
     'pose_to_camera': _pose_to_camera,

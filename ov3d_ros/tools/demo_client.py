@@ -69,7 +69,8 @@ class DemoClient:
         stable_since, last = time.monotonic(), None
         while time.monotonic() < end:
             self.spin(0.5)
-            key = self.status and (self.status['frames'], self.status['voxels'], self.status['pending_depth'])
+            key = self.status and (self.status['frames'], self.status['voxels'], self.status['pending_depth'],
+                                   self.status['pending_keyframes'])
             if key != last:
                 stable_since, last = time.monotonic(), key
             elif self.status and time.monotonic() - stable_since > 2.5:

@@ -60,15 +60,36 @@ class RosProcess:
 
 def start_mapping_node(env: Dict[str, str], log_path: Path, overlays: Sequence[str] = ('demo.yaml',),
                        params: Sequence[str] = (), lifecycle: bool = False) -> RosProcess:
-    """The mapping node with config/mapping.yaml, then each overlay, then ``-p name:=value`` overrides
-    (``lifecycle``: the managed node, which starts unconfigured)."""
+    """The mapping node with config/mapping.yaml, then each overlay, then the ``name:=value`` overrides of
+    ``params``. The overrides go in one more parameter file (``<log name>.params.yaml`` next to the log), not as
+    ``-p`` arguments: rcl ignores a ``-p`` of a nested parameter that two parameter files set (``keyframes.*``
+    in mapping.yaml and demo.yaml). ``lifecycle``: the managed node, which starts unconfigured."""
     args: List[str] = ['--params-file', str(CONFIG / 'mapping.yaml')]
     for overlay in overlays:
         args += ['--params-file', str(CONFIG / overlay)]
-    for p in params:
-        args += ['-p', p]
+    if params:
+        path = Path(log_path).with_suffix('.params.yaml')
+        path.write_text(override_file(params))
+        args += ['--params-file', str(path)]
     module = 'ov3d_ros.ros.lifecycle_mapping_node' if lifecycle else 'ov3d_ros.ros.mapping_node'
     return RosProcess(module, args, env, log_path)
+
+
+def override_file(params: Sequence[str]) -> str:
+    """A ROS 2 parameter file (for every node) of ``name:=value`` overrides, values read as YAML like ``-p`` does
+    (``a.b:=1`` sets ``b`` under ``a``)."""
+    import yaml
+    tree: dict = {}
+    for p in params:
+        name, sep, value = p.partition(':=')
+        if not sep or not name:
+            raise ValueError(f'parameter override {p!r} is not name:=value')
+        *sections, leaf = name.split('.')
+        node = tree
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return yaml.safe_dump({'/**': {'ros__parameters': tree}}, default_flow_style=None)
 
 
 def start_scene_player(env: Dict[str, str], log_path: Path, params: Sequence[str] = ()) -> RosProcess:

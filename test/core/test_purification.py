@@ -206,20 +206,24 @@ def _scene_frames(n_keyframes: int, size=(80, 60)):
     return frames
 
 
-def _map_both_ways(purify: dict, frames):
+def _scene_mapper(purify: dict, mode: str):
     from ov3d_ros.core.config import MapperConfig
     from ov3d_ros.core.features import create_extractor
     from ov3d_ros.core.mapper import Mapper
     from ov3d_ros.sim.classes import CLASS_NAMES
+    cfg = MapperConfig()
+    cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
+    cfg.map.voxel_size_m, cfg.map.pixel_stride = 0.1, 1
+    cfg.purify.enabled, cfg.purify.mode, cfg.purify.iterations = True, mode, 6
+    for k, v in purify.items():
+        setattr(cfg.purify, k, v)
+    return Mapper(cfg, create_extractor(cfg.features, 'cpu', list(CLASS_NAMES)))
+
+
+def _map_both_ways(purify: dict, frames):
     out = {}
     for mode in ('incremental', 'whole'):
-        cfg = MapperConfig()
-        cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
-        cfg.map.voxel_size_m, cfg.map.pixel_stride = 0.1, 1
-        cfg.purify.enabled, cfg.purify.mode, cfg.purify.iterations = True, mode, 6
-        for k, v in purify.items():
-            setattr(cfg.purify, k, v)
-        mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', list(CLASS_NAMES)))
+        mapper = _scene_mapper(purify, mode)
         for f in frames:
             mapper.integrate(f, force=True)
         out[mode] = (mapper.query_features().float().clone(), mapper.map.features[:len(mapper.map)].float())
@@ -255,6 +259,31 @@ def test_incremental_equals_whole_map_pooling_on_a_generated_scene(affinity, tmp
     assert moved.median() > 0.05                   # pooling really did something on this scene
     assert err.median() < 0.01 and torch.quantile(err, 0.99) < 0.03 and err.max() < 0.08, \
         (err.median(), torch.quantile(err, 0.99), err.max())
+
+
+def test_keyframes_integrated_together_are_purified_once_like_whole_map_pooling():
+    """Mapper.integrate_keyframes (the node's backlog of keyframes) fuses each keyframe and purifies once over
+    every voxel they touched: the fused map is the one keyframe-by-keyframe integration makes, and the purified
+    features agree with whole-map pooling within the bounds of keyframe-by-keyframe purification (test above)."""
+    frames = _scene_frames(5)
+    ref = _map_both_ways({'affinity': 'fallback', 'superpoint_k': 0.0}, frames)
+    (whole, _), (_, raw) = ref['whole'], ref['incremental']
+    mapper = _scene_mapper({'affinity': 'fallback', 'superpoint_k': 0.0}, 'incremental')
+    updates = []
+    real_update = mapper.purifier.update
+    mapper.purifier.update = lambda vmap, touched, channels=(): updates.append(len(touched)) or \
+        real_update(vmap, touched, channels)
+    assert mapper.integrate_keyframes(frames[:3]) == 3 and mapper.integrate_keyframes(frames[3:]) == 2
+    assert len(updates) == 2 and mapper.num_keyframes == 5 and mapper.timings_s['keyframes'] == 2
+    assert torch.allclose(mapper.map.features[:len(mapper.map)].float(), raw)
+    err = _relative_error(mapper.query_features().float(), whole)
+    assert err.median() < 0.01 and torch.quantile(err, 0.99) < 0.03 and err.max() < 0.08, \
+        (err.median(), torch.quantile(err, 0.99), err.max())
+    bad = _scene_frames(1)[0]
+    bad.T_W_C = bad.T_W_C * 2.0                     # not a rigid transform: the batch integrates nothing
+    with pytest.raises(ValueError, match='rigid'):
+        mapper.integrate_keyframes([frames[0], bad])
+    assert mapper.num_keyframes == 5
 
 
 def test_pick_pairs_uses_the_teacher_for_positives_and_negatives():

@@ -48,6 +48,7 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     cfg = MapperConfig()
     names = {f'{s.name}.{f.name}' for s in fields(cfg) for f in fields(getattr(cfg, s.name))}
     node_level = {'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
+                  'max_pending_keyframes',
                   'pose_to_camera', 'use_sim_time', 'web_view.enabled', 'web_view.host', 'web_view.port',
                   'web_view.refresh_s'}
     assert LIVE - names == node_level                   # no misspelt live name
@@ -75,3 +76,29 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert check('web_view.port', 0) is None and 'port number' in check('web_view.port', 65536)
     assert 'port number' in check('web_view.port', True) and 'host name' in check('web_view.host', ' ')
     assert 'web_view.refresh_s must be a finite number > 0' in check('web_view.refresh_s', 0.0)
+
+
+def test_overrides_of_the_started_node_reach_parameters_that_two_files_set(tmp_path):
+    """start_mapping_node's overrides win over mapping.yaml + demo.yaml, also for a nested parameter that both files
+    set (keyframes.*), where rcl ignored a ``-p`` (it kept demo.yaml's value); the same arguments, parsed by rcl."""
+    from ov3d_ros.tools.ros_graph import CONFIG, override_file
+    path = tmp_path / 'override.yaml'
+    path.write_text(override_file(['keyframes.min_translation_m:=0.25', 'cameras:=[cam_a,cam_b]',
+                                   'map_path:=/tmp/a map.ov3dmap', 'load_map_on_start:=true']))
+    files = ['--params-file', str(CONFIG / 'mapping.yaml'), '--params-file', str(CONFIG / 'demo.yaml')]
+
+    def read(args):
+        ctx = rclpy.Context()
+        rclpy.init(args=['node', '--ros-args', *files, *args], context=ctx)
+        try:
+            node = rclpy.create_node('ov3d_mapping', context=ctx,
+                                     automatically_declare_parameters_from_overrides=True)
+            values = {n: node.get_parameter(n).value for n in ('keyframes.min_translation_m', 'cameras', 'map_path',
+                                                               'load_map_on_start')}
+            node.destroy_node()
+            return values
+        finally:
+            rclpy.shutdown(context=ctx)
+    assert read(['-p', 'cameras:=[x]'])['keyframes.min_translation_m'] == 0.05   # demo.yaml's, without the override
+    assert read(['--params-file', str(path)]) == {'keyframes.min_translation_m': 0.25, 'cameras': ['cam_a', 'cam_b'],
+                                                  'map_path': '/tmp/a map.ov3dmap', 'load_map_on_start': True}

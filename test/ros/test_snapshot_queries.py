@@ -95,13 +95,13 @@ def test_queries_answer_from_the_snapshot_while_a_keyframe_holds_the_lock():
 
         # hold the next keyframe inside the integration, the map lock taken
         entered, release = threading.Event(), threading.Event()
-        integrate = node.mapper.integrate
+        integrate = node.mapper.integrate_keyframes
 
         def held(*args, **kwargs):
             entered.set()
             assert release.wait(300.0)
             return integrate(*args, **kwargs)
-        node.mapper.integrate = held
+        node.mapper.integrate_keyframes = held
         t = pub.now()
         rgb, depth, lab = wall(12)
         pub.send(rgb, depth, camera=CAMERA, labels=lab, stamp=t, position=(0.6, 0.0, 0.0))
@@ -129,7 +129,7 @@ def test_queries_answer_from_the_snapshot_while_a_keyframe_holds_the_lock():
             release.set()
             ticking.join(300.0)
         assert not ticking.is_alive()
-        node.mapper.integrate = integrate
+        node.mapper.integrate_keyframes = integrate
 
         # the keyframe is in: readers answer from the new generation
         second = node.snapshot()
@@ -143,6 +143,74 @@ def test_queries_answer_from_the_snapshot_while_a_keyframe_holds_the_lock():
         assert len(live.scores) != len(expected['chair'].scores)
         node.publish_map()
         assert maps[-1].width == second.size
+
+
+def test_keyframes_that_come_while_one_is_integrated_wait_and_are_integrated_together():
+    """Keyframes selected while a batch holds the map lock wait as frames (not in the input queue, which holds one
+    depth image here and would push them out) and are integrated together afterwards, one purification and one
+    snapshot for all; beyond max_pending_keyframes the oldest waiting one is dropped with the reason."""
+    with ticked_node(**{'queue_size': 1, 'purify.enabled': True, 'purify.affinity': 'fallback'}) as \
+            (client, node, pub, send_and_tick):
+        send_and_tick((0.0, 0.0, 0.0), 0)
+        assert node.status()['keyframes'] == 1
+        entered, release = threading.Event(), threading.Event()
+        integrate, batches = node.mapper.integrate_keyframes, []
+        updates = []
+        update = node.mapper.purifier.update
+        node.mapper.purifier.update = lambda *a, **k: updates.append(1) or update(*a, **k)
+
+        def held(frames):
+            batches.append([f.stamp_s for f in frames])
+            entered.set()
+            assert release.wait(300.0)
+            return integrate(frames)
+        node.mapper.integrate_keyframes = held
+
+        def arrive(position):
+            """One frame at ``position``, spun until the node holds it, then selected (no integration)."""
+            t = pub.now()
+            rgb, depth, lab = wall(4)
+            pub.send(rgb, depth, camera=CAMERA, labels=lab, stamp=t, position=position)
+            for _ in range(300):
+                client.spin(0.1)
+                cam = node.cameras[0]
+                if cam.depth and abs(cam.depth[-1].header.stamp.sec + 1e-9 * cam.depth[-1].header.stamp.nanosec
+                                     - t) < 1e-6 and len(node._poses) and \
+                        abs(node._poses[-1].header.stamp.sec + 1e-9 * node._poses[-1].header.stamp.nanosec - t) < 1e-6:
+                    break
+            finishes(node.select)                       # never waits for the map lock
+            return t
+
+        stamps = [arrive((0.5, 0.0, 0.0))]
+        ticking = threading.Thread(target=node.integrate_pending, daemon=True)
+        ticking.start()
+        try:
+            assert entered.wait(300.0) and node._lock.locked()
+            stamps += [arrive((0.5 * i, 0.0, 0.0)) for i in (2, 3, 4)]
+            status = node.status()
+            assert status['pending_keyframes'] == 3 and status['dropped'] == 0, status
+        finally:
+            release.set()
+            ticking.join(300.0)
+        assert not ticking.is_alive()
+        updates.clear()
+        node.integrate_pending()                        # the three that waited: one batch
+        assert batches == [stamps[:1], stamps[1:]] and len(updates) == 1
+        status = node.status()
+        assert (status['keyframes'], status['pending_keyframes'], status['dropped']) == (5, 0, 0), status
+        assert node.snapshot().keyframes == 5 and node.mapper.num_keyframes == 5
+        assert len(node._kf_times) == 5
+
+        # at most max_pending_keyframes wait: the oldest goes, with the reason
+        node.set_parameters([Parameter('max_pending_keyframes', value=2)])
+        late = [arrive((0.5 * i, 0.0, 0.0)) for i in (5, 6, 7)]
+        status = node.status()
+        assert (status['pending_keyframes'], status['dropped']) == (2, 1), status
+        assert 'max_pending_keyframes' in status['last_error'] and f'{late[0]:.3f}' in status['last_error']
+        node.integrate_pending()
+        assert batches[-1] == late[1:] and node.status()['keyframes'] == 7
+        res = node.set_parameters([Parameter('max_pending_keyframes', value=0)])
+        assert not res[0].successful and node.max_pending_keyframes == 2
 
 
 def test_whole_mode_pools_when_a_reader_needs_it_not_after_every_keyframe():
