@@ -16,10 +16,11 @@ version, threads and sizes:
           out every --query-period s without waiting for the answers. Frames published (depth images counted
           here: the last message of a frame; the player renders every frame, so its rate is bounded by its CPU),
           received by the node (processed + superseded + dropped + still pending, from ~/status), keyframes
-          integrated, frames dropped, the keyframes the node's rule selects when it sees every published frame (the
-          same KeyframeSelector and settings replayed here on the published poses: the node looks at the newest
-          frame of each tick, so it selects from fewer frames), per-keyframe integration time (~/status: mean,
-          p95, max) and the query round trips (client side).
+          integrated, frames dropped, keyframes selected but dropped while waiting to be integrated
+          (max_pending_keyframes), the keyframes the node's rule selects when it sees every published frame (the
+          same KeyframeSelector and settings replayed here on the published poses), per-keyframe integration time
+          (~/status: a batch's time shared by its keyframes; mean, p95, max) and the query round trips (client
+          side).
   map     a --voxels map (bm_pooling's synthetic building, one scene class per 0.5 m cell, features near the class
           texts, written by the core's Mapper.save) loaded by the node at start (map_path + load_map_on_start),
           then --calls /segment_by_text round trips (client side: request sent -> response in hand; after one
@@ -213,6 +214,7 @@ def bench_stream(args, env_vars, out: Path) -> dict:
                frames_lost_in_transport=published - received, frames_processed=final['frames'],
                frames_superseded=final['superseded'], frames_dropped=final['dropped'],
                keyframes_selected_at_full_rate=selected, keyframes_integrated=final['keyframes'],
+               keyframes_dropped_waiting=final['keyframes_dropped'],
                keyframe_ms={'mean': round(1e3 * final['keyframe_time_mean_s'], 1),
                             'p95': round(1e3 * final.get('keyframe_time_p95_s', float('nan')), 1),
                             'max': round(1e3 * final['keyframe_time_max_s'], 1)},
@@ -323,6 +325,7 @@ def main() -> None:
         summary.update(frames_dropped=s['frames_dropped'], target_frames_dropped=0,
                        frames_lost_in_transport=s['frames_lost_in_transport'],
                        keyframes_integrated=s['keyframes_integrated'],
+                       keyframes_dropped_waiting=s['keyframes_dropped_waiting'],
                        keyframes_selected_at_full_rate=s['keyframes_selected_at_full_rate'],
                        keyframes_integrated_ratio=round(s['keyframes_integrated'] /
                                                         max(1, s['keyframes_selected_at_full_rate']), 2),

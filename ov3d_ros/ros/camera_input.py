@@ -195,5 +195,5 @@ class CameraInput:
         return {'frames': self.stats['frames'], 'keyframes': self.stats['keyframes'],
                 'dropped': self.stats['dropped'], 'superseded': self.stats['superseded'],
                 'not_decoded': self.stats['not_decoded'], 'pending_depth': len(self.depth),
-                'pending_keyframes': len(self.pending),
+                'pending_keyframes': len(self.pending), 'keyframes_dropped': self.stats['keyframes_dropped'],
                 'last_error': self.last_error}

@@ -411,11 +411,12 @@ class MappingInterface:
             if cam.keyframes is not None:
                 cam.keyframes.reset()
 
-    def _error(self, reason: str, cam: Optional[CameraInput] = None) -> None:
+    def _error(self, reason: str, cam: Optional[CameraInput] = None, counter: str = 'dropped') -> None:
+        """Log ``reason`` (throttled) as the last error and count it in ``cam``'s ``counter``."""
         self.last_error = reason
         if cam is not None:
             cam.last_error = reason
-            cam.stats['dropped'] += 1
+            cam.stats[counter] += 1
         self.get_logger().warning(reason, throttle_duration_sec=2.0)
 
     # ------------------------------------------------------------------ poses and frames
@@ -503,7 +504,7 @@ class MappingInterface:
         superseded. Cheap (no feature extraction, no map lock): it also runs on a timer of its own while a batch
         of keyframes is integrated, so keyframes that arrive meanwhile wait as frames, not in the input queues
         that newer images push them out of. At most ``max_pending_keyframes`` wait per camera; beyond that the
-        oldest is dropped (counted, logged)."""
+        oldest is dropped (counted in ``keyframes_dropped``, logged)."""
         if not self._select_lock.acquire(blocking=False):
             return                                      # the other timer is selecting
         try:
@@ -533,7 +534,8 @@ class MappingInterface:
             for old in late:
                 self._error(f'{cam.name}: {self.max_pending_keyframes} keyframes were waiting to be integrated '
                             f'(max_pending_keyframes): the one at {old.stamp_s:.3f} s was dropped; integration is '
-                            'slower than keyframes come (raise keyframes.min_translation_m or use a GPU)', cam)
+                            'slower than keyframes come (raise keyframes.min_translation_m or use a GPU)', cam,
+                            'keyframes_dropped')
         except Exception as e:
             self._frame_failed(e, cam)
 
@@ -705,7 +707,8 @@ class MappingInterface:
         times = np.array(self._kf_times or [0.0])
         cams = {c.name: c.status() for c in self.cameras}
         total = {k: sum(c[k] for c in cams.values()) for k in ('frames', 'keyframes', 'dropped', 'superseded',
-                                                                 'not_decoded', 'pending_depth', 'pending_keyframes')}
+                                                                 'not_decoded', 'pending_depth', 'pending_keyframes',
+                                                                 'keyframes_dropped')}
         return {**total, 'voxels': self.mapper.map.size, 'evicted_voxels': self.mapper.evicted_voxels,
                 'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_p95_s': float(np.percentile(times, 95)),
                 'keyframe_time_max_s': float(times.max()),

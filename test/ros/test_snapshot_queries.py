@@ -197,7 +197,8 @@ def test_keyframes_that_come_while_one_is_integrated_wait_and_are_integrated_tog
         node.integrate_pending()                        # the three that waited: one batch
         assert batches == [stamps[:1], stamps[1:]] and len(updates) == 1
         status = node.status()
-        assert (status['keyframes'], status['pending_keyframes'], status['dropped']) == (5, 0, 0), status
+        assert (status['keyframes'], status['pending_keyframes'], status['dropped'], status['keyframes_dropped']) == \
+            (5, 0, 0, 0), status
         assert node.snapshot().keyframes == 5 and node.mapper.num_keyframes == 5
         assert len(node._kf_times) == 5
 
@@ -205,7 +206,7 @@ def test_keyframes_that_come_while_one_is_integrated_wait_and_are_integrated_tog
         node.set_parameters([Parameter('max_pending_keyframes', value=2)])
         late = [arrive((0.5 * i, 0.0, 0.0)) for i in (5, 6, 7)]
         status = node.status()
-        assert (status['pending_keyframes'], status['dropped']) == (2, 1), status
+        assert (status['pending_keyframes'], status['keyframes_dropped'], status['dropped']) == (2, 1, 0), status
         assert 'max_pending_keyframes' in status['last_error'] and f'{late[0]:.3f}' in status['last_error']
         node.integrate_pending()
         assert batches[-1] == late[1:] and node.status()['keyframes'] == 7
