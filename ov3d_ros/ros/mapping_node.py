@@ -43,6 +43,7 @@ from visualization_msgs.msg import MarkerArray
 
 from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.features import create_extractor
+from ov3d_ros.core.keyframes import thin_out
 from ov3d_ros.core.mapper import Frame, Mapper, resolve_device
 from ov3d_ros.core.snapshot import MapSnapshot
 from ov3d_ros.ros import conversions as conv
@@ -110,7 +111,8 @@ class MappingInterface:
         self.queue_size = declare(self, 'queue_size', 10, 'Messages kept per input topic while waiting for a partner.')
         self.max_pending_keyframes = declare(self, 'max_pending_keyframes', 30, 'Selected keyframes per camera '
                                              'waiting to be integrated (they are integrated together, as one '
-                                             'batch); beyond this the oldest is dropped (counted, logged).')
+                                             'batch); beyond this one is dropped (counted, logged): the one '
+                                             'whose neighbours in the backlog are closest along the path.')
         declare_web_view(self)
         check_node(self)
         if not self.cameras_ns or len(set(self.cameras_ns)) != len(self.cameras_ns):
@@ -503,8 +505,8 @@ class MappingInterface:
         pending keyframes; otherwise the newest complete frame is validated and counted and older ones are
         superseded. Cheap (no feature extraction, no map lock): it also runs on a timer of its own while a batch
         of keyframes is integrated, so keyframes that arrive meanwhile wait as frames, not in the input queues
-        that newer images push them out of. At most ``max_pending_keyframes`` wait per camera; beyond that the
-        oldest is dropped (counted in ``keyframes_dropped``, logged)."""
+        that newer images push them out of. At most ``max_pending_keyframes`` wait per camera; beyond that one is
+        dropped (:func:`thin_out`; counted in ``keyframes_dropped``, logged)."""
         if not self._select_lock.acquire(blocking=False):
             return                                      # the other timer is selecting
         try:
@@ -529,8 +531,9 @@ class MappingInterface:
             cam.keyframes.accept(frame.T_W_C, frame.stamp_s)
             with self._pending_lock:
                 cam.pending.append(frame)
-                overflow = len(cam.pending) - self.max_pending_keyframes
-                late = [cam.pending.popleft() for _ in range(max(overflow, 0))]
+                late = []
+                while len(cam.pending) > self.max_pending_keyframes:
+                    late.append(thin_out(cam.pending, mapper.cfg.keyframes))
             for old in late:
                 self._error(f'{cam.name}: {self.max_pending_keyframes} keyframes were waiting to be integrated '
                             f'(max_pending_keyframes): the one at {old.stamp_s:.3f} s was dropped; integration is '

@@ -81,3 +81,26 @@ def test_config_update_validates_keys_and_types():
         update_from_dict(MapperConfig(), {'map': {'nope': 1}})
     with pytest.raises(ValueError, match='voxel_size_m'):
         update_from_dict(MapperConfig(), {'map': {'voxel_size_m': 'big'}})
+
+
+def test_thin_out_keeps_the_waiting_keyframes_spread_along_the_path():
+    """Keyframes waiting beyond max_pending_keyframes: the one whose neighbours are closest along the path goes."""
+    import collections
+    from ov3d_ros.core.keyframes import thin_out
+    from ov3d_ros.core.mapper import Frame
+
+    def at(x, yaw_deg=0.0):
+        T = np.eye(4)
+        c, s = np.cos(np.radians(yaw_deg)), np.sin(np.radians(yaw_deg))
+        T[:2, :2] = [[c, -s], [s, c]]
+        T[0, 3] = x
+        return Frame(None, None, None, T, stamp_s=x + yaw_deg)
+    rule = KeyframeConfig(min_translation_m=0.1, min_rotation_deg=10.0)
+    pending = collections.deque([at(0.0), at(1.0)])
+    assert thin_out(pending, rule).stamp_s == 0.0 and len(pending) == 1          # fewer than 3: the oldest
+    # gaps in units of the rule (0.1 m, 10 degrees): dropping the 1.0 m frame leaves 1.1 m and 30 degrees between
+    # its neighbours (14), dropping the turned 1.1 m frame leaves 0.2 m (2), dropping 1.2 m leaves 3.9 m (42)
+    pending = collections.deque([at(0.0), at(1.0), at(1.1, 30.0), at(1.2), at(5.0)])
+    assert thin_out(pending, rule).stamp_s == 31.1
+    assert [f.stamp_s for f in pending] == [0.0, 1.0, 1.2, 5.0]
+    assert thin_out(pending, rule).stamp_s == 1.0 and [f.stamp_s for f in pending] == [0.0, 1.2, 5.0]
