@@ -5,9 +5,9 @@ simulated source) and a pose, converts, and selects keyframes into the camera's 
 (``tick``) integrates all pending keyframes as one batch. It is the only writer of the map besides the load,
 clear, merge and vocabulary services (``map_persistence``, ``label_volume``) and live parameter changes, all under
 one lock. Whoever changes the map publishes a :class:`~ov3d_ros.core.snapshot.MapSnapshot` of it under
-that lock (a copy of what queries read, taken after every integrated keyframe); ``segment_by_text``, the map and
-label clouds, the objects and the optional browser view (``web_view``) answer from the latest snapshot without
-taking the lock, so a query never waits behind a keyframe being integrated.
+that lock (a copy of what queries read, taken after every integrated batch of keyframes); ``segment_by_text``,
+the map and label clouds, the objects and the optional browser view (``web_view``) answer from the latest snapshot
+without taking the lock, so a query never waits behind a keyframe being integrated.
 
 Two node classes share this behaviour (:class:`MappingInterface`): :class:`MappingNode` (plain; configured and
 active as soon as it is constructed) and ``lifecycle_mapping_node.LifecycleMappingNode`` (managed: the model loads

@@ -9,6 +9,7 @@ import numpy as np
 from rclpy.parameter import Parameter
 
 from ov3d_ros.core.camera import PinholeCamera
+from ov3d_ros.ros.conversions import stamp_to_sec
 from ov3d_ros.srv import SegmentByText
 
 from conftest import BadInputPublisher, private_domain
@@ -174,9 +175,8 @@ def test_keyframes_that_come_while_one_is_integrated_wait_and_are_integrated_tog
             for _ in range(300):
                 client.spin(0.1)
                 cam = node.cameras[0]
-                if cam.depth and abs(cam.depth[-1].header.stamp.sec + 1e-9 * cam.depth[-1].header.stamp.nanosec
-                                     - t) < 1e-6 and len(node._poses) and \
-                        abs(node._poses[-1].header.stamp.sec + 1e-9 * node._poses[-1].header.stamp.nanosec - t) < 1e-6:
+                if cam.depth and abs(stamp_to_sec(cam.depth[-1].header.stamp) - t) < 1e-6 and len(node._poses) and \
+                        abs(stamp_to_sec(node._poses[-1].header.stamp) - t) < 1e-6:
                     break
             finishes(node.select)                       # never waits for the map lock
             return t
