@@ -137,10 +137,12 @@ class CameraInput:
         colour (or label) image is lost when a newer-stamped one arrived after the depth image (each topic
         delivers in order); it waited longer than ``timeout_s`` while newer depth images came; or the queue is
         full. One still waiting for partners that may come (a reliable image re-sent after a lost fragment, a
-        publisher behind on a loaded machine) is kept. ``pose_ready(depth, t)`` says if its pose is there."""
+        publisher behind on a loaded machine) is kept. ``pose_ready(depth, t)`` says if its pose is there. Until
+        the camera's first valid camera info, every depth image waits like one with a missing partner (the
+        camera info topic is often matched a little after the images at start-up)."""
         with self.lock:
             complete = []                                    # (index, depth, colour, labels, stamp), newest first
-            for i in range(len(self.depth) - 1, -1, -1):
+            for i in range(len(self.depth) - 1, -1, -1) if self.camera_info is not None else ():
                 depth = self.depth[i]
                 t = conv.stamp_to_sec(depth.header.stamp)
                 color = self.nearest(self.color, t, slop)
@@ -181,8 +183,12 @@ class CameraInput:
                 why = f'the queue ({self.depth.maxlen} depth images) was full'
             else:
                 why = f'waited {timeout_s} s while newer depth images came'
-            raise ValueError(f'{where}dropped a depth image: no {" or ".join(names or ["partner"])} within '
-                             f'sync_slop_s={slop} s; {why}; check topics and stamps')
+            what = [f'no {" or ".join(names)} within sync_slop_s={slop} s'] if names else []
+            if self.camera_info is None:
+                what.append(f'no valid camera info received yet on {self.topics()["camera_info"]}' +
+                            (f' (the last one was rejected: {self.camera_error})' if self.camera_error else ''))
+            raise ValueError(f'{where}dropped a depth image: {"; ".join(what or [f"no partner within sync_slop_s={slop} s"])}; {why}; check '
+                             'topics and stamps')
 
     def is_keyframe_candidate(self, mapper, T_W_C, t: float) -> bool:
         """Whether this camera's keyframe rule (the map's keyframe settings, this camera's last keyframe) takes

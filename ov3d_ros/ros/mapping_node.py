@@ -601,11 +601,7 @@ class MappingInterface:
                              prefer)
             if taken is None:
                 return None
-            depth, color, labels, t = taken
-            if cam.camera_info is None:
-                raise ValueError(f'no valid camera info received yet on {cam.topics()["camera_info"]}; frame '
-                                 'skipped' + (f' (the last one was rejected: {cam.camera_error})'
-                                              if cam.camera_error else ''))
+            depth, color, labels, t = taken              # only taken once a valid camera info came
             self._check_stamp(cam, t)
             camera = conv.camera_info_to_camera(cam.camera_info)
             T_W_C = poses.get(id(depth))                 # the pose is looked up once per frame

@@ -193,28 +193,58 @@ def process(local, timeout_s=5.0, **frame):
     raise AssertionError(f'frame not processed; status {node.status()}')
 
 
-def test_frames_before_camera_info_are_counted_and_not_spammed(local_node, capfd):
-    """The first test on the module's node: no camera info was ever sent."""
-    for _ in range(8):
-        delta, error = process(local_node)
-        assert delta == {'frames': 0, 'keyframes': 0, 'dropped': 1}
-        assert 'no valid camera info received yet' in error
-    warnings = [line for line in capfd.readouterr().err.splitlines() if 'no valid camera info' in line]
-    assert 1 <= len(warnings) <= 2, warnings                        # logged at most every 2 s
+def spin_until(local, ready, timeout_s=10.0) -> dict:
+    """Spin the node until ``ready(status)``; returns the status (AssertionError after ``timeout_s``)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        local['client'].spin(0.05)
+        status = local['node'].status()
+        if ready(status):
+            return status
+    raise AssertionError(f'status never became ready: {local["node"].status()}')
+
+
+def test_frames_before_camera_info_wait_for_it_and_the_queue_bound_drops_with_the_reason(local_node, capfd):
+    """The first test on the module's node: no valid camera info was ever sent. Frames wait for it in the input
+    queue (the camera info topic is often matched after the images at start-up); a full queue drops the oldest
+    with the reason, logged at most every 2 s; once a valid camera info comes, the waiting frames are used."""
+    node, pub = local_node['node'], local_node['pub']
+    queue = node.queue_size
+    invalid = CameraInfo(width=64, height=48, k=[0.0] * 9)
+    t0 = time.monotonic()
+    for i in range(queue + 5):
+        pub.send(RGB, DEPTH_MM, labels=CHAIR_LABELS, camera=invalid if i == 2 else None)
+        sent = i + 1 + (i >= 2)                                 # frames and the invalid camera info
+        # each message is accounted for (waiting, dropped or pushed out of a full queue), and the queue is below
+        # its bound before the next frame comes
+        status = spin_until(local_node, lambda s: s['pending_depth'] + s['dropped'] + s['superseded'] == sent
+                            and s['pending_depth'] < queue)
+    assert status['frames'] == 0 and status['keyframes'] == 0, status
+    assert status['pending_depth'] == queue - 1 and status['dropped'] == 1 + 6, status   # the info, 6 frames
+    assert 'no valid camera info received yet on color/camera_info' in status['last_error'], status
+    assert 'the last one was rejected: camera info: invalid intrinsics' in status['last_error'], status
+    assert 'the queue (10 depth images) was full' in status['last_error'], status
+    warnings = [line for line in capfd.readouterr().err.splitlines() if 'camera info' in line]
+    assert 1 <= len(warnings) <= 1 + (time.monotonic() - t0) / 2.0, warnings       # logged at most every 2 s
+    info = conv.camera_to_camera_info(CAMERA)
+    info.header = conv.make_header('camera', conv.sec_to_stamp(pub.now()))
+    pub.pubs['color/camera_info'].publish(info)               # the camera info alone: the waiting frames go in
+    done = spin_until(local_node, lambda s: s['pending_depth'] == 0 and s['pending_keyframes'] == 0
+                      and s['keyframes'] == 1)
+    assert done['dropped'] == status['dropped'], done          # none of the waiting frames was lost
+    used = done['frames'] + done['superseded'] - status['superseded']
+    assert done['frames'] >= 1 and used == status['pending_depth'], done
 
 
 def test_invalid_camera_info_is_dropped_and_the_last_valid_one_kept(local_node):
     bad = [(CameraInfo(width=64, height=48, k=[0.0] * 9), 'invalid intrinsics'),
            (CameraInfo(width=64, height=48, k=[50.0, 0, -4, 0, 50.0, 24, 0, 0, 1]), 'principal point'),
            (CameraInfo(width=0, height=48, k=[50.0, 0, 32, 0, 50.0, 24, 0, 0, 1]), 'zero image size')]
+    assert local_node['node'].cameras[0].camera_info is not None    # the valid one of the test before
     for info, match in bad:
         delta, error = process(local_node, camera=info)
-        assert delta['dropped'] == 2 and delta['frames'] == 0      # the camera info and the frame
-        assert match in error
-    delta, _ = process(local_node, camera=CAMERA, labels=CHAIR_LABELS)
-    assert delta == {'frames': 1, 'keyframes': 1, 'dropped': 0}
-    delta, error = process(local_node, camera=bad[0][0])
-    assert delta['frames'] == 1 and delta['dropped'] == 1 and 'the previous one is kept' in error
+        assert delta['frames'] == 1 and delta['dropped'] == 1      # the camera info; the frame used the last one
+        assert match in error and 'the previous one is kept' in error
 
 
 def test_stamp_policy(local_node):
