@@ -101,8 +101,12 @@ class PoolMatrix:
             raise ValueError('PoolMatrix: rows must be unique')
         local_nbr = lut[nbr.clamp_min(0)]
         outside = valid & (local_nbr < 0)
-        ext, of_ext = torch.unique(nbr[outside], return_inverse=True)
-        local_nbr[outside] = R + of_ext
+        out_rows = nbr[outside]
+        mark = torch.zeros(V, dtype=torch.bool, device=dev)     # a mark per map row, not a unique (a sort)
+        mark[out_rows] = True
+        ext = torch.nonzero(mark).flatten()
+        lut[ext] = R + torch.arange(len(ext), device=dev)
+        local_nbr[outside] = lut[out_rows]
         self.universe = torch.cat([rows, ext])
         U = len(self.universe)
         local_nbr[~valid] = U                                    # missing neighbours sort last
