@@ -4,9 +4,11 @@
     python benchmarks/bm_pooling.py --device cuda --checkpoint models/affinity_default.safetensors
 
 The map is a synthetic building at 5 cm: a floor with a grid of 2.5 m high walls, grown until it holds the
-requested number of voxels, with random features (D = --dim) and colours. A "keyframe" re-fuses a compact
-patch of about --touched voxels (what one 640x480 keyframe touches at 5 cm) in a corner; incremental pooling
-re-pools that patch plus the margin. The time must not grow with the map; whole-map pooling is shown beside.
+requested number of voxels, with random features (D = --dim) and colours, pooled once. A "keyframe" fuses a
+compact patch of about --touched voxels (what one 640x480 keyframe touches at 5 cm) in a corner: with
+``--keyframe seen`` a patch already in the map (new features, its colours again with sensor noise), with
+``new`` a patch the map lacked; incremental pooling then re-pools around it. The time must not grow with the
+map; whole-map pooling is shown beside.
 ``superpoint_vote_ms``: the superpoint vote (``purify.superpoint_k`` > 0) that the first reader after a keyframe
 pays (segmentation + vote of the blocks the keyframe changed; ``superpoint_voxels`` of them), beside
 ``superpoint_vote_whole_ms`` over the whole map (the first read, or ``--superpoint-block 0``); ``--superpoint-k 0``
@@ -48,29 +50,54 @@ def building_exactly(n_voxels: int) -> torch.Tensor:
 
 
 def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, radius: int, embed, whole: bool,
-        margin: int = 3, superpoint_k=None, superpoint_block=None) -> dict:
+        margin: int = 3, superpoint_k=None, superpoint_block=None, keyframe: str = 'seen') -> dict:
+    """Time one keyframe's update (median of 3 after a warm-up). ``keyframe``: 'seen' re-fuses a patch already
+    in the map (new features, its colours with sensor noise: a robot looking at what it mapped before); 'new'
+    fuses a patch the map did not have (every voxel new: a robot entering unseen space)."""
     from ov3d_ros.core.config import PurifyConfig
     from ov3d_ros.core.purification.pooling import GeometryPooling
     from ov3d_ros.core.voxel_map import VoxelFeatureMap
-    g = torch.Generator().manual_seed(0)
     pts = building(n_voxels)
-    vmap = VoxelFeatureMap(0.05, dim, device, capacity=len(pts))
-    for chunk in torch.split(torch.arange(len(pts)), 200_000):
-        feats = torch.nn.functional.normalize(torch.randn(len(chunk), dim, generator=g), dim=1)
-        vmap.integrate(pts[chunk], feats, torch.rand(len(chunk), 3, generator=g) * 255)
+    # a keyframe's patch: the voxels nearest to a corner of the building, about ``touched`` of them
+    corner = pts.min(0).values + torch.tensor([1.0, 1.0, 0.0])
+    nearest = torch.argsort((pts - corner).norm(dim=1))[:touched]
     cfg = PurifyConfig(enabled=True, affinity='learned' if embed else 'fallback', iterations=iterations,
                        radius_vox=radius, margin_vox=margin)
     if superpoint_k is not None:
         cfg.superpoint_k = superpoint_k
     if superpoint_block is not None:
         cfg.superpoint_block_vox = superpoint_block
-    pooling = GeometryPooling(cfg, embed)
-    # a keyframe's patch: the voxels nearest to a corner of the building, about ``touched`` of them
-    corner = pts.min(0).values + torch.tensor([1.0, 1.0, 0.0])
-    nearest = torch.argsort((pts - corner).norm(dim=1))[:touched]
-    patch = vmap.rows_of(pts[nearest])     # map rows follow the voxel keys' order, not the points'
-    times, region = [], 0
+    g = torch.Generator().manual_seed(0)
+
+    def fuse(vmap, rows):
+        for chunk in torch.split(rows, 200_000):
+            feats = torch.nn.functional.normalize(torch.randn(len(chunk), dim, generator=g), dim=1)
+            vmap.integrate(pts[chunk], feats, torch.rand(len(chunk), 3, generator=g) * 255)
+
+    def build():
+        """(map, its pooling after one whole-map update); the map lacks the patch for a 'new' keyframe."""
+        vmap = VoxelFeatureMap(0.05, dim, device, capacity=len(pts))
+        keep = torch.ones(len(pts), dtype=torch.bool)
+        if keyframe == 'new':
+            keep[nearest] = False
+        fuse(vmap, torch.nonzero(keep).flatten())
+        pooling = GeometryPooling(cfg, embed)
+        pooling.update(vmap)
+        return vmap, pooling
+
+    vmap, pooling = build()
+    times, region, embedded = [], 0, 0
     for rep in range(4):
+        if keyframe == 'new' and rep:
+            vmap, pooling = build()
+        if keyframe == 'seen':     # new features; the patch's colours as seen again, with sensor noise
+            rows = vmap.rows_of(pts[nearest])
+            noisy = (vmap.colors[rows] + 4.0 * torch.randn(len(rows), 3, generator=g)).clamp(0, 255)
+            feats = torch.nn.functional.normalize(torch.randn(len(rows), dim, generator=g), dim=1)
+            patch = vmap.integrate(pts[nearest], feats, noisy)
+        else:
+            patch = vmap.integrate(pts[nearest], torch.nn.functional.normalize(
+                torch.randn(len(nearest), dim, generator=g), dim=1), torch.rand(len(nearest), 3, generator=g) * 255)
         if device.startswith('cuda'):
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -79,7 +106,9 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
             torch.cuda.synchronize()
         if rep:
             times.append((time.perf_counter() - t0, time.process_time() - c0))
-    row = {'map_voxels': vmap.size, 'touched': touched, 'repooled': region, 'affinity': cfg.affinity,
+            embedded = pooling.timings_s['embedded']
+    row = {'map_voxels': vmap.size, 'touched': touched, 'keyframe': keyframe, 'repooled': region,
+           'embedded': embedded, 'affinity': cfg.affinity,
            'T': iterations, 'radius_vox': radius, 'margin_vox': margin, 'device': device,
            'per_keyframe_ms': round(1e3 * sorted(times)[len(times) // 2][0], 1),
            'per_keyframe_cpu_ms': round(1e3 * sorted(times, key=lambda t: t[1])[len(times) // 2][1], 1),
@@ -114,6 +143,8 @@ def main() -> None:
     p.add_argument('--radius', type=int, default=2)
     p.add_argument('--margin', type=int, default=3, help='purify.margin_vox: voxel steps re-pooled beyond the changed ones')
     p.add_argument('--checkpoint', help='student checkpoint: time the learned affinity instead of the fallback')
+    p.add_argument('--keyframe', choices=('seen', 'new'), nargs='+', default=['seen'],
+                   help="'seen': the keyframe re-fuses a patch already mapped; 'new': a patch the map lacked")
     p.add_argument('--whole', action='store_true', help='also time one whole-map pooling')
     p.add_argument('--superpoint-k', type=float, default=None,
                    help='purify.superpoint_k for the superpoint vote (default: the config default; 0 = off)')
@@ -126,9 +157,10 @@ def main() -> None:
         embed = load_student(args.checkpoint, torch.device(args.device)).embed
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}')
     for n in args.sizes:
-        print(json.dumps(run(n, args.touched, args.dim, args.device, args.iterations, args.radius, embed,
-                             args.whole, args.margin, args.superpoint_k,
-                             args.superpoint_block)), flush=True)
+        for keyframe in args.keyframe:
+            print(json.dumps(run(n, args.touched, args.dim, args.device, args.iterations, args.radius, embed,
+                                 args.whole, args.margin, args.superpoint_k, args.superpoint_block, keyframe)),
+                  flush=True)
 
 
 if __name__ == '__main__':

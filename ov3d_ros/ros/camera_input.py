@@ -187,8 +187,8 @@ class CameraInput:
             if self.camera_info is None:
                 what.append(f'no valid camera info received yet on {self.topics()["camera_info"]}' +
                             (f' (the last one was rejected: {self.camera_error})' if self.camera_error else ''))
-            raise ValueError(f'{where}dropped a depth image: {"; ".join(what or [f"no partner within sync_slop_s={slop} s"])}; {why}; check '
-                             'topics and stamps')
+            what = what or [f'no partner within sync_slop_s={slop} s']
+            raise ValueError(f'{where}dropped a depth image: {"; ".join(what)}; {why}; check topics and stamps')
 
     def is_keyframe_candidate(self, mapper, T_W_C, t: float) -> bool:
         """Whether this camera's keyframe rule (the map's keyframe settings, this camera's last keyframe) takes
