@@ -46,6 +46,8 @@ def test_neighbour_table_and_dilation_agree_with_direct_lookups():
         assert torch.equal(table.cube(rows), table(rows)[:, off.abs().amax(1) <= 1])
     assert table.looked_up == m.size                       # each row looked up once
     assert torch.equal(ball_region(m, rows[:9], off, table), ball_region(m, rows[:9], off))
+    near = neighbour_rows(m, rows[:9], off)                 # the ball region is a sorted set of rows
+    assert ball_region(m, rows[:9], off).tolist() == sorted(set(rows[:9].tolist()) | set(near[near >= 0].tolist()))
     cube = neighbour_rows(m, torch.arange(m.size), cube_offsets(1))
     start = torch.tensor([5, 5, 17])
     hops = {int(r): 0 for r in start}
