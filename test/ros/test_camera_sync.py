@@ -6,6 +6,7 @@ from sensor_msgs.msg import Image
 
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.camera_input import CameraInput
+from ov3d_ros.sim import default_camera
 
 SLOP = 0.05
 
@@ -14,8 +15,12 @@ def image(stamp: float) -> Image:
     return conv.numpy_to_image(np.zeros((4, 4), np.uint16), 'mono16', conv.make_header('camera', conv.sec_to_stamp(stamp)))
 
 
-def camera(queue: int = 10) -> CameraInput:
-    return CameraInput('', queue)
+def camera(queue: int = 10, info: bool = True) -> CameraInput:
+    """A camera input; ``info``: its valid camera info has come."""
+    cam = CameraInput('', queue)
+    if info:
+        cam.camera_info = conv.camera_to_camera_info(default_camera(4, 4))
+    return cam
 
 
 def take(cam: CameraInput, timeout_s: float = 5.0, poses=None):
@@ -129,3 +134,19 @@ def test_pose_callbacks_never_wait_behind_image_callbacks(local_node):
     assert images == {node.default_callback_group}
     assert subs['/pose'].callback_group not in images
     assert sum(s.callback_group is subs['/pose'].callback_group for s in node.subscriptions) == 1
+
+
+def test_depth_images_wait_for_the_first_camera_info_and_a_full_queue_drops_with_the_reason():
+    cam = camera(queue=3, info=False)
+    push(cam, color=[1.0, 2.0], depth=[1.0, 2.0])
+    assert take(cam) is None                               # complete but no camera info: they wait
+    assert len(cam.depth) == 2 and cam.stats['dropped'] == 0
+    cam.camera_error = 'camera info: zero image size'
+    push(cam, color=[3.0], depth=[3.0])                    # the queue is full now
+    with pytest.raises(ValueError, match=r'no valid camera info received yet on color/camera_info \(the last one '
+                                         r'was rejected: camera info: zero image size\); the queue \(3 depth '
+                                         r'images\) was full'):
+        take(cam)
+    assert [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [2.0, 3.0]
+    cam.camera_info, cam.camera_error = conv.camera_to_camera_info(default_camera(4, 4)), ''
+    assert take(cam)[3] == 3.0 and cam.stats['superseded'] == 1     # the waiting frames are taken as usual
