@@ -120,10 +120,15 @@ def ball_region(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor
     if len(rows) == 0:
         return torch.unique(rows)
     nbr = neighbour_rows(vmap, rows, offsets) if table is None else table(rows)
-    # a mark per map row instead of a unique (a sort) over every (row, neighbour) pair: about 10x faster
-    mark = torch.zeros(vmap.size, dtype=torch.bool, device=rows.device)
-    mark[rows] = True
-    mark[nbr[nbr >= 0]] = True
+    return union_rows(vmap.size, rows, nbr[nbr >= 0])
+
+
+def union_rows(size: int, *parts: torch.Tensor) -> torch.Tensor:
+    """Sorted unique rows (int64) of ``parts`` (int64 tensors of rows in [0, size)): a mark per row instead of a
+    unique (a sort) over every entry, about 10x faster for a keyframe's (row, neighbour) pairs."""
+    mark = torch.zeros(size, dtype=torch.bool, device=parts[0].device)
+    for part in parts:
+        mark[part] = True
     return torch.nonzero(mark).flatten()
 
 

@@ -27,7 +27,7 @@ import torch
 from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.layer_cake import LayerCake
 from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
-                                              estimate_normals, neighbour_rows)
+                                              estimate_normals, neighbour_rows, union_rows)
 from ov3d_ros.core.purification.superpoints import block_ids, segment_rows, superpoint_vote
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
@@ -102,9 +102,7 @@ class PoolMatrix:
         local_nbr = lut[nbr.clamp_min(0)]
         outside = valid & (local_nbr < 0)
         out_rows = nbr[outside]
-        mark = torch.zeros(V, dtype=torch.bool, device=dev)     # a mark per map row, not a unique (a sort)
-        mark[out_rows] = True
-        ext = torch.nonzero(mark).flatten()
+        ext = union_rows(V, out_rows)
         lut[ext] = R + torch.arange(len(ext), device=dev)
         local_nbr[outside] = lut[out_rows]
         self.universe = torch.cat([rows, ext])
