@@ -81,6 +81,16 @@ TEACHER_ARGS ?= --steps 150 --max-voxels 12000 --pairs 512
 STUDENT_SCENES ?= $(TRAIN_OUT)/scenes/scene_0000
 STUDENT_ARGS ?= --steps 100 --max-tiles 1
 SEEDS ?= 0 1 2
+# The student data-fraction ablation (tuning split): students of the seed-0 teacher on more or less of the training
+# data, same steps; the tag is the percentage of the teacher's voxels (3 = the shipped recipe, so f3 seed 0 is
+# the shipped student, bit for bit).
+FRACTIONS ?= f0.75 f1.5 f3 f12 f50
+FRACTION_f0.75 = $(STUDENT_SCENES) --tile-voxels 3500 --max-tiles 1
+FRACTION_f1.5 = $(STUDENT_SCENES) --tile-voxels 7000 --max-tiles 1
+FRACTION_f3 = $(STUDENT_SCENES) --max-tiles 1
+FRACTION_f12 = $(STUDENT_SCENES)
+FRACTION_f50 = $(addprefix $(TRAIN_OUT)/scenes/scene_,0000 0001 0002 0003)
+FRACTION_ARGS ?= --steps 100
 LEARNED := purify.enabled=true purify.affinity=learned
 WHOLE := $(LEARNED) purify.mode=whole
 FALLBACK := purify.enabled=true purify.affinity=fallback purify.mode=whole
@@ -97,7 +107,11 @@ train-models: setup
 	  $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_s0_k32.safetensors
 	$(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
 	  --teacher labels $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_oracle.safetensors
-	mkdir -p $(MODELS)/ablation
+	$(foreach f,$(FRACTIONS),$(foreach s,$(SEEDS),$(if $(filter f3_0,$(f)_$(s)),,$(PY) -m ov3d_ros.cli train-affinity \
+	  $(FRACTION_$(f)) $(EVAL_ARGS) $(TRAIN_SET) --teacher ssl --teacher-checkpoint $(TRAIN_OUT)/teacher_s0.safetensors \
+	  --seed $(s) $(FRACTION_ARGS) --out $(TRAIN_OUT)/fraction/student_$(f)_s$(s).safetensors || exit 1;)))
+	mkdir -p $(MODELS)/ablation/fraction
+	cp $(TRAIN_OUT)/fraction/student_*.safetensors $(MODELS)/ablation/fraction/
 	cp $(TRAIN_OUT)/teacher_s0.safetensors $(MODELS)/teacher_default.safetensors
 	cp $(TRAIN_OUT)/student_s0.safetensors $(MODELS)/affinity_default.safetensors
 	cp $(TRAIN_OUT)/student_s1.safetensors $(TRAIN_OUT)/student_s2.safetensors $(TRAIN_OUT)/student_oracle.safetensors \
@@ -113,7 +127,8 @@ eval-scenes: setup
 
 # Ablations on the tuning split only: student recipe (teacher features / k-means clusters of them), pooling
 # iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene), its
-# cube size, its minimum superpoint size and T with the vote; query temperature and threshold (synonym queries, one scoring
+# cube size, its minimum superpoint size and T with the vote; the student's data fraction (3 seeds each, with and
+# without the vote); query temperature and threshold (synonym queries, one scoring
 # pass per query for all thresholds); the label volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
 SP_K ?= 0.01 0.02 0.04
@@ -123,6 +138,8 @@ SP0 := purify.superpoint_block_vox=0
 SPU := purify.superpoint_weighted=false
 SP20 := purify.superpoint_min_vox=20 $(SPU)
 K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
+# a fraction student's checkpoint ($(1): tag, $(2): seed); f3 seed 0 is the shipped one
+frac_ckpt = purify.checkpoint=$(if $(filter f3_0,$(1)_$(2)),default,$(MODELS)/ablation/fraction/student_$(1)_s$(2).safetensors)
 eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_purify $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false --variant fallback purify.enabled=true purify.affinity=fallback purify.mode=whole \
@@ -150,6 +167,10 @@ eval-tune: eval-scenes
 	  --variant "min40, means weighted by fusion weight (default)" $(WHOLE) purify.checkpoint=default \
 	  $(foreach k,0.01 0.02 0.04,$(foreach b,0.85 0.95,--variant k$(k)_b$(b)_min20 $(WHOLE) purify.checkpoint=default \
 	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b) $(SP20)))
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_data_fraction $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false \
+	  $(foreach f,$(FRACTIONS),$(foreach s,$(SEEDS),--variant "$(f), pooling only@s$(s)" $(WHOLE) \
+	  $(call frac_ckpt,$(f),$(s)) purify.superpoint_k=0 --variant "$(f)@s$(s)" $(WHOLE) $(call frac_ckpt,$(f),$(s))))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
 	  --query-thresholds 0.3 0.4 0.5 0.55 0.6 0.7 0.8 0.9 \
 	  $(foreach t,0.15 0.05 0.02 0.01,--variant T$(t) $(WHOLE) purify.checkpoint=default query.temperature=$(t))
@@ -184,7 +205,7 @@ eval-test: eval-scenes
 
 eval: eval-tune eval-test
 	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(addprefix $(EVAL_OUT)/tune_,$(addsuffix /table_ci.md,superpoints \
-	  superpoint_blocks superpoint_min)) $(EVAL_OUT)/tune_query/queries_sweep.md $(EVAL_OUT)/tune_labels/table_ci.md \
+	  superpoint_blocks superpoint_min data_fraction)) $(EVAL_OUT)/tune_query/queries_sweep.md $(EVAL_OUT)/tune_labels/table_ci.md \
 	  $(EVAL_OUT)/test_table/table_ci.md \
 	  $(EVAL_OUT)/test_incremental/table_ci.md $(EVAL_OUT)/test_d64_table/table_ci.md
 

@@ -394,6 +394,27 @@ def test_shipped_checkpoint_is_a_geometry_only_label_free_student():
     assert e.shape == (len(m), net.cfg.embed_dim) and torch.allclose(e.norm(dim=1), torch.ones(len(m)), atol=1e-4)
 
 
+def test_data_fraction_students_are_label_free_and_hold_the_fraction_their_name_gives():
+    """The tuning ablation's students (ov3d_ros/models/ablation/fraction, README "Student data fraction"):
+    label-free, geometry-only, from the shipped student's teacher, each holding the share of the teacher's
+    voxels its tag names (f0.75 = 0.75 % ...), and the same recipe as the shipped student but for the data."""
+    pytest.importorskip('spconv')
+    from ov3d_ros.core.purification.student import DEFAULT_CHECKPOINT, load_student, student_notes
+    shipped = student_notes('default')
+    files = sorted((DEFAULT_CHECKPOINT.parent / 'ablation' / 'fraction').glob('student_f*_s*.safetensors'))
+    tags = {f.stem.split('_')[1] for f in files}
+    assert tags == {'f0.75', 'f1.5', 'f3', 'f12', 'f50'} and len(files) == 14    # f3 seed 0 is the shipped one
+    for f in files:
+        tag, seed = f.stem.split('_')[1:]
+        notes = student_notes(str(f))
+        assert notes['teacher'] == 'ssl' and not notes['oracle'] and notes['teacher_clusters'] == 0
+        assert notes['distill'] == {**shipped['distill'], 'seed': int(seed[1:])}
+        assert notes['teacher_train'] == shipped['teacher_train']
+        assert notes['teacher_train_voxels'] == shipped['teacher_train_voxels']
+        assert notes['data_fraction'] == pytest.approx(float(tag[1:]) / 100, rel=0.05)
+        assert not load_student(str(f)).reads_features
+
+
 def step_frame(k, rgb_w=64, rgb_h=48):
     """A wall 2 m away with a box 1.5 m away on its lower left, seen from a camera sliding along x."""
     import numpy as np
