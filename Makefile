@@ -127,7 +127,7 @@ eval-scenes: setup
 
 # Ablations on the tuning split only: student recipe (teacher features / k-means clusters of them), pooling
 # iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene), its
-# cube size, its minimum superpoint size and T with the vote; the student's data fraction (3 seeds each, with and
+# cube size, its minimum superpoint size and T with the vote, scale and T with the vote; the student's data fraction (3 seeds each, with and
 # without the vote); query temperature and threshold (synonym queries, one scoring
 # pass per query for all thresholds); the label volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
@@ -167,6 +167,10 @@ eval-tune: eval-scenes
 	  --variant "min40, means weighted by fusion weight (default)" $(WHOLE) purify.checkpoint=default \
 	  $(foreach k,0.01 0.02 0.04,$(foreach b,0.85 0.95,--variant k$(k)_b$(b)_min20 $(WHOLE) purify.checkpoint=default \
 	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b) $(SP20)))
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_scale $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false \
+	  $(foreach v,s20_T18 s5_T18 s10_T18 s40_T18 s10_T36 s20_T36,--variant $(v) $(WHOLE) purify.checkpoint=default \
+	  purify.iterations=$(subst T,,$(word 2,$(subst _, ,$(v)))) purify.scale=$(subst s,,$(word 1,$(subst _, ,$(v)))).0)
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_data_fraction $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false \
 	  $(foreach f,$(FRACTIONS),$(foreach s,$(SEEDS),--variant "$(f), pooling only@s$(s)" $(WHOLE) \
@@ -205,7 +209,7 @@ eval-test: eval-scenes
 
 eval: eval-tune eval-test
 	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(addprefix $(EVAL_OUT)/tune_,$(addsuffix /table_ci.md,superpoints \
-	  superpoint_blocks superpoint_min data_fraction)) $(EVAL_OUT)/tune_query/queries_sweep.md $(EVAL_OUT)/tune_labels/table_ci.md \
+	  superpoint_blocks superpoint_min scale data_fraction)) $(EVAL_OUT)/tune_query/queries_sweep.md $(EVAL_OUT)/tune_labels/table_ci.md \
 	  $(EVAL_OUT)/test_table/table_ci.md \
 	  $(EVAL_OUT)/test_incremental/table_ci.md $(EVAL_OUT)/test_d64_table/table_ci.md
 
