@@ -127,9 +127,9 @@ eval-scenes: setup
 
 # Ablations on the tuning split only: student recipe (teacher features / k-means clusters of them), pooling
 # iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene), its
-# cube size, its minimum superpoint size and T with the vote, scale and T with the vote; the student's data fraction (3 seeds each, with and
-# without the vote); query temperature and threshold (synonym queries, one scoring
-# pass per query for all thresholds); the label volume's temperature.
+# cube size, its minimum superpoint size and T with the vote; scale and T with the vote; the student's data
+# fraction (3 seeds each, with and without the vote); query temperature and threshold (synonym queries, one
+# scoring pass per query for all thresholds); the label volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
 SP_K ?= 0.01 0.02 0.04
 SP_BLEND ?= 0.5 0.7 0.85
