@@ -91,6 +91,8 @@ FRACTION_f3 = $(STUDENT_SCENES) --max-tiles 1
 FRACTION_f12 = $(STUDENT_SCENES)
 FRACTION_f50 = $(addprefix $(TRAIN_OUT)/scenes/scene_,0000 0001 0002 0003)
 FRACTION_ARGS ?= --steps 100
+# whether fraction $(1), seed $(2) is the shipped student itself (then neither trained again nor copied)
+is_shipped_fraction = $(filter f3_0,$(1)_$(2))
 LEARNED := purify.enabled=true purify.affinity=learned
 WHOLE := $(LEARNED) purify.mode=whole
 FALLBACK := purify.enabled=true purify.affinity=fallback purify.mode=whole
@@ -107,7 +109,7 @@ train-models: setup
 	  $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_s0_k32.safetensors
 	$(PY) -m ov3d_ros.cli train-affinity $(STUDENT_SCENES) $(EVAL_ARGS) $(TRAIN_SET) \
 	  --teacher labels $(STUDENT_ARGS) --out $(TRAIN_OUT)/student_oracle.safetensors
-	$(foreach f,$(FRACTIONS),$(foreach s,$(SEEDS),$(if $(filter f3_0,$(f)_$(s)),,$(PY) -m ov3d_ros.cli train-affinity \
+	$(foreach f,$(FRACTIONS),$(foreach s,$(SEEDS),$(if $(call is_shipped_fraction,$(f),$(s)),,$(PY) -m ov3d_ros.cli train-affinity \
 	  $(FRACTION_$(f)) $(EVAL_ARGS) $(TRAIN_SET) --teacher ssl --teacher-checkpoint $(TRAIN_OUT)/teacher_s0.safetensors \
 	  --seed $(s) $(FRACTION_ARGS) --out $(TRAIN_OUT)/fraction/student_$(f)_s$(s).safetensors || exit 1;)))
 	mkdir -p $(MODELS)/ablation/fraction
@@ -139,7 +141,7 @@ SPU := purify.superpoint_weighted=false
 SP20 := purify.superpoint_min_vox=20 $(SPU)
 K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
 # a fraction student's checkpoint ($(1): tag, $(2): seed); f3 seed 0 is the shipped one
-frac_ckpt = purify.checkpoint=$(if $(filter f3_0,$(1)_$(2)),default,$(MODELS)/ablation/fraction/student_$(1)_s$(2).safetensors)
+frac_ckpt = purify.checkpoint=$(if $(call is_shipped_fraction,$(1),$(2)),default,$(MODELS)/ablation/fraction/student_$(1)_s$(2).safetensors)
 eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_purify $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false --variant fallback purify.enabled=true purify.affinity=fallback purify.mode=whole \
