@@ -130,14 +130,17 @@ eval-scenes: setup
 # Ablations on the tuning split only: student recipe (teacher features / k-means clusters of them), pooling
 # iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene), its
 # cube size, its minimum superpoint size and T with the vote; scale and T with the vote; the student's data
-# fraction (3 seeds each, with and without the vote); query temperature and threshold (synonym queries, one
-# scoring pass per query for all thresholds); the label volume's temperature.
+# fraction (3 seeds each, with and without the vote); the convexity factor of the vote's edges with its blend;
+# query temperature and threshold (synonym queries, one scoring pass per query for all thresholds); the label
+# volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
 SP_K ?= 0.01 0.02 0.04
 SP_BLEND ?= 0.5 0.7 0.85
 SP0 := purify.superpoint_block_vox=0
-# What the older superpoint tables ran with: min_vox 20 (grid, blocks) and unweighted means (all of them)
-SPU := purify.superpoint_weighted=false
+# What the older superpoint tables ran with: min_vox 20 (grid, blocks), unweighted means (all of them) and no
+# convexity term; SPV1: the vote of the tables after the weighting and before the convexity term
+SPV1 := purify.superpoint_convex=1.0 purify.superpoint_blend=0.85
+SPU := purify.superpoint_weighted=false purify.superpoint_convex=1.0
 SP20 := purify.superpoint_min_vox=20 $(SPU)
 K32 := purify.checkpoint=$(MODELS)/ablation/student_s0_k32.safetensors
 # a fraction student's checkpoint ($(1): tag, $(2): seed); f3 seed 0 is the shipped one
@@ -166,17 +169,27 @@ eval-tune: eval-scenes
 	  $(foreach m,5 10 20 40 80 160 320,--variant min$(m) $(WHOLE) purify.checkpoint=default \
 	  purify.superpoint_min_vox=$(m) $(SPU)) \
 	  $(foreach t,6 12,--variant T$(t)_min40 $(WHOLE) purify.checkpoint=default purify.iterations=$(t) $(SPU)) \
-	  --variant "min40, means weighted by fusion weight (default)" $(WHOLE) purify.checkpoint=default \
+	  --variant "min40, means weighted by fusion weight" $(WHOLE) purify.checkpoint=default $(SPV1) \
 	  $(foreach k,0.01 0.02 0.04,$(foreach b,0.85 0.95,--variant k$(k)_b$(b)_min20 $(WHOLE) purify.checkpoint=default \
 	  purify.superpoint_k=$(k) purify.superpoint_blend=$(b) $(SP20)))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_scale $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false \
-	  $(foreach v,s20_T18 s5_T18 s10_T18 s40_T18 s10_T36 s20_T36,--variant $(v) $(WHOLE) purify.checkpoint=default \
+	  $(foreach v,s20_T18 s5_T18 s10_T18 s40_T18 s10_T36 s20_T36,--variant $(v) $(WHOLE) \
+	  purify.checkpoint=default $(SPV1) \
 	  purify.iterations=$(subst T,,$(word 2,$(subst _, ,$(v)))) purify.scale=$(subst s,,$(word 1,$(subst _, ,$(v)))).0)
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_data_fraction $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false \
 	  $(foreach f,$(FRACTIONS),$(foreach s,$(SEEDS),--variant "$(f), pooling only@s$(s)" $(WHOLE) \
-	  $(call frac_ckpt,$(f),$(s)) purify.superpoint_k=0 --variant "$(f)@s$(s)" $(WHOLE) $(call frac_ckpt,$(f),$(s))))
+	  $(call frac_ckpt,$(f),$(s)) purify.superpoint_k=0 --variant "$(f)@s$(s)" $(WHOLE) \
+	  $(call frac_ckpt,$(f),$(s)) $(SPV1)))
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_superpoint_convex $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false \
+	  $(foreach c,1.0 0.5 0.25 0.0,$(foreach b,0.85 0.95,--variant c$(c)_b$(b) $(WHOLE) purify.checkpoint=default \
+	  purify.superpoint_convex=$(c) purify.superpoint_blend=$(b))) \
+	  $(foreach b,0.9 1.0,--variant c0.5_b$(b) $(WHOLE) purify.checkpoint=default purify.superpoint_convex=0.5 \
+	  purify.superpoint_blend=$(b)) \
+	  --variant c0.5_b0.95_min80 $(WHOLE) purify.checkpoint=default purify.superpoint_convex=0.5 \
+	  purify.superpoint_blend=0.95 purify.superpoint_min_vox=80
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
 	  --query-thresholds 0.3 0.4 0.5 0.55 0.6 0.7 0.8 0.9 \
 	  $(foreach t,0.15 0.05 0.02 0.01,--variant T$(t) $(WHOLE) purify.checkpoint=default query.temperature=$(t))
@@ -211,7 +224,8 @@ eval-test: eval-scenes
 
 eval: eval-tune eval-test
 	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(addprefix $(EVAL_OUT)/tune_,$(addsuffix /table_ci.md,superpoints \
-	  superpoint_blocks superpoint_min scale data_fraction)) $(EVAL_OUT)/tune_query/queries_sweep.md $(EVAL_OUT)/tune_labels/table_ci.md \
+	  superpoint_blocks superpoint_min scale data_fraction superpoint_convex)) $(EVAL_OUT)/tune_query/queries_sweep.md \
+	  $(EVAL_OUT)/tune_labels/table_ci.md \
 	  $(EVAL_OUT)/test_table/table_ci.md \
 	  $(EVAL_OUT)/test_incremental/table_ci.md $(EVAL_OUT)/test_d64_table/table_ci.md
 

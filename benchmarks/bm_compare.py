@@ -82,7 +82,7 @@ def ours_fusion(cam, rendered, device: str, compress_dim: int, voxel: float, min
         t1, c1 = time.perf_counter(), time.process_time()
         lifted = lift_keyframe(torch.from_numpy(np.array(f.depth_m, dtype=np.float32)), torch.from_numpy(f.rgb), g,
                                cam, torch.from_numpy(T), min_d, max_d, cfg.map.pixel_stride)
-        mapper.map.integrate(lifted.points, lifted.features, lifted.colors)
+        mapper.map.integrate(lifted.points, lifted.features, lifted.colors, origin=torch.from_numpy(T)[:3, 3])
         sync(device)
         t2, c2 = time.perf_counter(), time.process_time()
         if i:                                   # the first keyframe includes one-off warm-up

@@ -50,7 +50,8 @@ def building_exactly(n_voxels: int) -> torch.Tensor:
 
 
 def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, radius: int, embed, whole: bool,
-        margin: int = 3, superpoint_k=None, superpoint_block=None, keyframe: str = 'seen') -> dict:
+        margin: int = 3, superpoint_k=None, superpoint_block=None, keyframe: str = 'seen',
+        superpoint_convex=None) -> dict:
     """Time one keyframe's update (median of 3 after a warm-up). ``keyframe``: 'seen' re-fuses a patch already
     in the map (new features, its colours with sensor noise: a robot looking at what it mapped before); 'new'
     fuses a patch the map did not have (every voxel new: a robot entering unseen space)."""
@@ -67,12 +68,15 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
         cfg.superpoint_k = superpoint_k
     if superpoint_block is not None:
         cfg.superpoint_block_vox = superpoint_block
+    if superpoint_convex is not None:
+        cfg.superpoint_convex = superpoint_convex
+    camera = pts.mean(0)          # seen from inside the building (orients normals for the vote's convexity test)
     g = torch.Generator().manual_seed(0)
 
     def fuse(vmap, rows):
         for chunk in torch.split(rows, 200_000):
             feats = torch.nn.functional.normalize(torch.randn(len(chunk), dim, generator=g), dim=1)
-            vmap.integrate(pts[chunk], feats, torch.rand(len(chunk), 3, generator=g) * 255)
+            vmap.integrate(pts[chunk], feats, torch.rand(len(chunk), 3, generator=g) * 255, origin=camera)
 
     def build():
         """(map, its pooling after one whole-map update); the map lacks the patch for a 'new' keyframe."""
@@ -94,10 +98,11 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
             rows = vmap.rows_of(pts[nearest])
             noisy = (vmap.colors[rows] + 4.0 * torch.randn(len(rows), 3, generator=g)).clamp(0, 255)
             feats = torch.nn.functional.normalize(torch.randn(len(rows), dim, generator=g), dim=1)
-            patch = vmap.integrate(pts[nearest], feats, noisy)
+            patch = vmap.integrate(pts[nearest], feats, noisy, origin=camera)
         else:
             patch = vmap.integrate(pts[nearest], torch.nn.functional.normalize(
-                torch.randn(len(nearest), dim, generator=g), dim=1), torch.rand(len(nearest), 3, generator=g) * 255)
+                torch.randn(len(nearest), dim, generator=g), dim=1), torch.rand(len(nearest), 3, generator=g) * 255,
+                origin=camera)
         if device.startswith('cuda'):
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -150,6 +155,8 @@ def main() -> None:
                    help='purify.superpoint_k for the superpoint vote (default: the config default; 0 = off)')
     p.add_argument('--superpoint-block', type=int, default=None,
                    help='purify.superpoint_block_vox (default: the config default; 0 = superpoints over the whole map)')
+    p.add_argument('--superpoint-convex', type=float, default=None,
+                   help='purify.superpoint_convex (default: the config default; 1 = no convexity term)')
     args = p.parse_args()
     embed = None
     if args.checkpoint:
@@ -159,7 +166,8 @@ def main() -> None:
     for n in args.sizes:
         for keyframe in args.keyframe:
             print(json.dumps(run(n, args.touched, args.dim, args.device, args.iterations, args.radius, embed,
-                                 args.whole, args.margin, args.superpoint_k, args.superpoint_block, keyframe)),
+                                 args.whole, args.margin, args.superpoint_k, args.superpoint_block, keyframe,
+                                 args.superpoint_convex)),
                   flush=True)
 
 

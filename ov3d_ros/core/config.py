@@ -190,10 +190,14 @@ class PurifyConfig:
     colour (Felzenszwalb-Huttenlocher criterion with this constant on the 26-connected voxel graph; larger:
     larger regions) and each voxel's purified feature is blended with its region's mean. Label-free, reads no
     feature; brought up to date when a reader needs it after keyframes came."""
-    superpoint_blend: float = 0.85
+    superpoint_blend: float = 0.95
     """Weight of the region mean in the blend (0-1)."""
     superpoint_min_vox: int = 40
     """Regions smaller than this many voxels join their most similar neighbour region."""
+    superpoint_convex: float = 0.5
+    """Factor on the normal disagreement of convex edges (0-1; 1 = convex and concave alike): a box's own edges
+    bend outwards, the creases where it meets the floor or a wall inwards, so convex edges merge more readily.
+    Needs each voxel's direction to the cameras (the map's ``views`` layer, kept by fusion)."""
     superpoint_weighted: bool = True
     """Each voxel counts in its superpoint's mean by its fusion weight (the points fused into it, capped at
     ``map.max_weight`` as in fusion), so the mean is that of the superpoint's observations, as if they had been

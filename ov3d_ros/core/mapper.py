@@ -191,12 +191,13 @@ class Mapper:
             if 0 < self.cfg.map.compress_dim < feats.shape[-1]:
                 self._update_projection(feats.reshape(-1, feats.shape[-1]))
             t1 = time.perf_counter()
+            T_W_C = torch.from_numpy(np.asarray(frame.T_W_C, dtype=np.float64))
             lifted = lift_keyframe(torch.from_numpy(np.array(frame.depth_m, dtype=np.float32, order='C')),
                                    torch.from_numpy(np.array(frame.rgb, order='C')),
                                    feats if self.projection is None else self.projection.project(feats),
-                                   frame.camera, torch.from_numpy(np.asarray(frame.T_W_C, dtype=np.float64)),
-                                   self.cfg.map.min_depth_m, self.cfg.map.max_depth_m, self.cfg.map.pixel_stride)
-            touched.append(self.map.integrate(lifted.points, lifted.features, lifted.colors))
+                                   frame.camera, T_W_C, self.cfg.map.min_depth_m, self.cfg.map.max_depth_m,
+                                   self.cfg.map.pixel_stride)
+            touched.append(self.map.integrate(lifted.points, lifted.features, lifted.colors, origin=T_W_C[:3, 3]))
             if self.labels is not None:   # class probabilities from the full-dimension features
                 cells = CellFeatures(feats.reshape(-1, feats.shape[-1]), lifted.features.cells,
                                      lifted.features.weights)

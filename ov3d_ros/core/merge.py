@@ -182,10 +182,11 @@ def merge_parts(parts: Sequence[MapPart], device: torch.device | str = 'cpu'
     projection, carry = common_projection(parts)
     dim = projection.out_dim if projection is not None else parts[0].source_dim
     vs = parts[0].vmap.voxel_size_m
-    keys, feats, weights, colors, counts, evidence = [], [], [], [], [], []
+    keys, feats, weights, colors, counts, views, evidence = [], [], [], [], [], [], []
     for part, R in zip(parts, carry):
         T = check_rigid(part.T, part.name)
         st = {k: v.to(device) for k, v in part.vmap.state().items()}
+        v = st['views'].float()
         if np.allclose(T, np.eye(4), atol=0, rtol=0):
             k = st['keys']
         else:
@@ -195,6 +196,7 @@ def merge_parts(parts: Sequence[MapPart], device: torch.device | str = 'cpu'
                 k = pack_keys(voxel_coords(centers @ Td[:3, :3].T + Td[:3, 3], vs))
             except ValueError as e:
                 raise MergeError(f'{part.name}: the transform moves voxels out of the map range ({e})') from e
+            v = v @ Td[:3, :3].T.float()                 # directions to the cameras turn with the map
         f = st['features'].float()
         if R is not None:
             f = f @ R.to(device).float()
@@ -202,6 +204,7 @@ def merge_parts(parts: Sequence[MapPart], device: torch.device | str = 'cpu'
         feats.append(f)
         weights.append(st['weights'].float())
         colors.append(st['colors'].float())
+        views.append(v)
         counts.append(st['counts'].to(torch.int64))
         if part.vocabulary:
             evidence.append(part.vmap.cake.rows('label_evidence').to(device, torch.float32))
@@ -213,9 +216,10 @@ def merge_parts(parts: Sequence[MapPart], device: torch.device | str = 'cpu'
     denom = w_sum.clamp_min(1e-12)[:, None]
     f_sum = torch.zeros(V, dim, device=device).index_add_(0, inv, torch.cat(feats) * w[:, None])
     c_sum = torch.zeros(V, 3, device=device).index_add_(0, inv, torch.cat(colors) * w[:, None])
+    v_sum = torch.zeros(V, 3, device=device).index_add_(0, inv, torch.cat(views) * w[:, None])
     n_sum = torch.zeros(V, dtype=torch.int64, device=device).index_add_(0, inv, torch.cat(counts))
     layers = {'keys': ukeys, 'features': (f_sum / denom).to(torch.float16), 'weights': w_sum, 'colors': c_sum / denom,
-              'counts': n_sum.clamp(max=2 ** 31 - 1).to(torch.int32)}
+              'views': v_sum / denom, 'counts': n_sum.clamp(max=2 ** 31 - 1).to(torch.int32)}
     if evidence:
         K = evidence[0].shape[1]
         layers['label_evidence'] = torch.zeros(V, K, device=device).index_add_(0, inv, torch.cat(evidence))

@@ -52,8 +52,9 @@ class VoxelFeatureMap:
     """Sparse voxel map of fused D-dimensional features: the fusion integrator over a :class:`LayerCake`.
 
     Its layers (per row): ``features`` (V, D) float16 (a feature layer), ``weights`` (V,) float32, ``colors``
-    (V, 3) float32 RGB, ``counts`` (V,) int32, all persisted, and ``norms`` (V,) float32 (derived from the
-    features, not persisted). The attributes of the same names are the layers' (capacity, ...) tensors (rows
+    (V, 3) float32 RGB, ``counts`` (V,) int32, ``views`` (V, 3) float32 (the weighted mean unit vector towards
+    the cameras; zero where no camera centre was given), all persisted, and ``norms`` (V,) float32 (derived from
+    the features, not persisted). The attributes of the same names are the layers' (capacity, ...) tensors (rows
     0..size-1 in use); other integrators add their own layers to :attr:`cake`.
 
     Args:
@@ -87,6 +88,7 @@ class VoxelFeatureMap:
         c.add_layer('weights', 0, torch.float32)
         c.add_layer('colors', 3, torch.float32)
         c.add_layer('counts', 0, torch.int32)
+        c.add_layer('views', 3, torch.float32)
         c.add_layer('norms', 0, torch.float32, persist=False)
 
     keys = property(lambda self: self.cake.keys, doc='(capacity,) int64 packed voxel keys.')
@@ -94,6 +96,7 @@ class VoxelFeatureMap:
     weights = property(lambda self: self.cake['weights'], doc='(capacity,) float32 accumulated weights.')
     colors = property(lambda self: self.cake['colors'], doc='(capacity, 3) float32 mean RGB in [0, 255].')
     counts = property(lambda self: self.cake['counts'], doc='(capacity,) int32 points fused per voxel.')
+    views = property(lambda self: self.cake['views'], doc='(capacity, 3) float32 mean unit vector to the cameras.')
     norms = property(lambda self: self.cake['norms'], doc='(capacity,) float32 L2 norms of the stored features.')
 
     @property
@@ -146,7 +149,8 @@ class VoxelFeatureMap:
             self.norms[start:stop] = _norms(self.features[start:stop])
 
     def integrate(self, points: torch.Tensor, features: Union[torch.Tensor, CellFeatures],
-                  colors: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  colors: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                  origin: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fuse points into the map.
 
         Per touched voxel, new = (old * min(W, max_weight) + sum of w f) / (min(W, max_weight) + sum of w), in fp32
@@ -158,6 +162,9 @@ class VoxelFeatureMap:
             features: (N, D) float features, or ``CellFeatures`` (fused as a weighted running mean).
             colors: (N, 3) float RGB in [0, 255], optional.
             weights: (N,) float per-point weights, default 1.
+            origin: (3,) the camera centre in the world frame, optional; the ``views`` layer then follows the
+                mean unit vector from each touched voxel towards the cameras that saw it (the side its surface
+                faces, which orients normals for the superpoints' convexity test).
         Returns:
             (V,) int64 rows of the voxels this call touched (sorted, unique).
         """
@@ -186,10 +193,21 @@ class VoxelFeatureMap:
         if colors is not None:
             c = colors.to(dev).float()
             c_sum = torch.zeros(v, 3, device=dev).index_add_(0, inv, c if w is None else c * w[:, None])
-            self.colors[rows] = (self.colors[rows] * w_eff[:, None] + c_sum) / denom[:, None]
+            self._blend(self.colors, rows, w_eff, c_sum, denom)
+        if origin is not None:        # once per voxel (its centre), weighted by its points like the colours
+            u = self.centers(rows).neg_().add_(origin.to(dev, torch.float32))
+            u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min_(1e-12)
+            self._blend(self.views, rows, w_eff, u.mul_(w_sum[:, None]), denom)
         self.weights[rows] = w_old + w_sum
         self.counts[rows] += count.to(torch.int32)
         return rows
+
+    @staticmethod
+    def _blend(layer: torch.Tensor, rows: torch.Tensor, w_eff: torch.Tensor, added: torch.Tensor,
+               denom: torch.Tensor) -> None:
+        """layer[rows] = (layer[rows] * w_eff + added) / denom, per row ((V, 3) layers), with one gather and one
+        scatter."""
+        layer.index_copy_(0, rows, layer.index_select(0, rows).mul_(w_eff[:, None]).add_(added).div_(denom[:, None]))
 
     def _touch(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """Rows of (N,) ``keys``, appending rows for keys not yet in the map. Returns the (V,) sorted unique rows
@@ -258,12 +276,14 @@ class VoxelFeatureMap:
         self.cake.clear()
 
     def state(self) -> Dict[str, torch.Tensor]:
-        """The occupied rows of the fusion layers (views, not copies): keys, features, weights, colors, counts."""
-        return {name: self.cake.rows(name) for name in self.FIELDS}
+        """The occupied rows of the fusion layers (tensor views, not copies): keys, features, weights, colors,
+        counts and views."""
+        return {name: self.cake.rows(name) for name in self.FIELDS + ('views',)}
 
     def load_state(self, state: Dict[str, torch.Tensor], feature: Sequence[str] = ()) -> None:
         """Replace the contents with ``state`` ({layer: (V, ...) tensor}: the fusion layers as returned by
-        :meth:`state`, plus any other layers, ``feature`` naming those that are feature layers); validates
+        :meth:`state`, plus any other layers (``views`` among them; zero when absent), ``feature`` naming those
+        that are feature layers); validates
         shapes first. Layers of the cake that ``state`` does not hold are dropped."""
         n = int(state['keys'].shape[0]) if 'keys' in state else -1
         expect = {'keys': (n,), 'features': (n, self.dim), 'weights': (n,), 'colors': (n, 3), 'counts': (n,)}
@@ -272,8 +292,10 @@ class VoxelFeatureMap:
                 raise ValueError(f'voxel field {name!r} is missing')
             if tuple(state[name].shape) != shape:
                 raise ValueError(f'voxel field {name!r} has shape {tuple(state[name].shape)}, expected {shape}')
+        if 'views' in state and tuple(state['views'].shape) != (n, 3):     # optional: older files have none
+            raise ValueError(f"voxel field 'views' has shape {tuple(state['views'].shape)}, expected {(n, 3)}")
         dtypes = {'keys': torch.int64, 'features': torch.float16, 'weights': torch.float32, 'colors': torch.float32,
-                  'counts': torch.int32}
+                  'counts': torch.int32, 'views': torch.float32}
         state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()}
         self.cake.load_state(state, feature=('features',) + tuple(feature))
         self._add_layers(self.dim)
@@ -289,7 +311,7 @@ class VoxelFeatureMap:
         for other layers; neither map may integrate or evict afterwards."""
         out = VoxelFeatureMap.__new__(VoxelFeatureMap)
         out.voxel_size_m, out.device, out.max_weight = self.voxel_size_m, self.device, self.max_weight
-        out.cake = self.cake.share(self.FIELDS + ('norms',))
+        out.cake = self.cake.share(self.FIELDS + ('views', 'norms'))
         return out
 
     def copy(self, names: Sequence[str] = ()) -> 'VoxelFeatureMap':

@@ -1,6 +1,7 @@
 """Mapper end to end on a hand-made frame with the simulated feature source (real MiniLM text space)."""
 import numpy as np
 import pytest
+import torch
 
 from ov3d_ros.core.camera import PinholeCamera
 from ov3d_ros.core.config import MapperConfig
@@ -44,6 +45,25 @@ def test_simulated_features_follow_labels(mapper):
     chair = mapper.embed_texts(['chair'])[0]
     sims = grid @ chair
     assert sims[8, 2] > 0.8 > sims[8, 12]
+
+
+def test_fusion_keeps_each_voxels_direction_to_the_camera():
+    """The Mapper gives fusion the keyframe's camera centre: every voxel of a wall 2 m ahead faces the camera,
+    and the direction turns as the camera moves (what orients normals for the superpoint vote)."""
+    cfg = MapperConfig()
+    cfg.features.source = 'simulated'
+    cfg.map.voxel_size_m, cfg.purify.enabled = 0.1, False
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
+    f = wall_frame()
+    assert m.integrate(f, force=True)
+    n = m.map.size
+    to_camera = -m.map.centers()                                      # the camera sits at the origin
+    to_camera /= to_camera.norm(dim=1, keepdim=True)
+    assert torch.allclose(m.map.views[:n], to_camera, atol=1e-5)
+    moved = Frame(f.rgb, f.depth_m, f.camera, np.array(f.T_W_C), 1.0, f.labels)
+    moved.T_W_C[0, 3] = 1.0                                           # 1 m to the right: the wall moves too
+    assert m.integrate(moved, force=True)
+    assert m.map.size > n and float(m.map.views[:m.map.size, 0].max()) > 0.2
 
 
 def test_segment_finds_the_labelled_region(mapper):

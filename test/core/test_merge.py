@@ -171,3 +171,23 @@ def test_transform_files_text_and_json(tmp_path):
     (tmp_path / 'bad.txt').write_text('1 2 3\n')
     with pytest.raises(MergeError, match='4x4'):
         read_transform(tmp_path / 'bad.txt')
+
+
+def test_views_turn_with_the_transform_and_fuse_like_colours():
+    """The direction to the cameras is a world-frame vector: a moved part's views turn with its rotation, and an
+    overlapping voxel takes the weight-averaged view of its parts."""
+    a = VoxelFeatureMap(VS, 4, capacity=16)
+    a.integrate(torch.tensor([[0.05, 0.05, 0.05]]), torch.ones(1, 4), origin=torch.tensor([0.05, 0.05, 5.0]))
+    b = VoxelFeatureMap(VS, 4, capacity=16)
+    b.integrate(torch.tensor([[0.05, 0.05, 0.05]]), torch.ones(1, 4), weights=torch.tensor([3.0]),
+                origin=torch.tensor([5.0, 0.05, 0.05]))
+    assert a.views[0].tolist() == pytest.approx([0, 0, 1]) and b.views[0].tolist() == pytest.approx([1, 0, 0])
+    m, _, _ = merge_parts([part(a), part(b)])
+    assert m.views[0].tolist() == pytest.approx([0.75, 0, 0.25])
+    # b turned 90 degrees about z (x -> y) and moved away: its view turns with it
+    T = transform_from_pose(3.0, 0.0, 0.0, 0.0, 0.0, np.sin(np.pi / 4), np.cos(np.pi / 4))
+    m, _, _ = merge_parts([part(a), part(b, T)])
+    k, st = by_key(m)
+    moved = [i for key, i in k.items() if key != int(a.keys[0])]
+    assert st['views'][moved[0]].tolist() == pytest.approx([0, 1, 0], abs=1e-6)
+    assert st['views'][k[int(a.keys[0])]].tolist() == pytest.approx([0, 0, 1])

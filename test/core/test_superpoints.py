@@ -2,9 +2,10 @@ import torch
 import torch.nn.functional as F
 
 from ov3d_ros.core.config import PurifyConfig
-from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
+from ov3d_ros.core.purification.graph import ball_offsets, cube_offsets, estimate_normals, neighbour_rows
 from ov3d_ros.core.purification.pooling import GeometryPooling
-from ov3d_ros.core.purification.superpoints import segment_graph, superpoint_vote, voxel_edges
+from ov3d_ros.core.purification.superpoints import (convex_edges, segment_graph, segment_rows, superpoint_vote,
+                                                   voxel_edges)
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 
@@ -178,7 +179,8 @@ def test_incremental_vote_over_blocks_equals_a_whole_map_vote_and_follows_evicti
 
 def test_invalid_superpoint_settings_are_refused():
     import pytest
-    for bad in (dict(superpoint_k=-1.0), dict(superpoint_blend=1.5), dict(superpoint_min_vox=-2)):
+    for bad in (dict(superpoint_k=-1.0), dict(superpoint_blend=1.5), dict(superpoint_min_vox=-2),
+                dict(superpoint_convex=-0.1), dict(superpoint_convex=1.5)):
         with pytest.raises(ValueError, match='superpoint'):
             GeometryPooling(PurifyConfig(enabled=True, affinity='fallback', **bad))
 
@@ -214,3 +216,51 @@ def test_vote_weights_are_capped_like_fusion():
     mates = torch.nonzero(seg == seg[rows[0]]).flatten()
     mates = mates[~torch.isin(mates, rows)]
     assert len(mates) > 10 and float(p.features(m)[mates, 0].float().mean()) > 0.9   # still mostly 'f0'
+
+
+def box_on_floor(origins=((-20.0, -20, 30), (40, 40, 30), (-20, 40, 30), (40, -20, 30))):
+    """A floor z = 0 (x, y in 0..23) and a closed box on it (x, y in 8..15, z up to 6), 1 voxel per unit, one
+    colour, seen from cameras above each corner (none: fused without camera centres). Returns (map, normals,
+    masks of the box top, the middle of one box side and the open floor)."""
+    ax = torch.arange(24)
+    fx, fy = torch.meshgrid(ax, ax, indexing='ij')
+    floor = torch.stack([fx.flatten(), fy.flatten(), torch.zeros(576, dtype=torch.int64)], 1)
+    floor = floor[~((floor[:, 0] >= 8) & (floor[:, 0] <= 15) & (floor[:, 1] >= 8) & (floor[:, 1] <= 15))]
+    bx, by, bz = torch.meshgrid(torch.arange(8, 16), torch.arange(8, 16), torch.arange(1, 7), indexing='ij')
+    box = torch.stack([bx.flatten(), by.flatten(), bz.flatten()], 1)
+    box = box[(box[:, 0] == 8) | (box[:, 0] == 15) | (box[:, 1] == 8) | (box[:, 1] == 15) | (box[:, 2] == 6)]
+    pts = torch.cat([floor, box]).float() + 0.5
+    m = VoxelFeatureMap(1.0, 2, capacity=64)
+    for o in origins or (None,):
+        m.integrate(pts, torch.ones(len(pts), 2), torch.full((len(pts), 3), 100.0),
+                    origin=None if o is None else torch.tensor(o))
+    rows = torch.arange(m.size)
+    off = cube_offsets(1)
+    normals = estimate_normals(m, rows, neighbour_rows(m, rows, off), off)
+    c = m.centers()
+    side = (c[:, 0] == 8.5) & (c[:, 1] > 9) & (c[:, 1] < 14) & (c[:, 2] > 1) & (c[:, 2] < 6)
+    return m, normals, c[:, 2] == 6.5, side, (c[:, 2] == 0.5) & ((c[:, 0] < 6) | (c[:, 0] > 17))
+
+
+def test_box_edges_are_convex_and_its_creases_with_the_floor_concave():
+    """Oriented by the direction to the cameras, the normals tell a box's own edges (convex) from the crease where
+    it stands on the floor (concave); with convex edges cheaper the box becomes one superpoint apart from the
+    floor, where convex and concave alike split the box's top from its sides. Without view directions (a map
+    fused without camera centres) the factor changes nothing."""
+    m, n, top, side, floor = box_on_floor()
+    i, j, _ = voxel_edges(m, n)
+    c = m.centers()
+    rim = (c[i, 2] == 6.5) & (c[j, 2] == 5.5) | (c[i, 2] == 5.5) & (c[j, 2] == 6.5)       # box top to its sides
+    crease = (c[i, 2] == 0.5) & (c[j, 2] == 1.5) | (c[i, 2] == 1.5) & (c[j, 2] == 0.5)    # floor to box sides
+    bent = (1 - (n[i] * n[j]).sum(1).abs()) > 0.1                                         # not flat
+    step = c[j] - c[i]
+    convex = convex_edges(n[i], n[j], m.views[i], m.views[j], step)
+    assert (rim & bent).sum() > 20 and (crease & bent).sum() > 20
+    assert convex[rim & bent].float().mean() > 0.9 and convex[crease & bent].float().mean() < 0.1
+    one = segment_rows(m, n, None, 1.0, 0, 0, convex=0.0)
+    assert len(set(one[top | side].tolist())) == 1 and not set(one[floor].tolist()) & set(one[top | side].tolist())
+    plain = segment_rows(m, n, None, 1.0, 0, 0, convex=1.0)
+    assert not set(plain[top].tolist()) & set(plain[side].tolist())
+    m0, n0, *_ = box_on_floor(origins=None)
+    assert not m0.views[:m0.size].any()
+    assert torch.equal(segment_rows(m0, n0, None, 1.0, 0, 0, convex=0.0), segment_rows(m0, n0, None, 1.0, 0, 0))

@@ -146,3 +146,31 @@ def test_cells_fuse_the_same_with_or_without_their_blocks():
     assert torch.allclose(a.features[:n].float(), b.features[:n].float(), atol=2e-3)
     assert torch.allclose(a.colors[:n], b.colors[:n]) and torch.allclose(a.weights[:n], b.weights[:n])
     assert torch.allclose(a.feature_norms(), a.features[:n].float().norm(dim=1))
+
+
+def test_views_follow_the_weighted_mean_direction_to_the_cameras_and_persist(tmp_path):
+    """Each voxel keeps the mean unit vector from its centre to the cameras that saw it, weighted by its points;
+    an integration without a camera centre leaves it alone; a map file keeps it and one without it loads as zero."""
+    from ov3d_ros.core.map_io import load_map, save_map
+    m = VoxelFeatureMap(voxel_size_m=1.0, dim=2, capacity=16)
+    pts = torch.tensor([[0.5, 0.5, 0.5], [0.4, 0.6, 0.5], [3.5, 0.5, 0.5]])     # two points in voxel 0, one in 3
+    f = torch.ones(3, 2)
+    m.integrate(pts, f, origin=torch.tensor([0.5, 0.5, 10.5], dtype=torch.float64))   # above both
+    r0, r3 = m.lookup(pack_keys(torch.tensor([[0, 0, 0], [3, 0, 0]]))).tolist()
+    assert m.views[r0].tolist() == pytest.approx([0.0, 0.0, 1.0])
+    up3 = torch.nn.functional.normalize(torch.tensor([-3.0, 0.0, 10.0]), dim=0)
+    assert m.views[r3].tolist() == pytest.approx(up3.tolist(), abs=1e-6)
+    # voxel 0 seen once more (1 point, weight 3) from the +x side: (2 * up + 3 * x) / 5
+    m.integrate(pts[:1], f[:1], weights=torch.tensor([3.0]), origin=torch.tensor([10.5, 0.5, 0.5]))
+    assert m.views[r0].tolist() == pytest.approx([0.6, 0.0, 0.4])
+    m.integrate(pts[:1], f[:1])                                                   # no camera centre: kept
+    assert m.views[r0].tolist() == pytest.approx([0.6, 0.0, 0.4])
+    save_map(tmp_path / 'm.ov3d', m, {})
+    back, _, _ = load_map(tmp_path / 'm.ov3d')
+    assert torch.equal(back.views[:back.size], m.views[:m.size])
+    old = {k: v for k, v in m.state().items() if k != 'views'}                   # a file written before views
+    m2 = VoxelFeatureMap(voxel_size_m=1.0, dim=2, capacity=16)
+    m2.load_state(old)
+    assert m2.size == 2 and not m2.views[:2].any()
+    with pytest.raises(ValueError, match='views'):
+        m2.load_state(dict(old, views=torch.zeros(2, 2)))

@@ -214,9 +214,10 @@ class GeometryPooling:
         if cfg.mode not in ('incremental', 'whole'):
             raise ValueError(f"purify.mode must be 'incremental' or 'whole', got {cfg.mode!r}")
         if not (cfg.superpoint_k >= 0 and 0 <= cfg.superpoint_blend <= 1 and cfg.superpoint_min_vox >= 0
-                and cfg.superpoint_block_vox >= 0):
-            raise ValueError('purify.superpoint_k must be >= 0, superpoint_blend in [0, 1], superpoint_min_vox and '
-                             f'superpoint_block_vox >= 0, got {cfg.superpoint_k}, {cfg.superpoint_blend}, '
+                and cfg.superpoint_block_vox >= 0 and 0 <= cfg.superpoint_convex <= 1):
+            raise ValueError('purify.superpoint_k must be >= 0, superpoint_blend and superpoint_convex in [0, 1], '
+                             'superpoint_min_vox and superpoint_block_vox >= 0, got '
+                             f'{cfg.superpoint_k}, {cfg.superpoint_blend}, {cfg.superpoint_convex}, '
                              f'{cfg.superpoint_min_vox}, {cfg.superpoint_block_vox}')
         self.cfg, self.embed = cfg, embed if cfg.affinity == 'learned' else None
         if context_vox is None:
@@ -336,7 +337,7 @@ class GeometryPooling:
         with a loaded map)."""
         c = self.cfg
         return segment_rows(vmap, vmap.cake.get('normals'), None, c.superpoint_k, c.superpoint_min_vox,
-                            c.superpoint_block_vox)
+                            c.superpoint_block_vox, c.superpoint_convex)
 
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V, D) purified features of all map rows (the raw ones before the first update): the pooled features,
@@ -358,7 +359,7 @@ class GeometryPooling:
         c, n, cake = self.cfg, vmap.size, vmap.cake
         block = c.superpoint_block_vox
         state = (id(cake), cake.epoch, vmap.dim, c.superpoint_k, c.superpoint_blend, c.superpoint_min_vox, block,
-                 c.superpoint_weighted)
+                 c.superpoint_weighted, c.superpoint_convex)
         voted = cake.get('voted')
         new_layer = voted is None or cake.specs['voted'].width != vmap.dim
         if state != self._vote_state or new_layer:
@@ -381,7 +382,8 @@ class GeometryPooling:
             blocks = torch.unique(torch.cat(self._vote_pending + [fresh]))
             at = torch.searchsorted(blocks, keys[:n]).clamp_max(len(blocks) - 1)
             rows = torch.nonzero(blocks[at] == keys[:n]).flatten()
-        segments = segment_rows(vmap, cake['normals'], rows, c.superpoint_k, c.superpoint_min_vox, block)
+        segments = segment_rows(vmap, cake['normals'], rows, c.superpoint_k, c.superpoint_min_vox, block,
+                                c.superpoint_convex)
         # capped as fusion counts them (a voxel a parked camera keeps seeing cannot take over its superpoint)
         weights = vmap.capped(vmap.weights[rows]) if c.superpoint_weighted else None
         voted[rows] = superpoint_vote(cake['purified'][rows], segments, c.superpoint_blend, torch.float16,

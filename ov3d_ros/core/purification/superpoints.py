@@ -7,8 +7,9 @@ Superpoints are regions of similar normal and colour, the usual unit of 3D open-
 mesh segmentation, SAI3D, Open3DIS): each voxel's purified feature is blended with the mean over its superpoint.
 
 The segmentation is Felzenszwalb-Huttenlocher's graph criterion on the 26-connected voxel graph (edge weight =
-normal disagreement 1 - |n_i . n_j| + RGB distance / 255): two regions merge over an edge when its weight is
-at most both regions' internal difference + ``k`` / size. It runs in Borůvka rounds (every region takes its
+normal disagreement 1 - |n_i . n_j|, scaled down where the surface is convex, + RGB distance / 255; objects meet
+their supports in concave creases, while their own edges are convex): two regions merge over an edge when its
+weight is at most both regions' internal difference + ``k`` / size. It runs in Borůvka rounds (every region takes its
 cheapest outgoing edge at once), vectorised in torch, the same on CPU and CUDA, so the cost is a few passes
 over the edges rather than a sequential union-find. Neither the features nor any label are read.
 Superpoints may be kept inside fixed cubes of ``block_vox`` voxels a side (:func:`block_ids`): cubes are then
@@ -32,14 +33,16 @@ def block_ids(vmap: VoxelFeatureMap, rows: torch.Tensor, block_vox: int) -> torc
 
 
 def voxel_edges(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                block_vox: int = 0) -> tuple:
+                block_vox: int = 0, convex: float = 1.0) -> tuple:
     """The 26-connected voxel graph over ``rows`` (default all ``vmap.size`` rows), each edge once.
 
     normals (capacity or V, 3) unit normals by row. ``rows``: sorted unique int64 rows; every edge from one of them
     is kept, so ``rows`` must hold every neighbour they have in the graph (the whole map, or whole blocks).
     ``block_vox`` > 0 keeps only edges inside one block (:func:`block_ids`). Edges come in the order (row, offset),
     so a subset of rows lists its edges in the same relative order as the whole map (ties break alike).
-    Returns (i (E,), j (E,) int64 rows, w (E,) float32 weights: 1 - |n_i . n_j| + |rgb_i - rgb_j| / 255).
+    ``convex`` scales the normal term of convex edges (:func:`convex_edges`; 1 = no distinction).
+    Returns (i (E,), j (E,) int64 rows, w (E,) float32 weights: 1 - |n_i . n_j| (x ``convex`` where convex) +
+    |rgb_i - rgb_j| / 255).
     """
     rows = torch.arange(vmap.size, device=vmap.device) if rows is None else rows
     offsets = cube_offsets(1, vmap.device)[1:]
@@ -54,17 +57,37 @@ def voxel_edges(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[tor
     ok = nbr >= 0
     i, j = rows[:, None].expand_as(nbr)[ok], nbr[ok]
     nrm, col = normals.float(), vmap.colors
-    w = 1 - (nrm[i] * nrm[j]).sum(1).abs() + (col[i].float() - col[j].float()).norm(dim=1) / 255.0
-    return i, j, w
+    w = 1 - (nrm[i] * nrm[j]).sum(1).abs()
+    if convex != 1.0 and 'views' in vmap.cake:
+        step = half.float()[None].expand(len(rows), -1, -1)[ok]            # (E, 3) from voxel i to voxel j
+        w = torch.where(convex_edges(nrm[i], nrm[j], vmap.views[i], vmap.views[j], step), w * convex, w)
+    return i, j, w + (col[i].float() - col[j].float()).norm(dim=1) / 255.0
+
+
+def convex_edges(n_i: torch.Tensor, n_j: torch.Tensor, v_i: torch.Tensor, v_j: torch.Tensor,
+                 step: torch.Tensor) -> torch.Tensor:
+    """(E,) bool: whether the surface bends outwards (convex, a ridge) between voxels i and j.
+
+    n_i, n_j (E, 3) unit normals of either orientation; v_i, v_j (E, 3) the voxels' directions towards the cameras
+    that saw them (the map's ``views`` layer), which orient each normal to the side its surface was seen from;
+    step (E, 3) from voxel i to voxel j. With outward normals the surface is convex where they diverge along the
+    step, (n_j - n_i) . step > 0, the local convexity criterion of LCCP (Stein et al., CVPR 2014): the edges of
+    a box or a table top are convex, the lines where an object meets the floor or a wall, and the corners of a room
+    seen from inside, are concave. Voxels without a view direction (maps written before it) have no orientation
+    and their edges count as not convex.
+    """
+    o_i = n_i * torch.sign((n_i * v_i).sum(1, keepdim=True))
+    o_j = n_j * torch.sign((n_j * v_j).sum(1, keepdim=True))
+    return ((o_j - o_i) * step).sum(1) > 0
 
 
 def segment_rows(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[torch.Tensor], k: float,
-                 min_size: int, block_vox: int = 0) -> torch.Tensor:
+                 min_size: int, block_vox: int = 0, convex: float = 1.0) -> torch.Tensor:
     """(R,) int64 superpoint index (0..S-1) of each of ``rows`` (sorted unique; default all rows): the
     :func:`segment_graph` of their :func:`voxel_edges`. With ``block_vox`` > 0 superpoints never cross a block, so
     the superpoints of whole blocks come out the same whether segmented alone or with the whole map."""
     rows = torch.arange(vmap.size, device=vmap.device) if rows is None else rows
-    i, j, w = voxel_edges(vmap, normals, rows, block_vox)
+    i, j, w = voxel_edges(vmap, normals, rows, block_vox, convex)
     return segment_graph(len(rows), torch.searchsorted(rows, i), torch.searchsorted(rows, j), w, k, min_size)
 
 
