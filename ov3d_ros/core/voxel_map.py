@@ -66,8 +66,10 @@ class VoxelFeatureMap:
             mean of every observation); see ``MapConfig.max_weight``. ``weights`` still accumulates all weight.
     """
 
-    FIELDS = ('keys', 'features', 'weights', 'colors', 'counts')
+    FIELDS = ('keys', 'features', 'weights', 'colors', 'counts', 'views')
     """The persisted fusion layers (``norms`` is derived from ``features``)."""
+    OPTIONAL = ('views',)
+    """Fusion layers that map files written before them lack (:meth:`load_state` fills them with zeros)."""
 
     def __init__(self, voxel_size_m: float, dim: int, device: torch.device | str = 'cpu', capacity: int = 65536,
                  max_weight: float = 0.0):
@@ -278,22 +280,23 @@ class VoxelFeatureMap:
     def state(self) -> Dict[str, torch.Tensor]:
         """The occupied rows of the fusion layers (tensor views, not copies): keys, features, weights, colors,
         counts and views."""
-        return {name: self.cake.rows(name) for name in self.FIELDS + ('views',)}
+        return {name: self.cake.rows(name) for name in self.FIELDS}
 
     def load_state(self, state: Dict[str, torch.Tensor], feature: Sequence[str] = ()) -> None:
         """Replace the contents with ``state`` ({layer: (V, ...) tensor}: the fusion layers as returned by
-        :meth:`state`, plus any other layers (``views`` among them; zero when absent), ``feature`` naming those
-        that are feature layers); validates
-        shapes first. Layers of the cake that ``state`` does not hold are dropped."""
+        :meth:`state`, plus any other layers; those in :attr:`OPTIONAL` are zero when absent), ``feature`` naming
+        those that are feature layers); validates shapes first. Layers of the cake that ``state`` does not hold are
+        dropped."""
         n = int(state['keys'].shape[0]) if 'keys' in state else -1
-        expect = {'keys': (n,), 'features': (n, self.dim), 'weights': (n,), 'colors': (n, 3), 'counts': (n,)}
+        expect = {'keys': (n,), 'features': (n, self.dim), 'weights': (n,), 'colors': (n, 3), 'counts': (n,),
+                  'views': (n, 3)}
         for name, shape in expect.items():
             if name not in state:
+                if name in self.OPTIONAL:
+                    continue
                 raise ValueError(f'voxel field {name!r} is missing')
             if tuple(state[name].shape) != shape:
                 raise ValueError(f'voxel field {name!r} has shape {tuple(state[name].shape)}, expected {shape}')
-        if 'views' in state and tuple(state['views'].shape) != (n, 3):     # optional: older files have none
-            raise ValueError(f"voxel field 'views' has shape {tuple(state['views'].shape)}, expected {(n, 3)}")
         dtypes = {'keys': torch.int64, 'features': torch.float16, 'weights': torch.float32, 'colors': torch.float32,
                   'counts': torch.int32, 'views': torch.float32}
         state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()}
@@ -311,7 +314,7 @@ class VoxelFeatureMap:
         for other layers; neither map may integrate or evict afterwards."""
         out = VoxelFeatureMap.__new__(VoxelFeatureMap)
         out.voxel_size_m, out.device, out.max_weight = self.voxel_size_m, self.device, self.max_weight
-        out.cake = self.cake.share(self.FIELDS + ('views', 'norms'))
+        out.cake = self.cake.share(self.FIELDS + ('norms',))
         return out
 
     def copy(self, names: Sequence[str] = ()) -> 'VoxelFeatureMap':

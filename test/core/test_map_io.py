@@ -124,7 +124,7 @@ def test_files_without_a_layer_list_still_load(tmp_path):
     from ov3d_ros.core.map_io import _payload_sha256
     m = small_map()
     n = m.size
-    tensors = {k: v.contiguous() for k, v in m.state().items() if k in VoxelFeatureMap.FIELDS}   # no views then
+    tensors = {k: v.contiguous() for k, v in m.state().items() if k not in VoxelFeatureMap.OPTIONAL}   # no views then
     tensors['label_evidence'] = torch.rand(n, 3)
     tensors['text_vectors'] = torch.ones(2, 8)
     meta = {'format': 'ov3d_ros.map', 'format_version': '1', 'voxel_size_m': repr(m.voxel_size_m), 'dim': '8',
@@ -132,9 +132,9 @@ def test_files_without_a_layer_list_still_load(tmp_path):
     meta['payload_sha256'] = _payload_sha256(st_save(tensors, metadata=meta))
     (tmp_path / 'old.ov3dmap').write_bytes(st_save(tensors, metadata=meta))
     back, info, extra = load_map(tmp_path / 'old.ov3dmap')
-    assert set(back.cake.layers) == set(VoxelFeatureMap.FIELDS) | {'views', 'norms', 'label_evidence'}
+    assert set(back.cake.layers) == set(VoxelFeatureMap.FIELDS) | {'norms', 'label_evidence'}
     assert torch.equal(back.cake.rows('label_evidence'), tensors['label_evidence'])
     assert list(extra) == ['text_vectors'] and back.cake.specs['features'].feature
-    for name in VoxelFeatureMap.FIELDS:
+    for name in tensors.keys() & set(VoxelFeatureMap.FIELDS):
         assert torch.equal(back.state()[name], m.state()[name]), name
     assert not back.state()['views'].any()              # no direction to the cameras: no convexity in the vote
