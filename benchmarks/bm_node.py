@@ -215,6 +215,7 @@ def bench_stream(args, env_vars, out: Path) -> dict:
                frames_superseded=final['superseded'], frames_dropped=final['dropped'],
                keyframes_selected_at_full_rate=selected, keyframes_integrated=final['keyframes'],
                keyframes_dropped_waiting=final['keyframes_dropped'],
+               poses_interpolated=sum(c.get('poses_interpolated', 0) for c in final.get('cameras', {}).values()),
                keyframe_ms={'mean': round(1e3 * final['keyframe_time_mean_s'], 1),
                             'p95': round(1e3 * final.get('keyframe_time_p95_s', float('nan')), 1),
                             'max': round(1e3 * final['keyframe_time_max_s'], 1)},

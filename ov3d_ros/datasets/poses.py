@@ -89,6 +89,14 @@ def slerp(q0, q1, a: float) -> np.ndarray:
     return q / np.linalg.norm(q)
 
 
+def interpolate_pose(T0: np.ndarray, T1: np.ndarray, a: float) -> np.ndarray:
+    """(4, 4) rigid transform a fraction ``a`` in [0, 1] of the way from (4, 4) ``T0`` to ``T1``: translation
+    linear, rotation slerp (tf2's interpolation between two stamps)."""
+    T0, T1 = np.asarray(T0, dtype=np.float64), np.asarray(T1, dtype=np.float64)
+    q = slerp(matrix_to_quat(T0[:3, :3]), matrix_to_quat(T1[:3, :3]), float(a))
+    return _transform((1 - a) * T0[:3, 3] + a * T1[:3, 3], q)
+
+
 def _transform(t, q) -> np.ndarray:
     T = np.eye(4)
     T[:3, :3] = quat_to_matrix(q)

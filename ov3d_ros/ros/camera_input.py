@@ -127,6 +127,29 @@ class CameraInput:
             return best
         return None
 
+    @staticmethod
+    def bracket(buffer: Deque, t: float, slop: float, max_gap: float):
+        """The pose messages of ``buffer`` for stamp ``t``: ``(msg, None, 0.0)`` for one stamped exactly ``t``;
+        ``(before, after, a)`` for the two bracketing ``t`` (in the same frame, at most ``max_gap`` s apart; ``a`` in
+        (0, 1) the fraction of the way from ``before`` to ``after``), to be interpolated, as tf2 does between the
+        stamps of a transform; else ``(nearest, None, 0.0)`` for the nearest within ``slop``; else None. A pose
+        lost on the way (best-effort QoS) is then bridged by its neighbours."""
+        before = after = None
+        tb = ta = 0.0
+        for m in buffer:
+            s = conv.stamp_to_sec(m.header.stamp)
+            if s == t:
+                return m, None, 0.0
+            if s < t and (before is None or s > tb):
+                before, tb = m, s
+            elif s > t and (after is None or s < ta):
+                after, ta = m, s
+        if (before is not None and after is not None and ta - tb <= max_gap
+                and before.header.frame_id == after.header.frame_id):
+            return before, after, (t - tb) / (ta - tb)
+        best = CameraInput.nearest(buffer, t, slop)
+        return None if best is None else (best, None, 0.0)
+
     def take(self, slop: float, timeout_s: float, simulated: bool, pose_ready, describe_missing_pose,
              prefer=None):
         """Pop the newest depth image whose partners arrived: (depth, colour, labels or None, stamp), or None.
@@ -202,4 +225,5 @@ class CameraInput:
                 'dropped': self.stats['dropped'], 'superseded': self.stats['superseded'],
                 'not_decoded': self.stats['not_decoded'], 'pending_depth': len(self.depth),
                 'pending_keyframes': len(self.pending), 'keyframes_dropped': self.stats['keyframes_dropped'],
+                'poses_interpolated': self.stats['poses_interpolated'],
                 'last_error': self.last_error}

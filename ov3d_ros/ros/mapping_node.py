@@ -46,6 +46,7 @@ from ov3d_ros.core.features import create_extractor
 from ov3d_ros.core.keyframes import thin_out
 from ov3d_ros.core.mapper import Frame, Mapper, resolve_device
 from ov3d_ros.core.snapshot import MapSnapshot
+from ov3d_ros.datasets.poses import interpolate_pose
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.camera_input import CameraInput
 from ov3d_ros.ros.label_volume import LabelVolumeInterface
@@ -101,6 +102,10 @@ class MappingInterface:
                                        "depth/image) or 'compressedDepth' (image_transport's PNG depth on "
                                        "depth/image/compressedDepth).")
         self.sync_slop_s = declare(self, 'sync_slop_s', 0.05, 'Max time difference between paired messages.')
+        self.pose_max_gap_s = declare(self, 'pose_max_gap_s', 0.5, "pose_source 'pose'/'odometry': a depth image "
+                                      'between two poses at most this far apart takes their interpolation '
+                                      '(translation linear, rotation slerp), else the nearest pose within '
+                                      'sync_slop_s (0: nearest only).')
         self.sync_timeout_s = declare(self, 'sync_timeout_s', 5.0, 'Depth images still without colour/pose '
                                       'partners this long after arrival are dropped (counted, logged). Above Fast '
                                       "DDS's 3 s heartbeat period: a reliable image that lost a fragment comes then.")
@@ -108,7 +113,12 @@ class MappingInterface:
         self.map_publish_rate_hz = declare(self, 'map_publish_rate_hz', 0.5, 'Rate of ~/map_cloud (0 = off).')
         self.map_cloud_max_points = declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
         self.input_qos = declare(self, 'input_qos', 'sensor_data', "QoS of image inputs: 'sensor_data' or 'reliable'.")
-        self.queue_size = declare(self, 'queue_size', 10, 'Messages kept per input topic while waiting for a partner.')
+        self.pose_qos = declare(self, 'pose_qos', 'best_effort', "QoS reliability of the pose/odometry input: "
+                                "'best_effort' (a lost pose is skipped and bridged by interpolation, never waited "
+                                "for) or 'reliable' (keep last 50 either way; it matches either kind of publisher "
+                                'only when best_effort).')
+        self.queue_size = declare(self, 'queue_size', 30, 'Messages kept per input topic while waiting for a partner '
+                                  '(30: 1 s of a 30 Hz camera, for a reliable partner held back behind a lost one).')
         self.max_pending_keyframes = declare(self, 'max_pending_keyframes', 30, 'Selected keyframes per camera '
                                              'waiting to be integrated (they are integrated together, as one '
                                              'batch); beyond this one is dropped (counted, logged): the one '
@@ -199,7 +209,7 @@ class MappingInterface:
             if 'query.templates' in new or 'query.repetitions' in new:
                 self.mapper.texts.clear()     # text embeddings depend on the templates
             self.publish_snapshot()
-        for name in ('sync_slop_s', 'sync_timeout_s', 'map_cloud_max_points'):
+        for name in ('sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'map_cloud_max_points'):
             if name in new:
                 setattr(self, name, new[name])
         if 'pose_to_camera' in new:
@@ -312,10 +322,15 @@ class MappingInterface:
         # poses in a group of their own: the callback only appends under a lock, and in the default group it can
         # wait behind every ready image callback (created earlier, taken first; poses came up to 1.2 s late at 6 Hz)
         poses = MutuallyExclusiveCallbackGroup()
+        # best effort by default: over a reliable subscription one lost sample holds back every later pose until
+        # it is re-sent (Fast DDS: on its heartbeat, up to 3 s), while depth images fill the queue; a skipped pose
+        # is bridged by its neighbours (interpolated, pose_max_gap_s)
+        pose_qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT
+                              if self.pose_qos == 'best_effort' else ReliabilityPolicy.RELIABLE)
         if self.pose_source == 'pose':
-            self.create_subscription(PoseStamped, 'pose', self._push_pose, 50, callback_group=poses)
+            self.create_subscription(PoseStamped, 'pose', self._push_pose, pose_qos, callback_group=poses)
         elif self.pose_source == 'odometry':
-            self.create_subscription(Odometry, 'odom', self._push_pose, 50, callback_group=poses)
+            self.create_subscription(Odometry, 'odom', self._push_pose, pose_qos, callback_group=poses)
         self._mapping_timers, self._mapping_active = {}, True
         for name in ('tick', 'select', 'status', 'map'):
             self._restart_timer(name)
@@ -430,7 +445,7 @@ class MappingInterface:
         if self.pose_source == 'tf':
             return self.tf_buffer.can_transform(self.map_frame, depth.header.frame_id, self._stamp(depth))
         with self._pose_lock:
-            return CameraInput.nearest(self._poses, t, self.sync_slop_s) is not None
+            return CameraInput.bracket(self._poses, t, self.sync_slop_s, self.pose_max_gap_s) is not None
 
     def _missing_pose(self, depth) -> str:
         return (f'transform {self.map_frame} -> {depth.header.frame_id}' if self.pose_source == 'tf'
@@ -456,11 +471,16 @@ class MappingInterface:
             except ValueError as e:
                 raise ValueError(f'no transform {self.map_frame} → {depth.header.frame_id} at {t:.3f}: {e}') from None
         with self._pose_lock:
-            msg = CameraInput.nearest(self._poses, t, self.sync_slop_s)
-        if msg is None:
-            raise ValueError(f'no pose within {self.sync_slop_s} s of the depth image at {t:.3f}')
+            found = CameraInput.bracket(self._poses, t, self.sync_slop_s, self.pose_max_gap_s)
+        if found is None:
+            raise ValueError(f'no pose within {self.sync_slop_s} s of the depth image at {t:.3f} (nor two within '
+                             f'pose_max_gap_s={self.pose_max_gap_s} s around it)')
+        msg, after, a = found
         try:
             T_F_B = conv.pose_msg_to_matrix(msg)
+            if after is not None:
+                T_F_B = interpolate_pose(T_F_B, conv.pose_msg_to_matrix(after), a)
+                cam.stats['poses_interpolated'] += 1
         except ValueError as e:
             raise ValueError(f'camera pose at {t:.3f} s rejected: {e}; frame dropped') from None
         frame = msg.header.frame_id

@@ -36,7 +36,7 @@ LIVE = frozenset({
     'purify.margin_vox', 'purify.superpoint_k', 'purify.superpoint_blend', 'purify.superpoint_min_vox',
     'purify.superpoint_block_vox', 'purify.superpoint_weighted', 'purify.superpoint_convex',
     'labels.vocabulary', 'labels.smoothing_radius_vox', 'labels.min_component_vox', 'labels.feature_prior',
-    'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
+    'sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
     'max_pending_keyframes', 'pose_to_camera', 'use_sim_time',
     'web_view.enabled', 'web_view.host', 'web_view.port', 'web_view.refresh_s',
 })
@@ -57,6 +57,7 @@ READ_ONLY_REASONS: Dict[str, str] = {
     'color_transport': AT_START + ' (it decides the subscriptions)',
     'depth_transport': AT_START + ' (it decides the subscriptions)',
     'input_qos': AT_START + ' (it decides the subscriptions)',
+    'pose_qos': AT_START + ' (it decides the subscription)',
     'queue_size': AT_START,
 }
 
@@ -139,10 +140,11 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     'features.source': _one_of('clip', 'simulated'),
     'features.dense_mode': _one_of('naclip', 'sclip', 'clearclip', 'maskclip'),
     'features.sim_preset': _one_of('clean', 'default', 'hard', 'custom'),
-    'sync_slop_s': _at_least(0.0, True), 'sync_timeout_s': _at_least(0.0, True),
+    'sync_slop_s': _at_least(0.0, True), 'sync_timeout_s': _at_least(0.0, True), 'pose_max_gap_s': _at_least(0.0),
     'tick_rate_hz': _at_least(0.0, True), 'map_publish_rate_hz': _at_least(0.0),
     'map_cloud_max_points': _at_least(0), 'queue_size': _at_least(1), 'max_pending_keyframes': _at_least(1),
     'pose_source': _one_of('tf', 'pose', 'odometry'), 'input_qos': _one_of('sensor_data', 'reliable'),
+    'pose_qos': _one_of('best_effort', 'reliable'),
     'color_transport': _one_of('raw', 'compressed'), 'depth_transport': _one_of('raw', 'compressedDepth'),
     'pose_to_camera': _pose_to_camera,
     'web_view.host': _host, 'web_view.port': _port, 'web_view.refresh_s': _at_least(0.0, True),

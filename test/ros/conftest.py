@@ -38,21 +38,24 @@ class BadInputPublisher:
         return self.node.get_clock().now().nanoseconds * 1e-9
 
     def send(self, rgb, depth, depth_encoding='16UC1', camera=None, labels=None, stamp=None,
-             quaternion=(0, 0, 0, 1), position=(0, 0, 0), pose_frame='map'):
+             quaternion=(0, 0, 0, 1), position=(0, 0, 0), pose_frame='map', poses=None):
         """One frame with one stamp (seconds, default now): camera info (when ``camera`` is given), pose, colour,
         labels, depth. ``camera`` is a PinholeCamera or a CameraInfo message; ``quaternion`` is (x, y, z, w);
-        ``pose_frame`` is the pose's header.frame_id."""
-        header = conv.make_header('camera', conv.sec_to_stamp(self.now() if stamp is None else stamp))
+        ``pose_frame`` is the pose's header.frame_id; ``poses``: (seconds after the stamp, position) pairs
+        published instead of the one pose at the stamp."""
+        t = self.now() if stamp is None else stamp
+        header = conv.make_header('camera', conv.sec_to_stamp(t))
         if camera is not None:
             info = camera if isinstance(camera, CameraInfo) else conv.camera_to_camera_info(camera)
             info.header = header
             self.pubs['color/camera_info'].publish(info)
-        pose = PoseStamped()
-        pose.header = conv.make_header(pose_frame, header.stamp)
-        q, p = pose.pose.orientation, pose.pose.position
-        q.x, q.y, q.z, q.w = (float(v) for v in quaternion)
-        p.x, p.y, p.z = (float(v) for v in position)
-        self.pubs['pose'].publish(pose)
+        for dt, xyz in ((0.0, position),) if poses is None else poses:
+            pose = PoseStamped()
+            pose.header = conv.make_header(pose_frame, conv.sec_to_stamp(t + dt))
+            q, p = pose.pose.orientation, pose.pose.position
+            q.x, q.y, q.z, q.w = (float(v) for v in quaternion)
+            p.x, p.y, p.z = (float(v) for v in xyz)
+            self.pubs['pose'].publish(pose)
         self.pubs['color/image'].publish(conv.numpy_to_image(rgb, 'rgb8', header))
         lab = labels if labels is not None else np.zeros(depth.shape[:2], np.uint16)
         self.pubs['labels/image'].publish(conv.numpy_to_image(lab, 'mono16', header))

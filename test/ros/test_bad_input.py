@@ -266,6 +266,22 @@ def test_stamp_policy(local_node):
     assert process(local_node)[0]['frames'] == 1
 
 
+def test_a_frame_whose_pose_was_lost_takes_the_interpolation_of_the_poses_around_it(local_node):
+    """Its own pose never comes (lost on the way); the poses 0.1 s before and after it do: the frame is integrated
+    at the pose halfway between them, and counted in ``poses_interpolated``."""
+    node = local_node['node']
+    before = node.status()['cameras']
+    t = local_node['pub'].now()
+    delta, error = process(local_node, stamp=t, poses=[(-0.1, (0.0, 0.0, 0.0)), (0.1, (0.2, 0.0, 0.0))])
+    assert delta['frames'] == 1 and delta['dropped'] == 0, error
+    after = node.status()['cameras']
+    assert sum(c['poses_interpolated'] for c in after.values()) == \
+        sum(c['poses_interpolated'] for c in before.values()) + 1
+    depth = conv.numpy_to_image(DEPTH_MM, '16UC1', conv.make_header('camera', conv.sec_to_stamp(t)))
+    T = node._pose_at(node.cameras[0], depth, conv.stamp_to_sec(depth.header.stamp))
+    assert T[:3, 3] == pytest.approx([0.1, 0.0, 0.0], abs=1e-6)
+
+
 @pytest.mark.parametrize('frame, match', [
     ({'quaternion': (math.nan, 0, 0, 1)}, 'camera pose at .* rejected: pose orientation must be a quaternion'),
     ({'quaternion': (0, 0, 0, 0)}, 'has norm 0'),

@@ -1,9 +1,15 @@
 """Colour/depth/pose pairing of one camera (CameraInput.take) on real sensor_msgs messages: which depth images wait,
 which are taken, superseded or dropped, and why."""
+import collections
+import math
+
 import numpy as np
 import pytest
+from geometry_msgs.msg import PoseStamped
+from rclpy.qos import ReliabilityPolicy
 from sensor_msgs.msg import Image
 
+from ov3d_ros.datasets.poses import interpolate_pose
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.camera_input import CameraInput
 from ov3d_ros.sim import default_camera
@@ -124,6 +130,38 @@ def test_a_missing_pose_is_named_and_a_full_queue_drops_the_oldest():
     assert take(cam, poses=[3.0])[3] == 3.0 and cam.stats['superseded'] == 1
 
 
+def pose(stamp: float, x: float, frame: str = 'map', yaw_deg: float = 0.0) -> PoseStamped:
+    msg = PoseStamped()
+    msg.header = conv.make_header(frame, conv.sec_to_stamp(stamp))
+    msg.pose.position.x = x
+    msg.pose.orientation.z, msg.pose.orientation.w = math.sin(math.radians(yaw_deg) / 2), math.cos(math.radians(yaw_deg) / 2)
+    return msg
+
+
+def test_a_depth_image_between_two_poses_takes_their_interpolation_and_otherwise_the_nearest():
+    """CameraInput.bracket: the pose stamped exactly at the image; else the two around it (same frame, at most
+    max_gap apart) with the fraction of the way; else the nearest within the slop; else none."""
+    poses = collections.deque([pose(1.0, 0.0), pose(1.1, 1.0), pose(1.3, 3.0), pose(2.0, 9.0, frame='odom')])
+    exact = CameraInput.bracket(poses, 1.1, SLOP, 0.5)
+    assert exact[0] is poses[1] and exact[1] is None
+    before, after, a = CameraInput.bracket(poses, 1.26, SLOP, 0.5)      # its own pose lost: 1.1 and 1.3 around it
+    assert (before, after) == (poses[1], poses[2]) and a == pytest.approx(0.8)
+    nearest = CameraInput.bracket(poses, 1.26, SLOP, 0.1)               # 0.2 s apart: too far to interpolate
+    assert nearest[0] is poses[2] and nearest[1] is None
+    assert CameraInput.bracket(poses, 1.6, SLOP, 0.5) is None          # 1.3 (map) and 2.0 (odom): other frames
+    assert CameraInput.bracket(poses, 2.2, SLOP, 0.5) is None          # after the last pose, beyond the slop
+
+
+def test_interpolated_pose_is_linear_in_translation_and_slerp_in_rotation():
+    T0 = conv.pose_msg_to_matrix(pose(0.0, 0.0, yaw_deg=0.0))
+    T1 = conv.pose_msg_to_matrix(pose(0.0, 2.0, yaw_deg=90.0))
+    T = interpolate_pose(T0, T1, 0.25)
+    assert T[:3, 3] == pytest.approx([0.5, 0.0, 0.0])
+    yaw = math.degrees(math.atan2(T[1, 0], T[0, 0]))
+    assert yaw == pytest.approx(22.5) and np.allclose(T[:3, :3] @ T[:3, :3].T, np.eye(3))
+    assert np.allclose(interpolate_pose(T0, T1, 0.0), T0) and np.allclose(interpolate_pose(T0, T1, 1.0), T1)
+
+
 def test_pose_callbacks_never_wait_behind_image_callbacks(local_node):
     """Poses are stored from a callback group of their own: under a multi-threaded executor a pose is taken while
     image callbacks (the node's default group, taken first when several are ready) keep that group busy."""
@@ -134,6 +172,9 @@ def test_pose_callbacks_never_wait_behind_image_callbacks(local_node):
     assert images == {node.default_callback_group}
     assert subs['/pose'].callback_group not in images
     assert sum(s.callback_group is subs['/pose'].callback_group for s in node.subscriptions) == 1
+    # best effort (pose_qos default) though the images are reliable here: a lost pose never holds back the next
+    assert subs['/pose'].qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
+    assert subs['/depth/image'].qos_profile.reliability == ReliabilityPolicy.RELIABLE
 
 
 def test_depth_images_wait_for_the_first_camera_info_and_a_full_queue_drops_with_the_reason():

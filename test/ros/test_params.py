@@ -47,7 +47,7 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     from ov3d_ros.ros.params import CHECKS, LIVE, check
     cfg = MapperConfig()
     names = {f'{s.name}.{f.name}' for s in fields(cfg) for f in fields(getattr(cfg, s.name))}
-    node_level = {'sync_slop_s', 'sync_timeout_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
+    node_level = {'sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
                   'max_pending_keyframes',
                   'pose_to_camera', 'use_sim_time', 'web_view.enabled', 'web_view.host', 'web_view.port',
                   'web_view.refresh_s'}
@@ -76,6 +76,8 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert check('web_view.port', 0) is None and 'port number' in check('web_view.port', 65536)
     assert 'port number' in check('web_view.port', True) and 'host name' in check('web_view.host', ' ')
     assert 'web_view.refresh_s must be a finite number > 0' in check('web_view.refresh_s', 0.0)
+    assert check('pose_max_gap_s', 0.0) is None and 'pose_max_gap_s' in check('pose_max_gap_s', -0.1)
+    assert 'one of' in check('pose_qos', 'sometimes') and check('pose_qos', 'reliable') is None
 
 
 def test_overrides_of_the_started_node_reach_parameters_that_two_files_set(tmp_path):
