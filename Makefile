@@ -131,6 +131,7 @@ eval-scenes: setup
 # iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene), its
 # cube size, its minimum superpoint size and T with the vote; scale and T with the vote; the student's data
 # fraction (3 seeds each, with and without the vote); the convexity factor of the vote's edges with its blend;
+# k and min_vox again around the defaults with the convexity term;
 # query temperature and threshold (synonym queries, one scoring pass per query for all thresholds); the label
 # volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
@@ -190,6 +191,10 @@ eval-tune: eval-scenes
 	  purify.superpoint_blend=$(b)) \
 	  --variant c0.5_b0.95_min80 $(WHOLE) purify.checkpoint=default purify.superpoint_convex=0.5 \
 	  purify.superpoint_blend=0.95 purify.superpoint_min_vox=80
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_superpoint_retune $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false --variant default $(WHOLE) purify.checkpoint=default \
+	  $(foreach k,0.015 0.03,--variant k$(k) $(WHOLE) purify.checkpoint=default purify.superpoint_k=$(k)) \
+	  $(foreach m,30 60,--variant min$(m) $(WHOLE) purify.checkpoint=default purify.superpoint_min_vox=$(m))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
 	  --query-thresholds 0.3 0.4 0.5 0.55 0.6 0.7 0.8 0.9 \
 	  $(foreach t,0.15 0.05 0.02 0.01,--variant T$(t) $(WHOLE) purify.checkpoint=default query.temperature=$(t))
