@@ -113,10 +113,9 @@ class MappingInterface:
         self.map_publish_rate_hz = declare(self, 'map_publish_rate_hz', 0.5, 'Rate of ~/map_cloud (0 = off).')
         self.map_cloud_max_points = declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
         self.input_qos = declare(self, 'input_qos', 'sensor_data', "QoS of image inputs: 'sensor_data' or 'reliable'.")
-        self.pose_qos = declare(self, 'pose_qos', 'best_effort', "QoS reliability of the pose/odometry input: "
-                                "'best_effort' (a lost pose is skipped and bridged by interpolation, never waited "
-                                "for) or 'reliable' (keep last 50 either way; it matches either kind of publisher "
-                                'only when best_effort).')
+        self.pose_qos = declare(self, 'pose_qos', 'best_effort', 'Reliability of the pose/odometry subscription '
+                                "(keep last 50): 'best_effort' (matches reliable and best-effort publishers; a lost "
+                                "pose is skipped and bridged by interpolation, never waited for) or 'reliable'.")
         self.queue_size = declare(self, 'queue_size', 30, 'Messages kept per input topic while waiting for a partner '
                                   '(30: 1 s of a 30 Hz camera, for a reliable partner held back behind a lost one).')
         self.max_pending_keyframes = declare(self, 'max_pending_keyframes', 30, 'Selected keyframes per camera '

@@ -134,7 +134,8 @@ def pose(stamp: float, x: float, frame: str = 'map', yaw_deg: float = 0.0) -> Po
     msg = PoseStamped()
     msg.header = conv.make_header(frame, conv.sec_to_stamp(stamp))
     msg.pose.position.x = x
-    msg.pose.orientation.z, msg.pose.orientation.w = math.sin(math.radians(yaw_deg) / 2), math.cos(math.radians(yaw_deg) / 2)
+    half = math.radians(yaw_deg) / 2
+    msg.pose.orientation.z, msg.pose.orientation.w = math.sin(half), math.cos(half)
     return msg
 
 

@@ -47,8 +47,8 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     from ov3d_ros.ros.params import CHECKS, LIVE, check
     cfg = MapperConfig()
     names = {f'{s.name}.{f.name}' for s in fields(cfg) for f in fields(getattr(cfg, s.name))}
-    node_level = {'sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
-                  'max_pending_keyframes',
+    node_level = {'sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'tick_rate_hz', 'map_publish_rate_hz',
+                  'map_cloud_max_points', 'max_pending_keyframes',
                   'pose_to_camera', 'use_sim_time', 'web_view.enabled', 'web_view.host', 'web_view.port',
                   'web_view.refresh_s'}
     assert LIVE - names == node_level                   # no misspelt live name
