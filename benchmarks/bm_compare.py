@@ -8,7 +8,8 @@
 Sections (one JSON line per row, each with device, torch version, threads and sizes; ratios = ours / reference):
   fusion   our lifting + fusion of the same rendered frames of the built-in scene (640x480, 5 cm voxels, depth
            0.1-5 m) against Open3D's VoxelBlockGrid TSDF + colour integrate, at D=384 simulated features and at
-           map.compress_dim 64 (its PCA update per keyframe is shown apart, under compress_ms).
+           map.compress_dim 64 (its PCA update per keyframe is shown apart, under compress_ms); --reps passes,
+           medians (each pass's figures are listed too).
   query    Mapper.query on maps of 100 k and 1 M voxels against the floor: one matmul of the query and negatives'
            embeddings with pre-normalised features of the same size (fp16 as stored, and fp32).
   pooling  incremental geometry pooling per keyframe (fallback and learned affinity) against map size
@@ -125,25 +126,38 @@ def open3d_fusion(cam, rendered, device: str, voxel: float, min_d: float, max_d:
 
 
 def bench_fusion(args) -> None:
+    """--reps passes over the frames, each: Open3D, then ours at D = 384 and at 64-d (fresh maps each pass);
+    medians over the passes, so a pass that a busy host slowed down moves neither side alone."""
     cam, rendered = frames(args.frames, 640, 480)
     common = dict(env(args.device), frames=args.frames, image='640x480', voxel_m=args.voxel, depth_m=[0.1, 5.0])
-    try:
-        ref = open3d_fusion(cam, rendered, args.device, args.voxel, 0.1, 5.0)
-    except ImportError:
-        ref = None
-        print('open3d is not installed (make bench-deps): no reference for fusion', flush=True)
-    for compress in (0, 64):
-        ours = ours_fusion(cam, rendered, args.device, compress, args.voxel, 0.1, 5.0)
+    refs, ours = [], {0: [], 64: []}
+    for _ in range(max(1, args.reps)):
+        if refs is not None:
+            try:
+                refs.append(open3d_fusion(cam, rendered, args.device, args.voxel, 0.1, 5.0))
+            except ImportError:
+                refs = None
+                print('open3d is not installed (make bench-deps): no reference for fusion', flush=True)
+        for compress in ours:
+            ours[compress].append(ours_fusion(cam, rendered, args.device, compress, args.voxel, 0.1, 5.0))
+
+    def med(rows, key):
+        return float(np.median([r[key] for r in rows]))
+
+    for compress, passes in ours.items():
         row = dict(common, section='fusion', ours='lifting + fusion', features='simulated D=384',
-                   compress_dim=compress, ours_ms=round(ours['fusion_ms'], 1),
-                   ours_cpu_ms=round(ours['fusion_cpu_ms'], 1), compress_ms=round(ours['compress_ms'], 1),
-                   compress_cpu_ms=round(ours['compress_cpu_ms'], 1), voxels=ours['voxels'],
-                   bytes_per_voxel=ours['bytes_per_voxel'], pixel_stride=2)
-        if ref is not None:
+                   compress_dim=compress, passes=len(passes), ours_ms=round(med(passes, 'fusion_ms'), 1),
+                   ours_cpu_ms=round(med(passes, 'fusion_cpu_ms'), 1), compress_ms=round(med(passes, 'compress_ms'), 1),
+                   compress_cpu_ms=round(med(passes, 'compress_cpu_ms'), 1), voxels=passes[0]['voxels'],
+                   bytes_per_voxel=passes[0]['bytes_per_voxel'], pixel_stride=2)
+        if refs:
+            ref_ms, ref_cpu = med(refs, 'fusion_ms'), med(refs, 'fusion_cpu_ms')
             row.update(reference='Open3D VoxelBlockGrid TSDF + colour integrate (all pixels, 8^3 blocks)',
-                       reference_ms=round(ref['fusion_ms'], 1), reference_cpu_ms=round(ref['fusion_cpu_ms'], 1),
-                       reference_blocks=ref['blocks'], ratio=round(ours['fusion_ms'] / ref['fusion_ms'], 2),
-                       ratio_cpu=round(ours['fusion_cpu_ms'] / ref['fusion_cpu_ms'], 2))
+                       reference_ms=round(ref_ms, 1), reference_cpu_ms=round(ref_cpu, 1),
+                       reference_cpu_ms_passes=[round(r['fusion_cpu_ms'], 1) for r in refs],
+                       ours_cpu_ms_passes=[round(o['fusion_cpu_ms'], 1) for o in passes],
+                       reference_blocks=refs[0]['blocks'], ratio=round(med(passes, 'fusion_ms') / ref_ms, 2),
+                       ratio_cpu=round(med(passes, 'fusion_cpu_ms') / ref_cpu, 2))
         emit(row)
 
 

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ov3d_ros.core.camera import PinholeCamera, transform_points
+from ov3d_ros.core.camera import PinholeCamera
 from ov3d_ros.core.depth import valid_depth_mask
 
 # The 10 distinct products w_k w_l of a 2x2 block's bilinear weights (k <= l) and the factor of each in w^T G w.
@@ -146,7 +146,7 @@ class _PixelTables(NamedTuple):
     column, so the squared norm of a pixel's mixture, w^T G w over its block's (4, 4) Gram matrix G, is
     b^T Q b with Q a (2, 2) matrix per (row, block column): norms come from small row and column tables."""
 
-    rays: torch.Tensor          # (P, 3) float32 camera-frame point of each pixel at depth 1
+    rays: torch.Tensor          # (3, P) float32 camera-frame point of each pixel at depth 1 (coordinates first)
     weights: torch.Tensor       # (P, 4) float32 bilinear weights
     ints: torch.Tensor          # (P, 2) int64 [pixel index in the full image, block]
     block_cells: torch.Tensor   # (h * w, 4) int64
@@ -162,7 +162,7 @@ def _pixel_tables(device: torch.device, H: int, W: int, s: int, h: int, w: int, 
     vs, us = torch.arange(0, H, s, device=device), torch.arange(0, W, s, device=device)
     v, u = (t.reshape(-1) for t in torch.meshgrid(vs, us, indexing='ij'))
     blocks, weights = _bilinear(u, v, W, H, h, w)
-    rays = torch.stack([(u.float() - cx) / fx, (v.float() - cy) / fy, torch.ones(u.shape, device=device)], dim=1)
+    rays = torch.stack([(u.float() - cx) / fx, (v.float() - cy) / fy, torch.ones(u.shape, device=device)], dim=0)
     col_block, col_w = _bilinear(us, torch.zeros_like(us), W, H, 1, w)          # (b0, b1) = weights 0, 1
     row_block, row_w = _bilinear(torch.zeros_like(vs), vs, W, H, h, 1)          # (a0, a1) = weights 0, 2
     b0, b1 = col_w[:, 0], col_w[:, 1]
@@ -199,7 +199,10 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
     i = t.ints.index_select(0, p)
     pixel, blocks = i[:, 0], i[:, 1]
     z = depth_m.reshape(-1).index_select(0, pixel)
-    points = transform_points(T_W_C.to(device, torch.float32), t.rays.index_select(0, p) * z[:, None])
+    # (3, 3) x (3, N) rather than (N, 3) x (3, 3): the same sums, bit for bit here, about 10x faster on CPU
+    # (0.13 vs 1.0-1.7 ms for 76 800 points: a GEMM whose long side is its columns); (N, 3) as a transposed view
+    T = T_W_C.to(device, torch.float32)
+    points = torch.mm(T[:3, :3], t.rays.index_select(1, p) * z).add_(T[:3, 3:]).T
     grid = feature_grid.reshape(h * w, D).float()
     # Squared norm of every pixel's mixture: b^T Q b, Q from the block Gram of the pixel's row (see _PixelTables)
     q = torch.matmul(_block_gram(grid, h, w).view(h, w, 10).index_select(0, t.row_block), t.row_coef)
