@@ -93,8 +93,12 @@ def interpolate_pose(T0: np.ndarray, T1: np.ndarray, a: float) -> np.ndarray:
     """(4, 4) rigid transform a fraction ``a`` in [0, 1] of the way from (4, 4) ``T0`` to ``T1``: translation
     linear, rotation slerp (tf2's interpolation between two stamps)."""
     T0, T1 = np.asarray(T0, dtype=np.float64), np.asarray(T1, dtype=np.float64)
-    q = slerp(matrix_to_quat(T0[:3, :3]), matrix_to_quat(T1[:3, :3]), float(a))
-    return _transform((1 - a) * T0[:3, 3] + a * T1[:3, 3], q)
+    return _between(T0[:3, 3], matrix_to_quat(T0[:3, :3]), T1[:3, 3], matrix_to_quat(T1[:3, :3]), float(a))
+
+
+def _between(t0, q0, t1, q1, a: float) -> np.ndarray:
+    """(4, 4) transform a fraction ``a`` of the way from (t0, q0) to (t1, q1): translation linear, rotation slerp."""
+    return _transform((1 - a) * t0 + a * t1, slerp(q0, q1, a))
 
 
 def _transform(t, q) -> np.ndarray:
@@ -147,7 +151,7 @@ class PoseTrack:
             return _transform(self.t[i], self.q[i])
         if 0 < i < n and s[i] - s[i - 1] <= max_gap_ns:
             a = (t_ns - s[i - 1]) / float(s[i] - s[i - 1])
-            return _transform((1 - a) * self.t[i - 1] + a * self.t[i], slerp(self.q[i - 1], self.q[i], a))
+            return _between(self.t[i - 1], self.q[i - 1], self.t[i], self.q[i], a)
         cands = [j for j in (i - 1, i) if 0 <= j < n and abs(int(s[j]) - t_ns) <= slop_ns]
         if not cands:
             return None

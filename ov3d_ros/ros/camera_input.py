@@ -147,8 +147,9 @@ class CameraInput:
         if (before is not None and after is not None and ta - tb <= max_gap
                 and before.header.frame_id == after.header.frame_id):
             return before, after, (t - tb) / (ta - tb)
-        best = CameraInput.nearest(buffer, t, slop)
-        return None if best is None else (best, None, 0.0)
+        # the nearest pose is the closer of the two around t (the scan above found them)
+        near = [(d, m) for d, m in ((t - tb, before), (ta - t, after)) if m is not None and d <= slop]
+        return (min(near, key=lambda x: x[0])[1], None, 0.0) if near else None
 
     def take(self, slop: float, timeout_s: float, simulated: bool, pose_ready, describe_missing_pose,
              prefer=None):
