@@ -263,6 +263,46 @@ def test_incremental_equals_whole_map_pooling_on_a_generated_scene(affinity, tmp
         (err.median(), torch.quantile(err, 0.99), err.max())
 
 
+def test_incremental_normals_are_recomputed_only_where_occupancy_changed(monkeypatch):
+    """A normal depends only on which voxels of its ball are occupied: a keyframe that adds voxels recomputes the
+    normals in their balls, one that only re-observes mapped voxels recomputes none, and after voxels are dropped
+    the touched ones are recomputed again. Every stored normal stays that of its present neighbourhood."""
+    import ov3d_ros.core.purification.pooling as pooling_module
+    frames = _scene_frames(4)
+    mapper = _scene_mapper({'affinity': 'fallback', 'superpoint_k': 0.0}, 'incremental')
+    computed = []
+    real = pooling_module.estimate_normals
+    monkeypatch.setattr(pooling_module, 'estimate_normals',
+                        lambda vmap, rows, nbr, offsets: computed.append(len(rows)) or real(vmap, rows, nbr, offsets))
+    offsets = ball_offsets(mapper.cfg.purify.radius_vox)
+
+    def assert_current(rows):
+        m = mapper.map
+        expect = real(m, rows, neighbour_rows(m, rows, offsets), offsets)
+        assert torch.equal(m.cake['normals'][rows], expect)
+
+    for f in frames:
+        mapper.integrate(f, force=True)
+    all_rows = torch.arange(mapper.map.size)
+    assert_current(all_rows)
+    assert sum(computed) >= mapper.map.size                # every voxel got its normal once
+    computed.clear()
+    size = mapper.map.size
+    mapper.integrate(frames[-1], force=True)               # the same view again: no voxel added
+    assert mapper.map.size == size and sum(computed) == 0
+    assert mapper.purifier.timings_s['voxels'] > 0          # it was re-pooled all the same
+    assert_current(all_rows)
+    mapper.evict(torch.zeros(3), mapper.map.size // 2)     # drops voxels: neighbourhoods change at the cut
+    seen = []
+    real_update = mapper.purifier.update
+    mapper.purifier.update = lambda vmap, touched, channels=(): seen.append(touched) or \
+        real_update(vmap, touched, channels)
+    mapper.integrate(frames[0], force=True)
+    around = ball_region(mapper.map, torch.unique(seen[0]), offsets)
+    assert sum(computed) == len(around)                     # after the cut, every touched ball is recomputed
+    assert_current(around)
+
+
 def test_keyframes_integrated_together_are_purified_once_like_whole_map_pooling():
     """Mapper.integrate_keyframes (the node's backlog of keyframes) fuses each keyframe and purifies once over
     every voxel they touched: the fused map is the one keyframe-by-keyframe integration makes, and the purified

@@ -231,6 +231,7 @@ class GeometryPooling:
         self.timings_s = {}
         # the superpoint vote's 'voted' layer: what it was made for, rows it covers, blocks re-pooled since
         self._vote_state: Optional[tuple] = None
+        self._normals_state: Optional[tuple] = None     # (id of the cake, its epoch, rows with current normals)
         self._voted_size = 0
         self._vote_pending: list = []
         self._vote_all = True
@@ -286,6 +287,8 @@ class GeometryPooling:
         self.purified[rows] = op.apply(vmap.features[rows], self.purified[:n], self.cfg.iterations).to(torch.float16)
         for raw, out in channels:
             out[rows] = op.apply(raw[rows], out[:n], self.cfg.iterations).to(out.dtype)
+        if whole:
+            self._normals_state = (id(vmap.cake), vmap.cake.epoch, torch.ones(n, dtype=torch.bool, device=vmap.device))
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
                           'embedded': len(embedded) if self.embed is not None else 0}
         if whole or not self.votes or self.reads_whole_map:
@@ -293,6 +296,21 @@ class GeometryPooling:
         else:       # re-pooled rows cover every voxel whose colour, normal or purified feature changed
             self._vote_pending.append(torch.unique(block_ids(vmap, rows, self.cfg.superpoint_block_vox)))
         return len(rows)
+
+    def _current_normals(self, vmap: VoxelFeatureMap, table: NeighbourTable) -> torch.Tensor:
+        """(V,) bool: map rows whose stored normal is that of their present neighbourhood; kept from update to
+        update while the cake's rows are only appended to (rows added since lose it, and so does every voxel in
+        their ball), and none after its rows moved or were dropped (the cake's epoch counts that)."""
+        n, state = vmap.size, self._normals_state
+        current = torch.zeros(n, dtype=torch.bool, device=vmap.device)
+        if state is not None and state[0] == id(vmap.cake) and state[1] == vmap.cake.epoch and len(state[2]) <= n:
+            old = len(state[2])
+            current[:old] = state[2]
+            if old < n:
+                added = torch.arange(old, n, device=vmap.device)
+                current[ball_region(vmap, added, self.offsets, table)] = False
+        self._normals_state = (id(vmap.cake), vmap.cake.epoch, current)
+        return current
 
     def _store_embeddings(self, emb: torch.Tensor, rows: torch.Tensor) -> None:
         """Write (R, E) embeddings of ``rows`` into the embeddings layer (declared on first use)."""
@@ -303,14 +321,20 @@ class GeometryPooling:
         re-pool. Returns (rows to re-pool (R,), their neighbour table (R, M), rows whose embedding was refreshed)."""
         touched = torch.unique(touched)
         table = NeighbourTable(vmap, self.offsets)   # each voxel's neighbours looked up once
-        # normals: every voxel within radius_vox of a touched (possibly new) voxel sees another neighbourhood
-        renormal = ball_region(vmap, touched, self.offsets, table)
-        self.normals[renormal] = estimate_normals(vmap, renormal, table(renormal), self.offsets)
-        changed = embedded = renormal   # voxels whose affinity inputs changed (colour, feature, normal)
+        # the voxels within radius_vox of a touched voxel: their affinity inputs (colour, feature, normal) may
+        # have changed
+        changed = embedded = ball_region(vmap, touched, self.offsets, table)
+        # a normal depends only on which voxels of its ball are occupied: only voxels in the ball of a voxel added
+        # since they last got one, and those whose neighbours may have been dropped since, need a new one
+        current = self._current_normals(vmap, table)
+        renormal = changed[~current[changed]]
+        if len(renormal):
+            self.normals[renormal] = estimate_normals(vmap, renormal, table(renormal), self.offsets)
+            current[renormal] = True
         if self.embed is not None:
             # outputs within the receptive field of a changed input change; computing them exactly needs their
             # own receptive field as context: run on changed + 2 * rf, keep changed + rf
-            ctx, hops = connected_dilation(vmap, renormal, 2 * self.context_vox, table)
+            ctx, hops = connected_dilation(vmap, changed, 2 * self.context_vox, table)
             emb = self.embed(vmap, ctx, self.normals[ctx])
             inner = hops <= self.context_vox
             embedded = ctx[inner]
