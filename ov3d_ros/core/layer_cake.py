@@ -31,7 +31,8 @@ class KeyIndex:
     over all its keys at once (works the same on CPU and CUDA; no sort, O(keys) per call).
 
     The table stores int32 rows (-1 = empty slot); the key of an occupied slot is read from the map's key column,
-    so the index costs 4 bytes per slot. Slots are a power of two; keep at most half of them occupied.
+    so the index costs 4 bytes per slot. Slots are a power of two; keep at most half of them occupied (a
+    :class:`LayerCake` keeps at most a quarter).
 
     Args:
         slots: minimum number of slots (rounded up to a power of two).
@@ -42,7 +43,7 @@ class KeyIndex:
     """Slots probed per vectorised step of an insert, and at most per step of a find."""
     FIRST_WINDOW = 2
     """Slots a find probes in its first step after the home slot (then twice as many per step, up to WINDOW). At
-    the table's load (at most half full) a key that misses its home slot mostly ends one or two slots on, so a
+    the table's load (at most a quarter full in a cake) a key that misses its home slot mostly ends one or two slots on, so a
     narrow first window wastes the fewest gathers on a large batch, and the widening keeps the number of steps
     (each a few tensor operations) low on a small one. 825 000 ball-neighbour lookups into the 79 k-voxel map of
     ``bm_pooling.py``, one thread: 33-38 ms with windows of 2 against 55-91 ms with windows of 8."""
@@ -154,6 +155,10 @@ class LayerCake:
     """
 
     KEYS = 'keys'
+    INDEX_SLOTS = 4
+    """Hash slots per allocated row (the index is at most a quarter full): 4 bytes per slot, so 16-32 bytes per
+    voxel, against 8-16 at half full, for fewer probes past the home slot (825 000 ball-neighbour lookups into a
+    968 k-voxel map, one thread: 49 ms against 71-83 ms at half full)."""
     CHUNK = 4096
     """Rows per step of whole-layer operations that go through fp32 (:meth:`project`)."""
 
@@ -165,7 +170,7 @@ class LayerCake:
         self.specs: Dict[str, LayerSpec] = {}
         self.layers: Dict[str, torch.Tensor] = {}
         self.add_layer(self.KEYS, 0, torch.int64)
-        self.index = KeyIndex(2 * self._capacity, self.device)
+        self.index = KeyIndex(self.INDEX_SLOTS * self._capacity, self.device)
 
     # ---- layers ------------------------------------------------------------------------------------------------
     def add_layer(self, name: str, width: int, dtype: torch.dtype, persist: bool = True,
@@ -249,7 +254,7 @@ class LayerCake:
 
     def reserve(self, rows: int) -> None:
         """Make room for ``rows`` rows: the capacity doubles until it fits; every layer keeps its rows in use
-        (the new rows are zero) and the index is rebuilt at twice the capacity."""
+        (the new rows are zero) and the index is rebuilt at INDEX_SLOTS slots per row."""
         if rows <= self._capacity:
             return
         cap = self._capacity
@@ -260,7 +265,7 @@ class LayerCake:
             new[:self.size] = self.layers[name][:self.size]
             self.layers[name] = new
         self._capacity = cap
-        self.index = KeyIndex(2 * cap, self.device)
+        self.index = KeyIndex(self.INDEX_SLOTS * cap, self.device)
         self._reindex()
 
     def _reindex(self) -> None:
@@ -381,7 +386,7 @@ class LayerCake:
             width = 0 if t.ndim == 1 else int(t.shape[1])
             self.add_layer(name, width, t.dtype, feature=name in feature)[:n] = t.to(self.device)
         self.size = n
-        self.index = KeyIndex(2 * self._capacity, self.device)
+        self.index = KeyIndex(self.INDEX_SLOTS * self._capacity, self.device)
         self._reindex()
 
 

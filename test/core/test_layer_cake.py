@@ -84,8 +84,8 @@ def test_copy_is_a_cake_of_its_own_that_later_writes_do_not_change():
 def test_memory_report_lists_every_layer_and_the_index():
     cake = cake_with_layers(4, dim=6)
     report = cake.memory_report()
-    assert report == {'keys': 8, 'feat': 12, 'score': 4, 'tag': 8, 'index': 8.0}
-    assert cake.bytes_per_voxel() == 40
+    assert report == {'keys': 8, 'feat': 12, 'score': 4, 'tag': 8, 'index': 16.0}   # 4 int32 slots per row
+    assert cake.bytes_per_voxel() == 48
 
 
 def test_add_layer_keeps_a_matching_layer_and_refuses_another_shape():
