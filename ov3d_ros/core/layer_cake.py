@@ -43,10 +43,11 @@ class KeyIndex:
     """Slots probed per vectorised step of an insert, and at most per step of a find."""
     FIRST_WINDOW = 2
     """Slots a find probes in its first step after the home slot (then twice as many per step, up to WINDOW). At
-    the table's load (at most a quarter full in a cake) a key that misses its home slot mostly ends one or two slots on, so a
-    narrow first window wastes the fewest gathers on a large batch, and the widening keeps the number of steps
-    (each a few tensor operations) low on a small one. 825 000 ball-neighbour lookups into the 79 k-voxel map of
-    ``bm_pooling.py``, one thread: 33-38 ms with windows of 2 against 55-91 ms with windows of 8."""
+    the table's load (at most a quarter full in a cake) a key that misses its home slot mostly ends one or two
+    slots on, so a narrow first window wastes the fewest gathers on a large batch, and the widening keeps the
+    number of steps (each a few tensor operations) low on a small one. 825 000 ball-neighbour lookups into the
+    79 k-voxel map of ``bm_pooling.py``, one thread, half full: 33-52 ms with a first window of 2 against 55-95 ms
+    with windows of 8."""
 
     def __init__(self, slots: int, device: torch.device):
         self.bits = max(4, (int(slots) - 1).bit_length())
@@ -158,7 +159,7 @@ class LayerCake:
     INDEX_SLOTS = 4
     """Hash slots per allocated row (the index is at most a quarter full): 4 bytes per slot, so 16-32 bytes per
     voxel, against 8-16 at half full, for fewer probes past the home slot (825 000 ball-neighbour lookups into a
-    968 k-voxel map, one thread: 49 ms against 71-83 ms at half full)."""
+    968 k-voxel map, one thread: 49-56 ms against 71-83 ms at half full)."""
     CHUNK = 4096
     """Rows per step of whole-layer operations that go through fp32 (:meth:`project`)."""
 
