@@ -131,7 +131,7 @@ eval-scenes: setup
 # iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene), its
 # cube size, its minimum superpoint size and T with the vote; scale and T with the vote; the student's data
 # fraction (3 seeds each, with and without the vote); the convexity factor of the vote's edges with its blend;
-# k and min_vox again around the defaults with the convexity term;
+# k and min_vox again around the defaults with the convexity term; the pooling subspace (purify.pool_dim);
 # query temperature and threshold (synonym queries, one scoring pass per query for all thresholds); the label
 # volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
@@ -195,6 +195,9 @@ eval-tune: eval-scenes
 	  --variant raw purify.enabled=false --variant default $(WHOLE) purify.checkpoint=default \
 	  $(foreach k,0.015 0.03,--variant k$(k) $(WHOLE) purify.checkpoint=default purify.superpoint_k=$(k)) \
 	  $(foreach m,30 60,--variant min$(m) $(WHOLE) purify.checkpoint=default purify.superpoint_min_vox=$(m))
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_pool_dim $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false \
+	  $(foreach d,64 0 32,--variant pool_dim$(d) $(WHOLE) purify.checkpoint=default purify.pool_dim=$(d))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
 	  --query-thresholds 0.3 0.4 0.5 0.55 0.6 0.7 0.8 0.9 \
 	  $(foreach t,0.15 0.05 0.02 0.01,--variant T$(t) $(WHOLE) purify.checkpoint=default query.temperature=$(t))
@@ -214,6 +217,7 @@ eval-test: eval-scenes
 	  --variant "fallback + superpoints, whole-map superpoints" $(FALLBACK) $(SP0) \
 	  --variant "learned s0, pooling only" $(WHOLE) purify.checkpoint=default purify.superpoint_k=0 \
 	  --variant learned@s0 $(WHOLE) purify.checkpoint=default \
+	  --variant "learned s0, every dimension pooled (pool_dim 0)" $(WHOLE) purify.checkpoint=default purify.pool_dim=0 \
 	  --variant "learned s0, superpoints over the whole map (block 0)" $(WHOLE) purify.checkpoint=default $(SP0) \
 	  --variant learned@s1 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s1.safetensors \
 	  --variant learned@s2 $(WHOLE) purify.checkpoint=$(MODELS)/ablation/student_s2.safetensors \
@@ -229,7 +233,8 @@ eval-test: eval-scenes
 
 eval: eval-tune eval-test
 	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(addprefix $(EVAL_OUT)/tune_,$(addsuffix /table_ci.md,superpoints \
-	  superpoint_blocks superpoint_min scale data_fraction superpoint_convex)) $(EVAL_OUT)/tune_query/queries_sweep.md \
+	  superpoint_blocks superpoint_min scale data_fraction superpoint_convex pool_dim)) \
+	  $(EVAL_OUT)/tune_query/queries_sweep.md \
 	  $(EVAL_OUT)/tune_labels/table_ci.md \
 	  $(EVAL_OUT)/test_table/table_ci.md \
 	  $(EVAL_OUT)/test_incremental/table_ci.md $(EVAL_OUT)/test_d64_table/table_ci.md

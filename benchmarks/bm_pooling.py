@@ -51,7 +51,7 @@ def building_exactly(n_voxels: int) -> torch.Tensor:
 
 def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, radius: int, embed, whole: bool,
         margin: int = 3, superpoint_k=None, superpoint_block=None, keyframe: str = 'seen',
-        superpoint_convex=None) -> dict:
+        superpoint_convex=None, pool_dim=None) -> dict:
     """Time one keyframe's update (median of 3 after a warm-up). ``keyframe``: 'seen' re-fuses a patch already
     in the map (new features, its colours with sensor noise: a robot looking at what it mapped before); 'new'
     fuses a patch the map did not have (every voxel new: a robot entering unseen space)."""
@@ -70,6 +70,8 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
         cfg.superpoint_block_vox = superpoint_block
     if superpoint_convex is not None:
         cfg.superpoint_convex = superpoint_convex
+    if pool_dim is not None:
+        cfg.pool_dim = pool_dim
     camera = pts.mean(0)          # seen from inside the building (orients normals for the vote's convexity test)
     g = torch.Generator().manual_seed(0)
 
@@ -114,7 +116,7 @@ def run(n_voxels: int, touched: int, dim: int, device: str, iterations: int, rad
             embedded = pooling.timings_s['embedded']
     row = {'map_voxels': vmap.size, 'touched': touched, 'keyframe': keyframe, 'repooled': region,
            'embedded': embedded, 'affinity': cfg.affinity,
-           'T': iterations, 'radius_vox': radius, 'margin_vox': margin, 'device': device,
+           'T': iterations, 'radius_vox': radius, 'margin_vox': margin, 'pool_dim': cfg.pool_dim, 'device': device,
            'per_keyframe_ms': round(1e3 * sorted(times)[len(times) // 2][0], 1),
            'per_keyframe_cpu_ms': round(1e3 * sorted(times, key=lambda t: t[1])[len(times) // 2][1], 1),
            'of_which_affinity_ms': round(1e3 * pooling.timings_s['affinity'], 1)}
@@ -157,6 +159,8 @@ def main() -> None:
                    help='purify.superpoint_block_vox (default: the config default; 0 = superpoints over the whole map)')
     p.add_argument('--superpoint-convex', type=float, default=None,
                    help='purify.superpoint_convex (default: the config default; 1 = no convexity term)')
+    p.add_argument('--pool-dim', type=int, default=None,
+                   help='purify.pool_dim, the pooling subspace (default: the config default; 0 = every dimension)')
     args = p.parse_args()
     embed = None
     if args.checkpoint:
@@ -167,7 +171,7 @@ def main() -> None:
         for keyframe in args.keyframe:
             print(json.dumps(run(n, args.touched, args.dim, args.device, args.iterations, args.radius, embed,
                                  args.whole, args.margin, args.superpoint_k, args.superpoint_block, keyframe,
-                                 args.superpoint_convex)),
+                                 args.superpoint_convex, args.pool_dim)),
                   flush=True)
 
 

@@ -73,6 +73,7 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert check('pose_to_camera', [0.0] * 6 + [1.0]) is None
     assert 'unit quaternion' in check('pose_to_camera', [0.0] * 7)
     assert 'one of' in check('purify.mode', 'sometimes')
+    assert check('purify.pool_dim', 32) is None and 'purify.pool_dim' in check('purify.pool_dim', -1)
     assert check('web_view.port', 0) is None and 'port number' in check('web_view.port', 65536)
     assert 'port number' in check('web_view.port', True) and 'host name' in check('web_view.host', ' ')
     assert 'web_view.refresh_s must be a finite number > 0' in check('web_view.refresh_s', 0.0)

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.layer_cake import LayerCake
 from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
@@ -139,13 +140,28 @@ class PoolMatrix:
         by_column[self._keep] = dots
         return torch.empty_like(by_column).scatter_(1, self._order, by_column)
 
-    def apply(self, features: torch.Tensor, outside: torch.Tensor, iterations: int) -> torch.Tensor:
+    def apply(self, features: torch.Tensor, outside: torch.Tensor, iterations: int,
+              basis: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run ``iterations`` steps from ``features`` (R, K) (start values of ``rows``); ``outside`` (>= V, K): the
-        values of the other neighbours. Returns (R, K) float32."""
+        values of the other neighbours. Returns (R, K) float32.
+
+        ``basis`` (K, k) orthonormal columns: pool only the features' component in their span, f Q, and keep the
+        rest: f + (pool(f Q) - f Q) Q^T (pooling is linear, so this equals full pooling for features inside the
+        span; k / K of its products)."""
         R, K = features.shape
         if int(iterations) <= 0:
             return features.float().clone()
         start = outside[self.universe[R:]]
+        if basis is None:
+            return self._iterate(features, start, iterations)
+        f = features.float()
+        inside = f @ basis
+        pooled = self._iterate(inside, start.float() @ basis, iterations)
+        return torch.addmm(f, pooled.sub_(inside), basis.T)
+
+    def _iterate(self, features: torch.Tensor, start: torch.Tensor, iterations: int) -> torch.Tensor:
+        """``iterations`` products from features (R, K), with the other neighbours' values ``start`` (U - R, K)."""
+        R, K = features.shape
         cpu = features.device.type == 'cpu'
         step = self.CHUNK if cpu else max(K, 1)
         out = torch.empty(R, K, dtype=torch.float32, device=features.device)
@@ -213,6 +229,8 @@ class GeometryPooling:
             raise ValueError(f"purify.affinity must be 'learned' or 'fallback', got {cfg.affinity!r}")
         if cfg.affinity == 'learned' and embed is None:
             raise ValueError('purify.affinity learned needs a student network (purify.checkpoint)')
+        if cfg.pool_dim < 0:
+            raise ValueError(f'purify.pool_dim must be >= 0 (0 = every feature dimension), got {cfg.pool_dim}')
         if cfg.mode not in ('incremental', 'whole'):
             raise ValueError(f"purify.mode must be 'incremental' or 'whole', got {cfg.mode!r}")
         if not (cfg.superpoint_k >= 0 and 0 <= cfg.superpoint_blend <= 1 and cfg.superpoint_min_vox >= 0
@@ -232,6 +250,7 @@ class GeometryPooling:
         # the superpoint vote's 'voted' layer: what it was made for, rows it covers, blocks re-pooled since
         self._vote_state: Optional[tuple] = None
         self._normals_state: Optional[tuple] = None     # (id of the cake, its epoch, rows with current normals)
+        self._basis: Optional[list] = None              # [pooling subspace, map size at its fit, updates since]
         self._voted_size = 0
         self._vote_pending: list = []
         self._vote_all = True
@@ -284,7 +303,9 @@ class GeometryPooling:
             logits = fallback_logits(vmap.colors, self.normals, self.offsets, nbr, self.cfg)
         op.set_weights(torch.softmax(logits, dim=1))
         t1 = time.perf_counter()
-        self.purified[rows] = op.apply(vmap.features[rows], self.purified[:n], self.cfg.iterations).to(torch.float16)
+        basis = self._pool_basis(vmap, whole)
+        self.purified[rows] = op.apply(vmap.features[rows], self.purified[:n], self.cfg.iterations,
+                                       basis).to(torch.float16)
         for raw, out in channels:
             out[rows] = op.apply(raw[rows], out[:n], self.cfg.iterations).to(out.dtype)
         if whole:
@@ -296,6 +317,28 @@ class GeometryPooling:
         else:       # re-pooled rows cover every voxel whose colour, normal or purified feature changed
             self._vote_pending.append(torch.unique(block_ids(vmap, rows, self.cfg.superpoint_block_vox)))
         return len(rows)
+
+    BASIS_SAMPLES = 2048
+    """Map rows (evenly spaced) whose fused features fit the pooling subspace."""
+    BASIS_GROWTH, BASIS_EVERY = 1.25, 32
+    """Incremental mode refits the subspace once the map has grown by this factor since the last fit, or after
+    this many updates; whole-map pooling refits it every time."""
+
+    def _pool_basis(self, vmap: VoxelFeatureMap, whole: bool) -> Optional[torch.Tensor]:
+        """(D, pool_dim) orthonormal basis of the pooling subspace (``cfg.pool_dim``): the top uncentred principal
+        directions of the map's fused features, from :attr:`BASIS_SAMPLES` rows; None to pool every dimension."""
+        k, n = self.cfg.pool_dim, vmap.size
+        if k <= 0 or k >= vmap.dim:
+            self._basis = None
+            return None
+        fit = self._basis
+        if (whole or fit is None or fit[0].in_dim != vmap.dim or fit[0].out_dim != k or n >= self.BASIS_GROWTH * fit[1]
+                or fit[2] >= self.BASIS_EVERY):
+            sample = torch.linspace(0, n - 1, min(n, self.BASIS_SAMPLES), device=vmap.device).round().long()
+            fit = [FeatureProjection.fit(vmap.features[sample], min(k, len(sample))), n, 0]
+        fit[2] += 1
+        self._basis = fit
+        return fit[0].matrix
 
     def _current_normals(self, vmap: VoxelFeatureMap, table: NeighbourTable) -> torch.Tensor:
         """(V,) bool: map rows whose stored normal is that of their present neighbourhood; kept from update to
