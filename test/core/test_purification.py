@@ -314,6 +314,24 @@ def test_incremental_equals_whole_map_pooling_on_a_generated_scene(affinity, tmp
         (err.median(), torch.quantile(err, 0.99), err.max())
 
 
+def test_the_pooling_subspace_is_refit_when_the_feature_coordinates_turn():
+    """A compressed map's PCA update rotates its stored features; the next incremental update must pool in the
+    subspace of the rotated features (what a fresh purifier fits), not in the one fitted before the rotation."""
+    g = torch.Generator().manual_seed(3)
+    pts, feats = plane_map((0, 12), dim=16, seed=3)
+    m = VoxelFeatureMap(1.0, 16)
+    rows = m.integrate(pts, feats, torch.rand(len(pts), 3, generator=g) * 255)
+    cfg = dict(enabled=True, affinity='fallback', iterations=5, superpoint_k=0.0, pool_dim=4)
+    used = GeometryPooling(PurifyConfig(**cfg))
+    used.update(m, rows)
+    m.project(torch.linalg.qr(torch.randn(16, 16, generator=g))[0])
+    used.update(m, rows)
+    got = used.features(m).float().clone()           # the purifiers share the map's purified layer
+    fresh = GeometryPooling(PurifyConfig(**cfg))
+    fresh.update(m, rows)
+    assert torch.allclose(got, fresh.features(m).float(), atol=2e-3)
+
+
 def test_incremental_and_whole_map_pooling_in_the_default_subspace_label_alike():
     """With the default ``pool_dim`` (64 of the 384 dims) incremental pooling refits the subspace as the map grows,
     so voxels re-pooled at different keyframes were pooled in slightly different subspaces, and whole-map pooling

@@ -250,7 +250,7 @@ class GeometryPooling:
         # the superpoint vote's 'voted' layer: what it was made for, rows it covers, blocks re-pooled since
         self._vote_state: Optional[tuple] = None
         self._normals_state: Optional[tuple] = None     # (id of the cake, its epoch, rows with current normals)
-        self._basis: Optional[list] = None              # [pooling subspace, map size at its fit, updates since]
+        self._basis: Optional[list] = None   # [pooling subspace, map size at its fit, updates since, (cake, epoch)]
         self._voted_size = 0
         self._vote_pending: list = []
         self._vote_all = True
@@ -321,8 +321,9 @@ class GeometryPooling:
     BASIS_SAMPLES = 2048
     """Map rows (evenly spaced) whose fused features fit the pooling subspace."""
     BASIS_GROWTH, BASIS_EVERY = 1.25, 32
-    """Incremental mode refits the subspace once the map has grown by this factor since the last fit, or after
-    this many updates; whole-map pooling refits it every time."""
+    """Incremental mode refits the subspace once the map has grown by this factor since the last fit, after this
+    many updates, and when the map's rows or feature coordinates changed (eviction, compression, load: the cake's
+    epoch); whole-map pooling refits it every time."""
 
     def _pool_basis(self, vmap: VoxelFeatureMap, whole: bool) -> Optional[torch.Tensor]:
         """(D, pool_dim) orthonormal basis of the pooling subspace (``cfg.pool_dim``): the top uncentred principal
@@ -331,11 +332,11 @@ class GeometryPooling:
         if k <= 0 or k >= vmap.dim:
             self._basis = None
             return None
-        fit = self._basis
-        if (whole or fit is None or fit[0].in_dim != vmap.dim or fit[0].out_dim != k or n >= self.BASIS_GROWTH * fit[1]
-                or fit[2] >= self.BASIS_EVERY):
+        fit, layout = self._basis, (id(vmap.cake), vmap.cake.epoch)
+        if (whole or fit is None or fit[3] != layout or fit[0].in_dim != vmap.dim or fit[0].out_dim != k
+                or n >= self.BASIS_GROWTH * fit[1] or fit[2] >= self.BASIS_EVERY):
             sample = torch.linspace(0, n - 1, min(n, self.BASIS_SAMPLES), device=vmap.device).round().long()
-            fit = [FeatureProjection.fit(vmap.features[sample], min(k, len(sample))), n, 0]
+            fit = [FeatureProjection.fit(vmap.features[sample], min(k, len(sample))), n, 0, layout]
         fit[2] += 1
         self._basis = fit
         return fit[0].matrix
