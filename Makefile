@@ -131,7 +131,8 @@ eval-scenes: setup
 # iterations T and scale, the oracle for reference; the superpoint vote's k and blend (one pooling per scene), its
 # cube size, its minimum superpoint size and T with the vote; scale and T with the vote; the student's data
 # fraction (3 seeds each, with and without the vote); the convexity factor of the vote's edges with its blend;
-# k and min_vox again around the defaults with the convexity term; the pooling subspace (purify.pool_dim);
+# k and min_vox again around the defaults with the convexity term; the pooling subspace (purify.pool_dim); the
+# pooling radius with T;
 # query temperature and threshold (synonym queries, one scoring pass per query for all thresholds); the label
 # volume's temperature.
 ORACLE := purify.checkpoint=$(MODELS)/ablation/student_oracle.safetensors
@@ -198,6 +199,10 @@ eval-tune: eval-scenes
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_pool_dim $(EVAL_ARGS) \
 	  --variant raw purify.enabled=false \
 	  $(foreach d,64 0 32,--variant pool_dim$(d) $(WHOLE) purify.checkpoint=default purify.pool_dim=$(d))
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_radius $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false \
+	  $(foreach v,r1_T18 r3_T18 r1_T36 r1_T72,--variant $(v) $(WHOLE) purify.checkpoint=default \
+	  purify.radius_vox=$(subst r,,$(word 1,$(subst _, ,$(v)))) purify.iterations=$(subst T,,$(word 2,$(subst _, ,$(v)))))
 	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/tune/scene_???? --out $(EVAL_OUT)/tune_query $(EVAL_ARGS) --queries \
 	  --query-thresholds 0.3 0.4 0.5 0.55 0.6 0.7 0.8 0.9 \
 	  $(foreach t,0.15 0.05 0.02 0.01,--variant T$(t) $(WHOLE) purify.checkpoint=default query.temperature=$(t))
@@ -233,7 +238,7 @@ eval-test: eval-scenes
 
 eval: eval-tune eval-test
 	@cat $(EVAL_OUT)/tune_purify/table_ci.md $(addprefix $(EVAL_OUT)/tune_,$(addsuffix /table_ci.md,superpoints \
-	  superpoint_blocks superpoint_min scale data_fraction superpoint_convex pool_dim)) \
+	  superpoint_blocks superpoint_min scale data_fraction superpoint_convex pool_dim radius)) \
 	  $(EVAL_OUT)/tune_query/queries_sweep.md \
 	  $(EVAL_OUT)/tune_labels/table_ci.md \
 	  $(EVAL_OUT)/test_table/table_ci.md \
