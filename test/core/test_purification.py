@@ -171,9 +171,9 @@ def test_a_keyframe_that_touched_nothing_changes_nothing():
     assert neighbour_rows(m, torch.zeros(0, dtype=torch.int64), ball_offsets(2)).shape == (0, len(ball_offsets(2)))
 
 
-def test_pool_is_a_valid_csr_product_equal_to_a_dense_reference():
-    g = torch.Generator().manual_seed(0)
-    V, R, M, D = 40, 25, 9, 5
+def _random_pooling(g, V, R, M, D):
+    """A pooling problem over V map rows: R sorted rows to pool, each with itself and up to M - 1 random
+    neighbours (some missing), softmax weights, and (V, D) outside / (R, D) start values."""
     rows = torch.sort(torch.randperm(V, generator=g)[:R]).values
     nbr = torch.stack([torch.cat([r[None], torch.randperm(V, generator=g)[:M + 1]])
                        for r in rows])
@@ -181,7 +181,13 @@ def test_pool_is_a_valid_csr_product_equal_to_a_dense_reference():
     nbr[:, 1:][torch.rand(R, M - 1, generator=g) < 0.3] = -1   # missing neighbours
     logits = torch.randn(R, M, generator=g).masked_fill(nbr < 0, -torch.inf)
     weights = torch.softmax(logits, 1)
-    outside, start = torch.randn(V, D, generator=g), torch.randn(R, D, generator=g)
+    return rows, nbr, weights, torch.randn(V, D, generator=g), torch.randn(R, D, generator=g)
+
+
+def test_pool_is_a_valid_csr_product_equal_to_a_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    V, R, M, D = 40, 25, 9, 5
+    rows, nbr, weights, outside, start = _random_pooling(g, V, R, M, D)
     W = torch.zeros(R, V)
     for r in range(R):
         for m in range(M):
@@ -200,13 +206,8 @@ def test_subspace_pooling_pools_the_span_and_keeps_the_rest():
     """With a basis Q, only the features' component in the span of Q is pooled; the rest stays as it was. Pooling
     is linear, so the span's component equals that of full pooling, and features inside the span pool exactly."""
     g = torch.Generator().manual_seed(1)
-    V, R, M, D = 60, 40, 9, 6
-    rows = torch.sort(torch.randperm(V, generator=g)[:R]).values
-    nbr = torch.stack([torch.cat([r[None], torch.randperm(V, generator=g)[:M + 1]]) for r in rows])
-    nbr = torch.stack([torch.unique_consecutive(torch.cat([n[:1], n[1:][n[1:] != n[0]]]))[:M] for n in nbr])
-    nbr[:, 1:][torch.rand(R, M - 1, generator=g) < 0.3] = -1
-    weights = torch.softmax(torch.randn(R, M, generator=g).masked_fill(nbr < 0, -torch.inf), 1)
-    outside, start = torch.randn(V, D, generator=g), torch.randn(R, D, generator=g)
+    D = 6
+    rows, nbr, weights, outside, start = _random_pooling(g, 60, 40, 9, D)
     Q = torch.linalg.qr(torch.randn(D, 2, generator=g))[0]
     P = Q @ Q.T
     op = PoolMatrix(rows, nbr, weights, check=True)

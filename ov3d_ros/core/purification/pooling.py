@@ -14,7 +14,9 @@ compute differently:
 and re-pools those voxels plus ``margin_vox`` more, starting from their raw fused features; neighbours outside
 that set contribute their current purified features (the one remaining approximation). The cost per keyframe
 follows the touched region dilated by these radii, not the map size. ``mode='whole'`` re-pools everything at
-once (the offline reference). Pooling is a sparse CSR product (:class:`PoolMatrix`, the same on CPU and CUDA).
+once (the offline reference). Pooling is a sparse CSR product (:class:`PoolMatrix`, the same on CPU and CUDA),
+by default on the features' component in the map's top ``pool_dim`` principal directions only (the rest of each
+feature is kept as fused; pooling is linear, so that is exact for features inside that subspace).
 """
 from __future__ import annotations
 
