@@ -10,6 +10,7 @@ texts per voxel is that of the full-dimension scores). With updates off the firs
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -67,7 +68,22 @@ class FeatureProjection:
         return FeatureProjection(self.matrix.to(device), self.energy.to(device))
 
 
+_ONE_THREAD = threading.Lock()
+
+
 def _top(moment: torch.Tensor, dim: int):
-    """(D, dim) eigenvectors of the largest ``dim`` eigenvalues of a symmetric matrix, and those eigenvalues."""
-    values, vectors = torch.linalg.eigh(moment)          # ascending
+    """(D, dim) eigenvectors of the largest ``dim`` eigenvalues of a symmetric matrix, and those eigenvalues.
+
+    On CPU the decomposition runs on one thread: LAPACK's eigenvectors differ in their last bits with the thread
+    count, and the same features must give the same basis in any process (the node, a Ray task, a serial run)."""
+    if moment.device.type != 'cpu':
+        values, vectors = torch.linalg.eigh(moment)
+    else:
+        with _ONE_THREAD:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                values, vectors = torch.linalg.eigh(moment)          # ascending
+            finally:
+                torch.set_num_threads(threads)
     return vectors[:, -dim:].flip(1).contiguous(), values[-dim:].flip(0).clamp_min(0).contiguous()

@@ -29,6 +29,22 @@ def test_projection_keeps_dot_products_inside_the_fitted_subspace():
     assert FeatureProjection.fit(weighted, 1).project(basis[:, 0]).abs().item() > 0.99
 
 
+def test_the_fit_does_not_depend_on_the_thread_count():
+    """The same features give a bit-identical basis on one thread and on several (a Ray task and a serial run
+    must agree), and the caller's thread count is restored."""
+    x = torch.randn(2048, 384, generator=torch.Generator().manual_seed(0)).half()
+    before = torch.get_num_threads()
+    try:
+        bases = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            bases.append(FeatureProjection.fit(x, 64).matrix)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(bases[0], bases[1])
+
+
 def test_projection_rejects_bad_sizes():
     with pytest.raises(ValueError, match='1..4'):
         FeatureProjection.fit(torch.randn(10, 4), 5)
