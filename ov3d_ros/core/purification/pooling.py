@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,6 +38,20 @@ warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta'
 
 EmbedFn = Callable[[VoxelFeatureMap, torch.Tensor, torch.Tensor], torch.Tensor]
 """(map, rows (R,), normals (R, 3)) -> (R, E) unit embeddings of those voxels (the learned affinity)."""
+
+
+def _layout(vmap: VoxelFeatureMap) -> tuple:
+    """Which cake the map's rows are in and how often they were moved, dropped or re-based since it was made (its
+    epoch): state kept per row or fitted to the rows holds while this stays the same and only rows are added."""
+    return id(vmap.cake), vmap.cake.epoch
+
+
+class _BasisFit(NamedTuple):
+    """The pooling subspace of :meth:`GeometryPooling._pool_basis` and when it was fitted."""
+    projection: FeatureProjection
+    size: int          # map rows at the fit
+    updates: int       # updates that used it
+    layout: tuple      # :func:`_layout` at the fit
 
 
 def fallback_logits(colors: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, nbr: torch.Tensor,
@@ -251,8 +265,8 @@ class GeometryPooling:
         self.timings_s = {}
         # the superpoint vote's 'voted' layer: what it was made for, rows it covers, blocks re-pooled since
         self._vote_state: Optional[tuple] = None
-        self._normals_state: Optional[tuple] = None     # (id of the cake, its epoch, rows with current normals)
-        self._basis: Optional[list] = None   # [pooling subspace, map size at its fit, updates since, (cake, epoch)]
+        self._normals_state: Optional[tuple] = None     # (_layout of the map, rows with current normals)
+        self._basis: Optional[_BasisFit] = None
         self._voted_size = 0
         self._vote_pending: list = []
         self._vote_all = True
@@ -311,7 +325,7 @@ class GeometryPooling:
         for raw, out in channels:
             out[rows] = op.apply(raw[rows], out[:n], self.cfg.iterations).to(out.dtype)
         if whole:
-            self._normals_state = (id(vmap.cake), vmap.cake.epoch, torch.ones(n, dtype=torch.bool, device=vmap.device))
+            self._normals_state = (_layout(vmap), torch.ones(n, dtype=torch.bool, device=vmap.device))
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
                           'embedded': len(embedded) if self.embed is not None else 0}
         if whole or not self.votes or self.reads_whole_map:
@@ -334,14 +348,13 @@ class GeometryPooling:
         if k <= 0 or k >= vmap.dim:
             self._basis = None
             return None
-        fit, layout = self._basis, (id(vmap.cake), vmap.cake.epoch)
-        if (whole or fit is None or fit[3] != layout or fit[0].in_dim != vmap.dim or fit[0].out_dim != k
-                or n >= self.BASIS_GROWTH * fit[1] or fit[2] >= self.BASIS_EVERY):
+        fit, layout = self._basis, _layout(vmap)
+        if (whole or fit is None or fit.layout != layout or fit.projection.in_dim != vmap.dim
+                or fit.projection.out_dim != k or n >= self.BASIS_GROWTH * fit.size or fit.updates >= self.BASIS_EVERY):
             sample = torch.linspace(0, n - 1, min(n, self.BASIS_SAMPLES), device=vmap.device).round().long()
-            fit = [FeatureProjection.fit(vmap.features[sample], min(k, len(sample))), n, 0, layout]
-        fit[2] += 1
-        self._basis = fit
-        return fit[0].matrix
+            fit = _BasisFit(FeatureProjection.fit(vmap.features[sample], min(k, len(sample))), n, 0, layout)
+        self._basis = fit._replace(updates=fit.updates + 1)
+        return fit.projection.matrix
 
     def _current_normals(self, vmap: VoxelFeatureMap, table: NeighbourTable) -> torch.Tensor:
         """(V,) bool: map rows whose stored normal is that of their present neighbourhood; kept from update to
@@ -349,13 +362,13 @@ class GeometryPooling:
         their ball), and none after its rows moved or were dropped (the cake's epoch counts that)."""
         n, state = vmap.size, self._normals_state
         current = torch.zeros(n, dtype=torch.bool, device=vmap.device)
-        if state is not None and state[0] == id(vmap.cake) and state[1] == vmap.cake.epoch and len(state[2]) <= n:
-            old = len(state[2])
-            current[:old] = state[2]
+        if state is not None and state[0] == _layout(vmap) and len(state[1]) <= n:
+            old = len(state[1])
+            current[:old] = state[1]
             if old < n:
                 added = torch.arange(old, n, device=vmap.device)
                 current[ball_region(vmap, added, self.offsets, table)] = False
-        self._normals_state = (id(vmap.cake), vmap.cake.epoch, current)
+        self._normals_state = (_layout(vmap), current)
         return current
 
     def _store_embeddings(self, emb: torch.Tensor, rows: torch.Tensor) -> None:
@@ -430,7 +443,7 @@ class GeometryPooling:
         or ``superpoint_block_vox: 0`` (superpoints over the whole map) vote over the whole map."""
         c, n, cake = self.cfg, vmap.size, vmap.cake
         block = c.superpoint_block_vox
-        state = (id(cake), cake.epoch, vmap.dim, c.superpoint_k, c.superpoint_blend, c.superpoint_min_vox, block,
+        state = (_layout(vmap), vmap.dim, c.superpoint_k, c.superpoint_blend, c.superpoint_min_vox, block,
                  c.superpoint_weighted, c.superpoint_convex)
         voted = cake.get('voted')
         new_layer = voted is None or cake.specs['voted'].width != vmap.dim
