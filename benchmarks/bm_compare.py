@@ -9,7 +9,7 @@ Sections (one JSON line per row, each with device, torch version, threads and si
   fusion   our lifting + fusion of the same rendered frames of the built-in scene (640x480, 5 cm voxels, depth
            0.1-5 m) against Open3D's VoxelBlockGrid TSDF + colour integrate, at D=384 simulated features and at
            map.compress_dim 64 (its PCA update per keyframe is shown apart, under compress_ms); --reps passes,
-           medians (each pass's figures are listed too).
+           each side in a fresh process, medians (each pass's figures are listed too).
   query    Mapper.query on maps of 100 k and 1 M voxels against the floor: one matmul of the query and negatives'
            embeddings with pre-normalised features of the same size (fp16 as stored, and fp32).
   pooling  incremental geometry pooling per keyframe (fallback and learned affinity) against map size
@@ -125,21 +125,37 @@ def open3d_fusion(cam, rendered, device: str, voxel: float, min_d: float, max_d:
             'voxels_allocated': int(vbg.hashmap().size()) * 8 ** 3}
 
 
+def _isolated(fn, *args, threads: int):
+    """fn(*args) in a fresh process (spawned, ``threads`` torch threads): each side of the fusion comparison runs
+    with an allocator and caches of its own. In one process, whichever runs second inherits the first's heap (glibc
+    malloc's mmap and trim thresholds move with the sizes freed): after Open3D's integration our D=384 fusion
+    measured about 20 % slower than alone, and the same with the thresholds pinned."""
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),
+                                                initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def bench_fusion(args) -> None:
-    """--reps passes over the frames, each: Open3D, then ours at D = 384 and at 64-d (fresh maps each pass);
-    medians over the passes, so a pass that a busy host slowed down moves neither side alone."""
+    """--reps passes over the frames, each: Open3D, then ours at D = 384 and at 64-d (fresh maps each pass, each in
+    a process of its own); medians over the passes, so a pass that a busy host slowed down moves neither side
+    alone."""
     cam, rendered = frames(args.frames, 640, 480)
     common = dict(env(args.device), frames=args.frames, image='640x480', voxel_m=args.voxel, depth_m=[0.1, 5.0])
+    threads = torch.get_num_threads()
     refs, ours = [], {0: [], 64: []}
     for _ in range(max(1, args.reps)):
         if refs is not None:
             try:
-                refs.append(open3d_fusion(cam, rendered, args.device, args.voxel, 0.1, 5.0))
+                refs.append(_isolated(open3d_fusion, cam, rendered, args.device, args.voxel, 0.1, 5.0,
+                                      threads=threads))
             except ImportError:
                 refs = None
                 print('open3d is not installed (make bench-deps): no reference for fusion', flush=True)
         for compress in ours:
-            ours[compress].append(ours_fusion(cam, rendered, args.device, compress, args.voxel, 0.1, 5.0))
+            ours[compress].append(_isolated(ours_fusion, cam, rendered, args.device, compress, args.voxel, 0.1, 5.0,
+                                            threads=threads))
 
     def med(rows, key):
         return float(np.median([r[key] for r in rows]))

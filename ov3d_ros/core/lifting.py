@@ -54,7 +54,7 @@ class CellFeatures:
 @dataclass
 class LiftedPoints:
     """Points of one keyframe. points (N, 3) world frame; features (N, D) unit norm as cell mixtures;
-    colors (N, 3) 0..255."""
+    colors (N, 3) 0..255 (a view of a (3, N) tensor)."""
 
     points: torch.Tensor
     features: CellFeatures
@@ -147,13 +147,13 @@ class _PixelTables(NamedTuple):
     b^T Q b with Q a (2, 2) matrix per (row, block column): norms come from small row and column tables."""
 
     rays: torch.Tensor          # (3, P) float32 camera-frame point of each pixel at depth 1 (coordinates first)
-    weights: torch.Tensor       # (P, 4) float32 bilinear weights
+    weights: torch.Tensor       # (4, P) float32 bilinear weights (corner first: per-corner rows stay contiguous)
     ints: torch.Tensor          # (P, 2) int64 [pixel index in the full image, block]
     block_cells: torch.Tensor   # (h * w, 4) int64
     row_block: torch.Tensor     # (Hs,) int64 block row y0 of each pixel row
     row_coef: torch.Tensor      # (Hs, 10, 3) float32: Q (as q00, q11, 2 q01) = block Gram (10,) @ row_coef
     col_block: torch.Tensor     # (Ws,) int64 block column x0 of each pixel column
-    col_coef: torch.Tensor      # (Ws, 3) float32 [b0^2, b1^2, b0 b1]
+    col_coef: torch.Tensor      # (3, Ws) float32 [b0^2, b1^2, b0 b1]
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,8 +172,8 @@ def _pixel_tables(device: torch.device, H: int, W: int, s: int, h: int, w: int, 
     coef[:, 0, 0], coef[:, 5, 0], coef[:, 2, 0] = a0 * a0, 2 * a0 * a1, a1 * a1
     coef[:, 1, 1], coef[:, 8, 1], coef[:, 3, 1] = a0 * a0, 2 * a0 * a1, a1 * a1
     coef[:, 4, 2], coef[:, 6, 2], coef[:, 7, 2], coef[:, 9, 2] = 2 * a0 * a0, 2 * a0 * a1, 2 * a0 * a1, 2 * a1 * a1
-    return _PixelTables(rays, weights, torch.stack([v * W + u, blocks], dim=1), _block_cells(h, w, device),
-                        row_block, coef, col_block, torch.stack([b0 * b0, b1 * b1, b0 * b1], dim=1))
+    return _PixelTables(rays, weights.T.contiguous(), torch.stack([v * W + u, blocks], dim=1), _block_cells(h, w, device),
+                        row_block, coef, col_block, torch.stack([b0 * b0, b1 * b1, b0 * b1], dim=0))
 
 
 def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.Tensor, camera: PinholeCamera,
@@ -205,9 +205,14 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
     points = torch.mm(T[:3, :3], t.rays.index_select(1, p) * z).add_(T[:3, 3:]).T
     grid = feature_grid.reshape(h * w, D).float()
     # Squared norm of every pixel's mixture: b^T Q b, Q from the block Gram of the pixel's row (see _PixelTables)
+    # (3, Hs, Ws) entries of every pixel's Q, then b^T Q b as three multiply-adds (a sum over a trailing axis of
+    # 3 is 2x slower on CPU)
     q = torch.matmul(_block_gram(grid, h, w).view(h, w, 10).index_select(0, t.row_block), t.row_coef)
-    norm2 = (q.index_select(1, t.col_block) * t.col_coef).sum(-1).reshape(-1)
+    q = q.permute(2, 0, 1).index_select(2, t.col_block)
+    norm2 = (q[0] * t.col_coef[0]).addcmul_(q[1], t.col_coef[1]).addcmul_(q[2], t.col_coef[2]).reshape(-1)
     norm = norm2.index_select(0, p).clamp_min(1e-12).sqrt()
-    unit = t.weights.index_select(0, p).div_(norm[:, None])
-    colors = rgb.to(device).reshape(H * W, 3).index_select(0, pixel).float()
+    unit = t.weights.index_select(1, p).div_(norm).T                        # (N, 4), a view of (4, N)
+    # (N, 3) as a view of (3, N): fusion sums colours channel-major (3x faster than (N, 3) rows on CPU)
+    picked = rgb.to(device).reshape(H * W, 3).index_select(0, pixel)
+    colors = torch.empty(3, picked.shape[0], device=device).copy_(picked.T).T
     return LiftedPoints(points, CellFeatures(grid, None, unit, blocks, t.block_cells), colors)

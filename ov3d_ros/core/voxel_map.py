@@ -31,10 +31,19 @@ def voxel_coords(points: torch.Tensor, voxel_size_m: float) -> torch.Tensor:
 def pack_keys(coords: torch.Tensor) -> torch.Tensor:
     """(N, 3) int64 voxel coordinates → (N,) int64 keys (21 bits per axis)."""
     c = coords + _OFFSET
-    lo, hi = torch.aminmax(c) if c.numel() else (c.new_zeros(()), c.new_zeros(()))
-    if int(lo) < 0 or int(hi) > _MASK:
+    # in range iff no coordinate has a bit above the lowest _BITS set (a negative one has its sign bits set);
+    # one OR and one test, several times faster than a min and a max on CPU
+    if c.numel() and bool(((c[:, 0] | c[:, 1] | c[:, 2]) >> _BITS).any()):
         raise ValueError('voxel coordinates out of range (points farther than 2^20 voxels from the origin)')
     return (c[:, 0] << (2 * _BITS)) | (c[:, 1] << _BITS) | c[:, 2]
+
+
+def _unique_inverse(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(values, return_inverse=True)`` for (N,) int64 values, through one stable sort: on the
+    nearly ordered keys of a raster of points (runs of voxel keys, (voxel, block) pairs) 1.5-1.7x faster on CPU."""
+    ordered, order = torch.sort(values, stable=True)
+    unique, inverse = torch.unique_consecutive(ordered, return_inverse=True)
+    return unique, torch.empty_like(inverse).scatter_(0, order, inverse)
 
 
 def _norms(features: torch.Tensor) -> torch.Tensor:
@@ -134,12 +143,6 @@ class VoxelFeatureMap:
         """(V,) float32 L2 norms of the stored (fp16) features, kept up to date by every write (no recompute)."""
         return self.norms[:self.size]
 
-    def _set_features(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Store (M, D) float ``values`` as fp16 at ``rows`` and update their norms."""
-        half = values.to(torch.float16)
-        self.features.index_copy_(0, rows, half)
-        self.norms.index_copy_(0, rows, _norms(half))       # of the stored values: the same after a reload
-
     def project(self, matrix: torch.Tensor) -> None:
         """Rotate every feature layer of the cake by ``matrix`` (D, d) (f -> f @ matrix): the map's feature
         dimension becomes d; the norms follow."""
@@ -185,17 +188,17 @@ class VoxelFeatureMap:
         denom = w_eff + w_sum
         mean = self._feature_means(v, inv, features, w, denom)     # sum of w f / denom
         if old:                                                     # new rows have no old feature (w_eff 0)
-            prev = self.features.index_select(0, rows[:old]).float()
+            prev = self.features.index_select(0, rows[:old])       # fp16, read as fp32 by the multiply-add
             mean[:old].addcmul_(prev, (w_eff[:old] / denom[:old])[:, None])
-            self._set_features(rows[:old], mean[:old])
-        if fresh:                                                   # new rows: the last ones of the map
-            new = slice(self.size - fresh, self.size)
-            self.features[new] = mean[old:]
-            self.norms[new] = _norms(self.features[new])
+        # Stored as fp16, norms of the stored values; no (v, D) buffer beyond ``mean`` and the fp16 copy: at D=384
+        # fresh buffers per keyframe cost a fifth of fusion in page faults, depending on the allocator's history
+        half = mean.to(torch.float16)
+        self.features.index_copy_(0, rows, half)
+        self.norms.index_copy_(0, rows, torch.linalg.vector_norm(mean.copy_(half), dim=1))
         if colors is not None:
             c = colors.to(dev).float()
-            c_sum = torch.zeros(v, 3, device=dev).index_add_(0, inv, c if w is None else c * w[:, None])
-            self._blend(self.colors, rows, w_eff, c_sum, denom)
+            c = (c if w is None else c * w[:, None]).T.contiguous()      # summed channel-major: (3, N) -> (3, v)
+            self._blend(self.colors, rows, w_eff, torch.zeros(3, v, device=dev).index_add_(1, inv, c).T, denom)
         if origin is not None:        # once per voxel (its centre), weighted by its points like the colours
             u = self.centers(rows).neg_().add_(origin.to(dev, torch.float32))
             u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min_(1e-12)
@@ -216,7 +219,7 @@ class VoxelFeatureMap:
         touched, (N,) the index of each key's row among them, and how many of them are new (the last ones)."""
         # Neighbouring points mostly share a voxel: runs of equal keys collapse first (no sort of the points).
         run_keys, run_of = torch.unique_consecutive(keys, return_inverse=True)
-        unique_keys, key_of_run = torch.unique(run_keys, return_inverse=True)
+        unique_keys, key_of_run = _unique_inverse(run_keys)
         before = self.cake.size
         by_key = self.cake.insert(unique_keys, unique=True)
         rows, order = torch.sort(by_key)
@@ -248,12 +251,12 @@ class VoxelFeatureMap:
         # one weighted sum of grid rows per voxel (an embedding bag, i.e. a CSR matrix times the grid).
         g = group_cells.shape[0]
         run_pair, run_of = torch.unique_consecutive(voxel * g + group, return_inverse=True)
-        pairs, pair_of_run = torch.unique(run_pair, return_inverse=True)
-        k = gw.shape[1]                           # summed as one flat column (faster than k-wide rows)
-        flat = (pair_of_run.index_select(0, run_of)[:, None] * k + torch.arange(k, device=dev)).reshape(-1)
-        pw = torch.zeros(pairs.shape[0] * k, device=dev).index_add_(0, flat, gw.reshape(-1)).view(-1, k)
+        pairs, pair_of_run = _unique_inverse(run_pair)
+        k = gw.shape[1]                           # summed corner-major: (k, N) rows into (k, pairs)
+        pw = torch.zeros(k, pairs.shape[0], device=dev).index_add_(1, pair_of_run.index_select(0, run_of),
+                                                                   gw.T.contiguous())
         pair_voxel = pairs // g
-        pw.div_(denom.index_select(0, pair_voxel)[:, None])
+        pw = pw.div_(denom.index_select(0, pair_voxel)).T
         offsets = torch.zeros(v + 1, dtype=torch.int64, device=dev)
         offsets[1:] = torch.cumsum(torch.bincount(pair_voxel, minlength=v) * k, 0)
         cols = group_cells.index_select(0, pairs - pair_voxel * g).reshape(-1)

@@ -2,15 +2,26 @@ import pytest
 import torch
 
 from ov3d_ros.core.lifting import CellFeatures, bilinear_cells
-from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys, unpack_keys, voxel_coords
+from ov3d_ros.core.voxel_map import VoxelFeatureMap, _unique_inverse, pack_keys, unpack_keys, voxel_coords
 
 
 def test_keys_round_trip_including_negative_coordinates():
     coords = torch.tensor([[0, 0, 0], [-1, 2, -3], [1048575, -1048576, 7]])
     assert torch.equal(unpack_keys(pack_keys(coords)), coords)
     assert len(set(pack_keys(coords).tolist())) == 3
-    with pytest.raises(ValueError):
-        pack_keys(torch.tensor([[1 << 21, 0, 0]]))
+    for bad in ([1 << 20, 0, 0], [0, -(1 << 20) - 1, 0], [0, 0, 1 << 20], [0, 0, -(1 << 40)]):
+        with pytest.raises(ValueError, match='out of range'):
+            pack_keys(torch.tensor([[0, 0, 0], bad]))
+
+
+def test_unique_inverse_matches_torch_unique():
+    g = torch.Generator().manual_seed(0)
+    runs = torch.randint(0, 50, (300,), generator=g).repeat_interleave(torch.randint(1, 6, (300,), generator=g))
+    empty = torch.empty(0, dtype=torch.int64)
+    for values in (torch.randint(-1000, 1000, (5000,), generator=g), runs, torch.arange(7), empty):
+        unique, inverse = _unique_inverse(values)
+        ref_unique, ref_inverse = torch.unique(values, return_inverse=True)
+        assert torch.equal(unique, ref_unique) and torch.equal(inverse, ref_inverse)
 
 
 def test_voxel_coords_floor():
