@@ -315,6 +315,31 @@ def test_incremental_equals_whole_map_pooling_on_a_generated_scene(affinity, tmp
         (err.median(), torch.quantile(err, 0.99), err.max())
 
 
+def test_incremental_student_embeddings_are_those_of_the_whole_map(tmp_path):
+    """Each keyframe re-runs the student only around the voxels whose inputs changed (the touched ones and those
+    with new normals), with its receptive field as context: after every keyframe the embeddings layer must be a
+    whole-map run of the student on the whole-map normals."""
+    pytest.importorskip('spconv')
+    from ov3d_ros.core.purification.student import StudentAffinityNet, StudentConfig, save_student
+    torch.manual_seed(0)
+    net = StudentAffinityNet(StudentConfig(feature_dim=0, inputs=('color', 'normal'), width=8, blocks=4,
+                                           embed_dim=8, voxel_size_m=0.1)).eval()
+    save_student(tmp_path / 'tiny.safetensors', net)
+    mapper = _scene_mapper({'affinity': 'learned', 'checkpoint': str(tmp_path / 'tiny.safetensors'),
+                            'superpoint_k': 0.0}, 'incremental')
+    sizes = []
+    for frame in _scene_frames(5):
+        mapper.integrate(frame, force=True)
+        vmap, purifier = mapper.map, mapper.purifier
+        rows = torch.arange(len(vmap))
+        normals = estimate_normals(vmap, rows, neighbour_rows(vmap, rows, purifier.offsets), purifier.offsets)
+        assert torch.equal(purifier.normals[:len(vmap)], normals)
+        whole = net.embed(vmap, rows, normals)
+        assert (purifier.embeddings[:len(vmap)].float() - whole).abs().max() < 2e-3     # stored as fp16
+        sizes.append(purifier.timings_s['embedded'])
+    assert len(vmap) > 5000 and max(sizes[1:]) < len(vmap)       # later keyframes did re-embed a part only
+
+
 def test_the_pooling_subspace_is_refit_when_the_feature_coordinates_turn():
     """A compressed map's PCA update rotates its stored features; the next incremental update must pool in the
     subspace of the rotated features (what a fresh purifier fits), not in the one fitted before the rotation."""

@@ -120,16 +120,17 @@ def ball_region(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor
     if len(rows) == 0:
         return torch.unique(rows)
     nbr = neighbour_rows(vmap, rows, offsets) if table is None else table(rows)
-    return union_rows(vmap.size, rows, nbr[nbr >= 0])
+    return union_rows(vmap.size, rows, nbr.reshape(-1))
 
 
 def union_rows(size: int, *parts: torch.Tensor) -> torch.Tensor:
-    """Sorted unique rows (int64) of ``parts`` (int64 tensors of rows in [0, size)): a mark per row instead of a
-    unique (a sort) over every entry, about 10x faster for a keyframe's (row, neighbour) pairs."""
-    mark = torch.zeros(size, dtype=torch.bool, device=parts[0].device)
+    """Sorted unique rows (int64) of ``parts`` (int64 tensors of rows in [0, size), or -1 for none, e.g. a
+    neighbour table as is): a mark per row instead of a unique (a sort) over every entry, about 10x faster for a
+    keyframe's (row, neighbour) pairs."""
+    mark = torch.zeros(size + 1, dtype=torch.bool, device=parts[0].device)     # -1 marks the last, spare slot
     for part in parts:
         mark[part] = True
-    return torch.nonzero(mark).flatten()
+    return torch.nonzero(mark[:size]).flatten()
 
 
 def connected_dilation(vmap: VoxelFeatureMap, rows: torch.Tensor, steps: int,
@@ -143,15 +144,15 @@ def connected_dilation(vmap: VoxelFeatureMap, rows: torch.Tensor, steps: int,
     """
     table = NeighbourTable(vmap, cube_offsets(1, vmap.device)) if table is None else table
     frontier = torch.unique(rows)
-    seen = torch.zeros(vmap.size, dtype=torch.bool, device=frontier.device)
+    seen = torch.zeros(vmap.size + 1, dtype=torch.bool, device=frontier.device)
     seen[frontier] = True
+    seen[-1] = True                  # the spare slot that a missing neighbour (-1) reads: never a candidate
     claim = torch.empty(vmap.size, dtype=torch.int64, device=frontier.device)
     parts, hops = [frontier], [torch.zeros(len(frontier), dtype=torch.int64, device=frontier.device)]
     for step in range(1, int(steps) + 1):
         if len(frontier) == 0:
             break
         cand = table.cube(frontier).flatten()
-        cand = cand[cand >= 0]
         cand = cand[~seen[cand]]
         idx = torch.arange(len(cand), device=cand.device)   # one winner per distinct voxel (see NeighbourTable)
         claim[cand] = idx
