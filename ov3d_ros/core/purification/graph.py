@@ -2,7 +2,7 @@
 
 Neighbours are the occupied voxels within a ball of ``radius_vox`` voxels. Because keys pack biased
 coordinates in fixed bit fields, the key of a voxel shifted by an offset is the key plus a constant, so a
-neighbourhood lookup is one ``searchsorted`` per (voxel, offset): no KD-tree, same code on CPU and GPU.
+neighbourhood lookup is one probe of the hash index per (voxel, offset): no KD-tree, same code on CPU and GPU.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def cube_offsets(radius_vox: int, device: torch.device | str = 'cpu') -> torch.T
 class NeighbourTable:
     """Neighbour rows of map rows at fixed ``offsets``, looked up in the map's index once per row and reused:
     one keyframe's refresh asks for the neighbourhoods of mostly the same voxels several times (ball regions,
-    connected dilation, normals, pooling). Valid while the map's rows do not change (build one per update).
+    connected dilation, normals, pooling). Valid while the map's rows do not change; :meth:`extend` takes in rows
+    appended since, so incremental updates keep one from keyframe to keyframe.
 
     Args:
         vmap: the map.
@@ -104,6 +105,30 @@ class NeighbourTable:
             self.looked_up = need
             slot = self._slot[rows]
         return self._data[slot]
+
+    @property
+    def size(self) -> int:
+        """Map rows the table knows of (the map's size when built or last extended)."""
+        return len(self._slot)
+
+    @property
+    def used(self) -> int:
+        """Rows of neighbours held (looked up since the table was built, including forgotten ones)."""
+        return self._used
+
+    def extend(self) -> torch.Tensor:
+        """Take in the rows appended to the map since the table was built or last extended, so that it can serve
+        later updates: looks up their neighbours and forgets those of every older voxel that has one of them as a
+        neighbour (the offsets must be symmetric, as a ball or a cube is: b is a's neighbour at o iff a is b's at
+        -o). Rows moved or dropped (eviction, compaction) are not followed: build a new table then. Returns the
+        appended rows."""
+        old, n = self.size, self.vmap.size
+        added = torch.arange(old, n, device=self._slot.device)
+        if len(added):
+            self._slot = torch.cat([self._slot, torch.full((n - old,), -1, dtype=torch.int64, device=added.device)])
+            nbr = self(added)
+            self._slot[nbr[(nbr >= 0) & (nbr < old)]] = -1
+        return added
 
     def cube(self, rows: torch.Tensor) -> torch.Tensor:
         """(R, 27) int64 rows of the 26-connected neighbours of ``rows`` and of the voxels themselves; -1 where

@@ -279,6 +279,7 @@ class GeometryPooling:
         # the superpoint vote's 'voted' layer: what it was made for, rows it covers, blocks re-pooled since
         self._vote_state: Optional[tuple] = None
         self._normals_state: Optional[tuple] = None     # (_layout of the map, rows with current normals)
+        self._table: Optional[tuple] = None             # (_layout of the map, NeighbourTable of incremental updates)
         self._basis: Optional[_BasisFit] = None
         self._voted_size = 0
         self._vote_pending: list = []
@@ -388,11 +389,29 @@ class GeometryPooling:
         """Write (R, E) embeddings of ``rows`` into the embeddings layer (declared on first use)."""
         self.cake.add_layer('embeddings', emb.shape[1], torch.float16)[rows] = emb.to(torch.float16)
 
+    TABLE_ROWS = 1 << 17
+    """Rows whose neighbours incremental updates keep looked up from one keyframe to the next (consecutive
+    keyframes revisit most of a region of about 30 000 voxels); the table starts over beyond this many (2^17 rows
+    of a radius-2 ball: 35 MB)."""
+
+    def _neighbour_table(self, vmap: VoxelFeatureMap) -> NeighbourTable:
+        """The neighbour table of the last update, extended by the rows appended since, or a new one when the
+        map's rows moved or were dropped (its :func:`_layout` changed) or it holds :attr:`TABLE_ROWS` rows."""
+        kept, layout = self._table, _layout(vmap)
+        if (kept is not None and kept[0] == layout and kept[1].vmap is vmap and kept[1].size <= vmap.size
+                and kept[1].used <= self.TABLE_ROWS):
+            table = kept[1]
+            table.extend()
+        else:
+            table = NeighbourTable(vmap, self.offsets)
+        self._table = (layout, table)
+        return table
+
     def _refresh(self, vmap: VoxelFeatureMap, touched: torch.Tensor):
         """Incremental mode: bring normals and embeddings up to date around ``touched`` and pick the voxels to
         re-pool. Returns (rows to re-pool (R,), their neighbour table (R, M), rows whose embedding was refreshed)."""
         touched = torch.unique(touched)
-        table = NeighbourTable(vmap, self.offsets)   # each voxel's neighbours looked up once
+        table = self._neighbour_table(vmap)           # each voxel's neighbours looked up once
         # the voxels within radius_vox of a touched voxel: their affinity inputs (colour, feature, normal) may
         # have changed
         changed = embedded = ball_region(vmap, touched, self.offsets, table)
