@@ -172,8 +172,9 @@ def _pixel_tables(device: torch.device, H: int, W: int, s: int, h: int, w: int, 
     coef[:, 0, 0], coef[:, 5, 0], coef[:, 2, 0] = a0 * a0, 2 * a0 * a1, a1 * a1
     coef[:, 1, 1], coef[:, 8, 1], coef[:, 3, 1] = a0 * a0, 2 * a0 * a1, a1 * a1
     coef[:, 4, 2], coef[:, 6, 2], coef[:, 7, 2], coef[:, 9, 2] = 2 * a0 * a0, 2 * a0 * a1, 2 * a0 * a1, 2 * a1 * a1
-    return _PixelTables(rays, weights.T.contiguous(), torch.stack([v * W + u, blocks], dim=1), _block_cells(h, w, device),
-                        row_block, coef, col_block, torch.stack([b0 * b0, b1 * b1, b0 * b1], dim=0))
+    return _PixelTables(rays, weights.T.contiguous(), torch.stack([v * W + u, blocks], dim=1),
+                        _block_cells(h, w, device), row_block, coef, col_block,
+                        torch.stack([b0 * b0, b1 * b1, b0 * b1], dim=0))
 
 
 def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.Tensor, camera: PinholeCamera,
