@@ -41,15 +41,18 @@ def estimate_normals(vmap: VoxelFeatureMap, rows: torch.Tensor, nbr: torch.Tenso
     ``nbr`` (R, M) from :func:`neighbour_rows` with the same ``offsets``. Voxels with fewer than 3 neighbours
     get the zero vector. Orientation is arbitrary (use ``abs`` of dot products).
     """
-    present = (nbr >= 0).float()                                    # (R, M)
-    pts = offsets.to(vmap.device).float()[None] * present[..., None]  # offsets are positions relative to the voxel
-    n = present.sum(1).clamp_min(1.0)
-    mean = pts.sum(1) / n[:, None]
-    centred = (pts - mean[:, None]) * present[..., None]
-    cov = centred.transpose(1, 2) @ centred / n[:, None, None]
-    _, vecs = torch.linalg.eigh(cov.double())
+    # offsets are positions relative to the voxel: the moments of the occupied ones are products of the (R, M)
+    # occupancy with (M, 3) offsets and their (M, 9) outer products (no (R, M, 3) tensors); in float64
+    present = (nbr >= 0).double()                                   # (R, M)
+    o = offsets.to(vmap.device).double()
+    count = present.sum(1)
+    n = count.clamp_min(1.0)[:, None]
+    mean = present @ o / n                                          # (R, 3)
+    cov = (present @ (o[:, :, None] * o[:, None, :]).reshape(-1, 9) / n).view(-1, 3, 3)
+    cov -= mean[:, :, None] * mean[:, None, :]
+    _, vecs = torch.linalg.eigh(cov)
     normals = vecs[:, :, 0].float()
-    return torch.where((present.sum(1) >= 3)[:, None], normals, torch.zeros_like(normals))
+    return torch.where((count >= 3)[:, None], normals, torch.zeros_like(normals))
 
 
 def cube_offsets(radius_vox: int, device: torch.device | str = 'cpu') -> torch.Tensor:
