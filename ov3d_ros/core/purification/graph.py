@@ -89,6 +89,11 @@ class NeighbourTable:
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """(R, M) int64 neighbour rows of (R,) map ``rows`` (repeats allowed); -1 where unoccupied."""
+        slot = self._slots(rows)              # first: it may grow the table
+        return self._data[slot]
+
+    def _slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R,) table rows holding the neighbours of map ``rows``, looking up those not held yet."""
         slot = self._slot[rows]
         miss = rows[slot < 0]
         if len(miss):
@@ -107,7 +112,7 @@ class NeighbourTable:
             self._used = need
             self.looked_up = need
             slot = self._slot[rows]
-        return self._data[slot]
+        return slot
 
     @property
     def size(self) -> int:
@@ -138,7 +143,8 @@ class NeighbourTable:
         unoccupied."""
         if self._cube is None:
             return neighbour_rows(self.vmap, rows, cube_offsets(1, self.vmap.device))
-        return self(rows)[:, self._cube]
+        slot = self._slots(rows)
+        return self._data[slot[:, None], self._cube]                       # one gather of the 27 columns
 
 
 def ball_region(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor,

