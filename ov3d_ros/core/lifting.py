@@ -205,9 +205,9 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
     T = T_W_C.to(device, torch.float32)
     points = torch.mm(T[:3, :3], t.rays.index_select(1, p) * z).add_(T[:3, 3:]).T
     grid = feature_grid.reshape(h * w, D).float()
-    # Squared norm of every pixel's mixture: b^T Q b, Q from the block Gram of the pixel's row (see _PixelTables)
-    # (3, Hs, Ws) entries of every pixel's Q, then b^T Q b as three multiply-adds (a sum over a trailing axis of
-    # 3 is 2x slower on CPU)
+    # Squared norm of every pixel's mixture: b^T Q b, Q from the block Gram of the pixel's row (see _PixelTables),
+    # gathered as (3, Hs, Ws) entries and summed as three multiply-adds (a sum over a trailing axis of 3 is 2x
+    # slower on CPU)
     q = torch.matmul(_block_gram(grid, h, w).view(h, w, 10).index_select(0, t.row_block), t.row_coef)
     q = q.permute(2, 0, 1).index_select(2, t.col_block)
     norm2 = (q[0] * t.col_coef[0]).addcmul_(q[1], t.col_coef[1]).addcmul_(q[2], t.col_coef[2]).reshape(-1)

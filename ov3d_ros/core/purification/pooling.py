@@ -6,7 +6,8 @@ student embedding (scale * cosine) or, without a checkpoint, from colour, normal
 
 Online (``mode='incremental'``), a keyframe that touched voxels T refreshes exactly what whole-map pooling would
 compute differently:
-  * normals of every voxel within ``radius_vox`` of T (their neighbourhood may have gained voxels);
+  * normals of every voxel within ``radius_vox`` of a voxel added since (their neighbourhood gained it), and
+    within ``radius_vox`` of T after voxels were dropped;
   * learned affinity: embeddings of every voxel within the student's receptive field (``context_vox``, e.g. 9
     voxels for a stem and 4 residual blocks of 3x3x3 convs) of a changed input, computed by running the student
     on those voxels plus a context ring of the same width and keeping only the inner outputs;
