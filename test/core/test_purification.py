@@ -62,24 +62,29 @@ def test_neighbour_table_and_dilation_agree_with_direct_lookups():
 
 def test_a_kept_neighbour_table_follows_the_rows_appended_to_the_map():
     """Extended after voxels were added (some next to voxels it had looked up), the table returns what the index
-    does for every row, old or new, and looks up again only the new rows and their neighbours."""
+    does for every row, old or new, and looks up again only the new rows and their neighbours: twice, the second
+    time into room its first extension made."""
     g = torch.Generator().manual_seed(1)
     coords = torch.nonzero(torch.rand(14, 14, 6, generator=g) < 0.35)
-    first, later = coords[coords[:, 0] < 7], coords[coords[:, 0] >= 7]
     m = VoxelFeatureMap(1.0, 2)
+    first = coords[coords[:, 0] < 7]
     m.integrate(first.float() + 0.5, torch.randn(len(first), 2, generator=g))
     off = ball_offsets(2)
     table = NeighbourTable(m, off)
     table(torch.arange(m.size))
-    old = m.size
-    m.integrate(later.float() + 0.5, torch.randn(len(later), 2, generator=g))
-    added = table.extend()
-    assert added.tolist() == list(range(old, m.size)) and table.size == m.size
-    rows = torch.arange(m.size)
-    assert torch.equal(table(rows), neighbour_rows(m, rows, off))
-    border = ball_region(m, added, off)                     # the new voxels and every voxel next to one
-    assert table.used == old + len(border)                  # the rest were served from the table
-    assert len(table.extend()) == 0 and table.used == old + len(border)
+    used = m.size
+    for lo, hi in ((7, 9), (9, 14)):
+        later = coords[(coords[:, 0] >= lo) & (coords[:, 0] < hi)]
+        old = m.size
+        m.integrate(later.float() + 0.5, torch.randn(len(later), 2, generator=g))
+        added = table.extend()
+        assert added.tolist() == list(range(old, m.size)) and table.size == m.size
+        border = ball_region(m, added, off)                 # the new voxels and every voxel next to one
+        rows = torch.arange(m.size)
+        assert torch.equal(table(rows), neighbour_rows(m, rows, off))
+        used += len(border)
+        assert table.used == used                           # the rest were served from the table
+        assert len(table.extend()) == 0 and table.used == used
 
 
 def test_pooling_keeps_constant_features_and_averages_varying_ones():

@@ -80,6 +80,7 @@ class NeighbourTable:
     def __init__(self, vmap: VoxelFeatureMap, offsets: torch.Tensor):
         self.vmap, self.offsets = vmap, offsets.to(vmap.device)
         self._slot = torch.full((vmap.size,), -1, dtype=torch.int64, device=vmap.device)   # row -> table row
+        self._size = vmap.size               # rows of _slot in use (it grows by doubling, as _data does)
         self._data = torch.empty(0, len(offsets), dtype=torch.int64, device=vmap.device)
         self._used = 0
         unit = self.offsets.abs().amax(1) <= 1
@@ -117,7 +118,7 @@ class NeighbourTable:
     @property
     def size(self) -> int:
         """Map rows the table knows of (the map's size when built or last extended)."""
-        return len(self._slot)
+        return self._size
 
     @property
     def used(self) -> int:
@@ -133,7 +134,12 @@ class NeighbourTable:
         old, n = self.size, self.vmap.size
         added = torch.arange(old, n, device=self._slot.device)
         if len(added):
-            self._slot = torch.cat([self._slot, torch.full((n - old,), -1, dtype=torch.int64, device=added.device)])
+            if n > len(self._slot):          # no copy of the whole column per keyframe
+                grown = torch.empty(max(n, 2 * len(self._slot)), dtype=torch.int64, device=added.device)
+                grown[:old] = self._slot[:old]
+                self._slot = grown
+            self._slot[old:n] = -1
+            self._size = n
             nbr = self(added)
             self._slot[nbr[(nbr >= 0) & (nbr < old)]] = -1
         return added
