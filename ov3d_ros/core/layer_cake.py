@@ -65,10 +65,27 @@ class KeyIndex:
         width = width or self.WINDOW
         return ((slot[:, None] + torch.arange(width, device=slot.device)) & (self.slots - 1)).reshape(-1)
 
+    FIND_KEYS = 1 << 18
+    """Keys a find on CPU probes per batch. Each step of a find makes a few temporaries of the batch's size; one
+    batch of a keyframe's 1 M ball-neighbour keys makes 8 MB ones, which glibc's allocator hands back to the
+    system when freed and page-faults in again on the next find. 990 000 keys into the 79 k-voxel map of
+    ``bm_pooling.py``, one thread: 35-36 ms in batches of 2^18 against 63-72 ms in one (2^16: 40 ms, 2^14: 58 ms,
+    per-step overhead; with the allocator told to keep its memory, 30-33 ms in one). On CUDA one batch (its
+    caching allocator keeps the memory)."""
+
     def find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
         """(N,) int64 keys → (N,) int64 rows, -1 where absent. ``row_keys``: (capacity,) the map's key column.
         Probes the home slot, then ``WINDOW`` slots per step for the keys left; a key is absent at the first
         empty slot."""
+        step = self.FIND_KEYS
+        if keys.device.type != 'cpu' or len(keys) <= step:
+            return self._find(keys, row_keys)
+        out = torch.empty(len(keys), dtype=torch.int64, device=keys.device)
+        for start in range(0, len(keys), step):
+            out[start:start + step] = self._find(keys[start:start + step], row_keys)
+        return out
+
+    def _find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
         slot = self._home(keys)
         r = self.table.index_select(0, slot).long()
         occupied = r >= 0

@@ -161,6 +161,20 @@ def test_key_index_probes_past_full_windows_and_around_the_table_end():
     assert int((index.table >= 0).sum()) == len(keys)
 
 
+def test_a_find_in_batches_returns_what_one_batch_does(monkeypatch):
+    from ov3d_ros.core.layer_cake import KeyIndex
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randperm(10_000, generator=g)[:300] * 7919
+    cake = LayerCake('cpu', capacity=16)
+    cake.insert(keys[:200])
+    probe = keys[torch.randint(0, 300, (1_000,), generator=g)]      # present and absent keys, repeats
+    whole = cake.lookup(probe)
+    assert (whole >= 0).sum() > 500 and (whole < 0).sum() > 200
+    monkeypatch.setattr(KeyIndex, 'FIND_KEYS', 64)                  # 16 batches, the last one short
+    assert torch.equal(cake.lookup(probe), whole)
+    assert torch.equal(cake.keys[cake.lookup(probe)[whole >= 0]], probe[whole >= 0])
+
+
 def test_epoch_counts_what_moves_or_rebases_rows_but_not_inserts():
     """Layers derived incrementally (the superpoint vote) rebuild when the epoch changes: compaction, projection,
     clearing and loading change it; inserting rows (growth included) does not."""
