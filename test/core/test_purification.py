@@ -41,9 +41,12 @@ def test_neighbour_table_and_dilation_agree_with_direct_lookups():
     m.integrate(coords.float() + 0.5, torch.randn(len(coords), 2, generator=g))
     off = ball_offsets(2)
     table = NeighbourTable(m, off)
+    shuffled = off[torch.randperm(len(off), generator=g)]   # unit offsets not in the leading columns
     for rows in (torch.tensor([3, 7, 3, 0]), torch.randint(0, m.size, (50,), generator=g), torch.arange(m.size)):
         assert torch.equal(table(rows), neighbour_rows(m, rows, off))
         assert torch.equal(table.cube(rows), table(rows)[:, off.abs().amax(1) <= 1])
+        unit = shuffled.abs().amax(1) <= 1
+        assert torch.equal(NeighbourTable(m, shuffled).cube(rows), neighbour_rows(m, rows, shuffled)[:, unit])
     assert table.looked_up == m.size                       # each row looked up once
     assert torch.equal(ball_region(m, rows[:9], off, table), ball_region(m, rows[:9], off))
     near = neighbour_rows(m, rows[:9], off)                 # the ball region is a sorted set of rows

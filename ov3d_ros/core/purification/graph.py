@@ -85,6 +85,8 @@ class NeighbourTable:
         self._used = 0
         unit = self.offsets.abs().amax(1) <= 1
         self._cube = torch.nonzero(unit).flatten() if int(unit.sum()) == 27 else None
+        # a ball's offsets come nearest first, so its 27 unit offsets are its first columns: a slice, not a gather
+        self._cube_first = self._cube is not None and torch.equal(self._cube.cpu(), torch.arange(27))
         self.looked_up = 0
         """Rows whose neighbours were looked up in the index so far (each once)."""
 
@@ -150,6 +152,8 @@ class NeighbourTable:
         if self._cube is None:
             return neighbour_rows(self.vmap, rows, cube_offsets(1, self.vmap.device))
         slot = self._slots(rows)
+        if self._cube_first:     # whole rows, then the leading columns: a 10-step dilation 6.7 against 8.6 ms
+            return self._data.index_select(0, slot)[:, :27]
         return self._data[slot[:, None], self._cube]                       # one gather of the 27 columns
 
 
