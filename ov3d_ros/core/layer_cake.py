@@ -69,8 +69,8 @@ class KeyIndex:
     """Keys a find on CPU probes per batch. Each step of a find makes a few temporaries of the batch's size; one
     batch of a keyframe's 1 M ball-neighbour keys makes 8 MB ones, which glibc's allocator hands back to the
     system when freed and page-faults in again on the next find. 990 000 keys into the 79 k-voxel map of
-    ``bm_pooling.py``, one thread: 35-36 ms in batches of 2^18 against 63-72 ms in one (2^16: 40 ms, 2^14: 58 ms,
-    per-step overhead; with the allocator told to keep its memory, 30-33 ms in one). On CUDA one batch (its
+    ``bm_pooling.py``, one thread: 29-30 ms in batches of 2^18 against 63-72 ms in one (with the allocator told to
+    keep its memory, 30-33 ms in one; batches of 2^16 and 2^14 lose to per-step overhead). On CUDA one batch (its
     caching allocator keeps the memory)."""
 
     def find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
