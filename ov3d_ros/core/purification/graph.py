@@ -63,6 +63,16 @@ def cube_offsets(radius_vox: int, device: torch.device | str = 'cpu') -> torch.T
     return grid[torch.argsort(grid.abs().amax(1), stable=True)]
 
 
+def _with_room(t: torch.Tensor, keep: int, rows: int) -> torch.Tensor:
+    """``t`` itself if it has ``rows`` rows, else a tensor of at least twice its rows (the rest uninitialised)
+    holding its first ``keep`` rows."""
+    if rows <= len(t):
+        return t
+    grown = torch.empty((max(rows, 2 * len(t)),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    grown[:keep] = t[:keep]
+    return grown
+
+
 class NeighbourTable:
     """Neighbour rows of map rows at fixed ``offsets``, looked up in the map's index once per row and reused:
     one keyframe's refresh asks for the neighbourhoods of mostly the same voxels several times (ball regions,
@@ -105,11 +115,7 @@ class NeighbourTable:
             self._slot[miss] = idx
             new = miss[self._slot[miss] == idx]
             need = self._used + len(new)
-            if need > len(self._data):
-                grown = torch.empty(max(need, 2 * len(self._data)), self._data.shape[1], dtype=torch.int64,
-                                    device=rows.device)
-                grown[:self._used] = self._data[:self._used]
-                self._data = grown
+            self._data = _with_room(self._data, self._used, need)
             self._data[self._used:need] = neighbour_rows(self.vmap, new, self.offsets)
             self._slot[new] = torch.arange(self._used, need, device=rows.device)
             self._used = need
@@ -136,10 +142,7 @@ class NeighbourTable:
         old, n = self.size, self.vmap.size
         added = torch.arange(old, n, device=self._slot.device)
         if len(added):
-            if n > len(self._slot):          # no copy of the whole column per keyframe
-                grown = torch.empty(max(n, 2 * len(self._slot)), dtype=torch.int64, device=added.device)
-                grown[:old] = self._slot[:old]
-                self._slot = grown
+            self._slot = _with_room(self._slot, old, n)      # no copy of the whole column per keyframe
             self._slot[old:n] = -1
             self._size = n
             nbr = self(added)
