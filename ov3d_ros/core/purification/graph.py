@@ -31,7 +31,7 @@ def offset_deltas(offsets: torch.Tensor) -> torch.Tensor:
 
 def neighbour_rows(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(R, M) int64 map rows of the neighbours of ``rows`` at each offset; -1 where unoccupied."""
-    keys = vmap.keys[rows][:, None] + offset_deltas(offsets.to(vmap.device))[None, :]
+    keys = vmap.keys.index_select(0, rows)[:, None] + offset_deltas(offsets.to(vmap.device))[None, :]
     return vmap.lookup(keys.reshape(-1)).reshape(len(rows), len(offsets))
 
 
@@ -103,24 +103,24 @@ class NeighbourTable:
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """(R, M) int64 neighbour rows of (R,) map ``rows`` (repeats allowed); -1 where unoccupied."""
         slot = self._slots(rows)              # first: it may grow the table
-        return self._data[slot]
+        return self._data.index_select(0, slot)
 
     def _slots(self, rows: torch.Tensor) -> torch.Tensor:
         """(R,) table rows holding the neighbours of map ``rows``, looking up those not held yet."""
-        slot = self._slot[rows]
+        slot = self._slot.index_select(0, rows)
         miss = rows[slot < 0]
         if len(miss):
             # one winner per distinct row: every copy writes its index, the copies that read their own back win
             idx = torch.arange(len(miss), device=rows.device)
             self._slot[miss] = idx
-            new = miss[self._slot[miss] == idx]
+            new = miss[self._slot.index_select(0, miss) == idx]
             need = self._used + len(new)
             self._data = _with_room(self._data, self._used, need)
             self._data[self._used:need] = neighbour_rows(self.vmap, new, self.offsets)
-            self._slot[new] = torch.arange(self._used, need, device=rows.device)
+            self._slot.index_copy_(0, new, torch.arange(self._used, need, device=rows.device))
             self._used = need
             self.looked_up = need
-            slot = self._slot[rows]
+            slot = self._slot.index_select(0, rows)
         return slot
 
     @property

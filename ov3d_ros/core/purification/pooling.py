@@ -116,15 +116,15 @@ class PoolMatrix:
         # a lookup table over map rows instead of a unique over every (row, neighbour) pair
         V = 1 + int(max(rows.max(), nbr.max())) if R else 0
         lut = torch.full((V,), -1, dtype=torch.int64, device=dev)
-        lut[rows] = torch.arange(R, device=dev)
-        if not torch.equal(lut[rows], torch.arange(R, device=dev)):
+        lut.index_copy_(0, rows, torch.arange(R, device=dev))
+        if not torch.equal(lut.index_select(0, rows), torch.arange(R, device=dev)):
             raise ValueError('PoolMatrix: rows must be unique')
-        local_nbr = lut[nbr.clamp_min(0)]
+        local_nbr = lut.index_select(0, nbr.clamp_min(0).reshape(-1)).view(R, M)
         outside = valid & (local_nbr < 0)
         out_rows = nbr[outside]
         ext = union_rows(V, out_rows)
-        lut[ext] = R + torch.arange(len(ext), device=dev)
-        local_nbr[outside] = lut[out_rows]
+        lut.index_copy_(0, ext, R + torch.arange(len(ext), device=dev))
+        local_nbr[outside] = lut.index_select(0, out_rows)
         self.universe = torch.cat([rows, ext])
         U = len(self.universe)
         local_nbr.masked_fill_(~valid, U)                        # missing neighbours sort last
@@ -152,7 +152,7 @@ class PoolMatrix:
         """(R, M) float32 dot products e_i . e_j of each row's embedding with each neighbour's, laid out like
         ``nbr`` (0 where missing), from emb (V, E) indexed by map rows: one sampled dense product over the
         pattern, without an (R, M, E) gather."""
-        e = emb[self.universe].float()
+        e = emb.index_select(0, self.universe).float()
         zero = torch.zeros(len(self._col), dtype=torch.float32, device=e.device)
         dots = torch.sparse.sampled_addmm(self._csr(zero), e[:len(self.rows)], e.T.contiguous(), beta=0.0).values()
         by_column = torch.zeros(self._order.shape, dtype=torch.float32, device=e.device)
@@ -170,7 +170,7 @@ class PoolMatrix:
         R, K = features.shape
         if int(iterations) <= 0:
             return features.to(dtype, copy=True)
-        start = outside[self.universe[R:]]
+        start = outside.index_select(0, self.universe[R:])
         if basis is None:
             return self._iterate(features, start, iterations).to(dtype)
         # the two (R, K) x (K, k) products a block of rows at a time through one float32 buffer: no (R, K)
@@ -322,10 +322,10 @@ class GeometryPooling:
         if whole:
             rows = torch.arange(n, device=vmap.device)
             nbr = neighbour_rows(vmap, rows, self.offsets)
-            self.normals[rows] = estimate_normals(vmap, rows, nbr, self.offsets)
+            self.normals.index_copy_(0, rows, estimate_normals(vmap, rows, nbr, self.offsets))
             embedded = rows
             if self.embed is not None:
-                self._store_embeddings(self.embed(vmap, rows, self.normals[rows]), rows)
+                self._store_embeddings(self.embed(vmap, rows, self.normals.index_select(0, rows)), rows)
         else:
             rows, nbr, embedded = self._refresh(vmap, touched)
         op = PoolMatrix(rows, nbr)
@@ -336,10 +336,10 @@ class GeometryPooling:
         op.set_weights(torch.softmax(logits, dim=1))
         t1 = time.perf_counter()
         basis = self._pool_basis(vmap, whole)
-        self.purified[rows] = op.apply(vmap.features[rows], self.purified[:n], self.cfg.iterations, basis,
-                                       torch.float16)
+        self.purified.index_copy_(0, rows, op.apply(vmap.features.index_select(0, rows), self.purified[:n],
+                                                    self.cfg.iterations, basis, torch.float16))
         for raw, out in channels:
-            out[rows] = op.apply(raw[rows], out[:n], self.cfg.iterations).to(out.dtype)
+            out.index_copy_(0, rows, op.apply(raw.index_select(0, rows), out[:n], self.cfg.iterations).to(out.dtype))
         if whole:
             self._normals_state = (_layout(vmap), torch.ones(n, dtype=torch.bool, device=vmap.device))
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
@@ -389,7 +389,7 @@ class GeometryPooling:
 
     def _store_embeddings(self, emb: torch.Tensor, rows: torch.Tensor) -> None:
         """Write (R, E) embeddings of ``rows`` into the embeddings layer (declared on first use)."""
-        self.cake.add_layer('embeddings', emb.shape[1], torch.float16)[rows] = emb.to(torch.float16)
+        self.cake.add_layer('embeddings', emb.shape[1], torch.float16).index_copy_(0, rows, emb.to(torch.float16))
 
     TABLE_ROWS = 1 << 17
     """Rows whose neighbours incremental updates keep looked up from one keyframe to the next (consecutive
@@ -422,7 +422,7 @@ class GeometryPooling:
         current = self._current_normals(vmap, table)
         renormal = changed[~current[changed]]
         if len(renormal):
-            self.normals[renormal] = estimate_normals(vmap, renormal, table(renormal), self.offsets)
+            self.normals.index_copy_(0, renormal, estimate_normals(vmap, renormal, table(renormal), self.offsets))
             current[renormal] = True
         if self.embed is not None:
             # the student's inputs (occupancy, colour, normal; the fused feature for a student that reads it)
@@ -431,7 +431,7 @@ class GeometryPooling:
             # + 2 rf, keep those + rf
             inputs = union_rows(vmap.size, touched, renormal)
             ctx, hops = connected_dilation(vmap, inputs, 2 * self.context_vox, table)
-            emb = self.embed(vmap, ctx, self.normals[ctx])
+            emb = self.embed(vmap, ctx, self.normals.index_select(0, ctx))
             inner = hops <= self.context_vox
             embedded = ctx[inner]
             self._store_embeddings(emb[inner], embedded)

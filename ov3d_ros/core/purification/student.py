@@ -120,8 +120,8 @@ class StudentAffinityNet(nn.Module):
         if 'features' in self.cfg.inputs:
             if vmap.dim != self.cfg.feature_dim:
                 raise ValueError(f'the student was trained on D={self.cfg.feature_dim} features, the map has D={vmap.dim}')
-            feats = vmap.features[rows]
-        return self.assemble_inputs(vmap.colors[rows], normals, feats)
+            feats = vmap.features.index_select(0, rows)
+        return self.assemble_inputs(vmap.colors.index_select(0, rows), normals, feats)
 
     def assemble_inputs(self, colors: torch.Tensor, normals: torch.Tensor,
                         features: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,7 +148,7 @@ class StudentAffinityNet(nn.Module):
         """(R, embed_dim) embeddings of map ``rows`` (run on those voxels; normals (R, 3))."""
         was_training = self.training
         self.eval()
-        out = self(unpack_keys(vmap.keys[rows]), self.voxel_inputs(vmap, rows, normals))
+        out = self(unpack_keys(vmap.keys.index_select(0, rows)), self.voxel_inputs(vmap, rows, normals))
         self.train(was_training)
         return out
 
