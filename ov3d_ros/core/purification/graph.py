@@ -146,7 +146,7 @@ class NeighbourTable:
             self._slot[old:n] = -1
             self._size = n
             nbr = self(added)
-            self._slot[nbr[(nbr >= 0) & (nbr < old)]] = -1
+            self._slot.index_fill_(0, nbr[(nbr >= 0) & (nbr < old)], -1)
         return added
 
     def cube(self, rows: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ def union_rows(size: int, *parts: torch.Tensor) -> torch.Tensor:
     keyframe's (row, neighbour) pairs."""
     mark = torch.zeros(size + 1, dtype=torch.bool, device=parts[0].device)     # -1 marks the last, spare slot
     for part in parts:
-        mark[part] = True
+        mark.index_fill_(0, part.reshape(-1), True)     # 1.9 against 3.0 ms as mark[part] = True, 528 000 rows
     return torch.nonzero(mark[:size]).flatten()
 
 
@@ -192,7 +192,7 @@ def connected_dilation(vmap: VoxelFeatureMap, rows: torch.Tensor, steps: int,
     table = NeighbourTable(vmap, cube_offsets(1, vmap.device)) if table is None else table
     frontier = torch.unique(rows)
     seen = torch.zeros(vmap.size + 1, dtype=torch.bool, device=frontier.device)
-    seen[frontier] = True
+    seen.index_fill_(0, frontier, True)
     seen[-1] = True                  # the spare slot that a missing neighbour (-1) reads: never a candidate
     claim = torch.empty(vmap.size, dtype=torch.int64, device=frontier.device)
     parts, hops = [frontier], [torch.zeros(len(frontier), dtype=torch.int64, device=frontier.device)]
@@ -204,7 +204,7 @@ def connected_dilation(vmap: VoxelFeatureMap, rows: torch.Tensor, steps: int,
         idx = torch.arange(len(cand), device=cand.device)   # one winner per distinct voxel (see NeighbourTable)
         claim[cand] = idx
         frontier = cand[claim[cand] == idx]
-        seen[frontier] = True
+        seen.index_fill_(0, frontier, True)
         parts.append(frontier)
         hops.append(torch.full((len(frontier),), step, dtype=torch.int64, device=frontier.device))
     reached, order = torch.sort(torch.cat(parts))

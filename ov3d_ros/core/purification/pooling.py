@@ -383,7 +383,7 @@ class GeometryPooling:
             current[:old] = state[1]
             if old < n:
                 added = torch.arange(old, n, device=vmap.device)
-                current[ball_region(vmap, added, self.offsets, table)] = False
+                current.index_fill_(0, ball_region(vmap, added, self.offsets, table), False)
         self._normals_state = (_layout(vmap), current)
         return current
 
@@ -423,7 +423,7 @@ class GeometryPooling:
         renormal = changed[~current[changed]]
         if len(renormal):
             self.normals.index_copy_(0, renormal, estimate_normals(vmap, renormal, table(renormal), self.offsets))
-            current[renormal] = True
+            current.index_fill_(0, renormal, True)
         if self.embed is not None:
             # the student's inputs (occupancy, colour, normal; the fused feature for a student that reads it)
             # changed only at the touched voxels and the new normals; outputs within the receptive field (rf) of a
