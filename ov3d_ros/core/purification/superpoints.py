@@ -29,7 +29,7 @@ from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys, unpack_keys
 def block_ids(vmap: VoxelFeatureMap, rows: torch.Tensor, block_vox: int) -> torch.Tensor:
     """(R,) int64 key of the ``block_vox``-sided cube of voxels that holds each of ``rows`` (the superpoint blocks;
     stable under compaction and growth of the map, like the voxel keys)."""
-    return pack_keys(torch.div(unpack_keys(vmap.keys[rows]), int(block_vox), rounding_mode='floor'))
+    return pack_keys(torch.div(unpack_keys(vmap.keys.index_select(0, rows)), int(block_vox), rounding_mode='floor'))
 
 
 def voxel_edges(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[torch.Tensor] = None,
@@ -50,18 +50,20 @@ def voxel_edges(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[tor
                    ((offsets[:, 0] == 0) & (offsets[:, 1] == 0) & (offsets[:, 2] > 0))]   # 13 of 26
     nbr = neighbour_rows(vmap, rows, half)
     if block_vox > 0:
-        c = unpack_keys(vmap.keys[rows])[:, None]                           # (R, 1, 3)
+        c = unpack_keys(vmap.keys.index_select(0, rows))[:, None]           # (R, 1, 3)
         inside = (torch.div(c + half, block_vox, rounding_mode='floor') ==
                   torch.div(c, block_vox, rounding_mode='floor')).all(2)   # the neighbour is in the row's block
         nbr = torch.where(inside, nbr, -1)
     ok = nbr >= 0
     i, j = rows[:, None].expand_as(nbr)[ok], nbr[ok]
     nrm, col = normals.float(), vmap.colors
-    w = 1 - (nrm[i] * nrm[j]).sum(1).abs()
+    n_i, n_j = nrm.index_select(0, i), nrm.index_select(0, j)      # (E, 3) gathers: index_select, not nrm[i]
+    w = 1 - (n_i * n_j).sum(1).abs()
     if convex != 1.0 and 'views' in vmap.cake:
         step = half.float()[None].expand(len(rows), -1, -1)[ok]            # (E, 3) from voxel i to voxel j
-        w = torch.where(convex_edges(nrm[i], nrm[j], vmap.views[i], vmap.views[j], step), w * convex, w)
-    return i, j, w + (col[i].float() - col[j].float()).norm(dim=1) / 255.0
+        w = torch.where(convex_edges(n_i, n_j, vmap.views.index_select(0, i), vmap.views.index_select(0, j), step),
+                        w * convex, w)
+    return i, j, w + (col.index_select(0, i).float() - col.index_select(0, j).float()).norm(dim=1) / 255.0
 
 
 def convex_edges(n_i: torch.Tensor, n_j: torch.Tensor, v_i: torch.Tensor, v_j: torch.Tensor,
@@ -198,6 +200,7 @@ def superpoint_vote(features: torch.Tensor, segments: torch.Tensor, blend: float
     for lo in range(0, v, chunk):
         f = features[lo:lo + chunk].float()
         norm = f.norm(dim=1, keepdim=True)
-        mixed = torch.addcmul(blend * means[segments[lo:lo + chunk]], f, (1 - blend) / norm.clamp_min(1e-12))
+        mixed = torch.addcmul(blend * means.index_select(0, segments[lo:lo + chunk]), f,
+                              (1 - blend) / norm.clamp_min(1e-12))
         out[lo:lo + chunk] = mixed.mul_(norm / mixed.norm(dim=1, keepdim=True).clamp_min(1e-12))
     return out
