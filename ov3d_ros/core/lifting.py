@@ -40,7 +40,7 @@ class CellFeatures:
     def cells(self) -> torch.Tensor:
         """(N, 4) int64 rows of ``grid``."""
         if self._cells is None:
-            self._cells = self.block_cells[self.blocks]
+            self._cells = self.block_cells.index_select(0, self.blocks)
         return self._cells
 
     def __len__(self) -> int:
@@ -48,7 +48,9 @@ class CellFeatures:
 
     def dense(self) -> torch.Tensor:
         """(N, D) per-point features."""
-        return torch.einsum('nk,nkd->nd', self.weights, self.grid[self.cells])
+        cells = self.cells
+        return torch.einsum('nk,nkd->nd', self.weights,
+                            self.grid.index_select(0, cells.reshape(-1)).view(*cells.shape, -1))
 
 
 @dataclass
