@@ -203,8 +203,8 @@ class VoxelFeatureMap:
             u = self.centers(rows).neg_().add_(origin.to(dev, torch.float32))
             u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min_(1e-12)
             self._blend(self.views, rows, w_eff, u.mul_(w_sum[:, None]), denom)
-        self.weights[rows] = w_old + w_sum
-        self.counts[rows] += count.to(torch.int32)
+        self.weights.index_copy_(0, rows, w_old + w_sum)
+        self.counts.index_add_(0, rows, count.to(torch.int32))
         return rows
 
     @staticmethod
