@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -97,6 +98,14 @@ def test_vote_keeps_norms_and_constant_features_and_blend_zero_is_identity():
         assert torch.allclose(d, d[:1].expand_as(d), atol=1e-5)
     const = torch.tensor([0.5, -1.0, 2.0, 0.25]).expand(30, -1)
     assert torch.allclose(superpoint_vote(const, torch.zeros(30, dtype=torch.int64), 0.85), const, atol=1e-5)
+    # written into a given tensor (a layer's rows, fp16), chunk by chunk: the same values as a new fp16 result
+    layer = torch.full((60, 6), 7.0, dtype=torch.float16)
+    view = layer[5:55]
+    assert superpoint_vote(f, seg, 0.7, chunk=16, out=view) is view
+    assert torch.equal(layer[5:55], superpoint_vote(f, seg, 0.7, torch.float16))
+    assert (layer[:5] == 7).all() and (layer[55:] == 7).all()
+    with pytest.raises(ValueError, match='out must be'):
+        superpoint_vote(f, seg, 0.7, out=layer)
 
 
 def test_weighted_vote_is_the_mean_of_the_fused_observations():
