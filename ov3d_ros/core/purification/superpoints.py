@@ -56,8 +56,8 @@ def voxel_edges(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[tor
         r = torch.remainder(unpack_keys(vmap.keys.index_select(0, rows)), block_vox)        # (R, 3)
         axis = torch.tensor([1, 2, 4], device=rows.device)
         edge = ((r == 0).long() * axis).sum(1) | ((r == block_vox - 1).long() * axis * 8).sum(1)
-        step = ((half == -1).long() * axis).sum(1) | ((half == 1).long() * axis * 8).sum(1)
-        nbr = torch.where((edge[:, None] & step[None, :]) == 0, nbr, -1)
+        leaves = ((half == -1).long() * axis).sum(1) | ((half == 1).long() * axis * 8).sum(1)    # (13,)
+        nbr = torch.where((edge[:, None] & leaves[None, :]) == 0, nbr, -1)
     ok = nbr >= 0
     i, j = rows[:, None].expand_as(nbr)[ok], nbr[ok]
     nrm, col = normals.float(), vmap.colors
