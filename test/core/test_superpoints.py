@@ -106,6 +106,17 @@ def test_vote_keeps_norms_and_constant_features_and_blend_zero_is_identity():
     assert (layer[:5] == 7).all() and (layer[55:] == 7).all()
     with pytest.raises(ValueError, match='out must be'):
         superpoint_vote(f, seg, 0.7, out=layer)
+    # rows of whole layers, gathered and written back in place: the same as voting the gathered rows
+    rows = torch.randperm(60, generator=torch.Generator().manual_seed(4))[:50]
+    feats = torch.zeros(60, 6, dtype=torch.float16).index_copy_(0, rows, f.half())
+    voted = torch.full((60, 6), 7.0, dtype=torch.float16)
+    w = torch.rand(50, generator=torch.Generator().manual_seed(5)) * 5
+    assert superpoint_vote(feats, seg, 0.7, chunk=16, weights=w, out=voted, rows=rows) is voted
+    assert torch.equal(voted[rows], superpoint_vote(f.half(), seg, 0.7, torch.float16, weights=w))
+    rest = torch.ones(60, dtype=torch.bool).index_fill_(0, rows, False)
+    assert (voted[rest] == 7).all()
+    with pytest.raises(ValueError, match='rows need out'):
+        superpoint_vote(feats, seg, 0.7, rows=rows)
 
 
 def test_weighted_vote_is_the_mean_of_the_fused_observations():

@@ -509,11 +509,11 @@ class GeometryPooling:
                                 c.superpoint_convex)
         # capped as fusion counts them (a voxel a parked camera keeps seeing cannot take over its superpoint)
         weights = vmap.capped(vmap.weights.index_select(0, rows)) if c.superpoint_weighted else None
-        if self._vote_all:      # every row: read the purified layer and write the voted one in place (no (V, D) copies)
+        # read the purified layer and write the voted one in place, chunk by chunk (no (R, D) copies)
+        if self._vote_all:
             superpoint_vote(cake['purified'][:n], segments, c.superpoint_blend, weights=weights, out=voted[:n])
         else:
-            voted.index_copy_(0, rows, superpoint_vote(cake['purified'].index_select(0, rows), segments,
-                                                       c.superpoint_blend, torch.float16, weights=weights))
+            superpoint_vote(cake['purified'], segments, c.superpoint_blend, weights=weights, out=voted, rows=rows)
         self._vote_state, self._voted_size, self._vote_pending, self._vote_all = state, n, [], False
         self.timings_s['superpoints'] = time.perf_counter() - t0
         self.timings_s['superpoint_voxels'] = len(rows)

@@ -181,7 +181,7 @@ def segment_graph(num: int, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, k
 
 def superpoint_vote(features: torch.Tensor, segments: torch.Tensor, blend: float, dtype: Optional[torch.dtype] = None,
                     chunk: int = 2048, weights: Optional[torch.Tensor] = None,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    out: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(V, D) features blended with their superpoint's mean direction: each voxel keeps its norm and takes the
     direction of (1 - blend) f_i / |f_i| + blend * m_s / |m_s|, m_s the mean feature of its superpoint s
     (weighted by ``weights`` (V,), e.g. the voxels' fusion weights; default: each voxel once).
@@ -192,14 +192,47 @@ def superpoint_vote(features: torch.Tensor, segments: torch.Tensor, blend: float
     of float32 at D = 384) stay near the cache: 41 276 x 384 fp16 features on one thread 30 ms against 49 ms at
     8 192 rows (same values: each row's arithmetic does not depend on the chunk). ``out``: a (V, D) tensor (e.g. a
     slice of a layer) to write the result into, instead of a new one of ``dtype``; it must not overlap ``features``.
+    ``rows``: (R,) int64 rows of ``features`` and ``out`` (both then whole layers, e.g. the map's purified and
+    voted layers; ``out`` required) to vote, with segments and weights (R,): each chunk is gathered and written
+    back in place, so no (R, D) copy is made. Returns ``out``.
     """
-    v, d = features.shape
-    if out is None:
-        out = torch.empty(v, d, dtype=dtype or torch.float32, device=features.device)
-    elif out.shape != features.shape:
-        raise ValueError(f'superpoint_vote: out must be {tuple(features.shape)}, got {tuple(out.shape)}')
+    d = features.shape[1]
+    if rows is None:
+        v = features.shape[0]
+        if out is None:
+            out = torch.empty(v, d, dtype=dtype or torch.float32, device=features.device)
+        elif out.shape != features.shape:
+            raise ValueError(f'superpoint_vote: out must be {tuple(features.shape)}, got {tuple(out.shape)}')
+    else:
+        v = rows.shape[0]
+        if out is None or out.shape[1] != d:
+            raise ValueError(f'superpoint_vote: rows need out, a layer of width {d}')
+
+    def take(lo: int, copy: bool = False) -> torch.Tensor:          # (chunk, D) float32 features of a chunk
+        if rows is None:
+            return features[lo:lo + chunk].to(torch.float32, copy=copy)
+        return features.index_select(0, rows[lo:lo + chunk]).float()    # a new tensor either way
+
     if v == 0:
         return out
+    num = int(segments.max()) + 1
+    sums = torch.zeros(num, d, device=features.device)
+    for lo in range(0, v, chunk):
+        f = take(lo, copy=weights is not None)                     # scaled in place, not the input
+        if weights is not None:
+            f.mul_(weights[lo:lo + chunk, None].float())
+        sums.index_add_(0, segments[lo:lo + chunk], f)
+    means = F.normalize(sums, dim=1).mul_(blend)                   # blend * m_s / |m_s|, once per superpoint
+    for lo in range(0, v, chunk):
+        f = take(lo)
+        norm = f.norm(dim=1, keepdim=True)
+        mixed = torch.addcmul(means.index_select(0, segments[lo:lo + chunk]), f, (1 - blend) / norm.clamp_min(1e-12))
+        mixed.mul_(norm / mixed.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if rows is None:
+            out[lo:lo + chunk] = mixed
+        else:
+            out.index_copy_(0, rows[lo:lo + chunk], mixed.to(out.dtype))
+    return out
     num = int(segments.max()) + 1
     sums = torch.zeros(num, d, device=features.device)
     for lo in range(0, v, chunk):
