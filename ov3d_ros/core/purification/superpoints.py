@@ -94,7 +94,12 @@ def segment_rows(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[to
     the superpoints of whole blocks come out the same whether segmented alone or with the whole map."""
     rows = torch.arange(vmap.size, device=vmap.device) if rows is None else rows
     i, j, w = voxel_edges(vmap, normals, rows, block_vox, convex)
-    return segment_graph(len(rows), torch.searchsorted(rows, i), torch.searchsorted(rows, j), w, k, min_size)
+    if len(rows) < vmap.size:       # edge ends as indices into rows (all rows: they already are), by a table over
+        # map rows rather than a binary search (a keyframe's 166 552 edges into 41 276 rows: 0.5 against 11 ms)
+        local = torch.full((vmap.size,), -1, dtype=torch.int64, device=rows.device)
+        local.index_copy_(0, rows, torch.arange(len(rows), device=rows.device))
+        i, j = local.index_select(0, i), local.index_select(0, j)
+    return segment_graph(len(rows), i, j, w, k, min_size)
 
 
 def _relabel(parent: torch.Tensor) -> torch.Tensor:
