@@ -238,17 +238,3 @@ def superpoint_vote(features: torch.Tensor, segments: torch.Tensor, blend: float
         else:
             out.index_copy_(0, rows[lo:lo + chunk], mixed.to(out.dtype))
     return out
-    num = int(segments.max()) + 1
-    sums = torch.zeros(num, d, device=features.device)
-    for lo in range(0, v, chunk):
-        f = features[lo:lo + chunk].to(torch.float32, copy=weights is not None)   # scaled in place, not the input
-        if weights is not None:
-            f.mul_(weights[lo:lo + chunk, None].float())
-        sums.index_add_(0, segments[lo:lo + chunk], f)
-    means = F.normalize(sums, dim=1).mul_(blend)                   # blend * m_s / |m_s|, once per superpoint
-    for lo in range(0, v, chunk):
-        f = features[lo:lo + chunk].float()
-        norm = f.norm(dim=1, keepdim=True)
-        mixed = torch.addcmul(means.index_select(0, segments[lo:lo + chunk]), f, (1 - blend) / norm.clamp_min(1e-12))
-        out[lo:lo + chunk] = mixed.mul_(norm / mixed.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    return out
