@@ -167,9 +167,12 @@ class LayerCake:
         layers: {name: (capacity,) or (capacity, width) tensor}, the ``keys`` layer (int64 packed voxel keys)
             first.
         specs: {name: :class:`LayerSpec`}.
-        epoch: counts the operations that move, drop or re-basis rows (:meth:`keep`, :meth:`project`,
-            :meth:`clear`, :meth:`load_state`); inserts do not change it. Layers derived incrementally from others
-            (e.g. the superpoint vote) are rebuilt when it changes.
+        epoch: counts the operations that move or drop rows (:meth:`keep`, :meth:`clear`, :meth:`load_state`);
+            inserts do not change it. State kept per row (normals, neighbour tables, superpoints) is rebuilt when
+            it changes.
+        basis_epoch: counts :meth:`project` calls, which change the feature layers' coordinates but no row:
+            what was fitted to the feature coordinates (a pooling subspace) is refitted when it changes, while
+            layers derived linearly from the features (purified, voted) are feature layers and turn with them.
     """
 
     KEYS = 'keys'
@@ -183,7 +186,7 @@ class LayerCake:
     def __init__(self, device: torch.device | str = 'cpu', capacity: int = 16):
         self.device = torch.device(device)
         self.size = 0
-        self.epoch = 0
+        self.epoch = self.basis_epoch = 0
         self._capacity = max(16, int(capacity))
         self.specs: Dict[str, LayerSpec] = {}
         self.layers: Dict[str, torch.Tensor] = {}
@@ -306,7 +309,7 @@ class LayerCake:
         """Rotate every feature layer into a new basis: each row f becomes f @ matrix (D, d); their width becomes d.
         Other layers are untouched (derived values such as norms are the owner's to refresh)."""
         m = matrix.to(self.device).float()
-        self.epoch += 1
+        self.basis_epoch += 1
         for name, spec in list(self.specs.items()):
             if not spec.feature:
                 continue
@@ -328,6 +331,7 @@ class LayerCake:
         (:meth:`keep`), projection or clearing of this cake never change. Its capacity is its size (at least 16)."""
         out = LayerCake.__new__(LayerCake)
         out.device, out.size, out._capacity, out.epoch = self.device, self.size, max(16, self.size), 0
+        out.basis_epoch = 0
         names = [self.KEYS] + [n for n in (self.layers if names is None else names) if n != self.KEYS]
         out.specs = {n: self.specs[n] for n in names}
         out.layers = {}
@@ -348,7 +352,7 @@ class LayerCake:
         afterwards (the other would not follow)."""
         out = LayerCake.__new__(LayerCake)
         out.device, out.size, out._capacity, out.index = self.device, self.size, self._capacity, self.index
-        out.epoch = self.epoch
+        out.epoch, out.basis_epoch = self.epoch, self.basis_epoch
         names = [self.KEYS] + [n for n in (self.layers if names is None else names) if n != self.KEYS]
         out.specs = {n: self.specs[n] for n in names}
         out.layers = {n: self.layers[n] for n in names}

@@ -388,6 +388,36 @@ def test_the_pooling_subspace_is_refit_when_the_feature_coordinates_turn():
     assert torch.allclose(got, fresh.features(m).float(), atol=2e-3)
 
 
+def test_a_rotation_of_the_features_keeps_the_geometric_state_and_turns_the_pooled_layers():
+    """A projection moves no row: the neighbour table and the normals stay, the purified and voted layers turn
+    with the features (pooling and the vote are linear in them), and what a later read returns is what a fresh
+    purifier makes of the rotated map."""
+    from ov3d_ros.core.purification.pooling import _layout
+    g = torch.Generator().manual_seed(5)
+    pts, feats = plane_map((0, 12), dim=16, seed=5)
+    pts = torch.cat([pts, pts[:40] + torch.tensor([0.0, 0.0, 1.0])])            # a step: two superpoints at least
+    feats = torch.cat([feats, feats[:40]])
+    m = VoxelFeatureMap(1.0, 16)
+    rows = m.integrate(pts, feats, torch.rand(len(pts), 3, generator=g) * 255)
+    cfg = dict(enabled=True, affinity='fallback', iterations=5, superpoint_k=0.5, superpoint_min_vox=4)
+    used = GeometryPooling(PurifyConfig(**cfg))
+    used.update(m, rows)
+    before = used.features(m).float().clone()
+    table, normals = used._table[1], used._normals_state
+    R = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    m.project(R)
+    assert used._normals_state[0] == _layout(m)                 # the rows did not move
+    used.timings_s.pop('superpoints', None)
+    after = used.features(m).float()
+    assert 'superpoints' not in used.timings_s                    # read without voting again
+    assert torch.allclose(after, before @ R, atol=3e-3)
+    used.update(m, rows[:30])                                     # a later keyframe keeps the geometric state
+    assert used._table[1] is table and torch.equal(used._normals_state[1], normals[1])
+    fresh = GeometryPooling(PurifyConfig(**cfg))
+    fresh.update(m, rows)
+    assert torch.allclose(used.features(m).float(), fresh.features(m).float(), atol=3e-3)
+
+
 def test_incremental_and_whole_map_pooling_in_the_default_subspace_label_alike():
     """With the default ``pool_dim`` (64 of the 384 dims) incremental pooling refits the subspace as the map grows,
     so voxels re-pooled at different keyframes were pooled in slightly different subspaces, and whole-map pooling

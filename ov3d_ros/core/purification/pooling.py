@@ -42,9 +42,16 @@ EmbedFn = Callable[[VoxelFeatureMap, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _layout(vmap: VoxelFeatureMap) -> tuple:
-    """Which cake the map's rows are in and how often they were moved, dropped or re-based since it was made (its
-    epoch): state kept per row or fitted to the rows holds while this stays the same and only rows are added."""
+    """Which cake the map's rows are in and how often they were moved or dropped since it was made (its epoch):
+    state kept per row holds while this stays the same and only rows are added. A projection of the features
+    (compression) moves no row: normals, neighbour tables and superpoints survive it."""
     return id(vmap.cake), vmap.cake.epoch
+
+
+def _coordinates(vmap: VoxelFeatureMap) -> tuple:
+    """:func:`_layout` and how often the feature coordinates turned (the cake's basis epoch): what was fitted to
+    the fused features holds while this stays the same."""
+    return _layout(vmap) + (vmap.cake.basis_epoch,)
 
 
 class _BasisFit(NamedTuple):
@@ -52,7 +59,7 @@ class _BasisFit(NamedTuple):
     projection: FeatureProjection
     size: int          # map rows at the fit
     updates: int       # updates that used it
-    layout: tuple      # :func:`_layout` at the fit
+    layout: tuple      # :func:`_coordinates` at the fit
 
 
 def fallback_logits(colors: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, nbr: torch.Tensor,
@@ -356,7 +363,7 @@ class GeometryPooling:
     BASIS_GROWTH, BASIS_EVERY = 1.25, 32
     """Incremental mode refits the subspace once the map has grown by this factor since the last fit, after this
     many updates, and when the map's rows or feature coordinates changed (eviction, compression, load: the cake's
-    epoch); whole-map pooling refits it every time."""
+    epochs); whole-map pooling refits it every time."""
 
     def _pool_basis(self, vmap: VoxelFeatureMap, whole: bool) -> Optional[torch.Tensor]:
         """(D, pool_dim) orthonormal basis of the pooling subspace (``cfg.pool_dim``): the top uncentred principal
@@ -365,7 +372,7 @@ class GeometryPooling:
         if k <= 0 or k >= vmap.dim:
             self._basis = None
             return None
-        fit, layout = self._basis, _layout(vmap)
+        fit, layout = self._basis, _coordinates(vmap)
         if (whole or fit is None or fit.layout != layout or fit.projection.in_dim != vmap.dim
                 or fit.projection.out_dim != k or n >= self.BASIS_GROWTH * fit.size or fit.updates >= self.BASIS_EVERY):
             sample = torch.linspace(0, n - 1, min(n, self.BASIS_SAMPLES), device=vmap.device).round().long()
