@@ -38,8 +38,9 @@ class MapConfig:
     moving after about 1e5 points, a parked robot's few minutes). Observation counts and weights still
     accumulate everything."""
     compress_update: bool = True
-    """Compression: update the PCA with every keyframe (stored features are rotated into the new basis); false =
-    freeze the first keyframe's fit."""
+    """Compression: fold every keyframe into the PCA; the stored features are rotated into a new basis only when
+    the tracked subspace has turned away from theirs (``FeatureProjection.KEEP``). false = freeze the first
+    keyframe's fit."""
 
 
 @dataclass

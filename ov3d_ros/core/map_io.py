@@ -7,8 +7,10 @@ Format ``ov3d_ros.map`` version 1 (safetensors; loading never executes code):
               (V, K) of the label volume (its vocabulary is info['vocabulary']); purified (V, D) float16, normals
               (V, 3) float32, embeddings (V, E) float16 and label_pooled (V, K) of purification (with
               info['purification'] saying which settings made them). Extra tensors that are not rows:
-              text_vectors (K, D) of a precomputed text table, projection (D, d) and projection_energy (d,) when
-              features are compressed to d dims.
+              text_vectors (K, D) of a precomputed text table, projection (D, d), projection_energy (d,) and
+              projection_basis (D, d) when features are compressed to d dims (the stored basis, and the
+              eigenvalues and eigenvectors of the second moment it follows; files without projection_basis
+              hold the eigenvectors in projection).
     metadata  format, format_version, voxel_size_m, dim, layers (JSON {name: {width, dtype, feature}} of the
               layer tensors; files without it hold the fusion layers and, optionally, label_evidence),
               payload_sha256 (of the tensor data), info (JSON: feature source, config, keyframe count, ... written

@@ -232,10 +232,11 @@ class Mapper:
             self.projection = FeatureProjection.fit(samples, self.cfg.map.compress_dim)
             change = self.projection.matrix
         elif self.cfg.map.compress_update:
-            change = self.projection.update(samples)
+            change = self.projection.update(samples)       # None while the stored basis still serves
         else:
             return
-        self.map.project(change)
+        if change is not None:
+            self.map.project(change)
 
     def _make_purifier(self):
         from ov3d_ros.core.purification.pooling import GeometryPooling
@@ -366,8 +367,7 @@ class Mapper:
         if self.labels is not None:
             labels = LabelVolume(self.labels.names, self.labels.text.clone(), self.labels.temperature, vmap.cake,
                                  restore=True)
-        projection = None if self.projection is None else \
-            FeatureProjection(self.projection.matrix.clone(), self.projection.energy.clone())
+        projection = None if self.projection is None else self.projection.clone()
         return MapSnapshot(copy.deepcopy(self.cfg), vmap, vmap.cake.rows(source),
                            vmap.feature_norms() if self.purifier is None else None, labels, projection, self.texts,
                            self.extractor.uses_templates, self.extractor.default_temperature,
@@ -487,7 +487,7 @@ class Mapper:
             info['text_names'] = list(self.extractor.names)
             extra['text_vectors'] = self.extractor.vectors
         if self.projection is not None:
-            extra['projection'], extra['projection_energy'] = self.projection.matrix, self.projection.energy
+            extra.update(self.projection.tensors())
         if self.labels is not None:
             info['vocabulary'] = self.labels.names
         skip: Tuple[str, ...] = ()
@@ -505,12 +505,11 @@ class Mapper:
         """
         from ov3d_ros.core.map_io import MapFileError, load_map
         vmap, info, extra = load_map(path, self.device)
-        projection = None
-        if 'projection' in extra:
-            try:
-                projection = FeatureProjection(extra['projection'], extra.get('projection_energy')).to(self.device)
-            except ValueError as e:
-                raise MapFileError(f'{path}: {e}') from e
+        try:
+            projection = FeatureProjection.from_tensors(extra)
+        except ValueError as e:
+            raise MapFileError(f'{path}: {e}') from e
+        projection = None if projection is None else projection.to(self.device)
         source_dim = projection.in_dim if projection is not None else vmap.dim
         if source_dim != self.extractor.dim or info.get('feature_source') != self.extractor.name:
             raise MapFileError(f'{path}: map made with {info.get("feature_source")} (D={source_dim}), but this '

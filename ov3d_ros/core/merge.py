@@ -10,7 +10,7 @@ summed. Under an identity transform a voxel keeps its key; otherwise its centre 
 
 Compressed maps (``projection`` (D, d) in the file) are brought into one basis: maps with identical
 projections keep it; otherwise, when every map is compressed, a common basis is fitted to the sum of their
-second moments (each map's P diag(energy) P^T, as :class:`FeatureProjection` folds keyframes in) and each
+second moments (each map's tracked moment, as :class:`FeatureProjection` folds keyframes in) and each
 map's features are rotated by P_i^T P_common; when some map is uncompressed, compressed features are projected
 back to the full dimension (f P_i^T). Maps whose feature source, full feature dimension, simulated class names
 or precomputed text table, voxel size or label vocabulary differ are refused with the reason
@@ -56,9 +56,7 @@ class MapPart:
 
     @property
     def projection(self) -> Optional[FeatureProjection]:
-        if 'projection' not in self.extra:
-            return None
-        return FeatureProjection(self.extra['projection'], self.extra.get('projection_energy'))
+        return FeatureProjection.from_tensors(self.extra)
 
     @property
     def source_dim(self) -> int:
@@ -166,7 +164,7 @@ def common_projection(parts: Sequence[MapPart]) -> Tuple[Optional[FeatureProject
     if any(p is None for p in projections):       # some map is uncompressed: back to the full dimension
         return None, [None if p is None else p.matrix.T for p in projections]
     d = max(p.out_dim for p in projections)
-    moment = sum((p.matrix * p.energy) @ p.matrix.T for p in projections)
+    moment = sum(p.moment() for p in projections)
     common = FeatureProjection(*_top(moment, d))
     return common, [p.matrix.T @ common.matrix for p in projections]
 
@@ -234,7 +232,7 @@ def merge_parts(parts: Sequence[MapPart], device: torch.device | str = 'cpu'
     if 'text_vectors' in parts[0].extra:
         extra['text_vectors'] = parts[0].extra['text_vectors']
     if projection is not None:
-        extra['projection'], extra['projection_energy'] = projection.matrix, projection.energy
+        extra.update(projection.tensors())
     return merged, info, extra
 
 

@@ -30,19 +30,66 @@ def test_projection_keeps_dot_products_inside_the_fitted_subspace():
 
 
 def test_the_fit_does_not_depend_on_the_thread_count():
-    """The same features give a bit-identical basis on one thread and on several (a Ray task and a serial run
-    must agree), and the caller's thread count is restored."""
-    x = torch.randn(2048, 384, generator=torch.Generator().manual_seed(0)).half()
+    """The same features give a bit-identical basis, fitted and updated, on one thread and on several (a Ray
+    task and a serial run must agree), and the caller's thread count is restored."""
+    g = torch.Generator().manual_seed(0)
+    x, later = torch.randn(2048, 384, generator=g).half(), torch.randn(1200, 384, generator=g)
     before = torch.get_num_threads()
     try:
         bases = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            bases.append(FeatureProjection.fit(x, 64).matrix)
+            p = FeatureProjection.fit(x, 64)
+            fitted = p.matrix
+            p.update(later)
+            bases.append((fitted, p.basis, p.energy))
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(bases[0], bases[1])
+    assert all(torch.equal(a, b) for a, b in zip(*bases))
+
+
+def test_update_folds_keyframes_like_a_full_eigendecomposition():
+    """One Rayleigh-Ritz step in span(U, x^T x U) is exact when the new moment's range lies there: the tracked
+    directions and energies are those of an ``eigh`` of the whole D x D moment; they stay orthonormal over many
+    updates, and samples with fewer rows than d or inside the subspace are folded in too."""
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(48, 6, generator=g)).Q
+    first = (torch.randn(300, 3, generator=g) * torch.tensor([3.0, 2.0, 1.5])) @ basis[:, :3].T
+    later = torch.randn(300, 6, generator=g) @ basis.T                 # three new directions as well
+    p = FeatureProjection.fit(first, 4)
+    moment = (p.basis * p.energy) @ p.basis.T + later.T @ later
+    p.update(later)
+    values, vectors = torch.linalg.eigh(moment)
+    assert torch.allclose(p.energy, values[-4:].flip(0), rtol=1e-4)
+    assert torch.allclose(p.moment(), (vectors[:, -4:] * values[-4:]) @ vectors[:, -4:].T, atol=1e-3)
+    for i in range(200):
+        x = torch.randn(1 + i % 7, 48, generator=g)                  # fewer rows than d, some inside the span
+        p.update(x if i % 2 else x @ p.basis @ p.basis.T)
+    eye = torch.eye(4)
+    assert torch.allclose(p.basis.T @ p.basis, eye, atol=1e-5) and torch.allclose(p.matrix.T @ p.matrix, eye, atol=1e-5)
+
+
+def test_the_stored_basis_turns_only_when_it_misses_more_than_keep():
+    """A keyframe like those before leaves the stored basis (and so every stored row) as it is; one that brings
+    a strong new direction turns it onto the tracked directions, and the rotation carries stored rows over."""
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(32, 5, generator=g)).Q
+    seen = (torch.randn(400, 4, generator=g) * torch.tensor([4.0, 3.0, 2.0, 1.0])) @ basis[:, :4].T
+    p = FeatureProjection.fit(seen, 4)
+    stored = p.matrix.clone()
+    again = (torch.randn(400, 4, generator=g) * torch.tensor([4.0, 3.0, 2.0, 1.0])) @ basis[:, :4].T
+    assert p.update(again) is None and torch.equal(p.matrix, stored)
+    assert p.missed() <= FeatureProjection.KEEP
+    # a map file keeps the tracked directions apart from the stored basis
+    loaded = FeatureProjection.from_tensors(p.tensors())
+    assert not torch.equal(p.basis, p.matrix) and torch.equal(loaded.basis, p.basis)
+    assert torch.equal(loaded.matrix, p.matrix) and torch.equal(loaded.energy, p.energy)
+    new = torch.randn(400, 1, generator=g) * 20.0 @ basis[:, 4:].T      # a strong direction never seen
+    R = p.update(new)
+    assert R is not None and torch.equal(p.matrix, p.basis) and p.missed() == 0.0
+    assert p.project(new).norm() > 0.99 * new.norm()
+    assert torch.allclose(R, stored.T @ p.matrix) and torch.allclose(seen[:3] @ stored @ R, p.project(seen[:3]), atol=1e-3)
 
 
 def test_projection_rejects_bad_sizes():
@@ -110,6 +157,9 @@ def test_compressed_map_file_records_the_projection(pair, tmp_path):
     small.save(tmp_path / 'small.ov3dmap')
     other = Mapper.from_file(tmp_path / 'small.ov3dmap', device='cpu')
     assert other.map.dim == 32 and torch.equal(other.projection.matrix, small.projection.matrix)
+    # the moment it follows too, so that the loaded mapper folds later keyframes in as the saving one would
+    assert torch.equal(other.projection.basis, small.projection.basis)
+    assert torch.equal(other.projection.energy, small.projection.energy)
     a, b = small.segment('table'), other.segment('table')     # loading re-pools the whole map: fp16-close
     assert np.array_equal(a.xyz, b.xyz) and np.allclose(a.scores, b.scores, atol=2e-3)
     # an uncompressed mapper of the same source takes it too; it then keeps integrating in 32 dims
