@@ -63,6 +63,33 @@ def test_learned_pooling_and_queries_run_on_the_device(device):
     assert (x < 0.05).float().mean() >= 0.95                  # the chair is the left half (x < 0 in the camera)
 
 
+@pytest.mark.parametrize('device', DEVICES)
+def test_compressed_map_folds_keyframes_in_on_the_device(device):
+    """``map.compress_dim`` on ``device``: the fit, the fold of later keyframes into the PCA and the rotation of
+    the stored rows run there (purification on), and 'chair' is still answered by the chair half of the wall."""
+    cfg = MapperConfig()
+    cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
+    cfg.map.device, cfg.map.voxel_size_m, cfg.map.pixel_stride, cfg.map.compress_dim = device, 0.1, 1, 16
+    cfg.purify.enabled, cfg.purify.affinity = True, 'learned'
+    m = Mapper(cfg, create_extractor(cfg.features, device, NAMES))
+    frame = wall_frame()
+    first_labels = frame.labels.copy()
+    first_labels[first_labels == 3] = 1                  # the plant is not seen in the first keyframe
+    assert m.integrate(type(frame)(frame.rgb, frame.depth_m, frame.camera, frame.T_W_C, 0.0, first_labels), force=True)
+    first = m.projection.matrix.clone()
+    for i in (1, 2):                                     # then it is: a direction the first fit did not have
+        assert m.integrate(type(frame)(frame.rgb, frame.depth_m, frame.camera, frame.T_W_C, float(i), frame.labels),
+                           force=True)
+    assert not torch.equal(m.projection.matrix, first)            # the stored basis turned
+    p = m.projection
+    assert m.map.dim == 16 and p.matrix.device.type == p.basis.device.type == m.map.features.device.type == device
+    eye = torch.eye(16, device=p.basis.device)
+    assert torch.allclose(p.basis.T @ p.basis, eye, atol=1e-4) and torch.allclose(p.matrix.T @ p.matrix, eye, atol=1e-4)
+    answer = m.query('chair')
+    x = m.map.centers(answer.rows)[:, 0].cpu()
+    assert len(x) > 10 and (x < 0.05).float().mean() >= 0.95       # the chair is the left half
+
+
 @CUDA
 def test_cuda_map_matches_the_cpu_map_of_the_same_keyframes(room_mapper_factory):
     """The built-in room's keyframes, default learned purification: the voxels, fused features, purified features
