@@ -570,7 +570,10 @@ class Mapper:
     def _keep_rows(self, rows: torch.Tensor) -> int:
         """Keep only ``rows`` (sorted) in every layer of the map; returns how many went."""
         gone = self.map.size - len(rows)
-        self.map.keep(rows)
+        if self.purifier is not None:          # carries the superpoint vote over to the kept rows
+            self.purifier.keep(self.map, rows)
+        else:
+            self.map.keep(rows)
         self.evicted_voxels += gone
         self.generation += 1
         return gone

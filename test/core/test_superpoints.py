@@ -197,6 +197,40 @@ def test_incremental_vote_over_blocks_equals_a_whole_map_vote_and_follows_evicti
     assert torch.allclose(p.features(m).float(), unweighted, atol=2e-3, rtol=0)
 
 
+def test_eviction_through_the_purifier_votes_again_only_the_blocks_that_lose_voxels():
+    """``GeometryPooling.keep`` (the mapper's eviction) compacts the map and keeps the vote: the next read votes
+    again only the cubes that lost voxels (and those of voxels added meanwhile), and equals a whole-map vote."""
+    pts, colour = striped_room()
+    g = torch.Generator().manual_seed(2)
+    feats = F.normalize(torch.randn(len(pts), 16, generator=g), dim=1)
+    cfg = PurifyConfig(enabled=True, affinity='fallback', iterations=3, superpoint_k=0.05, superpoint_min_vox=5,
+                       superpoint_block_vox=16)
+    m, p = VoxelFeatureMap(0.05, 16), GeometryPooling(cfg)
+    far = (pts[:, 0] > pts[:, 0].max() - 0.4) & (pts[:, 1] > pts[:, 1].max() - 0.4)
+    first, later = torch.nonzero(~far).flatten(), torch.nonzero(far).flatten()   # later: the opposite corner
+    p.update(m, m.integrate(pts[first], feats[first], colour[first]))
+    p.features(m)
+    m.integrate(pts[later], feats[later], colour[later])           # added without an update: fresh rows
+
+    def check():
+        whole = superpoint_vote(m.cake['purified'][:m.size], p.superpoints(m), cfg.superpoint_blend,
+                                weights=m.weights[:m.size])
+        assert torch.allclose(p.features(m).float(), whole, atol=2e-3, rtol=0)
+
+    c = m.centers()
+    keep = torch.nonzero(~((c[:, 0] < 0.4) & (c[:, 1] < 0.4))).flatten()   # evict a corner of the room
+    p.keep(m, keep)
+    assert m.size == len(keep)
+    check()
+    assert 0 < p.timings_s['superpoint_voxels'] < 0.7 * m.size
+    p.keep(m, torch.arange(0, m.size, 2))                           # evict every other voxel: every block
+    check()
+    assert p.timings_s['superpoint_voxels'] == m.size
+    m.keep(torch.arange(0, m.size - 10))                            # past the purifier: the whole map again
+    check()
+    assert p.timings_s['superpoint_voxels'] == m.size
+
+
 def test_invalid_superpoint_settings_are_refused():
     import pytest
     for bad in (dict(superpoint_k=-1.0), dict(superpoint_blend=1.5), dict(superpoint_min_vox=-2),

@@ -469,6 +469,26 @@ class GeometryPooling:
         return segment_rows(vmap, vmap.cake.get('normals'), None, c.superpoint_k, c.superpoint_min_vox,
                             c.superpoint_block_vox, c.superpoint_convex)
 
+    def keep(self, vmap: VoxelFeatureMap, rows: torch.Tensor) -> None:
+        """Compact ``vmap`` to ``rows`` (sorted, unique), as :meth:`VoxelFeatureMap.keep` does (eviction), carrying
+        the superpoint vote over: superpoints stay inside cubes, so only the cubes that lose voxels are segmented
+        and voted again at the next read, and the result still equals a vote over the whole map; without this
+        (or with the vote out of date) the next read votes the whole map."""
+        c, cake = self.cfg, vmap.cake
+        carry = (self.votes and c.superpoint_block_vox > 0 and not self._vote_all and self._vote_state is not None
+                 and self._vote_state[0] == _layout(vmap) and 'voted' in cake and 'superpoint_block' in cake)
+        if carry:
+            gone = torch.ones(vmap.size, dtype=torch.bool, device=vmap.device).index_fill_(0, rows.to(vmap.device),
+                                                                                         False)
+            dropped = torch.nonzero(gone).flatten()
+            if len(dropped):
+                self._vote_pending.append(torch.unique(block_ids(vmap, dropped, c.superpoint_block_vox)))
+            voted = int((rows < self._voted_size).sum())       # kept rows stay in order: the voted ones first
+        vmap.keep(rows)
+        if carry:
+            self._vote_state = (_layout(vmap),) + self._vote_state[1:]
+            self._voted_size = voted
+
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V, D) purified features of all map rows (the raw ones before the first update): the pooled features,
         with superpoint voting (:attr:`votes`) their blend with their superpoint's mean (the ``voted`` layer,
