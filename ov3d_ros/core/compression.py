@@ -12,11 +12,11 @@ is that of the full-dimension scores). With updates off the first keyframe's fit
 """
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager, nullcontext
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from ov3d_ros.core.threads import one_thread
 
 
 class FeatureProjection:
@@ -118,29 +118,13 @@ class FeatureProjection:
         return cls(extra['projection'], extra.get('projection_energy'), extra.get('projection_basis'))
 
 
-_ONE_THREAD = threading.Lock()
-
-
-@contextmanager
-def _one_thread():
-    """On CPU, LAPACK's decompositions run on one thread: their results differ in the last bits with the thread
-    count, and the same features must give the same basis in any process (the node, a Ray task, a serial run)."""
-    with _ONE_THREAD:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
-
 def _top(moment: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(D, dim) eigenvectors of the largest ``dim`` eigenvalues of a symmetric matrix, and those eigenvalues."""
-    if moment.device.type != 'cpu':
-        values, vectors = torch.linalg.eigh(moment)
-    else:
-        with _one_thread():
-            values, vectors = torch.linalg.eigh(moment)          # ascending
+    """(D, dim) eigenvectors of the largest ``dim`` eigenvalues of a symmetric matrix, and those eigenvalues.
+
+    On CPU the decompositions here run on one thread: LAPACK's results differ in their last bits with the thread
+    count, and the same features must give the same basis in any process (the node, a Ray task, a serial run)."""
+    with one_thread(moment.device):
+        values, vectors = torch.linalg.eigh(moment)          # ascending
     return vectors[:, -dim:].flip(1).contiguous(), values[-dim:].flip(0).clamp_min(0).contiguous()
 
 
@@ -156,7 +140,7 @@ def _fold(U: torch.Tensor, energy: torch.Tensor, x: torch.Tensor) -> Tuple[torch
     are folded in."""
     d = U.shape[1]
     xu = x @ U                                                 # (N, d)
-    with _one_thread() if x.device.type == 'cpu' else nullcontext():
+    with one_thread(x.device):
         q, r = torch.linalg.qr(torch.cat([U, x.T @ xu], 1))    # q[:, :d] spans U: U = q[:, :d] r[:d, :d]
         inv = torch.linalg.solve_triangular(r[:d, :d], torch.eye(d, device=x.device), upper=True)   # r11^-1
         xq2 = x @ q[:, d:]                                     # x q[:, :d] = xu r11^-1

@@ -10,7 +10,6 @@ network config in their metadata.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Tuple
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ov3d_ros.core.threads import one_thread
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, unpack_keys
 
 INPUTS = ('features', 'color', 'normal')
@@ -46,19 +46,10 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / 'models' / 'affinity_
 """The shipped student (``purify.checkpoint: default``); ov3d_ros/models/README.md says how it was made."""
 
 
-@contextmanager
 def spconv_threads(device: torch.device | str):
     """Run spconv on one intra-op thread on CPU: its CPU kernels race with more threads (outputs differ by up
     to ~0.5 from run to run with 2 threads). A no-op on CUDA."""
-    if torch.device(device).type != 'cpu':
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return one_thread(device)
 
 
 @dataclass
