@@ -90,6 +90,27 @@ def test_a_kept_neighbour_table_follows_the_rows_appended_to_the_map():
         assert len(table.extend()) == 0 and table.used == used
 
 
+def test_a_kept_neighbour_table_follows_the_maps_compaction():
+    """After the map keeps some rows (eviction), the table renumbered by ``keep`` returns what the index does for
+    every kept row, without looking anything up again; dropped neighbours read as unoccupied."""
+    g = torch.Generator().manual_seed(4)
+    coords = torch.nonzero(torch.rand(12, 12, 6, generator=g) < 0.4)
+    m = VoxelFeatureMap(1.0, 2)
+    m.integrate(coords.float() + 0.5, torch.randn(len(coords), 2, generator=g))
+    off = ball_offsets(2)
+    table = NeighbourTable(m, off)
+    table(torch.arange(0, m.size, 3))                        # some rows looked up before the compaction
+    used = table.used
+    rows = torch.nonzero(torch.rand(m.size, generator=g) < 0.7).flatten()
+    m.keep(rows)
+    table.keep(rows)
+    assert table.size == m.size
+    held = torch.nonzero((rows % 3) == 0).flatten()          # kept rows whose neighbours the table held
+    assert torch.equal(table(held), neighbour_rows(m, held, off)) and table.used == used
+    every = torch.arange(m.size)
+    assert torch.equal(table(every), neighbour_rows(m, every, off))
+
+
 def test_pooling_keeps_constant_features_and_averages_varying_ones():
     m = VoxelFeatureMap(1.0, 4)
     pts, _ = plane_map((0, 10), dim=4)
@@ -438,7 +459,8 @@ def test_incremental_and_whole_map_pooling_in_the_default_subspace_label_alike()
 def test_incremental_normals_are_recomputed_only_where_occupancy_changed(monkeypatch):
     """A normal depends only on which voxels of its ball are occupied: a keyframe that adds voxels recomputes the
     normals in their balls, one that only re-observes mapped voxels recomputes none, and after voxels are dropped
-    the touched ones are recomputed again. Every stored normal stays that of its present neighbourhood."""
+    (eviction through the purifier) only the touched voxels that had a dropped one in their ball are recomputed.
+    Every normal the purifier holds as current is that of its present neighbourhood."""
     import ov3d_ros.core.purification.pooling as pooling_module
     frames = _scene_frames(4)
     mapper = _scene_mapper({'affinity': 'fallback', 'superpoint_k': 0.0}, 'incremental')
@@ -464,15 +486,21 @@ def test_incremental_normals_are_recomputed_only_where_occupancy_changed(monkeyp
     assert mapper.map.size == size and sum(computed) == 0
     assert mapper.purifier.timings_s['voxels'] > 0          # it was re-pooled all the same
     assert_current(all_rows)
-    mapper.evict(torch.zeros(3), mapper.map.size // 2)     # drops voxels: neighbourhoods change at the cut
+    mapper.evict(torch.zeros(3), int(0.8 * mapper.map.size))   # drops voxels: neighbourhoods change at the cut
+    state = mapper.purifier._normals_state[1]
+    stale = torch.nonzero(~state).flatten()
+    assert len(state) == mapper.map.size and 0 < len(stale) < mapper.map.size // 4     # the cut only
+    assert_current(torch.nonzero(state).flatten())
     seen = []
     real_update = mapper.purifier.update
     mapper.purifier.update = lambda vmap, touched, channels=(): seen.append(touched) or \
         real_update(vmap, touched, channels)
-    mapper.integrate(frames[0], force=True)
+    mapper.integrate(frames[3], force=True)                 # a view that brings back a few dropped voxels
     around = ball_region(mapper.map, torch.unique(seen[0]), offsets)
-    assert sum(computed) == len(around)                     # after the cut, every touched ball is recomputed
+    # recomputed: voxels next to the cut and around the voxels the keyframe brought back, not every touched ball
+    assert 0 < sum(computed) < 0.5 * len(around)
     assert_current(around)
+    assert_current(torch.nonzero(mapper.purifier._normals_state[1]).flatten())
 
 
 def test_keyframes_integrated_together_are_purified_once_like_whole_map_pooling():

@@ -133,12 +133,24 @@ class NeighbourTable:
         """Rows of neighbours held (looked up since the table was built, including forgotten ones)."""
         return self._used
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Follow the map's compaction to ``rows`` (sorted, unique; call right after the map kept them): the
+        neighbours held become the rows they moved to, the dropped ones -1 (no longer occupied), and the lists of
+        dropped rows are forgotten. O(rows held), no lookup."""
+        rows = rows.to(self._slot.device)
+        lut = torch.full((self._size,), -1, dtype=torch.int64, device=rows.device)
+        lut.index_copy_(0, rows, torch.arange(len(rows), device=rows.device))
+        held = self._data[:self._used]
+        held.copy_(torch.where(held >= 0, lut.index_select(0, held.clamp_min(0).reshape(-1)).reshape(held.shape), -1))
+        self._slot = self._slot.index_select(0, rows)
+        self._size = len(rows)
+
     def extend(self) -> torch.Tensor:
         """Take in the rows appended to the map since the table was built or last extended, so that it can serve
         later updates: looks up their neighbours and forgets those of every older voxel that has one of them as a
         neighbour (the offsets must be symmetric, as a ball or a cube is: b is a's neighbour at o iff a is b's at
-        -o). Rows moved or dropped (eviction, compaction) are not followed: build a new table then. Returns the
-        appended rows."""
+        -o). Rows moved or dropped (eviction, compaction) are followed by :meth:`keep` only. Returns the appended
+        rows."""
         old, n = self.size, self.vmap.size
         added = torch.arange(old, n, device=self._slot.device)
         if len(added):

@@ -31,7 +31,7 @@ from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.layer_cake import LayerCake
 from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
-                                              estimate_normals, neighbour_rows, union_rows)
+                                              estimate_normals, neighbour_rows, offset_deltas, union_rows)
 from ov3d_ros.core.purification.superpoints import block_ids, segment_rows, superpoint_vote
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
@@ -362,8 +362,8 @@ class GeometryPooling:
     """Map rows (evenly spaced) whose fused features fit the pooling subspace."""
     BASIS_GROWTH, BASIS_EVERY = 1.25, 32
     """Incremental mode refits the subspace once the map has grown by this factor since the last fit, after this
-    many updates, and when the map's rows or feature coordinates changed (eviction, compression, load: the cake's
-    epochs); whole-map pooling refits it every time."""
+    many updates, and when the map's rows or feature coordinates changed (compression, load, eviction past
+    :meth:`keep`: the cake's epochs); whole-map pooling refits it every time."""
 
     def _pool_basis(self, vmap: VoxelFeatureMap, whole: bool) -> Optional[torch.Tensor]:
         """(D, pool_dim) orthonormal basis of the pooling subspace (``cfg.pool_dim``): the top uncentred principal
@@ -471,23 +471,53 @@ class GeometryPooling:
 
     def keep(self, vmap: VoxelFeatureMap, rows: torch.Tensor) -> None:
         """Compact ``vmap`` to ``rows`` (sorted, unique), as :meth:`VoxelFeatureMap.keep` does (eviction), carrying
-        the superpoint vote over: superpoints stay inside cubes, so only the cubes that lose voxels are segmented
-        and voted again at the next read, and the result still equals a vote over the whole map; without this
-        (or with the vote out of date) the next read votes the whole map."""
-        c, cake = self.cfg, vmap.cake
-        carry = (self.votes and c.superpoint_block_vox > 0 and not self._vote_all and self._vote_state is not None
-                 and self._vote_state[0] == _layout(vmap) and 'voted' in cake and 'superpoint_block' in cake)
-        if carry:
-            gone = torch.ones(vmap.size, dtype=torch.bool, device=vmap.device).index_fill_(0, rows.to(vmap.device),
-                                                                                         False)
-            dropped = torch.nonzero(gone).flatten()
+        what incremental updates keep over to the kept rows instead of starting over:
+
+        - the superpoint vote: superpoints stay inside cubes, so only the cubes that lose voxels are segmented and
+          voted again at the next read, and the result still equals a vote over the whole map;
+        - the normals: a kept voxel's normal stays current unless a dropped voxel was in its ball;
+        - the neighbour table: renumbered to the kept rows, dropped neighbours marked unoccupied;
+        - the pooling subspace, refitted on its own schedule (:attr:`BASIS_EVERY` updates, :attr:`BASIS_GROWTH`).
+
+        Without this (or with that state out of date) the next update and read start over, as after a load."""
+        c, cake, layout = self.cfg, vmap.cake, _layout(vmap)
+        rows = rows.to(vmap.device)
+        n = vmap.size
+        dropped = torch.nonzero(torch.ones(n, dtype=torch.bool, device=vmap.device).index_fill_(0, rows, False))
+        dropped = dropped.flatten()
+        vote = (self.votes and c.superpoint_block_vox > 0 and not self._vote_all and self._vote_state is not None
+                and self._vote_state[0] == layout and 'voted' in cake and 'superpoint_block' in cake)
+        if vote:
             if len(dropped):
                 self._vote_pending.append(torch.unique(block_ids(vmap, dropped, c.superpoint_block_vox)))
             voted = int((rows < self._voted_size).sum())       # kept rows stay in order: the voted ones first
+        current = None                          # rows whose normal is current, in the old numbering
+        if self._normals_state is not None and self._normals_state[0] == layout and self.offsets is not None:
+            current = self._current_normals(vmap, NeighbourTable(vmap, self.offsets))   # takes in rows added since
+            dropped_keys = vmap.keys.index_select(0, dropped)
+        table = self._table[1] if self._table is not None and self._table[0] == layout and \
+            self._table[1].vmap is vmap and self._table[1].size == n else None
+        basis = self._basis is not None and self._basis.layout == _coordinates(vmap)
         vmap.keep(rows)
-        if carry:
-            self._vote_state = (_layout(vmap),) + self._vote_state[1:]
+        layout = _layout(vmap)
+        if basis:                               # a statistic of the features: refitted on its own schedule
+            self._basis = self._basis._replace(layout=_coordinates(vmap))
+        if vote:
+            self._vote_state = (layout,) + self._vote_state[1:]
             self._voted_size = voted
+        if current is not None:
+            current = current.index_select(0, rows)
+            if len(dropped):                    # the kept voxels that had a dropped one in their ball
+                near = vmap.lookup((dropped_keys[:, None] + offset_deltas(self.offsets)[None, :]).reshape(-1))
+                current.index_fill_(0, near[near >= 0], False)
+            self._normals_state = (layout, current)
+        else:
+            self._normals_state = None
+        if table is not None:
+            table.keep(rows)
+            self._table = (layout, table)
+        else:
+            self._table = None
 
     def features(self, vmap: VoxelFeatureMap) -> torch.Tensor:
         """(V, D) purified features of all map rows (the raw ones before the first update): the pooled features,
