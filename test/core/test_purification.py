@@ -18,6 +18,15 @@ def plane_map(x_range, dim=4, feature=None, seed=0):
     return pts, feats
 
 
+def random_voxels(seed, density):
+    """A map (voxel size 1) of a random ``density`` of the cells of a 12 x 12 x 6 block, and the generator."""
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.nonzero(torch.rand(12, 12, 6, generator=g) < density)
+    m = VoxelFeatureMap(1.0, 2)
+    m.integrate(coords.float() + 0.5, torch.randn(len(coords), 2, generator=g))
+    return m, g
+
+
 def test_offsets_and_neighbours():
     off = ball_offsets(1)
     assert off.shape == (7, 3) and off[0].tolist() == [0, 0, 0]
@@ -35,10 +44,7 @@ def test_offsets_and_neighbours():
 def test_neighbour_table_and_dilation_agree_with_direct_lookups():
     """The cached neighbour table returns what the index does (repeated rows too), and the breadth-first
     dilation through it reaches the voxels, with the hop counts, of a plain set-based search."""
-    g = torch.Generator().manual_seed(0)
-    coords = torch.nonzero(torch.rand(12, 12, 6, generator=g) < 0.35)
-    m = VoxelFeatureMap(1.0, 2)
-    m.integrate(coords.float() + 0.5, torch.randn(len(coords), 2, generator=g))
+    m, g = random_voxels(0, 0.35)
     off = ball_offsets(2)
     table = NeighbourTable(m, off)
     shuffled = off[torch.randperm(len(off), generator=g)]   # unit offsets not in the leading columns
@@ -93,10 +99,7 @@ def test_a_kept_neighbour_table_follows_the_rows_appended_to_the_map():
 def test_a_kept_neighbour_table_follows_the_maps_compaction():
     """After the map keeps some rows (eviction), the table renumbered by ``keep`` returns what the index does for
     every kept row, without looking anything up again; dropped neighbours read as unoccupied."""
-    g = torch.Generator().manual_seed(4)
-    coords = torch.nonzero(torch.rand(12, 12, 6, generator=g) < 0.4)
-    m = VoxelFeatureMap(1.0, 2)
-    m.integrate(coords.float() + 0.5, torch.randn(len(coords), 2, generator=g))
+    m, g = random_voxels(4, 0.4)
     off = ball_offsets(2)
     table = NeighbourTable(m, off)
     table(torch.arange(0, m.size, 3))                        # some rows looked up before the compaction
