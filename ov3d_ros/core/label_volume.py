@@ -108,8 +108,7 @@ class LabelVolume:
         p_cells = self.probabilities(cells.grid.to(self.device))                    # (M, K)
         w = cells.weights.to(self.device)
         w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        c = cells.cells.to(self.device)
-        p = torch.einsum('nk,nkc->nc', w, p_cells.index_select(0, c.reshape(-1)).view(*c.shape, -1))    # (N, K)
+        p = CellFeatures(p_cells, cells.cells.to(self.device), w).dense()                 # (N, K)
         self.evidence.index_add_(0, rows.to(self.device), p)
 
     def recompute(self, features: torch.Tensor, weights: torch.Tensor, text: Optional[torch.Tensor] = None,

@@ -29,6 +29,13 @@ def offset_deltas(offsets: torch.Tensor) -> torch.Tensor:
     return pack_keys(offsets) - pack_keys(torch.zeros_like(offsets))
 
 
+def row_positions(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """(size,) int64 position of each map row in ``rows`` (R,) (unique), -1 for rows not in it: a table to turn
+    map rows into indices into ``rows`` (or into the rows a compaction to ``rows`` gives them) by a gather."""
+    out = torch.full((size,), -1, dtype=torch.int64, device=rows.device)
+    return out.index_copy_(0, rows, torch.arange(len(rows), device=rows.device))
+
+
 def neighbour_rows(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(R, M) int64 map rows of the neighbours of ``rows`` at each offset; -1 where unoccupied."""
     keys = vmap.keys.index_select(0, rows)[:, None] + offset_deltas(offsets.to(vmap.device))[None, :]
@@ -138,8 +145,7 @@ class NeighbourTable:
         neighbours held become the rows they moved to, the dropped ones -1 (no longer occupied), and the lists of
         dropped rows are forgotten. O(rows held), no lookup."""
         rows = rows.to(self._slot.device)
-        lut = torch.full((self._size,), -1, dtype=torch.int64, device=rows.device)
-        lut.index_copy_(0, rows, torch.arange(len(rows), device=rows.device))
+        lut = row_positions(rows, self._size)
         held = self._data[:self._used]
         held.copy_(torch.where(held >= 0, lut.index_select(0, held.clamp_min(0).reshape(-1)).reshape(held.shape), -1))
         self._slot = self._slot.index_select(0, rows)

@@ -491,12 +491,13 @@ class GeometryPooling:
             if len(dropped):
                 self._vote_pending.append(torch.unique(block_ids(vmap, dropped, c.superpoint_block_vox)))
             voted = int((rows < self._voted_size).sum())       # kept rows stay in order: the voted ones first
-        current = None                          # rows whose normal is current, in the old numbering
-        if self._normals_state is not None and self._normals_state[0] == layout and self.offsets is not None:
-            current = self._current_normals(vmap, NeighbourTable(vmap, self.offsets))   # takes in rows added since
-            dropped_keys = vmap.keys.index_select(0, dropped)
         table = self._table[1] if self._table is not None and self._table[0] == layout and \
             self._table[1].vmap is vmap and self._table[1].size == n else None
+        current = None                          # rows whose normal is current, in the old numbering
+        if self._normals_state is not None and self._normals_state[0] == layout and self.offsets is not None:
+            # takes in rows added since the last update
+            current = self._current_normals(vmap, table if table is not None else NeighbourTable(vmap, self.offsets))
+            dropped_keys = vmap.keys.index_select(0, dropped)
         basis = self._basis is not None and self._basis.layout == _coordinates(vmap)
         vmap.keep(rows)
         layout = _layout(vmap)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ov3d_ros.core.purification.graph import cube_offsets, neighbour_rows
+from ov3d_ros.core.purification.graph import cube_offsets, neighbour_rows, row_positions
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys, unpack_keys
 
 
@@ -96,8 +96,7 @@ def segment_rows(vmap: VoxelFeatureMap, normals: torch.Tensor, rows: Optional[to
     i, j, w = voxel_edges(vmap, normals, rows, block_vox, convex)
     if len(rows) < vmap.size:       # edge ends as indices into rows (all rows: they already are), by a table over
         # map rows rather than a binary search (a keyframe's 166 552 edges into 41 276 rows: 0.5 against 11 ms)
-        local = torch.full((vmap.size,), -1, dtype=torch.int64, device=rows.device)
-        local.index_copy_(0, rows, torch.arange(len(rows), device=rows.device))
+        local = row_positions(rows, vmap.size)
         i, j = local.index_select(0, i), local.index_select(0, j)
     return segment_graph(len(rows), i, j, w, k, min_size)
 
