@@ -506,6 +506,39 @@ def test_incremental_normals_are_recomputed_only_where_occupancy_changed(monkeyp
     assert_current(torch.nonzero(mapper.purifier._normals_state[1]).flatten())
 
 
+def test_state_kept_across_turns_and_evictions_stays_that_of_the_present_map():
+    """The mapper with everything that moves rows or coordinates at once: a compressed map whose basis turns,
+    a voxel budget evicting at every keyframe, incremental learned pooling and the superpoint vote in cubes.
+    After each keyframe the state the purifier carries over is that of the map as it now is: the neighbour table
+    equals fresh lookups, every normal held as current equals a fresh estimate, and the voted features equal a
+    vote over the whole map of the same pooled features."""
+    from ov3d_ros.core.purification.pooling import _layout
+    from ov3d_ros.core.purification.superpoints import superpoint_vote
+    mapper = _scene_mapper({'affinity': 'learned', 'checkpoint': 'default'}, 'incremental')
+    mapper.cfg.map.compress_dim, mapper.cfg.map.max_voxels = 32, 2500
+    epochs, carried = [], []
+    for f in _scene_frames(5):
+        mapper.integrate(f, force=True)
+        m, p = mapper.map, mapper.purifier
+        epochs.append(m.cake.basis_epoch)
+        assert p._table is not None and p._table[0] == _layout(m)
+        table = p._table[1]
+        held = torch.nonzero(table._slot[:table.size] >= 0).flatten()
+        assert len(held) > 0 and torch.equal(table(held), neighbour_rows(m, held, p.offsets))
+        assert p._normals_state[0] == _layout(m)
+        current = torch.nonzero(p._normals_state[1]).flatten()
+        carried.append(len(current) / m.size)
+        assert torch.allclose(m.cake['normals'][current],
+                              estimate_normals(m, current, neighbour_rows(m, current, p.offsets), p.offsets),
+                              atol=1e-6, rtol=0)
+        n = m.size
+        whole = superpoint_vote(m.cake['purified'][:n], p.superpoints(m), p.cfg.superpoint_blend,
+                                weights=m.capped(m.weights[:n]))
+        assert torch.allclose(p.features(m).float(), whole, atol=2e-3, rtol=0)
+    assert mapper.evicted_voxels > 0 and mapper.map.size <= 2500
+    assert epochs[-1] > 2                                   # the basis turned after the first fit
+    assert 0.5 < min(carried) and max(carried[1:]) < 1.0     # normals carried, the cut's marked stale
+
 def test_keyframes_integrated_together_are_purified_once_like_whole_map_pooling():
     """Mapper.integrate_keyframes (the node's backlog of keyframes) fuses each keyframe and purifies once over
     every voxel they touched: the fused map is the one keyframe-by-keyframe integration makes, and the purified
