@@ -2,20 +2,27 @@
 and memory at a given number of voxels (prints one JSON line per case, asserts nothing).
 
     OMP_NUM_THREADS=1 python benchmarks/bm_snapshot.py --voxels 50000 100000
+    THP_MEM_ALLOC_ENABLE=0 OMP_NUM_THREADS=1 python benchmarks/bm_snapshot.py    # on 4 kB pages
+
+Like the nodes (``ov3d_ros/ros/__init__.py``), torch's large CPU allocations go on transparent huge pages unless
+``THP_MEM_ALLOC_ENABLE`` says otherwise (``thp`` in each line).
 
 The maps are synthetic (random voxels at 5 cm, random D-dimensional features, a 21-class label volume), since the
 copy's cost depends only on the layers' sizes: ``raw`` copies keys, weights, colours, features and norms (and the
-label evidence); ``purified`` copies the purified features instead of the raw ones, plus the pooled label layer.
+label evidence); ``purified`` copies the purified (voted) features instead of the raw ones, plus the pooled label
+layer.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')     # as the nodes run (read by torch at its first allocation)
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's ov3d_ros first
 
@@ -40,8 +47,9 @@ def synthetic_mapper(voxels: int, dim: int, classes: int, purified: bool):
     m.labels = LabelVolume([f'class {k}' for k in range(classes)], torch.randn(classes, dim, generator=g), 0.05,
                            vmap.cake)
     m.labels.evidence[:voxels] = torch.rand(voxels, classes, generator=g)
-    if purified:
-        vmap.cake.add_layer('purified', dim, torch.float16, feature=True)[:voxels] = vmap.features[:voxels]
+    if purified:                   # pooled and voted once over the whole map (fallback affinity), as a reader finds it
+        m.purifier.update(vmap)
+        m.purifier.features(vmap)
         m.labels.enable_pooling()
         m._purified_stale = False
     return m
@@ -63,6 +71,7 @@ def main() -> None:
                 snap = m.snapshot()
                 times.append(time.perf_counter() - t0)
             print(json.dumps({'voxels': snap.size, 'dim': args.dim, 'classes': args.classes,
+                              'thp': os.environ['THP_MEM_ALLOC_ENABLE'], 'threads': torch.get_num_threads(),
                               'features': 'purified' if purified else 'raw',
                               'snapshot_ms_median': round(1e3 * sorted(times)[len(times) // 2], 1),
                               'snapshot_ms_max': round(1e3 * max(times), 1),
