@@ -539,6 +539,7 @@ def test_state_kept_across_turns_and_evictions_stays_that_of_the_present_map():
     assert epochs[-1] > 2                                   # the basis turned after the first fit
     assert 0.5 < min(carried) and max(carried[1:]) < 1.0     # normals carried, the cut's marked stale
 
+
 def test_keyframes_integrated_together_are_purified_once_like_whole_map_pooling():
     """Mapper.integrate_keyframes (the node's backlog of keyframes) fuses each keyframe and purifies once over
     every voxel they touched: the fused map is the one keyframe-by-keyframe integration makes, and the purified
