@@ -4,8 +4,8 @@ and memory at a given number of voxels (prints one JSON line per case, asserts n
     OMP_NUM_THREADS=1 python benchmarks/bm_snapshot.py --voxels 50000 100000
     THP_MEM_ALLOC_ENABLE=0 OMP_NUM_THREADS=1 python benchmarks/bm_snapshot.py    # on 4 kB pages
 
-Like the nodes (``ov3d_ros/ros/__init__.py``), torch's large CPU allocations go on transparent huge pages unless
-``THP_MEM_ALLOC_ENABLE`` says otherwise (``thp`` in each line).
+It runs as the nodes do (it imports ``ov3d_ros.ros`` before torch): torch's large CPU allocations go on transparent
+huge pages unless ``THP_MEM_ALLOC_ENABLE`` says otherwise (``thp`` in each line).
 
 The maps are synthetic (random voxels at 5 cm, random D-dimensional features, a 21-class label volume), since the
 copy's cost depends only on the layers' sizes: ``raw`` copies keys, weights, colours, features and norms (and the
@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')     # as the nodes run (read by torch at its first allocation)
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's ov3d_ros first
+import ov3d_ros.ros  # noqa: E402,F401  (before torch: the nodes' process settings, i.e. huge pages)
+import torch  # noqa: E402
 
 
 def synthetic_mapper(voxels: int, dim: int, classes: int, purified: bool):
