@@ -256,6 +256,25 @@ def test_pool_is_a_valid_csr_product_equal_to_a_dense_reference():
     assert torch.equal(pool(start, rows, nbr, weights, outside, 0), start)
 
 
+def test_the_column_slices_follow_the_l2_cache_and_never_change_the_result(monkeypatch):
+    """Pooling runs over slices of feature columns whose width follows the CPU's L2 cache; every width gives the
+    same bits (each column's arithmetic is the same)."""
+    from ov3d_ros.core.purification import pooling as pooling_mod
+    monkeypatch.setattr(pooling_mod, '_l2_cache_bytes', lambda: 2 << 20)
+    assert PoolMatrix.cpu_chunk() == 64
+    monkeypatch.setattr(pooling_mod, '_l2_cache_bytes', lambda: 512 << 10)
+    assert PoolMatrix.cpu_chunk() == 32
+    g = torch.Generator().manual_seed(3)
+    rows, nbr, weights, outside, start = _random_pooling(g, 300, 200, 9, 70)
+    op = PoolMatrix(rows, nbr, weights, check=True)
+    results = []
+    for width in (70, 32, 5):
+        monkeypatch.setattr(PoolMatrix, 'CHUNK_BY_L2', ((0, width),))
+        results.append(op.apply(start, outside, 7))
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    assert not torch.allclose(results[0], start, atol=1e-2)            # it did pool
+
+
 def test_subspace_pooling_pools_the_span_and_keeps_the_rest():
     """With a basis Q, only the features' component in the span of Q is pooled; the rest stays as it was. Pooling
     is linear, so the span's component equals that of full pooling, and features inside the span pool exactly."""

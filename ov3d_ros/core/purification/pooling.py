@@ -21,8 +21,10 @@ feature is kept as fused; pooling is linear, so that is exact for features insid
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -89,6 +91,21 @@ def embedding_logits(emb: torch.Tensor, nbr: torch.Tensor, scale: float,
     return torch.where(nbr >= 0, scale * cos, torch.full_like(cos, -torch.inf))
 
 
+@functools.lru_cache(maxsize=1)
+def _l2_cache_bytes() -> int:
+    """Per-core L2 cache of CPU 0 in bytes, from Linux sysfs; 0 where it cannot be read."""
+    for index in sorted(Path('/sys/devices/system/cpu/cpu0/cache').glob('index*')):
+        try:
+            if (index / 'level').read_text().strip() == '2' and \
+                    (index / 'type').read_text().strip() in ('Unified', 'Data'):
+                size = (index / 'size').read_text().strip().upper()
+                scale = {'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30}.get(size[-1:], 1)
+                return int(size.rstrip('KMG')) * scale
+        except (OSError, ValueError):
+            return 0
+    return 0
+
+
 class PoolMatrix:
     """The pooling step F_rows <- W F_nbr as a CSR matrix over a local universe: ``rows`` first (local index i is
     rows[i]), then the other neighbours (held fixed). Its pattern is built once per neighbour table; it serves the
@@ -107,12 +124,21 @@ class PoolMatrix:
             within each row, so the same sparse-dense product runs on CPU and CUDA.
     """
 
-    CHUNK = 32
-    """Feature columns pooled together on CPU: the pooling is column-wise, and all T iterations over a slice of
-    32 columns keep the two (U, 32) buffers near the cache (a 15 000-voxel keyframe: about 2.2 MB each). Against
-    64 columns, medians of 5 interleaved runs on a 17 476-row keyframe: 301 vs 332 ms on one thread, 151 vs 208 ms
-    on two (16 and 24 columns 351 / 314 and 198 / 162 ms); all D = 384 columns at once is about 3x slower. The
-    slicing does not change the arithmetic of any column (same results for any value)."""
+    CHUNK_BY_L2 = ((1 << 20, 64), (0, 32))
+    """Feature columns pooled together on CPU, by the per-core L2 cache (bytes at least, columns): the pooling is
+    column-wise, and all T iterations run over one slice of columns with two (U, columns) float32 buffers. Which
+    width wins depends on the cache: on an AMD EPYC with 512 KB of L2 per core 32 columns did (medians of 5
+    interleaved runs on a 17 476-row keyframe at D = 384: 301 vs 332 ms for 64 on one thread, 151 vs 208 ms on
+    two; 16 and 24 columns 351 / 314 and 198 / 162 ms); on an Intel Xeon with 2 MB, 64 columns do (the T = 18
+    products of an 18 900-row keyframe, medians of 3-5 runs: 26-29 vs 29-31 ms at the default 64-d subspace, one
+    thread, 15-16 vs 16-18 ms on two; 154-155 vs 183-188 ms at D = 384, 83 vs 89-99 ms on two; 96, 128 and all 384
+    columns slower). The slicing does not change the arithmetic of any column (bit-identical results)."""
+
+    @staticmethod
+    def cpu_chunk() -> int:
+        """Feature columns per slice on CPU for this machine's L2 cache (:attr:`CHUNK_BY_L2`)."""
+        l2 = _l2_cache_bytes()
+        return next(columns for least, columns in PoolMatrix.CHUNK_BY_L2 if l2 >= least)
 
     def __init__(self, rows: torch.Tensor, nbr: torch.Tensor, weights: Optional[torch.Tensor] = None,
                  check: bool = False):
@@ -202,7 +228,7 @@ class PoolMatrix:
         """``iterations`` products from features (R, K), with the other neighbours' values ``start`` (U - R, K)."""
         R, K = features.shape
         cpu = features.device.type == 'cpu'
-        step = self.CHUNK if cpu else max(K, 1)
+        step = self.cpu_chunk() if cpu else max(K, 1)
         out = torch.empty(R, K, dtype=torch.float32, device=features.device)
         for c in range(0, K, step):
             x = torch.cat([features[:, c:c + step].float(), start[:, c:c + step].float()])
