@@ -47,8 +47,14 @@ class ScenePlayer(Node):
                          'x y z qx qy qz qw of each camera in the published pose frame, 7 per camera (or 7 for all).')
         self.color_transport = declare(self, 'color_transport', 'raw', "'raw' (Image) or 'compressed' (JPEG).")
         self.depth_transport = declare(self, 'depth_transport', 'raw', "'raw' (Image) or 'compressedDepth' (PNG).")
+        history = declare(self, 'history_depth', 30, 'Messages each image and camera-info publisher keeps for '
+                          'subscribers (reliable ones that have not acknowledged them yet): 30 = 1 s at 30 Hz, as the '
+                          "mapping node's queue_size. With 10, a busy 2-core host lost 25-276 of 1 800 frames in "
+                          'transport (benchmarks/bm_node.py --only stream), with 30 none.')
         if play_frames < 0:
             raise ValueError(f'play_frames must be >= 0, got {play_frames}')
+        if history < 1:
+            raise ValueError(f'history_depth must be >= 1, got {history}')
         if self.depth_encoding not in ('16UC1', '32FC1'):
             raise ValueError(f"depth_encoding must be '16UC1' or '32FC1', got {self.depth_encoding!r}")
         if self.color_transport not in ('raw', 'compressed') or self.depth_transport not in ('raw', 'compressedDepth'):
@@ -73,12 +79,12 @@ class ScenePlayer(Node):
                 'T_B_C': conv.pose_to_matrix(m[:3], m[3:]),
                 'frame': f'{ns}_{self.camera_frame}' if ns else self.camera_frame,
                 'color': self.create_publisher(CompressedImage if compressed_color else Image,
-                                               pre + 'color/image' + ('/compressed' if compressed_color else ''), 10),
+                                               pre + 'color/image' + ('/compressed' if compressed_color else ''), history),
                 'depth': self.create_publisher(CompressedImage if compressed_depth else Image,
                                                pre + 'depth/image' + ('/compressedDepth' if compressed_depth else ''),
-                                               10),
-                'labels': self.create_publisher(Image, pre + 'labels/image', 10),
-                'info': self.create_publisher(CameraInfo, pre + 'color/camera_info', 10)})
+                                               history),
+                'labels': self.create_publisher(Image, pre + 'labels/image', history),
+                'info': self.create_publisher(CameraInfo, pre + 'color/camera_info', history)})
         self.pub_pose = self.create_publisher(PoseStamped, 'pose', 10)
         self.rendered = None
         if prerender:

@@ -2,6 +2,7 @@
 import time
 
 import numpy as np
+import pytest
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 
@@ -21,6 +22,10 @@ def test_prerendered_frames_are_published_at_the_rate_and_match_the_scene():
                              parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
         try:
             assert player.rendered is not None and len(player.rendered) == 3
+            # image publishers keep 1 s at 30 Hz for reliable subscribers (history_depth), poses the default 10
+            depths = {pub.topic_name: pub.qos_profile.depth for pub in player.publishers}
+            assert {depths[t] for t in ('/color/image', '/depth/image', '/labels/image', '/color/camera_info')} == {30}
+            assert depths['/pose'] == 10
             depth, color = [], []
             client.node.create_subscription(Image, 'depth/image', depth.append, 50)
             client.node.create_subscription(Image, 'color/image', color.append, 50)
@@ -54,4 +59,14 @@ def test_play_frames_plays_the_start_of_a_longer_trajectory():
             assert len(player.poses) == 4 and all(np.allclose(a, b) for a, b in zip(player.poses, full[:4]))
         finally:
             player.destroy_node()
+            client.close()
+
+
+def test_a_history_shorter_than_one_message_is_refused():
+    with private_domain():
+        client = DemoClient()
+        try:
+            with pytest.raises(ValueError, match='history_depth'):
+                ScenePlayer(context=client.context, parameter_overrides=[Parameter('history_depth', value=0)])
+        finally:
             client.close()
