@@ -130,9 +130,10 @@ class PoolMatrix:
     width wins depends on the cache: on an AMD EPYC with 512 KB of L2 per core 32 columns did (medians of 5
     interleaved runs on a 17 476-row keyframe at D = 384: 301 vs 332 ms for 64 on one thread, 151 vs 208 ms on
     two; 16 and 24 columns 351 / 314 and 198 / 162 ms); on an Intel Xeon with 2 MB, 64 columns do (the T = 18
-    products of an 18 900-row keyframe, medians of 3-5 runs: 26-29 vs 29-31 ms at the default 64-d subspace, one
-    thread, 15-16 vs 16-18 ms on two; 154-155 vs 183-188 ms at D = 384, 83 vs 89-99 ms on two; 96, 128 and all 384
-    columns slower). The slicing does not change the arithmetic of any column (bit-identical results)."""
+    products of an 18 900-row keyframe, medians of 3-5 runs in three processes: 24-30 vs 29-35 ms at the default
+    64-d subspace on one thread, 16.1 vs 16.5 ms on two; 155-161 vs 188-201 ms at D = 384, 83 vs 99 ms on two; 16
+    columns slower at 64-d, 96, 128 and all 384 at D = 384). The slicing does not change the arithmetic of any
+    column (bit-identical results)."""
 
     @staticmethod
     def cpu_chunk() -> int:
