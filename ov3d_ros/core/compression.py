@@ -85,7 +85,10 @@ class FeatureProjection:
 
     def missed(self) -> float:
         """How far the stored basis is from the tracked directions: the sum of the squared sines of the principal
-        angles between their spans, d - ||P^T U||_F^2 (0: the same subspace; d: orthogonal ones)."""
+        angles between their spans, d - ||P^T U||_F^2 (0: the same subspace; d: orthogonal ones). Exactly 0 when
+        the stored basis is the tracked one (the float32 product leaves up to about 1e-6 there, host-dependent)."""
+        if self.matrix is self.basis or torch.equal(self.matrix, self.basis):
+            return 0.0
         return max(0.0, float(self.out_dim - (self.matrix.T @ self.basis).square().sum()))
 
     def moment(self) -> torch.Tensor:

@@ -87,8 +87,7 @@ def test_the_stored_basis_turns_only_when_it_misses_more_than_keep():
     assert torch.equal(loaded.matrix, p.matrix) and torch.equal(loaded.energy, p.energy)
     new = torch.randn(400, 1, generator=g) * 20.0 @ basis[:, 4:].T      # a strong direction never seen
     R = p.update(new)
-    # the same subspace: 0 up to the float32 rounding of ||P^T U||^2 (1.2e-6 on an Intel Xeon host)
-    assert R is not None and torch.equal(p.matrix, p.basis) and p.missed() == pytest.approx(0.0, abs=1e-5)
+    assert R is not None and torch.equal(p.matrix, p.basis) and p.missed() == 0.0
     assert p.project(new).norm() > 0.99 * new.norm()
     assert torch.allclose(R, stored.T @ p.matrix) and torch.allclose(seen[:3] @ stored @ R, p.project(seen[:3]), atol=1e-3)
 
