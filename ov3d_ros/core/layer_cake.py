@@ -25,6 +25,26 @@ _DTYPES = {'float16': torch.float16, 'float32': torch.float32, 'float64': torch.
 
 _HASH_MUL = -7046029254386353131      # 0x9E3779B97F4A7C15 as a signed int64 (Fibonacci hashing)
 
+_WORDS = (torch.complex128, torch.int64, torch.int32)
+
+
+def write_rows(layer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``layer.index_copy_(0, rows, values)``, bit for bit: (N,) int64 ``rows`` of a (capacity, W) ``layer`` set
+    to (N, W) ``values`` of its dtype. On CPU index_copy_ moves one element at a time; rows whose bytes split into
+    16-, 8- or 4-byte words wider than the elements are copied as those words instead (a reinterpreting view, no
+    arithmetic). 1 024 fp16 rows, one thread: 166 against 43 us at W = 384, 40 against 11 us at W = 64. Returns
+    ``layer``."""
+    if layer.device.type == 'cpu' and layer.dim() == 2 and values.dim() == 2 and layer.dtype == values.dtype \
+            and layer.stride(1) == 1 and layer.stride(0) == layer.shape[1] and values.is_contiguous():
+        size, row = layer.element_size(), layer.shape[1] * layer.element_size()
+        for word in _WORDS:
+            w = word.itemsize
+            if w > size and row % w == 0 and (layer.storage_offset() * size) % w == 0 \
+                    and (values.storage_offset() * size) % w == 0:
+                layer.view(word).index_copy_(0, rows, values.view(word))
+                return layer
+    return layer.index_copy_(0, rows, values)
+
 
 class KeyIndex:
     """Open-addressing hash table from packed voxel keys to map rows: linear probing, every operation vectorised

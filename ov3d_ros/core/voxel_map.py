@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ov3d_ros.core.layer_cake import KeyIndex, LayerCake  # noqa: F401  (KeyIndex re-exported)
+from ov3d_ros.core.layer_cake import KeyIndex, LayerCake, write_rows  # noqa: F401  (KeyIndex re-exported)
 from ov3d_ros.core.lifting import CellFeatures
 
 _BITS = 21
@@ -204,7 +204,7 @@ class VoxelFeatureMap:
                 mean[:o - a].addcmul_(self.features.index_select(0, rows[a:o]), (w_eff[a:o] / denom[a:o])[:, None])
             # stored as fp16, norms of the stored values
             half = mean.to(torch.float16)
-            self.features.index_copy_(0, rows[a:b], half)
+            write_rows(self.features, rows[a:b], half)
             self.norms.index_copy_(0, rows[a:b], torch.linalg.vector_norm(mean.copy_(half), dim=1))
         if colors is not None:
             c = colors.to(dev).float()

@@ -49,6 +49,10 @@ def test_depth_decoding_and_validity():
     np.testing.assert_array_equal(m, [[0.0, 1.5], [0.0, -1.0]])
     valid = valid_depth_mask(torch.from_numpy(m), 0.1, 5.0)
     assert valid.tolist() == [[False, True], [False, False]]
+    raw = torch.tensor([[np.nan, 1.5, np.inf, -np.inf, 0.1, 5.0, 5.01]])   # NaN and inf as they come, not decoded
+    for lo, hi in ((0.1, 5.0), (0.1, float('inf')), (-float('inf'), 5.0)):
+        expect = [bool(np.isfinite(d) and lo <= d <= hi) for d in raw[0].tolist()]
+        assert valid_depth_mask(raw, lo, hi)[0].tolist() == expect, (lo, hi)
     with pytest.raises(ValueError, match='rgb8'):
         depth_to_meters(mm, 'rgb8')
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ov3d_ros.core.layer_cake import LayerCake
+from ov3d_ros.core.layer_cake import LayerCake, write_rows
 from ov3d_ros.core.map_io import load_map, save_map
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
@@ -193,3 +193,25 @@ def test_epoch_counts_what_moves_rows_but_not_inserts_nor_projections():
     cake.clear()
     assert cake.epoch == e + 3
     assert cake.share().epoch == cake.epoch and cake.share().basis_epoch == cake.basis_epoch
+
+
+@pytest.mark.parametrize('dtype,width', [(torch.float16, 384), (torch.float16, 64), (torch.float16, 6),
+                                         (torch.float16, 3), (torch.float32, 3), (torch.uint8, 8)])
+def test_write_rows_is_index_copy_bit_for_bit(dtype, width):
+    """Rows written as wider words (16, 8 or 4 bytes where a row's bytes split into them) or element by element
+    (3 fp16, 3 fp32) land exactly where index_copy_ puts them, every bit kept (NaN payloads included)."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 256, (40, width * torch.empty(0, dtype=dtype).element_size()), dtype=torch.uint8,
+                         generator=g)
+    layer = bits.view(dtype)
+    rows = torch.tensor([7, 0, 39, 12, 13])
+    values = torch.randint(0, 256, (6, bits.shape[1]), dtype=torch.uint8, generator=g).view(dtype)
+    for v in (values[:5], values[1:]):                     # aligned, and offset by one row
+        expect = layer.clone().index_copy_(0, rows, v)
+        got = layer.clone()
+        assert write_rows(got, rows, v) is got
+        assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))
+    odd = torch.randint(0, 256, (5 * width + 1,), dtype=torch.uint8, generator=g).view(torch.uint8)
+    if dtype == torch.uint8:                               # values at an odd byte offset: element by element
+        v = odd[1:].view(5, width)
+        assert torch.equal(write_rows(layer.clone(), rows, v), layer.clone().index_copy_(0, rows, v))

@@ -31,7 +31,7 @@ import torch
 
 from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import PurifyConfig
-from ov3d_ros.core.layer_cake import LayerCake
+from ov3d_ros.core.layer_cake import LayerCake, write_rows
 from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
                                               estimate_normals, neighbour_rows, offset_deltas, union_rows)
 from ov3d_ros.core.purification.superpoints import block_ids, segment_rows, superpoint_vote
@@ -371,10 +371,10 @@ class GeometryPooling:
         op.set_weights(torch.softmax(logits, dim=1))
         t1 = time.perf_counter()
         basis = self._pool_basis(vmap, whole)
-        self.purified.index_copy_(0, rows, op.apply(vmap.features.index_select(0, rows), self.purified[:n],
-                                                    self.cfg.iterations, basis, torch.float16))
+        write_rows(self.purified, rows, op.apply(vmap.features.index_select(0, rows), self.purified[:n],
+                                                 self.cfg.iterations, basis, torch.float16))
         for raw, out in channels:
-            out.index_copy_(0, rows, op.apply(raw.index_select(0, rows), out[:n], self.cfg.iterations).to(out.dtype))
+            write_rows(out, rows, op.apply(raw.index_select(0, rows), out[:n], self.cfg.iterations).to(out.dtype))
         if whole:
             self._normals_state = (_layout(vmap), torch.ones(n, dtype=torch.bool, device=vmap.device))
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
@@ -424,7 +424,7 @@ class GeometryPooling:
 
     def _store_embeddings(self, emb: torch.Tensor, rows: torch.Tensor) -> None:
         """Write (R, E) embeddings of ``rows`` into the embeddings layer (declared on first use)."""
-        self.cake.add_layer('embeddings', emb.shape[1], torch.float16).index_copy_(0, rows, emb.to(torch.float16))
+        write_rows(self.cake.add_layer('embeddings', emb.shape[1], torch.float16), rows, emb.to(torch.float16))
 
     TABLE_ROWS = 1 << 17
     """Rows whose neighbours incremental updates keep looked up from one keyframe to the next (consecutive

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ov3d_ros.core.layer_cake import write_rows
 from ov3d_ros.core.purification.graph import cube_offsets, neighbour_rows, row_positions
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys, unpack_keys
 
@@ -235,5 +236,5 @@ def superpoint_vote(features: torch.Tensor, segments: torch.Tensor, blend: float
         if rows is None:
             out[lo:lo + chunk] = mixed
         else:
-            out.index_copy_(0, rows[lo:lo + chunk], mixed.to(out.dtype))
+            write_rows(out, rows[lo:lo + chunk], mixed.to(out.dtype))
     return out
