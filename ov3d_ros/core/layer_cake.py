@@ -108,7 +108,7 @@ class KeyIndex:
     def _find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
         # rows stay int32 (the table's type; index_select takes them as indices) until the result: half the bytes
         # of every pass. 627 000 ball-neighbour keys into the 79 k-voxel map of bm_pooling.py, one thread, four
-        # interleaved runs: 16-18 against 19-21 ms with int64 rows
+        # interleaved runs: 14-15 against 16-21 ms with int64 rows
         slot = self._home(keys)
         r = self.table.index_select(0, slot)
         occupied = r >= 0

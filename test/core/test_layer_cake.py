@@ -211,7 +211,6 @@ def test_write_rows_is_index_copy_bit_for_bit(dtype, width):
         got = layer.clone()
         assert write_rows(got, rows, v) is got
         assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))
-    odd = torch.randint(0, 256, (5 * width + 1,), dtype=torch.uint8, generator=g).view(torch.uint8)
     if dtype == torch.uint8:                               # values at an odd byte offset: element by element
-        v = odd[1:].view(5, width)
+        v = torch.randint(0, 256, (5 * width + 1,), dtype=torch.uint8, generator=g)[1:].view(5, width)
         assert torch.equal(write_rows(layer.clone(), rows, v), layer.clone().index_copy_(0, rows, v))
