@@ -31,9 +31,10 @@ def test_prerendered_frames_are_published_at_the_rate_and_match_the_scene():
             client.node.create_subscription(Image, 'color/image', color.append, 50)
             client.executor.add_node(player)
             end = time.monotonic() + 60
-            while len(depth) < 6 and time.monotonic() < end:        # two passes of the loop
+            # two passes of the loop, on both topics (their messages need not arrive in step)
+            while min(len(depth), len(color)) < 6 and time.monotonic() < end:
                 client.spin(0.05)
-            assert len(depth) >= 6 and player.published >= 6
+            assert len(depth) >= 6 and len(color) >= 6 and player.published >= 6
             for i in range(6):
                 frame = render(player.scene, player.camera, player.poses[i % 3] @ player.rig[0]['T_B_C'])
                 got = conv.depth_to_meters(depth[i])
