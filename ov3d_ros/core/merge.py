@@ -27,7 +27,7 @@ import torch
 
 from ov3d_ros.core.compression import FeatureProjection, _top
 from ov3d_ros.core.map_io import load_map, save_map
-from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys, unpack_keys, voxel_coords
+from ov3d_ros.core.voxel_map import VoxelFeatureMap, unpack_keys, voxel_keys
 
 
 class MergeError(ValueError):
@@ -191,7 +191,7 @@ def merge_parts(parts: Sequence[MapPart], device: torch.device | str = 'cpu'
             centers = (unpack_keys(st['keys']).double() + 0.5) * vs
             Td = torch.as_tensor(T, dtype=torch.float64, device=device)
             try:
-                k = pack_keys(voxel_coords(centers @ Td[:3, :3].T + Td[:3, 3], vs))
+                k = voxel_keys(centers @ Td[:3, :3].T + Td[:3, 3], vs)
             except ValueError as e:
                 raise MergeError(f'{part.name}: the transform moves voxels out of the map range ({e})') from e
             v = v @ Td[:3, :3].T.float()                 # directions to the cameras turn with the map

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ov3d_ros.core.lifting import CellFeatures, bilinear_cells
-from ov3d_ros.core.voxel_map import VoxelFeatureMap, _unique_inverse, pack_keys, unpack_keys, voxel_coords
+from ov3d_ros.core.voxel_map import VoxelFeatureMap, _unique_inverse, pack_keys, unpack_keys, voxel_coords, voxel_keys
 
 
 def test_keys_round_trip_including_negative_coordinates():
@@ -27,6 +27,19 @@ def test_unique_inverse_matches_torch_unique():
 def test_voxel_coords_floor():
     pts = torch.tensor([[0.04, -0.01, 0.11]])
     assert voxel_coords(pts, 0.05).tolist() == [[0, -1, 2]]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_voxel_keys_are_packed_voxel_coords(dtype):
+    g = torch.Generator().manual_seed(1)
+    pts = ((torch.rand(2000, 3, generator=g, dtype=torch.float64) - 0.5) * 100).to(dtype)
+    pts[:10] = torch.tensor([[0.0, -0.0, 0.05], [-0.05, 0.1, -1e-9]], dtype=dtype).repeat(5, 1)   # cell edges
+    for p in (pts, pts.T.contiguous().T, pts[::3], pts.new_empty(0, 3)):        # rows, a (3, N) view, strided
+        assert torch.equal(voxel_keys(p, 0.05), pack_keys(voxel_coords(p, 0.05)))
+    for bad in ([(1 << 20) * 0.05, 0, 0], [0, -((1 << 20) + 1) * 0.05, 0], [0, 0, float('nan')],
+                [0, float('-inf'), 0]):
+        with pytest.raises(ValueError, match='out of range'):
+            voxel_keys(torch.tensor([[0.0, 0.0, 0.0], bad], dtype=dtype), 0.05)
 
 
 def test_fusion_is_exact_weighted_mean():
