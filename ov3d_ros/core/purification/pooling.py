@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import PurifyConfig
@@ -121,7 +122,8 @@ class PoolMatrix:
     Attributes:
         universe: (U,) int64 map rows, ``rows`` first.
         matrix: (R, U) float32 sparse CSR W (None before the weights are set), column indices sorted and unique
-            within each row, so the same sparse-dense product runs on CPU and CUDA.
+            within each row. CUDA pools with its sparse-dense product; CPU runs the same pattern and values as an
+            embedding bag (see :meth:`_iterate`).
     """
 
     CHUNK_BY_L2 = ((1 << 20, 64), (0, 32))
@@ -231,15 +233,28 @@ class PoolMatrix:
         cpu = features.device.type == 'cpu'
         step = self.cpu_chunk() if cpu else max(K, 1)
         out = torch.empty(R, K, dtype=torch.float32, device=features.device)
+        if cpu:
+            # The CSR product as a weighted embedding bag over the same pattern, each row's entries summed in
+            # column order as the sparse product does (bit for bit the same on bm_pooling.py's keyframe), plus one
+            # entry of weight 1 for each held-fixed neighbour (U - R rows that copy themselves): each step makes
+            # the whole next (U, columns) table, with neither the product's zero fill of its output nor a copy
+            # into a double buffer. T = 18 products of that 18 900-row keyframe at 64 columns, one thread: 15 ms
+            # against 25-27 ms for the sparse product.
+            U = len(self.universe)
+            col = torch.cat([self._col, torch.arange(R, U, dtype=self._col.dtype, device=self._col.device)])
+            crow = torch.cat([self._crow, self._crow[-1] + torch.arange(1, U - R + 1, dtype=self._crow.dtype,
+                                                                       device=self._crow.device)])
+            weights = torch.cat([self.matrix.values(), torch.ones(U - R, device=features.device)])
         for c in range(0, K, step):
             x = torch.cat([features[:, c:c + step].float(), start[:, c:c + step].float()])
-            y = x.clone()                                          # double buffer: rows R.. stay fixed in both
-            for _ in range(int(iterations)):
-                if cpu:
-                    torch.mm(self.matrix, x, out=y[:R])            # no allocation per step
-                else:
+            if cpu:
+                for _ in range(int(iterations)):
+                    x = F.embedding_bag(col, x, crow, mode='sum', per_sample_weights=weights, include_last_offset=True)
+            else:
+                y = x.clone()                                      # double buffer: rows R.. stay fixed in both
+                for _ in range(int(iterations)):
                     y[:R] = self.matrix @ x
-                x, y = y, x
+                    x, y = y, x
             out[:, c:c + step] = x[:R]
         return out
 
