@@ -291,6 +291,25 @@ def test_subspace_pooling_pools_the_span_and_keeps_the_rest():
     assert torch.allclose(op.apply(start @ P, outside @ P, 6, Q), op.apply(start @ P, outside @ P, 6), atol=1e-5)
 
 
+@pytest.mark.parametrize('subspace', [False, True])
+def test_pool_rows_writes_what_apply_returns(monkeypatch, subspace):
+    """``PoolMatrix.pool_rows`` (gathers and writes in blocks) stores in the layer exactly what ``apply`` returns for
+    the gathered rows, reading the held-fixed neighbours from the layer before writing any row; other rows stay."""
+    monkeypatch.setattr(PoolMatrix, 'PROJECT_ROWS', 7)                        # several blocks, a partial last one
+    g = torch.Generator().manual_seed(4)
+    D = 6
+    rows, nbr, weights, outside, _ = _random_pooling(g, 60, 40, 9, D)
+    source = torch.randn(60, D, generator=g)
+    Q = torch.linalg.qr(torch.randn(D, 2, generator=g))[0] if subspace else None
+    op = PoolMatrix(rows, nbr, weights)
+    layer = outside.to(torch.float16)
+    expect = layer.clone()
+    expect[rows] = op.apply(source[rows], layer, 5, Q, torch.float16)
+    op.pool_rows(source, layer, 5, Q)
+    assert torch.equal(layer, expect)
+    assert not torch.equal(layer, outside.to(torch.float16))
+
+
 def test_pool_dim_pools_features_of_that_rank_exactly():
     """``purify.pool_dim``: map features of rank <= pool_dim come out as with every dimension pooled; full-rank
     ones keep their raw part outside the fitted subspace (moved less than by full pooling); pool_dim >= D is full

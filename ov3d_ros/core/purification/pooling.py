@@ -210,18 +210,54 @@ class PoolMatrix:
         start = outside.index_select(0, self.universe[R:])
         if basis is None:
             return self._iterate(features, start, iterations).to(dtype)
+        out = torch.empty(R, K, dtype=dtype, device=features.device)
+
+        def write(r: int, values: torch.Tensor) -> None:
+            out[r:r + len(values)] = values
+
+        self._subspace(lambda r, buf: buf.copy_(features[r:r + len(buf)]), write, R, K, start, iterations, basis)
+        return out
+
+    def pool_rows(self, source: torch.Tensor, layer: torch.Tensor, iterations: int,
+                  basis: Optional[torch.Tensor] = None) -> None:
+        """``layer[rows]`` <- :meth:`apply` from ``source[rows]``, with the other neighbours' values read from
+        ``layer`` (before any write). source (V, K) and layer (>= V, K) are indexed by map rows; results are stored
+        in ``layer``'s dtype. With ``basis`` the source rows are gathered, and the results written, a block of
+        :attr:`PROJECT_ROWS` rows at a time: no (R, K) copy of either (at R = 18 900, D = 384, 14.5 MB each, which
+        a fresh allocation page-faults in)."""
+        R, K = len(self.rows), source.shape[1]
+        if basis is None or int(iterations) <= 0:
+            write_rows(layer, self.rows, self.apply(source.index_select(0, self.rows), layer, iterations,
+                                                    dtype=layer.dtype))
+            return
+        start = layer.index_select(0, self.universe[R:])
+        step = min(R, self.PROJECT_ROWS)
+        gathered = torch.empty(step, K, dtype=source.dtype, device=source.device)
+        half = torch.empty(step, K, dtype=layer.dtype, device=source.device)
+
+        def read(r: int, buf: torch.Tensor) -> torch.Tensor:
+            n = len(buf)
+            return buf.copy_(torch.index_select(source, 0, self.rows[r:r + n], out=gathered[:n]))
+
+        def write(r: int, values: torch.Tensor) -> None:
+            write_rows(layer, self.rows[r:r + len(values)], half[:len(values)].copy_(values))
+
+        self._subspace(read, write, R, K, start, iterations, basis)
+
+    def _subspace(self, read: Callable[[int, torch.Tensor], torch.Tensor], write: Callable[[int, torch.Tensor], None],
+                  R: int, K: int, start: torch.Tensor, iterations: int, basis: torch.Tensor) -> None:
+        """Pooling in the span of ``basis`` (see :meth:`apply`): ``read(r, buf)`` fills the float32 (n, K) ``buf``
+        with rows r..r+n-1's features and returns it; ``write(r, values)`` takes their (n, K) float32 results."""
         # the two (R, K) x (K, k) products a block of rows at a time through one float32 buffer: no (R, K)
         # float32 copies (at R = 18 900, D = 384 they cost as much as the products, mostly in page faults)
         step = self.PROJECT_ROWS
-        buf = torch.empty(min(R, step), K, dtype=torch.float32, device=features.device)
-        inside = torch.empty(R, basis.shape[1], dtype=torch.float32, device=features.device)
+        buf = torch.empty(min(R, step), K, dtype=torch.float32, device=start.device)
+        inside = torch.empty(R, basis.shape[1], dtype=torch.float32, device=start.device)
         for r in range(0, R, step):
-            torch.mm(buf[:min(R - r, step)].copy_(features[r:r + step]), basis, out=inside[r:r + step])
+            torch.mm(read(r, buf[:min(R - r, step)]), basis, out=inside[r:r + step])
         delta = self._iterate(inside, start.float() @ basis, iterations).sub_(inside)
-        out = torch.empty(R, K, dtype=dtype, device=features.device)
         for r in range(0, R, step):
-            out[r:r + step] = buf[:min(R - r, step)].copy_(features[r:r + step]).addmm_(delta[r:r + step], basis.T)
-        return out
+            write(r, read(r, buf[:min(R - r, step)]).addmm_(delta[r:r + step], basis.T))
 
     PROJECT_ROWS = 1024
     """Rows per block of the subspace projections in :meth:`apply`: 1 024 x 384 float32 stay near the cache
@@ -386,10 +422,9 @@ class GeometryPooling:
         op.set_weights(torch.softmax(logits, dim=1))
         t1 = time.perf_counter()
         basis = self._pool_basis(vmap, whole)
-        write_rows(self.purified, rows, op.apply(vmap.features.index_select(0, rows), self.purified[:n],
-                                                 self.cfg.iterations, basis, torch.float16))
+        op.pool_rows(vmap.features, self.purified, self.cfg.iterations, basis)
         for raw, out in channels:
-            write_rows(out, rows, op.apply(raw.index_select(0, rows), out[:n], self.cfg.iterations).to(out.dtype))
+            op.pool_rows(raw, out, self.cfg.iterations)
         if whole:
             self._normals_state = (_layout(vmap), torch.ones(n, dtype=torch.bool, device=vmap.device))
         self.timings_s = {'affinity': t1 - t0, 'pooling': time.perf_counter() - t1, 'voxels': len(rows),
