@@ -90,13 +90,16 @@ class VoxelFeatureMap:
     """The persisted fusion layers (``norms`` is derived from ``features``)."""
     OPTIONAL = ('views',)
     """Fusion layers that map files written before them lack (:meth:`load_state` fills them with zeros)."""
-    FUSE_ROWS = 1024
-    """Touched voxels whose D-wide means are computed, blended and stored together (cell features): the float32
-    means, their fp16 copy and the old rows stay near 1.5 MB (1 024 x 384 float32) instead of (v, D) buffers of
-    20-40 MB per keyframe, which glibc's allocator may map afresh each time (its mmap threshold moves with what was
-    freed): page faults, about 3 us each on this host. 120 keyframes at 640x480, D = 384, one thread: 206 instead of
-    424-3 217 faults and 20-22 instead of 23-32 ms per keyframe (three runs each); 512 / 2 048 / 4 096 rows 21.6 /
-    20.9 / 21.2 ms. Results bit for bit the same."""
+    FUSE_VALUES = 1024 * 384
+    """Float32 values per block of touched voxels whose D-wide means are computed, blended and stored together
+    (cell features; FUSE_VALUES // D voxels, 1 024 at D = 384): the float32 means, their fp16 copy and the old rows
+    stay near 1.5 MB instead of (v, D) buffers of 20-40 MB per keyframe, which glibc's allocator may map afresh each
+    time (its mmap threshold moves with what was freed): page faults, about 3 us each on this host. 120 keyframes at
+    640x480, D = 384, one thread: 206 instead of 424-3 217 faults and 20-22 instead of 23-32 ms per keyframe (three
+    runs each); 512 / 2 048 / 4 096 rows 21.6 / 20.9 / 21.2 ms. At d = 64 the same bytes are 6 144 voxels, fewer
+    blocks of small tensor operations: lifting + fusion of the 15 keyframes of ``bm_compare.py`` 22.2 against
+    22.8 ms per keyframe with blocks of 1 024 (medians of six alternating runs in one process, one thread).
+    Results bit for bit the same."""
 
     def __init__(self, voxel_size_m: float, dim: int, device: torch.device | str = 'cpu', capacity: int = 65536,
                  max_weight: float = 0.0):
@@ -205,8 +208,9 @@ class VoxelFeatureMap:
         w_eff = self.capped(w_old)
         denom = w_eff + w_sum
         means = self._feature_means(v, inv, features, w, denom)    # (a, b) -> sum of w f / denom of voxels a..b-1
-        # in blocks on CPU (see FUSE_ROWS); on CUDA the caching allocator reuses its buffers: all at once, no syncs
-        step = self.FUSE_ROWS if isinstance(features, CellFeatures) and dev.type == 'cpu' else max(v, 1)
+        # in blocks on CPU (see FUSE_VALUES); on CUDA the caching allocator reuses its buffers: all at once, no syncs
+        step = max(1, self.FUSE_VALUES // self.dim) if isinstance(features, CellFeatures) and dev.type == 'cpu' \
+            else max(v, 1)
         for a in range(0, v, step):
             b = min(a + step, v)
             mean = means(a, b)

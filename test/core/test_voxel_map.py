@@ -87,7 +87,7 @@ def test_cell_features_fuse_like_dense_features():
     pts = torch.stack([u / 96.0, v / 64.0, torch.zeros(400)], dim=-1)   # neighbouring pixels share voxels
     w = torch.rand(400, generator=g) + 0.5
     by_cells, dense, blocks = VoxelFeatureMap(0.1, 8), VoxelFeatureMap(0.1, 8), VoxelFeatureMap(0.1, 8)
-    blocks.FUSE_ROWS = 7                     # touched voxels in blocks of 7: old and new rows across block edges
+    blocks.FUSE_VALUES = 7 * 8               # touched voxels in blocks of 7: old and new rows across block edges
     first = CellFeatures(cells.grid, cells.cells[:150], cells.weights[:150])
     for m in (by_cells, blocks):
         m.integrate(pts[:150], first, weights=w[:150])
@@ -95,7 +95,7 @@ def test_cell_features_fuse_like_dense_features():
     dense.integrate(pts[:150], cells.dense()[:150], weights=w[:150])
     dense.integrate(pts, cells.dense(), weights=w)
     n = len(dense)
-    assert len(by_cells) == len(blocks) == n < 400 and n > 10 * blocks.FUSE_ROWS
+    assert len(by_cells) == len(blocks) == n < 400 and n > 70
     assert torch.allclose(by_cells.features[:n].float(), dense.features[:n].float(), atol=2e-3)
     assert torch.equal(blocks.features[:n], by_cells.features[:n]) and torch.equal(blocks.norms[:n], by_cells.norms[:n])
 
