@@ -260,8 +260,9 @@ class PoolMatrix:
             write(r, read(r, buf[:min(R - r, step)]).addmm_(delta[r:r + step], basis.T))
 
     PROJECT_ROWS = 1024
-    """Rows per block of the subspace projections in :meth:`apply`: 1 024 x 384 float32 stay near the cache
-    (18 900 x 384 fp16 features, one thread: 32 ms against 52 ms for whole-matrix products; 512-4 096 within 2 ms)."""
+    """Rows per block of the subspace projections (:meth:`apply`, :meth:`pool_rows`): 1 024 x 384 float32 stay near
+    the cache (18 900 x 384 fp16 features, one thread: 32 ms against 52 ms for whole-matrix products; 512-4 096
+    within 2 ms)."""
 
     def _iterate(self, features: torch.Tensor, start: torch.Tensor, iterations: int) -> torch.Tensor:
         """``iterations`` products from features (R, K), with the other neighbours' values ``start`` (U - R, K)."""
