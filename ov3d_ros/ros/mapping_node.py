@@ -19,7 +19,6 @@ import collections
 import json
 import resource
 import signal
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -802,18 +801,30 @@ def spin(node_factory, args=None) -> int:
     """Init, build the node, spin a multi-threaded executor until Ctrl-C or shutdown; 1 (and a FATAL line with
     the reason) if the node cannot start."""
     node = executor = None
+    stop = threading.Event()
+
+    def request_stop(signum, frame) -> None:
+        # The first SIGINT / SIGTERM only asks the loop below to end between two spins. Raised at whatever line
+        # the main thread is on, a KeyboardInterrupt can land inside rclpy building a task for a callback and
+        # leave a half-made Task, whose finaliser then prints a traceback at exit. A second signal does raise
+        # (a start-up that hangs can still be interrupted).
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
     try:
-        # SIGINT/SIGTERM raise KeyboardInterrupt/SystemExit here instead of shutting the context down under running
-        # callbacks (which then fail with "cannot use Destroyable because destruction was requested"): the
-        # executor below lets them finish with a live context, then the node and the context go.
+        # SIGINT/SIGTERM do not shut the context down under running callbacks (which then fail with "cannot use
+        # Destroyable because destruction was requested"): the executor below lets them finish with a live
+        # context, then the node and the context go.
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
         node = node_factory()
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
-        while rclpy.ok():
+        while rclpy.ok() and not stop.is_set():
             try:
-                executor.spin_once(timeout_sec=0.1)     # returns often, so the Python signal handlers run
+                executor.spin_once(timeout_sec=0.1)     # returns often, so a stop request ends it promptly
             except ExternalShutdownException:
                 raise
             except Exception as e:  # a callback that raised: say so, keep the node and its map
