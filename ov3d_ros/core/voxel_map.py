@@ -28,25 +28,29 @@ def voxel_coords(points: torch.Tensor, voxel_size_m: float) -> torch.Tensor:
     return torch.floor(points / voxel_size_m).to(torch.int64)
 
 
-def pack_keys(coords: torch.Tensor) -> torch.Tensor:
-    """(N, 3) int64 voxel coordinates → (N,) int64 keys (21 bits per axis)."""
-    c = coords + _OFFSET
+def _pack_rows(c: torch.Tensor) -> torch.Tensor:
+    """(3, N) int64 voxel coordinates plus ``_OFFSET`` (a temporary of the caller's: it is overwritten) → (N,)
+    int64 keys, a view of its first row. The one range test and packing of ``pack_keys`` and ``voxel_keys``;
+    raises ValueError if a coordinate is out of range."""
+    x, y, z = c[0], c[1], c[2]
     # in range iff no coordinate has a bit above the lowest _BITS set (a negative one has its sign bits set);
     # one OR and one test, several times faster than a min and a max on CPU
-    if c.numel() and bool(((c[:, 0] | c[:, 1] | c[:, 2]) >> _BITS).any()):
+    if c.shape[1] and bool(((x | y).bitwise_or_(z) >> _BITS).any()):
         raise ValueError('voxel coordinates out of range (points farther than 2^20 voxels from the origin)')
-    return (c[:, 0] << (2 * _BITS)) | (c[:, 1] << _BITS) | c[:, 2]
+    return x.bitwise_left_shift_(2 * _BITS).bitwise_or_(y.bitwise_left_shift_(_BITS)).bitwise_or_(z)
+
+
+def pack_keys(coords: torch.Tensor) -> torch.Tensor:
+    """(N, 3) int64 voxel coordinates → (N,) int64 keys (21 bits per axis)."""
+    return _pack_rows((coords + _OFFSET).T).contiguous()
 
 
 def voxel_keys(points: torch.Tensor, voxel_size_m: float) -> torch.Tensor:
     """(N, 3) float points → (N,) int64 packed keys of their voxels: ``pack_keys(voxel_coords(points, ...))``, bit
-    for bit, in place on one (3, N) int64 temporary (a lifted keyframe's points are a (3, N) tensor's transposed
-    view, so its rows are contiguous); 76 800 points, one thread: 0.8 against 1.6 ms."""
-    c = torch.floor_(points.T / voxel_size_m).to(torch.int64, memory_format=torch.contiguous_format).add_(_OFFSET)
-    x, y, z = c[0], c[1], c[2]
-    if c.shape[1] and bool(((x | y).bitwise_or_(z) >> _BITS).any()):          # the test of ``pack_keys``
-        raise ValueError('voxel coordinates out of range (points farther than 2^20 voxels from the origin)')
-    return x.bitwise_left_shift_(2 * _BITS).bitwise_or_(y.bitwise_left_shift_(_BITS)).bitwise_or_(z)
+    for bit, on one (3, N) int64 temporary (a lifted keyframe's points are a (3, N) tensor's transposed view, so
+    its rows are contiguous); 76 800 points, one thread: 0.8 against 1.6 ms."""
+    return _pack_rows(torch.floor_(points.T / voxel_size_m).to(torch.int64, memory_format=torch.contiguous_format)
+                      .add_(_OFFSET))
 
 
 def _unique_inverse(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
