@@ -4,7 +4,8 @@ import torch
 from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.purification.distill import DistillConfig, Teacher, pick_pairs
 from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
-                                              cube_offsets, estimate_normals, neighbour_rows)
+                                              cube_offsets, estimate_normals, marked_rows, neighbour_rows,
+                                              union_rows)
 from ov3d_ros.core.purification.pooling import GeometryPooling, PoolMatrix, pool
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, pack_keys
 
@@ -39,6 +40,21 @@ def test_offsets_and_neighbours():
     assert (nbr[0] >= 0).sum() == 5 and (nbr[1] >= 0).sum() == 3   # in-plane 4-neighbourhood + itself
     normals = estimate_normals(m, rows, neighbour_rows(m, rows, ball_offsets(2)), ball_offsets(2))
     assert torch.allclose(normals.abs(), torch.tensor([[0.0, 0.0, 1.0]] * 2), atol=1e-5)
+
+
+@pytest.mark.parametrize('size', [0, 1, 7, 8, 9, 64, 1001])
+def test_marked_rows_and_union_rows_are_sorted_sets(size):
+    """Read eight marks at a time, the marked rows are those a plain nonzero finds, in order, at sizes that are
+    and are not multiples of eight, marks in the first and last slots and in the slot of a missing row (-1)."""
+    g = torch.Generator().manual_seed(size)
+    for density in (0.0, 0.03, 0.5, 1.0):
+        mark = torch.rand(8 * (size // 8 + 1), generator=g) < density
+        assert torch.equal(marked_rows(mark), torch.nonzero(mark).flatten())
+        parts = [torch.randint(-1, max(size, 1), (int(density * 3 * size) + 2,), generator=g), torch.tensor([-1])]
+        if size:
+            parts.append(torch.tensor([0, size - 1, size - 1]))
+        want = sorted({int(r) for p in parts for r in p if 0 <= r < size})
+        assert union_rows(size, *parts).tolist() == want
 
 
 def test_neighbour_table_and_dilation_agree_with_direct_lookups():
@@ -254,6 +270,25 @@ def test_pool_is_a_valid_csr_product_equal_to_a_dense_reference():
     got = pool(start, rows, nbr, weights, outside, 6, check=True)   # raises on an invalid CSR matrix
     assert torch.allclose(got, x[rows], atol=1e-5)
     assert torch.equal(pool(start, rows, nbr, weights, outside, 0), start)
+
+
+def test_a_pool_matrix_built_on_a_kept_scratch_is_the_same_and_leaves_it_clean():
+    """A matrix numbered in a caller's scratch table has the same universe, pattern and products as one that fills
+    its own, leaves the scratch all -1 (also when it refuses repeated rows), and a too short scratch is not used."""
+    g = torch.Generator().manual_seed(5)
+    rows, nbr, weights, outside, start = _random_pooling(g, 50, 30, 9, 4)
+    scratch = torch.full((64,), -1, dtype=torch.int32)
+    own, kept = PoolMatrix(rows, nbr, weights, check=True), PoolMatrix(rows, nbr, weights, check=True, scratch=scratch)
+    assert torch.equal(own.universe, kept.universe)
+    assert torch.equal(own.matrix.to_dense(), kept.matrix.to_dense())
+    assert torch.equal(own.apply(start, outside, 4), kept.apply(start, outside, 4))
+    assert torch.equal(scratch, torch.full((64,), -1, dtype=torch.int32))
+    with pytest.raises(ValueError, match='unique'):
+        PoolMatrix(torch.cat([rows, rows[:1]]), torch.cat([nbr, nbr[:1]]), scratch=scratch)
+    assert torch.equal(scratch, torch.full((64,), -1, dtype=torch.int32))
+    short = torch.full((10,), -1, dtype=torch.int32)
+    assert torch.equal(PoolMatrix(rows, nbr, weights, scratch=short).universe, own.universe)
+    assert torch.equal(short, torch.full((10,), -1, dtype=torch.int32))
 
 
 def test_the_column_slices_follow_the_l2_cache_and_never_change_the_result(monkeypatch):

@@ -191,11 +191,27 @@ def ball_region(vmap: VoxelFeatureMap, rows: torch.Tensor, offsets: torch.Tensor
 def union_rows(size: int, *parts: torch.Tensor) -> torch.Tensor:
     """Sorted unique rows (int64) of ``parts`` (int64 tensors of rows in [0, size), or -1 for none, e.g. a
     neighbour table as is): a mark per row instead of a unique (a sort) over every entry, about 10x faster for a
-    keyframe's (row, neighbour) pairs."""
-    mark = torch.zeros(size + 1, dtype=torch.bool, device=parts[0].device)     # -1 marks the last, spare slot
-    for part in parts:
+    keyframe's (row, neighbour) pairs. The marks are read back eight at a time (see :func:`marked_rows`)."""
+    mark = torch.zeros(_WORD * (size // _WORD + 1), dtype=torch.bool, device=parts[0].device)
+    for part in parts:                                  # -1 marks the last slot, a spare one (>= size)
         mark.index_fill_(0, part.reshape(-1), True)     # 1.9 against 3.0 ms as mark[part] = True, 528 000 rows
-    return torch.nonzero(mark[:size]).flatten()
+    mark[size:] = False
+    return marked_rows(mark)
+
+
+_WORD = 8
+"""Marks (bools) per int64 word in :func:`marked_rows`."""
+
+
+def marked_rows(mark: torch.Tensor) -> torch.Tensor:
+    """(n,) int64 sorted indices of the True entries of a (N,) bool tensor, N a multiple of 8 (contiguous): a
+    nonzero over its int64 words, then over the words that hold a mark. Its cost follows N / 8 plus the marks, so
+    incremental updates stay nearly flat in map size: one thread, 19 000 marks, 0.32 against 1.08 ms at
+    968 000 rows, 1.6 against 9.5 ms at 10 M (0.16 against 0.13 ms at 79 000)."""
+    words = mark.view(torch.int64)
+    held = torch.nonzero(words).flatten()
+    bits = torch.nonzero(words.index_select(0, held).view(torch.bool)).flatten()
+    return held.index_select(0, bits.bitwise_right_shift(3)).mul_(_WORD).add_(bits.bitwise_and_(_WORD - 1))
 
 
 def connected_dilation(vmap: VoxelFeatureMap, rows: torch.Tensor, steps: int,
