@@ -70,7 +70,7 @@ def cube_offsets(radius_vox: int, device: torch.device | str = 'cpu') -> torch.T
     return grid[torch.argsort(grid.abs().amax(1), stable=True)]
 
 
-def _with_room(t: torch.Tensor, keep: int, rows: int) -> torch.Tensor:
+def with_room(t: torch.Tensor, keep: int, rows: int) -> torch.Tensor:
     """``t`` itself if it has ``rows`` rows, else a tensor of at least twice its rows (the rest uninitialised)
     holding its first ``keep`` rows."""
     if rows <= len(t):
@@ -122,7 +122,7 @@ class NeighbourTable:
             self._slot[miss] = idx
             new = miss[self._slot.index_select(0, miss) == idx]
             need = self._used + len(new)
-            self._data = _with_room(self._data, self._used, need)
+            self._data = with_room(self._data, self._used, need)
             self._data[self._used:need] = neighbour_rows(self.vmap, new, self.offsets)
             self._slot.index_copy_(0, new, torch.arange(self._used, need, device=rows.device))
             self._used = need
@@ -160,7 +160,7 @@ class NeighbourTable:
         old, n = self.size, self.vmap.size
         added = torch.arange(old, n, device=self._slot.device)
         if len(added):
-            self._slot = _with_room(self._slot, old, n)      # no copy of the whole column per keyframe
+            self._slot = with_room(self._slot, old, n)      # no copy of the whole column per keyframe
             self._slot[old:n] = -1
             self._size = n
             nbr = self(added)
@@ -211,7 +211,7 @@ def marked_rows(mark: torch.Tensor) -> torch.Tensor:
     words = mark.view(torch.int64)
     held = torch.nonzero(words).flatten()
     bits = torch.nonzero(words.index_select(0, held).view(torch.bool)).flatten()
-    return held.index_select(0, bits.bitwise_right_shift(3)).mul_(_WORD).add_(bits.bitwise_and_(_WORD - 1))
+    return held.index_select(0, bits // _WORD).mul_(_WORD).add_(bits.bitwise_and_(_WORD - 1))
 
 
 def connected_dilation(vmap: VoxelFeatureMap, rows: torch.Tensor, steps: int,

@@ -34,7 +34,8 @@ from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import PurifyConfig
 from ov3d_ros.core.layer_cake import LayerCake, write_rows
 from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball_region, connected_dilation,
-                                              estimate_normals, neighbour_rows, offset_deltas, union_rows)
+                                              estimate_normals, neighbour_rows, offset_deltas, union_rows,
+                                              with_room)
 from ov3d_ros.core.purification.superpoints import block_ids, segment_rows, superpoint_vote
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
@@ -425,11 +426,14 @@ class GeometryPooling:
                 self._store_embeddings(self.embed(vmap, rows, self.normals.index_select(0, rows)), rows)
         else:
             rows, nbr, embedded = self._refresh(vmap, touched)
-        # the scratch is taken while in use: an error on the way leaves none half-filled behind
+        # PoolMatrix numbers rows in a kept all -1 table with a slot per map row, grown by doubling like the
+        # neighbour table's column; taken while in use, so an error on the way leaves none half-filled behind
         scratch, self._scratch = self._scratch, None
-        if scratch is None or len(scratch) < n or scratch.device != vmap.device:
-            scratch = torch.full((max(n, 2 * len(scratch)) if scratch is not None else n,), -1, dtype=torch.int32,
-                                 device=vmap.device) if n < 2 ** 31 else None
+        if scratch is None or scratch.device != vmap.device:
+            scratch = torch.empty(0, dtype=torch.int32, device=vmap.device)
+        old = len(scratch)
+        scratch = with_room(scratch, old, n)
+        scratch[old:] = -1
         op = PoolMatrix(rows, nbr, scratch=scratch)
         self._scratch = scratch
         if self.embed is not None:
