@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ov3d_ros.core.lifting import CellFeatures, bilinear_cells
-from ov3d_ros.core.voxel_map import VoxelFeatureMap, _unique_inverse, pack_keys, unpack_keys, voxel_coords, voxel_keys
+from ov3d_ros.core.voxel_map import (_RADIX_MIN, VoxelFeatureMap, _stable_sort, _unique_inverse, pack_keys,
+                                      unpack_keys, voxel_coords, voxel_keys)
 
 
 def test_keys_round_trip_including_negative_coordinates():
@@ -18,10 +19,17 @@ def test_unique_inverse_matches_torch_unique():
     g = torch.Generator().manual_seed(0)
     runs = torch.randint(0, 50, (300,), generator=g).repeat_interleave(torch.randint(1, 6, (300,), generator=g))
     empty = torch.empty(0, dtype=torch.int64)
-    for values in (torch.randint(-1000, 1000, (5000,), generator=g), runs, torch.arange(7), empty):
+    top = torch.iinfo(torch.int32).max
+    wide = torch.randint(-top, top, (20000,), generator=g, dtype=torch.int32)     # padded to a radix sort
+    wide[::97] = top                                                            # ties with the padding value
+    for values in (torch.randint(-1000, 1000, (5000,), generator=g), runs, torch.arange(7), empty, wide,
+                   wide[:_RADIX_MIN - 1], wide[:_RADIX_MIN // 2], runs.int()):
         unique, inverse = _unique_inverse(values)
         ref_unique, ref_inverse = torch.unique(values, return_inverse=True)
         assert torch.equal(unique, ref_unique) and torch.equal(inverse, ref_inverse)
+        ordered, order = _stable_sort(values)
+        ref_ordered, ref_order = torch.sort(values, stable=True)
+        assert torch.equal(ordered, ref_ordered) and torch.equal(order, ref_order)
 
 
 def test_voxel_coords_floor():
@@ -205,3 +213,53 @@ def test_views_follow_the_weighted_mean_direction_to_the_cameras_and_persist(tmp
     assert m2.size == 2 and not m2.views[:2].any()
     with pytest.raises(ValueError, match='views'):
         m2.load_state(dict(old, views=torch.zeros(2, 2)))
+
+
+def test_fusion_is_the_same_whichever_way_the_touch_numbers_the_voxels():
+    """Integration numbers voxels by an offset in the points' bounding box: in int32 for a small box, int64 for a
+    large one (its (voxel, cell block) pairs in int32 only while they fit), and through a sort of packed keys when
+    (box x cell blocks) exceeds int64. A far point switches the path; the other voxels must come out the same in
+    every case, bit for bit (same sums in the same order), and the new rows in the order of their keys. Points
+    that cannot be keyed are refused and leave the map as it was."""
+    g = torch.Generator().manual_seed(4)
+    grid = torch.nn.functional.normalize(torch.randn(6, 8, 16, generator=g), dim=-1)
+    n = 4000
+    u, v = torch.randint(0, 128, (n + 1,), generator=g), torch.randint(0, 96, (n + 1,), generator=g)
+    order = torch.argsort(v * 128 + u)                                      # raster order: runs of voxels
+    u, v = u[order], v[order]
+    cells = bilinear_cells(grid, u, v, 128, 96)
+    near = torch.stack([u / 128.0, v / 96.0, (u + v) % 7 / 40.0], dim=-1)
+    colors = torch.rand(n + 1, 3, generator=g) * 255
+    vs = 0.05
+    far = {'int32 box': [2.0, 2.0, 2.0],                                    # int32 offsets and pairs
+           'int64 pairs': [100.0, 100.0, 1.0],                              # 8e7 cells < 2^31 < 8e7 x 48 blocks
+           'int64 box': [3000.0, -2000.0, 1000.0],                          # 1e15 cells x 48 blocks < 2^62
+           'sorted keys': [(1 << 20) - 1, -(1 << 20), (1 << 20) - 1]}          # 2^63 cells: too large for a box
+    maps = {}
+    for name, extra in far.items():
+        pts = near.clone()
+        pts[-1] = torch.tensor(extra) * (vs if name == 'sorted keys' else 1.0) + 0.01    # a voxel of its own
+        m = VoxelFeatureMap(vs, 16, capacity=16, max_weight=5.0)
+        for part in torch.arange(n + 1).split(1500):                       # old and new rows in later calls
+            c = CellFeatures(cells.grid, None, cells.weights[part], cells.blocks[part], cells.block_cells)
+            rows = m.integrate(pts[part], c, colors[part], origin=torch.tensor([0.3, 0.2, 2.0]))
+            assert torch.equal(rows, torch.unique(m.rows_of(pts[part])))   # sorted, unique, every point's row
+        keys = pack_keys(voxel_coords(pts, vs))
+        assert torch.equal(m.keys[:m.size], torch.cat([torch.unique(keys[p]) [~torch.isin(torch.unique(keys[p]),
+                                                                                            keys[:p[0]])]
+                                                       for p in torch.arange(n + 1).split(1500)]))
+        maps[name] = m
+    ref = maps['int32 box']
+    near_rows = ref.rows_of(near[:n])
+    for name, m in maps.items():
+        rows = m.rows_of(near[:n])
+        for layer in ('features', 'weights', 'colors', 'counts', 'views', 'norms'):
+            assert torch.equal(m.cake[layer][rows], ref.cake[layer][near_rows]), (name, layer)
+    before = {k: t.clone() for k, t in ref.state().items()}
+    for bad in ([0.0, float('nan'), 0.0], [float('inf'), 0.0, 0.0], [0.0, 0.0, (1 << 20) * vs]):
+        pts = near[:10].clone()
+        pts[3] = torch.tensor(bad)
+        c = CellFeatures(cells.grid, None, cells.weights[:10], cells.blocks[:10], cells.block_cells)
+        with pytest.raises(ValueError, match='out of range'):
+            ref.integrate(pts, c, colors[:10])
+    assert all(torch.equal(before[k], t) for k, t in ref.state().items())
