@@ -20,11 +20,11 @@ version, threads and sizes:
           (max_pending_keyframes), the keyframes the node's rule selects when it sees every published frame (the
           same KeyframeSelector and settings replayed here on the published poses), per-keyframe integration time
           (~/status: a batch's time shared by its keyframes; mean, p95, max) and the query round trips (client
-          side).
+          side), with the node's own time in its handler (query_in_node, from the "(N ms)" of each answer).
   map     a --voxels map (bm_pooling's synthetic building, one scene class per 0.5 m cell, features near the class
           texts, written by the core's Mapper.save) loaded by the node at start (map_path + load_map_on_start),
           then --calls /segment_by_text round trips (client side: request sent -> response in hand; after one
-          warm-up call per text) and the answer size.
+          warm-up call per text), the node's own time of each (in_node) and the answer size.
 The summary line holds the targets: 0 dropped frames, every selected keyframe integrated, and the round trip
 at 100 k voxels.
 """
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -64,6 +65,17 @@ def stats_ms(seconds) -> dict:
     a = 1e3 * np.asarray(seconds, dtype=np.float64)
     return {'n': len(a), 'mean_ms': round(float(a.mean()), 1), 'p50_ms': round(float(np.percentile(a, 50)), 1),
             'p95_ms': round(float(np.percentile(a, 95)), 1), 'max_ms': round(float(a.max()), 1)}
+
+
+def handler_seconds(responses) -> list:
+    """The node's own time for each answered request, from the "(N ms)" its answer message ends with: the rest
+    of a round trip is transport and waiting for an executor thread and the CPU."""
+    out = []
+    for r in responses:
+        m = re.search(r'\((\d+) ms\)$', r.message) if r is not None and r.success else None
+        if m:
+            out.append(float(m.group(1)) / 1e3)
+    return out
 
 
 def segment(client, text: str, timeout_s: float):
@@ -221,7 +233,9 @@ def bench_stream(args, env_vars, out: Path) -> dict:
                             'max': round(1e3 * final['keyframe_time_max_s'], 1)},
                voxels=final['voxels'], queries_sent=len(queries), queries_answered=len(lat),
                queries_failed=len(failures), query_failures=sorted(set(failures))[:3],
-               query_round_trip=stats_ms(lat), peak_rss_mb=round(final['peak_rss_mb']),
+               query_round_trip=stats_ms(lat),
+               query_in_node=stats_ms(handler_seconds([q['future'].result() for q in queries if q['future'].done()])),
+               peak_rss_mb=round(final['peak_rss_mb']),
                last_error=final['last_error'], node_alive_at_end=alive, node_exit_code=code)
     return emit(row)
 
@@ -262,7 +276,7 @@ def bench_map(args, env_vars, out: Path) -> dict:
     voxels, size = synthetic_map(args.voxels, path)
     t0 = time.monotonic()
     node, client = start(env_vars, out, [f'map_path:={path}', 'load_map_on_start:=true'] + list(args.param))
-    lat, sizes, failures = [], [], []
+    lat, sizes, failures, answers = [], [], [], []
     try:
         device = node_device(node.log())
         up_s = time.monotonic() - t0
@@ -276,6 +290,7 @@ def bench_map(args, env_vars, out: Path) -> dict:
                 failures.append(resp.message if resp else 'no answer')
                 continue
             lat.append(dt)
+            answers.append(resp)
             sizes.append((resp.cloud.width, len(resp.cloud.data) + 4 * len(resp.scores)))
         client.spin(1.5)
         loaded = client.status['voxels'] if client.status else None
@@ -286,7 +301,8 @@ def bench_map(args, env_vars, out: Path) -> dict:
     return emit(dict(env(device), section='map', voxels_requested=args.voxels, voxels_in_file=voxels,
                      voxels_in_node=loaded, file_mb=round(size / 2 ** 20, 1), node_up_and_loaded_s=round(up_s, 1),
                      texts=list(QUERIES), calls=args.calls, answered=len(lat), failed=len(failures),
-                     round_trip=stats_ms(lat), answer_voxels_mean=int(answer[:, 0].mean()),
+                     round_trip=stats_ms(lat), in_node=stats_ms(handler_seconds(answers)),
+                     answer_voxels_mean=int(answer[:, 0].mean()),
                      answer_kb_mean=round(float(answer[:, 1].mean()) / 1024, 1), node_exit_code=code))
 
 
