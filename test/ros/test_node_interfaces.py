@@ -163,3 +163,20 @@ def test_start_up_failure_exits_non_zero_with_a_fatal_line(tmp_path):
     log = node.log()
     assert rc == 1, log
     assert '[FATAL]' in log and "pose_source must be one of 'tf', 'pose', 'odometry', got 'bogus'" in log, log
+
+
+def test_the_node_process_switches_threads_every_half_millisecond():
+    """spin() shortens the interpreter's switch interval for the node's callbacks (GIL_SWITCH_S), also when the
+    node then fails to start."""
+    import subprocess
+    import sys
+    code = ('import sys; from ov3d_ros.ros.mapping_node import GIL_SWITCH_S, spin\n'
+            'def bad():\n    raise ValueError("no node here")\n'
+            'assert sys.getswitchinterval() == 0.005\n'
+            'print(spin(bad), sys.getswitchinterval(), GIL_SWITCH_S)\n')
+    with private_domain() as env:
+        out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rc, interval, wanted = out.stdout.split()
+    assert rc == '1' and float(interval) == float(wanted) == 0.0005, out.stdout
+    assert 'cannot start: no node here' in out.stderr, out.stderr
