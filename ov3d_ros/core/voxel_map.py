@@ -95,7 +95,7 @@ class _Touched(NamedTuple):
     inv: torch.Tensor                  # (N,) int64 voxel of each point (index into rows)
     point_pair: torch.Tensor           # (N,) int64 pair of each point
     pair_voxel: Optional[torch.Tensor]  # (P,) int64 voxel of each pair, non-decreasing (None: one group, P = V)
-    pair_group: Optional[torch.Tensor]  # (P,) int64 group of each pair (None: one group, pairs are the voxels)
+    pair_group: Optional[torch.Tensor]  # (P,) int32 or int64 group of each pair (None: one group, P = V)
     coords: Optional[torch.Tensor]      # (3, V) int64 voxel coordinates, where the touch had them (else None)
 
 
