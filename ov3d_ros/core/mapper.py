@@ -197,11 +197,14 @@ class Mapper:
                                    feats if self.projection is None else self.projection.project(feats),
                                    frame.camera, T_W_C, self.cfg.map.min_depth_m, self.cfg.map.max_depth_m,
                                    self.cfg.map.pixel_stride)
-            touched.append(self.map.integrate(lifted.points, lifted.features, lifted.colors, origin=T_W_C[:3, 3]))
+            fused = self.map.integrate(lifted.points, lifted.features, lifted.colors, origin=T_W_C[:3, 3],
+                                       return_point_rows=self.labels is not None)
             if self.labels is not None:   # class probabilities from the full-dimension features
+                fused, point_rows = fused
                 cells = CellFeatures(feats.reshape(-1, feats.shape[-1]), lifted.features.cells,
                                      lifted.features.weights)
-                self.labels.integrate(self.map.rows_of(lifted.points), cells)
+                self.labels.integrate(point_rows, cells)
+            touched.append(fused)
             if self.device.type == 'cuda':
                 torch.cuda.synchronize(self.device)
             self.keyframes.accept(frame.T_W_C, frame.stamp_s)

@@ -242,8 +242,10 @@ def test_fusion_is_the_same_whichever_way_the_touch_numbers_the_voxels():
         m = VoxelFeatureMap(vs, 16, capacity=16, max_weight=5.0)
         for part in torch.arange(n + 1).split(1500):                       # old and new rows in later calls
             c = CellFeatures(cells.grid, None, cells.weights[part], cells.blocks[part], cells.block_cells)
-            rows = m.integrate(pts[part], c, colors[part], origin=torch.tensor([0.3, 0.2, 2.0]))
-            assert torch.equal(rows, torch.unique(m.rows_of(pts[part])))   # sorted, unique, every point's row
+            rows, point_rows = m.integrate(pts[part], c, colors[part], origin=torch.tensor([0.3, 0.2, 2.0]),
+                                           return_point_rows=True)
+            assert torch.equal(point_rows, m.rows_of(pts[part]))            # each point's row, as a lookup gives
+            assert torch.equal(rows, torch.unique(point_rows))              # sorted, unique
         keys = pack_keys(voxel_coords(pts, vs))
         assert torch.equal(m.keys[:m.size], torch.cat([torch.unique(keys[p]) [~torch.isin(torch.unique(keys[p]),
                                                                                             keys[:p[0]])]
@@ -263,3 +265,5 @@ def test_fusion_is_the_same_whichever_way_the_touch_numbers_the_voxels():
         with pytest.raises(ValueError, match='out of range'):
             ref.integrate(pts, c, colors[:10])
     assert all(torch.equal(before[k], t) for k, t in ref.state().items())
+    rows, point_rows = ref.integrate(near[:0], cells.dense()[:0], return_point_rows=True)     # no points
+    assert rows.shape == point_rows.shape == (0,) and ref.size == before['keys'].shape[0]
