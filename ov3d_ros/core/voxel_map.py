@@ -80,6 +80,19 @@ def _unique_inverse(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return unique, torch.empty_like(inverse).scatter_(0, order, inverse)
 
 
+def _unique_of_runs(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_unique_inverse` of (N,) integer values whose equal neighbours mostly come in runs (the points of a
+    raster): the runs collapse first (no sort of the points), then one stable sort of the runs."""
+    runs, run_of = torch.unique_consecutive(values, return_inverse=True)
+    unique, of_run = _unique_inverse(runs)
+    return unique, of_run.index_select(0, run_of)
+
+
+def _centers(coords: torch.Tensor, voxel_size_m: float) -> torch.Tensor:
+    """(N, 3) int64 voxel coordinates (any strides) → (N, 3) float32 contiguous voxel centres."""
+    return coords.to(torch.float32, memory_format=torch.contiguous_format).add_(0.5).mul_(voxel_size_m)
+
+
 def _norms(features: torch.Tensor) -> torch.Tensor:
     """(M, D) features (fp16) → (M,) float32 L2 norms, accumulated in fp32 (on a float32 copy: 3x faster on CPU
     than ``vector_norm(..., dtype=float32)`` of the fp16 values, same result)."""
@@ -270,8 +283,7 @@ class VoxelFeatureMap:
             c = (c if w is None else c * w[:, None]).T.contiguous()      # summed channel-major: (3, N) -> (3, v)
             self._blend(self.colors, rows, w_eff, torch.zeros(3, v, device=dev).index_add_(1, inv, c).T, denom)
         if origin is not None:        # once per voxel (its centre), weighted by its points like the colours
-            u = self.centers(rows) if t.coords is None else t.coords.T.to(
-                torch.float32, memory_format=torch.contiguous_format).add_(0.5).mul_(self.voxel_size_m)  # as centers()
+            u = self.centers(rows) if t.coords is None else _centers(t.coords.T, self.voxel_size_m)
             u = u.neg_().add_(origin.to(dev, torch.float32))
             u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min_(1e-12)
             self._blend(self.views, rows, w_eff, u.mul_(w_sum[:, None]), denom)
@@ -317,17 +329,14 @@ class VoxelFeatureMap:
             local = c[0].mul_(ey * ez).add_(c[1].mul_(ez)).add_(c[2])
         else:
             coords = f.to(torch.int64, memory_format=torch.contiguous_format)
-            run_keys, run_of = torch.unique_consecutive(_pack_rows(coords.add_(_OFFSET)), return_inverse=True)
-            unique_keys, key_of_run = _unique_inverse(run_keys)
-            local, box = key_of_run.index_select(0, run_of), unique_keys.shape[0]
+            unique_keys, local = _unique_of_runs(_pack_rows(coords.add_(_OFFSET)))
+            box = unique_keys.shape[0]
         # int32 pairs where they fit (the usual keyframe: a box of about 60^3 voxels x 1 200 cell blocks): half the
         # bytes, and a radix sort twice as fast as int64's (see _stable_sort)
         pair = local.to(torch.int32 if box * groups < 1 << 31 else torch.int64)
         if group is not None:
             pair = pair.mul_(groups).add_(group.to(pair.dtype))
-        run_pair, run_of = torch.unique_consecutive(pair, return_inverse=True)
-        pairs, pair_of_run = _unique_inverse(run_pair)
-        point_pair = pair_of_run.index_select(0, run_of)
+        pairs, point_pair = _unique_of_runs(pair)
         if group is None:
             voxels, pair_voxel, pair_group = pairs, None, None
         else:
@@ -370,10 +379,8 @@ class VoxelFeatureMap:
             m = features.grid.shape[0]
             group, voxel, gw = cells.T.reshape(-1), inv.repeat(cells.shape[1]), cw.T.reshape(-1, 1)
             group_cells = torch.arange(m, device=dev)[:, None]
-            # runs of neighbouring points sharing the pair collapse first (no sort), the rest are sorted once
-            run_pair, run_of = torch.unique_consecutive(voxel * m + group, return_inverse=True)
-            pairs, pair_of_run = _unique_inverse(run_pair)
-            point_pair, pair_voxel = pair_of_run.index_select(0, run_of), torch.div(pairs, m, rounding_mode='floor')
+            pairs, point_pair = _unique_of_runs(voxel * m + group)
+            pair_voxel = torch.div(pairs, m, rounding_mode='floor')
             pair_group = pairs - pair_voxel * m
         # Weights summed per (voxel, group) pair, each voxel's pairs consecutive: the feature means are then one
         # weighted sum of grid rows per voxel (an embedding bag, i.e. a CSR matrix times the grid).
@@ -394,7 +401,7 @@ class VoxelFeatureMap:
     def centers(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(V, 3) float32 voxel centres in the world frame (all voxels, or the given rows)."""
         keys = self.keys[:self.size] if rows is None else self.keys[rows]
-        return (unpack_keys(keys).float() + 0.5) * self.voxel_size_m
+        return _centers(unpack_keys(keys), self.voxel_size_m)
 
     def memory_report(self) -> Dict[str, float]:
         """Bytes per voxel row of every layer of the cake (those of other integrators too) and of the hash index."""
