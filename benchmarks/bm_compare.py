@@ -14,7 +14,7 @@ Sections (one JSON line per row, each with device, torch version, threads and si
            embeddings with pre-normalised features of the same size (fp16 as stored, and fp32).
   pooling  incremental geometry pooling per keyframe (fallback and learned affinity) against map size
            (benchmarks/bm_pooling.py's synthetic building).
-  clip     CLIP ViT-B/16 dense features per 640x480 keyframe at 224/336/448 px short side, fp32 and bf16 on the
+  clip     CLIP ViT-B/16 dense features per 640x480 keyframe at 224/336/448 px short side, features.dtype fp32 and bf16 on the
            CPU (fp16 on CUDA), random weights (pretrained=none: the same cost as trained weights); with
            --clip-compile also through torch.compile (features.compile), with its one-off compile time.
 The features are SIMULATED (the built-in scene's label images through the simulated teacher) except in `clip`.
@@ -260,18 +260,18 @@ def bench_pooling(args) -> None:
 def bench_clip(args) -> None:
     from ov3d_ros.core.config import FeatureConfig
     from ov3d_ros.core.features.clip_dense import OpenClipDenseExtractor
-    ex = OpenClipDenseExtractor(FeatureConfig(pretrained='none'), args.device)
     rgb = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    low = torch.float16 if args.device.startswith('cuda') else torch.bfloat16
-    for dtype in (torch.float32, low):
-        ex.dtype = dtype
-        ex.model.to(dtype)
-        ex._pos_cache, ex._bias_cache = {}, {}
+    low = 'float16' if args.device.startswith('cuda') else 'bfloat16'
+    state = None
+    for dtype in ('float32', low):                     # features.dtype; the same random weights in both
+        ex = OpenClipDenseExtractor(FeatureConfig(pretrained='none', dtype=dtype), args.device)
+        state = state or {k: v.float() for k, v in ex.model.state_dict().items()}
+        ex.model.load_state_dict(state)
         for side in args.clip_sizes:
             ex.reconfigure(dataclasses.replace(ex.cfg, image_short_side=side, compile=False))
             row = dict(env(args.device), section='clip', model='ViT-B-16 (random weights)', dense=ex.dense_mode,
                        image='640x480', short_side_px=side, tokens=list(ex.grid_size(480, 640)),
-                       dtype=str(dtype).split('.')[-1])
+                       dtype=dtype)
             with torch.no_grad():
                 t, cpu = timed(lambda: ex.extract(rgb), args.device, args.clip_reps)
             row.update(per_keyframe_ms=round(1e3 * t, 1), per_keyframe_cpu_ms=round(1e3 * cpu, 1))

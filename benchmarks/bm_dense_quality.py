@@ -4,10 +4,12 @@
     python benchmarks/bm_dense_quality.py --pretrained openai --modes naclip sclip --windows 0 224:112 \\
         eval_output/scenes/scene_0100 eval_output/scenes/scene_0101
     python benchmarks/bm_dense_quality.py --pretrained none --max-frames 10   # random weights: exercises the script
+    python benchmarks/bm_dense_quality.py --pretrained openai --modes naclip --dtypes float32 bfloat16   # precision
 
 Each scene (a dataset folder made by ``ov3d make-scenes``, with gt_points.npz) is mapped with features.source=clip
-once per variant (dense mode x short side x window setting) and scored like ``ov3d eval`` (3D mIoU over the GT
-points, every scene's class names as vocabulary). The model and weights are loaded once and shared by all variants.
+once per variant (precision x dense mode x short side x window setting) and scored like ``ov3d eval`` (3D mIoU over the GT
+points, every scene's class names as vocabulary). The model and weights are loaded once per precision
+(``features.dtype``) and shared by the variants of that precision.
 Prints one JSON line per variant (dataset-level metrics, ms per keyframe for features alone and in total), then a
 Markdown table. Without local weights it exits with one line saying so.
 """
@@ -28,7 +30,7 @@ sys.path.insert(0, str(REPO))  # the repo's ov3d_ros first
 
 from ov3d_ros.cli.common import build_config, map_input, open_input  # noqa: E402
 from ov3d_ros.cli.evaluate import score_mapper  # noqa: E402
-from ov3d_ros.core.features.clip_dense import DENSE_MODES, OpenClipDenseExtractor  # noqa: E402
+from ov3d_ros.core.features.clip_dense import DENSE_MODES, DTYPES, OpenClipDenseExtractor  # noqa: E402
 from ov3d_ros.core.features.weights import RANDOM_TAGS, WeightsNotFoundError  # noqa: E402
 from ov3d_ros.core.mapper import Mapper, resolve_device  # noqa: E402
 from ov3d_ros.eval.metrics import aggregate, markdown_table  # noqa: E402
@@ -76,7 +78,7 @@ def parse_window(text: str) -> tuple:
 
 def variant_name(f) -> str:
     window = f' win{f.window_px}:{f.window_stride_px or f.window_px // 2}' if f.window_px else ''
-    return f'{f.dense_mode}@{f.image_short_side}{window}'
+    return f'{f.dense_mode}@{f.image_short_side}{window}' + ('' if f.dtype == 'auto' else f' {f.dtype}')
 
 
 def mean(xs) -> float | None:
@@ -126,6 +128,8 @@ def main() -> None:
     p.add_argument('--model', default='ViT-B-16', help='open_clip architecture')
     p.add_argument('--cache-dir', default='', help='directory searched for cached open_clip weights')
     p.add_argument('--modes', nargs='+', default=list(DENSE_MODES), choices=DENSE_MODES)
+    p.add_argument('--dtypes', nargs='+', default=['auto'], choices=['auto', *DTYPES],
+                   help='features.dtype values (auto: float16 on CUDA, float32 otherwise)')
     p.add_argument('--short-side', nargs='+', type=int, default=[448], help='features.image_short_side values')
     p.add_argument('--windows', nargs='+', type=parse_window, default=[(0, 0)], metavar='PX[:STRIDE]',
                    help="window settings: 0 = whole image, 224 = 224 px windows at half-window stride, 336:112 ...")
@@ -141,19 +145,22 @@ def main() -> None:
     cfg = build_config(args)
     cfg.features = dataclasses.replace(cfg.features, source='clip', model=args.model, pretrained=args.pretrained,
                                        cache_dir=args.cache_dir)
-    ext = load_extractor(cfg, resolve_device(args.device))
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, device {ext.device}, model {args.model}, '
-          f'weights {ext.weights}, {len(scenes)} scene(s)')
-    if args.pretrained.strip().lower() in RANDOM_TAGS:
-        print('WARNING: random weights (--pretrained none): the scores below are meaningless; this run only '
-              'exercises the script and measures speed.')
-    rows = {}
-    for side, (px, stride), mode in itertools.product(args.short_side, args.windows, args.modes):
-        features = dataclasses.replace(cfg.features, dense_mode=mode, image_short_side=side, window_px=px,
-                                       window_stride_px=stride)
-        result = run_variant(dataclasses.replace(cfg, features=features), ext, scenes, args.max_frames, args.quiet)
-        print(json.dumps(result['summary']), flush=True)
-        rows[result['summary']['variant']] = result['row']
+    device, rows = resolve_device(args.device), {}
+    for dtype in args.dtypes:
+        cfg.features = dataclasses.replace(cfg.features, dtype=dtype)
+        ext = load_extractor(cfg, device)
+        print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, device {ext.device}, model {args.model}, '
+              f'weights {ext.weights}, {ext.dtype}, {len(scenes)} scene(s)')
+        if args.pretrained.strip().lower() in RANDOM_TAGS:
+            print('WARNING: random weights (--pretrained none): the scores below are meaningless; this run only '
+                  'exercises the script and measures speed.')
+        for side, (px, stride), mode in itertools.product(args.short_side, args.windows, args.modes):
+            features = dataclasses.replace(cfg.features, dense_mode=mode, image_short_side=side, window_px=px,
+                                           window_stride_px=stride)
+            result = run_variant(dataclasses.replace(cfg, features=features), ext, scenes, args.max_frames,
+                                 args.quiet)
+            print(json.dumps(result['summary']), flush=True)
+            rows[result['summary']['variant']] = result['row']
     print(markdown_table(rows), end='')
 
 

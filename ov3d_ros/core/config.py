@@ -81,6 +81,13 @@ class FeatureConfig:
     window_stride_px: int = 0
     """Sliding-window inference: step between windows in pixels (rounded to whole patches, at most window_px);
     0 = half a window."""
+    dtype: str = 'auto'
+    """Precision of the ViT's weights and activations: 'auto' (float16 on CUDA, float32 otherwise), 'float32',
+    'float16' or 'bfloat16'; features, text embeddings and everything after the ViT stay float32. bfloat16 pays
+    on CPUs with bf16 matrix units (Intel AMX, AVX512-BF16): on a 2-core Intel Xeon with AMX, ViT-B-16 at 224 /
+    336 / 448 px took 106 / 236 / 500 ms per 640x480 keyframe against 377 / 904 / 1 833 ms in float32 (one
+    thread, random weights); elsewhere it can be slower than float32. What it does to trained CLIP features
+    was not measured (no weights here): check with ``benchmarks/bm_dense_quality.py --dtype`` first."""
     compile: bool = False
     """Run the ViT through ``torch.compile`` (inductor; needs a C++ compiler on CPU, Triton on CUDA). Every new
     image size compiles once (about 40 s on a 2-core CPU). Measured on a 2-core CPU (ViT-B-16, 224-448 px, fp32

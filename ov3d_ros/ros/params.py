@@ -18,6 +18,8 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from ov3d_ros.core.config import MapperConfig, field_docs
+from ov3d_ros.core.features.clip_dense import DENSE_MODES, DTYPES
+from ov3d_ros.core.features.simulated import PRESETS
 
 _TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
           float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
@@ -140,8 +142,8 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     'purify.superpoint_convex': _fraction,
     'labels.smoothing_radius_vox': _at_least(0), 'labels.min_component_vox': _at_least(0),
     'features.source': _one_of('clip', 'simulated'),
-    'features.dense_mode': _one_of('naclip', 'sclip', 'clearclip', 'maskclip'),
-    'features.sim_preset': _one_of('clean', 'default', 'hard', 'custom'),
+    'features.dense_mode': _one_of(*DENSE_MODES), 'features.dtype': _one_of('auto', *DTYPES),
+    'features.sim_preset': _one_of(*PRESETS, 'custom'),
     'sync_slop_s': _at_least(0.0, True), 'sync_timeout_s': _at_least(0.0, True), 'pose_max_gap_s': _at_least(0.0),
     'tick_rate_hz': _at_least(0.0, True), 'map_publish_rate_hz': _at_least(0.0),
     'map_cloud_max_points': _at_least(0), 'queue_size': _at_least(1), 'max_pending_keyframes': _at_least(1),

@@ -264,6 +264,29 @@ def test_window_covering_the_image_is_whole_image_inference(ext, image, monkeypa
     assert torch.equal(ext.extract(image), whole['image'])
 
 
+def test_bf16_on_cpu_matches_fp32(ext, image):
+    """features.dtype bfloat16 casts the ViT once at load; features and text embeddings stay float32 and unit
+    norm, and agree with the float32 model's (random weights: cosine >= 0.999 per token); another precision is
+    refused by reconfigure and by the config check."""
+    low = OpenClipDenseExtractor(dataclasses.replace(ext.cfg, dtype='bfloat16'), 'cpu')
+    low.model.load_state_dict(ext.model.state_dict())
+    assert low.dtype == torch.bfloat16 and low.visual.conv1.weight.dtype == torch.bfloat16
+    f = low.extract_batch([image, image[:, ::-1].copy()])
+    assert f.dtype == torch.float32 and f.shape == (2, 6, 8, 512)
+    assert torch.allclose(f.norm(dim=-1), torch.ones(2, 6, 8), atol=1e-5)
+    assert (f[0] * ext.extract(image)).sum(-1).min() > 0.999
+    assert (f[0] * f[1]).sum(-1).min() < 0.999                  # a different image gives different features
+    t = low.encode_text(['a chair', 'a table'])
+    assert t.dtype == torch.float32 and ((t * ext.encode_text(['a chair', 'a table'])).sum(-1) > 0.999).all()
+    for other in ('float32', 'auto'):      # auto is float32 on the CPU
+        with pytest.raises(ValueError, match='features.dtype'):
+            low.reconfigure(dataclasses.replace(low.cfg, dtype=other))
+    low.reconfigure(dataclasses.replace(low.cfg, dense_mode='sclip'))
+    assert low.dtype == torch.bfloat16 and low.dense_mode == 'sclip'
+    with pytest.raises(ValueError, match='features.dtype'):
+        check_config(dataclasses.replace(ext.cfg, dtype='fp16'))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_fp16_on_cuda_matches_cpu(ext, image):
     gpu = OpenClipDenseExtractor(copy.deepcopy(ext.cfg), 'cuda')

@@ -79,6 +79,15 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert 'web_view.refresh_s must be a finite number > 0' in check('web_view.refresh_s', 0.0)
     assert check('pose_max_gap_s', 0.0) is None and 'pose_max_gap_s' in check('pose_max_gap_s', -0.1)
     assert 'one of' in check('pose_qos', 'sometimes') and check('pose_qos', 'reliable') is None
+    # every simulated preset and dense mode of the core is accepted, and no other value
+    for preset in ('clean', 'default', 'hard', 'clip', 'custom'):
+        assert check('features.sim_preset', preset) is None
+    assert 'one of' in check('features.sim_preset', 'easy')
+    for mode in ('naclip', 'sclip', 'clearclip', 'maskclip'):
+        assert check('features.dense_mode', mode) is None
+    for dtype in ('auto', 'float32', 'float16', 'bfloat16'):
+        assert check('features.dtype', dtype) is None
+    assert 'one of' in check('features.dtype', 'fp16')
 
 
 def test_overrides_of_the_started_node_reach_parameters_that_two_files_set(tmp_path):

@@ -28,10 +28,19 @@ from ov3d_ros.core.features.weights import (WeightsNotFoundError, fetch_weights,
                                             uses_quick_gelu)
 
 DENSE_MODES = ('naclip', 'sclip', 'clearclip', 'maskclip')
+DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+"""``features.dtype`` values besides 'auto' (float16 on CUDA, float32 otherwise)."""
 REDUCED_MODES = ('naclip', 'clearclip')
 """Modes whose last block is the attention output alone (no residual connection, no FFN), as their papers have it."""
 NACLIP_STD = 5.0
 """Std of NACLIP's Gaussian neighbourhood bias, in patches."""
+
+
+def model_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The torch dtype of ``features.dtype`` ``name`` on ``device`` ('auto': float16 on CUDA, float32 otherwise)."""
+    if name == 'auto':
+        return torch.float16 if torch.device(device).type == 'cuda' else torch.float32
+    return DTYPES[name]
 
 
 def interpolate_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
@@ -63,6 +72,8 @@ def check_config(cfg: FeatureConfig) -> None:
     """Raise ValueError for settings of ``cfg`` the dense extractor cannot use."""
     if cfg.dense_mode not in DENSE_MODES:
         raise ValueError(f'features.dense_mode must be one of {DENSE_MODES}, got {cfg.dense_mode!r}')
+    if cfg.dtype != 'auto' and cfg.dtype not in DTYPES:
+        raise ValueError(f"features.dtype must be 'auto' or one of {tuple(DTYPES)}, got {cfg.dtype!r}")
     if cfg.image_short_side < 1 or cfg.window_px < 0 or cfg.window_stride_px < 0:
         raise ValueError(f'features.image_short_side must be positive and window_px, window_stride_px >= 0; got '
                          f'{cfg.image_short_side}, {cfg.window_px}, {cfg.window_stride_px}')
@@ -73,8 +84,8 @@ class OpenClipDenseExtractor(FeatureExtractor):
 
     Args:
         cfg: feature config (model, pretrained, cache_dir, dense_mode, image_short_side, window_px,
-            window_stride_px, compile).
-        device: torch device; fp16 on CUDA, fp32 otherwise.
+            window_stride_px, dtype, compile).
+        device: torch device; the ViT runs in ``cfg.dtype`` (by default fp16 on CUDA, fp32 otherwise).
     Raises:
         WeightsNotFoundError: the weights named by ``cfg.pretrained`` are not available locally.
         ValueError: unknown dense mode, bad sizes, or a model that is not an open_clip VisionTransformer.
@@ -91,7 +102,7 @@ class OpenClipDenseExtractor(FeatureExtractor):
         (fetch_weights if cfg.allow_download else resolve_weights)(cfg.model, cfg.pretrained, cfg.cache_dir)
         self.cfg, self.dense_mode = cfg, cfg.dense_mode
         self.device = torch.device(device)
-        self.dtype = torch.float16 if self.device.type == 'cuda' else torch.float32
+        self.dtype = model_dtype(cfg.dtype, self.device)
         self.quick_gelu = uses_quick_gelu(cfg.model, cfg.pretrained)   # OpenAI weights need QuickGELU
         model = open_clip.create_model(cfg.model, pretrained=None, pretrained_image=False, pretrained_text=False,
                                        force_quick_gelu=self.quick_gelu)
@@ -118,10 +129,13 @@ class OpenClipDenseExtractor(FeatureExtractor):
 
     def reconfigure(self, cfg: FeatureConfig) -> None:
         """Take the dense mode and image/window sizes of ``cfg`` without reloading the model; raises ValueError when
-        ``cfg`` names another model or other weights, or has bad settings."""
+        ``cfg`` names another model, other weights or another precision, or has bad settings."""
         if (cfg.model, cfg.pretrained, cfg.cache_dir) != (self.cfg.model, self.cfg.pretrained, self.cfg.cache_dir):
             raise ValueError('reconfigure keeps the model and weights; create a new extractor for other ones')
         check_config(cfg)
+        if model_dtype(cfg.dtype, self.device) != self.dtype:
+            raise ValueError(f'features.dtype {cfg.dtype!r}: the weights were cast to {self.dtype} when loaded; '
+                             'create a new extractor for another precision')
         if cfg.compile != self.cfg.compile:
             self._vit = self._compiled() if cfg.compile else self.forward_vit
         self.cfg, self.dense_mode = cfg, cfg.dense_mode
@@ -240,6 +254,6 @@ class OpenClipDenseExtractor(FeatureExtractor):
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
-__all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'REDUCED_MODES', 'check_config',
-           'interpolate_pos_embed',
+__all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'DTYPES', 'REDUCED_MODES', 'check_config',
+           'interpolate_pos_embed', 'model_dtype',
            'neighbourhood_bias', 'window_starts']
