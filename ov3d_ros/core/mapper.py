@@ -15,7 +15,7 @@ from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.keyframes import KeyframeSelector
 from ov3d_ros.core.label_volume import LabelVolume
 from ov3d_ros.core.lifting import CellFeatures, lift_keyframe
-from ov3d_ros.core.query import QueryResult
+from ov3d_ros.core.query import QueryResult, row_norms
 from ov3d_ros.core.snapshot import MapSnapshot, Segment  # noqa: F401  (Segment re-exported)
 from ov3d_ros.core.text import TextEmbeddings
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
@@ -371,8 +371,9 @@ class Mapper:
             labels = LabelVolume(self.labels.names, self.labels.text.clone(), self.labels.temperature, vmap.cake,
                                  restore=True)
         projection = None if self.projection is None else self.projection.clone()
-        return MapSnapshot(copy.deepcopy(self.cfg), vmap, vmap.cake.rows(source),
-                           vmap.feature_norms() if self.purifier is None else None, labels, projection, self.texts,
+        features = vmap.cake.rows(source)
+        norms = vmap.feature_norms() if self.purifier is None else row_norms(features)   # once, not per query
+        return MapSnapshot(copy.deepcopy(self.cfg), vmap, features, norms, labels, projection, self.texts,
                            self.extractor.uses_templates, self.extractor.default_temperature,
                            self.purifier is not None, self.generation, self.num_keyframes)
 

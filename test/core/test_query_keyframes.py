@@ -6,7 +6,7 @@ import torch
 
 from ov3d_ros.core.config import KeyframeConfig, MapperConfig, update_from_dict
 from ov3d_ros.core.keyframes import KeyframeSelector
-from ov3d_ros.core.query import relevancy_scores, select
+from ov3d_ros.core.query import relevancy_scores, row_norms, select
 from ov3d_ros.core.text import encode_prompts
 
 
@@ -25,6 +25,18 @@ def test_relevancy_prefers_query_and_zeroes_negative_winners():
 def test_relevancy_without_negatives_is_one():
     s = relevancy_scores(torch.randn(5, 4), torch.tensor([1.0, 0, 0, 0]), torch.empty(0, 4), 0.05)
     assert s.tolist() == [1.0] * 5
+
+
+def test_row_norms_through_a_block_buffer_equal_the_norms_of_a_float_copy():
+    g = torch.Generator().manual_seed(0)
+    feats = (torch.randn(2500, 48, generator=g) * torch.rand(2500, 1, generator=g) * 30).half()
+    ref = torch.linalg.vector_norm(feats.float(), dim=1)
+    for block in (1, 7, 1024, 2500, 4096):             # several blocks, a ragged last one, one block
+        n = row_norms(feats, block)
+        assert n.dtype == torch.float32 and torch.equal(n, ref)
+    assert torch.equal(row_norms(feats.float()), ref)
+    assert row_norms(torch.empty(0, 48, dtype=torch.float16)).shape == (0,)
+    assert row_norms(torch.empty(0, 48, dtype=torch.float16), block=1).shape == (0,)
 
 
 def test_relevancy_in_fp16_with_given_norms_matches_the_softmax_reference():

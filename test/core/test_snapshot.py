@@ -10,6 +10,7 @@ from ov3d_ros.core.camera import PinholeCamera
 from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.features import create_extractor
 from ov3d_ros.core.mapper import Frame, Mapper
+from ov3d_ros.core.query import row_norms
 from ov3d_ros.core.text import TextEmbeddings
 
 NAMES = ['unlabeled', 'wall', 'chair', 'plant']
@@ -91,7 +92,9 @@ def test_snapshot_answers_like_the_live_mapper(variant):
     assert snap.size == m.map.size > 100 and snap.keyframes == m.num_keyframes == 2
     assert snap.generation == m.generation
     assert snap.vocabulary == list(variant.get('vocabulary', VOCABULARY))
-    assert (snap.norms is None) == variant.get('purify', False)
+    assert snap.norms is not None and snap.norms.shape == (snap.size,)
+    if variant.get('purify', False):       # the purified features' norms, computed once for every query
+        assert torch.equal(snap.norms, row_norms(snap.features))
     live = answers(m)
     assert any(len(a[0]) for a in live[:len(TEXTS)])            # the texts do find voxels
     assert_same(answers(snap), live)
