@@ -272,8 +272,10 @@ class MappingInterface:
                                       '(labels/image), not from the camera. Use it for tests and demos only.')
         extractor = create_extractor(cfg.features, device, class_names)
         mapper = Mapper(cfg, extractor)
+        precision = getattr(extractor, 'dtype', None)        # the ViT's (features.dtype); none for simulated
         self.get_logger().info(f'feature source {extractor.name} (D={extractor.dim}, '
-                               f'weights: {getattr(extractor, "weights", "n/a")}) on {device}')
+                               f'weights: {getattr(extractor, "weights", "n/a")}) on {device}'
+                               + (f' in {str(precision).removeprefix("torch.")}' if precision is not None else ''))
         self.cameras: List[CameraInput] = [CameraInput(ns, self.queue_size, self.color_transport,
                                                        self.depth_transport) for ns in self.cameras_ns]
         self._set_mounts(self.get_parameter('pose_to_camera').value)

@@ -4,6 +4,7 @@ keyframes of one tick through one feature-extractor batch (a node in this proces
 import time
 
 import numpy as np
+import torch
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 
@@ -75,8 +76,9 @@ def test_two_compressed_cameras_build_one_map(tmp_path):
 
 
 def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
-    """Both cameras' keyframes pending in one tick: one extract_batch call (CLIP, random weights) for both, each
-    integrated and counted for its camera; a frame that fails validation is dropped for its camera alone."""
+    """Both cameras' keyframes pending in one tick: one extract_batch call (CLIP, random weights, in bfloat16) for
+    both, each integrated and counted for its camera; a frame that fails validation is dropped for its camera
+    alone."""
     import rclpy
     from geometry_msgs.msg import PoseStamped
     from sensor_msgs.msg import CameraInfo, Image
@@ -88,7 +90,8 @@ def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
     from conftest import private_domain
     overrides = {'cameras': ['cam_a', 'cam_b'], 'pose_to_camera': MOUNTS, 'pose_source': 'pose',
                  'input_qos': 'reliable', 'features.source': 'clip', 'features.pretrained': 'none',
-                 'features.image_short_side': 64, 'map.device': 'cpu', 'purify.enabled': False,
+                 'features.image_short_side': 64, 'features.dtype': 'bfloat16', 'map.device': 'cpu',
+                 'purify.enabled': False,
                  'tick_rate_hz': 0.001}               # the timer never ticks here: the test calls tick()
     scene, camera = builtin_scene(0), default_camera(64, 48)
     with private_domain():
@@ -101,6 +104,7 @@ def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
         pubs = {(ns, t): pub_node.create_publisher(m, f'{ns}/{t}', 10) for ns in ('cam_a', 'cam_b')
                 for t, m in (('color/image', Image), ('depth/image', Image), ('color/camera_info', CameraInfo))}
         pose_pub = pub_node.create_publisher(PoseStamped, 'pose', 10)
+        assert node.mapper.extractor.dtype == torch.bfloat16     # features.dtype reached the ViT
         batches = []
         extract_batch = node.mapper.extractor.extract_batch
         node.mapper.extractor.extract_batch = lambda images: batches.append(len(images)) or extract_batch(images)
