@@ -16,8 +16,8 @@ Sections (one JSON line per row, each with device, torch version, threads and si
            and from the live map (norms computed in every query).
   pooling  incremental geometry pooling per keyframe (fallback and learned affinity) against map size
            (benchmarks/bm_pooling.py's synthetic building).
-  clip     CLIP ViT-B/16 dense features per 640x480 keyframe at 224/336/448 px short side, features.dtype fp32 and bf16 on the
-           CPU (fp16 on CUDA), random weights (pretrained=none: the same cost as trained weights); with
+  clip     CLIP ViT-B/16 dense features per 640x480 keyframe at 224/336/448 px short side, features.dtype fp32
+           and bf16 on the CPU (fp16 on CUDA), random weights (pretrained=none: the same cost as trained weights); with
            --clip-compile also through torch.compile (features.compile), with its one-off compile time.
 The features are SIMULATED (the built-in scene's label images through the simulated teacher) except in `clip`.
 """

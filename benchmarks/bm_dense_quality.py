@@ -7,8 +7,8 @@
     python benchmarks/bm_dense_quality.py --pretrained openai --modes naclip --dtypes float32 bfloat16   # precision
 
 Each scene (a dataset folder made by ``ov3d make-scenes``, with gt_points.npz) is mapped with features.source=clip
-once per variant (precision x dense mode x short side x window setting) and scored like ``ov3d eval`` (3D mIoU over the GT
-points, every scene's class names as vocabulary). The model and weights are loaded once per precision
+once per variant (precision x dense mode x short side x window setting) and scored like ``ov3d eval`` (3D mIoU over
+the GT points, every scene's class names as vocabulary). The model and weights are loaded once per precision
 (``features.dtype``) and shared by the variants of that precision.
 Prints one JSON line per variant (dataset-level metrics, ms per keyframe for features alone and in total), then a
 Markdown table. Without local weights it exits with one line saying so.
