@@ -87,7 +87,8 @@ class FeatureConfig:
     on CPUs with bf16 matrix units (Intel AMX, AVX512-BF16): on a 2-core Intel Xeon with AMX, ViT-B-16 at 224 /
     336 / 448 px took 106 / 236 / 500 ms per 640x480 keyframe against 377 / 904 / 1 833 ms in float32 (one
     thread, random weights); elsewhere it can be slower than float32. What it does to trained CLIP features
-    was not measured (no weights here): check with ``benchmarks/bm_dense_quality.py --dtype`` first."""
+    was not measured (no weights here): check with ``benchmarks/bm_dense_quality.py --dtypes float32
+    bfloat16`` first."""
     compile: bool = False
     """Run the ViT through ``torch.compile`` (inductor; needs a C++ compiler on CPU, Triton on CUDA). Every new
     image size compiles once (about 40 s on a 2-core CPU). Measured on a 2-core CPU (ViT-B-16, 224-448 px, fp32

@@ -35,7 +35,9 @@ def row_norms(features: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """(V,) float32 L2 norms of (V, D) ``features`` rows of any float dtype. fp16 rows on the CPU go through one
     (block, D) float32 buffer instead of a float32 copy of them all (whose fresh pages cost more than the norms:
     100 000 x 384 rows in 12 against 77 ms, one thread); the same values."""
-    if features.dtype == torch.float32 or features.device.type != 'cpu' or len(features) <= block:
+    if features.device.type != 'cpu':
+        return torch.linalg.vector_norm(features, dim=1, dtype=torch.float32)
+    if features.dtype == torch.float32 or len(features) <= block:
         return torch.linalg.vector_norm(features.float(), dim=1)
     out = torch.empty(len(features), dtype=torch.float32)
     buf = torch.empty(block, features.shape[1], dtype=torch.float32)
