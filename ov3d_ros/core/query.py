@@ -32,9 +32,10 @@ def normalise_text(text: str) -> str:
 
 
 def row_norms(features: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """(V,) float32 L2 norms of (V, D) ``features`` rows of any float dtype. fp16 rows on the CPU go through one
-    (block, D) float32 buffer instead of a float32 copy of them all (whose fresh pages cost more than the norms:
-    100 000 x 384 rows in 12 against 77 ms, one thread); the same values."""
+    """(V,) float32 L2 norms of (V, D) ``features`` rows of any float dtype, accumulated in fp32. On the CPU fp16
+    rows are converted to float32 first (3x faster than ``vector_norm(..., dtype=float32)`` of the fp16 values, the
+    same result), through one (block, D) buffer instead of a float32 copy of them all (whose fresh pages cost more
+    than the norms: 100 000 x 384 rows in 12 against 77 ms, one thread); the same values."""
     if features.device.type != 'cpu':
         return torch.linalg.vector_norm(features, dim=1, dtype=torch.float32)
     if features.dtype == torch.float32 or len(features) <= block:
