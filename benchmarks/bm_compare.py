@@ -11,9 +11,10 @@ Sections (one JSON line per row, each with device, torch version, threads and si
            map.compress_dim 64 (its PCA update per keyframe is shown apart, under compress_ms); --reps passes,
            each side in a fresh process, medians (each pass's figures are listed too).
   query    Mapper.query on maps of 100 k and 1 M voxels against the floor: one matmul of the query and negatives'
-           embeddings with pre-normalised features of the same size (fp16 as stored, and fp32); also a query
-           over purified features, from a snapshot (norms computed once per snapshot, purified_norms_per_snapshot)
-           and from the live map (norms computed in every query).
+           embeddings with pre-normalised features of the same size (fp16 as stored, and fp32); then the same
+           map purified with the shipped defaults (whole map pooled and voted once, purify_whole_map_s): queries
+           on the live map and on a snapshot (both divide by the norms the superpoint vote keeps), the snapshot
+           itself, and the norms a map pooled without the vote computes per query (purified_norms).
   pooling  incremental geometry pooling per keyframe (fallback and learned affinity) against map size
            (benchmarks/bm_pooling.py's synthetic building).
   clip     CLIP ViT-B/16 dense features per 640x480 keyframe at 224/336/448 px short side, features.dtype fp32
@@ -239,26 +240,28 @@ def bench_query(args) -> None:
         fresh = iter(f'object number {i}' for i in range(10 ** 9))
         new_text = timed(lambda: mapper.query(next(fresh)), args.device, args.reps)
         hits = len(mapper.query('chair').rows)
-        # purified maps (purification on, the node's default) keep no norms layer: a snapshot computes the norms
-        # once (Mapper.snapshot), the live Mapper in every query; the map's fp16 features stand in for the layer
+        # purified maps: purification switched on with the shipped defaults (the node's configuration: learned
+        # student, superpoint vote), the whole map pooled and voted once. The vote keeps its rows' norms, so the
+        # live map and its snapshots divide by those; a map pooled without the vote (superpoint_k 0) computes
+        # them in every query and once per snapshot (purified_norms)
         from ov3d_ros.core.query import row_norms
-        from ov3d_ros.core.snapshot import MapSnapshot
-        feats = mapper.map.features[:V]
-
-        def purified(norms):
-            return MapSnapshot(mapper.cfg, mapper.map, feats, norms, None, mapper.projection, mapper.texts,
-                               mapper.extractor.uses_templates, mapper.extractor.default_temperature, True)
-        norms = timed(lambda: row_norms(feats), args.device, args.reps)
-        snap, live = purified(row_norms(feats)), purified(None)
+        t0 = time.perf_counter()
+        mapper.reconfigure_purification(dataclasses.replace(mapper.cfg.purify, enabled=True))
+        mapper.query('chair')
+        purify_s = time.perf_counter() - t0
+        live_query = timed(lambda: mapper.query(QUERIES[next(k) % len(QUERIES)]), args.device, args.reps)
+        snapshot = timed(mapper.snapshot, args.device, min(args.reps, 3))
+        snap = mapper.snapshot()
         snap_query = timed(lambda: snap.query(QUERIES[next(k) % len(QUERIES)]), args.device, args.reps)
-        live_query = timed(lambda: live.query(QUERIES[next(k) % len(QUERIES)]), args.device, args.reps)
+        norms = timed(lambda: row_norms(snap.features), args.device, args.reps)
         ms = lambda t: [round(1e3 * t[0], 1), round(1e3 * t[1], 1)]          # noqa: E731
         emit(dict(env(args.device), section='query', voxels=V, dim=mapper.map.dim, texts=1 + len(negs),
                   units='[wall ms, cpu ms]', query=ms(query), segment=ms(segment), query_new_text=ms(new_text),
                   chair_voxels=hits, floor_fp16=ms(floors['float16']), floor_fp32=ms(floors['float32']),
                   ratio=round(query[0] / floor[0], 2), ratio_cpu=round(query[1] / floor[1], 2),
-                  purified_snapshot_query=ms(snap_query), purified_live_query=ms(live_query),
-                  purified_norms_per_snapshot=ms(norms), purified_ratio_cpu=round(snap_query[1] / floor[1], 2)))
+                  purified_live_query=ms(live_query), purified_snapshot_query=ms(snap_query),
+                  purified_ratio_cpu=round(live_query[1] / floor[1], 2), snapshot=ms(snapshot),
+                  purified_norms=ms(norms), purify_whole_map_s=round(purify_s, 1)))
         del mapper
 
 

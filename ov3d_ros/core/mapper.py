@@ -335,11 +335,11 @@ class Mapper:
         if self._neighbours[0] != key:          # the map's voxels changed since the last time
             self._neighbours = (key, {})
         if self.purifier is None:
-            features = self.map.features[:self.map.size]
+            features, norms = self.map.features[:self.map.size], self.map.feature_norms()
         else:
             features = self.query_features() if refresh else self.purifier.features(self.map)
-        return MapSnapshot(self.cfg, self.map, features,
-                           self.map.feature_norms() if self.purifier is None else None, self.labels,
+            norms = self.purifier.feature_norms(self.map)      # None: computed by each query
+        return MapSnapshot(self.cfg, self.map, features, norms, self.labels,
                            self.projection, self.texts, self.extractor.uses_templates,
                            self.extractor.default_temperature, self.purifier is not None, self.generation,
                            self.num_keyframes, self._neighbours[1])
@@ -364,15 +364,18 @@ class Mapper:
         from ov3d_ros.core.label_volume import LAYERS as LABEL_LAYERS
         names += [n for n in LABEL_LAYERS if self.labels is not None and n in self.map.cake]
         vmap = self.map.copy(names)
+        norms = None
         if source == 'purified' and self.purifier.votes:   # what queries read: the superpoint vote
             vmap.cake.rows('purified').copy_(self.purifier.features(self.map))
+            norms = self.purifier.feature_norms(self.map).clone()    # kept with the voted rows
         labels = None
         if self.labels is not None:
             labels = LabelVolume(self.labels.names, self.labels.text.clone(), self.labels.temperature, vmap.cake,
                                  restore=True)
         projection = None if self.projection is None else self.projection.clone()
         features = vmap.cake.rows(source)
-        norms = vmap.feature_norms() if self.purifier is None else row_norms(features)   # once, not per query
+        if norms is None:       # once, not per query
+            norms = vmap.feature_norms() if source == 'features' else row_norms(features)
         return MapSnapshot(copy.deepcopy(self.cfg), vmap, features, norms, labels, projection, self.texts,
                            self.extractor.uses_templates, self.extractor.default_temperature,
                            self.purifier is not None, self.generation, self.num_keyframes)

@@ -45,8 +45,9 @@ class MapSnapshot:
         cfg: the mapper config its answers follow (query, labels, objects sections).
         vmap: the voxels: keys and index, ``colors`` and ``weights`` layers (label layers when ``labels``).
         features: (V, d) features queries score (purified when ``purified``), rows aligned with ``vmap``.
-        norms: (V,) L2 norms of ``features`` (the map's own for raw fusion; :func:`~ov3d_ros.core.query.row_norms`
-            of purified ones), or None to compute them in every query.
+        norms: (V,) L2 norms of ``features`` (the map's own for raw fusion, those the superpoint vote keeps for
+            purified ones, :func:`~ov3d_ros.core.query.row_norms` of purified ones without the vote), or None to
+            compute them in every query.
         labels: the label volume over ``vmap``'s cake, or None without a vocabulary.
         projection: the map's feature compression, or None.
         texts: the text embedding cache of the feature source.

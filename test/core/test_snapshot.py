@@ -1,5 +1,6 @@
 """Mapper.snapshot(): a read-only copy of the map that answers like the live mapper did when it was taken, and that
 later integration, eviction, compaction, loads, clears and vocabulary changes leave as it was."""
+import dataclasses
 import threading
 
 import numpy as np
@@ -93,8 +94,9 @@ def test_snapshot_answers_like_the_live_mapper(variant):
     assert snap.generation == m.generation
     assert snap.vocabulary == list(variant.get('vocabulary', VOCABULARY))
     assert snap.norms is not None and snap.norms.shape == (snap.size,)
-    if variant.get('purify', False):       # the purified features' norms, computed once for every query
-        assert torch.equal(snap.norms, row_norms(snap.features))
+    if variant.get('purify', False):       # the purified features' norms, kept with the voted rows
+        assert torch.allclose(snap.norms, row_norms(snap.features), rtol=1e-3, atol=0)
+        assert torch.equal(snap.norms, m.purifier.feature_norms(m.map))
     live = answers(m)
     assert any(len(a[0]) for a in live[:len(TEXTS)])            # the texts do find voxels
     assert_same(answers(snap), live)
@@ -130,6 +132,39 @@ def test_snapshot_survives_a_load_and_compression_rotation(tmp_path):
     m.load(tmp_path / 'a.ov3dmap')
     assert_same(answers(snap), before)
     assert_same(answers(m.snapshot()), answers(m))
+
+
+@pytest.mark.parametrize('compress_dim', [0, 16])     # 16: the basis turns at every keyframe
+def test_kept_norms_of_the_voted_features_follow_updates_eviction_rotation_and_load(tmp_path, compress_dim):
+    """The purifier keeps the norms of what queries read (the superpoint vote) with the voted rows instead of
+    computing them per query or snapshot: after every kind of change they must still be the features' norms."""
+    m = make_mapper(purify=True, compress_dim=compress_dim)
+
+    def check():        # the norms the vote gave its rows: those of the stored fp16 rows to within their rounding
+        norms = m.purifier.feature_norms(m.map)
+        assert norms is not None and torch.allclose(norms, row_norms(m.purifier.features(m.map)), rtol=1e-3, atol=0)
+        assert torch.equal(m.view().norms, norms) and torch.equal(m.snapshot().norms, norms)
+    check()
+    turned = m.map.cake.basis_epoch
+    for i, dx in enumerate((-0.5, 0.9, 1.3)):                   # new rows; the projection update turns the basis
+        m.integrate(wall_frame(dx, 2.0 + i), force=True)
+        check()
+    assert (m.map.cake.basis_epoch > turned) == bool(compress_dim)     # rotations of the voted rows happened
+    m.evict(np.array([0.8, 0.0, 2.0]), m.map.size // 2)         # compaction
+    check()
+    m.save(tmp_path / 'm.ov3dmap')
+    m.load(tmp_path / 'm.ov3dmap')                              # voted rows are not saved: voted again
+    check()
+    # a turn of the coordinates alone, no keyframe after it: R = P_old^T P_new of two different subspaces is not
+    # orthogonal, so it changes the rows' norms (like these scaled directions)
+    D = m.map.dim
+    turn = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))[0]
+    m.map.project(turn * torch.linspace(0.3, 1.0, D))
+    check()
+    # without the vote nothing is kept and queries compute them
+    m.reconfigure_purification(dataclasses.replace(m.cfg.purify, superpoint_k=0.0))
+    assert m.purifier.feature_norms(m.map) is None
+    assert torch.equal(m.snapshot().norms, row_norms(m.purifier.features(m.map)))
 
 
 def test_snapshot_follows_the_query_settings_it_was_taken_with():

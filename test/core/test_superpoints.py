@@ -7,6 +7,7 @@ from ov3d_ros.core.purification.graph import ball_offsets, cube_offsets, estimat
 from ov3d_ros.core.purification.pooling import GeometryPooling
 from ov3d_ros.core.purification.superpoints import (convex_edges, segment_graph, segment_rows, superpoint_vote,
                                                    voxel_edges)
+from ov3d_ros.core.query import row_norms
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 
@@ -113,6 +114,18 @@ def test_vote_keeps_norms_and_constant_features_and_blend_zero_is_identity():
     w = torch.rand(50, generator=torch.Generator().manual_seed(5)) * 5
     assert superpoint_vote(feats, seg, 0.7, chunk=16, weights=w, out=voted, rows=rows) is voted
     assert torch.equal(voted[rows], superpoint_vote(f.half(), seg, 0.7, torch.float16, weights=w))
+    # the results' norms, written at the same rows: the norm each was given (its input's), which the stored fp16
+    # values keep to within their rounding
+    norms = torch.full((60,), -1.0)
+    again = torch.zeros(60, 6, dtype=torch.float16)
+    superpoint_vote(feats, seg, 0.7, chunk=16, weights=w, out=again, rows=rows, norms=norms)
+    assert torch.equal(again[rows], voted[rows]) and torch.equal(norms[rows], feats[rows].float().norm(dim=1))
+    assert torch.allclose(norms[rows], row_norms(voted[rows]), rtol=1e-3, atol=0)
+    assert (norms[~torch.isin(torch.arange(60), rows)] == -1).all()               # other rows untouched
+    whole, whole_norms = torch.zeros(50, 6, dtype=torch.float16), torch.zeros(50)
+    superpoint_vote(f, seg, 0.7, chunk=16, out=whole, norms=whole_norms)
+    assert torch.equal(whole_norms, f.norm(dim=1))
+    assert torch.allclose(whole_norms, row_norms(whole), rtol=1e-3, atol=0)
     rest = torch.ones(60, dtype=torch.bool).index_fill_(0, rows, False)
     assert (voted[rest] == 7).all()
     with pytest.raises(ValueError, match='rows need out'):

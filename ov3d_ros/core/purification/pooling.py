@@ -37,6 +37,7 @@ from ov3d_ros.core.purification.graph import (NeighbourTable, ball_offsets, ball
                                               estimate_normals, neighbour_rows, offset_deltas, union_rows,
                                               with_room)
 from ov3d_ros.core.purification.superpoints import block_ids, segment_rows, superpoint_vote
+from ov3d_ros.core.query import row_norms
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
@@ -335,10 +336,11 @@ def receptive_field_vox(net: Optional[torch.nn.Module]) -> int:
     return r
 
 
-LAYERS = ('purified', 'normals', 'embeddings', 'voted', 'superpoint_block')
+LAYERS = ('purified', 'normals', 'embeddings', 'voted', 'voted_norms', 'superpoint_block')
 """The layers purification keeps on the map's cake: purified (V, D) float16 (a feature layer, so compression
 rotates it: pooling is linear), normals (V, 3) float32, embeddings (V, E) float16 (learned affinity only);
-with the superpoint vote voted (V, D) float16 and superpoint_block (V,) int64 (not saved: re-voted)."""
+with the superpoint vote voted (V, D) float16, its rows' L2 norms voted_norms (V,) float32 (what queries divide
+by, written with the rows) and superpoint_block (V,) int64 (none saved: re-voted)."""
 
 
 class GeometryPooling:
@@ -382,6 +384,7 @@ class GeometryPooling:
         self._basis: Optional[_BasisFit] = None
         self._scratch: Optional[torch.Tensor] = None    # PoolMatrix's row numbering, kept between updates (all -1)
         self._voted_size = 0
+        self._norms_basis: Optional[int] = None          # the cake's basis epoch its voted_norms were computed at
         self._vote_pending: list = []
         self._vote_all = True
 
@@ -630,6 +633,20 @@ class GeometryPooling:
         self._vote(vmap)
         return vmap.cake['voted'][:vmap.size]
 
+    def feature_norms(self, vmap: VoxelFeatureMap) -> Optional[torch.Tensor]:
+        """(V,) float32 L2 norms of :meth:`features` (bit for bit :func:`~ov3d_ros.core.query.row_norms` of them),
+        kept with them rather than computed per query: the fused features' norms before the first update, the
+        ``voted_norms`` layer with the superpoint vote (written with the voted rows, recomputed after a rotation of
+        the feature coordinates); None without the vote (pooled features only: callers compute them)."""
+        if vmap.cake.get('purified') is None:
+            return vmap.feature_norms()
+        if not self.votes:
+            return None
+        if vmap.size == 0:
+            return torch.empty(0, dtype=torch.float32, device=vmap.device)
+        self._vote(vmap)
+        return vmap.cake['voted_norms'][:vmap.size]
+
     def _vote(self, vmap: VoxelFeatureMap) -> None:
         """Bring the ``voted`` layer up to date. Superpoints stay inside blocks of ``superpoint_block_vox`` voxels,
         so only the blocks holding a re-pooled voxel are segmented and voted again, and the result equals a vote
@@ -641,15 +658,18 @@ class GeometryPooling:
                  c.superpoint_weighted, c.superpoint_convex)
         voted = cake.get('voted')
         new_layer = voted is None or cake.specs['voted'].width != vmap.dim
-        if state != self._vote_state or new_layer:
+        if state != self._vote_state or new_layer or 'voted_norms' not in cake:
             self._vote_all = True
         if not self._vote_all and not self._vote_pending and self._voted_size == n:
+            self._renorm(cake, n)
             return
         self._vote_all = self._vote_all or block <= 0
         t0 = time.perf_counter()
         if new_layer:
             cake.remove_layer('voted')
+            cake.remove_layer('voted_norms')
             voted = cake.add_layer('voted', vmap.dim, torch.float16, persist=False, feature=True)
+        norms = cake.add_layer('voted_norms', 0, torch.float32, persist=False)
         if block > 0:           # each row's block key, kept as a layer (computed once per row)
             have = 0 if self._vote_all or 'superpoint_block' not in cake else self._voted_size
             keys = cake.add_layer('superpoint_block', 0, torch.int64, persist=False)
@@ -667,9 +687,20 @@ class GeometryPooling:
         weights = vmap.capped(vmap.weights.index_select(0, rows)) if c.superpoint_weighted else None
         # read the purified layer and write the voted one in place, chunk by chunk (no (R, D) copies)
         if self._vote_all:
-            superpoint_vote(cake['purified'][:n], segments, c.superpoint_blend, weights=weights, out=voted[:n])
+            superpoint_vote(cake['purified'][:n], segments, c.superpoint_blend, weights=weights, out=voted[:n],
+                            norms=norms[:n])
+            self._norms_basis = cake.basis_epoch
         else:
-            superpoint_vote(cake['purified'], segments, c.superpoint_blend, weights=weights, out=voted, rows=rows)
+            superpoint_vote(cake['purified'], segments, c.superpoint_blend, weights=weights, out=voted, rows=rows,
+                            norms=norms)
         self._vote_state, self._voted_size, self._vote_pending, self._vote_all = state, n, [], False
+        self._renorm(cake, n)
         self.timings_s['superpoints'] = time.perf_counter() - t0
         self.timings_s['superpoint_voxels'] = len(rows)
+
+    def _renorm(self, cake: LayerCake, n: int) -> None:
+        """Recompute the ``voted_norms`` of every voted row after the feature coordinates turned (compression
+        rotates the voted layer in place, which changes its rows' norms; the cake's basis epoch counts it)."""
+        if self._norms_basis != cake.basis_epoch:
+            cake['voted_norms'][:n] = row_norms(cake['voted'][:n])
+            self._norms_basis = cake.basis_epoch
