@@ -175,9 +175,14 @@ class MapSnapshot:
         """Per voxel (all or ``rows``), the best-matching of K texts (embeddings from :meth:`embed_texts`):
         (labels (V,) int64, similarity (V,) float32) from the features."""
         feats = self.features if rows is None else self.features[rows]
-        sims = torch.nn.functional.normalize(feats.float(), dim=-1) @ self.to_map_space(text_embeddings).T
-        best = sims.max(dim=-1)
-        return best.indices, best.values
+        text = self.to_map_space(text_embeddings).T
+        labels = torch.empty(feats.shape[0], dtype=torch.int64, device=feats.device)
+        sims = torch.empty(feats.shape[0], dtype=torch.float32, device=feats.device)
+        step = 1024          # rows converted to float32 at a time: no float32 copy of the whole feature layer
+        for s in range(0, feats.shape[0], step):
+            best = (torch.nn.functional.normalize(feats[s:s + step].float(), dim=-1) @ text).max(dim=-1)
+            labels[s:s + step], sims[s:s + step] = best.indices, best.values
+        return labels, sims
 
     def voxel_labels(self, names: Sequence[str]) -> torch.Tensor:
         """(V,) index into ``names`` of every voxel's class: from the label volume when ``names`` is its
