@@ -634,10 +634,11 @@ class GeometryPooling:
         return vmap.cake['voted'][:vmap.size]
 
     def feature_norms(self, vmap: VoxelFeatureMap) -> Optional[torch.Tensor]:
-        """(V,) float32 L2 norms of :meth:`features` (bit for bit :func:`~ov3d_ros.core.query.row_norms` of them),
-        kept with them rather than computed per query: the fused features' norms before the first update, the
-        ``voted_norms`` layer with the superpoint vote (written with the voted rows, recomputed after a rotation of
-        the feature coordinates); None without the vote (pooled features only: callers compute them)."""
+        """(V,) float32 L2 norms of :meth:`features`, kept with them rather than computed per query: the fused
+        features' norms before the first update; with the superpoint vote the ``voted_norms`` layer, the norm the
+        vote gave each row (within fp16 rounding of :func:`~ov3d_ros.core.query.row_norms` of the stored row),
+        written with the voted rows and recomputed after a rotation of the feature coordinates; None without the
+        vote (pooled features only: callers compute them)."""
         if vmap.cake.get('purified') is None:
             return vmap.feature_norms()
         if not self.votes:
