@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ov3d_ros.core.layer_cake import LayerCake
 from ov3d_ros.core.lifting import CellFeatures
+from ov3d_ros.core.query import float_blocks
 
 
 LAYERS = ('label_evidence', 'label_pooled')
@@ -98,21 +99,14 @@ class LabelVolume:
         """(distributions (n, K), pooled layer (capacity, K)) for :meth:`GeometryPooling.update`'s ``channels``."""
         return self._distributions(n), self.pooled
 
-    PROBABILITY_ROWS = 1024
-    """Rows per block of :meth:`probabilities`: each block is converted to float32 and scored while it is in the
-    cache, so no (N, D) float32 copy of the features is made (a map's 100 000 fp16 rows at D = 384, 20 classes,
-    one thread: about 50 against 162 ms; the same values bit for bit at 512 to 8 192 rows per block)."""
-
     def probabilities(self, features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N, K) float32 softmax over the vocabulary of (N, D) features of any float dtype (against ``text``,
-        default the vocabulary's): softmax(cos(f, t) / temperature), computed :attr:`PROBABILITY_ROWS` rows at a
-        time."""
+        default the vocabulary's): softmax(cos(f, t) / temperature), a block of rows at a time
+        (:func:`~ov3d_ros.core.query.float_blocks`: no float32 copy of the features)."""
         text = self.text if text is None else text.to(self.device, torch.float32)
         out = torch.empty(features.shape[0], text.shape[0], dtype=torch.float32, device=features.device)
-        step = self.PROBABILITY_ROWS
-        for s in range(0, features.shape[0], step):
-            f = features[s:s + step].float()
-            out[s:s + step] = torch.softmax(F.normalize(f, dim=-1) @ text.T / self.temperature, dim=-1)
+        for s, f in float_blocks(features):
+            out[s:s + len(f)] = torch.softmax(F.normalize(f, dim=-1) @ text.T / self.temperature, dim=-1)
         return out
 
     def integrate(self, rows: torch.Tensor, cells: CellFeatures) -> None:

@@ -22,7 +22,7 @@ import torch
 from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import MapperConfig
 from ov3d_ros.core.label_volume import LabelVolume, absorb_small_components, class_colors
-from ov3d_ros.core.query import QueryResult, clean_text, normalise_text, relevancy_scores, select
+from ov3d_ros.core.query import QueryResult, clean_text, float_blocks, normalise_text, relevancy_scores, select
 from ov3d_ros.core.text import TextEmbeddings
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
@@ -178,10 +178,9 @@ class MapSnapshot:
         text = self.to_map_space(text_embeddings).T
         labels = torch.empty(feats.shape[0], dtype=torch.int64, device=feats.device)
         sims = torch.empty(feats.shape[0], dtype=torch.float32, device=feats.device)
-        step = 1024          # rows converted to float32 at a time: no float32 copy of the whole feature layer
-        for s in range(0, feats.shape[0], step):
-            best = (torch.nn.functional.normalize(feats[s:s + step].float(), dim=-1) @ text).max(dim=-1)
-            labels[s:s + step], sims[s:s + step] = best.indices, best.values
+        for s, f in float_blocks(feats):      # no float32 copy of the whole feature layer
+            best = (torch.nn.functional.normalize(f, dim=-1) @ text).max(dim=-1)
+            labels[s:s + len(f)], sims[s:s + len(f)] = best.indices, best.values
         return labels, sims
 
     def voxel_labels(self, names: Sequence[str]) -> torch.Tensor:

@@ -26,6 +26,18 @@ def voxel_row(vmap, *xs):
     vmap.integrate(torch.stack([x + 0.5, torch.full_like(x, 0.5), torch.full_like(x, 0.5)], 1), torch.ones(len(x), 1))
 
 
+def test_probabilities_of_fp16_rows_block_by_block_match_the_softmax_formula():
+    vmap = VoxelFeatureMap(1.0, 16, capacity=16)
+    g = torch.Generator().manual_seed(2)
+    text = torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=1)
+    vol = LabelVolume(list('abcde'), text, temperature=0.05, cake=vmap.cake)
+    feats = (torch.randn(2500, 16, generator=g) * 3).half()              # more rows than one block
+    ref = torch.softmax(torch.nn.functional.normalize(feats.float(), dim=-1) @ text.T / 0.05, dim=-1)
+    p = vol.probabilities(feats)
+    assert p.dtype == torch.float32 and p.shape == (2500, 5) and torch.allclose(p, ref, atol=1e-6, rtol=0)
+    assert vol.probabilities(feats[:0]).shape == (0, 5)
+
+
 def test_evidence_is_a_vote_across_views():
     vmap = VoxelFeatureMap(1.0, 1, capacity=16)
     voxel_row(vmap, 0, 1, 2)

@@ -6,7 +6,7 @@ import torch
 
 from ov3d_ros.core.config import KeyframeConfig, MapperConfig, update_from_dict
 from ov3d_ros.core.keyframes import KeyframeSelector
-from ov3d_ros.core.query import relevancy_scores, row_norms, select
+from ov3d_ros.core.query import float_blocks, relevancy_scores, row_norms, select
 from ov3d_ros.core.text import encode_prompts
 
 
@@ -37,6 +37,20 @@ def test_row_norms_through_a_block_buffer_equal_the_norms_of_a_float_copy():
     assert torch.equal(row_norms(feats.float()), ref)
     assert row_norms(torch.empty(0, 48, dtype=torch.float16)).shape == (0,)
     assert row_norms(torch.empty(0, 48, dtype=torch.float16), block=1).shape == (0,)
+
+
+def test_float_blocks_cover_every_row_in_order_as_float32():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(2500, 48, generator=g).half()
+    for source in (feats, feats.float()):
+        for block in (1, 7, 1024, 4096):
+            starts, parts = [], []
+            for start, x in float_blocks(source, block):
+                assert x.dtype == torch.float32 and len(x) == min(block, len(source) - start)
+                starts.append(start)
+                parts.append(x.clone())                   # a block is valid until the next is taken
+            assert starts == list(range(0, 2500, block)) and torch.equal(torch.cat(parts), feats.float())
+    assert list(float_blocks(torch.empty(0, 48, dtype=torch.float16))) == []
 
 
 def test_relevancy_in_fp16_with_given_norms_matches_the_softmax_reference():
