@@ -182,7 +182,7 @@ def bench_stream(args, env_vars, out: Path) -> dict:
         while time.monotonic() - t_start < args.seconds:
             if not node.alive():
                 raise SystemExit('the mapping node exited:\n' + node.log()[-3000:])
-            if time.monotonic() >= next_query and client.status and client.status['voxels'] > 0:
+            if time.monotonic() >= next_query and client.status and client.status['keyframes'] > 0:
                 next_query = time.monotonic() + args.query_period      # sent on time, answered or not
                 queries.append(send(client, 'chair'))
             client.spin(0.05)

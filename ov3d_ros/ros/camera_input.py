@@ -90,16 +90,17 @@ class CameraInput:
                 'camera_info': _topic(self.namespace, 'color/camera_info'),
                 'labels': _topic(self.namespace, 'labels/image')}
 
-    def subscribe(self, node, qos, on_camera_info, labels: bool) -> None:
-        """Create this camera's subscriptions on ``node`` (``labels``: the simulated source's label images)."""
+    def subscribe(self, node, qos, info_qos, on_camera_info, labels: bool) -> None:
+        """Create this camera's subscriptions on ``node``: images with ``qos``, camera info with ``info_qos``
+        (``labels``: the simulated source's label images)."""
         t = self.topics()
-        sub = lambda kind, topic, cb: node.create_subscription(kind, topic, cb, qos)  # noqa: E731
+        sub = lambda kind, topic, cb, q=qos: node.create_subscription(kind, topic, cb, q)  # noqa: E731
         self._subs = [
             sub(CompressedImage if self.color_transport == 'compressed' else Image, t['color'],
                 self._push(self.color)),
             sub(CompressedImage if self.depth_transport == 'compressedDepth' else Image, t['depth'],
                 self._push(self.depth)),
-            sub(CameraInfo, t['camera_info'], lambda m: on_camera_info(self, m))]
+            sub(CameraInfo, t['camera_info'], lambda m: on_camera_info(self, m), info_qos)]
         if labels:
             self._subs.append(sub(Image, t['labels'], self._push(self.labels)))
 

@@ -318,8 +318,12 @@ class MappingInterface:
         """Subscribe to the inputs and start the processing, status and map timers."""
         before = self._track()
         qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=self.queue_size)
+        # camera info best effort whatever input_qos says: a reliable reader matched while the publisher already
+        # sends holds every sample back until the first one it missed is resolved on the writer's next heartbeat
+        # (Fast DDS: the first camera info came 0.98 s late at stream start, and 30 Hz depth images filled the
+        # queue while they waited for it; 2-5 ms best effort); a lost one is replaced by the next frame's
         for cam in self.cameras:
-            cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated)
+            cam.subscribe(self, qos, qos_profile_sensor_data, self._on_camera_info, self.mapper.extractor.simulated)
         # poses in a group of their own: the callback only appends under a lock, and in the default group it can
         # wait behind every ready image callback (created earlier, taken first; poses came up to 1.2 s late at 6 Hz)
         poses = MutuallyExclusiveCallbackGroup()
@@ -687,7 +691,9 @@ class MappingInterface:
             if snap is None:
                 raise ValueError('the node is not configured')
             if snap.size == 0:
-                raise ValueError('the map is empty: no keyframe integrated yet')
+                m = self.mapper
+                raise ValueError('the map is empty: ' + ('the first keyframe is still being integrated' if m is not None
+                                                         and m.map.size > 0 else 'no keyframe integrated yet'))
             seg = snap.segment(request.text, list(request.negatives), float(request.threshold))
             self.get_logger().debug(f'segment_by_text({self._short(request.text)!r}) answered from map generation '
                                     f'{snap.generation} ({snap.keyframes} keyframes, {snap.size} voxels)')

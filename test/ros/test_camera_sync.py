@@ -176,6 +176,8 @@ def test_pose_callbacks_never_wait_behind_image_callbacks(local_node):
     # best effort (pose_qos default) though the images are reliable here: a lost pose never holds back the next
     assert subs['/pose'].qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
     assert subs['/depth/image'].qos_profile.reliability == ReliabilityPolicy.RELIABLE
+    # camera info too: a reliable reader matched mid-stream held it back ~1 s, while the depth queue filled
+    assert subs['/color/camera_info'].qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
 
 
 def test_depth_images_wait_for_the_first_camera_info_and_a_full_queue_drops_with_the_reason():

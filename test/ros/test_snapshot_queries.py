@@ -87,8 +87,15 @@ def test_queries_answer_from_the_snapshot_while_a_keyframe_holds_the_lock():
         maps, labels = [], []
         node.map_pub.publish = maps.append                  # what the map and label timers would publish
         node.label_volume.cloud_pub.publish = labels.append
-        assert ask(node, 'chair').success is False                  # empty map: refused from the first snapshot
+        res = ask(node, 'chair')                                    # empty map: refused from the first snapshot
+        assert res.success is False and res.message == 'the map is empty: no keyframe integrated yet'
+        mid = []                                # asked once the first keyframe is fused, before its snapshot
+        publish = node.publish_snapshot
+        node.publish_snapshot = lambda: (mid.append(ask(node, 'chair')), publish())
         send_and_tick((0.0, 0.0, 0.0), 0)
+        node.publish_snapshot = publish
+        assert [(r.success, r.message) for r in mid] == [
+            (False, 'the map is empty: the first keyframe is still being integrated')]
         first = node.snapshot()
         assert first.keyframes == 1 and first.size == node.mapper.map.size > 100
         expected = {t: first.segment(t, [], th) for t, th in (('chair', 0.0), ('a red sofa', 0.01))}
