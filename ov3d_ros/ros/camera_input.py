@@ -77,6 +77,7 @@ class CameraInput:
         self._selector_of = None                # the mapper's selector when ours was made (a new one = new map)
         self.T_B_C = None
         self._subs = []
+        self._startup_info = None               # the start-up camera-info subscription (subscribe)
 
     # ------------------------------------------------------------------ topics
     @property
@@ -90,24 +91,38 @@ class CameraInput:
                 'camera_info': _topic(self.namespace, 'color/camera_info'),
                 'labels': _topic(self.namespace, 'labels/image')}
 
-    def subscribe(self, node, qos, info_qos, on_camera_info, labels: bool) -> None:
-        """Create this camera's subscriptions on ``node``: images with ``qos``, camera info with ``info_qos``
-        (``labels``: the simulated source's label images)."""
+    def subscribe(self, node, qos, on_camera_info, labels: bool, startup_info_qos=None) -> None:
+        """Create this camera's subscriptions on ``node`` with ``qos`` (``labels``: the simulated source's label
+        images). ``startup_info_qos``: a second camera-info subscription with this QoS until the first valid camera
+        info (:meth:`end_startup`). With a reliable ``qos`` the node passes a best-effort one: a reliable reader
+        matched while the camera already publishes holds every sample back until the ones it missed are resolved
+        (Fast DDS: on the writer's next heartbeat; the first camera info came 0.98 s late, and 30 Hz depth images
+        filled the 1 s queue meanwhile), where a best-effort reader has it in milliseconds. Only until then: next
+        to a best-effort camera-info reader, best-effort poses were lost more often (README: Robustness)."""
         t = self.topics()
         sub = lambda kind, topic, cb, q=qos: node.create_subscription(kind, topic, cb, q)  # noqa: E731
+        info = lambda m: on_camera_info(self, m)  # noqa: E731
         self._subs = [
             sub(CompressedImage if self.color_transport == 'compressed' else Image, t['color'],
                 self._push(self.color)),
             sub(CompressedImage if self.depth_transport == 'compressedDepth' else Image, t['depth'],
                 self._push(self.depth)),
-            sub(CameraInfo, t['camera_info'], lambda m: on_camera_info(self, m), info_qos)]
+            sub(CameraInfo, t['camera_info'], info)]
         if labels:
             self._subs.append(sub(Image, t['labels'], self._push(self.labels)))
+        self._startup_info = None if startup_info_qos is None else sub(CameraInfo, t['camera_info'], info,
+                                                                       startup_info_qos)
+
+    def end_startup(self, node) -> None:
+        """Destroy the start-up camera-info subscription once a valid camera info came (no-op otherwise)."""
+        if self._startup_info is not None and self.camera_info is not None:
+            node.destroy_subscription(self._startup_info)
+            self._startup_info = None
 
     def unsubscribe(self, node) -> None:
-        for sub in self._subs:
+        for sub in self._subs + ([self._startup_info] if self._startup_info is not None else []):
             node.destroy_subscription(sub)
-        self._subs = []
+        self._subs, self._startup_info = [], None
         with self.lock:
             for buf in (self.color, self.depth, self.labels):
                 buf.clear()

@@ -318,12 +318,10 @@ class MappingInterface:
         """Subscribe to the inputs and start the processing, status and map timers."""
         before = self._track()
         qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=self.queue_size)
-        # camera info best effort whatever input_qos says: a reliable reader matched while the publisher already
-        # sends holds every sample back until the first one it missed is resolved on the writer's next heartbeat
-        # (Fast DDS: the first camera info came 0.98 s late at stream start, and 30 Hz depth images filled the
-        # queue while they waited for it; 2-5 ms best effort); a lost one is replaced by the next frame's
+        # reliable inputs: the first camera info comes best effort too (CameraInput.subscribe)
+        startup = qos_profile_sensor_data if qos.reliability == ReliabilityPolicy.RELIABLE else None
         for cam in self.cameras:
-            cam.subscribe(self, qos, qos_profile_sensor_data, self._on_camera_info, self.mapper.extractor.simulated)
+            cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated, startup)
         # poses in a group of their own: the callback only appends under a lock, and in the default group it can
         # wait behind every ready image callback (created earlier, taken first; poses came up to 1.2 s late at 6 Hz)
         poses = MutuallyExclusiveCallbackGroup()
@@ -536,6 +534,7 @@ class MappingInterface:
             return                                      # the other timer is selecting
         try:
             for cam in self.cameras:
+                cam.end_startup(self)
                 while True:
                     taken = self._take(cam)
                     if taken is None:

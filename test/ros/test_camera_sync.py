@@ -176,8 +176,36 @@ def test_pose_callbacks_never_wait_behind_image_callbacks(local_node):
     # best effort (pose_qos default) though the images are reliable here: a lost pose never holds back the next
     assert subs['/pose'].qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
     assert subs['/depth/image'].qos_profile.reliability == ReliabilityPolicy.RELIABLE
-    # camera info too: a reliable reader matched mid-stream held it back ~1 s, while the depth queue filled
-    assert subs['/color/camera_info'].qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
+
+
+def test_reliable_inputs_get_their_first_camera_info_best_effort_too(local_node):
+    """Under input_qos reliable the camera info is also subscribed best effort until the first valid one (a
+    reliable reader matched mid-stream held it back ~1 s while the depth queue filled); then only reliably."""
+    node, client, pub = local_node['node'], local_node['client'], local_node['pub']
+    cam = node.cameras[0]
+
+    def info_qos():
+        return sorted(s.qos_profile.reliability.name for s in node.subscriptions
+                      if s.topic_name == '/color/camera_info')
+    def send_until(msg, done):
+        for _ in range(100):                   # re-sent: the first may go out before the readers are matched
+            pub.pubs['color/camera_info'].publish(msg)
+            client.spin(0.05)
+            if done():
+                return
+        raise AssertionError('the node did not take the camera info')
+    assert cam.camera_info is None and info_qos() == ['BEST_EFFORT', 'RELIABLE']
+    bad = conv.camera_to_camera_info(default_camera(64, 48))
+    bad.k[0] = float('nan')
+    send_until(bad, lambda: cam.camera_error != '')
+    node.select()
+    assert cam.camera_info is None and info_qos() == ['BEST_EFFORT', 'RELIABLE']   # an invalid one ends nothing
+    info = conv.camera_to_camera_info(default_camera(64, 48))
+    send_until(info, lambda: cam.camera_info is not None)
+    node.select()
+    assert info_qos() == ['RELIABLE']
+    info.k[0] = 123.0
+    send_until(info, lambda: cam.camera_info.k[0] == 123.0)                  # later ones come reliably
 
 
 def test_depth_images_wait_for_the_first_camera_info_and_a_full_queue_drops_with_the_reason():
