@@ -187,6 +187,7 @@ def test_reliable_inputs_get_their_first_camera_info_best_effort_too(local_node)
     def info_qos():
         return sorted(s.qos_profile.reliability.name for s in node.subscriptions
                       if s.topic_name == '/color/camera_info')
+
     def send_until(msg, done):
         for _ in range(100):                   # re-sent: the first may go out before the readers are matched
             pub.pubs['color/camera_info'].publish(msg)
