@@ -98,10 +98,14 @@ class CameraInput:
         matched while the camera already publishes holds every sample back until the ones it missed are resolved
         (Fast DDS: on the writer's next heartbeat; the first camera info came 0.98 s late, and 30 Hz depth images
         filled the 1 s queue meanwhile), where a best-effort reader has it in milliseconds. Only until then: next
-        to a best-effort camera-info reader, best-effort poses were lost more often (README: Robustness)."""
+        to a best-effort camera-info reader, best-effort poses were lost more often (README: Robustness). One
+        subscription is heard at a time (the start-up one while it exists), so no camera info counts twice."""
         t = self.topics()
         sub = lambda kind, topic, cb, q=qos: node.create_subscription(kind, topic, cb, q)  # noqa: E731
-        info = lambda m: on_camera_info(self, m)  # noqa: E731
+        info = lambda m: self._startup_info is None and on_camera_info(self, m)  # noqa: E731
+        if startup_info_qos is not None:         # first: until it goes, the other one is not heard
+            self._startup_info = sub(CameraInfo, t['camera_info'], lambda m: on_camera_info(self, m),
+                                     startup_info_qos)
         self._subs = [
             sub(CompressedImage if self.color_transport == 'compressed' else Image, t['color'],
                 self._push(self.color)),
@@ -110,8 +114,6 @@ class CameraInput:
             sub(CameraInfo, t['camera_info'], info)]
         if labels:
             self._subs.append(sub(Image, t['labels'], self._push(self.labels)))
-        self._startup_info = None if startup_info_qos is None else sub(CameraInfo, t['camera_info'], info,
-                                                                       startup_info_qos)
 
     def end_startup(self, node) -> None:
         """Destroy the start-up camera-info subscription once a valid camera info came (no-op otherwise)."""

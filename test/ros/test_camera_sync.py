@@ -188,17 +188,20 @@ def test_reliable_inputs_get_their_first_camera_info_best_effort_too(local_node)
         return sorted(s.qos_profile.reliability.name for s in node.subscriptions
                       if s.topic_name == '/color/camera_info')
 
-    def send_until(msg, done):
-        for _ in range(100):                   # re-sent: the first may go out before the readers are matched
+    def send_until(msg, done) -> int:
+        for n in range(1, 101):                # re-sent: the first may go out before the readers are matched
             pub.pubs['color/camera_info'].publish(msg)
             client.spin(0.05)
             if done():
-                return
+                return n
         raise AssertionError('the node did not take the camera info')
     assert cam.camera_info is None and info_qos() == ['BEST_EFFORT', 'RELIABLE']
     bad = conv.camera_to_camera_info(default_camera(64, 48))
     bad.k[0] = float('nan')
-    send_until(bad, lambda: cam.camera_error != '')
+    dropped = cam.stats['dropped']
+    sent = send_until(bad, lambda: cam.camera_error != '')
+    client.spin(0.3)
+    assert 1 <= cam.stats['dropped'] - dropped <= sent          # one subscription heard: none counted twice
     node.select()
     assert cam.camera_info is None and info_qos() == ['BEST_EFFORT', 'RELIABLE']   # an invalid one ends nothing
     info = conv.camera_to_camera_info(default_camera(64, 48))
