@@ -62,12 +62,12 @@ class KeyIndex:
     WINDOW = 8
     """Slots probed per vectorised step of an insert, and at most per step of a find."""
     FIRST_WINDOW = 2
-    """Slots a find probes in its first step after the home slot (then twice as many per step, up to WINDOW). At
-    the table's load (at most a quarter full in a cake) a key that misses its home slot mostly ends one or two
-    slots on, so a narrow first window wastes the fewest gathers on a large batch, and the widening keeps the
-    number of steps (each a few tensor operations) low on a small one. 825 000 ball-neighbour lookups into the
-    79 k-voxel map of ``bm_pooling.py``, one thread, half full: 33-52 ms with a first window of 2 against 55-95 ms
-    with windows of 8."""
+    """On CUDA, slots a find probes in its first step after the home slot (then twice as many per step, up to
+    WINDOW): few steps, each a few kernels and a synchronising ``nonzero``. At the table's load (at most a quarter
+    full in a cake) a key that misses its home slot mostly ends one or two slots on, so a narrow first window
+    wastes the fewest gathers on a large batch. 825 000 ball-neighbour lookups into the 79 k-voxel map of
+    ``bm_pooling.py``, one thread, half full: 33-52 ms with a first window of 2 against 55-95 ms with windows of 8
+    (the CPU then probed this way too; see :meth:`_find`)."""
 
     def __init__(self, slots: int, device: torch.device):
         self.bits = max(4, (int(slots) - 1).bit_length())
@@ -95,8 +95,8 @@ class KeyIndex:
 
     def find(self, keys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
         """(N,) int64 keys → (N,) int64 rows, -1 where absent. ``row_keys``: (capacity,) the map's key column.
-        Probes the home slot, then ``WINDOW`` slots per step for the keys left; a key is absent at the first
-        empty slot."""
+        Probes the home slot, then the slots after it for the keys left (one per step on CPU, windows of up to
+        ``WINDOW`` on CUDA); a key is absent at the first empty slot."""
         step = self.FIND_KEYS
         if keys.device.type != 'cpu' or len(keys) <= step:
             return self._find(keys, row_keys)
@@ -114,8 +114,15 @@ class KeyIndex:
         occupied = r >= 0
         hit = (row_keys.index_select(0, r.clamp_min(0)) == keys).logical_and_(occupied)
         out = torch.where(hit, r, -1)                              # most keys resolve at their home slot
-        idx = (occupied & ~hit).nonzero().squeeze(1)
-        slot, k = slot.index_select(0, idx) + 1, keys.index_select(0, idx)
+        idx = occupied.logical_xor_(hit).nonzero().squeeze(1)      # occupied by another key: probe on
+        probe = self._probe_slots if keys.device.type == 'cpu' else self._probe_windows
+        return probe(out, idx, slot.index_select(0, idx), keys.index_select(0, idx), row_keys)
+
+    def _probe_windows(self, out: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, k: torch.Tensor,
+                       row_keys: torch.Tensor) -> torch.Tensor:
+        """CUDA: resolve keys ``k`` at ``out[idx]`` (int32, -1 there), which missed their home ``slot``, a window of
+        slots per step (:attr:`FIRST_WINDOW`, then doubling up to :attr:`WINDOW`). Returns ``out`` as int64."""
+        slot = slot + 1
         width = min(self.FIRST_WINDOW, self.WINDOW)
         while idx.numel():
             n = idx.numel()
@@ -129,6 +136,24 @@ class KeyIndex:
             go = (~stop.any(1)).nonzero().squeeze(1)                  # all occupied by other keys: next window
             idx, slot, k = idx.index_select(0, go), slot.index_select(0, go) + width, k.index_select(0, go)
             width = min(2 * width, self.WINDOW)
+        return out.long()
+
+    def _probe_slots(self, out: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, k: torch.Tensor,
+                     row_keys: torch.Tensor) -> torch.Tensor:
+        """CPU: resolve keys ``k`` at ``out[idx]`` (int32, -1 there), which missed their home ``slot``, one slot per
+        step: each step gathers one slot for each key left (on a CPU a step's fixed cost is small, so probing no
+        slot past a key's end pays). 2^18 ball-neighbour keys into the 968 k-voxel map of ``bm_pooling.py`` (a fifth of them
+        probe past their home slot, for up to 7 steps), one thread: 5.6-6.2 against 7.8-8.6 ms for the whole
+        find with CUDA's windows (4.0-4.2 against 5.3-5.6 ms into the 79 k-voxel map). Returns ``out`` as int64."""
+        mask = self.slots - 1
+        while idx.numel():
+            slot = slot.add_(1).bitwise_and_(mask)
+            r = self.table.index_select(0, slot)
+            occupied = r >= 0
+            hit = (row_keys.index_select(0, r.clamp_min(0)) == k).logical_and_(occupied)
+            out.index_copy_(0, idx, torch.where(hit, r, -1))       # found, or absent at an empty slot (-1)
+            go = occupied.logical_xor_(hit).nonzero().squeeze(1)
+            idx, slot, k = idx.index_select(0, go), slot.index_select(0, go), k.index_select(0, go)
         return out.long()
 
     def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:

@@ -161,6 +161,27 @@ def test_key_index_probes_past_full_windows_and_around_the_table_end():
     assert int((index.table >= 0).sum()) == len(keys)
 
 
+def test_probing_slot_by_slot_finds_what_probing_by_windows_does(monkeypatch):
+    """A CPU find probes one slot per step, a CUDA find windows of slots: on a crowded table (long chains, chains
+    across the table's end) both return every present key's row and -1 for every absent key."""
+    from ov3d_ros.core.layer_cake import KeyIndex
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randperm(1 << 20, generator=g)[:700] * 7919
+    index = KeyIndex(1024, torch.device('cpu'))                      # 60 % full: chains of many slots
+    row_keys = keys[:600].clone()
+    index.insert(row_keys, torch.arange(600))
+    probe = keys[torch.randint(0, 700, (5_000,), generator=g)]      # present and absent keys, repeats
+    homes = index._home(probe)
+    chain = index.table.index_select(0, (homes + 3) & (index.slots - 1)) >= 0
+    assert int(chain.sum()) > 1000                                   # many keys probe at least 3 slots past home
+    by_slot = index.find(probe, row_keys)
+    expected = torch.tensor([int(torch.nonzero(row_keys == k)[0]) if bool((row_keys == k).any()) else -1
+                             for k in probe.tolist()])
+    assert torch.equal(by_slot, expected) and (expected < 0).sum() > 500
+    monkeypatch.setattr(KeyIndex, '_probe_slots', KeyIndex._probe_windows)
+    assert torch.equal(index.find(probe, row_keys), expected)
+
+
 def test_a_find_in_batches_returns_what_one_batch_does(monkeypatch):
     from ov3d_ros.core.layer_cake import KeyIndex
     g = torch.Generator().manual_seed(3)
