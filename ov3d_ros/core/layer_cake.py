@@ -142,9 +142,10 @@ class KeyIndex:
                      row_keys: torch.Tensor) -> torch.Tensor:
         """CPU: resolve keys ``k`` at ``out[idx]`` (int32, -1 there), which missed their home ``slot``, one slot per
         step: each step gathers one slot for each key left (on a CPU a step's fixed cost is small, so probing no
-        slot past a key's end pays). 2^18 ball-neighbour keys into the 968 k-voxel map of ``bm_pooling.py`` (a fifth of them
-        probe past their home slot, for up to 7 steps), one thread: 5.6-6.2 against 7.8-8.6 ms for the whole
-        find with CUDA's windows (4.0-4.2 against 5.3-5.6 ms into the 79 k-voxel map). Returns ``out`` as int64."""
+        slot past a key's end pays). 2^18 ball-neighbour keys into the 968 k-voxel map of ``bm_pooling.py`` (a
+        fifth of them probe past their home slot, for up to 7 steps), one thread: 5.6-6.2 against 7.8-8.6 ms for
+        the whole find with CUDA's windows (4.0-4.2 against 5.3-5.6 ms into the 79 k-voxel map). Returns ``out``
+        as int64."""
         mask = self.slots - 1
         while idx.numel():
             slot = slot.add_(1).bitwise_and_(mask)
