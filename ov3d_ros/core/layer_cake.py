@@ -110,13 +110,17 @@ class KeyIndex:
         # of every pass. 627 000 ball-neighbour keys into the 79 k-voxel map of bm_pooling.py, one thread, four
         # interleaved runs: 14-15 against 16-21 ms with int64 rows
         slot = self._home(keys)
-        r = self.table.index_select(0, slot)
-        occupied = r >= 0
-        hit = (row_keys.index_select(0, r.clamp_min(0)) == keys).logical_and_(occupied)
+        r, occupied, hit = self._probe(slot, keys, row_keys)
         out = torch.where(hit, r, -1)                              # most keys resolve at their home slot
         idx = occupied.logical_xor_(hit).nonzero().squeeze(1)      # occupied by another key: probe on
         probe = self._probe_slots if keys.device.type == 'cpu' else self._probe_windows
         return probe(out, idx, slot.index_select(0, idx), keys.index_select(0, idx), row_keys)
+
+    def _probe(self, slot: torch.Tensor, keys: torch.Tensor, row_keys: torch.Tensor) -> tuple:
+        """One slot per key: its (n,) int32 row (-1: empty), whether it is occupied, and whether it holds the key."""
+        r = self.table.index_select(0, slot)
+        occupied = r >= 0
+        return r, occupied, (row_keys.index_select(0, r.clamp_min(0)) == keys).logical_and_(occupied)
 
     def _probe_windows(self, out: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, k: torch.Tensor,
                        row_keys: torch.Tensor) -> torch.Tensor:
@@ -149,9 +153,7 @@ class KeyIndex:
         mask = self.slots - 1
         while idx.numel():
             slot = slot.add_(1).bitwise_and_(mask)
-            r = self.table.index_select(0, slot)
-            occupied = r >= 0
-            hit = (row_keys.index_select(0, r.clamp_min(0)) == k).logical_and_(occupied)
+            r, occupied, hit = self._probe(slot, k, row_keys)
             out.index_copy_(0, idx, torch.where(hit, r, -1))       # found, or absent at an empty slot (-1)
             go = occupied.logical_xor_(hit).nonzero().squeeze(1)
             idx, slot, k = idx.index_select(0, go), slot.index_select(0, go), k.index_select(0, go)
