@@ -8,7 +8,8 @@ tracked directions U lazily: while span(P) is within :attr:`FeatureProjection.KE
 stored row changes); a keyframe that turns the subspace further (a class not seen before)
 makes P = U, and the stored features are rotated into it with R = P_old^T P_new (exact for their part inside
 both): an O(map) step, which a settled moment rarely needs. Text embeddings are projected with P at query time (not re-normalised, so the ordering of texts per voxel
-is that of the full-dimension scores). With updates off the first keyframe's fit stays frozen.
+is that of the full-dimension scores). With updates off the first keyframe's fit stays frozen. A map can also
+start from the projection of another map's file (``map.compress_basis``: its moment, then folded into or kept).
 """
 from __future__ import annotations
 
@@ -98,6 +99,14 @@ class FeatureProjection:
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., d) float32."""
         return x.float() @ self.matrix.to(x.device)
+
+    def leading(self, dim: int) -> 'FeatureProjection':
+        """The projection to the ``dim`` strongest tracked directions (a copy of this one at ``dim`` = d)."""
+        if not 0 < dim <= self.out_dim:
+            raise ValueError(f'a projection to {self.out_dim} dims holds 1..{self.out_dim} leading ones, not {dim}')
+        if dim == self.out_dim:
+            return self.clone()
+        return FeatureProjection(self.basis[:, :dim].clone(), self.energy[:dim].clone())
 
     def to(self, device: torch.device | str) -> 'FeatureProjection':
         return FeatureProjection(self.matrix.to(device), self.energy.to(device), self.basis.to(device))

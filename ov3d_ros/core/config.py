@@ -40,7 +40,13 @@ class MapConfig:
     compress_update: bool = True
     """Compression: fold every keyframe into the PCA; the stored features are rotated into a new basis only when
     the tracked subspace has turned away from theirs (``FeatureProjection.KEEP``). false = freeze the first
-    keyframe's fit."""
+    keyframe's fit (or the ``compress_basis``)."""
+    compress_basis: str = ''
+    """Compression: a map file saved with compression (same feature source, at least ``compress_dim`` dims) whose
+    basis and tracked second moment the map starts from, instead of a fit of its first keyframe: a map of the same
+    kind of place, or one ``ov3d merge`` fitted over several. With ``compress_update: false`` the basis stays fixed
+    and a keyframe's compression is one projection; maps made from one basis share their coordinates. '' = fit
+    the first keyframe."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -138,21 +139,47 @@ def is_map_file(path: str | Path) -> bool:
     return meta.get('format') == MAP_FORMAT
 
 
-def load_map(path: str | Path, device: torch.device | str = 'cpu') -> Tuple[VoxelFeatureMap, dict, Dict[str, torch.Tensor]]:
-    """Read a map file: (voxel map on ``device`` with every layer of the file in its cake, info dict, extra
-    tensors). Raises MapFileError."""
-    path = Path(path)
+def _read(path: Path) -> Tuple[bytes, dict]:
     try:
         blob = path.read_bytes()
     except OSError as e:
         raise MapFileError(f'{path}: cannot read ({e.strerror})') from e
-    meta = read_header(blob, str(path))
+    return blob, read_header(blob, str(path))
+
+
+def _layer_names(meta: dict, names) -> Dict[str, dict]:
+    """{layer: spec} of a file's row-aligned tensors; ``names``: the tensors it holds."""
+    if 'layers' in meta:
+        return json.loads(meta['layers'])
+    return {k: {} for k in VoxelFeatureMap.FIELDS + (LEGACY_EVIDENCE,) if k in names}   # before the layer list
+
+
+def load_extra(path: str | Path) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """A map file's info dict and extra tensors (those that are not rows: the projection, a text table), on the
+    CPU, without building its voxel map; the whole file is still checked (format, version, checksum). Raises
+    MapFileError."""
+    path = Path(path)
+    blob, meta = _read(path)
+    try:
+        header_len = struct.unpack('<Q', blob[:8])[0]
+        names = [k for k in json.loads(blob[8:8 + header_len]) if k != '__metadata__']
+        layers = _layer_names(meta, names)
+        with safe_open(str(path), framework='pt') as f:
+            extra = {k: f.get_tensor(k) for k in names if k not in layers}
+        info = json.loads(meta['info'])
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, OSError, SafetensorError) as e:
+        raise MapFileError(f'{path}: invalid map contents ({e})') from e
+    return info, extra
+
+
+def load_map(path: str | Path, device: torch.device | str = 'cpu') -> Tuple[VoxelFeatureMap, dict, Dict[str, torch.Tensor]]:
+    """Read a map file: (voxel map on ``device`` with every layer of the file in its cake, info dict, extra
+    tensors). Raises MapFileError."""
+    path = Path(path)
+    blob, meta = _read(path)
     try:
         tensors = st_load(blob)
-        if 'layers' in meta:
-            layers = json.loads(meta['layers'])
-        else:                                   # written before the layer list: fusion layers and label evidence
-            layers = {k: {} for k in VoxelFeatureMap.FIELDS + (LEGACY_EVIDENCE,) if k in tensors}
+        layers = _layer_names(meta, tensors)
         vmap = VoxelFeatureMap(float(meta['voxel_size_m']), int(meta['dim']), device, capacity=16)
         vmap.load_state({k: tensors[k] for k in layers if k in tensors},
                         feature=[k for k, spec in layers.items() if spec.get('feature') and k != 'features'])

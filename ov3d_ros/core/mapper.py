@@ -1,6 +1,7 @@
 """The Mapper facade: keyframe selection, feature extraction, lifting, fusion and text queries."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -66,6 +67,7 @@ class Mapper:
         self.generation = 0          # counts changes of the map or its query state (see snapshot)
         self.labels: Optional[LabelVolume] = None
         self._neighbours: Tuple[tuple, dict] = ((), {})   # {radius: neighbour rows} of the current map state
+        self._basis = self._starting_basis() if cfg.map.compress_basis else None
         self.clear()
         if cfg.labels.vocabulary:
             self.set_vocabulary(cfg.labels.vocabulary)
@@ -232,7 +234,8 @@ class Mapper:
         """Fit the feature compression on a keyframe's (N, D) features, or fold them into it (map.compress_*),
         carrying every feature layer of the map (fused, purified) into the new basis."""
         if self.projection is None:
-            self.projection = FeatureProjection.fit(samples, self.cfg.map.compress_dim)
+            self.projection = self._basis.clone() if self._basis is not None else \
+                FeatureProjection.fit(samples, self.cfg.map.compress_dim)
             change = self.projection.matrix
         elif self.cfg.map.compress_update:
             change = self.projection.update(samples)       # None while the stored basis still serves
@@ -240,6 +243,31 @@ class Mapper:
             return
         if change is not None:
             self.map.project(change)
+
+    def _starting_basis(self) -> FeatureProjection:
+        """The projection ``map.compress_basis`` names (a compressed map's file), to ``map.compress_dim`` dims.
+        Raises ValueError with the reason."""
+        from ov3d_ros.core.map_io import load_extra
+        path, dim = self.cfg.map.compress_basis, self.cfg.map.compress_dim
+        if not 0 < dim < self.extractor.dim:
+            raise ValueError(f'map.compress_basis {path!r} needs map.compress_dim in 1..{self.extractor.dim - 1} '
+                             f'(the {self.extractor.name} features are {self.extractor.dim}-d), got {dim}')
+        try:
+            info, extra = load_extra(os.path.expanduser(path))
+            projection = FeatureProjection.from_tensors(extra)
+        except ValueError as e:                    # MapFileError too
+            raise ValueError(f'map.compress_basis {path!r}: {e}') from e
+        if projection is None:
+            raise ValueError(f'map.compress_basis {path!r} is an uncompressed map (no projection); give a map '
+                             'saved with map.compress_dim')
+        if info.get('feature_source') != self.extractor.name or projection.in_dim != self.extractor.dim:
+            raise ValueError(f'map.compress_basis {path!r} was made with {info.get("feature_source")} '
+                             f'(D={projection.in_dim}), but this mapper uses {self.extractor.name} '
+                             f'(D={self.extractor.dim})')
+        if projection.out_dim < dim:
+            raise ValueError(f'map.compress_basis {path!r} holds {projection.out_dim} directions, fewer than '
+                             f'map.compress_dim {dim}')
+        return projection.leading(dim).to(self.device)
 
     def _make_purifier(self):
         from ov3d_ros.core.purification.pooling import GeometryPooling
@@ -612,6 +640,7 @@ class Mapper:
         except (KeyError, ValueError) as e:
             raise MapFileError(f'{path}: unusable config in the map file ({e})') from e
         cfg.map.device = device
+        cfg.map.compress_basis = ''            # the file holds its own projection (and the basis file may be gone)
         dev = resolve_device(device)
         if 'text_names' in info:
             extractor = PrecomputedFeatures(info['text_names'], extra['text_vectors'].numpy(), dev)

@@ -276,6 +276,10 @@ class MappingInterface:
         self.get_logger().info(f'feature source {extractor.name} (D={extractor.dim}, '
                                f'weights: {getattr(extractor, "weights", "n/a")}) on {device}'
                                + (f' in {str(precision).removeprefix("torch.")}' if precision is not None else ''))
+        if cfg.map.compress_basis:
+            self.get_logger().info(f'features stored in {cfg.map.compress_dim} dims, starting from the basis of '
+                                   f'{cfg.map.compress_basis} ('
+                                   + ('folding keyframes in' if cfg.map.compress_update else 'fixed') + ')')
         self.cameras: List[CameraInput] = [CameraInput(ns, self.queue_size, self.color_transport,
                                                        self.depth_transport) for ns in self.cameras_ns]
         self._set_mounts(self.get_parameter('pose_to_camera').value)

@@ -51,6 +51,7 @@ READ_ONLY_REASONS: Dict[str, str] = {
     'map.initial_capacity': 'allocated at start',
     'map.device': 'the model and the map live on this device',
     'map.compress_dim': 'stored features have this width; a new width needs a new map',
+    'map.compress_basis': 'the map starts in this basis; ~/clear_map starts again from it',
     'features': 'the feature model is loaded at start',
     'labels.temperature': "weighs every keyframe's class evidence as it comes; set it at start",
     'map_frame': AT_START + ' (every output and saved map is in it)',

@@ -185,3 +185,74 @@ def test_learned_feature_student_refuses_compression(tmp_path):
     from ov3d_ros.core.features.precomputed import PrecomputedFeatures
     with pytest.raises(ValueError, match='384-d'):
         Mapper(cfg, PrecomputedFeatures(['a', 'b'], np.eye(2, 64, dtype=np.float32)))
+
+
+def test_map_starts_from_the_basis_of_a_saved_map(pair, tmp_path):
+    """map.compress_basis: a fresh map takes a compressed map file's basis instead of fitting its first keyframe;
+    with updates off it stays fixed, and maps made from it share their coordinates."""
+    full, small = pair
+    small.save(tmp_path / 'basis.ov3dmap')
+    names = list(CLASS_NAMES[1:])
+
+    def seeded(dim, update, frames=6):
+        cfg = MapperConfig()
+        cfg.features.source, cfg.map.device = 'simulated', 'cpu'
+        cfg.map.compress_dim, cfg.map.compress_update = dim, update
+        cfg.map.compress_basis = str(tmp_path / 'basis.ov3dmap')
+        m = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
+        scene, cam = builtin_scene(0), default_camera(96, 72)
+        for i, T in enumerate(builtin_trajectory(scene, frames, 0)):
+            f = render(scene, cam, T)
+            m.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
+        return m
+
+    fixed = seeded(32, update=False)
+    assert torch.equal(fixed.projection.matrix, small.projection.matrix)          # no fit, no turn
+    assert torch.equal(fixed.projection.energy, small.projection.energy)
+    assert fixed.map.dim == 32 and torch.equal(fixed.map.keys[:fixed.map.size], full.map.keys[:full.map.size])
+    agree = (fixed.voxel_labels(names) == full.voxel_labels(names)).float().mean().item()
+    first = scene_mapper(32, update=False)                          # the first keyframe's fit, frozen
+    assert agree > 0.9 and agree > (first.voxel_labels(names) == full.voxel_labels(names)).float().mean().item()
+    assert torch.equal(seeded(32, update=False, frames=2).projection.matrix, fixed.projection.matrix)
+    # fewer dims: the strongest tracked directions of the file
+    narrow = seeded(16, update=False, frames=1)
+    assert torch.equal(narrow.projection.matrix, small.projection.basis[:, :16]) and narrow.map.dim == 16
+    # updates on: the file's moment goes on growing from there
+    grown = seeded(32, update=True, frames=2)
+    assert grown.projection.energy.sum() > small.projection.energy.sum()
+    # a cleared map starts from the file again
+    fixed.clear()
+    assert fixed.projection is None
+    scene, cam = builtin_scene(0), default_camera(96, 72)
+    T = builtin_trajectory(scene, 6, 0)[3]
+    f = render(scene, cam, T)
+    fixed.integrate(Frame(f.rgb, f.depth_m, cam, T, 0.0, f.semantic), force=True)
+    assert torch.equal(fixed.projection.matrix, small.projection.matrix)
+    # its own file holds the projection: it loads where the basis file is gone
+    fixed.save(tmp_path / 'fixed.ov3dmap')
+    (tmp_path / 'basis.ov3dmap').unlink()
+    loaded = Mapper.from_file(tmp_path / 'fixed.ov3dmap', device='cpu')
+    assert torch.equal(loaded.projection.matrix, small.projection.matrix) and loaded.map.size == fixed.map.size
+
+
+def test_a_basis_the_map_cannot_start_from_is_refused_with_the_reason(pair, tmp_path):
+    full, small = pair
+    small.save(tmp_path / 'small.ov3dmap')
+    full.save(tmp_path / 'full.ov3dmap')
+    cases = [(32, 'full.ov3dmap', 'uncompressed map'), (0, 'small.ov3dmap', 'needs map.compress_dim'),
+             (48, 'small.ov3dmap', 'fewer than map.compress_dim 48'), (32, 'absent.ov3dmap', 'cannot read')]
+    for dim, name, reason in cases:
+        cfg = MapperConfig()
+        cfg.features.source, cfg.map.compress_dim = 'simulated', dim
+        cfg.map.compress_basis = str(tmp_path / name)
+        with pytest.raises(ValueError, match=reason):
+            Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
+    (tmp_path / 'cut.ov3dmap').write_bytes((tmp_path / 'small.ov3dmap').read_bytes()[:-100])
+    cfg.map.compress_basis = str(tmp_path / 'cut.ov3dmap')
+    with pytest.raises(ValueError, match='checksum'):
+        Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures     # another feature source
+    cfg.features.source, cfg.map.compress_dim = 'precomputed', 16
+    cfg.map.compress_basis = str(tmp_path / 'small.ov3dmap')
+    with pytest.raises(ValueError, match='made with simulated'):
+        Mapper(cfg, PrecomputedFeatures(['a', 'b'], np.eye(2, 384, dtype=np.float32)))

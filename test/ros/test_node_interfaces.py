@@ -153,16 +153,22 @@ def test_sigint_while_mapping_exits_cleanly(loaded):
     assert 'Traceback' not in log and 'Destroyable' not in log, log[-3000:]
 
 
-def test_start_up_failure_exits_non_zero_with_a_fatal_line(tmp_path):
+@pytest.mark.parametrize('params, reason', [
+    (['pose_source:=bogus'], "pose_source must be one of 'tf', 'pose', 'odometry', got 'bogus'"),
+    (['map.compress_dim:=64', 'map.compress_basis:={tmp}/absent.ov3dmap'],
+     "map.compress_basis '{tmp}/absent.ov3dmap': {tmp}/absent.ov3dmap: cannot read"),
+])
+def test_start_up_failure_exits_non_zero_with_a_fatal_line(tmp_path, params, reason):
+    params, reason = [p.format(tmp=tmp_path) for p in params], reason.format(tmp=tmp_path)
     with private_domain() as env:
-        node = start_mapping_node(env, tmp_path / 'bad.log', params=['pose_source:=bogus'])
+        node = start_mapping_node(env, tmp_path / 'bad.log', params=params)
         try:
             rc = node.proc.wait(120)
         finally:
             node.stop()
     log = node.log()
     assert rc == 1, log
-    assert '[FATAL]' in log and "pose_source must be one of 'tf', 'pose', 'odometry', got 'bogus'" in log, log
+    assert '[FATAL]' in log and reason in log, log
 
 
 def test_the_node_process_switches_threads_every_half_millisecond():
@@ -180,3 +186,23 @@ def test_the_node_process_switches_threads_every_half_millisecond():
     rc, interval, wanted = out.stdout.split()
     assert rc == '1' and float(interval) == float(wanted) == 0.0005, out.stdout
     assert 'cannot start: no node here' in out.stderr, out.stderr
+
+
+def test_the_node_starts_from_a_compression_basis_file(tmp_path, start_node):
+    """map.compress_basis reaches the core: the node starts with the file's basis and says so."""
+    from ov3d_ros.core.config import MapperConfig
+    from ov3d_ros.core.features import create_extractor
+    from ov3d_ros.core.mapper import Frame, Mapper
+    from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.compress_dim, cfg.purify.enabled = 'simulated', 32, False
+    mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
+    scene, cam = builtin_scene(0), default_camera(96, 72)
+    for i, T in enumerate(builtin_trajectory(scene, 2, 0)):
+        f = render(scene, cam, T)
+        mapper.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
+    mapper.save(tmp_path / 'basis.ov3dmap')
+    node, _ = start_node(['map.compress_dim:=32', 'map.compress_update:=false',
+                          f'map.compress_basis:={tmp_path / "basis.ov3dmap"}'])
+    assert f'features stored in 32 dims, starting from the basis of {tmp_path / "basis.ov3dmap"} (fixed)' \
+        in node.log(), node.log()[-3000:]
