@@ -8,8 +8,10 @@
 Sections (one JSON line per row, each with device, torch version, threads and sizes; ratios = ours / reference):
   fusion   our lifting + fusion of the same rendered frames of the built-in scene (640x480, 5 cm voxels, depth
            0.1-5 m) against Open3D's VoxelBlockGrid TSDF + colour integrate, at D=384 simulated features and at
-           map.compress_dim 64 (its PCA update per keyframe is shown apart, under compress_ms); --reps passes,
-           each side in a fresh process, medians (each pass's figures are listed too).
+           map.compress_dim 64 (its PCA update per keyframe is shown apart, under compress_ms), and at 64 dims
+           in a fixed basis taken from another scene's map (map.compress_basis, map.compress_update false: the
+           compression is one projection); --reps passes, each side in a fresh process, medians (each pass's
+           figures are listed too).
   query    Mapper.query on maps of 100 k and 1 M voxels against the floor: one matmul of the query and negatives'
            embeddings with pre-normalised features of the same size (fp16 as stored, and fp32); then the same
            map purified with the shipped defaults (whole map pooled and voted once, purify_whole_map_s): queries
@@ -61,9 +63,11 @@ def frames(n: int, width: int, height: int):
     return cam, [(T, render(scene, cam, T)) for T in builtin_trajectory(scene, n, 0)]
 
 
-def ours_fusion(cam, rendered, device: str, compress_dim: int, voxel: float, min_d: float, max_d: float) -> dict:
+def ours_fusion(cam, rendered, device: str, compress_dim: int, voxel: float, min_d: float, max_d: float,
+                basis: str = '') -> dict:
     """Per-keyframe lifting + fusion, Mapper.integrate's steps after feature extraction (features computed
-    beforehand); the PCA update of map.compress_dim timed apart. Wall and process CPU time."""
+    beforehand); the PCA update of map.compress_dim (or, with a ``basis`` map file, the projection into its fixed
+    basis) timed apart. Wall and process CPU time."""
     from ov3d_ros.core.config import MapperConfig
     from ov3d_ros.core.features import create_extractor
     from ov3d_ros.core.lifting import lift_keyframe
@@ -73,6 +77,7 @@ def ours_fusion(cam, rendered, device: str, compress_dim: int, voxel: float, min
     cfg.features.source, cfg.map.device, cfg.map.compress_dim = 'simulated', device, compress_dim
     cfg.purify.enabled = False                        # fusion alone (pooling is measured in its own section)
     cfg.map.voxel_size_m, cfg.map.min_depth_m, cfg.map.max_depth_m = voxel, min_d, max_d
+    cfg.map.compress_basis, cfg.map.compress_update = basis, not basis
     mapper = Mapper(cfg, create_extractor(cfg.features, device, CLASS_NAMES))
     grids = [mapper.extractor.extract(f.rgb, f.semantic) for _, f in rendered]
     fusion, compress = [], []
@@ -140,14 +145,37 @@ def _isolated(fn, *args, threads: int):
         return pool.submit(fn, *args).result()
 
 
+def basis_file(device: str, voxel: float, folder: str) -> str:
+    """A 64-d compressed map of another built-in scene (scene 1, 10 keyframes at 320x240), saved in ``folder``:
+    the fixed basis of the third fusion row."""
+    from ov3d_ros.core.config import MapperConfig
+    from ov3d_ros.core.features import create_extractor
+    from ov3d_ros.core.mapper import Frame, Mapper
+    from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.device, cfg.map.compress_dim, cfg.map.voxel_size_m = 'simulated', device, 64, voxel
+    cfg.purify.enabled = False
+    mapper = Mapper(cfg, create_extractor(cfg.features, device, CLASS_NAMES))
+    scene, cam = builtin_scene(1), default_camera(320, 240)
+    for i, T in enumerate(builtin_trajectory(scene, 10, 0)):
+        f = render(scene, cam, T)
+        mapper.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
+    path = str(Path(folder) / 'basis_scene1.ov3dmap')
+    mapper.save(path)
+    return path
+
+
 def bench_fusion(args) -> None:
-    """--reps passes over the frames, each: Open3D, then ours at D = 384 and at 64-d (fresh maps each pass, each in
-    a process of its own); medians over the passes, so a pass that a busy host slowed down moves neither side
-    alone."""
+    """--reps passes over the frames, each: Open3D, then ours at D = 384, at 64-d and at 64-d in a fixed basis
+    (fresh maps each pass, each in a process of its own); medians over the passes, so a pass that a busy host
+    slowed down moves neither side alone."""
+    import tempfile
     cam, rendered = frames(args.frames, 640, 480)
     common = dict(env(args.device), frames=args.frames, image='640x480', voxel_m=args.voxel, depth_m=[0.1, 5.0])
     threads = torch.get_num_threads()
-    refs, ours = [], {0: [], 64: []}
+    folder = tempfile.TemporaryDirectory(prefix='bm_compare_')
+    basis = basis_file(args.device, args.voxel, folder.name)
+    refs, ours = [], {(0, ''): [], (64, ''): [], (64, basis): []}
     for _ in range(max(1, args.reps)):
         if refs is not None:
             try:
@@ -156,16 +184,18 @@ def bench_fusion(args) -> None:
             except ImportError:
                 refs = None
                 print('open3d is not installed (make bench-deps): no reference for fusion', flush=True)
-        for compress in ours:
-            ours[compress].append(_isolated(ours_fusion, cam, rendered, args.device, compress, args.voxel, 0.1, 5.0,
-                                            threads=threads))
+        for compress, fixed in ours:
+            ours[compress, fixed].append(_isolated(ours_fusion, cam, rendered, args.device, compress, args.voxel,
+                                                   0.1, 5.0, fixed, threads=threads))
 
     def med(rows, key):
         return float(np.median([r[key] for r in rows]))
 
-    for compress, passes in ours.items():
+    for (compress, fixed), passes in ours.items():
         row = dict(common, section='fusion', ours='lifting + fusion', features='simulated D=384',
                    compress_dim=compress, passes=len(passes), ours_ms=round(med(passes, 'fusion_ms'), 1),
+                   compress_basis=('fixed: another scene\'s map (map.compress_update false)' if fixed else
+                                   'PCA updated per keyframe (the default)' if compress else ''),
                    ours_cpu_ms=round(med(passes, 'fusion_cpu_ms'), 1), compress_ms=round(med(passes, 'compress_ms'), 1),
                    compress_cpu_ms=round(med(passes, 'compress_cpu_ms'), 1), voxels=passes[0]['voxels'],
                    bytes_per_voxel=passes[0]['bytes_per_voxel'], pixel_stride=2)
@@ -177,6 +207,9 @@ def bench_fusion(args) -> None:
                        ours_cpu_ms_passes=[round(o['fusion_cpu_ms'], 1) for o in passes],
                        reference_blocks=refs[0]['blocks'], ratio=round(med(passes, 'fusion_ms') / ref_ms, 2),
                        ratio_cpu=round(med(passes, 'fusion_cpu_ms') / ref_cpu, 2))
+            if compress:                      # the compression counted in (median of the per-pass sums)
+                row['ratio_cpu_with_compress'] = round(float(np.median(
+                    [o['fusion_cpu_ms'] + o['compress_cpu_ms'] for o in passes])) / ref_cpu, 2)
         emit(row)
 
 
