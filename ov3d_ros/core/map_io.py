@@ -97,8 +97,9 @@ def save_map(path: str | Path, voxel_map: VoxelFeatureMap, info: dict,
     return len(blob)
 
 
-def read_header(blob: bytes, name: str = 'map file') -> dict:
-    """Metadata of a map file's bytes, validated (format, version, checksum)."""
+def read_header(blob: bytes, name: str = 'map file', payload_sha256: Optional[str] = None) -> dict:
+    """Metadata of a map file's bytes, validated (format, version, checksum). ``blob`` may end after the header
+    when ``payload_sha256`` (the SHA-256 of the rest of the file) is given."""
     if len(blob) < 8:
         raise MapFileError(f'{name}: too short to be a map file ({len(blob)} bytes)')
     (header_len,) = struct.unpack('<Q', blob[:8])
@@ -115,7 +116,7 @@ def read_header(blob: bytes, name: str = 'map file') -> dict:
         relation = 'newer' if version > MAP_FORMAT_VERSION else 'older'
         raise MapFileError(f'{name}: map format version {version} is {relation} than this ov3d_ros reads '
                            f'({MAP_FORMAT_VERSION})')
-    if meta.get('payload_sha256') != _payload_sha256(blob):
+    if meta.get('payload_sha256') != (payload_sha256 or _payload_sha256(blob)):
         raise MapFileError(f'{name}: checksum mismatch, the file is corrupt or truncated')
     return meta
 
@@ -154,15 +155,30 @@ def _layer_names(meta: dict, names) -> Dict[str, dict]:
     return {k: {} for k in VoxelFeatureMap.FIELDS + (LEGACY_EVIDENCE,) if k in names}   # before the layer list
 
 
+def _read_head(path: Path) -> Tuple[bytes, dict]:
+    """(the first bytes of a map file up to the end of its header, its validated metadata): the payload is
+    checksummed 16 MB at a time, never held whole."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(8)
+            if len(head) == 8 and struct.unpack('<Q', head)[0] <= 100_000_000:
+                head += f.read(struct.unpack('<Q', head)[0])
+            for chunk in iter(lambda: f.read(1 << 24), b''):
+                digest.update(chunk)
+    except OSError as e:
+        raise MapFileError(f'{path}: cannot read ({e.strerror})') from e
+    return head, read_header(head, str(path), digest.hexdigest())
+
+
 def load_extra(path: str | Path) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """A map file's info dict and extra tensors (those that are not rows: the projection, a text table), on the
-    CPU, without building its voxel map; the whole file is still checked (format, version, checksum). Raises
-    MapFileError."""
+    CPU, without building its voxel map or holding the file in memory; the whole file is still checked (format,
+    version, checksum). Raises MapFileError."""
     path = Path(path)
-    blob, meta = _read(path)
+    head, meta = _read_head(path)
     try:
-        header_len = struct.unpack('<Q', blob[:8])[0]
-        names = [k for k in json.loads(blob[8:8 + header_len]) if k != '__metadata__']
+        names = [k for k in json.loads(head[8:]) if k != '__metadata__']
         layers = _layer_names(meta, names)
         with safe_open(str(path), framework='pt') as f:
             extra = {k: f.get_tensor(k) for k in names if k not in layers}

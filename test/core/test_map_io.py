@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 
-from ov3d_ros.core.map_io import MapFileError, encode_map, load_map, save_map
+from ov3d_ros.core.map_io import MapFileError, encode_map, load_extra, load_map, save_map
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 
@@ -27,12 +27,16 @@ def test_round_trip_is_exact(tmp_path):
     for name, t in m.state().items():
         assert torch.equal(back.state()[name], t), name
     assert torch.equal(extra['text_vectors'], torch.ones(2, 8))
+    info, only = load_extra(tmp_path / 'a.ov3dmap')      # the non-row tensors alone, without the voxel map
+    assert info == {'feature_source': 'x', 'keyframes': 3} and list(only) == ['text_vectors']
+    assert torch.equal(only['text_vectors'], torch.ones(2, 8))
     # lookups work after loading (the sorted index is rebuilt)
     assert torch.equal(back.lookup(m.keys[:len(m)]), torch.arange(len(m)))
     assert not list(tmp_path.glob('.*.tmp'))
 
 
-def test_corrupt_truncated_foreign_and_future_files_are_refused(tmp_path):
+@pytest.mark.parametrize('load_map', [load_map, load_extra], ids=['load_map', 'load_extra'])
+def test_corrupt_truncated_foreign_and_future_files_are_refused(tmp_path, load_map):
     blob = bytearray(encode_map(small_map(), {}))
     path = tmp_path / 'm'
     flipped = bytearray(blob)
