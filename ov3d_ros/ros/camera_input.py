@@ -99,12 +99,14 @@ class CameraInput:
         (Fast DDS: on the writer's next heartbeat; the first camera info came 0.98 s late, and 30 Hz depth images
         filled the 1 s queue meanwhile), where a best-effort reader has it in milliseconds. Only until then: next
         to a best-effort camera-info reader, best-effort poses were lost more often (README: Robustness). One
-        subscription is heard at a time (the start-up one while it exists), so no camera info counts twice."""
+        subscription is heard at a time (the start-up one until :meth:`end_startup`), so no camera info counts
+        twice."""
         t = self.topics()
         sub = lambda kind, topic, cb, q=qos: node.create_subscription(kind, topic, cb, q)  # noqa: E731
         info = lambda m: self._startup_info is None and on_camera_info(self, m)  # noqa: E731
         if startup_info_qos is not None:         # first: until it goes, the other one is not heard
-            self._startup_info = sub(CameraInfo, t['camera_info'], lambda m: on_camera_info(self, m),
+            self._startup_info = sub(CameraInfo, t['camera_info'],
+                                     lambda m: self._startup_info is not None and on_camera_info(self, m),
                                      startup_info_qos)
         self._subs = [
             sub(CompressedImage if self.color_transport == 'compressed' else Image, t['color'],
@@ -116,10 +118,11 @@ class CameraInput:
             self._subs.append(sub(Image, t['labels'], self._push(self.labels)))
 
     def end_startup(self, node) -> None:
-        """Destroy the start-up camera-info subscription once a valid camera info came (no-op otherwise)."""
+        """End the start-up camera-info subscription once a valid camera info came (no-op otherwise): from now on
+        only the other one is heard, and the node destroys it between two executor waits (``destroy_soon``)."""
         if self._startup_info is not None and self.camera_info is not None:
-            node.destroy_subscription(self._startup_info)
-            self._startup_info = None
+            startup, self._startup_info = self._startup_info, None
+            node.destroy_soon(startup)
 
     def unsubscribe(self, node) -> None:
         for sub in self._subs + ([self._startup_info] if self._startup_info is not None else []):

@@ -33,6 +33,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
+from rclpy.timer import Timer
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
@@ -136,6 +137,7 @@ class MappingInterface:
         self._snapshot_stale = False
         self._mapping_timers = {}
         self._created = {}
+        self._doomed, self._doomed_lock = [], threading.Lock()   # see destroy_soon
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     def _on_set_parameters(self, params) -> SetParametersResult:
@@ -245,6 +247,25 @@ class MappingInterface:
             for e in entities - before[kind]:
                 destroy[kind](e)
 
+    def destroy_soon(self, entity) -> None:
+        """Destroy a subscription or a timer (cancelled now) between two waits of the executor, from the thread
+        that spins it (:meth:`destroy_doomed`, called by :func:`spin`). Destroyed from a callback while that
+        thread waits on it, the executor fails on its next use of it ("cannot use Destroyable because destruction
+        was requested"), as it did once when the start-up camera-info subscription went while a player streamed.
+        Under another executor the entity stays until :meth:`destroy_doomed` or the node's end (a cancelled timer
+        never fires; callers ignore what a doomed subscription still takes)."""
+        if isinstance(entity, Timer):
+            entity.cancel()
+        with self._doomed_lock:
+            self._doomed.append(entity)
+
+    def destroy_doomed(self) -> None:
+        """Destroy what :meth:`destroy_soon` was given. Call it where no executor waits on this node."""
+        with self._doomed_lock:
+            doomed, self._doomed = self._doomed, []
+        for e in doomed:
+            (self.destroy_timer if isinstance(e, Timer) else self.destroy_subscription)(e)
+
     def _configure(self) -> None:
         """Load the feature model, make the map, the services, publishers and TF; validate the frames setup."""
         before = self._track()
@@ -350,8 +371,8 @@ class MappingInterface:
         if not self._mapping_active:
             return
         old = self._mapping_timers.pop(name, None)
-        if old is not None:
-            self.destroy_timer(old)
+        if old is not None:                   # from a parameter callback: not under the executor's wait
+            self.destroy_soon(old)
         period = {'tick': 1.0 / self.tick_rate_hz, 'select': 1.0 / self.tick_rate_hz, 'status': 1.0,
                   'map': 1.0 / self.map_publish_rate_hz if self.map_publish_rate_hz > 0 else 0.0}[name]
         callback = {'tick': self.tick, 'select': self.select, 'status': self.publish_status,
@@ -393,6 +414,7 @@ class MappingInterface:
     def destroy_node(self) -> None:
         """Stop the browser view (its server and refresh threads), then destroy the node."""
         self._close_web_view()
+        self.destroy_doomed()
         super().destroy_node()
 
     # ------------------------------------------------------------------ inputs
@@ -849,6 +871,7 @@ def spin(node_factory, args=None) -> int:
         while rclpy.ok() and not stop.is_set():
             try:
                 executor.spin_once(timeout_sec=0.1)     # returns often, so a stop request ends it promptly
+                node.destroy_doomed()                   # between two waits: see MappingInterface.destroy_soon
             except ExternalShutdownException:
                 raise
             except Exception as e:  # a callback that raised: say so, keep the node and its map

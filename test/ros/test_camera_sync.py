@@ -207,6 +207,8 @@ def test_reliable_inputs_get_their_first_camera_info_best_effort_too(local_node)
     info = conv.camera_to_camera_info(default_camera(64, 48))
     send_until(info, lambda: cam.camera_info is not None)
     node.select()
+    assert info_qos() == ['BEST_EFFORT', 'RELIABLE']            # ended, destroyed between two executor waits
+    node.destroy_doomed()                                       # as spin() does between them
     assert info_qos() == ['RELIABLE']
     info.k[0] = 123.0
     send_until(info, lambda: cam.camera_info.k[0] == 123.0)                  # later ones come reliably
