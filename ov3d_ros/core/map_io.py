@@ -162,8 +162,9 @@ def _read_head(path: Path) -> Tuple[bytes, dict]:
     try:
         with open(path, 'rb') as f:
             head = f.read(8)
-            if len(head) == 8 and struct.unpack('<Q', head)[0] <= 100_000_000:
-                head += f.read(struct.unpack('<Q', head)[0])
+            header_len = struct.unpack('<Q', head)[0] if len(head) == 8 else 0
+            if header_len <= 100_000_000:         # read_header refuses a longer one
+                head += f.read(header_len)
             for chunk in iter(lambda: f.read(1 << 24), b''):
                 digest.update(chunk)
     except OSError as e:

@@ -260,14 +260,21 @@ class Mapper:
         if projection is None:
             raise ValueError(f'map.compress_basis {path!r} is an uncompressed map (no projection); give a map '
                              'saved with map.compress_dim')
-        if info.get('feature_source') != self.extractor.name or projection.in_dim != self.extractor.dim:
-            raise ValueError(f'map.compress_basis {path!r} was made with {info.get("feature_source")} '
-                             f'(D={projection.in_dim}), but this mapper uses {self.extractor.name} '
-                             f'(D={self.extractor.dim})')
+        other = self._other_source(info, projection.in_dim)
+        if other:
+            raise ValueError(f'map.compress_basis {path!r} was {other}')
         if projection.out_dim < dim:
             raise ValueError(f'map.compress_basis {path!r} holds {projection.out_dim} directions, fewer than '
                              f'map.compress_dim {dim}')
         return projection.leading(dim).to(self.device)
+
+    def _other_source(self, info: dict, source_dim: int) -> str:
+        """'' when a map file's info and its source dimension say this mapper's feature source made it; else
+        'made with <source> (D=...), but this mapper uses <source> (D=...)'."""
+        if info.get('feature_source') == self.extractor.name and source_dim == self.extractor.dim:
+            return ''
+        return (f'made with {info.get("feature_source")} (D={source_dim}), but this mapper uses '
+                f'{self.extractor.name} (D={self.extractor.dim})')
 
     def _make_purifier(self):
         from ov3d_ros.core.purification.pooling import GeometryPooling
@@ -545,10 +552,9 @@ class Mapper:
         except ValueError as e:
             raise MapFileError(f'{path}: {e}') from e
         projection = None if projection is None else projection.to(self.device)
-        source_dim = projection.in_dim if projection is not None else vmap.dim
-        if source_dim != self.extractor.dim or info.get('feature_source') != self.extractor.name:
-            raise MapFileError(f'{path}: map made with {info.get("feature_source")} (D={source_dim}), but this '
-                               f'mapper uses {self.extractor.name} (D={self.extractor.dim})')
+        other = self._other_source(info, projection.in_dim if projection is not None else vmap.dim)
+        if other:
+            raise MapFileError(f'{path}: map {other}')
         if projection is not None and projection.out_dim != vmap.dim:
             raise MapFileError(f'{path}: projection to d={projection.out_dim} but features have d={vmap.dim}')
         vocabulary = list(info.get('vocabulary') or [])

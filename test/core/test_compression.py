@@ -118,10 +118,10 @@ def test_update_turns_the_subspace_towards_new_directions():
     assert frozen.project(later).norm() < p.project(later).norm()
 
 
-def scene_mapper(compress_dim: int, frames: int = 6, update: bool = True) -> Mapper:
+def scene_mapper(compress_dim: int, frames: int = 6, update: bool = True, basis: str = '') -> Mapper:
     cfg = MapperConfig()
     cfg.features.source, cfg.map.device = 'simulated', 'cpu'
-    cfg.map.compress_dim, cfg.map.compress_update = compress_dim, update
+    cfg.map.compress_dim, cfg.map.compress_update, cfg.map.compress_basis = compress_dim, update, basis
     cfg.purify.enabled, cfg.purify.iterations = True, 2
     m = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
     scene, cam = builtin_scene(0), default_camera(96, 72)
@@ -195,16 +195,7 @@ def test_map_starts_from_the_basis_of_a_saved_map(pair, tmp_path):
     names = list(CLASS_NAMES[1:])
 
     def seeded(dim, update, frames=6):
-        cfg = MapperConfig()
-        cfg.features.source, cfg.map.device = 'simulated', 'cpu'
-        cfg.map.compress_dim, cfg.map.compress_update = dim, update
-        cfg.map.compress_basis = str(tmp_path / 'basis.ov3dmap')
-        m = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
-        scene, cam = builtin_scene(0), default_camera(96, 72)
-        for i, T in enumerate(builtin_trajectory(scene, frames, 0)):
-            f = render(scene, cam, T)
-            m.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
-        return m
+        return scene_mapper(dim, frames, update, basis=str(tmp_path / 'basis.ov3dmap'))
 
     fixed = seeded(32, update=False)
     assert torch.equal(fixed.projection.matrix, small.projection.matrix)          # no fit, no turn
