@@ -85,6 +85,44 @@ def test_neighbour_table_and_dilation_agree_with_direct_lookups():
         assert reached.tolist() == sorted(hops) and got.tolist() == [hops[r] for r in sorted(hops)]
 
 
+@pytest.mark.parametrize('volume, cells', [(8, 1 << 24), (0, 1 << 24), (8, 64)])
+def test_neighbours_found_once_per_distinct_cell_are_those_of_one_lookup_per_pair(monkeypatch, volume, cells):
+    """Through the dense box or, where it is refused (no cells per pair, 64 cells at most), one lookup per
+    pair: the same rows as a probe of the index for every (row, offset) pair, for clustered rows, rows with
+    repeats, voxels at both ends of the key range and two clusters far apart; the box finds each cell once."""
+    g = torch.Generator().manual_seed(3)
+    edge = 1 << 20
+    block = torch.nonzero(torch.rand(12, 12, 6, generator=g) < 0.4)
+    cluster = torch.nonzero(torch.rand(5, 5, 5, generator=g) < 0.5) + 300
+    ends = torch.tensor([[-edge, 0, 0], [-edge + 1, 0, 0], [edge - 1, 5, 5], [edge - 2, 5, 5]])
+    coords = torch.cat([block, cluster, ends])
+    m = VoxelFeatureMap(1.0, 2)
+    m.integrate(coords.float() + 0.5, torch.randn(len(coords), 2, generator=g))
+    off = ball_offsets(2)
+    keys = lambda rows: (m.keys[rows][:, None] + (pack_keys(off) - pack_keys(off * 0))[None]).reshape(-1)
+    near = m.lookup(pack_keys(block))
+    far = m.lookup(pack_keys(cluster))
+    cases = [(near, True), (torch.cat([near, near[:7]]), True), (far, True),
+             (torch.cat([near, far]), False),                       # a box of 2^27 cells for some 400 rows
+             (m.lookup(pack_keys(ends[:2])), False),                # boxes past either end of the key range
+             (m.lookup(pack_keys(ends[2:])), False),
+             (torch.arange(m.size), False)]
+    monkeypatch.setattr('ov3d_ros.core.purification.graph.BOXED_PAIRS', 0)
+    monkeypatch.setattr('ov3d_ros.core.purification.graph.BOXED_VOLUME', volume)
+    monkeypatch.setattr('ov3d_ros.core.purification.graph.BOXED_CELLS', cells)
+    looked = []
+    real = m.cake.lookup
+    monkeypatch.setattr(m.cake, 'lookup', lambda k: looked.append(len(k)) or real(k))
+    for rows, boxed in cases:
+        looked.clear()
+        got = neighbour_rows(m, rows, off)
+        want = real(keys(rows)).view(len(rows), len(off))
+        assert torch.equal(got, want) and got.dtype == torch.int64
+        assert (got >= 0).any() and (got < 0).any()
+        boxed = boxed and volume and cells > 64
+        assert looked == ([len(torch.unique(keys(rows)))] if boxed else [len(rows) * len(off)])
+
+
 def test_a_kept_neighbour_table_follows_the_rows_appended_to_the_map():
     """Extended after voxels were added (some next to voxels it had looked up), the table returns what the index
     does for every row, old or new, and looks up again only the new rows and their neighbours: twice, the second
