@@ -78,6 +78,7 @@ class CameraInput:
         self.T_B_C = None
         self._subs = []
         self._startup_info = None               # the start-up camera-info subscription (subscribe)
+        self._generation = 0                    # of the subscriptions heard: older ones may still deliver (unsubscribe)
 
     # ------------------------------------------------------------------ topics
     @property
@@ -102,20 +103,24 @@ class CameraInput:
         subscription is heard at a time (the start-up one until :meth:`end_startup`), so no camera info counts
         twice."""
         t = self.topics()
+        with self.lock:
+            self._generation += 1
+            gen = self._generation
         sub = lambda kind, topic, cb, q=qos: node.create_subscription(kind, topic, cb, q)  # noqa: E731
-        info = lambda m: self._startup_info is None and on_camera_info(self, m)  # noqa: E731
+        heard = lambda: gen == self._generation  # noqa: E731
+        info = lambda m: heard() and self._startup_info is None and on_camera_info(self, m)  # noqa: E731
         if startup_info_qos is not None:         # first: until it goes, the other one is not heard
             self._startup_info = sub(CameraInfo, t['camera_info'],
-                                     lambda m: self._startup_info is not None and on_camera_info(self, m),
+                                     lambda m: heard() and self._startup_info is not None and on_camera_info(self, m),
                                      startup_info_qos)
         self._subs = [
             sub(CompressedImage if self.color_transport == 'compressed' else Image, t['color'],
-                self._push(self.color)),
+                self._push(self.color, gen)),
             sub(CompressedImage if self.depth_transport == 'compressedDepth' else Image, t['depth'],
-                self._push(self.depth)),
+                self._push(self.depth, gen)),
             sub(CameraInfo, t['camera_info'], info)]
         if labels:
-            self._subs.append(sub(Image, t['labels'], self._push(self.labels)))
+            self._subs.append(sub(Image, t['labels'], self._push(self.labels, gen)))
 
     def end_startup(self, node) -> None:
         """End the start-up camera-info subscription once a valid camera info came (no-op otherwise): from now on
@@ -125,17 +130,22 @@ class CameraInput:
             node.destroy_soon(startup)
 
     def unsubscribe(self, node) -> None:
+        """Stop hearing this camera and drop what it queued. The subscriptions go between two executor waits
+        (``destroy_soon``: this runs in a lifecycle transition's callback); what they deliver until then is ignored."""
         for sub in self._subs + ([self._startup_info] if self._startup_info is not None else []):
-            node.destroy_subscription(sub)
+            node.destroy_soon(sub)
         self._subs, self._startup_info = [], None
         with self.lock:
+            self._generation += 1
             for buf in (self.color, self.depth, self.labels):
                 buf.clear()
         self.pending.clear()
 
-    def _push(self, buffer: Inbox):
+    def _push(self, buffer: Inbox, generation: int):
         def callback(msg):
             with self.lock:
+                if generation != self._generation:       # a subscription unsubscribe doomed
+                    return
                 if buffer.push(msg, next(self._order)) and buffer is self.depth:
                     self.stats['superseded'] += 1        # a queued depth image pushed out by a newer one
         return callback

@@ -38,9 +38,9 @@ def take(cam: CameraInput, timeout_s: float = 5.0, poses=None):
 
 def push(cam: CameraInput, color=(), depth=()):
     for t in color:
-        cam._push(cam.color)(image(t))
+        cam._push(cam.color, cam._generation)(image(t))
     for t in depth:
-        cam._push(cam.depth)(image(t))
+        cam._push(cam.depth, cam._generation)(image(t))
 
 
 def test_a_depth_image_waits_for_a_colour_image_that_may_still_come():
@@ -228,3 +228,35 @@ def test_depth_images_wait_for_the_first_camera_info_and_a_full_queue_drops_with
     assert [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [2.0, 3.0]
     cam.camera_info, cam.camera_error = conv.camera_to_camera_info(default_camera(4, 4)), ''
     assert take(cam)[3] == 3.0 and cam.stats['superseded'] == 1     # the waiting frames are taken as usual
+
+
+def test_deactivated_inputs_go_between_two_executor_waits_and_are_ignored_until_then(local_node):
+    """Deactivate runs in a lifecycle transition's callback while the executor may wait on the inputs: their
+    subscriptions and timers are doomed there and destroyed between two waits (destroy_doomed, as spin() does);
+    what a doomed subscription still delivers is ignored, after a new activation too."""
+    node = local_node['node']
+    cam = node.cameras[0]
+    node.destroy_doomed()
+    subs = {s.topic_name: s for s in node.subscriptions}
+    old_depth, old_pose = subs['/depth/image'], subs['/pose']
+    timers = list(node._mapping_timers.values())                          # tick, select, status, map
+    assert len(timers) >= 3 and all(t in node.timers and not t.is_canceled() for t in timers)
+    node._deactivate()
+    assert old_depth in node.subscriptions and old_pose in node.subscriptions       # not under the executor's wait
+    assert all(t.is_canceled() for t in timers) and all(t in node.timers for t in timers)
+    old_depth.callback(image(1.0))
+    old_pose.callback(PoseStamped(header=conv.make_header('map', conv.sec_to_stamp(1.0))))
+    assert len(cam.depth) == 0 and len(node._poses) == 0                  # delivered by doomed ones: ignored
+    node.destroy_doomed()
+    assert old_depth not in node.subscriptions and old_pose not in node.subscriptions
+    assert not any(t in node.timers for t in timers)
+    node._activate()
+    try:
+        new_depth = next(s for s in node.subscriptions if s.topic_name == '/depth/image')
+        old_depth.callback(image(2.0))
+        assert len(cam.depth) == 0
+        new_depth.callback(image(3.0))
+        assert [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [3.0]
+    finally:
+        with cam.lock:
+            cam.depth.clear()

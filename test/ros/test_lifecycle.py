@@ -75,3 +75,32 @@ def test_lifecycle_transitions_over_ros(tmp_path):
             client.close()
             rc = node.stop(60.0)
         assert rc == 0 and 'Traceback' not in node.log(), node.log()[-3000:]
+
+
+def test_transitions_under_a_stream_never_fail_a_callback(tmp_path):
+    """Activate / deactivate (and cleanup / configure) in quick succession while a player streams at 30 Hz: the
+    entities a transition removes go between two executor waits, so no callback fails on one of them (destroyed
+    in the transition, 2 of 24 cycles did: "cannot use Destroyable because destruction was requested")."""
+    with private_domain() as env:
+        node = start_mapping_node(env, tmp_path / 'node.log', lifecycle=True)
+        client = DemoClient()
+        player = start_scene_player(env, tmp_path / 'player.log', ['n_frames:=60', 'rate_hz:=30.0', 'width:=320',
+                                                                   'height:=240', 'loop:=true'])
+        try:
+            assert client.node.create_client(ChangeState, '/ov3d_mapping/change_state').wait_for_service(60.0)
+            assert change(client, Transition.TRANSITION_CONFIGURE), node.log()[-3000:]
+            for i in range(12):
+                assert change(client, Transition.TRANSITION_ACTIVATE), node.log()[-3000:]
+                client.spin(0.3 + 0.2 * (i % 3))
+                assert change(client, Transition.TRANSITION_DEACTIVATE), node.log()[-3000:]
+                if i % 4 == 3:
+                    assert change(client, Transition.TRANSITION_CLEANUP), node.log()[-3000:]
+                    assert change(client, Transition.TRANSITION_CONFIGURE), node.log()[-3000:]
+            assert state(client) == State.PRIMARY_STATE_INACTIVE and node.alive()
+        finally:
+            player.stop()
+            client.close()
+            rc = node.stop(60.0)
+        log = node.log()
+        assert log.count('deactivate: done') == 12 and log.count('cleanup: done') == 3, log[-3000:]
+        assert rc == 0 and 'a callback failed' not in log and 'Destroyable' not in log, log[-3000:]
