@@ -41,6 +41,10 @@ LEGACY_EVIDENCE = 'label_evidence'
 """The one layer besides the fusion layers that files written before the ``layers`` metadata may hold."""
 
 
+MAX_HEADER_BYTES = 100_000_000
+"""The longest safetensors header a map file may have (a longer length field means another kind of file)."""
+
+
 class MapFileError(ValueError):
     """A map file is missing, corrupt, or of another format or version."""
 
@@ -103,7 +107,7 @@ def read_header(blob: bytes, name: str = 'map file', payload_sha256: Optional[st
     if len(blob) < 8:
         raise MapFileError(f'{name}: too short to be a map file ({len(blob)} bytes)')
     (header_len,) = struct.unpack('<Q', blob[:8])
-    if header_len > len(blob) - 8 or header_len > 100_000_000:
+    if header_len > len(blob) - 8 or header_len > MAX_HEADER_BYTES:
         raise MapFileError(f'{name}: not a safetensors map file (bad header length)')
     try:
         meta = json.loads(blob[8:8 + header_len]).get('__metadata__') or {}
@@ -132,7 +136,7 @@ def is_map_file(path: str | Path) -> bool:
             if len(head) < 8:
                 return False
             (header_len,) = struct.unpack('<Q', head)
-            if header_len > 100_000_000:
+            if header_len > MAX_HEADER_BYTES:
                 return False
             meta = json.loads(f.read(header_len)).get('__metadata__') or {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
@@ -163,7 +167,7 @@ def _read_head(path: Path) -> Tuple[bytes, dict]:
         with open(path, 'rb') as f:
             head = f.read(8)
             header_len = struct.unpack('<Q', head)[0] if len(head) == 8 else 0
-            if header_len <= 100_000_000:         # read_header refuses a longer one
+            if header_len <= MAX_HEADER_BYTES:    # read_header refuses a longer one
                 head += f.read(header_len)
             for chunk in iter(lambda: f.read(1 << 24), b''):
                 digest.update(chunk)

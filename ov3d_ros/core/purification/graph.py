@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ov3d_ros.core.voxel_map import _BITS, _MASK, _OFFSET, VoxelFeatureMap, pack_keys, unpack_keys
+from ov3d_ros.core.voxel_map import _BITS, _OFFSET, VoxelFeatureMap, pack_keys, unpack_keys
 
 
 def ball_offsets(radius_vox: int, device: torch.device | str = 'cpu') -> torch.Tensor:
@@ -78,15 +78,13 @@ def _boxed_neighbour_rows(vmap: VoxelFeatureMap, keys: torch.Tensor, offsets: to
     if 1 << sum(bits) > min(BOXED_VOLUME * len(keys) * len(offsets), BOXED_CELLS):
         return None
     yz, z = bits[1] + bits[2], bits[2]
-    base = int(pack_keys(torch.tensor([lo]))[0])
-    d = keys - base                  # (x - lo_x) << 42 | (y - lo_y) << 21 | (z - lo_z), every field >= 0: no borrow
-    box = ((d >> 2 * _BITS) << yz).bitwise_or_(((d >> _BITS) & _MASK) << z).bitwise_or_(d & _MASK)
-    cell = (box[:, None] + ((offsets[:, 0] << yz) + (offsets[:, 1] << z) + offsets[:, 2])[None, :]).reshape(-1)
+    flat = lambda v: (v[:, 0] << yz) + (v[:, 1] << z) + v[:, 2]  # noqa: E731  (N, 3) box coordinates -> (N,) index
+    cell = (flat(c - torch.tensor(lo, device=c.device))[:, None] + flat(offsets)[None, :]).reshape(-1)
     mark = torch.zeros(max(1 << sum(bits), _WORD), dtype=torch.bool, device=keys.device)
     mark.index_fill_(0, cell, True)
     cells = marked_rows(mark)
     cell_keys = ((cells >> yz) << 2 * _BITS).add_(((cells >> z) & ((1 << bits[1]) - 1)) << _BITS) \
-        .add_(cells & ((1 << z) - 1)).add_(base)
+        .add_(cells & ((1 << z) - 1)).add_(int(pack_keys(torch.tensor([lo]))[0]))   # the key of the box's corner
     found = torch.empty(len(mark), dtype=torch.int32, device=keys.device)   # rows as int32: half the bytes
     found.index_copy_(0, cells, vmap.lookup(cell_keys).to(torch.int32))
     return found.index_select(0, cell).view(len(keys), len(offsets)).to(torch.int64)
