@@ -2,16 +2,17 @@
 import pytest
 
 
-def map_builtin_room(vocabulary=(), device='cpu'):
+def map_builtin_room(vocabulary=(), device='cpu', compress_dim=0):
     """A Mapper of the built-in room: clean simulated features, 12 forced keyframes at 160x120, on ``device``,
-    with ``vocabulary`` as its label volume (none when empty)."""
+    with ``vocabulary`` as its label volume (none when empty), features stored in ``compress_dim`` dims (0 =
+    all)."""
     from ov3d_ros.core.config import MapperConfig
     from ov3d_ros.core.features import create_extractor
     from ov3d_ros.core.mapper import Frame, Mapper
     from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
     cfg = MapperConfig()
     cfg.features.source, cfg.features.sim_preset, cfg.map.device = 'simulated', 'clean', device
-    cfg.labels.vocabulary = list(vocabulary)
+    cfg.labels.vocabulary, cfg.map.compress_dim = list(vocabulary), compress_dim
     mapper = Mapper(cfg, create_extractor(cfg.features, device, CLASS_NAMES))
     scene, cam = builtin_scene(0), default_camera(160, 120)
     for i, T in enumerate(builtin_trajectory(scene, 12, 0)):

@@ -188,20 +188,9 @@ def test_the_node_process_switches_threads_every_half_millisecond():
     assert 'cannot start: no node here' in out.stderr, out.stderr
 
 
-def test_the_node_starts_from_a_compression_basis_file(tmp_path, start_node):
+def test_the_node_starts_from_a_compression_basis_file(tmp_path, start_node, room_mapper_factory):
     """map.compress_basis reaches the core: the node starts with the file's basis and says so."""
-    from ov3d_ros.core.config import MapperConfig
-    from ov3d_ros.core.features import create_extractor
-    from ov3d_ros.core.mapper import Frame, Mapper
-    from ov3d_ros.sim import CLASS_NAMES, builtin_scene, builtin_trajectory, default_camera, render
-    cfg = MapperConfig()
-    cfg.features.source, cfg.map.compress_dim, cfg.purify.enabled = 'simulated', 32, False
-    mapper = Mapper(cfg, create_extractor(cfg.features, 'cpu', CLASS_NAMES))
-    scene, cam = builtin_scene(0), default_camera(96, 72)
-    for i, T in enumerate(builtin_trajectory(scene, 2, 0)):
-        f = render(scene, cam, T)
-        mapper.integrate(Frame(f.rgb, f.depth_m, cam, T, float(i), f.semantic), force=True)
-    mapper.save(tmp_path / 'basis.ov3dmap')
+    room_mapper_factory(compress_dim=32).save(tmp_path / 'basis.ov3dmap')
     node, _ = start_node(['map.compress_dim:=32', 'map.compress_update:=false',
                           f'map.compress_basis:={tmp_path / "basis.ov3dmap"}'])
     assert f'features stored in 32 dims, starting from the basis of {tmp_path / "basis.ov3dmap"} (fixed)' \
