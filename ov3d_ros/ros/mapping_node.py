@@ -268,6 +268,8 @@ class MappingInterface:
         """Destroy what :meth:`destroy_soon` was given. Call it where no executor waits on this node."""
         with self._doomed_lock:
             doomed, self._doomed = self._doomed, []
+        if not doomed:                         # the usual case: spin() calls this after every executor wait
+            return
         destroy = ((Timer, self.destroy_timer), (Subscription, self.destroy_subscription),
                    (Publisher, self.destroy_publisher), (Service, self.destroy_service), (Client, self.destroy_client))
         for e in doomed:
