@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,10 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
         except CliError:
             from ov3d_ros.sim.classes import CLASS_NAMES
             class_names = list(CLASS_NAMES)
-    return Mapper(cfg, create_extractor(cfg.features, device, class_names))
+    extractor = create_extractor(cfg.features, device, class_names)
+    if getattr(extractor, 'precision_warning', ''):
+        print(f'warning: {extractor.precision_warning}', file=sys.stderr)
+    return Mapper(cfg, extractor)
 
 
 def map_input(mapper: Mapper, source: Input, quiet: bool = False, frames: Optional[slice] = None) -> dict:

@@ -43,6 +43,31 @@ def model_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bfloat16 or float16) matrices natively, as oneDNN reports it from the
+    CPU's flags (AVX512-BF16 or AMX for bf16, AVX512-FP16 or AMX-FP16 for fp16); True where torch cannot say."""
+    probe = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported' if dtype == torch.bfloat16 else
+                    '_is_mkldnn_fp16_supported', None)
+    try:
+        return True if probe is None else bool(probe())
+    except RuntimeError:
+        return True
+
+
+def precision_warning(name: str, device: torch.device | str) -> str:
+    """Why ``features.dtype`` ``name`` will make the ViT slow on ``device`` ('' when it will not): a half precision
+    on a CPU without native kernels for it, where torch emulates it. On a 2-core AMD EPYC (Zen 3, AVX2), ViT-B/16
+    at 224 / 336 / 448 px took 6.1 / 17.5 / 39.7 s per 640x480 keyframe in bfloat16 against 0.85 / 1.59 / 3.81 s
+    in float32 (``bm_compare.py --only clip``, one thread), and 6.2 s in float16 against 0.95 s at 224 px."""
+    dtype = model_dtype(name, device)
+    if torch.device(device).type != 'cpu' or dtype == torch.float32 or _native_half(dtype):
+        return ''
+    half = str(dtype).removeprefix('torch.')
+    return (f'features.dtype {name!r}: this CPU has no native {half} matrix kernels (oneDNN reports none), so the '
+            f'ViT runs {half} emulated, several times slower than float32 (6-11x on an AVX2 CPU); use '
+            "features.dtype 'auto' (float32 on the CPU)")
+
+
 def interpolate_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
     """Resample a (1 + gh*gw, C) ViT positional embedding to ``new_grid``; bicubic on the 2D grid, class token kept."""
     cls, grid = pos[:1], pos[1:].reshape(1, old_grid[0], old_grid[1], -1).permute(0, 3, 1, 2)
@@ -103,6 +128,7 @@ class OpenClipDenseExtractor(FeatureExtractor):
         self.cfg, self.dense_mode = cfg, cfg.dense_mode
         self.device = torch.device(device)
         self.dtype = model_dtype(cfg.dtype, self.device)
+        self.precision_warning = precision_warning(cfg.dtype, self.device)
         self.quick_gelu = uses_quick_gelu(cfg.model, cfg.pretrained)   # OpenAI weights need QuickGELU
         model = open_clip.create_model(cfg.model, pretrained=None, pretrained_image=False, pretrained_text=False,
                                        force_quick_gelu=self.quick_gelu)
@@ -255,5 +281,5 @@ class OpenClipDenseExtractor(FeatureExtractor):
 
 
 __all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'DTYPES', 'REDUCED_MODES', 'check_config',
-           'interpolate_pos_embed', 'model_dtype',
+           'interpolate_pos_embed', 'model_dtype', 'precision_warning',
            'neighbourhood_bias', 'window_starts']
