@@ -13,7 +13,8 @@ Sections (one JSON line per row, each with device, torch version, threads and si
            compression is one projection); --reps passes, each side in a fresh process, medians (each pass's
            figures are listed too).
   query    Mapper.query on maps of 100 k and 1 M voxels against the floor: one matmul of the query and negatives'
-           embeddings with pre-normalised features of the same size (fp16 as stored, and fp32); then the same
+           embeddings with pre-normalised features of the same size (fp16 as stored, and fp32; features x texts^T
+           and texts x features^T; the fastest of the four is the floor); then the same
            map purified with the shipped defaults (whole map pooled and voted once, purify_whole_map_s): queries
            on the live map and on a snapshot (both divide by the norms the superpoint vote keeps), the snapshot
            itself, and the norms a map pooled without the vote computes per query (purified_norms).
@@ -261,10 +262,14 @@ def bench_query(args) -> None:
         floors = {}
         for dt in (torch.float16, torch.float32):
             f, t = unit.to(dt), texts.T.to(dt).contiguous()
-            floors[str(dt).split('.')[-1]] = timed(lambda: f @ t, args.device, args.reps)
+            name = str(dt).split('.')[-1]
+            floors[name] = timed(lambda: f @ t, args.device, args.reps)
+            # the same product as (K, D) x (D, V): one BLAS is faster one way, another the other way round
+            floors[f'{name}_texts_first'] = timed(lambda: t.T @ f.T, args.device, args.reps)
             del f
         del unit
-        floor = min(floors.values(), key=lambda t: t[1])      # the faster dtype, by CPU time
+        floor_name = min(floors, key=lambda name: floors[name][1])      # the fastest, by CPU time
+        floor = floors[floor_name]
         for q in QUERIES:
             mapper.embed_texts([q])                           # steady state: the text was asked before
         k = iter(range(10 ** 9))
@@ -291,6 +296,8 @@ def bench_query(args) -> None:
         emit(dict(env(args.device), section='query', voxels=V, dim=mapper.map.dim, texts=1 + len(negs),
                   units='[wall ms, cpu ms]', query=ms(query), segment=ms(segment), query_new_text=ms(new_text),
                   chair_voxels=hits, floor_fp16=ms(floors['float16']), floor_fp32=ms(floors['float32']),
+                  floor_fp16_texts_first=ms(floors['float16_texts_first']),
+                  floor_fp32_texts_first=ms(floors['float32_texts_first']), floor=floor_name,
                   ratio=round(query[0] / floor[0], 2), ratio_cpu=round(query[1] / floor[1], 2),
                   purified_live_query=ms(live_query), purified_snapshot_query=ms(snap_query),
                   purified_ratio_cpu=round(live_query[1] / floor[1], 2), snapshot=ms(snapshot),

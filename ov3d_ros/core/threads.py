@@ -1,7 +1,9 @@
-"""Torch intra-op threads: code that must run on one CPU thread (results that would differ with the thread count,
-kernels that race) goes through :func:`one_thread`."""
+"""How torch runs on the CPU: code that must run on one intra-op thread (results that would differ with the thread
+count, kernels that race) goes through :func:`one_thread`; :func:`native_half` says whether the CPU multiplies a half
+precision natively (else torch emulates it, several times slower than float32)."""
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
 
@@ -25,3 +27,16 @@ def one_thread(device: torch.device | str = 'cpu'):
             yield
         finally:
             torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=None)
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bfloat16 or float16) matrices natively, as oneDNN reports it from the
+    CPU's flags (AVX512-BF16 or AMX for bf16, AVX512-FP16 or AMX-FP16 for fp16); True where torch cannot say.
+    Asked once per dtype (the answer cannot change while the process runs)."""
+    probe = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported' if dtype == torch.bfloat16 else
+                    '_is_mkldnn_fp16_supported', None)
+    try:
+        return True if probe is None else bool(probe())
+    except RuntimeError:
+        return True

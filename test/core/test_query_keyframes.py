@@ -6,7 +6,8 @@ import torch
 
 from ov3d_ros.core.config import KeyframeConfig, MapperConfig, update_from_dict
 from ov3d_ros.core.keyframes import KeyframeSelector
-from ov3d_ros.core.query import float_blocks, relevancy_scores, row_norms, select
+from ov3d_ros.core import query
+from ov3d_ros.core.query import float_blocks, relevancy_scores, row_norms, select, text_products
 from ov3d_ros.core.text import encode_prompts
 
 
@@ -53,7 +54,26 @@ def test_float_blocks_cover_every_row_in_order_as_float32():
     assert list(float_blocks(torch.empty(0, 48, dtype=torch.float16))) == []
 
 
-def test_relevancy_in_fp16_with_given_norms_matches_the_softmax_reference():
+@pytest.mark.parametrize('native', [True, False])
+def test_text_products_in_the_features_dtype_or_in_float32_blocks(native, monkeypatch):
+    """Where the CPU multiplies fp16 natively, one fp16 matmul; where it emulates it, float32 blocks (several, a
+    ragged last one) multiplied as texts x block^T: the products of the float32 values either way."""
+    monkeypatch.setattr(query, 'native_half', lambda dtype: native)
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(2500, 48, generator=g).half()
+    texts = torch.nn.functional.normalize(torch.randn(5, 48, generator=g), dim=1)
+    out = text_products(feats, texts)
+    ref = feats.float() @ texts.T
+    assert out.shape == (2500, 5) and out.dtype == torch.float32
+    assert (out - ref).abs().max() < (2e-2 if native else 1e-4)
+    if not native:                                   # float32 products: each the same as one row's product
+        assert torch.allclose(out[1234], feats[1234].float() @ texts.T, atol=1e-5)
+    assert torch.equal(text_products(feats.float(), texts), feats.float() @ texts.T)
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_relevancy_in_fp16_with_given_norms_matches_the_softmax_reference(native, monkeypatch):
+    monkeypatch.setattr(query, 'native_half', lambda dtype: native)
     g = torch.Generator().manual_seed(0)
     feats = (torch.randn(3000, 32, generator=g) * torch.rand(3000, 1, generator=g)).half()
     texts = torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=1)

@@ -26,6 +26,7 @@ from ov3d_ros.core.config import FeatureConfig
 from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.features.weights import (WeightsNotFoundError, fetch_weights, load_weights, resolve_weights,
                                             uses_quick_gelu)
+from ov3d_ros.core.threads import native_half
 
 DENSE_MODES = ('naclip', 'sclip', 'clearclip', 'maskclip')
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -43,24 +44,13 @@ def model_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _native_half(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies ``dtype`` (bfloat16 or float16) matrices natively, as oneDNN reports it from the
-    CPU's flags (AVX512-BF16 or AMX for bf16, AVX512-FP16 or AMX-FP16 for fp16); True where torch cannot say."""
-    probe = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported' if dtype == torch.bfloat16 else
-                    '_is_mkldnn_fp16_supported', None)
-    try:
-        return True if probe is None else bool(probe())
-    except RuntimeError:
-        return True
-
-
 def precision_warning(name: str, device: torch.device | str) -> str:
     """Why ``features.dtype`` ``name`` will make the ViT slow on ``device`` ('' when it will not): a half precision
     on a CPU without native kernels for it, where torch emulates it. On a 2-core AMD EPYC (Zen 3, AVX2), ViT-B/16
     at 224 / 336 / 448 px took 6.1 / 17.5 / 39.7 s per 640x480 keyframe in bfloat16 against 0.85 / 1.59 / 3.81 s
     in float32 (``bm_compare.py --only clip``, one thread), and 6.2 s in float16 against 0.95 s at 224 px."""
     dtype = model_dtype(name, device)
-    if torch.device(device).type != 'cpu' or dtype == torch.float32 or _native_half(dtype):
+    if torch.device(device).type != 'cpu' or dtype == torch.float32 or native_half(dtype):
         return ''
     half = str(dtype).removeprefix('torch.')
     return (f'features.dtype {name!r}: this CPU has no native {half} matrix kernels (oneDNN reports none), so the '
