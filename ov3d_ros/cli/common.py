@@ -148,7 +148,7 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
             from ov3d_ros.sim.classes import CLASS_NAMES
             class_names = list(CLASS_NAMES)
     extractor = create_extractor(cfg.features, device, class_names)
-    if getattr(extractor, 'precision_warning', ''):
+    if extractor.precision_warning:
         print(f'warning: {extractor.precision_warning}', file=sys.stderr)
     return Mapper(cfg, extractor)
 

@@ -306,7 +306,7 @@ class MappingInterface:
         self.get_logger().info(f'feature source {extractor.name} (D={extractor.dim}, '
                                f'weights: {getattr(extractor, "weights", "n/a")}) on {device}'
                                + (f' in {str(precision).removeprefix("torch.")}' if precision is not None else ''))
-        if getattr(extractor, 'precision_warning', ''):
+        if extractor.precision_warning:
             self.get_logger().warning(extractor.precision_warning)
         if cfg.map.compress_basis:
             self.get_logger().info(f'features stored in {cfg.map.compress_dim} dims, starting from the basis of '

@@ -18,6 +18,8 @@ class FeatureExtractor(abc.ABC):
         device: torch device the returned tensors live on.
         default_temperature: softmax temperature that suits this feature space for relevancy scores.
         uses_templates: whether query texts go through the prompt templates (False for fixed text tables).
+        precision_warning: why this source will run slowly as configured ('' when it will not), for the node's
+            log and the tools' output at start (e.g. a half precision the CPU only emulates).
     """
 
     name: str = 'base'
@@ -26,6 +28,7 @@ class FeatureExtractor(abc.ABC):
     device: torch.device = torch.device('cpu')
     default_temperature: float = 0.01
     uses_templates: bool = True
+    precision_warning: str = ''
 
     @abc.abstractmethod
     def extract(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> torch.Tensor:
