@@ -42,6 +42,24 @@ def test_offsets_and_neighbours():
     assert torch.allclose(normals.abs(), torch.tensor([[0.0, 0.0, 1.0]] * 2), atol=1e-5)
 
 
+def test_normals_are_solved_once_per_occupancy_pattern_with_each_rows_own_value():
+    """Rows that share a neighbour occupancy pattern share one solve: every row's normal must still be the one
+    of its own neighbourhood, solved alone, bit for bit (a flat slab repeats patterns; random voxels add many
+    distinct ones; a row asked for twice gets the same value twice)."""
+    off = ball_offsets(2)
+    slab, _ = plane_map((0, 40), dim=2)
+    m, _ = random_voxels(3, 0.4)
+    m.integrate(slab + torch.tensor([0.0, 0.0, 8.0]), torch.randn(len(slab), 2))
+    rows = torch.cat([torch.arange(m.size), torch.tensor([0, m.size - 1, 5])])
+    nbr = neighbour_rows(m, rows, off)
+    normals = estimate_normals(m, rows, nbr, off)
+    patterns = torch.unique(nbr >= 0, dim=0)
+    assert 100 < len(patterns) < 0.6 * len(rows)                      # repeats and many distinct patterns
+    alone = torch.cat([estimate_normals(m, rows[i:i + 1], nbr[i:i + 1], off) for i in range(len(rows))])
+    assert torch.equal(normals, alone)
+    assert (normals.norm(dim=1) > 0.99).sum() > len(rows) // 2 and torch.equal(normals[-3:], normals[[0, m.size - 1, 5]])
+
+
 @pytest.mark.parametrize('size', [0, 1, 7, 8, 9, 64, 1001])
 def test_marked_rows_and_union_rows_are_sorted_sets(size):
     """Read eight marks at a time, the marked rows are those a plain nonzero finds, in order, at sizes that are
@@ -346,6 +364,19 @@ def test_the_column_slices_follow_the_l2_cache_and_never_change_the_result(monke
         results.append(op.apply(start, outside, 7))
     assert all(torch.equal(results[0], r) for r in results[1:])
     assert not torch.allclose(results[0], start, atol=1e-2)            # it did pool
+    # up to ONE_SLICE columns (the default pooling subspace) go in one slice on any cache
+    widths, bag = [], pooling_mod.F.embedding_bag
+
+    def spy(index, x, *args, **kwargs):
+        widths.append(x.shape[1])
+        return bag(index, x, *args, **kwargs)
+    monkeypatch.setattr(pooling_mod.F, 'embedding_bag', spy)
+    K = PoolMatrix.ONE_SLICE
+    op.apply(start[:, :K], outside[:, :K], 2)
+    assert widths == [K, K]                                             # 2 iterations over one slice
+    widths.clear()
+    op.apply(start[:, :K + 1], outside[:, :K + 1], 2)
+    assert widths == [5] * 2 * 13                                       # wider: slices of the cache's width
 
 
 def test_subspace_pooling_pools_the_span_and_keeps_the_rest():

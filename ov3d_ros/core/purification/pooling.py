@@ -139,8 +139,14 @@ class PoolMatrix:
     two; 16 and 24 columns 351 / 314 and 198 / 162 ms); on an Intel Xeon with 2 MB, 64 columns do (the T = 18
     products of an 18 900-row keyframe, medians of 3-5 runs in three processes: 24-30 vs 29-35 ms at the default
     64-d subspace on one thread, 16.1 vs 16.5 ms on two; 155-161 vs 188-201 ms at D = 384, 83 vs 99 ms on two; 16
-    columns slower at 64-d, 96, 128 and all 384 at D = 384). The slicing does not change the arithmetic of any
-    column (bit-identical results)."""
+    columns slower at 64-d, 96, 128 and all 384 at D = 384). At most :attr:`ONE_SLICE` columns (the default 64-d
+    pooling subspace) are pooled in one slice whatever the cache: on the AMD EPYC (512 KB; a later session, 16 482
+    pooled rows of 16 977, T = 18) 64 columns at once took 17.3-17.8 against 19.8-20.4 ms for two
+    slices of 32 on one thread, 12.0-12.3 against 16.6-17.8 ms on two (at D = 384 the same day: 32 columns
+    101-108 against 110-144 ms for 64 on one thread, 57-82 against 50-73 on two). The slicing does not change the
+    arithmetic of any column (bit-identical results)."""
+
+    ONE_SLICE = 64
 
     @staticmethod
     def cpu_chunk() -> int:
@@ -167,10 +173,10 @@ class PoolMatrix:
             raise ValueError('PoolMatrix: rows must be unique')
         local_nbr = lut.index_select(0, nbr.clamp_min(0).reshape(-1)).view(R, M)
         outside = valid & (local_nbr < 0)
-        out_rows = nbr[outside]
+        out_rows = nbr.masked_select(outside)
         ext = union_rows(V, out_rows)
         lut.index_copy_(0, ext, R + torch.arange(len(ext), dtype=lut.dtype, device=dev))
-        local_nbr[outside] = lut.index_select(0, out_rows)
+        local_nbr.masked_scatter_(outside, lut.index_select(0, out_rows))
         self.universe = torch.cat([rows, ext])
         U = len(self.universe)
         if lut is scratch:
@@ -279,7 +285,7 @@ class PoolMatrix:
         """``iterations`` products from features (R, K), with the other neighbours' values ``start`` (U - R, K)."""
         R, K = features.shape
         cpu = features.device.type == 'cpu'
-        step = self.cpu_chunk() if cpu else max(K, 1)
+        step = (K if K <= self.ONE_SLICE else self.cpu_chunk()) if cpu else max(K, 1)
         out = torch.empty(R, K, dtype=torch.float32, device=features.device)
         if cpu:
             # The CSR product as a weighted embedding bag over the same pattern, each row's entries summed in
