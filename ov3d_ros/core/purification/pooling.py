@@ -147,6 +147,7 @@ class PoolMatrix:
     arithmetic of any column (bit-identical results)."""
 
     ONE_SLICE = 64
+    """Feature columns up to which CPU pooling takes them all in one slice, whatever :attr:`CHUNK_BY_L2` says."""
 
     @staticmethod
     def cpu_chunk() -> int:
