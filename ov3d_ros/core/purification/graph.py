@@ -101,8 +101,8 @@ def estimate_normals(vmap: VoxelFeatureMap, rows: torch.Tensor, nbr: torch.Tenso
         # A normal depends only on which neighbours are occupied: solve each distinct pattern once. Surfaces
         # repeat few patterns (15 000 voxels of a keyframe of the built-in scene hold 2 400-4 800 of radius 2's
         # 33-bit ones; a flat floor one), and the batched 3x3 eigh is most of the cost (on an AMD EPYC, one
-        # thread: 11-19 against 34-42 ms for those voxels). The same values: each pattern's moments, eigh and
-        # all, are those of any row holding it.
+        # thread: 11-19 against 34-42 ms for those voxels). The same values: each pattern's moments (exact in
+        # float64: sums of small integers), eigh and all, are those of any row holding it.
         bits = torch.bitwise_left_shift(occupied.long(), torch.arange(occupied.shape[1], device=nbr.device)).sum(1)
         patterns, which = torch.unique(bits, return_inverse=True)
         if len(patterns) < len(bits):
