@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ov3d_ros.core.threads import native_half
+from ov3d_ros.core.threads import emulated_half
 
 
 @dataclass
@@ -72,11 +72,11 @@ def row_norms(features: torch.Tensor, block: int = FLOAT_BLOCK) -> torch.Tensor:
 def text_products(features: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
     """(V, K) float32 products of (V, D) ``features`` with (K, D) float32 ``texts``. One matmul in the features'
     own dtype (an fp16 map is not converted) where the device multiplies it natively; on a CPU that only emulates
-    it (:func:`~ov3d_ros.core.threads.native_half`), float32 blocks (:func:`float_blocks`), each multiplied as
+    it (:func:`~ov3d_ros.core.threads.emulated_half`), float32 blocks (:func:`float_blocks`), each multiplied as
     texts x block^T into a (K, V) result returned transposed: on a 2-core AMD EPYC (AVX2), one thread, 100 k / 1 M
     fp16 rows by 5 texts took 30 / 338 ms against 63 / 564 ms for the fp16 matmul (and 49 / 455 ms for the blocks
     as block x texts^T: MKL there is slow on products with a narrow output)."""
-    if features.device.type != 'cpu' or features.dtype == torch.float32 or native_half(features.dtype):
+    if not emulated_half(features.dtype, features.device):
         return (features @ texts.T.to(features.dtype)).float()
     out = torch.empty(texts.shape[0], features.shape[0], dtype=torch.float32)
     for start, x in float_blocks(features):

@@ -1,6 +1,7 @@
 """How torch runs on the CPU: code that must run on one intra-op thread (results that would differ with the thread
 count, kernels that race) goes through :func:`one_thread`; :func:`native_half` says whether the CPU multiplies a half
-precision natively (else torch emulates it, several times slower than float32)."""
+precision natively (else torch emulates it, several times slower than float32), :func:`emulated_half` whether a
+dtype on a device is such an emulated half precision."""
 from __future__ import annotations
 
 import functools
@@ -40,3 +41,10 @@ def native_half(dtype: torch.dtype) -> bool:
         return True if probe is None else bool(probe())
     except RuntimeError:
         return True
+
+
+def emulated_half(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether torch only emulates ``dtype`` on ``device``: bfloat16 or float16 on a CPU without native kernels for
+    it (:func:`native_half`). Never on CUDA, never for float32 or float64."""
+    return (torch.device(device).type == 'cpu' and dtype in (torch.bfloat16, torch.float16)
+            and not native_half(dtype))

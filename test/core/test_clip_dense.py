@@ -10,7 +10,7 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip('open_clip')
 
 from ov3d_ros.core.config import FeatureConfig  # noqa: E402
-from ov3d_ros.core.features import clip_dense  # noqa: E402
+from ov3d_ros.core import threads  # noqa: E402
 from ov3d_ros.core.features.clip_dense import (DENSE_MODES, REDUCED_MODES, OpenClipDenseExtractor,  # noqa: E402
                                                check_config, interpolate_pos_embed, neighbourhood_bias,
                                                precision_warning, window_starts)
@@ -268,13 +268,13 @@ def test_window_covering_the_image_is_whole_image_inference(ext, image, monkeypa
 def test_a_half_precision_the_cpu_only_emulates_is_warned_about(monkeypatch):
     """bfloat16 or float16 on a CPU whose oneDNN reports no native kernels for it gets a warning that names the
     precision and the way out; float32, 'auto' on the CPU, a CPU with the kernels, and CUDA get none."""
-    monkeypatch.setattr(clip_dense, 'native_half', lambda dtype: False)
+    monkeypatch.setattr(threads, 'native_half', lambda dtype: False)
     for name in ('bfloat16', 'float16'):
         text = precision_warning(name, 'cpu')
         assert f'no native {name} matrix kernels' in text and "features.dtype 'auto'" in text
         assert precision_warning(name, 'cuda') == ''
     assert precision_warning('float32', 'cpu') == '' and precision_warning('auto', 'cpu') == ''
-    monkeypatch.setattr(clip_dense, 'native_half', lambda dtype: True)
+    monkeypatch.setattr(threads, 'native_half', lambda dtype: True)
     assert precision_warning('bfloat16', 'cpu') == ''
 
 
@@ -283,7 +283,7 @@ def test_bf16_on_cpu_matches_fp32(ext, image, monkeypatch):
     norm, and agree with the float32 model's (random weights: cosine >= 0.999 per token); another precision is
     refused by reconfigure and by the config check. The extractor carries the warning of a CPU without bf16
     kernels."""
-    monkeypatch.setattr(clip_dense, 'native_half', lambda dtype: False)
+    monkeypatch.setattr(threads, 'native_half', lambda dtype: False)
     low = OpenClipDenseExtractor(dataclasses.replace(ext.cfg, dtype='bfloat16'), 'cpu')
     assert 'bfloat16' in low.precision_warning and ext.precision_warning == ''
     low.model.load_state_dict(ext.model.state_dict())

@@ -6,7 +6,7 @@ import torch
 
 from ov3d_ros.core.config import KeyframeConfig, MapperConfig, update_from_dict
 from ov3d_ros.core.keyframes import KeyframeSelector
-from ov3d_ros.core import query
+from ov3d_ros.core import threads
 from ov3d_ros.core.query import float_blocks, relevancy_scores, row_norms, select, text_products
 from ov3d_ros.core.text import encode_prompts
 
@@ -58,7 +58,7 @@ def test_float_blocks_cover_every_row_in_order_as_float32():
 def test_text_products_in_the_features_dtype_or_in_float32_blocks(native, monkeypatch):
     """Where the CPU multiplies fp16 natively, one fp16 matmul; where it emulates it, float32 blocks (several, a
     ragged last one) multiplied as texts x block^T: the products of the float32 values either way."""
-    monkeypatch.setattr(query, 'native_half', lambda dtype: native)
+    monkeypatch.setattr(threads, 'native_half', lambda dtype: native)
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(2500, 48, generator=g).half()
     texts = torch.nn.functional.normalize(torch.randn(5, 48, generator=g), dim=1)
@@ -73,7 +73,7 @@ def test_text_products_in_the_features_dtype_or_in_float32_blocks(native, monkey
 
 @pytest.mark.parametrize('native', [True, False])
 def test_relevancy_in_fp16_with_given_norms_matches_the_softmax_reference(native, monkeypatch):
-    monkeypatch.setattr(query, 'native_half', lambda dtype: native)
+    monkeypatch.setattr(threads, 'native_half', lambda dtype: native)
     g = torch.Generator().manual_seed(0)
     feats = (torch.randn(3000, 32, generator=g) * torch.rand(3000, 1, generator=g)).half()
     texts = torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=1)

@@ -26,7 +26,7 @@ from ov3d_ros.core.config import FeatureConfig
 from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.features.weights import (WeightsNotFoundError, fetch_weights, load_weights, resolve_weights,
                                             uses_quick_gelu)
-from ov3d_ros.core.threads import native_half
+from ov3d_ros.core.threads import emulated_half
 
 DENSE_MODES = ('naclip', 'sclip', 'clearclip', 'maskclip')
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -50,7 +50,7 @@ def precision_warning(name: str, device: torch.device | str) -> str:
     at 224 / 336 / 448 px took 6.1 / 17.5 / 39.7 s per 640x480 keyframe in bfloat16 against 0.85 / 1.59 / 3.81 s
     in float32 (``bm_compare.py --only clip``, one thread), and 6.2 s in float16 against 0.95 s at 224 px."""
     dtype = model_dtype(name, device)
-    if torch.device(device).type != 'cpu' or dtype == torch.float32 or native_half(dtype):
+    if not emulated_half(dtype, device):
         return ''
     half = str(dtype).removeprefix('torch.')
     return (f'features.dtype {name!r}: this CPU has no native {half} matrix kernels (oneDNN reports none), so the '
