@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ov3d_ros.core.threads import emulated_half
+from ov3d_ros.core.threads import emulated_half, split_rows
 
 
 @dataclass
@@ -75,12 +75,18 @@ def text_products(features: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
     it (:func:`~ov3d_ros.core.threads.emulated_half`), float32 blocks (:func:`float_blocks`), each multiplied as
     texts x block^T into a (K, V) result returned transposed: on a 2-core AMD EPYC (AVX2), one thread, 100 k / 1 M
     fp16 rows by 5 texts took 30 / 338 ms against 63 / 564 ms for the fp16 matmul (and 49 / 455 ms for the blocks
-    as block x texts^T: MKL there is slow on products with a narrow output)."""
+    as block x texts^T: MKL there is slow on products with a narrow output). On several intra-op threads the blocks
+    are shared out as one run of rows per thread (:func:`~ov3d_ros.core.threads.split_rows`): the same values as
+    on one thread."""
     if not emulated_half(features.dtype, features.device):
         return (features @ texts.T.to(features.dtype)).float()
     out = torch.empty(texts.shape[0], features.shape[0], dtype=torch.float32)
-    for start, x in float_blocks(features):
-        torch.mm(texts, x.T, out=out[:, start:start + len(x)])
+
+    def rows(lo: int, hi: int) -> None:
+        for start, x in float_blocks(features[lo:hi]):
+            torch.mm(texts, x.T, out=out[:, lo + start:lo + start + len(x)])
+
+    split_rows(rows, features.shape[0], FLOAT_BLOCK)
     return out.T
 
 

@@ -6,7 +6,7 @@ import torch
 
 from ov3d_ros.core.config import KeyframeConfig, MapperConfig, update_from_dict
 from ov3d_ros.core.keyframes import KeyframeSelector
-from ov3d_ros.core import threads
+from ov3d_ros.core import query, threads
 from ov3d_ros.core.query import float_blocks, relevancy_scores, row_norms, select, text_products
 from ov3d_ros.core.text import encode_prompts
 
@@ -69,6 +69,29 @@ def test_text_products_in_the_features_dtype_or_in_float32_blocks(native, monkey
     if not native:                                   # float32 products: each the same as one row's product
         assert torch.allclose(out[1234], feats[1234].float() @ texts.T, atol=1e-5)
     assert torch.equal(text_products(feats.float(), texts), feats.float() @ texts.T)
+
+
+def test_text_products_in_float32_blocks_are_the_same_on_one_and_on_two_threads(monkeypatch):
+    """Two intra-op threads share the blocks out as one run of rows each (threads.split_rows): the values are
+    those of one thread, bit for bit."""
+    monkeypatch.setattr(threads, 'native_half', lambda dtype: False)
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(5000, 384, generator=g).half()
+    texts = torch.nn.functional.normalize(torch.randn(5, 384, generator=g), dim=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = text_products(feats, texts)
+        torch.set_num_threads(2)
+        calls = []
+        real = threads.split_rows
+        monkeypatch.setattr(query, 'split_rows', lambda fn, n, block: calls.append(n) or real(fn, n, block))
+        two = text_products(feats, texts)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [5000] and torch.equal(one, two)
+    assert (one - feats.float() @ texts.T).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize('native', [True, False])
