@@ -19,8 +19,10 @@ _LOCK = threading.RLock()
 @contextmanager
 def one_thread(device: torch.device | str = 'cpu'):
     """Run the block on one torch intra-op thread on CPU and restore the caller's count afterwards; a no-op on
-    other devices. The thread count is process-wide, so one lock keeps two such blocks in different Python
-    threads from restoring each other's count."""
+    other devices. torch keeps the count per thread, and each count it sets also becomes the count a thread
+    starts with on its first torch call (torch 2.14 on Linux, OpenMP: a worker's ``set_num_threads(1)`` left
+    the main thread on 2 and made threads started after it begin on 1); one lock keeps two such blocks in
+    different Python threads from leaving that starting count at 1."""
     if torch.device(device).type != 'cpu':
         yield
         return
@@ -55,6 +57,14 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL
 
 
+def _on_one_thread(fn: Callable[[int, int], None], lo: int, hi: int) -> None:
+    """A worker's part of :func:`split_rows`, on one intra-op thread (a worker started while the caller held the
+    lock already is; one started otherwise is set to it, under the caller's lock)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    fn(lo, hi)
+
+
 def split_rows(fn: Callable[[int, int], None], n: int, block: int) -> None:
     """Call ``fn(lo, hi)`` over rows 0..n-1: on a CPU where torch runs several intra-op threads, as one part per
     thread (:func:`row_parts`, whole ``block``-row blocks), every part on its own Python thread (the caller's and
@@ -64,9 +74,10 @@ def split_rows(fn: Callable[[int, int], None], n: int, block: int) -> None:
     on a 2-core AMD EPYC that loop took longer on two threads than on one (the text products of 100 k / 1 M fp16
     rows with 5 texts: medians 25 / 268 ms, upper quartiles 30 / 636 ms, against 32 / 317 ms on one), while one
     part per thread took 21 / 191 ms. Each part computes exactly what one thread computes for its rows (MKL's
-    products on two threads can differ in their last bits). ``fn`` must write disjoint outputs per range. The thread count is
-    process-wide, so this shares :func:`one_thread`'s lock: while another thread holds it (a block that runs on
-    one thread), ``fn(0, n)`` runs at once in the calling thread instead of waiting. An exception in a part is
+    products on two threads can differ in their last bits). ``fn`` must write disjoint outputs per range. The
+    thread count is set per thread, and the kept workers must start on one, so this shares :func:`one_thread`'s
+    lock: while another thread holds it (a block that runs on one thread), ``fn(0, n)`` runs at once in the
+    calling thread instead of waiting. An exception in a part is
     raised here after every part has ended."""
     threads = torch.get_num_threads()
     parts = row_parts(n, block, threads)
@@ -77,7 +88,7 @@ def split_rows(fn: Callable[[int, int], None], n: int, block: int) -> None:
     try:
         torch.set_num_threads(1)
         try:
-            futures = [_pool(len(parts) - 1).submit(fn, lo, hi) for lo, hi in parts[1:]]
+            futures = [_pool(len(parts) - 1).submit(_on_one_thread, fn, lo, hi) for lo, hi in parts[1:]]
             error = None
             try:
                 fn(*parts[0])

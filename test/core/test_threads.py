@@ -92,3 +92,15 @@ def test_an_error_in_a_part_is_raised_after_every_part_ended_and_leaves_no_state
     assert torch.get_num_threads() == 2
     assert threads._LOCK.acquire(blocking=False)                  # released
     threads._LOCK.release()
+
+
+def test_a_worker_that_started_on_two_threads_runs_its_part_on_one(two_threads, monkeypatch):
+    """torch keeps the thread count per thread: a kept worker started outside split_rows (on the process's two)
+    is set to one for its part."""
+    monkeypatch.setattr(threads, '_POOL', None)
+    worker = threads._pool(1)
+    assert worker.submit(torch.get_num_threads).result() == 2
+    seen = []
+    split_rows(lambda lo, hi: seen.append((lo, torch.get_num_threads())), 5000, 1024)
+    assert sorted(seen) == [(0, 1), (2048, 1)]
+    assert torch.get_num_threads() == 2
