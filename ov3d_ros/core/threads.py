@@ -44,17 +44,17 @@ def row_parts(n: int, block: int, parts: int) -> List[Tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
 
 
-_POOL: Optional[ThreadPoolExecutor] = None
+_POOL: Optional[Tuple[ThreadPoolExecutor, int]] = None
 _POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """The kept worker threads of :func:`split_rows` (at least ``workers``)."""
+    """The kept worker threads of :func:`split_rows` (at least ``workers``; a larger pool replaces a smaller)."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers:
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix='ov3d_rows')
-        return _POOL
+        if _POOL is None or _POOL[1] < workers:
+            _POOL = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix='ov3d_rows'), workers)
+        return _POOL[0]
 
 
 def _on_one_thread(fn: Callable[[int, int], None], lo: int, hi: int) -> None:
@@ -77,8 +77,7 @@ def split_rows(fn: Callable[[int, int], None], n: int, block: int) -> None:
     products on two threads can differ in their last bits). ``fn`` must write disjoint outputs per range. The
     thread count is set per thread, and the kept workers must start on one, so this shares :func:`one_thread`'s
     lock: while another thread holds it (a block that runs on one thread), ``fn(0, n)`` runs at once in the
-    calling thread instead of waiting. An exception in a part is
-    raised here after every part has ended."""
+    calling thread instead of waiting. An exception in a part is raised here after every part has ended."""
     threads = torch.get_num_threads()
     parts = row_parts(n, block, threads)
     if len(parts) < 2 or not _LOCK.acquire(blocking=False):

@@ -90,8 +90,17 @@ def test_an_error_in_a_part_is_raised_after_every_part_ended_and_leaves_no_state
         split_rows(part, 5000, 1024)
     assert ended == [0]
     assert torch.get_num_threads() == 2
-    assert threads._LOCK.acquire(blocking=False)                  # released
-    threads._LOCK.release()
+    free = []                    # the lock is reentrant: ask from another thread whether it was released
+
+    def probe():
+        free.append(threads._LOCK.acquire(blocking=False))
+        if free[0]:
+            threads._LOCK.release()
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    assert free == [True]
 
 
 def test_a_worker_that_started_on_two_threads_runs_its_part_on_one(two_threads, monkeypatch):
