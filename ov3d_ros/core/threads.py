@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Callable, List, Optional, Tuple
 
@@ -78,30 +78,20 @@ def split_rows(fn: Callable[[int, int], None], n: int, block: int) -> None:
     thread count is set per thread, and the kept workers must start on one, so this shares :func:`one_thread`'s
     lock: while another thread holds it (a block that runs on one thread), ``fn(0, n)`` runs at once in the
     calling thread instead of waiting. An exception in a part is raised here after every part has ended."""
-    threads = torch.get_num_threads()
-    parts = row_parts(n, block, threads)
+    parts = row_parts(n, block, torch.get_num_threads())
     if len(parts) < 2 or not _LOCK.acquire(blocking=False):
         if n > 0:
             fn(0, n)
         return
     try:
-        torch.set_num_threads(1)
-        try:
+        with one_thread():                # the lock is this thread's already: one_thread takes it again
             futures = [_pool(len(parts) - 1).submit(_on_one_thread, fn, lo, hi) for lo, hi in parts[1:]]
-            error = None
             try:
                 fn(*parts[0])
-            except BaseException as e:        # wait for the workers before leaving, then raise
-                error = e
+            finally:
+                wait(futures)             # every part ends before an error leaves
             for f in futures:
-                try:
-                    f.result()
-                except BaseException as e:
-                    error = error or e
-            if error is not None:
-                raise error
-        finally:
-            torch.set_num_threads(threads)
+                f.result()                # a worker's error
     finally:
         _LOCK.release()
 
