@@ -1,5 +1,6 @@
 """How row-wise work is shared out over torch's CPU threads (ov3d_ros.core.threads)."""
 import threading
+import time
 
 import pytest
 import torch
@@ -113,3 +114,19 @@ def test_a_worker_that_started_on_two_threads_runs_its_part_on_one(two_threads, 
     split_rows(lambda lo, hi: seen.append((lo, torch.get_num_threads())), 5000, 1024)
     assert sorted(seen) == [(0, 1), (2048, 1)]
     assert torch.get_num_threads() == 2
+
+
+def test_an_error_in_the_callers_part_leaves_only_after_the_workers_part_ended(two_threads):
+    started, ended = threading.Event(), []
+
+    def part(lo, hi):
+        if lo == 0:
+            assert started.wait(30)
+            raise RuntimeError('first part failed')
+        started.set()
+        time.sleep(0.2)                  # still running when the caller's part fails
+        ended.append(lo)
+
+    with pytest.raises(RuntimeError, match='first part failed'):
+        split_rows(part, 5000, 1024)
+    assert ended == [2048]
