@@ -92,7 +92,8 @@ class FeatureConfig:
     'float16' or 'bfloat16'; features, text embeddings and everything after the ViT stay float32. bfloat16 pays
     on CPUs with bf16 matrix units (Intel AMX, AVX512-BF16): on a 2-core Intel Xeon with AMX, ViT-B-16 at 224 /
     336 / 448 px took 106 / 236 / 500 ms per 640x480 keyframe against 377 / 904 / 1 833 ms in float32 (one
-    thread, random weights); elsewhere it can be slower than float32. What it does to trained CLIP features
+    thread, random weights), and on a 2-core AMD EPYC Zen 4 (AVX512-BF16, no AMX) 313 / 707 / 1 472 against
+    556 / 1 296 / 2 805 ms; elsewhere it can be slower than float32. What it does to trained CLIP features
     was not measured (no weights here): check with ``benchmarks/bm_dense_quality.py --dtypes float32
     bfloat16`` first."""
     compile: bool = False
