@@ -150,6 +150,8 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
     extractor = create_extractor(cfg.features, device, class_names)
     if extractor.precision_warning:
         print(f'warning: {extractor.precision_warning}', file=sys.stderr)
+    if extractor.precision_hint:
+        print(f'note: {extractor.precision_hint}', file=sys.stderr)
     return Mapper(cfg, extractor)
 
 

@@ -308,6 +308,8 @@ class MappingInterface:
                                + (f' in {str(precision).removeprefix("torch.")}' if precision is not None else ''))
         if extractor.precision_warning:
             self.get_logger().warning(extractor.precision_warning)
+        if extractor.precision_hint:
+            self.get_logger().info(extractor.precision_hint)
         if cfg.map.compress_basis:
             self.get_logger().info(f'features stored in {cfg.map.compress_dim} dims, starting from the basis of '
                                    f'{cfg.map.compress_basis} ('

@@ -13,7 +13,7 @@ from ov3d_ros.core.config import FeatureConfig  # noqa: E402
 from ov3d_ros.core import threads  # noqa: E402
 from ov3d_ros.core.features.clip_dense import (DENSE_MODES, REDUCED_MODES, OpenClipDenseExtractor,  # noqa: E402
                                                check_config, interpolate_pos_embed, neighbourhood_bias,
-                                               precision_warning, window_starts)
+                                               precision_hint, precision_warning, window_starts)
 from ov3d_ros.core.features.weights import (OPENAI_EXTRA_KEYS, WeightsNotFoundError, load_weights,  # noqa: E402
                                            openai_provenance, resolve_weights, uses_quick_gelu)
 
@@ -276,6 +276,20 @@ def test_a_half_precision_the_cpu_only_emulates_is_warned_about(monkeypatch):
     assert precision_warning('float32', 'cpu') == '' and precision_warning('auto', 'cpu') == ''
     monkeypatch.setattr(threads, 'native_half', lambda dtype: True)
     assert precision_warning('bfloat16', 'cpu') == ''
+
+
+def test_a_float32_vit_on_a_cpu_with_native_bf16_kernels_gets_a_hint(monkeypatch):
+    """'auto' or float32 on a CPU whose oneDNN reports native bf16 kernels gets a hint naming bfloat16 and how to
+    check its quality; without those kernels, with a half precision already, and on CUDA there is none."""
+    monkeypatch.setattr(threads, 'native_half', lambda dtype: dtype == torch.bfloat16)
+    for name in ('auto', 'float32'):
+        text = precision_hint(name, 'cpu')
+        assert f"features.dtype {name!r} runs the ViT in float32" in text
+        assert "features.dtype 'bfloat16'" in text and '--dtypes float32 bfloat16' in text
+        assert precision_hint(name, 'cuda') == ''
+    assert precision_hint('bfloat16', 'cpu') == '' and precision_hint('float16', 'cpu') == ''
+    monkeypatch.setattr(threads, 'native_half', lambda dtype: False)
+    assert precision_hint('auto', 'cpu') == '' and precision_hint('float32', 'cpu') == ''
 
 
 def test_bf16_on_cpu_matches_fp32(ext, image, monkeypatch):

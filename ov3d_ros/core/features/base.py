@@ -20,6 +20,8 @@ class FeatureExtractor(abc.ABC):
         uses_templates: whether query texts go through the prompt templates (False for fixed text tables).
         precision_warning: why this source will run slowly as configured ('' when it will not), for the node's
             log and the tools' output at start (e.g. a half precision the CPU only emulates).
+        precision_hint: a faster setting this source could run in on this device ('' when none), logged at start
+            as information (e.g. bfloat16 on a CPU with native bf16 kernels, while the default runs float32).
     """
 
     name: str = 'base'
@@ -29,6 +31,7 @@ class FeatureExtractor(abc.ABC):
     default_temperature: float = 0.01
     uses_templates: bool = True
     precision_warning: str = ''
+    precision_hint: str = ''
 
     @abc.abstractmethod
     def extract(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> torch.Tensor:

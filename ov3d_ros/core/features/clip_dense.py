@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ov3d_ros.core import threads
 from ov3d_ros.core.config import FeatureConfig
 from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.features.weights import (WeightsNotFoundError, fetch_weights, load_weights, resolve_weights,
                                             uses_quick_gelu)
-from ov3d_ros.core.threads import emulated_half
 
 DENSE_MODES = ('naclip', 'sclip', 'clearclip', 'maskclip')
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -50,12 +50,26 @@ def precision_warning(name: str, device: torch.device | str) -> str:
     at 224 / 336 / 448 px took 6.1 / 17.5 / 39.7 s per 640x480 keyframe in bfloat16 against 0.85 / 1.59 / 3.81 s
     in float32 (``bm_compare.py --only clip``, one thread), and 6.2 s in float16 against 0.95 s at 224 px."""
     dtype = model_dtype(name, device)
-    if not emulated_half(dtype, device):
+    if not threads.emulated_half(dtype, device):
         return ''
     half = str(dtype).removeprefix('torch.')
     return (f'features.dtype {name!r}: this CPU has no native {half} matrix kernels (oneDNN reports none), so the '
             f'ViT runs {half} emulated, several times slower than float32 (6-11x on an AVX2 CPU); use '
             "features.dtype 'auto' (float32 on the CPU)")
+
+
+def precision_hint(name: str, device: torch.device | str) -> str:
+    """A faster precision this CPU offers while ``features.dtype`` ``name`` runs the ViT in float32 on it ('' when
+    there is none, or off the CPU): bfloat16, where oneDNN reports native bf16 matrix kernels (AMX, AVX512-BF16).
+    ViT-B/16 at 224 / 336 / 448 px ran 3.6-3.8x faster in bfloat16 than in float32 on a 2-core Intel Xeon with
+    AMX and 1.8-1.9x on a 2-core AMD EPYC Zen 4 with AVX512-BF16 (``bm_compare.py --only clip``, one thread,
+    random weights). Not the default: what bfloat16 does to trained CLIP features was not measured here."""
+    if (torch.device(device).type != 'cpu' or model_dtype(name, device) != torch.float32
+            or not threads.native_half(torch.bfloat16)):
+        return ''
+    return (f'features.dtype {name!r} runs the ViT in float32, and this CPU has native bfloat16 matrix kernels '
+            "(oneDNN reports them): features.dtype 'bfloat16' ran it 1.8-3.8x faster on such CPUs; check what it "
+            'does to your model\'s features first (benchmarks/bm_dense_quality.py --dtypes float32 bfloat16)')
 
 
 def interpolate_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
@@ -119,6 +133,7 @@ class OpenClipDenseExtractor(FeatureExtractor):
         self.device = torch.device(device)
         self.dtype = model_dtype(cfg.dtype, self.device)
         self.precision_warning = precision_warning(cfg.dtype, self.device)
+        self.precision_hint = precision_hint(cfg.dtype, self.device)
         self.quick_gelu = uses_quick_gelu(cfg.model, cfg.pretrained)   # OpenAI weights need QuickGELU
         model = open_clip.create_model(cfg.model, pretrained=None, pretrained_image=False, pretrained_text=False,
                                        force_quick_gelu=self.quick_gelu)
@@ -271,5 +286,5 @@ class OpenClipDenseExtractor(FeatureExtractor):
 
 
 __all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'DTYPES', 'REDUCED_MODES', 'check_config',
-           'interpolate_pos_embed', 'model_dtype', 'precision_warning',
+           'interpolate_pos_embed', 'model_dtype', 'precision_hint', 'precision_warning',
            'neighbourhood_bias', 'window_starts']
