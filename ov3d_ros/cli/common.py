@@ -20,6 +20,17 @@ class CliError(Exception):
     """A user error with a message that says what to do."""
 
 
+_SAID: set = set()
+
+
+def say_once(kind: str, message: str) -> None:
+    """Print ``kind: message`` on stderr the first time this process says it (tools that map scene after scene
+    build a feature source per scene; its warnings are the same each time)."""
+    if message and (kind, message) not in _SAID:
+        _SAID.add((kind, message))
+        print(f'{kind}: {message}', file=sys.stderr)
+
+
 def progress(items: Iterable, total: Optional[int] = None, desc: str = '', quiet: bool = False):
     """A tqdm progress bar on stderr (plain iteration when quiet)."""
     if quiet:
@@ -148,10 +159,8 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
             from ov3d_ros.sim.classes import CLASS_NAMES
             class_names = list(CLASS_NAMES)
     extractor = create_extractor(cfg.features, device, class_names)
-    if extractor.precision_warning:
-        print(f'warning: {extractor.precision_warning}', file=sys.stderr)
-    if extractor.precision_hint:
-        print(f'note: {extractor.precision_hint}', file=sys.stderr)
+    say_once('warning', extractor.precision_warning)
+    say_once('note', extractor.precision_hint)
     return Mapper(cfg, extractor)
 
 

@@ -187,17 +187,21 @@ def test_labels_teacher_is_marked_as_an_oracle(scenes, tmp_path, capsys):
 
 def test_the_tools_print_the_vit_precision_warning_and_hint(capsys, monkeypatch):
     """make_mapper prints the CLIP source's precision warning (a half precision the CPU emulates) and its hint
-    (float32 where the CPU has native bf16 kernels) on stderr, each once, and nothing for a plain float32 CPU."""
-    from ov3d_ros.cli.common import make_mapper
+    (float32 where the CPU has native bf16 kernels) on stderr, each once per process (``ov3d eval`` builds a
+    mapper per scene), and nothing for a plain float32 CPU."""
+    from ov3d_ros.cli import common
     from ov3d_ros.core import threads
     from ov3d_ros.core.config import MapperConfig
+    monkeypatch.setattr(common, '_SAID', set())
     cfg = MapperConfig()
     cfg.features.source, cfg.features.pretrained, cfg.features.image_short_side = 'clip', 'none', 64
     cfg.map.device, cfg.purify.enabled = 'cpu', False
-    for native, dtype, expect in ((False, 'bfloat16', 'warning: '), (True, 'auto', 'note: '), (False, 'auto', '')):
+    cases = ((False, 'bfloat16', 'warning: '), (True, 'auto', 'note: '), (False, 'auto', ''),
+             (False, 'bfloat16', ''), (True, 'auto', ''))  # the last two: said already
+    for native, dtype, expect in cases:
         monkeypatch.setattr(threads, 'native_half', lambda d, native=native: native)
         cfg.features.dtype = dtype
-        make_mapper(cfg, None)
+        common.make_mapper(cfg, None)
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith(('warning: ', 'note: '))]
         assert [line[:len(expect)] for line in lines] == ([expect] if expect else []), err

@@ -109,11 +109,15 @@ def test_a_worker_that_started_on_two_threads_runs_its_part_on_one(two_threads, 
     is set to one for its part."""
     monkeypatch.setattr(threads, '_POOL', None)
     worker = threads._pool(1)
-    assert worker.submit(torch.get_num_threads).result() == 2
-    seen = []
-    split_rows(lambda lo, hi: seen.append((lo, torch.get_num_threads())), 5000, 1024)
-    assert sorted(seen) == [(0, 1), (2048, 1)]
-    assert torch.get_num_threads() == 2
+    try:
+        assert worker.submit(torch.get_num_threads).result() == 2
+        seen = []
+        split_rows(lambda lo, hi: seen.append((lo, torch.get_num_threads())), 5000, 1024)
+        assert sorted(seen) == [(0, 1), (2048, 1)]
+        assert torch.get_num_threads() == 2
+        assert threads._pool(1) is worker                        # split_rows used this test's pool
+    finally:
+        worker.shutdown(wait=True)                               # the process's own pool comes back with monkeypatch
 
 
 def test_an_error_in_the_callers_part_leaves_only_after_the_workers_part_ended(two_threads):
