@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ class CliError(Exception):
 
 
 _SAID: set = set()
+_CLIP: dict = {}      # the last CLIP source built, by (features config, device): reused by the next mapper
 
 
 def say_once(kind: str, message: str) -> None:
@@ -158,7 +160,16 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
         except CliError:
             from ov3d_ros.sim.classes import CLASS_NAMES
             class_names = list(CLASS_NAMES)
-    extractor = create_extractor(cfg.features, device, class_names)
+    if cfg.features.source == 'clip':
+        # ov3d eval and train-affinity map scene after scene (eval twice per scene): build the ViT and read its
+        # weights once per process, not once per mapper; it keeps no state from one scene to the next
+        key = (repr(cfg.features), str(device))
+        if key not in _CLIP:
+            _CLIP.clear()
+            _CLIP[key] = create_extractor(copy.deepcopy(cfg.features), device, class_names)  # not the caller's
+        extractor = _CLIP[key]
+    else:
+        extractor = create_extractor(cfg.features, device, class_names)
     say_once('warning', extractor.precision_warning)
     say_once('note', extractor.precision_hint)
     return Mapper(cfg, extractor)

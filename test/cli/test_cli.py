@@ -185,6 +185,23 @@ def test_labels_teacher_is_marked_as_an_oracle(scenes, tmp_path, capsys):
     assert '--teacher-checkpoint' in capsys.readouterr().err
 
 
+def test_the_tools_build_the_clip_source_once_for_mappers_of_the_same_features(monkeypatch):
+    """ov3d eval maps scene after scene: mappers with the same features config share one ViT; another config
+    builds its own."""
+    from ov3d_ros.cli import common
+    from ov3d_ros.core.config import MapperConfig
+    monkeypatch.setattr(common, '_CLIP', {})
+    cfg = MapperConfig()
+    cfg.features.source, cfg.features.pretrained, cfg.features.image_short_side = 'clip', 'none', 64
+    cfg.map.device, cfg.purify.enabled = 'cpu', False
+    first, second = common.make_mapper(cfg, None), common.make_mapper(cfg, None)
+    assert first is not second and first.extractor is second.extractor
+    cfg.features.image_short_side = 96
+    third = common.make_mapper(cfg, None)
+    assert third.extractor is not first.extractor and third.extractor.cfg.image_short_side == 96
+    assert first.extractor.cfg.image_short_side == 64
+
+
 def test_the_tools_print_the_vit_precision_warning_and_hint(capsys, monkeypatch):
     """make_mapper prints the CLIP source's precision warning (a half precision the CPU emulates) and its hint
     (float32 where the CPU has native bf16 kernels) on stderr, each once per process (``ov3d eval`` builds a
@@ -193,6 +210,7 @@ def test_the_tools_print_the_vit_precision_warning_and_hint(capsys, monkeypatch)
     from ov3d_ros.core import threads
     from ov3d_ros.core.config import MapperConfig
     monkeypatch.setattr(common, '_SAID', set())
+    monkeypatch.setattr(common, '_CLIP', {})
     cfg = MapperConfig()
     cfg.features.source, cfg.features.pretrained, cfg.features.image_short_side = 'clip', 'none', 64
     cfg.map.device, cfg.purify.enabled = 'cpu', False
@@ -201,6 +219,7 @@ def test_the_tools_print_the_vit_precision_warning_and_hint(capsys, monkeypatch)
     for native, dtype, expect in cases:
         monkeypatch.setattr(threads, 'native_half', lambda d, native=native: native)
         cfg.features.dtype = dtype
+        common._CLIP.clear()                                     # a new ViT, on what this CPU now reports
         common.make_mapper(cfg, None)
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith(('warning: ', 'note: '))]
