@@ -164,10 +164,10 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
         # ov3d eval and train-affinity map scene after scene (eval twice per scene): build the ViT and read its
         # weights once per process, not once per mapper; it keeps no state from one scene to the next
         key = (repr(cfg.features), str(device))
-        if key not in _CLIP:
+        extractor = _CLIP.get(key)
+        if extractor is None or repr(extractor.cfg) != key[0]:     # none yet, or reconfigured since
             _CLIP.clear()
-            _CLIP[key] = create_extractor(copy.deepcopy(cfg.features), device, class_names)  # not the caller's
-        extractor = _CLIP[key]
+            extractor = _CLIP[key] = create_extractor(copy.deepcopy(cfg.features), device, class_names)
     else:
         extractor = create_extractor(cfg.features, device, class_names)
     say_once('warning', extractor.precision_warning)

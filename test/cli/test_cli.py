@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -199,7 +200,9 @@ def test_the_tools_build_the_clip_source_once_for_mappers_of_the_same_features(m
     cfg.features.image_short_side = 96
     third = common.make_mapper(cfg, None)
     assert third.extractor is not first.extractor and third.extractor.cfg.image_short_side == 96
-    assert first.extractor.cfg.image_short_side == 64
+    assert first.extractor.cfg.image_short_side == 64                       # a copy, not the caller's config
+    third.extractor.reconfigure(replace(third.extractor.cfg, image_short_side=128))   # through the Python API
+    assert common.make_mapper(cfg, None).extractor is not third.extractor   # no longer what cfg asks for
 
 
 def test_the_tools_print_the_vit_precision_warning_and_hint(capsys, monkeypatch):
