@@ -187,8 +187,8 @@ def test_labels_teacher_is_marked_as_an_oracle(scenes, tmp_path, capsys):
 
 
 def test_the_tools_build_the_clip_source_once_for_mappers_of_the_same_features(monkeypatch):
-    """ov3d eval maps scene after scene: mappers with the same features config share one ViT; another config
-    builds its own."""
+    """ov3d eval maps scene after scene: mappers with the same features config share one ViT; another config,
+    or a kept source reconfigured since to other settings, builds its own."""
     from ov3d_ros.cli import common
     from ov3d_ros.core.config import MapperConfig
     monkeypatch.setattr(common, '_CLIP', {})
