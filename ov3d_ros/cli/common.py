@@ -233,7 +233,7 @@ def voxelise_input(source: Input, cfg: MapperConfig, quiet: bool = False):
         k += 1
     rows = torch.arange(vmap.size)
     offsets = ball_offsets(cfg.purify.radius_vox)
-    normals = estimate_normals(vmap, rows, neighbour_rows(vmap, rows, offsets), offsets)
+    normals = estimate_normals(neighbour_rows(vmap, rows, offsets), offsets)
     return VoxelScene(source.path.name, unpack_keys(vmap.keys[:vmap.size]), vmap.colors[:vmap.size].clone(),
                       normals, seen, k)
 

@@ -145,7 +145,7 @@ def prepare(path, args, cfg, net: StudentAffinityNet, teacher_net=None) -> list:
         map_input(mapper, source, args.quiet)
         vmap, rows = mapper.map, torch.arange(mapper.map.size)
         offsets = ball_offsets(cfg.purify.radius_vox)
-        normals = estimate_normals(vmap, rows, neighbour_rows(vmap, rows, offsets), offsets)
+        normals = estimate_normals(neighbour_rows(vmap, rows, offsets), offsets)
         coords, colors = unpack_keys(vmap.keys[:vmap.size]).cpu(), vmap.colors[:vmap.size].cpu()
         inputs = net.voxel_inputs(vmap, rows, normals)
     else:                           # geometry only: occupancy, colour, normals (no 2D features needed)

@@ -38,7 +38,7 @@ def test_offsets_and_neighbours():
     rows = m.lookup(pack_keys(torch.tensor([[5, 5, 0], [0, 0, 0]])))
     nbr = neighbour_rows(m, rows, off)
     assert (nbr[0] >= 0).sum() == 5 and (nbr[1] >= 0).sum() == 3   # in-plane 4-neighbourhood + itself
-    normals = estimate_normals(m, rows, neighbour_rows(m, rows, ball_offsets(2)), ball_offsets(2))
+    normals = estimate_normals(neighbour_rows(m, rows, ball_offsets(2)), ball_offsets(2))
     assert torch.allclose(normals.abs(), torch.tensor([[0.0, 0.0, 1.0]] * 2), atol=1e-5)
 
 
@@ -52,10 +52,10 @@ def test_normals_are_solved_once_per_occupancy_pattern_with_each_rows_own_value(
     m.integrate(slab + torch.tensor([0.0, 0.0, 8.0]), torch.randn(len(slab), 2))
     rows = torch.cat([torch.arange(m.size), torch.tensor([0, m.size - 1, 5])])
     nbr = neighbour_rows(m, rows, off)
-    normals = estimate_normals(m, rows, nbr, off)
+    normals = estimate_normals(nbr, off)
     patterns = torch.unique(nbr >= 0, dim=0)
     assert 100 < len(patterns) < 0.6 * len(rows)                      # repeats and many distinct patterns
-    alone = torch.cat([estimate_normals(m, rows[i:i + 1], nbr[i:i + 1], off) for i in range(len(rows))])
+    alone = torch.cat([estimate_normals(nbr[i:i + 1], off) for i in range(len(rows))])
     assert torch.equal(normals, alone)
     assert (normals.norm(dim=1) > 0.99).sum() > len(rows) // 2
     assert torch.equal(normals[-3:], normals[[0, m.size - 1, 5]])
@@ -529,7 +529,7 @@ def test_incremental_student_embeddings_are_those_of_the_whole_map(tmp_path):
         mapper.integrate(frame, force=True)
         vmap, purifier = mapper.map, mapper.purifier
         rows = torch.arange(len(vmap))
-        normals = estimate_normals(vmap, rows, neighbour_rows(vmap, rows, purifier.offsets), purifier.offsets)
+        normals = estimate_normals(neighbour_rows(vmap, rows, purifier.offsets), purifier.offsets)
         assert torch.equal(purifier.normals[:len(vmap)], normals)
         whole = net.embed(vmap, rows, normals)
         assert (purifier.embeddings[:len(vmap)].float() - whole).abs().max() < 2e-3     # stored as fp16
@@ -613,12 +613,12 @@ def test_incremental_normals_are_recomputed_only_where_occupancy_changed(monkeyp
     computed = []
     real = pooling_module.estimate_normals
     monkeypatch.setattr(pooling_module, 'estimate_normals',
-                        lambda vmap, rows, nbr, offsets: computed.append(len(rows)) or real(vmap, rows, nbr, offsets))
+                        lambda nbr, offsets: computed.append(len(nbr)) or real(nbr, offsets))
     offsets = ball_offsets(mapper.cfg.purify.radius_vox)
 
     def assert_current(rows):
         m = mapper.map
-        expect = real(m, rows, neighbour_rows(m, rows, offsets), offsets)
+        expect = real(neighbour_rows(m, rows, offsets), offsets)
         assert torch.equal(m.cake['normals'][rows], expect)
 
     for f in frames:
@@ -672,7 +672,7 @@ def test_state_kept_across_turns_and_evictions_stays_that_of_the_present_map():
         current = torch.nonzero(p._normals_state[1]).flatten()
         carried.append(len(current) / m.size)
         assert torch.allclose(m.cake['normals'][current],
-                              estimate_normals(m, current, neighbour_rows(m, current, p.offsets), p.offsets),
+                              estimate_normals(neighbour_rows(m, current, p.offsets), p.offsets),
                               atol=1e-6, rtol=0)
         n = m.size
         whole = superpoint_vote(m.cake['purified'][:n], p.superpoints(m), p.cfg.superpoint_blend,

@@ -71,7 +71,7 @@ def test_superpoint_vote_fixes_a_region_level_error_that_pooling_keeps():
     is one superpoint (one normal, one colour) whose mean is the floor class; the wall stays the wall."""
     m, rows, cls, wrong, text = box_corner_map()
     off = ball_offsets(2)
-    normals = estimate_normals(m, torch.arange(m.size), neighbour_rows(m, torch.arange(m.size), off), off)
+    normals = estimate_normals(neighbour_rows(m, torch.arange(m.size), off), off)
     seg = segment_graph(m.size, *voxel_edges(m, normals), k=0.05, min_size=5)
     floor_ids, wall_ids = seg[rows[cls == 0]], seg[rows[cls == 1]]
     assert torch.bincount(floor_ids).max() > 0.8 * len(floor_ids)               # the floor is mostly one region
@@ -303,7 +303,7 @@ def box_on_floor(origins=((-20.0, -20, 30), (40, 40, 30), (-20, 40, 30), (40, -2
                     origin=None if o is None else torch.tensor(o))
     rows = torch.arange(m.size)
     off = cube_offsets(1)
-    normals = estimate_normals(m, rows, neighbour_rows(m, rows, off), off)
+    normals = estimate_normals(neighbour_rows(m, rows, off), off)
     c = m.centers()
     side = (c[:, 0] == 8.5) & (c[:, 1] > 9) & (c[:, 1] < 14) & (c[:, 2] > 1) & (c[:, 2] < 6)
     return m, normals, c[:, 2] == 6.5, side, (c[:, 2] == 0.5) & ((c[:, 0] < 6) | (c[:, 0] > 17))

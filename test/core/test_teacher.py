@@ -34,7 +34,7 @@ def tiny_room(seed=0, keyframes=10):
     m.integrate(coords.float() + 0.5, torch.ones(len(coords), 1), colors)
     rows = m.rows_of(coords.float() + 0.5)
     off = ball_offsets(2)
-    normals = estimate_normals(m, rows, neighbour_rows(m, rows, off), off)
+    normals = estimate_normals(neighbour_rows(m, rows, off), off)
     x = coords[:, 0].float()
     seen = torch.zeros(len(coords), dtype=torch.int64)
     for k in range(keyframes):                   # each keyframe sees a band of x (a sweep along the room)

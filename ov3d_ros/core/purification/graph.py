@@ -90,8 +90,8 @@ def _boxed_neighbour_rows(vmap: VoxelFeatureMap, keys: torch.Tensor, offsets: to
     return found.index_select(0, cell).view(len(keys), len(offsets)).to(torch.int64)
 
 
-def estimate_normals(vmap: VoxelFeatureMap, rows: torch.Tensor, nbr: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(R, 3) unit normals of ``rows``: the least-variance direction of their occupied neighbours' centres.
+def estimate_normals(nbr: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(R, 3) unit normals of R voxels: the least-variance direction of their occupied neighbours' centres.
 
     ``nbr`` (R, M) from :func:`neighbour_rows` with the same ``offsets``. Voxels with fewer than 3 neighbours
     get the zero vector. Orientation is arbitrary (use ``abs`` of dot products).

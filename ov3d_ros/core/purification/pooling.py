@@ -430,7 +430,7 @@ class GeometryPooling:
         if whole:
             rows = torch.arange(n, device=vmap.device)
             nbr = neighbour_rows(vmap, rows, self.offsets)
-            self.normals.index_copy_(0, rows, estimate_normals(vmap, rows, nbr, self.offsets))
+            self.normals.index_copy_(0, rows, estimate_normals(nbr, self.offsets))
             embedded = rows
             if self.embed is not None:
                 self._store_embeddings(self.embed(vmap, rows, self.normals.index_select(0, rows)), rows)
@@ -538,7 +538,7 @@ class GeometryPooling:
         current = self._current_normals(vmap, table)
         renormal = changed[~current[changed]]
         if len(renormal):
-            self.normals.index_copy_(0, renormal, estimate_normals(vmap, renormal, table(renormal), self.offsets))
+            self.normals.index_copy_(0, renormal, estimate_normals(table(renormal), self.offsets))
             current.index_fill_(0, renormal, True)
         if self.embed is not None:
             # the student's inputs (occupancy, colour, normal; the fused feature for a student that reads it)
