@@ -22,7 +22,7 @@ class CliError(Exception):
 
 
 _SAID: set = set()
-_CLIP: dict = {}      # the last CLIP source built, by (features config, device): reused by the next mapper
+_CLIP = None          # the last CLIP source built: the next mapper of the same features config and device takes it
 
 
 def say_once(kind: str, message: str) -> None:
@@ -148,6 +148,7 @@ def open_input(path: str | Path, args=None, gt: Optional[str] = None) -> Input:
 
 def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str]] = None) -> Mapper:
     """A Mapper with the feature source named in ``cfg.features.source`` for this input."""
+    global _CLIP
     from ov3d_ros.core.features import create_extractor
     from ov3d_ros.core.features.precomputed import PrecomputedFeatures
     device = resolve_device(cfg.map.device)
@@ -162,12 +163,11 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
             class_names = list(CLASS_NAMES)
     if cfg.features.source == 'clip':
         # ov3d eval and train-affinity map scene after scene (eval twice per scene): build the ViT and read its
-        # weights once per process, not once per mapper; it keeps no state from one scene to the next
-        key = (repr(cfg.features), str(device))
-        extractor = _CLIP.get(key)
-        if extractor is None or repr(extractor.cfg) != key[0]:     # none yet, or reconfigured since
-            _CLIP.clear()
-            extractor = _CLIP[key] = create_extractor(copy.deepcopy(cfg.features), device, class_names)
+        # weights once per process, not once per mapper; it keeps no state from one scene to the next. Its own
+        # copy of the config says what it was built for (or reconfigured to since, through the Python API).
+        if _CLIP is None or _CLIP.device != device or repr(_CLIP.cfg) != repr(cfg.features):
+            _CLIP = create_extractor(copy.deepcopy(cfg.features), device, class_names)
+        extractor = _CLIP
     else:
         extractor = create_extractor(cfg.features, device, class_names)
     say_once('warning', extractor.precision_warning)

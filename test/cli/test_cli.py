@@ -191,7 +191,7 @@ def test_the_tools_build_the_clip_source_once_for_mappers_of_the_same_features(m
     or a kept source reconfigured since to other settings, builds its own."""
     from ov3d_ros.cli import common
     from ov3d_ros.core.config import MapperConfig
-    monkeypatch.setattr(common, '_CLIP', {})
+    monkeypatch.setattr(common, '_CLIP', None)
     cfg = MapperConfig()
     cfg.features.source, cfg.features.pretrained, cfg.features.image_short_side = 'clip', 'none', 64
     cfg.map.device, cfg.purify.enabled = 'cpu', False
@@ -213,7 +213,7 @@ def test_the_tools_print_the_vit_precision_warning_and_hint(capsys, monkeypatch)
     from ov3d_ros.core import threads
     from ov3d_ros.core.config import MapperConfig
     monkeypatch.setattr(common, '_SAID', set())
-    monkeypatch.setattr(common, '_CLIP', {})
+    monkeypatch.setattr(common, '_CLIP', None)
     cfg = MapperConfig()
     cfg.features.source, cfg.features.pretrained, cfg.features.image_short_side = 'clip', 'none', 64
     cfg.map.device, cfg.purify.enabled = 'cpu', False
@@ -222,7 +222,7 @@ def test_the_tools_print_the_vit_precision_warning_and_hint(capsys, monkeypatch)
     for native, dtype, expect in cases:
         monkeypatch.setattr(threads, 'native_half', lambda d, native=native: native)
         cfg.features.dtype = dtype
-        common._CLIP.clear()                                     # a new ViT, on what this CPU now reports
+        monkeypatch.setattr(common, '_CLIP', None)               # a new ViT, on what this CPU now reports
         common.make_mapper(cfg, None)
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith(('warning: ', 'note: '))]
