@@ -22,7 +22,7 @@ class CliError(Exception):
 
 
 _SAID: set = set()
-_CLIP = None          # the last CLIP source built: the next mapper of the same features config and device takes it
+_CLIP = None          # the last CLIP ViT built: mappers of the same model, weights, precision and device use it
 
 
 def say_once(kind: str, message: str) -> None:
@@ -162,12 +162,15 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
             from ov3d_ros.sim.classes import CLASS_NAMES
             class_names = list(CLASS_NAMES)
     if cfg.features.source == 'clip':
-        # ov3d eval and train-affinity map scene after scene (eval twice per scene): build the ViT and read its
-        # weights once per process, not once per mapper; it keeps no state from one scene to the next. Its own
-        # copy of the config says what it was built for (or reconfigured to since, through the Python API).
-        if _CLIP is None or _CLIP.device != device or repr(_CLIP.cfg) != repr(cfg.features):
-            _CLIP = create_extractor(copy.deepcopy(cfg.features), device, class_names)
-        extractor = _CLIP
+        # ov3d eval and train-affinity map scene after scene (eval twice per scene, once per variant): build the
+        # ViT and read its weights once per process, not once per mapper; it keeps no state from one scene to the
+        # next. Each mapper gets its own extractor on that ViT with its variant's dense mode and image sizes.
+        from ov3d_ros.core.features.clip_dense import model_dtype
+        f = cfg.features
+        if _CLIP is None or _CLIP.device != device or _CLIP.dtype != model_dtype(f.dtype, device) \
+                or (_CLIP.cfg.model, _CLIP.cfg.pretrained, _CLIP.cfg.cache_dir) != (f.model, f.pretrained, f.cache_dir):
+            _CLIP = create_extractor(copy.deepcopy(f), device, class_names)
+        extractor = _CLIP.with_settings(f)
     else:
         extractor = create_extractor(cfg.features, device, class_names)
     say_once('warning', extractor.precision_warning)

@@ -186,9 +186,9 @@ def test_labels_teacher_is_marked_as_an_oracle(scenes, tmp_path, capsys):
     assert '--teacher-checkpoint' in capsys.readouterr().err
 
 
-def test_the_tools_build_the_clip_source_once_for_mappers_of_the_same_features(monkeypatch):
-    """ov3d eval maps scene after scene: mappers with the same features config share one ViT; another config,
-    or a kept source reconfigured since to other settings, builds its own."""
+def test_the_tools_build_the_clip_vit_once_for_mappers_of_the_same_model(monkeypatch):
+    """ov3d eval maps scene after scene and variant after variant: mappers of the same model, weights, precision
+    and device share one ViT, each with its own dense mode and image sizes; another precision builds a new one."""
     from ov3d_ros.cli import common
     from ov3d_ros.core.config import MapperConfig
     monkeypatch.setattr(common, '_CLIP', None)
@@ -196,13 +196,18 @@ def test_the_tools_build_the_clip_source_once_for_mappers_of_the_same_features(m
     cfg.features.source, cfg.features.pretrained, cfg.features.image_short_side = 'clip', 'none', 64
     cfg.map.device, cfg.purify.enabled = 'cpu', False
     first, second = common.make_mapper(cfg, None), common.make_mapper(cfg, None)
-    assert first is not second and first.extractor is second.extractor
-    cfg.features.image_short_side = 96
+    assert first.extractor is not second.extractor and first.extractor.model is second.extractor.model
+    cfg.features.image_short_side, cfg.features.dense_mode = 96, 'sclip'
     third = common.make_mapper(cfg, None)
-    assert third.extractor is not first.extractor and third.extractor.cfg.image_short_side == 96
-    assert first.extractor.cfg.image_short_side == 64                       # a copy, not the caller's config
+    assert third.extractor.model is first.extractor.model
+    assert (third.extractor.cfg.image_short_side, third.extractor.name) == (96, 'clip:ViT-B-16:sclip')
+    assert (first.extractor.cfg.image_short_side, first.extractor.name) == (64, 'clip:ViT-B-16:naclip')
+    assert third.extractor.cfg is not cfg.features                           # a copy, not the caller's config
     third.extractor.reconfigure(replace(third.extractor.cfg, image_short_side=128))   # through the Python API
-    assert common.make_mapper(cfg, None).extractor is not third.extractor   # no longer what cfg asks for
+    assert common.make_mapper(cfg, None).extractor.cfg.image_short_side == 96   # the next mapper: what cfg asks
+    cfg.features.dtype = 'bfloat16'
+    fourth = common.make_mapper(cfg, None)
+    assert fourth.extractor.model is not first.extractor.model and str(fourth.extractor.dtype) == 'torch.bfloat16'
 
 
 def test_the_tools_print_the_vit_precision_warning_and_hint(capsys, monkeypatch):

@@ -71,6 +71,30 @@ def test_reconfigure(ext, image, monkeypatch):
     assert ext.cfg is cfg
 
 
+def test_with_settings_shares_the_vit_and_leaves_the_source_as_it_was(ext, image, monkeypatch):
+    """with_settings: another extractor on the same ViT (no copy) whose features are those of the source
+    reconfigured to the same settings; the source keeps its own, and the same refusals apply."""
+    before = ext.extract(image)
+    settings = dataclasses.replace(ext.cfg, dense_mode='sclip', image_short_side=64)
+    other = ext.with_settings(settings)
+    assert other.model is ext.model and other.visual is ext.visual and other.cfg is not settings
+    assert (other.name, ext.name) == ('clip:ViT-B-16:sclip', 'clip:ViT-B-16:naclip')
+    assert torch.equal(ext.extract(image), before)              # the source: its own mode and size
+    own = ext.cfg
+    monkeypatch.setattr(ext, 'cfg', own)                        # restored with dense_mode after the test
+    monkeypatch.setattr(ext, 'dense_mode', ext.dense_mode)
+    ext.reconfigure(settings)
+    reference = ext.extract(image)
+    ext.reconfigure(own)
+    assert other.extract(image).shape == (4, 5, 512) and torch.equal(other.extract(image), reference)
+    compiled = ext.with_settings(dataclasses.replace(ext.cfg, compile=True))
+    assert compiled._vit is not compiled.forward_vit and ext._vit == ext.forward_vit
+    assert torch.allclose(compiled.extract(image), before, atol=1e-5)
+    for bad in ({'model': 'ViT-B-32'}, {'dtype': 'bfloat16'}, {'window_px': -1}):
+        with pytest.raises(ValueError):
+            ext.with_settings(dataclasses.replace(ext.cfg, **bad))
+
+
 def test_compiled_vit_gives_the_eager_features(ext, image, monkeypatch):
     """features.compile runs the same ViT through torch.compile; switching it off by reconfigure goes back to
     the eager forward."""

@@ -15,7 +15,9 @@ runs through the ViT at its own token grid and the window grids are stitched bac
 """
 from __future__ import annotations
 
+import copy
 import os
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -170,6 +172,17 @@ class OpenClipDenseExtractor(FeatureExtractor):
         if cfg.compile != self.cfg.compile:
             self._vit = self._compiled() if cfg.compile else self.forward_vit
         self.cfg, self.dense_mode = cfg, cfg.dense_mode
+        self.precision_warning = precision_warning(cfg.dtype, self.device)
+        self.precision_hint = precision_hint(cfg.dtype, self.device)
+
+    def with_settings(self, cfg: FeatureConfig) -> 'OpenClipDenseExtractor':
+        """Another extractor on this one's ViT and weights (shared, not copied) with the dense mode and image/window
+        sizes of (a copy of) ``cfg``; this one is left as it is. Raises ValueError as :meth:`reconfigure` does."""
+        other = copy.copy(self)
+        other._vit = other.forward_vit               # the copied attribute is bound to this extractor
+        other.cfg = replace(self.cfg, compile=False)
+        other.reconfigure(copy.deepcopy(cfg))
+        return other
 
     @property
     def name(self) -> str:
