@@ -199,12 +199,18 @@ class MappingInterface:
     def _apply_map(self, new: dict) -> None:
         """The mapper and node parts of :meth:`_apply`."""
         cfg = self.mapper.cfg
+        features = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('features.')}
+        if features and not hasattr(self.mapper.extractor, 'reconfigure'):
+            raise ValueError(f'{", ".join("features." + k for k in features)}: the dense mode and image sizes are '
+                             f"settings of the clip feature source; this node runs {cfg.features.source!r}")
         with self._lock:
             if 'labels.vocabulary' in new:     # may refuse: first
                 self.mapper.set_vocabulary(new['labels.vocabulary'])
             purify = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('purify.')}
             if purify:
                 self.mapper.reconfigure_purification(replace(cfg.purify, **purify))
+            if features:                       # the ViT's next keyframe, not one under way (same lock)
+                self.mapper.extractor.reconfigure(replace(cfg.features, **features))
             for name, value in new.items():
                 section, _, key = name.partition('.')
                 if key and section not in ('purify', 'labels', 'web_view') or name in ('labels.smoothing_radius_vox',

@@ -41,6 +41,7 @@ LIVE = frozenset({
     'labels.vocabulary', 'labels.smoothing_radius_vox', 'labels.min_component_vox', 'labels.feature_prior',
     'sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'tick_rate_hz', 'map_publish_rate_hz', 'map_cloud_max_points',
     'max_pending_keyframes', 'pose_to_camera', 'use_sim_time',
+    'features.dense_mode', 'features.image_short_side', 'features.window_px', 'features.window_stride_px',
     'web_view.enabled', 'web_view.host', 'web_view.port', 'web_view.refresh_s',
 })
 """Parameters a ``ros2 param set`` changes while the node runs."""
@@ -52,6 +53,7 @@ READ_ONLY_REASONS: Dict[str, str] = {
     'map.device': 'the model and the map live on this device',
     'map.compress_dim': 'stored features have this width; a new width needs a new map',
     'map.compress_basis': 'the map starts in this basis; ~/clear_map starts again from it',
+    'features.compile': 'compiling holds up integration for minutes on the next keyframe; set it at start',
     'features': 'the feature model is loaded at start',
     'labels.temperature': "weighs every keyframe's class evidence as it comes; set it at start",
     'map_frame': AT_START + ' (every output and saved map is in it)',
@@ -145,6 +147,8 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     'features.source': _one_of('clip', 'simulated'),
     'features.dense_mode': _one_of(*DENSE_MODES), 'features.dtype': _one_of('auto', *DTYPES),
     'features.sim_preset': _one_of(*PRESETS, 'custom'),
+    'features.image_short_side': _at_least(1), 'features.window_px': _at_least(0),
+    'features.window_stride_px': _at_least(0),
     'sync_slop_s': _at_least(0.0, True), 'sync_timeout_s': _at_least(0.0, True), 'pose_max_gap_s': _at_least(0.0),
     'tick_rate_hz': _at_least(0.0, True), 'map_publish_rate_hz': _at_least(0.0),
     'map_cloud_max_points': _at_least(0), 'queue_size': _at_least(1), 'max_pending_keyframes': _at_least(1),

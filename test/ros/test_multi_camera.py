@@ -78,7 +78,7 @@ def test_two_compressed_cameras_build_one_map(tmp_path):
 def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
     """Both cameras' keyframes pending in one tick: one extract_batch call (CLIP, random weights, in bfloat16) for
     both, each integrated and counted for its camera; a frame that fails validation is dropped for its camera
-    alone."""
+    alone. The ViT's image size and dense mode change live (``ros2 param set``) for the next keyframes."""
     import rclpy
     from geometry_msgs.msg import PoseStamped
     from sensor_msgs.msg import CameraInfo, Image
@@ -107,7 +107,14 @@ def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
         assert node.mapper.extractor.dtype == torch.bfloat16     # features.dtype reached the ViT
         batches = []
         extract_batch = node.mapper.extractor.extract_batch
-        node.mapper.extractor.extract_batch = lambda images: batches.append(len(images)) or extract_batch(images)
+        grids = []
+
+        def counted(images):
+            out = extract_batch(images)
+            batches.append(len(images))
+            grids.append(tuple(out.shape[1:3]))
+            return out
+        node.mapper.extractor.extract_batch = counted
 
         def send(T_W_B, stamp_s, bad_info_for=None):
             """One rig frame at ``stamp_s``: the body pose, then each camera's info, colour and depth."""
@@ -161,6 +168,22 @@ def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
             assert (b['frames'], b['keyframes'], b['dropped']) == (2, 1, 1), status
             assert 'camera info is 80x60 but images are 64x48' in b['last_error'], b
             assert status['keyframes'] == 3 and node.mapper.num_keyframes == 3, status
+
+            # the ViT's image size and dense mode are live parameters: the next keyframes' features come at 96 px
+            assert grids == [(4, 5), (4, 5)]              # 64x48 images at image_short_side 64
+            live = node.set_parameters([Parameter('features.image_short_side', value=96),
+                                        Parameter('features.dense_mode', value='sclip')])
+            assert all(r.successful for r in live), [r.reason for r in live]
+            refused = node.set_parameters([Parameter('features.image_short_side', value=0),
+                                           Parameter('features.dtype', value='float32')])
+            assert not refused[0].successful and 'features.image_short_side must be' in refused[0].reason
+            assert not refused[1].successful and 'read-only' in refused[1].reason
+            assert node.mapper.extractor.name == 'clip:ViT-B-16:sclip'
+            send(poses[7], t0 + 2.0)
+            wait_pending(t0 + 2.0)
+            node.tick()
+            assert batches == [2, 1, 2] and grids[-1] == (6, 8), (batches, grids)
+            assert node.status()['keyframes'] == 5 and node.mapper.num_keyframes == 5
         finally:
             client.executor.remove_node(pub_node)
             client.executor.remove_node(node)

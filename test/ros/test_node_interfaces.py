@@ -84,7 +84,7 @@ def test_live_parameter_changes_the_answer(loaded):
 
 def test_read_only_and_invalid_values_are_refused_with_the_reason(loaded):
     refused = set_params(loaded, map__voxel_size_m=0.1, features__source='clip', pose_source='bogus',
-                         load_map_on_start=False)
+                         load_map_on_start=False, features__compile=True)
     assert all(not ok and 'read-only' in reason for ok, reason in refused), refused
     future = loaded['params'].describe_parameters(['map.voxel_size_m', 'map_path'])
     loaded['client'].executor.spin_until_future_complete(future, timeout_sec=30.0)
@@ -98,7 +98,10 @@ def test_read_only_and_invalid_values_are_refused_with_the_reason(loaded):
                                ('map.max_depth_m', 0.05, 'must be below map.max_depth_m'),
                                ('tick_rate_hz', 0.0, 'tick_rate_hz must be a finite number > 0'),
                                ('query.default_threshold', 'high', 'Wrong parameter type'),
-                               ('pose_to_camera', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 'unit quaternion')]:
+                               ('pose_to_camera', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 'unit quaternion'),
+                               ('features.image_short_side', 0, 'features.image_short_side must be'),
+                               ('features.image_short_side', 224,
+                                "settings of the clip feature source; this node runs 'simulated'")]:
         [(ok, reason)] = set_params(loaded, **{name.replace('.', '__'): value})
         assert not ok and match in reason, (name, reason)
     assert get_param(loaded, 'query.default_threshold') == 0.55
