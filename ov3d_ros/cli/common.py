@@ -11,7 +11,7 @@ from typing import Iterable, List, Optional
 
 import numpy as np
 
-from ov3d_ros.core.config import MapperConfig, load_yaml_config, parse_overrides, update_from_dict
+from ov3d_ros.core.config import MapperConfig, load_yaml_config, parse_overrides, update_from_dict, validate
 from ov3d_ros.core.mapper import Mapper, resolve_device
 
 FEATURE_CHOICES = ('clip', 'precomputed', 'simulated')
@@ -149,6 +149,7 @@ def open_input(path: str | Path, args=None, gt: Optional[str] = None) -> Input:
 def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str]] = None) -> Mapper:
     """A Mapper with the feature source named in ``cfg.features.source`` for this input."""
     global _CLIP
+    validate(cfg)                          # before a ViT is built for a config the mapper would refuse
     from ov3d_ros.core.features import create_extractor
     from ov3d_ros.core.features.precomputed import PrecomputedFeatures
     device = resolve_device(cfg.map.device)

@@ -1,12 +1,14 @@
 """Configuration dataclasses, one per component.
 
 Each field's docstring is its description; the ROS layer declares one parameter per field
-(``<section>.<field>``) and the offline tools read the same sections from YAML.
+(``<section>.<field>``) and the offline tools read the same sections from YAML. :func:`validate` refuses values a
+field cannot take (``CHECKS``: ranges, choices), for the node, the offline tools and the Python API alike.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 
 @dataclass
@@ -270,6 +272,95 @@ class MapperConfig:
     purify: PurifyConfig = field(default_factory=PurifyConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     objects: ObjectConfig = field(default_factory=ObjectConfig)
+
+
+# ------------------------------------------------------------------------------------------ validation
+Check = Callable[[Any], Optional[str]]
+"""value -> None, or what is wrong with it ('must be ...')."""
+
+
+def finite(v) -> bool:
+    """Whether ``v`` is a finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def at_least(lo: float, strict: bool = False) -> Check:
+    def chk(v):
+        if not finite(v) or v < lo or (strict and v == lo):
+            return f'must be a finite number {">" if strict else ">="} {lo:g}'
+        return None
+    return chk
+
+
+def between(lo: float, hi: float) -> Check:
+    return lambda v: None if finite(v) and lo <= v <= hi else f'must be a number in [{lo:g}, {hi:g}]'
+
+
+def one_of(*options: str) -> Check:
+    return lambda v: None if v in options else f'must be one of {", ".join(repr(o) for o in options)}'
+
+
+def _templates(v) -> Optional[str]:
+    bad = [t for t in v if t.count('{}') != 1]
+    return f'every template needs exactly one {{}} for the text; got {bad[0]!r}' if bad else None
+
+
+CHECKS: Dict[str, Check] = {
+    'map.voxel_size_m': at_least(0.0, strict=True), 'map.min_depth_m': at_least(0.0),
+    'map.max_depth_m': at_least(0.0, strict=True), 'map.pixel_stride': at_least(1),
+    'map.initial_capacity': at_least(1), 'map.max_voxels': at_least(0), 'map.clear_radius_m': at_least(0.0),
+    'map.compress_dim': at_least(0), 'map.max_weight': at_least(0.0),
+    'keyframes.min_translation_m': at_least(0.0), 'keyframes.min_rotation_deg': at_least(0.0),
+    'keyframes.max_interval_s': at_least(0.0), 'keyframes.min_interval_s': at_least(0.0),
+    'features.source': one_of('clip', 'simulated', 'precomputed'),
+    'features.image_short_side': at_least(1), 'features.window_px': at_least(0),
+    'features.window_stride_px': at_least(0),
+    'features.sim_patch_px': at_least(1), 'features.sim_noise': at_least(0.0),
+    'features.sim_blur_patches': at_least(0.0), 'features.sim_confusion': between(0.0, 1.0),
+    'features.sim_confusion_temp': at_least(0.0, strict=True), 'features.sim_view_flip': between(0.0, 1.0),
+    'features.sim_fragments': at_least(0.0), 'features.sim_miss_small_px': at_least(0),
+    'features.sim_world_confusion': between(0.0, 1.0), 'features.sim_world_cell_m': at_least(0.0, strict=True),
+    'features.sim_text_cosine': between(0.0, 1.0),
+    'query.templates': _templates, 'query.repetitions': at_least(1), 'query.temperature': at_least(0.0),
+    'query.default_threshold': between(0.0, 1.0), 'query.min_observations': at_least(0.0),
+    'query.default_negatives': lambda v: None if len(v) <= 32 else 'at most 32 negatives',
+    'purify.affinity': one_of('learned', 'fallback'), 'purify.mode': one_of('incremental', 'whole'),
+    'purify.radius_vox': at_least(1), 'purify.iterations': at_least(0), 'purify.scale': at_least(0.0, strict=True),
+    'purify.sigma_color': at_least(0.0, strict=True), 'purify.sigma_normal': at_least(0.0, strict=True),
+    'purify.sigma_distance_vox': at_least(0.0, strict=True), 'purify.margin_vox': at_least(0),
+    'purify.pool_dim': at_least(0),
+    'purify.superpoint_k': at_least(0.0), 'purify.superpoint_blend': between(0.0, 1.0),
+    'purify.superpoint_min_vox': at_least(0), 'purify.superpoint_block_vox': at_least(0),
+    'purify.superpoint_convex': between(0.0, 1.0),
+    'labels.temperature': at_least(0.0), 'labels.smoothing_radius_vox': at_least(0),
+    'labels.min_component_vox': at_least(0),
+    'objects.gap_vox': at_least(0), 'objects.min_voxels': at_least(0),
+}
+"""Per ``section.field``: the values it can take. The dense mode, precision and simulated preset are checked by
+the feature sources that define them (``ov3d_ros.core.features``)."""
+
+
+def check(name: str, value, checks: Dict[str, Check] = CHECKS) -> Optional[str]:
+    """What is wrong with ``value`` for ``name`` ('map.max_depth_m must be ..., got -2.0'), or None."""
+    chk = checks.get(name)
+    problem = chk(value) if chk is not None else None
+    return f'{name} {problem}, got {value!r}' if problem else None
+
+
+def depth_range_problem(min_depth_m: float, max_depth_m: float) -> Optional[str]:
+    if finite(min_depth_m) and finite(max_depth_m) and min_depth_m >= max_depth_m:
+        return f'map.min_depth_m ({min_depth_m:g}) must be below map.max_depth_m ({max_depth_m:g})'
+    return None
+
+
+def validate(cfg: MapperConfig) -> None:
+    """Raise ValueError naming every field of ``cfg`` whose value it cannot take."""
+    problems = [check(f'{section.name}.{f.name}', getattr(getattr(cfg, section.name), f.name))
+                for section in fields(cfg) for f in fields(getattr(cfg, section.name))]
+    problems.append(depth_range_problem(cfg.map.min_depth_m, cfg.map.max_depth_m))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError('; '.join(problems))
 
 
 def section_items(cfg: Any) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 
 from ov3d_ros.core.camera import PinholeCamera
 from ov3d_ros.core.compression import FeatureProjection
-from ov3d_ros.core.config import MapperConfig
+from ov3d_ros.core.config import MapperConfig, validate
 from ov3d_ros.core.features.base import FeatureExtractor
 from ov3d_ros.core.keyframes import KeyframeSelector
 from ov3d_ros.core.label_volume import LabelVolume
@@ -53,9 +53,12 @@ class Mapper:
     Args:
         cfg: the mapper config.
         extractor: the 2D feature source (its device is used for the map).
+    Raises:
+        ValueError: naming every config value out of its range or choices (``ov3d_ros.core.config.validate``).
     """
 
     def __init__(self, cfg: MapperConfig, extractor: FeatureExtractor):
+        validate(cfg)
         self.cfg = cfg
         self.extractor = extractor
         self.device = extractor.device

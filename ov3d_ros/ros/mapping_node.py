@@ -46,7 +46,7 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
-from ov3d_ros.core.config import MapperConfig
+from ov3d_ros.core.config import MapperConfig, depth_range_problem
 from ov3d_ros.core.features import create_extractor
 from ov3d_ros.core.keyframes import thin_out
 from ov3d_ros.core.mapper import Frame, Mapper, resolve_device
@@ -159,11 +159,10 @@ class MappingInterface:
                 return SetParametersResult(successful=False, reason=problem)
         if not new:
             return SetParametersResult(successful=True)
-        lo = new.get('map.min_depth_m', self.get_parameter('map.min_depth_m').value)
-        hi = new.get('map.max_depth_m', self.get_parameter('map.max_depth_m').value)
-        if lo >= hi:
-            return SetParametersResult(successful=False, reason=f'map.min_depth_m ({lo:g}) must be below '
-                                                                f'map.max_depth_m ({hi:g})')
+        problem = depth_range_problem(new.get('map.min_depth_m', self.get_parameter('map.min_depth_m').value),
+                                      new.get('map.max_depth_m', self.get_parameter('map.max_depth_m').value))
+        if problem:
+            return SetParametersResult(successful=False, reason=problem)
         if 'pose_to_camera' in new and len(new['pose_to_camera']) not in (7, 7 * len(self.cameras_ns)):
             return SetParametersResult(successful=False, reason=f'pose_to_camera needs 7 or '
                                                                 f'{7 * len(self.cameras_ns)} numbers')

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
-from typing import Any, Callable, Dict, Optional
+from typing import Dict, Optional
 
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from ov3d_ros.core.config import MapperConfig, field_docs
+from ov3d_ros.core import config
+from ov3d_ros.core.config import Check, MapperConfig, at_least, field_docs, finite, one_of
 from ov3d_ros.core.features.clip_dense import DENSE_MODES, DTYPES
 from ov3d_ros.core.features.simulated import PRESETS
 
@@ -83,31 +84,6 @@ def _describe(name: str, description: str, **kw) -> ParameterDescriptor:
 
 
 # ------------------------------------------------------------------------------------------ validation
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _at_least(lo: float, strict: bool = False) -> Callable[[Any], Optional[str]]:
-    def chk(v):
-        if not _finite(v) or v < lo or (strict and v == lo):
-            return f'must be a finite number {">" if strict else ">="} {lo:g}'
-        return None
-    return chk
-
-
-def _one_of(*options: str) -> Callable[[Any], Optional[str]]:
-    return lambda v: None if v in options else f'must be one of {", ".join(repr(o) for o in options)}'
-
-
-def _templates(v) -> Optional[str]:
-    bad = [t for t in v if t.count('{}') != 1]
-    return f'every template needs exactly one {{}} for the text; got {bad[0]!r}' if bad else None
-
-
-def _fraction(v) -> Optional[str]:
-    return None if _finite(v) and 0.0 <= v <= 1.0 else 'must be a number in [0, 1]'
-
-
 def _port(v) -> Optional[str]:
     return None if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535 else \
         'must be a port number in [0, 65535] (0 = any free port)'
@@ -118,7 +94,7 @@ def _host(v) -> Optional[str]:
 
 
 def _pose_to_camera(v) -> Optional[str]:
-    if len(v) == 0 or len(v) % 7 or not all(_finite(x) for x in v):
+    if len(v) == 0 or len(v) % 7 or not all(finite(x) for x in v):
         return 'must be 7 finite numbers (x y z qx qy qz qw) per camera, or 7 for all cameras'
     for i in range(0, len(v), 7):
         n = math.sqrt(sum(x * x for x in v[i + 3:i + 7]))
@@ -127,45 +103,27 @@ def _pose_to_camera(v) -> Optional[str]:
     return None
 
 
-CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
-    'map.min_depth_m': _at_least(0.0), 'map.max_depth_m': _at_least(0.0, strict=True),
-    'map.pixel_stride': _at_least(1), 'map.max_voxels': _at_least(0), 'map.clear_radius_m': _at_least(0.0),
-    'keyframes.min_translation_m': _at_least(0.0), 'keyframes.min_rotation_deg': _at_least(0.0),
-    'keyframes.max_interval_s': _at_least(0.0), 'keyframes.min_interval_s': _at_least(0.0),
-    'query.templates': _templates, 'query.repetitions': _at_least(1), 'query.temperature': _at_least(0.0),
-    'query.default_threshold': _fraction, 'query.min_observations': _at_least(0.0),
-    'query.default_negatives': lambda v: None if len(v) <= 32 else 'at most 32 negatives',
-    'purify.affinity': _one_of('learned', 'fallback'), 'purify.mode': _one_of('incremental', 'whole'),
-    'purify.radius_vox': _at_least(1), 'purify.iterations': _at_least(0), 'purify.scale': _at_least(0.0, True),
-    'purify.sigma_color': _at_least(0.0, True), 'purify.sigma_normal': _at_least(0.0, True),
-    'purify.sigma_distance_vox': _at_least(0.0, True), 'purify.margin_vox': _at_least(0),
-    'purify.pool_dim': _at_least(0),
-    'purify.superpoint_k': _at_least(0.0), 'purify.superpoint_blend': _fraction,
-    'purify.superpoint_min_vox': _at_least(0), 'purify.superpoint_block_vox': _at_least(0),
-    'purify.superpoint_convex': _fraction,
-    'labels.smoothing_radius_vox': _at_least(0), 'labels.min_component_vox': _at_least(0),
-    'features.source': _one_of('clip', 'simulated'),
-    'features.dense_mode': _one_of(*DENSE_MODES), 'features.dtype': _one_of('auto', *DTYPES),
-    'features.sim_preset': _one_of(*PRESETS, 'custom'),
-    'features.image_short_side': _at_least(1), 'features.window_px': _at_least(0),
-    'features.window_stride_px': _at_least(0),
-    'sync_slop_s': _at_least(0.0, True), 'sync_timeout_s': _at_least(0.0, True), 'pose_max_gap_s': _at_least(0.0),
-    'tick_rate_hz': _at_least(0.0, True), 'map_publish_rate_hz': _at_least(0.0),
-    'map_cloud_max_points': _at_least(0), 'queue_size': _at_least(1), 'max_pending_keyframes': _at_least(1),
-    'pose_source': _one_of('tf', 'pose', 'odometry'), 'input_qos': _one_of('sensor_data', 'reliable'),
-    'pose_qos': _one_of('best_effort', 'reliable'),
-    'color_transport': _one_of('raw', 'compressed'), 'depth_transport': _one_of('raw', 'compressedDepth'),
+CHECKS: Dict[str, Check] = {
+    **config.CHECKS,
+    'features.source': one_of('clip', 'simulated'),
+    'features.dense_mode': one_of(*DENSE_MODES), 'features.dtype': one_of('auto', *DTYPES),
+    'features.sim_preset': one_of(*PRESETS, 'custom'),
+    'sync_slop_s': at_least(0.0, True), 'sync_timeout_s': at_least(0.0, True), 'pose_max_gap_s': at_least(0.0),
+    'tick_rate_hz': at_least(0.0, True), 'map_publish_rate_hz': at_least(0.0),
+    'map_cloud_max_points': at_least(0), 'queue_size': at_least(1), 'max_pending_keyframes': at_least(1),
+    'pose_source': one_of('tf', 'pose', 'odometry'), 'input_qos': one_of('sensor_data', 'reliable'),
+    'pose_qos': one_of('best_effort', 'reliable'),
+    'color_transport': one_of('raw', 'compressed'), 'depth_transport': one_of('raw', 'compressedDepth'),
     'pose_to_camera': _pose_to_camera,
-    'web_view.host': _host, 'web_view.port': _port, 'web_view.refresh_s': _at_least(0.0, True),
+    'web_view.host': _host, 'web_view.port': _port, 'web_view.refresh_s': at_least(0.0, True),
 }
 """Per parameter: value -> None, or what is wrong with it."""
 
 
 def check(name: str, value) -> Optional[str]:
-    """What is wrong with ``value`` for parameter ``name`` ('map.max_depth_m must be ...'), or None."""
-    chk = CHECKS.get(name)
-    problem = chk(value) if chk is not None else None
-    return f'{name} {problem}, got {value!r}' if problem else None
+    """What is wrong with ``value`` for parameter ``name`` ('map.max_depth_m must be ...'), or None: the core's
+    checks of the config fields (:data:`ov3d_ros.core.config.CHECKS`), narrowed for the node, and the node's own."""
+    return config.check(name, value, CHECKS)
 
 
 def check_node(node: Node) -> None:

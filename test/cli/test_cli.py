@@ -87,7 +87,7 @@ def test_query_threshold_sweep_scores_every_threshold_from_one_pass(scenes, tmp_
     assert '| raw | 0.2 |' in table and '| raw | 0.9 |' in table
 
 
-def test_bad_input_gives_clear_errors(tmp_path, capsys):
+def test_bad_input_gives_clear_errors(scenes, tmp_path, capsys):
     assert main(['map', str(tmp_path / 'nope'), '--out', str(tmp_path / 'x.ov3dmap')] + SIM) == 2
     assert 'no such file or directory' in capsys.readouterr().err
     (tmp_path / 'junk.ov3dmap').write_bytes(b'not a map at all, sorry')
@@ -95,6 +95,13 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     assert 'not a safetensors map file' in capsys.readouterr().err
     assert main(['map', str(tmp_path), '--out', str(tmp_path / 'x.ov3dmap'), '--set', 'map.voxel_size=1'] + SIM) == 2
     assert 'unknown config key map.voxel_size' in capsys.readouterr().err
+    scene = scenes / 'scene_0003'
+    for value, problem in (('map.max_depth_m=0.05', 'map.min_depth_m (0.1) must be below map.max_depth_m (0.05)'),
+                           ('map.pixel_stride=0', 'map.pixel_stride must be a finite number >= 1, got 0')):
+        # once an empty map (rc 0) or a stride the lifting took as 1: refused before anything is mapped
+        assert main(['map', str(scene), '--out', str(tmp_path / 'y.ov3dmap'), '--set', value] + SIM) == 2
+        assert problem in capsys.readouterr().err
+        assert not (tmp_path / 'y.ov3dmap').exists()
 
 
 def test_precomputed_features_from_any_2d_model(scenes, tmp_path, capsys):

@@ -126,6 +126,36 @@ def test_segment_rejects_bad_requests(mapper):
         mapper.segment('chair', threshold=3.0)
 
 
+def test_mapper_refuses_config_values_out_of_range():
+    """Every config field with a range or choices is checked when a Mapper is made (the node, the ov3d tools and
+    the Python API alike), each problem named; the defaults pass."""
+    from dataclasses import fields
+    from ov3d_ros.core.config import CHECKS, validate
+    cfg = MapperConfig()
+    names = {f'{s.name}.{f.name}' for s in fields(cfg) for f in fields(getattr(cfg, s.name))}
+    assert set(CHECKS) <= names                                  # no misspelt field
+    validate(cfg)
+    cfg.features.source = 'simulated'
+    extractor = create_extractor(cfg.features, 'cpu', NAMES)
+    for name, value in (('map.pixel_stride', 0), ('map.max_voxels', -5), ('map.initial_capacity', 0),
+                        ('map.compress_dim', -2), ('query.default_threshold', 2.0), ('purify.iterations', -1),
+                        ('labels.temperature', -1.0), ('keyframes.min_translation_m', float('nan')),
+                        ('features.sim_patch_px', 0), ('features.sim_view_flip', 1.5), ('objects.gap_vox', -1),
+                        ('query.templates', ['no placeholder']), ('features.source', 'bogus')):
+        section, key = name.split('.')
+        bad = MapperConfig()
+        bad.features.source = 'simulated'
+        setattr(getattr(bad, section), key, value)
+        with pytest.raises(ValueError, match=rf'^{name} (must|every)'):
+            Mapper(bad, extractor)
+    bad = MapperConfig()
+    bad.map.min_depth_m, bad.map.max_depth_m, bad.map.voxel_size_m = 6.0, 5.0, 0.0
+    with pytest.raises(ValueError) as e:
+        Mapper(bad, extractor)
+    assert str(e.value) == ('map.voxel_size_m must be a finite number > 0, got 0.0; '
+                            'map.min_depth_m (6) must be below map.max_depth_m (5)')
+
+
 def test_integrate_rejects_mismatched_frames(mapper):
     f = wall_frame()
     with pytest.raises(ValueError, match='depth is 64x48'):
