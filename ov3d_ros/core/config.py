@@ -276,7 +276,8 @@ class MapperConfig:
 
 # ------------------------------------------------------------------------------------------ validation
 Check = Callable[[Any], Optional[str]]
-"""value -> None, or what is wrong with it ('must be ...')."""
+"""value -> None, or what is wrong with it ('must be ...'); its ``constraint`` attribute says what it takes (the
+ROS layer puts it in the parameter's descriptor)."""
 
 
 def finite(v) -> bool:
@@ -284,25 +285,33 @@ def finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def at_least(lo: float, strict: bool = False) -> Check:
+def constrained(constraint: str, ok: Callable[[Any], bool]) -> Check:
+    """A check that takes the values ``ok`` accepts and says 'must be <constraint>' of the others."""
     def chk(v):
-        if not finite(v) or v < lo or (strict and v == lo):
-            return f'must be a finite number {">" if strict else ">="} {lo:g}'
-        return None
+        return None if ok(v) else f'must be {constraint}'
+    chk.constraint = constraint
     return chk
 
 
+def at_least(lo: float, strict: bool = False) -> Check:
+    return constrained(f'a finite number {">" if strict else ">="} {lo:g}',
+                       lambda v: finite(v) and (v > lo if strict else v >= lo))
+
+
 def between(lo: float, hi: float) -> Check:
-    return lambda v: None if finite(v) and lo <= v <= hi else f'must be a number in [{lo:g}, {hi:g}]'
+    return constrained(f'a number in [{lo:g}, {hi:g}]', lambda v: finite(v) and lo <= v <= hi)
 
 
 def one_of(*options: str) -> Check:
-    return lambda v: None if v in options else f'must be one of {", ".join(repr(o) for o in options)}'
+    return constrained(f'one of {", ".join(repr(o) for o in options)}', lambda v: v in options)
 
 
 def _templates(v) -> Optional[str]:
     bad = [t for t in v if t.count('{}') != 1]
     return f'every template needs exactly one {{}} for the text; got {bad[0]!r}' if bad else None
+
+
+_templates.constraint = 'templates with exactly one {} each, where the text goes'
 
 
 CHECKS: Dict[str, Check] = {
@@ -323,7 +332,7 @@ CHECKS: Dict[str, Check] = {
     'features.sim_text_cosine': between(0.0, 1.0),
     'query.templates': _templates, 'query.repetitions': at_least(1), 'query.temperature': at_least(0.0),
     'query.default_threshold': between(0.0, 1.0), 'query.min_observations': at_least(0.0),
-    'query.default_negatives': lambda v: None if len(v) <= 32 else 'at most 32 negatives',
+    'query.default_negatives': constrained('at most 32 negatives', lambda v: len(v) <= 32),
     'purify.affinity': one_of('learned', 'fallback'), 'purify.mode': one_of('incremental', 'whole'),
     'purify.radius_vox': at_least(1), 'purify.iterations': at_least(0), 'purify.scale': at_least(0.0, strict=True),
     'purify.sigma_color': at_least(0.0, strict=True), 'purify.sigma_normal': at_least(0.0, strict=True),

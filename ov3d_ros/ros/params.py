@@ -18,7 +18,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from ov3d_ros.core import config
-from ov3d_ros.core.config import Check, MapperConfig, at_least, field_docs, finite, one_of
+from ov3d_ros.core.config import Check, MapperConfig, at_least, constrained, field_docs, finite, one_of
 from ov3d_ros.core.features.clip_dense import DENSE_MODES, DTYPES
 from ov3d_ros.core.features.simulated import PRESETS
 
@@ -77,20 +77,19 @@ def read_only_reason(name: str) -> Optional[str]:
 
 
 def _describe(name: str, description: str, **kw) -> ParameterDescriptor:
+    """The descriptor of ``name``: its description (with the read-only reason) and the values it takes
+    (``additional_constraints``, shown by ``ros2 param describe``)."""
     reason = read_only_reason(name)
     if reason:
         description = f'{description} [read-only: {reason}]'
-    return ParameterDescriptor(description=description, read_only=bool(reason), **kw)
+    return ParameterDescriptor(description=description, read_only=bool(reason),
+                               additional_constraints=getattr(CHECKS.get(name), 'constraint', ''), **kw)
 
 
 # ------------------------------------------------------------------------------------------ validation
-def _port(v) -> Optional[str]:
-    return None if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535 else \
-        'must be a port number in [0, 65535] (0 = any free port)'
-
-
-def _host(v) -> Optional[str]:
-    return None if v.strip() and v == v.strip() else "must be an address or host name, e.g. '127.0.0.1' or '0.0.0.0'"
+_port = constrained('a port number in [0, 65535] (0 = any free port)',
+                    lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535)
+_host = constrained("an address or host name, e.g. '127.0.0.1' or '0.0.0.0'", lambda v: v.strip() and v == v.strip())
 
 
 def _pose_to_camera(v) -> Optional[str]:
@@ -101,6 +100,9 @@ def _pose_to_camera(v) -> Optional[str]:
         if not 0.9 <= n <= 1.1:
             return f'quaternion {list(v[i + 3:i + 7])} has norm {n:.3g}; expected a unit quaternion'
     return None
+
+
+_pose_to_camera.constraint = '7 finite numbers (x y z, unit quaternion qx qy qz qw) per camera, or 7 for all'
 
 
 CHECKS: Dict[str, Check] = {

@@ -86,11 +86,12 @@ def test_read_only_and_invalid_values_are_refused_with_the_reason(loaded):
     refused = set_params(loaded, map__voxel_size_m=0.1, features__source='clip', pose_source='bogus',
                          load_map_on_start=False, features__compile=True)
     assert all(not ok and 'read-only' in reason for ok, reason in refused), refused
-    future = loaded['params'].describe_parameters(['map.voxel_size_m', 'map_path'])
+    future = loaded['params'].describe_parameters(['map.voxel_size_m', 'map_path', 'tick_rate_hz'])
     loaded['client'].executor.spin_until_future_complete(future, timeout_sec=30.0)
-    voxel, path = future.result().descriptors
+    voxel, path, tick = future.result().descriptors
     assert voxel.read_only and 'voxel grid' in voxel.description
     assert path.read_only and 'restart the node' in path.description
+    assert (voxel.additional_constraints, tick.additional_constraints) == ('a finite number > 0',) * 2
     for name, value, match in [('query.default_threshold', 1.5, 'query.default_threshold must be a number in [0, 1]'),
                                ('keyframes.min_translation_m', -0.1, 'must be a finite number >= 0'),
                                ('purify.affinity', 'bogus', "purify.affinity must be one of 'learned', 'fallback'"),
@@ -106,10 +107,11 @@ def test_read_only_and_invalid_values_are_refused_with_the_reason(loaded):
         assert not ok and match in reason, (name, reason)
     assert get_param(loaded, 'query.default_threshold') == 0.55
     assert get_param(loaded, 'map.voxel_size_m') == 0.05
+    assert set_params(loaded, purify__enabled=False) == [(True, '')]
     ok, reason = set_atomically(loaded, purify__enabled=True, purify__affinity='learned',
                                 purify__checkpoint='/nonexistent.safetensors')
     assert not ok and 'purification settings not applied' in reason, reason
-    assert get_param(loaded, 'purify.enabled') is False
+    assert get_param(loaded, 'purify.enabled') is False and get_param(loaded, 'purify.checkpoint') == 'default'
     assert loaded['client'].query('sofa')['success'] and loaded['node'].alive()
 
 

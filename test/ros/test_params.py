@@ -62,6 +62,12 @@ def test_live_and_read_only_parameters_are_declared_as_such():
         assert voxel.read_only and voxel.description.endswith('[read-only: the map is built on this voxel grid; '
                                                               'a saved map keeps its own]')
         assert not threshold.read_only
+        # the values each takes, for `ros2 param describe` (Constraints:) and rqt
+        assert (threshold.additional_constraints, voxel.additional_constraints) == ('a number in [0, 1]',
+                                                                                   'a finite number > 0')
+        assert node.describe_parameter('features.dense_mode').additional_constraints == \
+            "one of 'naclip', 'sclip', 'clearclip', 'maskclip'"
+        assert node.describe_parameter('map.device').additional_constraints == ''       # no check: none said
         result = node.set_parameters([Parameter('map.voxel_size_m', value=0.1)])[0]
         assert not result.successful and 'read-only' in result.reason
         node.destroy_node()
