@@ -54,7 +54,8 @@ READ_ONLY_REASONS: Dict[str, str] = {
     'map.device': 'the model and the map live on this device',
     'map.compress_dim': 'stored features have this width; a new width needs a new map',
     'map.compress_basis': 'the map starts in this basis; ~/clear_map starts again from it',
-    'features.compile': 'compiling holds up integration for minutes on the next keyframe; set it at start',
+    'features.compile': 'the compile would hold up the next keyframe (about 40 s per image size on a 2-core CPU); '
+                        'set it at start',
     'features': 'the feature model is loaded at start',
     'labels.temperature': "weighs every keyframe's class evidence as it comes; set it at start",
     'map_frame': AT_START + ' (every output and saved map is in it)',
