@@ -272,12 +272,18 @@ class Mapper:
         return projection.leading(dim).to(self.device)
 
     def _other_source(self, info: dict, source_dim: int) -> str:
-        """'' when a map file's info and its source dimension say this mapper's feature source made it; else
-        'made with <source> (D=...), but this mapper uses <source> (D=...)'."""
-        if info.get('feature_source') == self.extractor.name and source_dim == self.extractor.dim:
+        """'' when a map file's info and its source dimension say its features live in this mapper's feature space
+        (``FeatureExtractor.space``; files without one: the same feature source); else 'made with <source>
+        (D=...), but this mapper uses <source> (D=...)'."""
+        ex = self.extractor
+        if source_dim == ex.dim and (info['feature_space'] == ex.space if 'feature_space' in info
+                                     else info.get('feature_source') == ex.name):
             return ''
-        return (f'made with {info.get("feature_source")} (D={source_dim}), but this mapper uses '
-                f'{self.extractor.name} (D={self.extractor.dim})')
+        space = f', {info["feature_space"]}' if 'feature_space' in info and info['feature_space'] != info.get(
+            'feature_source') else ''
+        own = f', {ex.space}' if ex.space != ex.name else ''
+        return (f'made with {info.get("feature_source")} (D={source_dim}{space}), but this mapper uses '
+                f'{ex.name} (D={ex.dim}{own})')
 
     def _make_purifier(self):
         from ov3d_ros.core.purification.pooling import GeometryPooling
@@ -525,7 +531,8 @@ class Mapper:
         """Write the map and what is needed to query it to ``path`` (atomic); returns the file size."""
         from dataclasses import asdict
         from ov3d_ros.core.map_io import save_map
-        info = {'feature_source': self.extractor.name, 'config': asdict(self.cfg), 'keyframes': self.num_keyframes,
+        info = {'feature_source': self.extractor.name, 'feature_space': self.extractor.space,
+                'config': asdict(self.cfg), 'keyframes': self.num_keyframes,
                 'class_names': list(getattr(self.extractor, 'class_names', []) or [])}
         extra = {}
         if hasattr(self.extractor, 'vectors') and hasattr(self.extractor, 'names'):   # precomputed text table

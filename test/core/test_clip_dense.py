@@ -95,6 +95,32 @@ def test_with_settings_shares_the_vit_and_leaves_the_source_as_it_was(ext, image
             ext.with_settings(dataclasses.replace(ext.cfg, **bad))
 
 
+def test_the_feature_space_follows_the_weights_not_the_dense_mode_or_precision(ext, image, tmp_path):
+    """A map's feature space is the model and its weights: a map made in one dense mode loads into a mapper of the
+    same weights in another mode and precision; a mapper of other weights (another random init here) refuses it."""
+    from ov3d_ros.core.camera import PinholeCamera
+    from ov3d_ros.core.config import MapperConfig
+    from ov3d_ros.core.map_io import MapFileError
+    from ov3d_ros.core.mapper import Frame, Mapper
+    torch.manual_seed(0)                                        # the fixture's weights, again, in bfloat16
+    same = OpenClipDenseExtractor(dataclasses.replace(ext.cfg, dense_mode='sclip', dtype='bfloat16'), 'cpu')
+    torch.manual_seed(1)
+    other = OpenClipDenseExtractor(ext.cfg, 'cpu')
+    assert same.space == ext.space != other.space and ext.space.startswith('clip:ViT-B-16:')
+    assert ext.with_settings(dataclasses.replace(ext.cfg, dense_mode='maskclip')).space == ext.space
+    cfg = MapperConfig()
+    cfg.map.device, cfg.purify.enabled = 'cpu', False
+    made = Mapper(cfg, ext)
+    made.integrate(Frame(image, np.full(image.shape[:2], 2.0, np.float32),
+                         PinholeCamera(100.0, 100.0, 63.5, 47.5, 128, 96), np.eye(4)))
+    made.save(tmp_path / 'a.ov3dmap')
+    loaded = Mapper(cfg, same)
+    loaded.load(tmp_path / 'a.ov3dmap')
+    assert loaded.map.size == made.map.size > 0
+    with pytest.raises(MapFileError, match=f'made with clip:ViT-B-16:naclip .*{ext.space}.*{other.space}'):
+        Mapper(cfg, other).load(tmp_path / 'a.ov3dmap')
+
+
 def test_compiled_vit_gives_the_eager_features(ext, image, monkeypatch):
     """features.compile runs the same ViT through torch.compile; switching it off by reconfigure goes back to
     the eager forward."""

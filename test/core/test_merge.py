@@ -100,6 +100,12 @@ def test_incompatible_maps_are_refused_with_the_reason():
         merge_parts([part(a), part(make_map([[0, 0, 0]], [[1.0] + [0] * 7]))])
     with pytest.raises(MergeError, match="feature source 'clip"):
         merge_parts([part(a), part(a, info={'feature_source': 'clip:ViT-B-16'})])
+    # CLIP maps: the feature space (model and weights) decides, not the dense mode the keyframes were seen in
+    naclip, sclip = ({'feature_source': f'clip:ViT-B-16:{m}', 'feature_space': 'clip:ViT-B-16:0a1b'} for m in
+                     ('naclip', 'sclip'))
+    assert merge_parts([part(a, info=naclip), part(a, info=sclip)])[0].size == 1
+    with pytest.raises(MergeError, match="'clip:ViT-B-16:ffff'.*other weights|models or weights"):
+        merge_parts([part(a, info=naclip), part(a, info=dict(naclip, feature_space='clip:ViT-B-16:ffff'))])
     with pytest.raises(MergeError, match='vocabulary'):
         merge_parts([part(a, info={'vocabulary': ['wall']}), part(a, info={'vocabulary': ['floor']})])
     with pytest.raises(MergeError, match='class names'):

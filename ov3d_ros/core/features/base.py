@@ -12,7 +12,10 @@ class FeatureExtractor(abc.ABC):
     """Dense per-pixel features in a space shared with text embeddings.
 
     Attributes:
-        name: short identifier, e.g. ``'clip:ViT-B-16'`` or ``'simulated:minilm'``.
+        name: short identifier, e.g. ``'clip:ViT-B-16:naclip'`` or ``'simulated:minilm'``.
+        space: identity of the space the features and text embeddings live in (maps whose spaces match can be
+            loaded and merged): by default ``name``; for CLIP the model and a fingerprint of its weights, so
+            that maps of other weights are refused and those of another dense mode or image size are not.
         dim: feature dimension D.
         simulated: True for sources that read ground-truth labels instead of looking at the image.
         device: torch device the returned tensors live on.
@@ -32,6 +35,10 @@ class FeatureExtractor(abc.ABC):
     uses_templates: bool = True
     precision_warning: str = ''
     precision_hint: str = ''
+
+    @property
+    def space(self) -> str:
+        return self.name
 
     @abc.abstractmethod
     def extract(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> torch.Tensor:

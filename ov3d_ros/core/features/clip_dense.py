@@ -16,6 +16,7 @@ runs through the ViT at its own token grid and the window grids are stitched bac
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
@@ -99,6 +100,16 @@ def window_starts(size: int, window: int, step: int) -> List[int]:
     return starts if starts[-1] == size - window else starts + [size - window]
 
 
+def weights_space(model: torch.nn.Module, name: str, quick_gelu: bool) -> str:
+    """'clip:<model>[:quickgelu]:<fingerprint>': the space a CLIP model's features and text embeddings live in, the
+    fingerprint a hash of its float32 image and text projections (so the same weights give the same space on any
+    device, in any precision, from any file; other weights, another)."""
+    digest = hashlib.sha256()
+    for t in (model.visual.proj, model.text_projection):
+        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return f'clip:{name}:{"quickgelu:" if quick_gelu else ""}{digest.hexdigest()[:16]}'
+
+
 def check_config(cfg: FeatureConfig) -> None:
     """Raise ValueError for settings of ``cfg`` the dense extractor cannot use."""
     if cfg.dense_mode not in DENSE_MODES:
@@ -140,6 +151,7 @@ class OpenClipDenseExtractor(FeatureExtractor):
         model = open_clip.create_model(cfg.model, pretrained=None, pretrained_image=False, pretrained_text=False,
                                        force_quick_gelu=self.quick_gelu)
         self.weights = load_weights(model, cfg.model, cfg.pretrained, cfg.cache_dir)
+        self._space = weights_space(model, cfg.model, self.quick_gelu)
         self.model = model.eval().requires_grad_(False).to(self.device, self.dtype)
         self.visual = v = model.visual
         if not all(hasattr(v, a) for a in ('conv1', 'class_embedding', 'positional_embedding', 'ln_post', 'proj')) \
@@ -187,6 +199,10 @@ class OpenClipDenseExtractor(FeatureExtractor):
     @property
     def name(self) -> str:
         return f'clip:{self.cfg.model}:{self.dense_mode}'
+
+    @property
+    def space(self) -> str:
+        return self._space
 
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
         """(h, w) patch grid of an image of this size after resizing its short side to ``image_short_side``."""
@@ -300,4 +316,4 @@ class OpenClipDenseExtractor(FeatureExtractor):
 
 __all__ = ['OpenClipDenseExtractor', 'WeightsNotFoundError', 'DENSE_MODES', 'DTYPES', 'REDUCED_MODES', 'check_config',
            'interpolate_pos_embed', 'model_dtype', 'precision_hint', 'precision_warning',
-           'neighbourhood_bias', 'window_starts']
+           'neighbourhood_bias', 'weights_space', 'window_starts']
