@@ -282,8 +282,10 @@ class Mapper:
         space = f', {info["feature_space"]}' if 'feature_space' in info and info['feature_space'] != info.get(
             'feature_source') else ''
         own = f', {ex.space}' if ex.space != ex.name else ''
+        why = ('; its weights are random (pretrained=none), drawn anew for every model built'
+               if str(getattr(ex, 'weights', '')).startswith('random') else '')
         return (f'made with {info.get("feature_source")} (D={source_dim}{space}), but this mapper uses '
-                f'{ex.name} (D={ex.dim}{own})')
+                f'{ex.name} (D={ex.dim}{own}{why})')
 
     def _make_purifier(self):
         from ov3d_ros.core.purification.pooling import GeometryPooling
