@@ -13,8 +13,8 @@ Format ``ov3d_ros.map`` version 1 (safetensors; loading never executes code):
               hold the eigenvectors in projection).
     metadata  format, format_version, voxel_size_m, dim, layers (JSON {name: {width, dtype, feature}} of the
               layer tensors; files without it hold the fusion layers and, optionally, label_evidence),
-              payload_sha256 (of the tensor data), info (JSON: feature source, config, keyframe count, ... written
-              by the caller).
+              payload_sha256 (of the tensor data), info (JSON: feature source and feature space, config, keyframe
+              count, ... written by the caller).
 Files are written atomically: a temporary file in the same folder, fsync, rename, fsync of the folder. A crash
 while saving leaves the previous file intact.
 """

@@ -309,7 +309,7 @@ class MappingInterface:
         mapper = Mapper(cfg, extractor)
         precision = getattr(extractor, 'dtype', None)        # the ViT's (features.dtype); none for simulated
         self.get_logger().info(f'feature source {extractor.name} (D={extractor.dim}, '
-                               f'weights: {getattr(extractor, "weights", "n/a")}) on {device}'
+                               f'weights: {getattr(extractor, "weights", "n/a")}, space {extractor.space}) on {device}'
                                + (f' in {str(precision).removeprefix("torch.")}' if precision is not None else ''))
         if extractor.precision_warning:
             self.get_logger().warning(extractor.precision_warning)
