@@ -780,6 +780,7 @@ class MappingInterface:
                                                                  'not_decoded', 'pending_depth', 'pending_keyframes',
                                                                  'keyframes_dropped')}
         return {**total, 'voxels': self.mapper.map.size, 'evicted_voxels': self.mapper.evicted_voxels,
+                'feature_source': self.mapper.extractor.name, 'feature_space': self.mapper.extractor.space,
                 'keyframe_time_mean_s': float(times.mean()), 'keyframe_time_p95_s': float(np.percentile(times, 95)),
                 'keyframe_time_max_s': float(times.max()),
                 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,

@@ -171,6 +171,8 @@ def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
 
             # the ViT's image size and dense mode are live parameters: the next keyframes' features come at 96 px
             assert grids == [(4, 5), (4, 5)]              # 64x48 images at image_short_side 64
+            space = status['feature_space']
+            assert status['feature_source'] == 'clip:ViT-B-16:naclip'
             live = node.set_parameters([Parameter('features.image_short_side', value=96),
                                         Parameter('features.dense_mode', value='sclip')])
             assert all(r.successful for r in live), [r.reason for r in live]
@@ -179,6 +181,9 @@ def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
             assert not refused[0].successful and 'features.image_short_side must be' in refused[0].reason
             assert not refused[1].successful and 'read-only' in refused[1].reason
             assert node.mapper.extractor.name == 'clip:ViT-B-16:sclip'
+            status = node.status()                      # what runs now, and the space (the same weights)
+            assert status['feature_source'] == 'clip:ViT-B-16:sclip'
+            assert status['feature_space'] == space and space.startswith('clip:ViT-B-16:')
             send(poses[7], t0 + 2.0)
             wait_pending(t0 + 2.0)
             node.tick()
