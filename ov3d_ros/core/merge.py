@@ -131,8 +131,8 @@ def check_compatible(parts: Sequence[MapPart]) -> None:
         key = 'feature_space' if 'feature_space' in a.info and 'feature_space' in b.info else 'feature_source'
         src_a, src_b = a.info.get(key), b.info.get(key)
         if src_a != src_b:        # the space: the model and its weights (older files: the feature source)
-            raise MergeError(f'{b.name}: made with feature source {src_b!r}, {a.name} with {src_a!r}; features of '
-                             'different models or weights live in different spaces')
+            raise MergeError(f'{b.name}: made with {key.replace("_", " ")} {src_b!r}, {a.name} with {src_a!r}; '
+                             'features of different models or weights live in different spaces')
         if a.source_dim != b.source_dim:
             raise MergeError(f'{b.name}: {b.source_dim}-d features, {a.name}: {a.source_dim}-d')
         if abs(a.vmap.voxel_size_m - b.vmap.voxel_size_m) > 1e-9:
