@@ -603,10 +603,11 @@ class MappingInterface:
                 late = []
                 while len(cam.pending) > self.max_pending_keyframes:
                     late.append(thin_out(cam.pending, mapper.cfg.keyframes))
+            vit = ', lower features.image_short_side' if hasattr(mapper.extractor, 'reconfigure') else ''
             for old in late:
                 self._error(f'{cam.name}: {self.max_pending_keyframes} keyframes were waiting to be integrated '
                             f'(max_pending_keyframes): the one at {old.stamp_s:.3f} s was dropped; integration is '
-                            'slower than keyframes come (raise keyframes.min_translation_m or use a GPU)', cam,
+                            f'slower than keyframes come (raise keyframes.min_translation_m{vit} or use a GPU)', cam,
                             'keyframes_dropped')
         except Exception as e:
             self._frame_failed(e, cam)

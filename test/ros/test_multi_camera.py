@@ -189,6 +189,16 @@ def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
             node.tick()
             assert batches == [2, 1, 2] and grids[-1] == (6, 8), (batches, grids)
             assert node.status()['keyframes'] == 5 and node.mapper.num_keyframes == 5
+
+            # a backlog beyond max_pending_keyframes: the reason names the ViT's image size among the remedies
+            assert node.set_parameters([Parameter('max_pending_keyframes', value=1)])[0].successful
+            for k, pose in enumerate((poses[2], poses[6])):
+                send(pose, t0 + 3.0 + k)
+                wait_pending(t0 + 3.0 + k)
+                node.select()                              # selected, not integrated: they wait
+            status = node.status()
+            assert status['keyframes_dropped'] == 2 and status['pending_keyframes'] == 2, status
+            assert 'lower features.image_short_side' in status['last_error'], status['last_error']
         finally:
             client.executor.remove_node(pub_node)
             client.executor.remove_node(node)
