@@ -263,7 +263,7 @@ class Mapper:
         if projection is None:
             raise ValueError(f'map.compress_basis {path!r} is an uncompressed map (no projection); give a map '
                              'saved with map.compress_dim')
-        other = self._other_source(info, projection.in_dim)
+        other = self._other_source(info, projection.in_dim) or self._other_table(info, extra)
         if other:
             raise ValueError(f'map.compress_basis {path!r} was {other}')
         if projection.out_dim < dim:
@@ -286,6 +286,20 @@ class Mapper:
                if str(getattr(ex, 'weights', '')).startswith('random') else '')
         return (f'made with {info.get("feature_source")} (D={source_dim}{space}), but this mapper uses '
                 f'{ex.name} (D={ex.dim}{own}{why})')
+
+    def _other_table(self, info: dict, extra: dict) -> str:
+        """'' unless a map file holds a precomputed text table (names and vectors) other than this mapper's: the
+        loaded map would be queried through this mapper's table; else 'made with another precomputed text table
+        ...'. Compared value by value: the stored vectors are normalised again when read, so their bits may differ."""
+        ours = getattr(self.extractor, 'vectors', None)
+        if 'text_vectors' not in extra or ours is None:
+            return ''
+        names, theirs = [str(n) for n in info.get('text_names') or []], extra['text_vectors'].float().to(self.device)
+        if names == list(self.extractor.names) and theirs.shape == ours.shape and torch.allclose(theirs, ours,
+                                                                                                 atol=1e-5):
+            return ''
+        return (f'made with another precomputed text table ({len(names)} texts: {", ".join(names[:5])}) than this '
+                f"mapper's ({len(self.extractor.names)} texts: {', '.join(self.extractor.names[:5])})")
 
     def _make_purifier(self):
         from ov3d_ros.core.purification.pooling import GeometryPooling
@@ -564,7 +578,8 @@ class Mapper:
         except ValueError as e:
             raise MapFileError(f'{path}: {e}') from e
         projection = None if projection is None else projection.to(self.device)
-        other = self._other_source(info, projection.in_dim if projection is not None else vmap.dim)
+        other = self._other_source(info, projection.in_dim if projection is not None else vmap.dim) \
+            or self._other_table(info, extra)
         if other:
             raise MapFileError(f'{path}: map {other}')
         if projection is not None and projection.out_dim != vmap.dim:

@@ -187,6 +187,29 @@ def test_save_and_reload_answer_identically(mapper, tmp_path):
     assert np.array_equal(a.xyz, b.xyz) and np.allclose(a.scores, b.scores)
 
 
+def test_precomputed_maps_load_only_under_their_own_text_table(tmp_path):
+    """A precomputed map is queried through the loading mapper's text table: the same table (another mapper, the
+    same names and vectors) takes it, another table refuses it with the reason and keeps the current map."""
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+    from ov3d_ros.core.map_io import MapFileError
+    table = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.device, cfg.purify.enabled = 'precomputed', 'cpu', False
+    made = Mapper(cfg, PrecomputedFeatures(['wall', 'chair', 'plant'], table))
+    f = wall_frame()
+    made.integrate(Frame(f.rgb, f.depth_m, f.camera, f.T_W_C, 0.0, features=np.tile(table[1], (12, 16, 1))))
+    made.save(tmp_path / 'p.ov3dmap')
+    same = Mapper(cfg, PrecomputedFeatures(['wall', 'chair', 'plant'], table.copy()))
+    same.load(tmp_path / 'p.ov3dmap')
+    assert same.map.size == made.map.size > 0 and len(same.segment('chair', ['wall', 'plant'], 0.5).xyz) > 0
+    assert Mapper.from_file(tmp_path / 'p.ov3dmap', 'cpu').map.size == made.map.size    # its own table, read back
+    for names, vectors in ((['wall', 'plant', 'chair'], table), (['wall', 'chair', 'plant'], np.roll(table, 1, 1))):
+        other = Mapper(cfg, PrecomputedFeatures(names, vectors))
+        with pytest.raises(MapFileError, match='made with another precomputed text table'):
+            other.load(tmp_path / 'p.ov3dmap')
+        assert other.map.size == 0
+
+
 def test_load_refuses_a_foreign_map_and_keeps_the_current_one(mapper, tmp_path):
     from ov3d_ros.core.features.precomputed import PrecomputedFeatures
     from ov3d_ros.core.map_io import MapFileError
