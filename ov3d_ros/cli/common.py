@@ -166,12 +166,9 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
         # ov3d eval and train-affinity map scene after scene (eval twice per scene, once per variant): build the
         # ViT and read its weights once per process, not once per mapper; it keeps no state from one scene to the
         # next. Each mapper gets its own extractor on that ViT with its variant's dense mode and image sizes.
-        from ov3d_ros.core.features.clip_dense import model_dtype
-        f = cfg.features
-        if _CLIP is None or _CLIP.device != device or _CLIP.dtype != model_dtype(f.dtype, device) \
-                or (_CLIP.cfg.model, _CLIP.cfg.pretrained, _CLIP.cfg.cache_dir) != (f.model, f.pretrained, f.cache_dir):
-            _CLIP = create_extractor(copy.deepcopy(f), device, class_names)
-        extractor = _CLIP.with_settings(f)
+        if _CLIP is None or not _CLIP.holds(cfg.features, device):
+            _CLIP = create_extractor(copy.deepcopy(cfg.features), device, class_names)
+        extractor = _CLIP.with_settings(cfg.features)
     else:
         extractor = create_extractor(cfg.features, device, class_names)
     say_once('warning', extractor.precision_warning)

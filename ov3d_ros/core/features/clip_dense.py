@@ -110,6 +110,11 @@ def weights_space(model: torch.nn.Module, name: str, quick_gelu: bool) -> str:
     return f'clip:{name}:{"quickgelu:" if quick_gelu else ""}{digest.hexdigest()[:16]}'
 
 
+def _weights_of(cfg: FeatureConfig) -> Tuple[str, str, str]:
+    """What names a ViT's weights in a feature config: the model, the weights tag or file, the cache folder."""
+    return cfg.model, cfg.pretrained, cfg.cache_dir
+
+
 def check_config(cfg: FeatureConfig) -> None:
     """Raise ValueError for settings of ``cfg`` the dense extractor cannot use."""
     if cfg.dense_mode not in DENSE_MODES:
@@ -175,7 +180,7 @@ class OpenClipDenseExtractor(FeatureExtractor):
     def reconfigure(self, cfg: FeatureConfig) -> None:
         """Take the dense mode and image/window sizes of ``cfg`` without reloading the model; raises ValueError when
         ``cfg`` names another model, other weights or another precision, or has bad settings."""
-        if (cfg.model, cfg.pretrained, cfg.cache_dir) != (self.cfg.model, self.cfg.pretrained, self.cfg.cache_dir):
+        if _weights_of(cfg) != _weights_of(self.cfg):
             raise ValueError('reconfigure keeps the model and weights; create a new extractor for other ones')
         check_config(cfg)
         if model_dtype(cfg.dtype, self.device) != self.dtype:
@@ -186,6 +191,12 @@ class OpenClipDenseExtractor(FeatureExtractor):
         self.cfg, self.dense_mode = cfg, cfg.dense_mode
         self.precision_warning = precision_warning(cfg.dtype, self.device)
         self.precision_hint = precision_hint(cfg.dtype, self.device)
+
+    def holds(self, cfg: FeatureConfig, device: torch.device | str) -> bool:
+        """Whether this extractor's ViT is the one ``cfg`` asks for on ``device``: the same model, weights and
+        precision there (what :meth:`reconfigure` and :meth:`with_settings` keep)."""
+        return torch.device(device) == self.device and _weights_of(cfg) == _weights_of(self.cfg) \
+            and model_dtype(cfg.dtype, self.device) == self.dtype
 
     def with_settings(self, cfg: FeatureConfig) -> 'OpenClipDenseExtractor':
         """Another extractor on this one's ViT and weights (shared, not copied) with the dense mode and image/window
