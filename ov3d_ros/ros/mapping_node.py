@@ -199,8 +199,9 @@ class MappingInterface:
         """The mapper and node parts of :meth:`_apply`."""
         cfg = self.mapper.cfg
         features = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('features.')}
-        if features and not hasattr(self.mapper.extractor, 'reconfigure'):
-            raise ValueError(f'{", ".join("features." + k for k in features)}: the dense mode and image sizes are '
+        fixed = [k for k in features if k not in self.mapper.extractor.live_settings]
+        if fixed:
+            raise ValueError(f'{", ".join("features." + k for k in fixed)}: the dense mode and image sizes are '
                              f"settings of the clip feature source; this node runs {cfg.features.source!r}")
         with self._lock:
             if 'labels.vocabulary' in new:     # may refuse: first
@@ -603,7 +604,7 @@ class MappingInterface:
                 late = []
                 while len(cam.pending) > self.max_pending_keyframes:
                     late.append(thin_out(cam.pending, mapper.cfg.keyframes))
-            vit = ', lower features.image_short_side' if hasattr(mapper.extractor, 'reconfigure') else ''
+            vit = ', lower features.image_short_side' if 'image_short_side' in mapper.extractor.live_settings else ''
             for old in late:
                 self._error(f'{cam.name}: {self.max_pending_keyframes} keyframes were waiting to be integrated '
                             f'(max_pending_keyframes): the one at {old.stamp_s:.3f} s was dropped; integration is '

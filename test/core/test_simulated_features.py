@@ -201,6 +201,10 @@ def test_unknown_preset_is_rejected_with_the_list(ext):
     configure(ext, 'Default')
     with pytest.raises(ValueError, match="'Default'"):
         ext.extract(None, np.ones((8, 8), np.uint16))
+    # the simulator takes no settings while mapping (the clip source takes its dense mode and image sizes)
+    assert not ext.live_settings
+    with pytest.raises(ValueError, match='takes no settings while mapping'):
+        ext.reconfigure(FeatureConfig(source='simulated', sim_preset='hard'))
 
 
 def geometry(cam, T, f):

@@ -52,6 +52,12 @@ def test_live_and_read_only_parameters_are_declared_as_such():
                   'pose_to_camera', 'use_sim_time', 'web_view.enabled', 'web_view.host', 'web_view.port',
                   'web_view.refresh_s'}
     assert LIVE - names == node_level                   # no misspelt live name
+    # the live features.* parameters are those the clip source takes while mapping; the others take none
+    from ov3d_ros.core.features.clip_dense import OpenClipDenseExtractor
+    from ov3d_ros.core.features.simulated import SimulatedLabelFeatures
+    assert {n for n in LIVE if n.startswith('features.')} == \
+        {f'features.{k}' for k in OpenClipDenseExtractor.live_settings}
+    assert not SimulatedLabelFeatures.live_settings
     assert {n for n in CHECKS if '.' in n} <= names | node_level
     ctx = rclpy.Context()
     rclpy.init(context=ctx)

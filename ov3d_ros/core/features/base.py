@@ -25,6 +25,8 @@ class FeatureExtractor(abc.ABC):
             log and the tools' output at start (e.g. a half precision the CPU only emulates).
         precision_hint: a faster setting this source could run in on this device ('' when none), logged at start
             as information (e.g. bfloat16 on a CPU with native bf16 kernels, while the default runs float32).
+        live_settings: the ``FeatureConfig`` fields :meth:`reconfigure` takes while mapping (none by default;
+            the clip source: its dense mode and image/window sizes).
     """
 
     name: str = 'base'
@@ -35,6 +37,7 @@ class FeatureExtractor(abc.ABC):
     uses_templates: bool = True
     precision_warning: str = ''
     precision_hint: str = ''
+    live_settings: frozenset = frozenset()
 
     @property
     def space(self) -> str:
@@ -56,3 +59,8 @@ class FeatureExtractor(abc.ABC):
     @abc.abstractmethod
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) L2-normalised float embeddings of ``texts`` on ``self.device``."""
+
+    def reconfigure(self, cfg) -> None:
+        """Take the ``live_settings`` fields of ``cfg`` (a ``FeatureConfig``) from the next image on; raises
+        ValueError when this source takes none."""
+        raise ValueError(f'the {self.name} feature source takes no settings while mapping')

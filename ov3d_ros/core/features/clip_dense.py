@@ -139,6 +139,7 @@ class OpenClipDenseExtractor(FeatureExtractor):
     """
 
     simulated = False
+    live_settings = frozenset({'dense_mode', 'image_short_side', 'window_px', 'window_stride_px'})
 
     def __init__(self, cfg: FeatureConfig, device: torch.device | str = 'cpu'):
         import open_clip
