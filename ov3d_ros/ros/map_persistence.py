@@ -78,18 +78,23 @@ class MapPersistence:
                              '(symlinks are followed)')
         return resolved
 
+    def _writable(self, path: str) -> str:
+        """:meth:`_path` for a file to write: ValueError also when it exists and is not an ov3d map (never replaced)."""
+        path = self._path(path)
+        if os.path.lexists(path) and not is_map_file(path):
+            raise ValueError(f'{path} exists and is not an ov3d map file; it is never replaced (choose another name '
+                             'or remove it)')
+        return path
+
     def _version(self):
         return self.mapper.num_keyframes, self.mapper.map.size
 
     def save(self, path: str):
         """(ok, message, path, voxels)."""
         try:
-            path = self._path(path)
+            path = self._writable(path)
         except ValueError as e:
             return False, f'not saved: {e}', '', 0
-        if os.path.lexists(path) and not is_map_file(path):
-            return False, (f'not saved: {path} exists and is not an ov3d map file; it is never replaced '
-                           '(choose another name or remove it)'), path, 0
         try:
             with self.lock:
                 size = self.mapper.save(path)
@@ -121,7 +126,11 @@ class MapPersistence:
         import numpy as np
         from ov3d_ros.core.map_io import write_atomic
         from ov3d_ros.core.merge import merge_files
-        paths = [self._path(p) for p in paths if p.strip()]
+        try:                                         # every path is checked before the map is touched
+            paths = [self._path(p) for p in paths if p.strip()]
+            out = self._writable(out_path) if out_path.strip() else ''
+        except ValueError as e:
+            return False, f'kept the current map: {e}'
         if not paths:
             return False, 'no map files given to merge'
         if len(transforms) not in (0, 16 * len(paths)):
@@ -138,14 +147,17 @@ class MapPersistence:
                 summary = merge_files(paths, merged, Ts)
                 self.mapper.load(merged)             # keeps the current map if the result is unusable
                 self.changed()
-                if out_path:
-                    with open(merged, 'rb') as f:
-                        write_atomic(self._path(out_path), f.read())
+                done = (f'merged {len(summary["inputs"])} maps ({" + ".join(map(str, summary["inputs"]))} voxels) '
+                        f'into {self.mapper.map.size} voxels')
+                if out:
+                    try:
+                        with open(merged, 'rb') as f:
+                            write_atomic(out, f.read())
+                    except OSError as e:
+                        return False, f'{done}, but {out} was not written: {e}'
         except (OSError, ValueError, RuntimeError) as e:
             return False, f'kept the current map: {e}'
-        written = f'; wrote {self._path(out_path)}' if out_path else ''
-        return True, (f'merged {len(summary["inputs"])} maps ({" + ".join(map(str, summary["inputs"]))} voxels) '
-                      f'into {self.mapper.map.size} voxels{written}')
+        return True, done + (f'; wrote {out}' if out else '')
 
     def on_merge(self, request, response):
         response.success, response.message = self.merge(list(request.paths), list(request.transforms),

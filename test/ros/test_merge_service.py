@@ -37,4 +37,17 @@ def test_merge_map_service_fuses_transformed_maps_and_refuses_incompatible_ones(
     res = client.call(MergeMap, '/ov3d_mapping/merge_map',
                       MergeMap.Request(paths=[str(path)], transforms=[1.0, 2.0, 3.0]))
     assert not res.success and '16 per map' in res.message
+    # paths outside map_dir and an out_path that is not a map file: answered, refused before the map is touched
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('not a map')
+    for req, why in [(MergeMap.Request(paths=['../x.ov3dmap']), "'..' is not allowed"),
+                     (MergeMap.Request(paths=['/etc/hostname']), 'outside map_dir'),
+                     (MergeMap.Request(paths=[str(path)], transforms=T.reshape(-1).tolist(), out_path='/tmp/o.ov3dmap'),
+                      'outside map_dir'),
+                     (MergeMap.Request(paths=[str(path)], transforms=T.reshape(-1).tolist(), out_path=str(notes)),
+                      'is not an ov3d map file')]:
+        res = client.call(MergeMap, '/ov3d_mapping/merge_map', req, timeout_s=20)
+        assert res is not None and not res.success and why in res.message and 'kept the current map' in res.message
+        assert res.voxels == 2 * voxels, res.message
+    assert notes.read_text() == 'not a map'
     assert node.alive()
