@@ -7,6 +7,7 @@ field cannot take (``CHECKS``: ranges, choices), for the node, the offline tools
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional
 
@@ -306,9 +307,19 @@ def one_of(*options: str) -> Check:
     return constrained(f'one of {", ".join(repr(o) for o in options)}', lambda v: v in options)
 
 
+def _one_slot(template: str) -> bool:
+    """Whether ``template.format(text)`` puts the text in exactly one place and needs nothing else."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:            # a lone { or }
+        return False
+    return fields == [('', '', None)]
+
+
 def _templates(v) -> Optional[str]:
-    bad = [t for t in v if t.count('{}') != 1]
-    return f'every template needs exactly one {{}} for the text; got {bad[0]!r}' if bad else None
+    bad = [t for t in v if not _one_slot(t)]
+    return f'every template needs exactly one {{}} for the text and no other {{...}} field; not {bad[0]!r}' \
+        if bad else None
 
 
 _templates.constraint = 'templates with exactly one {} each, where the text goes'

@@ -85,6 +85,10 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert check('pose_to_camera', [0.0] * 6 + [1.0]) is None
     assert 'unit quaternion' in check('pose_to_camera', [0.0] * 7)
     assert 'one of' in check('purify.mode', 'sometimes')
+    # a template is filled with str.format: one {} and no other field (which would fail every query)
+    assert check('query.templates', ['a photo of a {}.', '{{literal}} {}']) is None
+    for bad in (['a {} in the {room}.'], ['{0}'], ['{}{}'], ['{:>9}'], ['a { {}'], ['none']):
+        assert 'exactly one {} for the text' in check('query.templates', bad), bad
     assert check('purify.pool_dim', 32) is None and 'purify.pool_dim' in check('purify.pool_dim', -1)
     assert check('web_view.port', 0) is None and 'port number' in check('web_view.port', 65536)
     assert 'port number' in check('web_view.port', True) and 'host name' in check('web_view.host', ' ')
