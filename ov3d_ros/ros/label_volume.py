@@ -23,6 +23,7 @@ from ov3d_ros.core.mapper import Mapper
 from ov3d_ros.core.snapshot import MapSnapshot
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.params import declare
+from ov3d_ros.ros.services import create_service
 from ov3d_ros.srv import SetVocabulary
 
 
@@ -42,7 +43,7 @@ class LabelVolumeInterface:
         self.cloud_pub = node.create_publisher(PointCloud2, '~/label_cloud', latched)
         self.legend_pub = node.create_publisher(String, '~/label_legend', latched)
         group = MutuallyExclusiveCallbackGroup()
-        node.create_service(SetVocabulary, '~/set_vocabulary', self.on_set_vocabulary, callback_group=group)
+        create_service(node, SetVocabulary, '~/set_vocabulary', self.on_set_vocabulary, callback_group=group)
         if rate > 0:
             node.create_timer(1.0 / rate, self.publish, group)
         self._legend = None
@@ -59,9 +60,10 @@ class LabelVolumeInterface:
                                 else 'label volume off')
             self.node.get_logger().info(f'set_vocabulary: {response.message}')
             self.publish()
-        except ValueError as e:
-            response.success, response.message = False, str(e)
-            self.node.get_logger().warning(f'set_vocabulary refused: {e}')
+        except Exception as e:          # noqa: BLE001 - refused with the reason; the current vocabulary stays
+            response.success = False
+            response.message = str(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'
+            self.node.get_logger().warning(f'set_vocabulary refused: {response.message}')
         response.classes = list(self.mapper.cfg.labels.vocabulary) if self.mapper.labels is not None else []
         return response
 

@@ -26,6 +26,7 @@ from std_srvs.srv import Trigger
 from ov3d_ros.core.map_io import is_map_file
 from ov3d_ros.core.mapper import Mapper
 from ov3d_ros.ros.params import declare
+from ov3d_ros.ros.services import create_service
 from ov3d_ros.srv import LoadMap, MergeMap, SaveMap
 
 
@@ -49,10 +50,10 @@ class MapPersistence:
                                 'Load map_path at start (a missing file starts an empty map; a bad one is an error).')
         self._saved_version = self._version()
         group = MutuallyExclusiveCallbackGroup()
-        node.create_service(SaveMap, '~/save_map', self.on_save, callback_group=group)
-        node.create_service(LoadMap, '~/load_map', self.on_load, callback_group=group)
-        node.create_service(Trigger, '~/clear_map', self.on_clear, callback_group=group)
-        node.create_service(MergeMap, '~/merge_map', self.on_merge, callback_group=group)
+        create_service(node, SaveMap, '~/save_map', self.on_save, callback_group=group)
+        create_service(node, LoadMap, '~/load_map', self.on_load, callback_group=group)
+        create_service(node, Trigger, '~/clear_map', self.on_clear, callback_group=group)
+        create_service(node, MergeMap, '~/merge_map', self.on_merge, callback_group=group)
         if self.autosave_period_s > 0:
             node.create_timer(self.autosave_period_s, self.autosave, group)
         if load_on_start:

@@ -59,6 +59,7 @@ from ov3d_ros.ros.map_persistence import MapPersistence
 from ov3d_ros.ros.objects import ObjectsOutput
 from ov3d_ros.ros.params import (LIVE, check, check_node, declare, declare_config, mark_read_only, read_config,
                                  read_only_reason)
+from ov3d_ros.ros.services import create_service
 from ov3d_ros.ros.web_view import WebViewInterface, declare_web_view
 from ov3d_ros.srv import SegmentByText
 
@@ -346,8 +347,8 @@ class MappingInterface:
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._last_counts = (0, 0, 0, time.monotonic(), {})
         # queue depth 100: concurrent callers beyond the default 10 pending requests would be dropped silently
-        self.create_service(SegmentByText, 'segment_by_text', self.on_segment, qos_profile=QoSProfile(depth=100),
-                            callback_group=MutuallyExclusiveCallbackGroup())
+        create_service(self, SegmentByText, 'segment_by_text', self.on_segment, qos_profile=QoSProfile(depth=100),
+                       callback_group=MutuallyExclusiveCallbackGroup())
         self.mapper = mapper
         with self._lock:
             self.publish_snapshot()

@@ -325,6 +325,27 @@ def test_requests_over_the_service(local_node):
         assert r['success'], r['message']
 
 
+def test_a_service_whose_handler_fails_unexpectedly_still_answers(local_node, monkeypatch):
+    """An error no handler foresaw answers success=false with the reason (rclpy would send no answer at all and
+    the caller would wait for its timeout); the map is kept."""
+    from std_srvs.srv import Trigger
+    from ov3d_ros.srv import SetVocabulary
+    node, client = local_node['node'], local_node['client']
+    voxels = node.status()['voxels']
+    assert voxels > 0
+
+    def fail(*args, **kwargs):
+        raise KeyError('room')
+    monkeypatch.setattr(node.mapper, 'clear', fail)
+    r = client.call(Trigger, '/ov3d_mapping/clear_map', Trigger.Request(), timeout_s=20)
+    assert not r.success and r.message == "~/clear_map failed: KeyError: 'room'"
+    monkeypatch.setattr(node.mapper, 'set_vocabulary', fail)
+    r = client.call(SetVocabulary, '/ov3d_mapping/set_vocabulary', SetVocabulary.Request(classes=['chair']),
+                    timeout_s=20)
+    assert not r.success and 'KeyError' in r.message
+    assert node.status()['voxels'] == voxels
+
+
 # ------------------------------------------------------------------------------------------------ node process
 def test_burst_of_malformed_messages_is_survived_and_counted(graph, bad_input):
     """Garbage on every input topic of a mapping node process; it keeps counting, mapping and answering."""
