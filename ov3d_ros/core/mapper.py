@@ -450,19 +450,30 @@ class Mapper:
         """Use purification settings ``cfg`` (a PurifyConfig: on/off, affinity, checkpoint, neighbourhood, ...)
         from now on and re-pool the whole map with them. Raises ValueError, keeping the current settings, if
         ``cfg`` cannot be used (e.g. a missing checkpoint)."""
-        old = self.cfg.purify
+        old, old_purifier = self.cfg.purify, self.purifier
         self.cfg.purify = cfg
         try:
             purifier = self._make_purifier() if cfg.enabled else None
         except (ValueError, OSError, RuntimeError) as e:
             self.cfg.purify = old
             raise ValueError(f'purification settings not applied: {e}') from e
+        try:
+            self._use_purifier(purifier)
+        except Exception as e:           # e.g. out of memory re-pooling with a large neighbourhood
+            self.cfg.purify = old        # back to the old settings, re-pooled with them from scratch
+            self._use_purifier(None if old_purifier is None else type(old_purifier)(old, old_purifier.embed))
+            raise ValueError(f'purification settings not applied (the map is pooled with the previous ones): '
+                             f'{type(e).__name__}: {e}') from e
+
+    def _use_purifier(self, purifier) -> None:
+        """Pool with ``purifier`` (None: no purification) from now on: drop the pooled layers; in incremental mode
+        re-pool the whole map with it."""
         self.purifier, self._purified_stale = purifier, True
         self.generation += 1
         self._drop_purified()
         if self.labels is not None and purifier is not None:
             self.labels.enable_pooling()
-        if cfg.mode == 'incremental':
+        if self.cfg.purify.mode == 'incremental':
             self.purify_all()
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:

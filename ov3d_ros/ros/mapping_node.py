@@ -205,13 +205,26 @@ class MappingInterface:
             raise ValueError(f'{", ".join("features." + k for k in fixed)}: the dense mode and image sizes are '
                              f"settings of the clip feature source; this node runs {cfg.features.source!r}")
         with self._lock:
-            if 'labels.vocabulary' in new:     # may refuse: first
-                self.mapper.set_vocabulary(new['labels.vocabulary'])
-            purify = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('purify.')}
-            if purify:
-                self.mapper.reconfigure_purification(replace(cfg.purify, **purify))
-            if features:                       # the ViT's next keyframe, not one under way (same lock)
+            # the parts that may refuse, each undone when a later one refuses (a set is all or nothing): the
+            # ViT's settings (for its next keyframe, not one under way: same lock), purification, vocabulary
+            old_features, old_purify = cfg.features, cfg.purify
+            if features:
                 self.mapper.extractor.reconfigure(replace(cfg.features, **features))
+            purify = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('purify.')}
+            try:
+                if purify:
+                    self.mapper.reconfigure_purification(replace(cfg.purify, **purify))
+                if 'labels.vocabulary' in new:
+                    try:
+                        self.mapper.set_vocabulary(new['labels.vocabulary'])
+                    except Exception:
+                        if purify:
+                            self.mapper.reconfigure_purification(old_purify)
+                        raise
+            except Exception:
+                if features:
+                    self.mapper.extractor.reconfigure(old_features)
+                raise
             for name, value in new.items():
                 section, _, key = name.partition('.')
                 if key and section not in ('purify', 'labels', 'web_view') or name in ('labels.smoothing_radius_vox',

@@ -439,3 +439,39 @@ def test_other_purification_settings_re_pool_the_loaded_map(change, tmp_path, po
     if change != 'newly enabled' and change != 'no layers':
         assert not torch.equal(other.query_features(), m.query_features())
     assert other.labels.pooled is not None and float(other.labels.pooled[:other.map.size].sum()) > 0
+
+
+def test_purification_settings_that_fail_to_re_pool_are_undone(monkeypatch, tmp_path):
+    """Settings whose whole-map re-pool fails (here: out of memory, as a neighbourhood of radius 20 runs into)
+    are refused and undone: the map is pooled with the previous settings again, and a save records those."""
+    import copy as copy_
+    from dataclasses import replace
+
+    import torch
+    from ov3d_ros.core.map_io import load_map
+    from ov3d_ros.core.purification.pooling import GeometryPooling
+    m = _purified_mapper()
+    ref = Mapper(copy_.deepcopy(m.cfg), m.extractor)
+    m.save(tmp_path / 'a.ov3dmap')
+    ref.load(tmp_path / 'a.ov3dmap')
+    ref.reconfigure_purification(copy_.deepcopy(ref.cfg.purify))     # the map pooled from scratch, these settings
+    update = GeometryPooling.update
+
+    def out_of_memory_for_radius_3(self, vmap, touched=None, channels=()):
+        if self.cfg.radius_vox == 3:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return update(self, vmap, touched, channels)
+    monkeypatch.setattr(GeometryPooling, 'update', out_of_memory_for_radius_3)
+    with pytest.raises(ValueError, match=r'not applied \(the map is pooled with the previous ones\).*allocate'):
+        m.reconfigure_purification(replace(m.cfg.purify, radius_vox=3))
+    assert m.cfg.purify.radius_vox == 2 and m.purifier.cfg.radius_vox == 2
+    assert torch.equal(m.query_features(), ref.query_features())
+    assert torch.equal(m.label_classes()[0], ref.label_classes()[0])
+    m.save(tmp_path / 'b.ov3dmap')
+    assert load_map(tmp_path / 'b.ov3dmap')[1]['purification']['radius_vox'] == 2
+    # the same with purification off before: the map is left unpurified, as it was
+    m.reconfigure_purification(replace(m.cfg.purify, enabled=False))
+    with pytest.raises(ValueError, match='not applied'):
+        m.reconfigure_purification(replace(m.cfg.purify, enabled=True, radius_vox=3))
+    assert m.purifier is None and not m.cfg.purify.enabled and 'purified' not in m.map.cake
+    assert torch.equal(m.query_features(), m.map.features[:m.map.size])

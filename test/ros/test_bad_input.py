@@ -346,6 +346,29 @@ def test_a_service_whose_handler_fails_unexpectedly_still_answers(local_node, mo
     assert node.status()['voxels'] == voxels
 
 
+def test_a_refused_parameter_set_changes_nothing(local_node, monkeypatch):
+    """ros2 param set of several parameters at once is all or nothing: when one part is refused, the parts the
+    node applied before it are undone (the vocabulary, purification)."""
+    from rclpy.parameter import Parameter
+    node = local_node['node']
+    cfg = node.mapper.cfg
+    vocabulary, iterations, checkpoint = list(cfg.labels.vocabulary), cfg.purify.iterations, cfg.purify.checkpoint
+    assert cfg.purify.enabled and vocabulary != ['chair', 'table', 'wall']
+    r = node.set_parameters_atomically([Parameter('labels.vocabulary', value=['chair', 'table', 'wall']),
+                                        Parameter('purify.checkpoint', value='/nonexistent/student.safetensors')])
+    assert not r.successful and 'purification settings not applied' in r.reason
+    assert cfg.labels.vocabulary == vocabulary and (node.mapper.labels is None) == (not vocabulary)
+
+    def refuse(names, evidence=None):
+        raise ValueError('no vocabulary today')
+    monkeypatch.setattr(node.mapper, 'set_vocabulary', refuse)
+    r = node.set_parameters_atomically([Parameter('purify.iterations', value=iterations + 2),
+                                        Parameter('labels.vocabulary', value=['chair', 'table'])])
+    assert not r.successful and 'no vocabulary today' in r.reason
+    assert (cfg.purify.iterations, node.mapper.purifier.cfg.iterations) == (iterations, iterations)
+    assert cfg.purify.checkpoint == checkpoint and node.get_parameter('purify.iterations').value == iterations
+
+
 # ------------------------------------------------------------------------------------------------ node process
 def test_burst_of_malformed_messages_is_survived_and_counted(graph, bad_input):
     """Garbage on every input topic of a mapping node process; it keeps counting, mapping and answering."""
