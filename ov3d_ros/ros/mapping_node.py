@@ -403,15 +403,17 @@ class MappingInterface:
     def _restart_timer(self, name: str) -> None:
         if not self._mapping_active:
             return
-        old = self._mapping_timers.pop(name, None)
-        if old is not None:                   # from a parameter callback: not under the executor's wait
-            self.destroy_soon(old)
         period = {'tick': 1.0 / self.tick_rate_hz, 'select': 1.0 / self.tick_rate_hz, 'status': 1.0,
                   'map': 1.0 / self.map_publish_rate_hz if self.map_publish_rate_hz > 0 else 0.0}[name]
         callback = {'tick': self.tick, 'select': self.select, 'status': self.publish_status,
                     'map': self.publish_map}[name]
-        if period > 0:
-            self._mapping_timers[name] = self.create_timer(period, callback, MutuallyExclusiveCallbackGroup())
+        # the new timer first: should it fail, the old one keeps running
+        timer = self.create_timer(period, callback, MutuallyExclusiveCallbackGroup()) if period > 0 else None
+        old = self._mapping_timers.pop(name, None)
+        if old is not None:                   # from a parameter callback: not under the executor's wait
+            self.destroy_soon(old)
+        if timer is not None:
+            self._mapping_timers[name] = timer
 
     def _deactivate(self) -> None:
         """Stop the inputs and timers (the map, services and parameters stay)."""

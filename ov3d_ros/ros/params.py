@@ -106,13 +106,22 @@ def _pose_to_camera(v) -> Optional[str]:
 _pose_to_camera.constraint = '7 finite numbers (x y z, unit quaternion qx qy qz qw) per camera, or 7 for all'
 
 
+def _rate(off: bool) -> Check:
+    """A timer's rate: at least one tick in 1000 s (rclpy's timers take periods up to about 292 years, but a
+    rate of 1e-12 Hz makes a timer that never fires, and a smaller one none at all), at most 1 kHz."""
+    return constrained(('0 (off) or ' if off else '') + 'a rate in [0.001, 1000] Hz',
+                       lambda v: finite(v) and (off and v == 0 or 1e-3 <= v <= 1e3))
+
+
 CHECKS: Dict[str, Check] = {
     **config.CHECKS,
     'features.source': one_of('clip', 'simulated'),
     'features.dense_mode': one_of(*DENSE_MODES), 'features.dtype': one_of('auto', *DTYPES),
     'features.sim_preset': one_of(*PRESETS, 'custom'),
     'sync_slop_s': at_least(0.0, True), 'sync_timeout_s': at_least(0.0, True), 'pose_max_gap_s': at_least(0.0),
-    'tick_rate_hz': at_least(0.0, True), 'map_publish_rate_hz': at_least(0.0),
+    'tick_rate_hz': _rate(off=False), 'map_publish_rate_hz': _rate(off=True), 'label_publish_rate_hz': _rate(off=True),
+    'autosave_period_s': constrained('0 (off) or a period in [0.001, 1e6] s',
+                                     lambda v: finite(v) and (v == 0 or 1e-3 <= v <= 1e6)),
     'map_cloud_max_points': at_least(0), 'queue_size': at_least(1), 'max_pending_keyframes': at_least(1),
     'pose_source': one_of('tf', 'pose', 'odometry'), 'input_qos': one_of('sensor_data', 'reliable'),
     'pose_qos': one_of('best_effort', 'reliable'),
@@ -179,7 +188,11 @@ def declare(node: Node, name: str, default, description: str):
     A parameter declared already (a lifecycle node configured again) keeps its value."""
     if node.has_parameter(name):
         return parameter_value(node, name)
-    return node.declare_parameter(name, default, _describe(name, description)).value
+    value = node.declare_parameter(name, default, _describe(name, description)).value
+    problem = check(name, value)
+    if problem:                     # declared after check_node ran (the persistence and label-volume interfaces)
+        raise ValueError(problem)
+    return value
 
 
 def mark_read_only(node: Node) -> None:

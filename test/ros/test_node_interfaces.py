@@ -91,13 +91,15 @@ def test_read_only_and_invalid_values_are_refused_with_the_reason(loaded):
     voxel, path, tick = future.result().descriptors
     assert voxel.read_only and 'voxel grid' in voxel.description
     assert path.read_only and 'restart the node' in path.description
-    assert (voxel.additional_constraints, tick.additional_constraints) == ('a finite number > 0',) * 2
+    assert (voxel.additional_constraints, tick.additional_constraints) == ('a finite number > 0',
+                                                                           'a rate in [0.001, 1000] Hz')
     for name, value, match in [('query.default_threshold', 1.5, 'query.default_threshold must be a number in [0, 1]'),
                                ('keyframes.min_translation_m', -0.1, 'must be a finite number >= 0'),
                                ('purify.affinity', 'bogus', "purify.affinity must be one of 'learned', 'fallback'"),
                                ('query.templates', ['no placeholder'], 'exactly one {}'),
                                ('map.max_depth_m', 0.05, 'must be below map.max_depth_m'),
-                               ('tick_rate_hz', 0.0, 'tick_rate_hz must be a finite number > 0'),
+                               ('tick_rate_hz', 0.0, 'tick_rate_hz must be a rate in [0.001, 1000] Hz'),
+                               ('tick_rate_hz', 1e-12, 'tick_rate_hz must be a rate in [0.001, 1000] Hz'),
                                ('query.default_threshold', 'high', 'Wrong parameter type'),
                                ('pose_to_camera', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 'unit quaternion'),
                                ('features.image_short_side', 0, 'features.image_short_side must be'),

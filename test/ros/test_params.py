@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import rclpy
 from rclpy.parameter import Parameter
 
@@ -76,6 +77,10 @@ def test_live_and_read_only_parameters_are_declared_as_such():
         assert node.describe_parameter('map.device').additional_constraints == ''       # no check: none said
         result = node.set_parameters([Parameter('map.voxel_size_m', value=0.1)])[0]
         assert not result.successful and 'read-only' in result.reason
+        # parameters declared one by one (after the start-up check of the rest) are checked as they are declared
+        from ov3d_ros.ros.params import declare
+        with pytest.raises(ValueError, match=r'autosave_period_s must be 0 \(off\) or a period in'):
+            declare(node, 'autosave_period_s', 1e12, 'Save the map this often.')
         node.destroy_node()
     finally:
         rclpy.shutdown(context=ctx)
@@ -94,6 +99,13 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert 'port number' in check('web_view.port', True) and 'host name' in check('web_view.host', ' ')
     assert 'web_view.refresh_s must be a finite number > 0' in check('web_view.refresh_s', 0.0)
     assert check('pose_max_gap_s', 0.0) is None and 'pose_max_gap_s' in check('pose_max_gap_s', -0.1)
+    # timer rates: a timer of 1e-12 Hz never fires (and rclpy cannot make one of 1e-13 Hz)
+    for name, value, ok in [('tick_rate_hz', 20.0, True), ('tick_rate_hz', 1e-3, True), ('tick_rate_hz', 0.0, False),
+                            ('tick_rate_hz', 1e-12, False), ('tick_rate_hz', 1e4, False),
+                            ('map_publish_rate_hz', 0.0, True), ('map_publish_rate_hz', 1e-12, False),
+                            ('label_publish_rate_hz', -1.0, False), ('autosave_period_s', 0.0, True),
+                            ('autosave_period_s', 60.0, True), ('autosave_period_s', -5.0, False)]:
+        assert (check(name, value) is None) == ok, (name, value)
     assert 'one of' in check('pose_qos', 'sometimes') and check('pose_qos', 'reliable') is None
     # every simulated preset and dense mode of the core is accepted, and no other value
     for preset in ('clean', 'default', 'hard', 'clip', 'custom'):
