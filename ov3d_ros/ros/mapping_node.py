@@ -358,7 +358,7 @@ class MappingInterface:
         self.objects = ObjectsOutput(self, self.map_frame, self.marker_pub)
         self.status_pub = self.create_publisher(String, '~/status', 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self._last_counts = (0, 0, 0, time.monotonic(), {})
+        self._last_counts = (0, 0, (0, 0), time.monotonic(), {})
         # queue depth 100: concurrent callers beyond the default 10 pending requests would be dropped silently
         create_service(self, SegmentByText, 'segment_by_text', self.on_segment, qos_profile=QoSProfile(depth=100),
                        callback_group=MutuallyExclusiveCallbackGroup())
@@ -815,11 +815,13 @@ class MappingInterface:
         dt = max(now - t, 1e-3)
         rates = {'input_rate_hz': round((status['frames'] - frames) / dt, 2),
                  'keyframe_rate_hz': round((status['keyframes'] - keyframes) / dt, 2)}
-        new_drops = status['dropped'] - dropped
-        self._last_counts = (status['frames'], status['keyframes'], status['dropped'], now,
-                             {n: (c['frames'], c['dropped']) for n, c in status['cameras'].items()})
-        if new_drops:
-            level, message = 'warn', f'{new_drops} frame(s) dropped in the last {dt:.1f} s: {status["last_error"]}'
+        lost = (status['dropped'], status['keyframes_dropped'])        # frames refused, keyframes not integrated
+        new_drops = [a - b for a, b in zip(lost, dropped)]
+        self._last_counts = (status['frames'], status['keyframes'], lost, now,
+                             {n: (c['frames'], (c['dropped'], c['keyframes_dropped']))
+                              for n, c in status['cameras'].items()})
+        if any(new_drops):
+            level, message = 'warn', f'{_drops(*new_drops)} in the last {dt:.1f} s: {status["last_error"]}'
         elif status['frames'] == frames:
             level, message = 'warn', 'no input frames (check topics, QoS and the pose source)'
         else:
@@ -831,15 +833,21 @@ class MappingInterface:
             flat['web_view'] = web['url'] or f'not serving: {web["error"]}'
         diag = conv.make_diagnostics(f'{self.get_name()}: mapping', level, message, {**rates, **flat}, stamp)
         for name, c in status['cameras'].items():
-            f0, d0 = per_cam.get(name, (0, 0))
-            if c['dropped'] > d0:
-                lv, msg = 'warn', f'{c["dropped"] - d0} frame(s) dropped: {c["last_error"]}'
+            f0, d0 = per_cam.get(name, (0, (0, 0)))
+            if (c['dropped'], c['keyframes_dropped']) != d0:
+                lv, msg = 'warn', f'{_drops(c["dropped"] - d0[0], c["keyframes_dropped"] - d0[1])}: {c["last_error"]}'
             elif c['frames'] == f0:
                 lv, msg = 'warn', 'no input frames'
             else:
                 lv, msg = 'ok', f'{c["frames"] - f0} frame(s), {c["keyframes"]} keyframes in all'
             diag.status += conv.make_diagnostics(f'{self.get_name()}: camera {name}', lv, msg, c, stamp).status
         self.diag_pub.publish(diag)
+
+
+def _drops(frames: int, keyframes: int) -> str:
+    """'2 frame(s) dropped', '3 keyframe(s) dropped (integration is behind)', or both."""
+    return ', '.join([f'{frames} frame(s) dropped'] * bool(frames)
+                     + [f'{keyframes} keyframe(s) dropped (integration is behind)'] * bool(keyframes))
 
 
 class MappingNode(MappingInterface, Node):

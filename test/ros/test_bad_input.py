@@ -369,6 +369,25 @@ def test_a_refused_parameter_set_changes_nothing(local_node, monkeypatch):
     assert cfg.purify.checkpoint == checkpoint and node.get_parameter('purify.iterations').value == iterations
 
 
+def test_diagnostics_warn_when_keyframes_are_dropped(local_node, monkeypatch):
+    """Keyframes dropped because integration is behind (max_pending_keyframes) turn the node's and the camera's
+    diagnostics to WARN, like dropped frames."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+    node = local_node['node']
+    sent = []
+    monkeypatch.setattr(node.diag_pub, 'publish', sent.append)
+    node.publish_status()
+    cam = node.cameras[0]
+    cam.stats['keyframes_dropped'] += 2          # as the backlog bound counts them (test_multi_camera.py)
+    node.publish_status()
+    mapping, camera = sent[-1].status[:2]
+    assert mapping.level == camera.level == DiagnosticStatus.WARN
+    assert '2 keyframe(s) dropped (integration is behind)' in mapping.message
+    assert camera.message.startswith('2 keyframe(s) dropped (integration is behind)')
+    node.publish_status()
+    assert 'keyframe(s) dropped' not in sent[-1].status[0].message
+
+
 # ------------------------------------------------------------------------------------------------ node process
 def test_burst_of_malformed_messages_is_survived_and_counted(graph, bad_input):
     """Garbage on every input topic of a mapping node process; it keeps counting, mapping and answering."""
