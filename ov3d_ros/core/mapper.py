@@ -71,6 +71,7 @@ class Mapper:
         self.labels: Optional[LabelVolume] = None
         self._neighbours: Tuple[tuple, dict] = ((), {})   # {radius: neighbour rows} of the current map state
         self._basis = self._starting_basis() if cfg.map.compress_basis else None
+        self._voxel_size_m = cfg.map.voxel_size_m      # a loaded map brings its own grid; clear() comes back here
         self.clear()
         if cfg.labels.vocabulary:
             self.set_vocabulary(cfg.labels.vocabulary)
@@ -658,7 +659,9 @@ class Mapper:
         return gone
 
     def clear(self) -> None:
-        """Forget every voxel and keyframe (the feature source and config stay)."""
+        """Forget every voxel and keyframe (the feature source and config stay; the voxel size is the configured one
+        again, also after a map of another voxel size was loaded)."""
+        self.cfg.map.voxel_size_m = self._voxel_size_m
         self.map = VoxelFeatureMap(self.cfg.map.voxel_size_m, self.extractor.dim, self.device,
                                    self.cfg.map.initial_capacity, self.cfg.map.max_weight)
         self.projection = None

@@ -187,6 +187,22 @@ def test_save_and_reload_answer_identically(mapper, tmp_path):
     assert np.array_equal(a.xyz, b.xyz) and np.allclose(a.scores, b.scores)
 
 
+def test_a_loaded_map_keeps_its_voxel_size_until_the_map_is_cleared(mapper, tmp_path):
+    import copy
+    if len(mapper.map) == 0:
+        mapper.integrate(wall_frame(), force=True)
+    mapper.save(tmp_path / 'coarse.ov3dmap')                        # 10 cm voxels
+    cfg = copy.deepcopy(mapper.cfg)
+    cfg.map.voxel_size_m = 0.05
+    fine = Mapper(cfg, mapper.extractor)
+    fine.load(tmp_path / 'coarse.ov3dmap')
+    assert fine.cfg.map.voxel_size_m == fine.map.voxel_size_m == 0.1 and len(fine.map) == len(mapper.map)
+    fine.clear()                                                    # back to the configured grid
+    assert fine.cfg.map.voxel_size_m == fine.map.voxel_size_m == 0.05
+    fine.integrate(wall_frame(), force=True)
+    assert len(fine.map) > len(mapper.map)                          # the same wall in smaller voxels
+
+
 def test_precomputed_maps_load_only_under_their_own_text_table(tmp_path):
     """A precomputed map is queried through the loading mapper's text table: the same table (another mapper, the
     same names and vectors) takes it, another table refuses it with the reason and keeps the current map."""
