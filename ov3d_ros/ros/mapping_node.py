@@ -753,9 +753,7 @@ class MappingInterface:
             if snap is None:
                 raise ValueError('the node is not configured')
             if snap.size == 0:
-                m = self.mapper
-                raise ValueError('the map is empty: ' + ('the first keyframe is still being integrated' if m is not None
-                                                         and m.map.size > 0 else 'no keyframe integrated yet'))
+                raise ValueError(f'the map is empty: {self._why_empty(snap)}')
             seg = snap.segment(request.text, list(request.negatives), float(request.threshold))
             self.get_logger().debug(f'segment_by_text({self._short(request.text)!r}) answered from map generation '
                                     f'{snap.generation} ({snap.keyframes} keyframes, {snap.size} voxels)')
@@ -774,6 +772,16 @@ class MappingInterface:
             response.message = str(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'
             self.get_logger().warning(f'segment_by_text({self._short(request.text)!r}) failed: {response.message}')
         return response
+
+    def _why_empty(self, snap) -> str:
+        """Why a query finds no voxel in the map of snapshot ``snap``."""
+        m = self.mapper
+        if m is not None and m.map.size > 0:
+            return 'the first keyframe is still being integrated'
+        if snap.keyframes == 0:
+            return 'no keyframe integrated yet'
+        return (f'{snap.keyframes} keyframe(s) integrated, but no voxel is kept: every one was evicted '
+                f'(map.max_voxels {snap.cfg.map.max_voxels}, map.clear_radius_m {snap.cfg.map.clear_radius_m:g})')
 
     @staticmethod
     def _short(text: str, n: int = 60) -> str:

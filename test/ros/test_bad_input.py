@@ -388,6 +388,20 @@ def test_diagnostics_warn_when_keyframes_are_dropped(local_node, monkeypatch):
     assert 'keyframe(s) dropped' not in sent[-1].status[0].message
 
 
+def test_a_map_emptied_by_eviction_says_so(local_node, new_sim_mapper, wall_frame, monkeypatch):
+    node, client = local_node['node'], local_node['client']
+    m = new_sim_mapper()
+    m.integrate(wall_frame(), force=True)
+    m.evict(np.zeros(3), 0)                                  # a budget that keeps nothing
+    assert m.map.size == 0 and m.num_keyframes == 1
+    monkeypatch.setattr(node, 'mapper', m)
+    monkeypatch.setattr(node, 'snapshot', m.snapshot)
+    r = client.query('chair')
+    assert not r['success'] and 'the map is empty: 1 keyframe(s) integrated, but no voxel is kept' in r['message']
+    m.clear()
+    assert client.query('chair')['message'] == 'the map is empty: no keyframe integrated yet'
+
+
 # ------------------------------------------------------------------------------------------------ node process
 def test_burst_of_malformed_messages_is_survived_and_counted(graph, bad_input):
     """Garbage on every input topic of a mapping node process; it keeps counting, mapping and answering."""
