@@ -72,12 +72,38 @@ def encode_map(voxel_map: VoxelFeatureMap, info: dict, extra: Optional[Dict[str,
     return st_save(tensors, metadata=meta)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (setting it is process-wide)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions a plain ``open(path, 'wb')`` leaves: an existing file's own, else 0666 less the umask
+    (mkstemp's 0600 would hide the file from a reader under another account)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def write_atomic(path: str | Path, blob: bytes) -> None:
-    """Write ``blob`` to ``path`` via a temporary file, fsync and rename (never a half-written ``path``)."""
+    """Write ``blob`` to ``path`` via a temporary file, fsync and rename (never a half-written ``path``), with the
+    permissions a plain open() would give it (see :func:`_file_mode`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, 'wb') as f:
             f.write(blob)
             f.flush()

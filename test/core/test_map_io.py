@@ -142,3 +142,23 @@ def test_files_without_a_layer_list_still_load(tmp_path):
     for name in tensors.keys() & set(VoxelFeatureMap.FIELDS):
         assert torch.equal(back.state()[name], m.state()[name]), name
     assert not back.state()['views'].any()              # no direction to the cameras: no convexity in the vote
+
+
+def test_files_get_the_mode_a_plain_open_gives(tmp_path):
+    """A new file: 0666 less the umask (not mkstemp's 0600, which hides it from a reader under another account);
+    a replaced file keeps its own mode."""
+    import os
+    from ov3d_ros.core.map_io import write_atomic
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / 'new.bin', b'x')
+        os.umask(0o027)
+        write_atomic(tmp_path / 'g.bin', b'x')
+        (tmp_path / 'kept.bin').write_bytes(b'old')
+        os.chmod(tmp_path / 'kept.bin', 0o640)
+        write_atomic(tmp_path / 'kept.bin', b'new')
+    finally:
+        os.umask(old)
+    assert (tmp_path / 'new.bin').stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / 'g.bin').stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / 'kept.bin').stat().st_mode & 0o777 == 0o640 and (tmp_path / 'kept.bin').read_bytes() == b'new'
