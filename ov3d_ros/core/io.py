@@ -1,15 +1,21 @@
-"""Point cloud files: binary little-endian PLY with xyz, colour and an optional scalar per point."""
+"""Array files: binary little-endian PLY point clouds (xyz, colour and an optional scalar per point) and the
+.npz archives the tools read (points, ground truth, text tables)."""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+NPY_MAGIC = b'\x93NUMPY'
+ZIP_MAGICS = (b'PK\x03\x04', b'PK\x05\x06')      # a zip with members, an empty zip
 
 
 def write_ply(path: str | Path, xyz: np.ndarray, rgb: Optional[np.ndarray] = None,
               scalar: Optional[np.ndarray] = None, scalar_name: str = 'score') -> None:
-    """Write (N, 3) points with optional (N, 3) uint8 colours and an (N,) float scalar to a binary PLY."""
+    """Write (N, 3) points with optional (N, 3) uint8 colours and an (N,) float scalar to a binary PLY
+    (atomically: a crash leaves the previous file)."""
     n = len(xyz)
     fields = [('x', '<f4'), ('y', '<f4'), ('z', '<f4')]
     if rgb is not None:
@@ -25,9 +31,8 @@ def write_ply(path: str | Path, xyz: np.ndarray, rgb: Optional[np.ndarray] = Non
     ply_types = {'<f4': 'float', 'u1': 'uchar'}
     header = ['ply', 'format binary_little_endian 1.0', f'element vertex {n}']
     header += [f'property {ply_types[t]} {name}' for name, t in fields] + ['end_header']
-    with open(path, 'wb') as f:
-        f.write(('\n'.join(header) + '\n').encode('ascii'))
-        f.write(arr.tobytes())
+    from ov3d_ros.core.map_io import write_atomic
+    write_atomic(path, ('\n'.join(header) + '\n').encode('ascii') + arr.tobytes())
 
 
 def read_ply(path: str | Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -42,3 +47,28 @@ def read_ply(path: str | Path) -> Tuple[np.ndarray, np.ndarray]:
     fields = [(line.split()[2], types[line.split()[1]]) for line in lines if line.startswith('property')]
     arr = np.frombuffer(data[end:], dtype=fields, count=n)
     return arr, np.array([f[0] for f in fields])
+
+
+def read_npz(path: str | Path, required: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+    """{name: array} of every array in the .npz archive at ``path``. ValueError naming the file when it cannot be
+    read, is not an .npz archive (an empty file, a plain .npy, other bytes), holds object arrays (never
+    unpickled) or lacks one of the ``required`` arrays."""
+    path = Path(path)
+    needs = f'; needs arrays {", ".join(required)}' if required else ''
+    try:
+        with open(path, 'rb') as f:
+            magic = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise ValueError(f'{path}: cannot read ({e.strerror})') from None
+    if not magic.startswith(ZIP_MAGICS):
+        what = 'an empty file' if not magic else 'a plain .npy array' if magic == NPY_MAGIC else 'another kind of file'
+        raise ValueError(f'{path}: not an .npz archive ({what}{needs})')
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, NotImplementedError) as e:
+        raise ValueError(f'{path}: unreadable .npz archive ({e})') from None
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise ValueError(f'{path}: missing array {", ".join(missing)}{needs}')
+    return arrays

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ov3d_ros.core.camera import PinholeCamera
+from ov3d_ros.core.io import read_npz
 from ov3d_ros.core.mapper import Frame
 from ov3d_ros.datasets import DatasetError
 
@@ -135,14 +136,19 @@ class ScanNetFolder:
 
 
 def read_text_embeddings(path: str | Path) -> Tuple[List[str], np.ndarray]:
-    """(names, (K, C) float32 vectors) from a text_embeddings.npz (arrays ``names`` (K,), ``vectors`` (K, C))."""
+    """(names, (K, C) float32 vectors) from a text_embeddings.npz (arrays ``names`` (K,), ``vectors`` (K, C));
+    DatasetError naming the file for an unreadable file or a table no query could use (see
+    :func:`~ov3d_ros.core.features.precomputed.check_text_table`)."""
+    from ov3d_ros.core.features.precomputed import check_text_table
     try:
-        with np.load(path) as z:
-            names, vectors = [str(n) for n in z['names']], z['vectors'].astype(np.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise DatasetError(f'{path}: not a text embeddings file with arrays names (K,) and vectors (K, C) ({e})') from e
-    if vectors.ndim != 2 or len(names) != len(vectors):
-        raise DatasetError(f'{path}: {len(names)} names but vectors of shape {vectors.shape}')
+        z = read_npz(path, ('names', 'vectors'))
+        names, vectors = [str(n) for n in np.atleast_1d(z['names'])], z['vectors']
+        if not np.issubdtype(vectors.dtype, np.number):
+            raise ValueError(f'{path}: vectors are {vectors.dtype}, not numbers')
+        vectors = vectors.astype(np.float32)
+        check_text_table(names, vectors, str(path))
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     return names, vectors
 
 

@@ -70,3 +70,39 @@ def test_bad_folders_give_clear_errors(tmp_path, frames):
     (root / 'timestamps.txt').write_text('0.1\n0.2\n')
     with pytest.raises(DatasetError, match='2 times for 3 frames'):
         ScanNetFolder(root)
+
+
+@pytest.mark.parametrize('names, vectors, problem', [
+    ([], np.zeros((0, 4)), 'no names'),
+    (['a', 'b'], np.array([[1, 0, 0, 0], [np.nan, 0, 0, 0]]), 'not finite'),
+    (['a', 'b'], np.array([[1, 0, 0, 0], [0, 0, 0, 0]]), 'all zero'),
+    (['a', 'a'], np.eye(2), 'more than once'),
+    (['a', 'b'], np.eye(3), '2 names but vectors of shape'),
+], ids=['empty', 'nan', 'zero', 'duplicate', 'count'])
+def test_unusable_text_tables_are_refused(tmp_path, names, vectors, problem):
+    """A NaN or zero vector scores nothing (and NaN != NaN made every later query refuse the map it made); an
+    empty table answers nothing."""
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+    from ov3d_ros.datasets.scannet_folder import read_text_embeddings
+    path = tmp_path / 'text_embeddings.npz'
+    np.savez(path, names=np.array(names, dtype=str), vectors=vectors)
+    with pytest.raises(DatasetError, match=problem) as e:
+        read_text_embeddings(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(ValueError, match=problem):
+        PrecomputedFeatures(names, vectors)
+
+
+def test_files_that_are_not_npz_archives_are_refused_with_the_file_name(tmp_path):
+    from ov3d_ros.datasets.scannet_folder import read_text_embeddings
+    (tmp_path / 'zero.npz').write_bytes(b'')
+    (tmp_path / 'random.npz').write_bytes(np.random.default_rng(0).bytes(300))
+    np.save(tmp_path / 'plain.npy', np.eye(3))
+    np.savez(tmp_path / 'other.npz', xyz=np.eye(3))
+    np.savez(tmp_path / 'pickled.npz', names=np.array([{'a': 1}], dtype=object), vectors=np.eye(1))
+    for name, problem in (('zero.npz', 'an empty file'), ('random.npz', 'another kind of file'),
+                          ('plain.npy', 'a plain .npy array'), ('other.npz', 'missing array names, vectors'),
+                          ('pickled.npz', 'unreadable .npz archive')):
+        with pytest.raises(DatasetError, match=problem) as e:
+            read_text_embeddings(tmp_path / name)
+        assert str(e.value).startswith(str(tmp_path / name)), str(e.value)

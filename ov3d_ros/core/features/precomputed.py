@@ -10,6 +10,30 @@ import torch.nn.functional as F
 from ov3d_ros.core.features.base import FeatureExtractor
 
 
+def check_text_table(names: Sequence[str], vectors: np.ndarray, where: str = 'precomputed text table') -> None:
+    """ValueError (starting with ``where``) unless ``names`` (K,) are K >= 1 distinct non-empty texts and
+    ``vectors`` (K, D) are finite and non-zero: a NaN or zero vector scores nothing (NaN also makes the table
+    unequal to itself, so a map made with it matches no table), and an empty table answers nothing."""
+    vectors = np.asarray(vectors)
+    if len(names) == 0:
+        raise ValueError(f'{where}: no names (the table needs names (K,) and vectors (K, D) with K >= 1)')
+    if vectors.ndim != 2 or len(names) != len(vectors) or vectors.shape[1] == 0:
+        raise ValueError(f'{where}: {len(names)} names but vectors of shape {vectors.shape} (needs (K, D))')
+    names = [str(n) for n in names]
+    blank = [i for i, n in enumerate(names) if not n.strip()]
+    if blank:
+        raise ValueError(f'{where}: name {blank[0]} is empty')
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f'{where}: names {dupes[:5]} appear more than once')
+    for problem, bad in (('not finite (NaN or inf)', ~np.isfinite(vectors).all(axis=1)),
+                         ('all zero', ~np.any(vectors != 0, axis=1))):
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise ValueError(f'{where}: {len(rows)} of {len(names)} vectors are {problem} (those of '
+                             f'{[names[i] for i in rows[:5]]})')
+
+
 class PrecomputedFeatures(FeatureExtractor):
     """Text side of precomputed features: a table of text embeddings in the features' space.
 
@@ -17,7 +41,7 @@ class PrecomputedFeatures(FeatureExtractor):
     only the names it holds (e.g. the dataset's class names) can be queried.
 
     Args:
-        names: (K,) texts; vectors: (K, D) their embeddings.
+        names: (K,) texts; vectors: (K, D) their embeddings (see :func:`check_text_table`).
     """
 
     name = 'precomputed'
@@ -25,8 +49,7 @@ class PrecomputedFeatures(FeatureExtractor):
     uses_templates = False
 
     def __init__(self, names: Sequence[str], vectors: np.ndarray, device: torch.device | str = 'cpu'):
-        if len(names) != len(vectors):
-            raise ValueError(f'{len(names)} names but {len(vectors)} text vectors')
+        check_text_table(names, vectors)
         self.device = torch.device(device)
         self.names = [str(n) for n in names]
         self.vectors = F.normalize(torch.as_tensor(np.asarray(vectors), dtype=torch.float32), dim=-1).to(self.device)
