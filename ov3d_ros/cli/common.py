@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -88,6 +89,27 @@ def build_config(args) -> MapperConfig:
     return cfg
 
 
+def check_output(out: Path, inputs: Sequence[Optional[Path]] = (), kind: str = 'map') -> Path:
+    """``out``, when a tool may write its ``kind`` of file ('map', 'PLY', 'npz') there. CliError when it is one of
+    the ``inputs`` (the answer would replace what it was made from), a folder, an existing file that is not an
+    ov3d map for a map, or an existing map for another kind of file: files that are not ours are never replaced
+    (as the node's saves), nor maps by something else."""
+    from ov3d_ros.core.map_io import is_map_file
+    out = Path(out)
+    for path in inputs:
+        if path is not None and out.exists() and Path(path).exists() and os.path.samefile(path, out):
+            raise CliError(f'{out}: --out is also an input ({path}); choose another file')
+    if out.is_dir():
+        raise CliError(f'{out}: --out is a folder; give a file name')
+    if os.path.lexists(out):
+        if kind == 'map' and not is_map_file(out):
+            raise CliError(f'{out} exists and is not an ov3d map file; it is never replaced (choose another name '
+                           'or remove it)')
+        if kind != 'map' and is_map_file(out):
+            raise CliError(f'{out} is an ov3d map file; it is never replaced by a {kind} (choose another name)')
+    return out
+
+
 def is_bag(path: Path) -> bool:
     return path.suffix in ('.mcap', '.db3') or (path / 'metadata.yaml').exists()
 
@@ -109,11 +131,11 @@ class Input:
     def gt_points(self) -> dict:
         if self.gt_path is None or not self.gt_path.exists():
             raise CliError(f'{self.path}: no ground truth (gt_points.npz) found; pass --gt FILE')
-        with np.load(self.gt_path) as z:
-            gt = {k: z[k] for k in z.files}
-        for key in ('xyz', 'label', 'names'):
-            if key not in gt:
-                raise CliError(f'{self.gt_path}: missing array {key!r} (needs xyz, label, names)')
+        from ov3d_ros.core.io import read_npz
+        try:
+            gt = read_npz(self.gt_path, ('xyz', 'label', 'names'))
+        except ValueError as e:
+            raise CliError(str(e)) from None
         if len(gt['xyz']) != len(gt['label']):
             raise CliError(f'{self.gt_path}: {len(gt["xyz"])} points but {len(gt["label"])} labels')
         return gt

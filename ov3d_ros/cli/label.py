@@ -8,13 +8,16 @@ and ``names``.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ov3d_ros.cli.common import CliError
+from ov3d_ros.cli.common import CliError, check_output
+from ov3d_ros.core.io import read_npz
+from ov3d_ros.core.map_io import write_atomic
 from ov3d_ros.core.mapper import Mapper
 from ov3d_ros.datasets.scannet_folder import read_text_embeddings
 
@@ -32,30 +35,42 @@ def add_arguments(p) -> None:
 
 
 def read_vocab(path: Path) -> list:
+    """Class names of a vocabulary file, one a line; CliError for none, or for a name given twice (up to case: its
+    second index would never be used)."""
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not names:
         raise CliError(f'{path}: no class names (one per line)')
+    seen = {}
+    for n in names:
+        if n.lower() in seen:
+            raise CliError(f'{path}: class name {n!r} appears twice (as {seen[n.lower()]!r}); names must be unique '
+                           '(case-insensitive)')
+        seen[n.lower()] = n
     return names
 
 
+def npz_path(path: Path) -> Path:
+    """The file np.savez writes for ``path`` (it adds .npz to a name without it)."""
+    return path if str(path).endswith('.npz') else path.with_name(path.name + '.npz')
+
+
 def run(args) -> int:
-    mapper = Mapper.from_file(args.map, args.device)
-    if args.vocab:
-        names = read_vocab(args.vocab)
-        labels = mapper.voxel_labels(names)
-    else:
-        names, vectors = read_text_embeddings(args.text_embeddings)
-        dim = mapper.extractor.dim
-        if vectors.ndim != 2 or vectors.shape[1] != dim:
-            raise CliError(f'{args.text_embeddings}: vectors must be (K, {dim}), got {vectors.shape}')
-        labels = mapper.classify(torch.nn.functional.normalize(torch.from_numpy(vectors), dim=-1))[0]
-    with np.load(args.points) as z:
-        if 'xyz' not in z.files:
-            raise CliError(f'{args.points}: needs an array xyz (N, 3)')
-        xyz = z['xyz']
+    out = check_output(npz_path(args.out), [args.map, args.vocab, args.text_embeddings, args.points], 'npz')
+    xyz = read_npz(args.points, ('xyz',))['xyz']
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise CliError(f'{args.points}: xyz must be (N, 3), got {xyz.shape}')
+    names, vectors = (read_vocab(args.vocab), None) if args.vocab else read_text_embeddings(args.text_embeddings)
+    mapper = Mapper.from_file(args.map, args.device)
+    if args.vocab:
+        labels = mapper.voxel_labels(names)
+    else:
+        dim = mapper.extractor.dim
+        if vectors.shape[1] != dim:
+            raise CliError(f'{args.text_embeddings}: vectors must be (K, {dim}), got {vectors.shape}')
+        labels = mapper.classify(torch.nn.functional.normalize(torch.from_numpy(vectors), dim=-1))[0]
     label = mapper.label_points(xyz, labels, args.max_distance)
-    np.savez_compressed(args.out, label=label, names=np.array(names))
-    print(json.dumps({'points': len(label), 'unobserved': int((label < 0).sum()), 'out': str(args.out)}))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, label=label, names=np.array(names))
+    write_atomic(out, buf.getvalue())
+    print(json.dumps({'points': len(label), 'unobserved': int((label < 0).sum()), 'out': str(out)}))
     return 0

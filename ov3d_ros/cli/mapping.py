@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from ov3d_ros.cli.batch import Job, add_batch_arguments, expand_inputs, report_failures, run_jobs
-from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, make_mapper,
-                                 map_input, open_input)
+from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, check_output,
+                                 make_mapper, map_input, open_input)
 
 
 def add_arguments(p) -> None:
@@ -41,9 +41,10 @@ def map_one(path: str, out: Path, args: argparse.Namespace) -> dict:
 
 
 def output_paths(inputs, out: Path):
-    """Map file per input: ``out`` itself for one input, else ``out/NAME.ov3dmap`` (names must differ)."""
+    """Map file per input: ``out`` itself for one input, else ``out/NAME.ov3dmap`` (names must differ); each may
+    be new or an ov3d map, never another file (see :func:`check_output`)."""
     if len(inputs) == 1 and not out.is_dir():
-        return [out]
+        return [check_output(out, [Path(inputs[0])])]
     if out.suffix == '.ov3dmap':
         raise CliError(f'{len(inputs)} inputs need a folder for --out, got the file name {out}')
     names = [Path(p.rstrip('/')).stem if Path(p).suffix in ('.mcap', '.db3') else Path(p.rstrip('/')).name
@@ -51,7 +52,7 @@ def output_paths(inputs, out: Path):
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise CliError(f'several inputs are called {", ".join(dupes)}; map them into different folders')
-    return [out / f'{n}.ov3dmap' for n in names]
+    return [check_output(out / f'{n}.ov3dmap') for n in names]
 
 
 def run(args) -> int:

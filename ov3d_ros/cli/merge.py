@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ov3d_ros.cli.common import CliError
+from ov3d_ros.cli.common import CliError, check_output
 from ov3d_ros.core.merge import MergeError, merge_files, read_transform, transform_from_pose
 
 
@@ -38,6 +38,7 @@ def _index(n: str, count: int) -> int:
 
 
 def run(args) -> int:
+    check_output(args.out, args.maps)
     transforms = [None] * len(args.maps)
     try:
         for n, path in args.transform:

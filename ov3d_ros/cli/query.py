@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ov3d_ros.cli.common import check_output
 from ov3d_ros.core.io import write_ply
 from ov3d_ros.core.mapper import Mapper
 
@@ -21,6 +22,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    check_output(args.out, [args.map], 'PLY')
     mapper = Mapper.from_file(args.map, args.device)
     seg = mapper.segment(args.text, args.negatives, args.threshold)
     write_ply(args.out, seg.xyz, seg.rgb, seg.scores)

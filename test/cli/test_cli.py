@@ -240,3 +240,71 @@ def test_the_tools_print_the_vit_precision_warning_and_hint(capsys, monkeypatch)
         lines = [line for line in err.splitlines() if line.startswith(('warning: ', 'note: '))]
         assert [line[:len(expect)] for line in lines] == ([expect] if expect else []), err
         assert not expect or f'features.dtype {dtype!r}' in lines[0]
+
+
+@pytest.fixture(scope='module')
+def sim_map(scenes, tmp_path_factory):
+    m = tmp_path_factory.mktemp('maps') / 's.ov3dmap'
+    assert main(['map', str(scenes / 'scene_0003'), '--out', str(m), '--set', 'keyframes.min_translation_m=0.0']
+                + SIM) == 0
+    return m
+
+
+def test_label_refuses_unusable_inputs_with_the_file_name(scenes, sim_map, tmp_path, capsys):
+    """Files that are not .npz archives, text tables with NaN or zero vectors or no names, and a vocabulary
+    naming a class twice: exit 2 with a reason naming the file, never a traceback, a crash or an all-class-0
+    answer; nothing is written."""
+    points, out = scenes / 'scene_0003' / 'gt_points.npz', tmp_path / 'pred.npz'
+    vocab = tmp_path / 'vocab.txt'
+    vocab.write_text('wall\nfloor\n')
+    (tmp_path / 'zero.npz').write_bytes(b'')
+    (tmp_path / 'random.npz').write_bytes(np.random.default_rng(0).bytes(300))
+    np.save(tmp_path / 'plain.npy', np.zeros((5, 3)))
+    d = 16                                                  # the simulated features' dimension does not matter:
+    np.savez(tmp_path / 'nan.npz', names=np.array(['wall', 'floor']), vectors=np.full((2, d), np.nan))
+    np.savez(tmp_path / 'zeros.npz', names=np.array(['wall', 'floor']), vectors=np.zeros((2, d)))
+    np.savez(tmp_path / 'empty.npz', names=np.array([], dtype=str), vectors=np.zeros((0, d)))
+    (tmp_path / 'dup.txt').write_text('wall\nWall\nfloor\n')
+    cases = [(['--vocab', str(vocab), '--points', str(tmp_path / n)], n, why)
+             for n, why in (('zero.npz', 'an empty file'), ('random.npz', 'another kind of file'),
+                            ('plain.npy', 'a plain .npy array'))]
+    cases += [(['--text-embeddings', str(tmp_path / n), '--points', str(points)], n, why)
+              for n, why in (('nan.npz', 'not finite'), ('zeros.npz', 'all zero'), ('empty.npz', 'no names'),
+                             ('plain.npy', 'a plain .npy array'))]
+    cases += [(['--vocab', str(tmp_path / 'dup.txt'), '--points', str(points)], 'dup.txt', "'Wall' appears twice")]
+    for extra, name, why in cases:
+        assert main(['label', str(sim_map), '--out', str(out)] + extra) == 2, name
+        err = capsys.readouterr().err
+        assert f'{tmp_path / name}: ' in err and why in err, err
+        assert not out.exists()
+
+
+def test_outputs_never_replace_inputs_or_files_that_are_not_maps(scenes, sim_map, tmp_path, capsys):
+    """A query or label --out naming its map, a map or merge --out over a file that is not an ov3d map: exit 2,
+    both files untouched. Outputs into a missing folder create it; label prints the file it really wrote."""
+    import shutil
+    m = tmp_path / 'a.ov3dmap'
+    shutil.copy(sim_map, m)
+    before = m.read_bytes()
+    victim = tmp_path / 'victim.txt'
+    victim.write_text('precious')
+    points = shutil.copy(scenes / 'scene_0003' / 'gt_points.npz', tmp_path / 'points.npz')
+    (tmp_path / 'vocab.txt').write_text('wall\nfloor\n')
+    for argv, why in (
+            (['query', str(m), 'wall', '--out', str(m)], 'is also an input'),
+            (['label', str(m), '--vocab', str(tmp_path / 'vocab.txt'), '--points', str(points), '--out',
+              str(tmp_path / 'points')], 'is also an input'),
+            (['query', str(sim_map), 'wall', '--out', str(m)], 'is an ov3d map file'),
+            (['map', str(scenes / 'scene_0003'), '--out', str(victim)] + SIM, 'is not an ov3d map file'),
+            (['merge', str(m), str(sim_map), '--out', str(victim)], 'is not an ov3d map file'),
+            (['merge', str(m), str(sim_map), '--out', str(m)], 'is also an input')):
+        assert main(argv) == 2, argv
+        assert why in capsys.readouterr().err, argv
+    assert m.read_bytes() == before and victim.read_text() == 'precious' and len(np.load(points)['xyz']) > 0
+    assert main(['query', str(m), 'wall', '--out', str(tmp_path / 'new' / 'wall.ply')]) == 0
+    assert (tmp_path / 'new' / 'wall.ply').stat().st_size > 0
+    capsys.readouterr()
+    assert main(['label', str(m), '--vocab', str(tmp_path / 'vocab.txt'), '--points', str(points),
+                 '--out', str(tmp_path / 'pred')]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['out'] == str(tmp_path / 'pred.npz')
+    assert (tmp_path / 'pred.npz').exists() and not list(tmp_path.glob('.*.tmp'))
