@@ -194,6 +194,12 @@ def run(args) -> int:
     names = [v[0] for v in variants]
     if len(set(names)) != len(names):
         raise CliError(f'variant names must be unique, got {names}')
+    for name, *overrides in variants if args.queries else ():
+        cfg = build_config(args)
+        update_from_dict(cfg, parse_overrides(overrides))
+        if cfg.features.source == 'precomputed':     # refused before mapping, not after it
+            raise CliError(f'--queries: variant {name} uses precomputed features, whose text table embeds only its '
+                           "own names, not the synonym and paraphrase queries (e.g. 'couch'); drop --queries")
     inputs = expand_inputs(args.inputs)
     worker_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != 'run'})
     batch = len(inputs) > 1

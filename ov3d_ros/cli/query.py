@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ov3d_ros.cli.common import check_output
+from ov3d_ros.cli.common import check_output, say_once
 from ov3d_ros.core.io import write_ply
 from ov3d_ros.core.mapper import Mapper
 
@@ -24,6 +24,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     check_output(args.out, [args.map], 'PLY')
     mapper = Mapper.from_file(args.map, args.device)
+    if not args.negatives and not mapper.extractor.uses_templates:
+        # a fixed text table: the default negatives it lacks are left out (see MapSnapshot.negatives_for)
+        negs = mapper.view(refresh=False).negatives_for(args.text, [])
+        if len(negs) < len(mapper.cfg.query.default_negatives):
+            say_once('note', f'negatives {negs}: the default negatives that the map\'s text table holds')
     seg = mapper.segment(args.text, args.negatives, args.threshold)
     write_ply(args.out, seg.xyz, seg.rgb, seg.scores)
     print(json.dumps({'text': args.text, 'points': len(seg.xyz), 'out': str(args.out),

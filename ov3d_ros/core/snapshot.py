@@ -147,7 +147,10 @@ class MapSnapshot:
         """The negatives a query of ``text`` is scored against: ``negatives`` (or ``query.default_negatives`` when
         all are blank), unique and without the query itself, compared case-folded with whitespace collapsed (the
         tokenizers lowercase, so 'Wall' against 'wall' would tie everywhere). When that leaves none, the default
-        negatives minus the query; ValueError when there are none either (every voxel would score 1)."""
+        negatives minus the query; ValueError when there are none either (every voxel would score 1). A feature
+        source with a fixed text table (``uses_templates`` False: precomputed features) gets the default negatives
+        its table holds; ValueError when it holds none. Negatives asked for are used as given (a missing one is an
+        error of the query)."""
         def usable(names):
             seen, out = {normalise_text(text)}, []
             for n in names:
@@ -157,12 +160,28 @@ class MapSnapshot:
                     out.append(' '.join(n.split()))
             return out
         negs = usable(negatives)
-        if not negs:
-            negs = usable(self.cfg.query.default_negatives)
+        if negs:
+            return negs
+        defaults = list(self.cfg.query.default_negatives)
+        negs = usable(defaults)
+        if negs and not self.uses_templates:
+            # a fixed text table (precomputed features) embeds only its own texts: the defaults it holds
+            negs = [n for n in negs if self._embeddable(n)]
+            if not negs:
+                raise ValueError(f'the feature source\'s text table holds none of query.default_negatives {defaults}; '
+                                 'give negatives from the table')
         if not negs:
             raise ValueError(f'no negative text differs from the query {text!r} (query.default_negatives: '
-                             f'{list(self.cfg.query.default_negatives)}); give negatives that name something else')
+                             f'{defaults}); give negatives that name something else')
         return negs
+
+    def _embeddable(self, text: str) -> bool:
+        """Whether the feature source can embed ``text`` (a fixed text table refuses texts it lacks)."""
+        try:
+            self.embed_texts([text])
+        except ValueError:
+            return False
+        return True
 
     def segment(self, text: str, negatives: Optional[Sequence[str]] = None, threshold: float = 0.0) -> Segment:
         """The answer of :meth:`query` as points: voxel centres, colours and scores."""

@@ -128,6 +128,16 @@ def test_precomputed_features_from_any_2d_model(scenes, tmp_path, capsys):
     with np.load(tmp_path / 'pred.npz') as p, np.load(folder / 'gt_points.npz') as gt:
         seen = p['label'] >= 0
         assert seen.mean() > 0.3 and np.mean(p['label'][seen] == gt['label'][seen]) > 0.8
+    capsys.readouterr()
+    # the table lacks the default negative 'object': the defaults it holds are used, and the note says which
+    assert main(['query', str(m), 'chair', '--out', str(tmp_path / 'chair.ply')]) == 0
+    assert "negatives ['wall', 'floor', 'ceiling']" in capsys.readouterr().err
+    assert main(['query', str(m), 'chair', '--negatives', 'object', '--out', str(tmp_path / 'chair.ply')]) == 2
+    assert "no text embedding for ['object']" in capsys.readouterr().err
+    # synonym queries cannot be embedded by a fixed table: refused before mapping
+    assert main(['eval', str(folder), '--out', str(tmp_path / 'ev'), '--features', 'precomputed', '--queries',
+                 '--quiet']) == 2
+    assert '--queries: variant raw uses precomputed features' in capsys.readouterr().err
     (folder / 'features' / '000002.npy').unlink()
     assert main(['map', str(folder), '--out', str(m), '--features', 'precomputed', '--quiet']) == 2
     assert 'features' in capsys.readouterr().err

@@ -215,3 +215,19 @@ def test_text_embeddings_are_thread_safe_and_encoded_once():
     for i in range(0, len(words), 5):
         for k in range(1, 4):
             assert torch.equal(results[k, i], results[0, i])
+
+
+def test_a_fixed_text_table_gets_the_default_negatives_it_holds():
+    """Precomputed features embed only their table's texts: a query without negatives is scored against the
+    default negatives in the table (not refused for 'object'); a table with none of them is refused with that
+    reason; negatives asked for stay as given."""
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+    mapper = Mapper(MapperConfig(), PrecomputedFeatures(['chair', 'wall', 'floor'], np.eye(3)))
+    assert mapper.cfg.query.default_negatives == ['wall', 'floor', 'ceiling', 'object']
+    assert mapper.view(refresh=False).negatives_for('chair', []) == ['wall', 'floor']
+    assert mapper.query('chair').rows.numel() == 0                   # an empty map answers, nothing refused
+    with pytest.raises(ValueError, match="no text embedding for \\['object'\\]"):
+        mapper.query('chair', ['object'])
+    bare = Mapper(MapperConfig(), PrecomputedFeatures(['chair', 'sofa'], np.eye(2)))
+    with pytest.raises(ValueError, match='holds none of query.default_negatives'):
+        bare.query('chair')
