@@ -22,7 +22,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ov3d_ros.tools.web_view import MapWebView
+    from ov3d_ros.tools.web_view import MapWebView, check_address
+    check_address(args.host, args.port)           # before the map is read: a bad port or host fails at once
     mapper = Mapper.from_file(args.map, args.device)
     if args.vocab:
         mapper.set_vocabulary([n.strip() for n in args.vocab.read_text().splitlines() if n.strip()])

@@ -249,7 +249,10 @@ class MapWebView:
 def check_address(host: str, port: int, next_free_port: bool = True) -> None:
     """RuntimeError saying why ``host:port`` cannot be served: a host that does not resolve or is not an address
     of this machine, or (``next_free_port`` False) a port in use. viser would otherwise retry the next 1000 ports
-    of an unusable host and never return, or move to the next free port without saying so."""
+    of an unusable host and never return, or move to the next free port without saying so; a port outside
+    0..65535 fails in its server thread and leaves the caller waiting forever."""
+    if not 0 <= port <= 65535:
+        raise RuntimeError(f'cannot serve on {host}:{port}: the port must be in 0..65535')
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:

@@ -112,3 +112,14 @@ def test_without_viser_the_view_says_what_to_install(room_mapper, monkeypatch):
     monkeypatch.setitem(sys.modules, 'viser', None)             # what `import viser` meets where it is missing
     with pytest.raises(RuntimeError, match='the browser view needs viser: pip install viser'):
         MapWebView(room_mapper, port=0)
+
+
+@pytest.mark.parametrize('port', [70000, 65536, -1])
+def test_a_port_outside_the_range_is_refused_before_the_map_is_read(tmp_path, capsys, port):
+    """Once a traceback from the server thread and a hang (70000), or 'the host does not resolve' (-1)."""
+    from ov3d_ros.cli.main import main
+    from ov3d_ros.tools.web_view import check_address
+    with pytest.raises(RuntimeError, match=f'cannot serve on 127.0.0.1:{port}: the port must be in 0..65535'):
+        check_address('127.0.0.1', port)
+    assert main(['view', str(tmp_path / 'missing.ov3dmap'), '--port', str(port)]) == 2     # the port, not the map
+    assert 'the port must be in 0..65535' in capsys.readouterr().err
