@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -139,16 +140,56 @@ def read_header(blob: bytes, name: str = 'map file', payload_sha256: Optional[st
         meta = json.loads(blob[8:8 + header_len]).get('__metadata__') or {}
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise MapFileError(f'{name}: not a safetensors map file ({e})') from e
+    if not isinstance(meta, dict):
+        raise MapFileError(f'{name}: not a safetensors map file (metadata is not an object)')
     if meta.get('format') != MAP_FORMAT:
         raise MapFileError(f'{name}: not an {MAP_FORMAT} file (format {meta.get("format")!r})')
-    version = int(meta.get('format_version', -1))
+    try:
+        version = int(meta.get('format_version', -1))
+    except (TypeError, ValueError):
+        raise MapFileError(f'{name}: invalid map header (format_version {meta.get("format_version")!r} is not an '
+                           'integer)') from None
     if version != MAP_FORMAT_VERSION:
         relation = 'newer' if version > MAP_FORMAT_VERSION else 'older'
         raise MapFileError(f'{name}: map format version {version} is {relation} than this ov3d_ros reads '
                            f'({MAP_FORMAT_VERSION})')
     if meta.get('payload_sha256') != (payload_sha256 or _payload_sha256(blob)):
         raise MapFileError(f'{name}: checksum mismatch, the file is corrupt or truncated')
+    problem = _header_problem(meta)         # the checksum covers the payload only: an edited header gets past it
+    if problem:
+        raise MapFileError(f'{name}: invalid map header ({problem})')
     return meta
+
+
+def _header_problem(meta: dict) -> Optional[str]:
+    """What is wrong with the types and values of a map file's metadata (None: usable), so every reader gets a
+    MapFileError rather than a TypeError, or a NaN voxel size that places every voxel at NaN."""
+    try:
+        voxel_size = float(meta.get('voxel_size_m'))
+        dim = int(meta.get('dim'))
+    except (TypeError, ValueError):
+        return f'voxel_size_m {meta.get("voxel_size_m")!r} or dim {meta.get("dim")!r} is not a number'
+    if not math.isfinite(voxel_size) or voxel_size <= 0:
+        return f'voxel_size_m must be a finite number > 0, got {voxel_size}'
+    if dim < 1:
+        return f'dim must be >= 1, got {dim}'
+    try:
+        layers = json.loads(meta['layers']) if 'layers' in meta else {}
+        info = json.loads(meta.get('info', '{}'))
+    except (TypeError, ValueError) as e:
+        return f'layers or info is not JSON ({e})'
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        return 'layers must be an object of {name: {width, dtype, feature}}'
+    if not isinstance(info, dict):
+        return f'info must be an object, got {type(info).__name__}'
+    config = info.get('config', {})
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        return 'info.config must be an object of {section: {key: value}}'
+    for key in ('class_names', 'text_names', 'vocabulary'):
+        names = info.get(key)
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            return f'info.{key} must be a list of strings'
+    return None
 
 
 def is_map_file(path: str | Path) -> bool:

@@ -162,3 +162,37 @@ def test_files_get_the_mode_a_plain_open_gives(tmp_path):
     assert (tmp_path / 'new.bin').stat().st_mode & 0o777 == 0o644
     assert (tmp_path / 'g.bin').stat().st_mode & 0o777 == 0o640
     assert (tmp_path / 'kept.bin').stat().st_mode & 0o777 == 0o640 and (tmp_path / 'kept.bin').read_bytes() == b'new'
+
+
+def with_metadata(blob: bytes, **changes) -> bytes:
+    """``blob`` with its header metadata edited (the payload and its checksum unchanged)."""
+    (n,) = struct.unpack('<Q', blob[:8])
+    header = json.loads(blob[8:8 + n])
+    header['__metadata__'].update(changes)
+    text = json.dumps(header).encode()
+    text += b' ' * (-len(text) % 8)
+    return struct.pack('<Q', len(text)) + text + blob[8 + n:]
+
+
+@pytest.mark.parametrize('changes, problem', [
+    ({'voxel_size_m': 'nan'}, 'voxel_size_m must be a finite number > 0, got nan'),
+    ({'voxel_size_m': '0'}, 'voxel_size_m must be a finite number > 0'),
+    ({'dim': 'abc'}, "dim 'abc' is not a number"),
+    ({'format_version': 'abc'}, "format_version 'abc' is not an integer"),
+    ({'info': '[]'}, 'info must be an object, got list'),
+    ({'info': 'null'}, 'info must be an object, got NoneType'),
+    ({'info': '{"config": 3}'}, 'info.config must be an object'),
+    ({'info': '{"config": {"map": 3}}'}, 'info.config must be an object'),
+    ({'info': '{"class_names": 3}'}, 'info.class_names must be a list of strings'),
+    ({'layers': '[]'}, 'layers must be an object'),
+], ids=['vs_nan', 'vs_zero', 'dim', 'version', 'info_list', 'info_null', 'config', 'section', 'class_names',
+        'layers'])
+@pytest.mark.parametrize('load_map', [load_map, load_extra], ids=['load_map', 'load_extra'])
+def test_edited_headers_are_refused_naming_the_file(tmp_path, load_map, changes, problem):
+    """The checksum covers the payload only: an edited header passed it and gave NaN coordinates or a
+    TypeError/AttributeError in whatever read it next."""
+    path = tmp_path / 'edited.ov3dmap'
+    path.write_bytes(with_metadata(encode_map(small_map(), {'config': {'map': {}}}), **changes))
+    with pytest.raises(MapFileError, match=problem) as e:
+        load_map(path)
+    assert str(e.value).startswith(f'{path}: ')
