@@ -57,8 +57,8 @@ from ov3d_ros.ros.camera_input import CameraInput
 from ov3d_ros.ros.label_volume import LabelVolumeInterface
 from ov3d_ros.ros.map_persistence import MapPersistence
 from ov3d_ros.ros.objects import ObjectsOutput
-from ov3d_ros.ros.params import (LIVE, check, check_node, declare, declare_config, mark_read_only, read_config,
-                                 read_only_reason)
+from ov3d_ros.ros.params import (LIVE, check, check_node, declare, declare_config, mark_read_only, parameter_value,
+                                 read_config, read_only_reason)
 from ov3d_ros.ros.services import create_service
 from ov3d_ros.ros.web_view import WebViewInterface, declare_web_view
 from ov3d_ros.srv import SegmentByText
@@ -69,6 +69,11 @@ try:                                    # optional: no tf2_ros in some installs 
     import tf2_ros
 except ImportError:                     # pragma: no cover - depends on the install
     tf2_ros = None
+
+
+NODE_LIVE = ('sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'tick_rate_hz', 'map_publish_rate_hz',
+             'map_cloud_max_points', 'max_pending_keyframes')
+"""Live parameters the node keeps as attributes of its own (the mapper's live ones are its config's fields)."""
 
 
 class MappingInterface:
@@ -143,6 +148,7 @@ class MappingInterface:
         self._mapping_timers = {}
         self._created = {}
         self._doomed, self._doomed_lock = [], threading.Lock()   # see destroy_soon
+        self._configuring = False
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     def _on_set_parameters(self, params) -> SetParametersResult:
@@ -167,6 +173,9 @@ class MappingInterface:
         if 'pose_to_camera' in new and len(new['pose_to_camera']) not in (7, 7 * len(self.cameras_ns)):
             return SetParametersResult(successful=False, reason=f'pose_to_camera needs 7 or '
                                                                 f'{7 * len(self.cameras_ns)} numbers')
+        if self.mapper is None and self._configuring:    # its values were read; the mapper is not made yet
+            return SetParametersResult(successful=False, reason='the node is being configured (the feature model '
+                                       'is loading); set it again once configure has finished')
         if self.mapper is None:          # not configured: the values are read when it is
             return SetParametersResult(successful=True)
         try:
@@ -284,10 +293,16 @@ class MappingInterface:
             if not any(e is entity for e in self._doomed):
                 self._doomed.append(entity)
 
-    def destroy_doomed(self) -> None:
-        """Destroy what :meth:`destroy_soon` was given. Call it where no executor waits on this node."""
+    def destroy_doomed(self, busy: bool = False) -> None:
+        """Destroy what :meth:`destroy_soon` was given. Call it where no executor waits on this node. ``busy``:
+        callbacks are running on other threads (a multi-threaded executor), which may still publish or answer a
+        request: publishers, services and clients then wait for a call when none runs (a service destroyed under
+        its running callback answered 'cannot use Destroyable', or not at all, in a cleanup during queries)."""
         with self._doomed_lock:
             doomed, self._doomed = self._doomed, []
+            if busy:
+                self._doomed = [e for e in doomed if isinstance(e, (Publisher, Service, Client))]
+                doomed = [e for e in doomed if not isinstance(e, (Publisher, Service, Client))]
         if not doomed:                         # the usual case: spin() calls this after every executor wait
             return
         destroy = ((Timer, self.destroy_timer), (Subscription, self.destroy_subscription),
@@ -298,12 +313,15 @@ class MappingInterface:
     def _configure(self) -> None:
         """Load the feature model, make the map, the services, publishers and TF; validate the frames setup."""
         before = self._track()
+        self._configuring = True
         try:
             self._configure_entities()
         except BaseException:
             self._destroy_since(before)
             self.mapper = None
             raise
+        finally:
+            self._configuring = False
         self._created['configure'] = before
         self._setting_descriptors = True
         try:
@@ -313,6 +331,8 @@ class MappingInterface:
 
     def _configure_entities(self) -> None:
         cfg = read_config(self)
+        for name in NODE_LIVE:           # set while unconfigured (a lifecycle node): what the node runs with
+            setattr(self, name, parameter_value(self, name))
         device = resolve_device(cfg.map.device)
         class_names = None
         if cfg.features.source == 'simulated':
@@ -925,7 +945,8 @@ def spin(node_factory, args=None) -> int:
         while rclpy.ok() and not stop.is_set():
             try:
                 executor.spin_once(timeout_sec=0.1)     # returns often, so a stop request ends it promptly
-                node.destroy_doomed()                   # between two waits: see MappingInterface.destroy_soon
+                # between two waits (see MappingInterface.destroy_soon), and what callbacks use once none runs
+                node.destroy_doomed(busy=any(not f.done() for f in getattr(executor, '_futures', ())))
             except ExternalShutdownException:
                 raise
             except Exception as e:  # a callback that raised: say so, keep the node and its map

@@ -104,3 +104,79 @@ def test_transitions_under_a_stream_never_fail_a_callback(tmp_path):
         log = node.log()
         assert log.count('deactivate: done') == 12 and log.count('cleanup: done') == 3, log[-3000:]
         assert rc == 0 and 'a callback failed' not in log and 'Destroyable' not in log, log[-3000:]
+
+
+def test_parameters_set_before_configure_are_used_and_during_it_refused(monkeypatch):
+    """Values set while the node is unconfigured are those it configures with (the node's own ones too: the
+    timers' rates, the backlog bound); one set while configure loads the model is refused with the reason,
+    never accepted and lost."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+    from ov3d_ros.ros import mapping_node
+    from ov3d_ros.ros.lifecycle_mapping_node import LifecycleMappingNode
+    with private_domain():
+        ctx = rclpy.Context()
+        rclpy.init(context=ctx)
+        node = None
+        try:
+            node = LifecycleMappingNode(context=ctx, parameter_overrides=[
+                Parameter('features.source', value='simulated'), Parameter('pose_source', value='pose')])
+            set_early = node.set_parameters([Parameter('tick_rate_hz', value=5.0),
+                                             Parameter('max_pending_keyframes', value=3),
+                                             Parameter('map_publish_rate_hz', value=2.0),
+                                             Parameter('query.default_threshold', value=0.7)])
+            assert all(r.successful for r in set_early)
+            during = []
+            create = mapping_node.create_extractor
+
+            def create_and_set(*args, **kwargs):       # a `ros2 param set` arriving while the model loads
+                during.append(node.set_parameters([Parameter('query.default_threshold', value=0.3)])[0])
+                return create(*args, **kwargs)
+            monkeypatch.setattr(mapping_node, 'create_extractor', create_and_set)
+            assert node.on_configure(None) == TransitionCallbackReturn.SUCCESS
+            assert (node.tick_rate_hz, node.max_pending_keyframes, node.map_publish_rate_hz) == (5.0, 3, 2.0)
+            [refused] = during
+            assert not refused.successful and 'being configured' in refused.reason
+            assert node.mapper.cfg.query.default_threshold == node.get_parameter('query.default_threshold').value \
+                == 0.7
+            r = node.set_parameters([Parameter('query.default_threshold', value=0.3)])[0]     # configured: applied
+            assert r.successful and node.mapper.cfg.query.default_threshold == 0.3
+        finally:
+            if node is not None:
+                node.on_shutdown(None)
+                node.destroy_node()
+            rclpy.shutdown(context=ctx)
+
+
+def test_publishers_and_services_are_destroyed_only_when_no_callback_runs():
+    """What a lifecycle transition removes goes between two executor waits; publishers, services and clients, which
+    a callback running on another thread may still use (publish, answer a request), wait until none runs."""
+    import rclpy
+    from std_msgs.msg import String
+    from std_srvs.srv import Trigger
+    from ov3d_ros.ros.lifecycle_mapping_node import LifecycleMappingNode
+    with private_domain():
+        ctx = rclpy.Context()
+        rclpy.init(context=ctx)
+        node = None
+        try:
+            node = LifecycleMappingNode(context=ctx)
+            made = [node.create_timer(1.0, lambda: None), node.create_subscription(String, 'x', lambda m: None, 1),
+                    node.create_publisher(String, 'y', 1), node.create_service(Trigger, 'z', lambda q, r: r),
+                    node.create_client(Trigger, 'w')]
+            alive = lambda: [any(e is o for o in (*node.timers, *node.subscriptions, *node.publishers,
+                                                  *node.services, *node.clients)) for e in made]
+            assert alive() == [True] * 5
+            for e in made:
+                node.destroy_soon(e)
+            node.destroy_doomed(busy=True)
+            assert alive() == [False, False, True, True, True]
+            node.destroy_doomed(busy=True)
+            assert alive() == [False, False, True, True, True]
+            node.destroy_doomed()
+            assert alive() == [False] * 5
+        finally:
+            if node is not None:
+                node.destroy_node()
+            rclpy.shutdown(context=ctx)
