@@ -72,8 +72,10 @@ class MapPart:
 def check_rigid(T: np.ndarray, name: str = 'transform') -> np.ndarray:
     """``T`` as a (4, 4) float64 rigid transform; raises MergeError if it is not one."""
     T = np.asarray(T, dtype=np.float64)
-    if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+    if T.shape != (4, 4):
         raise MergeError(f'{name}: a transform must be a finite 4x4 matrix, got shape {T.shape}')
+    if not np.all(np.isfinite(T)):
+        raise MergeError(f'{name}: a transform must be a finite 4x4 matrix, got NaN or inf in it')
     R = T[:3, :3]
     if np.abs(T[3] - [0, 0, 0, 1]).max() > 1e-6 or np.abs(R.T @ R - np.eye(3)).max() > 1e-4 or np.linalg.det(R) < 0:
         raise MergeError(f'{name}: not a rigid transform (rotation must be orthonormal with det +1, last row '

@@ -115,6 +115,10 @@ def test_incompatible_maps_are_refused_with_the_reason():
     shear[0, 1] = 0.5
     with pytest.raises(MergeError, match='not a rigid transform'):
         merge_parts([part(a), part(a, shear)])
+    with pytest.raises(MergeError, match='got NaN or inf in it'):
+        merge_parts([part(a), part(a, np.where(np.eye(4) > 0, np.nan, 0.0))])
+    with pytest.raises(MergeError, match=r'got shape \(3, 3\)'):
+        merge_parts([part(a), part(a, np.eye(3))])
     with pytest.raises(MergeError, match='no maps'):
         merge_parts([])
 
