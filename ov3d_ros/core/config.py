@@ -325,6 +325,17 @@ def _templates(v) -> Optional[str]:
 _templates.constraint = 'templates with exactly one {} each, where the text goes'
 
 
+def texts(then: Optional[Check] = None) -> Check:
+    """A check that takes a list of strings that ``then`` (if given) takes, for the list fields (a bare string set
+    through the Python API would be read as its characters)."""
+    def chk(v):
+        if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+            return 'must be a list of strings'
+        return then(v) if then is not None else None
+    chk.constraint = getattr(then, 'constraint', 'a list of strings')
+    return chk
+
+
 CHECKS: Dict[str, Check] = {
     'map.voxel_size_m': at_least(0.0, strict=True), 'map.min_depth_m': at_least(0.0),
     'map.max_depth_m': at_least(0.0, strict=True), 'map.pixel_stride': at_least(1),
@@ -341,9 +352,9 @@ CHECKS: Dict[str, Check] = {
     'features.sim_fragments': at_least(0.0), 'features.sim_miss_small_px': at_least(0),
     'features.sim_world_confusion': between(0.0, 1.0), 'features.sim_world_cell_m': at_least(0.0, strict=True),
     'features.sim_text_cosine': between(0.0, 1.0),
-    'query.templates': _templates, 'query.repetitions': at_least(1), 'query.temperature': at_least(0.0),
+    'query.templates': texts(_templates), 'query.repetitions': at_least(1), 'query.temperature': at_least(0.0),
     'query.default_threshold': between(0.0, 1.0), 'query.min_observations': at_least(0.0),
-    'query.default_negatives': constrained('at most 32 negatives', lambda v: len(v) <= 32),
+    'query.default_negatives': texts(constrained('at most 32 negatives', lambda v: len(v) <= 32)),
     'purify.affinity': one_of('learned', 'fallback'), 'purify.mode': one_of('incremental', 'whole'),
     'purify.radius_vox': at_least(1), 'purify.iterations': at_least(0), 'purify.scale': at_least(0.0, strict=True),
     'purify.sigma_color': at_least(0.0, strict=True), 'purify.sigma_normal': at_least(0.0, strict=True),
@@ -352,7 +363,7 @@ CHECKS: Dict[str, Check] = {
     'purify.superpoint_k': at_least(0.0), 'purify.superpoint_blend': between(0.0, 1.0),
     'purify.superpoint_min_vox': at_least(0), 'purify.superpoint_block_vox': at_least(0),
     'purify.superpoint_convex': between(0.0, 1.0),
-    'labels.temperature': at_least(0.0), 'labels.smoothing_radius_vox': at_least(0),
+    'labels.vocabulary': texts(), 'labels.temperature': at_least(0.0), 'labels.smoothing_radius_vox': at_least(0),
     'labels.min_component_vox': at_least(0),
     'objects.gap_vox': at_least(0), 'objects.min_voxels': at_least(0),
 }
@@ -398,15 +409,28 @@ def update_from_dict(cfg: MapperConfig, values: Dict[str, Dict[str, Any]]) -> Ma
         for key, value in (items or {}).items():
             if key not in known:
                 raise ValueError(f'unknown config key {section}.{key}')
-            default = getattr(sub, key)
-            if isinstance(default, float) and isinstance(value, int):
-                value = float(value)
-            elif isinstance(default, list):
-                value = list(value)
-            elif not isinstance(value, type(default)):
-                raise ValueError(f'{section}.{key} must be {type(default).__name__}, got {value!r}')
-            setattr(sub, key, value)
+            setattr(sub, key, _typed(f'{section}.{key}', getattr(sub, key), value))
     return cfg
+
+
+def _typed(name: str, default, value):
+    """``value`` as the type of the field's ``default``, or ValueError naming ``name``, the type and the value."""
+    if isinstance(default, list):
+        # every list field is a list of texts; one text (``--set labels.vocabulary=chair``) is a list of one, not
+        # of its characters
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f'{name} must be a list of strings (e.g. [chair, sofa], or [] for none), got {value!r}')
+        bad = [v for v in value if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f'{name} must be a list of strings, got {list(value)!r} ({bad[0]!r} is not a string)')
+        return list(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, type(default)) or (isinstance(value, bool) and not isinstance(default, bool)):
+        raise ValueError(f'{name} must be {type(default).__name__}, got {value!r}')
+    return value
 
 
 def field_docs(cls: type) -> Dict[str, str]:

@@ -140,8 +140,7 @@ def check(name: str, value) -> Optional[str]:
 
 def check_node(node: Node) -> None:
     """Raise ValueError naming every declared parameter of ``node`` whose current value is invalid."""
-    problems = [p for p in (check(n, node.get_parameter(n).value) for n in CHECKS if node.has_parameter(n)
-                            and node.get_parameter(n).type_ != Parameter.Type.NOT_SET) if p]
+    problems = [p for p in (check(n, parameter_value(node, n)) for n in CHECKS if node.has_parameter(n)) if p]
     if problems:
         raise ValueError('; '.join(problems))
 
