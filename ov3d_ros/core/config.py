@@ -7,6 +7,7 @@ field cannot take (``CHECKS``: ranges, choices), for the node, the offline tools
 from __future__ import annotations
 
 import math
+import re
 import string
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional
@@ -413,6 +414,10 @@ def update_from_dict(cfg: MapperConfig, values: Dict[str, Dict[str, Any]]) -> Ma
     return cfg
 
 
+_SCIENTIFIC = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+')
+"""A number in scientific notation, as YAML 1.2 reads it."""
+
+
 def _typed(name: str, default, value):
     """``value`` as the type of the field's ``default``, or ValueError naming ``name``, the type and the value."""
     if isinstance(default, list):
@@ -426,6 +431,14 @@ def _typed(name: str, default, value):
         if bad:
             raise ValueError(f'{name} must be a list of strings, got {list(value)!r} ({bad[0]!r} is not a string)')
         return list(value)
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool) \
+            and _SCIENTIFIC.fullmatch(value.strip()):
+        number = float(value)        # YAML 1.1 reads 1e-1 (no dot in the mantissa) as a string
+        if isinstance(default, float):
+            return number
+        if number.is_integer():
+            return int(number)
+        raise ValueError(f'{name} must be int, got {value!r} ({number:g} is not a whole number)')
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, type(default)) or (isinstance(value, bool) and not isinstance(default, bool)):

@@ -34,3 +34,15 @@ def test_validate_refuses_a_bare_string_for_a_list_field():
     cfg.labels.vocabulary = 'chair'
     with pytest.raises(ValueError, match=r"^labels.vocabulary must be a list of strings, got 'chair'$"):
         validate(cfg)
+
+
+def test_scientific_notation_is_a_number():
+    """YAML 1.1 (PyYAML) reads 1e-1 as a string; number fields take it, int fields where it is whole."""
+    cfg = _set('map.voxel_size_m=1e-1', 'keyframes.max_interval_s=2E0', 'map.initial_capacity=1e3')
+    assert cfg.map.voxel_size_m == 0.1 and cfg.keyframes.max_interval_s == 2.0
+    assert cfg.map.initial_capacity == 1000 and type(cfg.map.initial_capacity) is int
+    with pytest.raises(ValueError, match=r"^map.pixel_stride must be int, got '2.5e0' \(2.5 is not a whole number\)$"):
+        _set('map.pixel_stride=2.5e0')
+    assert _set('features.model=1e3').features.model == '1e3'          # a text field keeps its text
+    with pytest.raises(ValueError, match=r"^map.voxel_size_m must be float, got 'e-1'$"):
+        _set('map.voxel_size_m=e-1')
