@@ -339,7 +339,8 @@ def texts(then: Optional[Check] = None) -> Check:
 
 CHECKS: Dict[str, Check] = {
     'map.voxel_size_m': at_least(0.0, strict=True), 'map.min_depth_m': at_least(0.0),
-    'map.max_depth_m': at_least(0.0, strict=True), 'map.pixel_stride': at_least(1),
+    # a stride of 64 keeps 10 x 8 pixels of a 640 x 480 image; larger ones leave a keyframe a voxel or two
+    'map.max_depth_m': at_least(0.0, strict=True), 'map.pixel_stride': between(1, 64),
     'map.initial_capacity': at_least(1), 'map.max_voxels': at_least(0), 'map.clear_radius_m': at_least(0.0),
     'map.compress_dim': at_least(0), 'map.max_weight': at_least(0.0),
     'keyframes.min_translation_m': at_least(0.0), 'keyframes.min_rotation_deg': at_least(0.0),
@@ -376,6 +377,8 @@ def check(name: str, value, checks: Dict[str, Check] = CHECKS) -> Optional[str]:
     """What is wrong with ``value`` for ``name`` ('map.max_depth_m must be ..., got -2.0'), or None."""
     chk = checks.get(name)
     problem = chk(value) if chk is not None else None
+    if not problem and isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 63:
+        problem = 'must fit in 64 bits (a ROS integer parameter; torch indices are int64)'
     return f'{name} {problem}, got {value!r}' if problem else None
 
 

@@ -54,11 +54,15 @@ class Mapper:
         cfg: the mapper config.
         extractor: the 2D feature source (its device is used for the map).
     Raises:
-        ValueError: naming every config value out of its range or choices (``ov3d_ros.core.config.validate``).
+        ValueError: naming every config value out of its range or choices (``ov3d_ros.core.config.validate``), or
+            a ``map.compress_dim`` above the feature source's dimension.
     """
 
     def __init__(self, cfg: MapperConfig, extractor: FeatureExtractor):
         validate(cfg)
+        if cfg.map.compress_dim > extractor.dim:        # would be stored uncompressed without a word
+            raise ValueError(f'map.compress_dim {cfg.map.compress_dim} is more than the {extractor.dim} dimensions of '
+                             f'the {extractor.name} features; give 1..{extractor.dim} (0 = uncompressed)')
         self.cfg = cfg
         self.extractor = extractor
         self.device = extractor.device

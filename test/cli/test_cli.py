@@ -97,9 +97,11 @@ def test_bad_input_gives_clear_errors(scenes, tmp_path, capsys):
     assert 'unknown config key map.voxel_size' in capsys.readouterr().err
     scene = scenes / 'scene_0003'
     for value, problem in (('map.max_depth_m=0.05', 'map.min_depth_m (0.1) must be below map.max_depth_m (0.05)'),
-                           ('map.pixel_stride=0', 'map.pixel_stride must be a finite number >= 1, got 0'),
+                           ('map.pixel_stride=0', 'map.pixel_stride must be a number in [1, 64], got 0'),
                            ('labels.vocabulary=5', 'labels.vocabulary must be a list of strings'),
-                           ('labels.vocabulary=', 'labels.vocabulary must be a list of strings')):
+                           ('labels.vocabulary=', 'labels.vocabulary must be a list of strings'),
+                           ('map.pixel_stride=100000000000000000000', 'map.pixel_stride must be a number in [1, 64]'),
+                           ('map.compress_dim=100000', 'map.compress_dim 100000 is more than the 384 dimensions')):
         # once an empty map (rc 0) or a stride the lifting took as 1: refused before anything is mapped
         assert main(['map', str(scene), '--out', str(tmp_path / 'y.ov3dmap'), '--set', value] + SIM) == 2
         assert problem in capsys.readouterr().err

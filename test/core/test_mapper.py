@@ -141,13 +141,18 @@ def test_mapper_refuses_config_values_out_of_range():
                         ('map.compress_dim', -2), ('query.default_threshold', 2.0), ('purify.iterations', -1),
                         ('labels.temperature', -1.0), ('keyframes.min_translation_m', float('nan')),
                         ('features.sim_patch_px', 0), ('features.sim_view_flip', 1.5), ('objects.gap_vox', -1),
-                        ('query.templates', ['no placeholder']), ('features.source', 'bogus')):
+                        ('query.templates', ['no placeholder']), ('features.source', 'bogus'),
+                        ('map.pixel_stride', 10 ** 20), ('map.pixel_stride', 65), ('map.max_voxels', 2 ** 63)):
         section, key = name.split('.')
         bad = MapperConfig()
         bad.features.source = 'simulated'
         setattr(getattr(bad, section), key, value)
         with pytest.raises(ValueError, match=rf'^{name} (must|every)'):
             Mapper(bad, extractor)
+    bad = MapperConfig()
+    bad.features.source, bad.map.compress_dim = 'simulated', extractor.dim + 1   # was stored uncompressed
+    with pytest.raises(ValueError, match=rf'^map.compress_dim {extractor.dim + 1} is more than the {extractor.dim} '):
+        Mapper(bad, extractor)
     bad = MapperConfig()
     bad.map.min_depth_m, bad.map.max_depth_m, bad.map.voxel_size_m = 6.0, 5.0, 0.0
     with pytest.raises(ValueError) as e:
