@@ -337,6 +337,13 @@ def texts(then: Optional[Check] = None) -> Check:
     return chk
 
 
+_MAX_RADIUS_VOX = 3
+"""Neighbourhood radii (purify.radius_vox, labels.smoothing_radius_vox): a query or re-pool holds every voxel's
+neighbour rows, (V, M) int64 plus (V, M) float32 weights with M the ball's cells (radius 1 / 2 / 3 / 4 / 20: 7 / 33
+/ 123 / 257 / 33 401), 1.5 GB at radius 3 for a map of 1e6 voxels (3 GB at 4, 400 GB at 20). 3 is the largest radius
+tuned (README, ``tune_radius``); the defaults are 2 and 1."""
+
+
 CHECKS: Dict[str, Check] = {
     'map.voxel_size_m': at_least(0.0, strict=True), 'map.min_depth_m': at_least(0.0),
     # a stride of 64 keeps 10 x 8 pixels of a 640 x 480 image; larger ones leave a keyframe a voxel or two
@@ -358,14 +365,16 @@ CHECKS: Dict[str, Check] = {
     'query.default_threshold': between(0.0, 1.0), 'query.min_observations': at_least(0.0),
     'query.default_negatives': texts(constrained('at most 32 negatives', lambda v: len(v) <= 32)),
     'purify.affinity': one_of('learned', 'fallback'), 'purify.mode': one_of('incremental', 'whole'),
-    'purify.radius_vox': at_least(1), 'purify.iterations': at_least(0), 'purify.scale': at_least(0.0, strict=True),
+    'purify.radius_vox': between(1, _MAX_RADIUS_VOX), 'purify.iterations': at_least(0),
+    'purify.scale': at_least(0.0, strict=True),
     'purify.sigma_color': at_least(0.0, strict=True), 'purify.sigma_normal': at_least(0.0, strict=True),
     'purify.sigma_distance_vox': at_least(0.0, strict=True), 'purify.margin_vox': at_least(0),
     'purify.pool_dim': at_least(0),
     'purify.superpoint_k': at_least(0.0), 'purify.superpoint_blend': between(0.0, 1.0),
     'purify.superpoint_min_vox': at_least(0), 'purify.superpoint_block_vox': at_least(0),
     'purify.superpoint_convex': between(0.0, 1.0),
-    'labels.vocabulary': texts(), 'labels.temperature': at_least(0.0), 'labels.smoothing_radius_vox': at_least(0),
+    'labels.vocabulary': texts(), 'labels.temperature': at_least(0.0),
+    'labels.smoothing_radius_vox': between(0, _MAX_RADIUS_VOX),
     'labels.min_component_vox': at_least(0),
     'objects.gap_vox': at_least(0), 'objects.min_voxels': at_least(0),
 }

@@ -142,7 +142,8 @@ def test_mapper_refuses_config_values_out_of_range():
                         ('labels.temperature', -1.0), ('keyframes.min_translation_m', float('nan')),
                         ('features.sim_patch_px', 0), ('features.sim_view_flip', 1.5), ('objects.gap_vox', -1),
                         ('query.templates', ['no placeholder']), ('features.source', 'bogus'),
-                        ('map.pixel_stride', 10 ** 20), ('map.pixel_stride', 65), ('map.max_voxels', 2 ** 63)):
+                        ('map.pixel_stride', 10 ** 20), ('map.pixel_stride', 65), ('map.max_voxels', 2 ** 63),
+                        ('purify.radius_vox', 20), ('labels.smoothing_radius_vox', 20)):
         section, key = name.split('.')
         bad = MapperConfig()
         bad.features.source = 'simulated'

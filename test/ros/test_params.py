@@ -95,6 +95,10 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     for bad in (['a {} in the {room}.'], ['{0}'], ['{}{}'], ['{:>9}'], ['a { {}'], ['none']):
         assert 'exactly one {} for the text' in check('query.templates', bad), bad
     assert check('purify.pool_dim', 32) is None and 'purify.pool_dim' in check('purify.pool_dim', -1)
+    # a live radius of 20 made every query or re-pool allocate the (voxels, ~33 000) neighbour rows: out of memory
+    assert check('purify.radius_vox', 3) is None and check('labels.smoothing_radius_vox', 0) is None
+    assert check('purify.radius_vox', 20) == 'purify.radius_vox must be a number in [1, 3], got 20'
+    assert check('labels.smoothing_radius_vox', 4) == 'labels.smoothing_radius_vox must be a number in [0, 3], got 4'
     assert check('web_view.port', 0) is None and 'port number' in check('web_view.port', 65536)
     assert 'port number' in check('web_view.port', True) and 'host name' in check('web_view.host', ' ')
     assert 'web_view.refresh_s must be a finite number > 0' in check('web_view.refresh_s', 0.0)
