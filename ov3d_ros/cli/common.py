@@ -138,6 +138,14 @@ class Input:
             raise CliError(str(e)) from None
         if len(gt['xyz']) != len(gt['label']):
             raise CliError(f'{self.gt_path}: {len(gt["xyz"])} points but {len(gt["label"])} labels')
+        label, c = np.asarray(gt['label']), len(gt['names'])
+        if label.size and not np.issubdtype(label.dtype, np.integer):
+            raise CliError(f'{self.gt_path}: labels must be integers (indices into names), got {label.dtype}')
+        # -1 = no label; anything else indexes names (a label past them would leave every score undefined)
+        out = (label < -1) | (label >= c)
+        if out.any():
+            raise CliError(f'{self.gt_path}: labels {sorted(set(label[out].tolist()))[:5]} ({int(out.sum())} of '
+                           f'{label.size} points) out of range of names (0..{c - 1}, -1 = no label)')
         return gt
 
     def text_embeddings(self):

@@ -37,7 +37,7 @@ import numpy as np
 from ov3d_ros.cli.batch import Job, Outcome, add_batch_arguments, expand_inputs, report_failures, run_jobs
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, make_mapper,
                                  map_input, open_input)
-from ov3d_ros.core.config import parse_overrides, update_from_dict
+from ov3d_ros.core.config import MapperConfig, parse_overrides, update_from_dict
 from ov3d_ros.eval.metrics import (SCENE_METRICS, aggregate, bar_chart_png, ci_table, evaluate_scene, markdown_table,
                                    mean_ci95, paired_difference, per_class_table, scene_statistics, seed_average)
 from ov3d_ros.eval.queries import SYNONYMS, query_scores, summarize, sweep_table
@@ -164,6 +164,11 @@ def eval_scene(path: str, variants: list, args: argparse.Namespace) -> list:
         update_from_dict(cfg, parse_overrides(overrides))
         source = open_input(path, args, args.gt)
         gt = source.gt_points()
+        names = [str(n) for n in gt['names']]
+        evaluated = [i for i, n in enumerate(names) if n not in IGNORED_NAMES]
+        if not np.isin(gt['label'], evaluated).any():       # every score would be undefined
+            raise CliError(f'{source.gt_path}: no point has a class to evaluate (all {len(gt["label"])} are '
+                           f'{" / ".join(IGNORED_NAMES)} or -1)')
         if cfg.labels.vocabulary == ['gt']:
             cfg.labels.vocabulary = [str(n) for n in gt['names'] if str(n) not in IGNORED_NAMES]
         mapper, stats = _map_variant(cfg, source, gt, args, cache)
@@ -181,6 +186,22 @@ def eval_scene(path: str, variants: list, args: argparse.Namespace) -> list:
     return out
 
 
+def _check_variant(name: str, overrides: list) -> None:
+    """Raise CliError if a --variant's name cannot name a table row and a saved map file, or an override of it
+    cannot be applied (before any scene is mapped)."""
+    if not name.strip():
+        raise CliError(f'--variant needs a name first (NAME SECTION.KEY=VALUE ...), got {name!r}')
+    if '=' in name:      # the override would name the row and not be applied
+        raise CliError(f'--variant {name!r}: the first word is the row name, not an override; '
+                       f'e.g. --variant fine {name}')
+    if '/' in name or '\\' in name or name.startswith('.'):     # names a file under --save-maps' OUT/maps/
+        raise CliError(f"--variant {name!r}: a name must not contain '/' or '\\' or start with '.'")
+    try:
+        update_from_dict(MapperConfig(), parse_overrides(overrides))
+    except ValueError as e:
+        raise CliError(f'--variant {name}: {e}') from None
+
+
 def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
@@ -191,6 +212,8 @@ def run(args) -> int:
     if not args.inputs:
         raise CliError('no inputs given')
     variants = args.variant or [['raw']]
+    for name, *overrides in variants:
+        _check_variant(name, overrides)
     names = [v[0] for v in variants]
     if len(set(names)) != len(names):
         raise CliError(f'variant names must be unique, got {names}')
@@ -212,8 +235,8 @@ def run(args) -> int:
             return
         for scene in o.result:
             stats = scene['mapping']
-            print(f'[{scene["variant"]}] {Path(scene["scene"]).name}: mIoU {scene["miou"]:.1f}  '
-                  f'boundary {scene["boundary_miou"] or 0:.1f}  frag {scene["fragmentation"] or 0:.2f}  '
+            print(f'[{scene["variant"]}] {Path(scene["scene"]).name}: mIoU {_num(scene["miou"], 1)}  '
+                  f'boundary {_num(scene["boundary_miou"], 1)}  frag {_num(scene["fragmentation"], 2)}  '
                   f'({stats["keyframes"]} keyframes, {stats["voxels"]} voxels)', flush=True)
 
     if not batch:     # one input: errors end the command as before
@@ -226,6 +249,12 @@ def run(args) -> int:
     if per_scene[names[0]]:
         write_tables(names, per_scene, args, failed)
     return report_failures(outcomes, 'eval')
+
+
+def _num(value, digits: int) -> str:
+    """A metric to ``digits`` decimals; 'n/a' where the scene leaves it undefined (None: no labelled GT point of
+    an evaluated class, no boundary or no instance)."""
+    return 'n/a' if value is None else f'{value:.{digits}f}'
 
 
 def write_tables(names: list, per_scene: dict, args, failed: list = ()) -> int:

@@ -66,6 +66,37 @@ def test_eval_gives_the_same_numbers_from_folder_and_bag(scenes, tmp_path):
     assert '| raw |' in (tmp_path / 'f' / 'table.md').read_text()
 
 
+@pytest.mark.parametrize('variant, problem', [
+    (['map.voxel_size_m=0.1'], "the first word is the row name, not an override"),   # was a row of that name
+    ([''], "--variant needs a name first"),
+    (['../x'], "a name must not contain '/'"), (['..'], "or start with '.'"),        # a path under --save-maps
+    (['fine', 'map.voxel=0.1'], '--variant fine: unknown config key map.voxel'),
+])
+def test_eval_refuses_a_variant_it_cannot_name_or_apply(scenes, tmp_path, capsys, variant, problem):
+    out = tmp_path / 'out'
+    assert main(['eval', str(scenes / 'scene_0003'), '--out', str(out), '--save-maps', '--variant', *variant]
+                + SIM) == 2
+    assert problem in capsys.readouterr().err
+    assert not (out / 'results.json').exists() and not (tmp_path / 'x_scene_0003.ov3dmap').exists()
+
+
+@pytest.mark.parametrize('labels, problem', [
+    (lambda label: label + 101, 'out of range of names (0..'),     # once a TypeError: mIoU None in the summary
+    (lambda label: np.zeros_like(label), 'no point has a class to evaluate'),   # once exit 0 with an empty table
+])
+def test_eval_refuses_ground_truth_it_cannot_score(scenes, tmp_path, capsys, labels, problem):
+    import shutil
+    scene = tmp_path / 'scene'
+    shutil.copytree(scenes / 'scene_0003', scene)
+    with np.load(scene / 'gt_points.npz') as z:
+        gt = dict(z)
+    gt['label'] = labels(gt['label'])
+    np.savez(scene / 'gt_points.npz', **gt)
+    assert main(['eval', str(scene), '--out', str(tmp_path / 'out'), '--frames', '0:1'] + SIM) == 2
+    err = capsys.readouterr().err
+    assert 'gt_points.npz: ' in err and problem in err and 'Traceback' not in err
+
+
 def test_query_threshold_sweep_scores_every_threshold_from_one_pass(scenes, tmp_path):
     """--query-thresholds: answers are nested (recall never rises with the threshold), the default threshold's
     numbers equal the sweep's at that threshold, and the sweep table is written."""
