@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -68,6 +69,31 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument('--pose-source', choices=('pose', 'odometry', 'tf'), help='how bag poses are given')
     g.add_argument('--map-frame', help='fixed frame for tf poses (default: map)')
     g.add_argument('--sync-slop', type=float, default=0.05, help='max stamp difference of paired messages (s)')
+
+
+def int_at_least(lo: int):
+    """An argparse type: an integer >= ``lo`` (argparse then names the option and exits with status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be an integer, got {text!r}') from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f'must be >= {lo}, got {value}')
+        return value
+    parse.__name__ = f'integer >= {lo}'
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f'must be a finite number > 0, got {text}')
+    return value
 
 
 def frame_range(text: str) -> slice:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config,
-                                 cached_voxel_scene, make_mapper, map_input, open_input)
+                                 cached_voxel_scene, int_at_least, make_mapper, map_input, open_input, positive_float)
 from ov3d_ros.core.purification.distill import DistillConfig, SceneBatch, Teacher, train
 from ov3d_ros.core.mapper import resolve_device
 from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
@@ -50,26 +50,26 @@ def add_arguments(p) -> None:
                         'features: teacher_features.npz exported from any 3D SSL model; labels: ground-truth '
                         'instances -- ORACLE upper bound for ablations only, never shipped')
     p.add_argument('--teacher-checkpoint', type=Path, help='teacher of --teacher ssl (from ov3d train-teacher)')
-    p.add_argument('--teacher-train-voxels', type=int, default=0,
+    p.add_argument('--teacher-train-voxels', type=int_at_least(0), default=0,
                    help='voxels the teacher was trained on, for the data fraction (default: from the teacher '
                         'checkpoint of --teacher ssl)')
     p.add_argument('--net-inputs', default='color,normal',
                    help=f'network inputs, subset of {",".join(INPUTS)} (default geometry only: serves any features)')
     p.add_argument('--cache', type=Path, help='folder for the fused voxel scenes (shared with ov3d train-teacher)')
-    p.add_argument('--tile-voxels', type=int, default=15000,
+    p.add_argument('--tile-voxels', type=int_at_least(0), default=15000,
                    help='split training scenes into spatial tiles of at most this many voxels (cheaper steps; the '
                         'teacher still sees the whole scene; 0 = whole scenes)')
-    p.add_argument('--max-tiles', type=int, default=0,
+    p.add_argument('--max-tiles', type=int_at_least(0), default=0,
                    help='train on only the first N tiles of each training scene (a smaller data fraction; 0 = all)')
-    p.add_argument('--teacher-clusters', type=int, default=0,
+    p.add_argument('--teacher-clusters', type=int_at_least(0), default=0,
                    help='ssl / features teachers: k-means the teacher features of each scene into this many '
                         'clusters and distil from the clusters as segments (0 = from the features)')
-    p.add_argument('--width', type=int, default=16)
-    p.add_argument('--blocks', type=int, default=2)
-    p.add_argument('--embed-dim', type=int, default=32)
-    p.add_argument('--steps', type=int, default=300)
-    p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--anchors', type=int, default=2048)
+    p.add_argument('--width', type=int_at_least(1), default=16)
+    p.add_argument('--blocks', type=int_at_least(0), default=2)
+    p.add_argument('--embed-dim', type=int_at_least(2), default=32)      # a unit embedding of 1 is its sign
+    p.add_argument('--steps', type=int_at_least(1), default=300)
+    p.add_argument('--lr', type=positive_float, default=2e-3)
+    p.add_argument('--anchors', type=int_at_least(1), default=2048)
     p.add_argument('--seed', type=int, default=0)
     add_config_arguments(p)
     add_input_arguments(p)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ov3d_ros.cli.common import CliError, add_config_arguments, add_input_arguments, build_config, cached_voxel_scene
+from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, cached_voxel_scene,
+                                 int_at_least, positive_float)
 from ov3d_ros.core.mapper import resolve_device
 from ov3d_ros.core.purification.teacher import (SSLConfig, TeacherConfig, TeacherNet, matching_accuracy, save_teacher,
                                                 train_teacher)
@@ -29,12 +30,14 @@ def add_arguments(p) -> None:
     p.add_argument('--val', nargs='*', default=[], help='scenes for the matching accuracy (not trained on)')
     p.add_argument('--out', required=True, type=Path, help='checkpoint to write (.safetensors)')
     p.add_argument('--cache', type=Path, help='folder for the fused voxel scenes (reused by later runs)')
-    p.add_argument('--width', type=int, default=TeacherConfig.width)
-    p.add_argument('--out-dim', type=int, default=TeacherConfig.out_dim)
-    p.add_argument('--steps', type=int, default=SSLConfig.steps)
-    p.add_argument('--lr', type=float, default=SSLConfig.lr)
-    p.add_argument('--pairs', type=int, default=SSLConfig.pairs, help='corresponding voxels per step')
-    p.add_argument('--max-voxels', type=int, default=SSLConfig.max_voxels, help='crop views to this many voxels')
+    p.add_argument('--width', type=int_at_least(1), default=TeacherConfig.width)
+    # a unit embedding of one dimension is only its sign
+    p.add_argument('--out-dim', type=int_at_least(2), default=TeacherConfig.out_dim)
+    p.add_argument('--steps', type=int_at_least(1), default=SSLConfig.steps)
+    p.add_argument('--lr', type=positive_float, default=SSLConfig.lr)
+    p.add_argument('--pairs', type=int_at_least(1), default=SSLConfig.pairs, help='corresponding voxels per step')
+    p.add_argument('--max-voxels', type=int_at_least(1), default=SSLConfig.max_voxels,
+                   help='crop views to this many voxels')
     p.add_argument('--seed', type=int, default=0)
     add_config_arguments(p)
     add_input_arguments(p)
@@ -42,8 +45,6 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     cfg = build_config(args)
-    if args.steps < 1:
-        raise CliError('--steps must be >= 1')
     t0 = time.perf_counter()
     scenes = [cached_voxel_scene(p, args, cfg, args.cache) for p in args.inputs]
     val = [cached_voxel_scene(p, args, cfg, args.cache) for p in args.val]

@@ -97,6 +97,24 @@ def test_eval_refuses_ground_truth_it_cannot_score(scenes, tmp_path, capsys, lab
     assert 'gt_points.npz: ' in err and problem in err and 'Traceback' not in err
 
 
+@pytest.mark.parametrize('command, option, value, problem', [
+    ('train-teacher', '--width', '0', 'must be >= 1, got 0'),            # was a ZeroDivisionError
+    ('train-teacher', '--pairs', '0', 'must be >= 1, got 0'),            # an IndexError
+    ('train-teacher', '--max-voxels', '0', 'must be >= 1, got 0'),       # a kthvalue error
+    ('train-teacher', '--out-dim', '0', 'must be >= 2, got 0'),          # exit 0 with a useless teacher
+    ('train-teacher', '--lr', 'nan', 'must be a finite number > 0, got nan'),
+    ('train-affinity', '--steps', '0', 'must be >= 1, got 0'),           # an untrained checkpoint, exit 0
+    ('train-affinity', '--anchors', '0', 'must be >= 1, got 0'),         # a NaN loss, exit 0
+    ('train-affinity', '--tile-voxels', '-5', 'must be >= 0, got -5'),
+])
+def test_training_tools_refuse_bad_arguments_before_anything_runs(tmp_path, capsys, command, option, value, problem):
+    out = tmp_path / 'x.safetensors'
+    with pytest.raises(SystemExit) as e:
+        main([command, str(tmp_path), '--out', str(out), option, value])
+    assert e.value.code == 2 and f'argument {option}: {problem}' in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_query_threshold_sweep_scores_every_threshold_from_one_pass(scenes, tmp_path):
     """--query-thresholds: answers are nested (recall never rises with the threshold), the default threshold's
     numbers equal the sweep's at that threshold, and the sweep table is written."""
