@@ -85,15 +85,26 @@ def int_at_least(lo: int):
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f'must be a finite number > 0, got {text}')
-    return value
+def number_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+    """An argparse type: a finite number in the interval from ``lo`` to ``hi`` (open ends as given)."""
+    interval = f'{"(" if lo_open else "["}{lo:g}, {hi:g}{")" if hi_open else "]"}'
+    what = f'a finite number {">" if lo_open else ">="} {lo:g}' if hi == math.inf else f'a number in {interval}'
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
+        if not (math.isfinite(value) and (lo < value if lo_open else lo <= value)
+                and (value < hi if hi_open else value <= hi)):
+            raise argparse.ArgumentTypeError(f'must be {what}, got {text}')
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_float = number_in(0.0, lo_open=True)
+"""An argparse type: a finite number > 0."""
 
 
 def frame_range(text: str) -> slice:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ov3d_ros.cli.common import CliError, progress
+from ov3d_ros.cli.common import CliError, number_in, positive_float, progress
 
 
 def add_arguments(p) -> None:
@@ -24,13 +24,15 @@ def add_arguments(p) -> None:
     p.add_argument('--format', choices=('folder', 'bag', 'both'), default='folder', help='what to write')
     p.add_argument('--bag-storage', choices=('mcap', 'sqlite3'), default='mcap', help='rosbag2 storage plugin')
     p.add_argument('--frames', type=int, default=60, help='frames per scene')
-    p.add_argument('--fps', type=float, default=5.0, help='frame rate of the stamps')
+    p.add_argument('--fps', type=positive_float, default=5.0, help='frame rate of the stamps')
     p.add_argument('--width', type=int, default=640)
     p.add_argument('--height', type=int, default=480)
     p.add_argument('--style', choices=('handheld', 'robot'), default='handheld', help='camera trajectory')
-    p.add_argument('--depth-noise', type=float, default=0.0,
+    p.add_argument('--depth-noise', type=number_in(0.0), default=0.0,
                    help='depth noise: sigma = k * z^2 metres (e.g. 0.0025, like a structured-light sensor)')
-    p.add_argument('--holes', type=float, default=0.0, help='fraction of depth pixels set to 0 (missing)')
+    # all pixels missing would leave no frame to map
+    p.add_argument('--holes', type=number_in(0.0, 1.0, hi_open=True), default=0.0,
+                   help='fraction of depth pixels set to 0 (missing), below 1')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
 
 

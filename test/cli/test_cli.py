@@ -106,11 +106,18 @@ def test_eval_refuses_ground_truth_it_cannot_score(scenes, tmp_path, capsys, lab
     ('train-affinity', '--steps', '0', 'must be >= 1, got 0'),           # an untrained checkpoint, exit 0
     ('train-affinity', '--anchors', '0', 'must be >= 1, got 0'),         # a NaN loss, exit 0
     ('train-affinity', '--tile-voxels', '-5', 'must be >= 0, got -5'),
+    ('make-scenes', '--fps', '0', 'must be a finite number > 0, got 0'),          # NaN / negative stamps
+    ('make-scenes', '--fps', 'nan', 'must be a finite number > 0, got nan'),
+    ('make-scenes', '--holes', '2', 'must be a number in [0, 1), got 2'),
+    ('make-scenes', '--holes', '-1', 'must be a number in [0, 1), got -1'),
+    ('make-scenes', '--depth-noise', '-1', 'must be a finite number >= 0, got -1'),
+    ('make-scenes', '--depth-noise', 'nan', 'must be a finite number >= 0, got nan'),
 ])
-def test_training_tools_refuse_bad_arguments_before_anything_runs(tmp_path, capsys, command, option, value, problem):
+def test_tools_refuse_bad_arguments_before_anything_runs(tmp_path, capsys, command, option, value, problem):
     out = tmp_path / 'x.safetensors'
     with pytest.raises(SystemExit) as e:
-        main([command, str(tmp_path), '--out', str(out), option, value])
+        small = ['--count', '1', '--frames', '2', '--width', '32', '--height', '24', '--quiet']
+        main([command] + (small if command == 'make-scenes' else [str(tmp_path)]) + ['--out', str(out), option, value])
     assert e.value.code == 2 and f'argument {option}: {problem}' in capsys.readouterr().err
     assert not out.exists()
 
