@@ -33,6 +33,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.client import Client
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.publisher import Publisher
 from rclpy.service import Service
 from rclpy.signals import SignalHandlerOptions
@@ -149,11 +150,12 @@ class MappingInterface:
         self._created = {}
         self._doomed, self._doomed_lock = [], threading.Lock()   # see destroy_soon
         self._configuring = False
+        self._echo = threading.local()   # on: this thread sets a parameter to what the node already runs
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         """Validate a ``ros2 param set`` and apply it (live parameters only; read-only ones never get here)."""
-        if self._setting_descriptors:
+        if self._setting_descriptors or getattr(self._echo, 'on', False):
             return SetParametersResult(successful=True)
         # a parameter being declared (e.g. by the persistence interface during configure) is not a change
         new = {p.name: (list(p.value) if isinstance(p.value, (list, tuple)) else p.value) for p in params
@@ -179,11 +181,14 @@ class MappingInterface:
         if self.mapper is None:          # not configured: the values are read when it is
             return SetParametersResult(successful=True)
         try:
+            self._echo.on = True        # what _apply changes, the parameters take when this callback returns
             self._apply(new)
         except ValueError as e:
             return SetParametersResult(successful=False, reason=str(e))
         except Exception as e:  # refused, never a node taken down by a parameter change
             return SetParametersResult(successful=False, reason=f'{type(e).__name__}: {e}')
+        finally:
+            self._echo.on = False
         self.get_logger().info('parameters changed: ' + ', '.join(f'{k}={v!r}' for k, v in new.items()))
         return SetParametersResult(successful=True)
 
@@ -747,12 +752,26 @@ class MappingInterface:
         voted when a reader next needs it (:meth:`snapshot`), not after every keyframe. Otherwise the keyframe's
         blocks are voted here, so readers never wait."""
         m = self.mapper
+        if m is not None and not getattr(self._echo, 'on', False):
+            self._reflect_vocabulary(m)
         lazy = m is not None and m.purifier is not None and m.purifier.reads_whole_map
         if lazy and self._snapshot is not None:
             self._snapshot_stale = True
             return
         self._snapshot = m.snapshot() if m is not None else None
         self._snapshot_stale = False
+
+    def _reflect_vocabulary(self, m: Mapper) -> None:
+        """Keep the ``labels.vocabulary`` parameter on the vocabulary in use, which ``~/set_vocabulary`` and a loaded
+        or merged map's label volume change, without applying it again."""
+        vocabulary = list(m.cfg.labels.vocabulary) if m.labels is not None else []
+        if parameter_value(self, 'labels.vocabulary') == vocabulary:
+            return
+        self._echo.on = True
+        try:
+            self.set_parameters([Parameter('labels.vocabulary', Parameter.Type.STRING_ARRAY, vocabulary)])
+        finally:
+            self._echo.on = False
 
     def snapshot(self) -> Optional[MapSnapshot]:
         """The latest snapshot of the map (None before configure and after cleanup); no lock needed, except once

@@ -402,6 +402,21 @@ def test_a_map_emptied_by_eviction_says_so(local_node, new_sim_mapper, wall_fram
     assert client.query('chair')['message'] == 'the map is empty: no keyframe integrated yet'
 
 
+def test_the_vocabulary_parameter_follows_the_vocabulary_in_use(local_node):
+    """~/set_vocabulary (and a loaded map's label volume) change the vocabulary: labels.vocabulary says so."""
+    from ov3d_ros.ros.params import parameter_value
+    from ov3d_ros.srv import SetVocabulary
+    node, client = local_node['node'], local_node['client']
+    before = list(node.mapper.cfg.labels.vocabulary) if node.mapper.labels is not None else []
+    assert parameter_value(node, 'labels.vocabulary') == before
+    for classes in (['sofa', 'bed', 'lamp'], [], before):
+        r = client.call(SetVocabulary, '/ov3d_mapping/set_vocabulary', SetVocabulary.Request(classes=classes),
+                        timeout_s=60)
+        assert r.success, r.message
+        assert parameter_value(node, 'labels.vocabulary') == classes
+    assert node.mapper.cfg.labels.vocabulary == before
+
+
 # ------------------------------------------------------------------------------------------------ node process
 def test_burst_of_malformed_messages_is_survived_and_counted(graph, bad_input):
     """Garbage on every input topic of a mapping node process; it keeps counting, mapping and answering."""
