@@ -499,13 +499,7 @@ class Mapper:
         """Make ``names`` the label volume's vocabulary (empty: no label volume). Past keyframes cannot be replayed,
         so the evidence is recomputed from the stored (purified) features, unless ``evidence`` (V, K) is given (a
         saved label volume). Raises ValueError for bad names."""
-        names = [str(n).strip() for n in names]
-        if any(not n for n in names):
-            raise ValueError('vocabulary names must not be empty')
-        if len({n.lower() for n in names}) != len(names):
-            raise ValueError('vocabulary names must be unique (case-insensitive)')
-        if len(names) > 1000 or any(len(n) > 200 for n in names):
-            raise ValueError('vocabulary too large: at most 1000 names of at most 200 characters')
+        names = self.vocabulary_names(names)
         self.generation += 1
         if not names:
             from ov3d_ros.core.label_volume import LAYERS
@@ -523,6 +517,24 @@ class Mapper:
                                   self.to_map_space(self.labels.text))
         if self.purifier is not None and self.map.size:
             self.purify_all()
+
+    @staticmethod
+    def vocabulary_names(names: Sequence[str]) -> List[str]:
+        """``names`` as a vocabulary takes them (stripped); ValueError for empty, repeated or too many names."""
+        names = [str(n).strip() for n in names]
+        if any(not n for n in names):
+            raise ValueError('vocabulary names must not be empty')
+        if len({n.lower() for n in names}) != len(names):
+            raise ValueError('vocabulary names must be unique (case-insensitive)')
+        if len(names) > 1000 or any(len(n) > 200 for n in names):
+            raise ValueError('vocabulary too large: at most 1000 names of at most 200 characters')
+        return names
+
+    def prepare_vocabulary(self, names: Sequence[str]) -> None:
+        """Embed a vocabulary's names ahead of :meth:`set_vocabulary` (ValueError for bad names), which then finds
+        them cached. Touches no map state: callers run it without the map lock, so that integration goes on while
+        a large vocabulary is embedded."""
+        self.embed_texts(self.vocabulary_names(names))
 
     def _make_labels(self, names: Sequence[str], restore: bool = False) -> None:
         """A label volume over ``names`` on the map's cake (fresh, or the layers already there: ``restore``)."""

@@ -52,6 +52,7 @@ class LabelVolumeInterface:
     def on_set_vocabulary(self, request, response):
         """Replace the vocabulary; a refused one keeps the current vocabulary."""
         try:
+            self.mapper.prepare_vocabulary(list(request.classes))     # the names' embeddings, mapping meanwhile
             with self.lock:
                 self.mapper.set_vocabulary(list(request.classes))
                 self.changed()

@@ -218,6 +218,8 @@ class MappingInterface:
         if fixed:
             raise ValueError(f'{", ".join("features." + k for k in fixed)}: the dense mode and image sizes are '
                              f"settings of the clip feature source; this node runs {cfg.features.source!r}")
+        if 'labels.vocabulary' in new:         # its names' embeddings (may refuse), while mapping goes on
+            self.mapper.prepare_vocabulary(new['labels.vocabulary'])
         with self._lock:
             # the parts that may refuse, each undone when a later one refuses (a set is all or nothing): the
             # ViT's settings (for its next keyframe, not one under way: same lock), purification, vocabulary

@@ -497,3 +497,24 @@ def test_purification_settings_that_fail_to_re_pool_are_undone(monkeypatch, tmp_
         m.reconfigure_purification(replace(m.cfg.purify, enabled=True, radius_vox=3))
     assert m.purifier is None and not m.cfg.purify.enabled and 'purified' not in m.map.cake
     assert torch.equal(m.query_features(), m.map.features[:m.map.size])
+
+
+def test_a_vocabulary_is_embedded_ahead_without_touching_the_map(mapper):
+    """prepare_vocabulary embeds the names (the node runs it without the map lock); set_vocabulary then finds them
+    cached and encodes nothing."""
+    calls = []
+    mapper.texts.clear()                        # earlier tests embedded these names
+    encode = mapper.texts.encode_text
+    mapper.texts.encode_text = lambda texts: calls.append(list(texts)) or encode(texts)
+    try:
+        generation, size = mapper.generation, len(mapper.map)
+        mapper.prepare_vocabulary([' sofa ', 'bed'])
+        assert calls and (mapper.generation, len(mapper.map), mapper.labels) == (generation, size, None)
+        encoded = len(calls)
+        mapper.set_vocabulary(['sofa', 'bed'])
+        assert len(calls) == encoded and mapper.labels.names == ['sofa', 'bed']
+        with pytest.raises(ValueError, match='unique'):
+            mapper.prepare_vocabulary(['bed', 'Bed'])
+    finally:
+        mapper.texts.encode_text = encode
+        mapper.set_vocabulary([])
