@@ -476,7 +476,8 @@ class MappingInterface:
     def destroy_node(self) -> None:
         """Stop the browser view (its server and refresh threads), then destroy the node."""
         self._close_web_view()
-        self.destroy_doomed()
+        if hasattr(self, '_doomed_lock'):      # not when a bad parameter stopped the node while declaring
+            self.destroy_doomed()
         super().destroy_node()
 
     # ------------------------------------------------------------------ inputs

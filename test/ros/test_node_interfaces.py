@@ -160,15 +160,16 @@ def test_sigint_while_mapping_exits_cleanly(loaded):
     assert 'Traceback' not in log and 'Destroyable' not in log, log[-3000:]
 
 
-@pytest.mark.parametrize('params, reason', [
-    (['pose_source:=bogus'], "pose_source must be one of 'tf', 'pose', 'odometry', got 'bogus'"),
+@pytest.mark.parametrize('params, reason, lifecycle', [
+    (['pose_source:=bogus'], "pose_source must be one of 'tf', 'pose', 'odometry', got 'bogus'", False),
+    (['pose_source:=bogus'], "pose_source must be one of 'tf', 'pose', 'odometry', got 'bogus'", True),
     (['map.compress_dim:=64', 'map.compress_basis:={tmp}/absent.ov3dmap'],
-     "map.compress_basis '{tmp}/absent.ov3dmap': {tmp}/absent.ov3dmap: cannot read"),
+     "map.compress_basis '{tmp}/absent.ov3dmap': {tmp}/absent.ov3dmap: cannot read", False),
 ])
-def test_start_up_failure_exits_non_zero_with_a_fatal_line(tmp_path, params, reason):
+def test_start_up_failure_exits_non_zero_with_a_fatal_line(tmp_path, params, reason, lifecycle):
     params, reason = [p.format(tmp=tmp_path) for p in params], reason.format(tmp=tmp_path)
     with private_domain() as env:
-        node = start_mapping_node(env, tmp_path / 'bad.log', params=params)
+        node = start_mapping_node(env, tmp_path / 'bad.log', params=params, lifecycle=lifecycle)
         try:
             rc = node.proc.wait(120)
         finally:
@@ -176,6 +177,7 @@ def test_start_up_failure_exits_non_zero_with_a_fatal_line(tmp_path, params, rea
     log = node.log()
     assert rc == 1, log
     assert '[FATAL]' in log and reason in log, log
+    assert 'Traceback' not in log, log                  # the half-made node goes quietly
 
 
 def test_the_node_process_switches_threads_every_half_millisecond():
