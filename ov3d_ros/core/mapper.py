@@ -700,6 +700,7 @@ class Mapper:
         _, info, extra = load_map(path, 'cpu')
         try:
             cfg = update_from_dict(MapperConfig(), info['config'])
+            validate(cfg)
         except (KeyError, ValueError) as e:
             raise MapFileError(f'{path}: unusable config in the map file ({e})') from e
         cfg.map.device = device

@@ -196,3 +196,12 @@ def test_edited_headers_are_refused_naming_the_file(tmp_path, load_map, changes,
     with pytest.raises(MapFileError, match=problem) as e:
         load_map(path)
     assert str(e.value).startswith(f'{path}: ')
+
+
+def test_a_map_whose_config_names_no_feature_source_is_refused_naming_the_file(tmp_path):
+    from ov3d_ros.core.mapper import Mapper
+    path = tmp_path / 'edited.ov3dmap'
+    path.write_bytes(with_metadata(encode_map(small_map(), {'config': {'features': {'source': 'banana'}}})))
+    with pytest.raises(MapFileError, match="unusable config in the map file .*features.source must be one of") as e:
+        Mapper.from_file(path, device='cpu')
+    assert str(e.value).startswith(f'{path}: ')
