@@ -183,10 +183,11 @@ class MappingInterface:
         try:
             self._echo.on = True        # what _apply changes, the parameters take when this callback returns
             self._apply(new)
-        except ValueError as e:
-            return SetParametersResult(successful=False, reason=str(e))
         except Exception as e:  # refused, never a node taken down by a parameter change
-            return SetParametersResult(successful=False, reason=f'{type(e).__name__}: {e}')
+            if self.mapper is None and not self._configuring:   # a cleanup took the map meanwhile: as unconfigured
+                return SetParametersResult(successful=True)
+            return SetParametersResult(successful=False,
+                                       reason=str(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {e}')
         finally:
             self._echo.on = False
         self.get_logger().info('parameters changed: ' + ', '.join(f'{k}={v!r}' for k, v in new.items()))

@@ -142,6 +142,13 @@ def test_parameters_set_before_configure_are_used_and_during_it_refused(monkeypa
                 == 0.7
             r = node.set_parameters([Parameter('query.default_threshold', value=0.3)])[0]     # configured: applied
             assert r.successful and node.mapper.cfg.query.default_threshold == 0.3
+
+            def cleaned_up_meanwhile(new):            # a cleanup on another thread took the map mid-way
+                node.mapper = None
+                raise AttributeError("'NoneType' object has no attribute 'cfg'")
+            monkeypatch.setattr(node, '_apply', cleaned_up_meanwhile)
+            r = node.set_parameters([Parameter('query.default_threshold', value=0.4)])[0]
+            assert r.successful and node.get_parameter('query.default_threshold').value == 0.4   # read at configure
         finally:
             if node is not None:
                 node.on_shutdown(None)
