@@ -107,8 +107,13 @@ class ScanNetFolder:
             raise DatasetError(f'{self.root}/depth/{stem}.png: expected a 16-bit single-channel PNG (mm), '
                                f'got {depth_raw.dtype} {depth_raw.shape}')
         h, w = depth_raw.shape
-        with Image.open(self._color_path(stem)) as im:
-            rgb = np.asarray(im.convert('RGB').resize((w, h), Image.BILINEAR) if im.size != (w, h) else im.convert('RGB'))
+        path = self._color_path(stem)
+        try:
+            with Image.open(path) as im:
+                rgb = im.convert('RGB')
+                rgb = np.asarray(rgb.resize((w, h), Image.BILINEAR) if rgb.size != (w, h) else rgb)
+        except OSError as e:                 # truncated, not an image: name the file
+            raise DatasetError(f'{path}: unreadable or corrupt image ({e})') from e
         T = self._read_matrix(self.root / 'pose' / f'{stem}.txt')
         if T.shape != (4, 4):
             raise DatasetError(f'{self.root}/pose/{stem}.txt: expected a 4x4 camera-to-world matrix')

@@ -56,6 +56,10 @@ def test_bad_folders_give_clear_errors(tmp_path, frames):
     ds.read(0)
     with pytest.raises(DatasetError, match='000002.png: unreadable or corrupt'):
         ds.read(2)
+    colour = next((root / 'color').glob('000001.*'))
+    colour.write_bytes(colour.read_bytes()[:200])          # a truncated colour image names its file too
+    with pytest.raises(DatasetError, match=f'{colour.name}: unreadable or corrupt image'):
+        ds.read(1)
     root = tmp_path / 'rgbdepth'
     write_folder(root, cam, fr)
     from PIL import Image
