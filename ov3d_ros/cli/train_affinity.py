@@ -94,8 +94,14 @@ def voxel_teacher(centres: np.ndarray, voxel_size_m: float, source, args, coords
     path = base / 'teacher_features.npz'
     if not path.exists():
         raise CliError(f'{path}: the features teacher needs per-point features (xyz (N, 3), features (N, F))')
-    with np.load(path) as z:
-        xyz, feats = z['xyz'], z['features'].astype(np.float32)
+    from ov3d_ros.core.io import read_npz
+    try:
+        z = read_npz(path, ('xyz', 'features'))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    xyz, feats = z['xyz'], z['features'].astype(np.float32)
+    if not np.all(np.isfinite(xyz)) or not np.all(np.isfinite(feats)):
+        raise CliError(f'{path}: xyz and features must be finite (NaN or inf in them)')
     if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) != len(feats) or len(xyz) == 0:
         raise CliError(f'{path}: xyz must be (N, 3) and features (N, F) with the same N > 0')
     dist, idx = cKDTree(xyz).query(centres)

@@ -378,3 +378,29 @@ def test_outputs_never_replace_inputs_or_files_that_are_not_maps(scenes, sim_map
                  '--out', str(tmp_path / 'pred')]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['out'] == str(tmp_path / 'pred.npz')
     assert (tmp_path / 'pred.npz').exists() and not list(tmp_path.glob('.*.tmp'))
+
+
+def test_the_features_teacher_file_is_checked(tmp_path):
+    """train-affinity --teacher features reads teacher_features.npz (per-point features of any 3D model) through
+    the one .npz reader: an unreadable file, a missing array or NaN features are refused naming the file."""
+    from types import SimpleNamespace
+
+    import torch
+    from ov3d_ros.cli.common import CliError
+    from ov3d_ros.cli.train_affinity import voxel_teacher
+    path = tmp_path / 'teacher_features.npz'
+    centres = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+
+    def teacher():
+        return voxel_teacher(centres, 0.05, SimpleNamespace(path=tmp_path), SimpleNamespace(teacher='features'))
+    path.write_bytes(b'')
+    with pytest.raises(CliError, match='teacher_features.npz: not an .npz archive'):
+        teacher()
+    np.savez(path, xyz=centres)
+    with pytest.raises(CliError, match='missing array features'):
+        teacher()
+    np.savez(path, xyz=centres, features=np.full((2, 4), np.nan))
+    with pytest.raises(CliError, match='must be finite'):
+        teacher()
+    np.savez(path, xyz=centres[::-1], features=np.eye(2, 4))
+    assert torch.equal(teacher().features, torch.eye(2, 4)[[1, 0]])       # each voxel takes its nearest point's
