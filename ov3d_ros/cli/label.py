@@ -37,7 +37,12 @@ def add_arguments(p) -> None:
 def read_vocab(path: Path) -> list:
     """Class names of a vocabulary file, one a line; CliError for none, or for a name given twice (up to case: its
     second index would never be used)."""
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise CliError(f'{path}: cannot read the vocabulary ({e.strerror})') from None
+    except UnicodeDecodeError:
+        raise CliError(f'{path}: not a text file (class names, one per line)') from None
     if not names:
         raise CliError(f'{path}: no class names (one per line)')
     seen = {}

@@ -26,7 +26,8 @@ def run(args) -> int:
     check_address(args.host, args.port)           # before the map is read: a bad port or host fails at once
     mapper = Mapper.from_file(args.map, args.device)
     if args.vocab:
-        mapper.set_vocabulary([n.strip() for n in args.vocab.read_text().splitlines() if n.strip()])
+        from ov3d_ros.cli.label import read_vocab
+        mapper.set_vocabulary(read_vocab(args.vocab))
     view = MapWebView(mapper, args.host, args.port, args.max_points)
     print(f'{args.map}: {mapper.map.size} voxels at {view.url} (Ctrl-C to stop)', flush=True)
     try:

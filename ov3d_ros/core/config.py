@@ -486,6 +486,8 @@ def load_yaml_config(paths, cfg: MapperConfig | None = None) -> MapperConfig:
         try:
             with open(path) as f:
                 doc = yaml.safe_load(f) or {}
+        except UnicodeDecodeError:
+            raise ValueError(f'{path}: cannot read config (not a text file)') from None
         except (OSError, yaml.YAMLError) as e:
             raise ValueError(f'{path}: cannot read config ({e})') from e
         if not isinstance(doc, dict):

@@ -107,6 +107,8 @@ def read_transform(path: str | Path) -> np.ndarray:
         text = path.read_text()
     except OSError as e:
         raise MergeError(f'{path}: cannot read the transform ({e.strerror})') from e
+    except UnicodeDecodeError:
+        raise MergeError(f'{path}: not a text file (a transform is a 4x4 matrix as text or JSON)') from None
     try:
         if text.lstrip().startswith(('{', '[')):
             data = json.loads(text)

@@ -404,3 +404,20 @@ def test_the_features_teacher_file_is_checked(tmp_path):
         teacher()
     np.savez(path, xyz=centres[::-1], features=np.eye(2, 4))
     assert torch.equal(teacher().features, torch.eye(2, 4)[[1, 0]])       # each voxel takes its nearest point's
+
+
+def test_a_binary_file_given_as_a_text_file_is_named(scenes, sim_map, tmp_path, capsys):
+    """--config, --vocab and --transform name the file that is not text (they said "'utf-8' codec can't decode
+    byte 0x89" and nothing else)."""
+    binary = tmp_path / 'picture.png'
+    binary.write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(256)))
+    for argv, why in [(['map', str(scenes / 'scene_0003'), '--out', str(tmp_path / 'm.ov3dmap'), '--config',
+                        str(binary)] + SIM, 'cannot read config (not a text file)'),
+                      (['label', str(sim_map), '--vocab', str(binary), '--points',
+                        str(scenes / 'scene_0003' / 'gt_points.npz'), '--out', str(tmp_path / 'p.npz')],
+                       'not a text file (class names, one per line)'),
+                      (['merge', str(sim_map), str(sim_map), '--out', str(tmp_path / 'mm.ov3dmap'), '--transform', '2',
+                        str(binary)], 'not a text file (a transform is a 4x4 matrix')]:
+        assert main(argv) == 2, argv[0]
+        err = capsys.readouterr().err
+        assert f'{binary}: {why}' in err and 'Traceback' not in err, err
