@@ -36,7 +36,7 @@ import numpy as np
 
 from ov3d_ros.cli.batch import Job, Outcome, add_batch_arguments, expand_inputs, report_failures, run_jobs
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, make_mapper,
-                                 map_input, open_input)
+                                 map_input, number_in, open_input)
 from ov3d_ros.core.config import MapperConfig, parse_overrides, update_from_dict
 from ov3d_ros.eval.metrics import (SCENE_METRICS, aggregate, bar_chart_png, ci_table, evaluate_scene, markdown_table,
                                    mean_ci95, paired_difference, per_class_table, scene_statistics, seed_average)
@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
     p.add_argument('--save-maps', action='store_true', help='also write each map to OUT/maps/')
     p.add_argument('--queries', action='store_true',
                    help='also score the synonym / paraphrase queries (recall and precision per variant)')
-    p.add_argument('--query-thresholds', type=float, nargs='+', default=[], metavar='T',
+    p.add_argument('--query-thresholds', type=number_in(0.0, 1.0), nargs='+', default=[], metavar='T',
                    help='with --queries, also score every query at these score thresholds from one scoring pass '
                         '(queries_sweep.md: recall, precision and F1 per variant and threshold)')
     add_config_arguments(p)
@@ -203,14 +203,17 @@ def _check_variant(name: str, overrides: list) -> None:
 
 
 def run(args) -> int:
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.query_thresholds and not args.queries:
+        raise CliError('--query-thresholds scores the queries at those thresholds: it needs --queries')
     if args.merge:
         if args.inputs:
             raise CliError('give either inputs or --merge, not both')
         names, per_scene = _merge(args.merge)
+        args.out.mkdir(parents=True, exist_ok=True)          # only once there is something to write
         return write_tables(names, per_scene, args)
     if not args.inputs:
         raise CliError('no inputs given')
+    args.out.mkdir(parents=True, exist_ok=True)
     variants = args.variant or [['raw']]
     for name, *overrides in variants:
         _check_variant(name, overrides)

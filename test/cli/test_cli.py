@@ -80,6 +80,27 @@ def test_eval_refuses_a_variant_it_cannot_name_or_apply(scenes, tmp_path, capsys
     assert not (out / 'results.json').exists() and not (tmp_path / 'x_scene_0003.ov3dmap').exists()
 
 
+@pytest.mark.parametrize('extra, problem', [
+    (['--query-thresholds', 'nan'], 'argument --query-thresholds: must be a number in [0, 1]'),  # once a nan row
+    (['--queries', '--query-thresholds', '1.5'], 'argument --query-thresholds: must be a number in [0, 1]'),
+    (['--query-thresholds', '0.5'], 'it needs --queries'),                  # once ignored without a word
+])
+def test_eval_refuses_query_thresholds_it_cannot_use(scenes, tmp_path, capsys, extra, problem):
+    out = tmp_path / 'out'
+    try:
+        rc = main(['eval', str(scenes / 'scene_0003'), '--out', str(out)] + extra + SIM)
+    except SystemExit as e:                  # argparse refuses a bad value itself
+        rc = e.code
+    assert rc == 2 and problem in capsys.readouterr().err
+    assert not out.exists()                                                # nothing made for a refused run
+
+
+def test_eval_merge_of_missing_results_makes_no_output_folder(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert main(['eval', '--merge', str(tmp_path / 'missing'), '--out', str(out)]) == 2
+    assert 'results.json: no such file' in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize('labels, problem', [
     (lambda label: label + 101, 'out of range of names (0..'),     # once a TypeError: mIoU None in the summary
     (lambda label: np.zeros_like(label), 'no point has a class to evaluate'),   # once exit 0 with an empty table
