@@ -57,6 +57,12 @@ class ScanNetFolder:
             stamps = np.atleast_1d(self._read_array(self.root / 'timestamps.txt'))
             if stamps.shape != (len(self.stems),):
                 raise DatasetError(f'{self.root}/timestamps.txt: {stamps.size} times for {len(self.stems)} frames')
+            back = np.flatnonzero(np.diff(stamps) <= 0)
+            if len(back):                  # the keyframe rule and pose lookups take frames in time order
+                i = int(back[0]) + 1
+                raise DatasetError(f'{self.root}/timestamps.txt: times must increase frame by frame; frame '
+                                   f'{self.stems[i]} at {stamps[i]:g} s is not after frame {self.stems[i - 1]} at '
+                                   f'{stamps[i - 1]:g} s')
             self.stamps = stamps
 
     def __len__(self) -> int:
@@ -107,6 +113,9 @@ class ScanNetFolder:
             raise DatasetError(f'{self.root}/depth/{stem}.png: expected a 16-bit single-channel PNG (mm), '
                                f'got {depth_raw.dtype} {depth_raw.shape}')
         h, w = depth_raw.shape
+        if (w, h) != (self.camera.width, self.camera.height):
+            raise DatasetError(f'{self.root}/depth/{stem}.png is {w}x{h}, but the intrinsics are those of a '
+                               f'{self.camera.width}x{self.camera.height} depth image (the size of the first one)')
         path = self._color_path(stem)
         try:
             with Image.open(path) as im:

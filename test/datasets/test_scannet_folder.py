@@ -74,6 +74,15 @@ def test_bad_folders_give_clear_errors(tmp_path, frames):
     (root / 'timestamps.txt').write_text('0.1\n0.2\n')
     with pytest.raises(DatasetError, match='2 times for 3 frames'):
         ScanNetFolder(root)
+    (root / 'timestamps.txt').write_text('0.1\n0.3\n0.2\n')           # once taken as a jump back in time
+    with pytest.raises(DatasetError, match='times must increase frame by frame; frame 000002 at 0.2 s is not after'):
+        ScanNetFolder(root)
+    root = tmp_path / 'resized'
+    write_folder(root, cam, fr)
+    depth = Image.open(root / 'depth' / '000001.png')
+    depth.resize((depth.width // 2, depth.height // 2)).save(root / 'depth' / '000001.png')
+    with pytest.raises(DatasetError, match=r'depth/000001.png is \d+x\d+, but the intrinsics are those of a'):
+        ScanNetFolder(root).read(1)
 
 
 @pytest.mark.parametrize('names, vectors, problem', [
