@@ -23,10 +23,15 @@ from ov3d_ros.core.voxel_map import VoxelFeatureMap
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' → cuda when available, else cpu; anything else is passed to torch.device."""
+    """'auto' → cuda when available, else cpu; else 'cpu', 'cuda' or 'cuda:N' (ValueError for another device)."""
     if name in ('', 'auto'):
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f'device {name!r}: {e}') from None
+    if dev.type not in ('cpu', 'cuda'):
+        raise ValueError(f"device {name!r}: the map runs on 'cpu' or 'cuda' ('cuda:N'); 'auto' picks")
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {name!r} requested but CUDA is not available')
     return dev

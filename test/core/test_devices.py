@@ -107,3 +107,15 @@ def test_cuda_map_matches_the_cpu_map_of_the_same_keyframes(room_mapper_factory)
         a = set(ck[cpu.query(text).rows].tolist())
         b = set(gk[gpu.query(text).rows.cpu()].tolist())
         assert a and len(a & b) >= 0.95 * len(a | b), text
+
+
+def test_only_cpu_and_cuda_devices_are_taken():
+    from ov3d_ros.core.mapper import resolve_device
+    assert resolve_device('cpu') == torch.device('cpu')
+    assert resolve_device('auto').type == ('cuda' if torch.cuda.is_available() else 'cpu')
+    for name, problem in [('meta', "runs on 'cpu' or 'cuda'"), ('bogus', "device 'bogus'")]:
+        with pytest.raises(ValueError, match=problem):          # 'meta' failed later on a tensor's .item()
+            resolve_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            resolve_device('cuda:0')
