@@ -239,8 +239,8 @@ class MappingInterface:
                             self.mapper.reconfigure_purification(old_purify)
                         raise
             except Exception:
-                if features:
-                    self.mapper.extractor.reconfigure(old_features)
+                if features:                   # a copy: the config's own section is changed in place below
+                    self.mapper.extractor.reconfigure(replace(old_features))
                 raise
             for name, value in new.items():
                 section, _, key = name.partition('.')

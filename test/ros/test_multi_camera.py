@@ -180,6 +180,12 @@ def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
                                            Parameter('features.dtype', value='float32')])
             assert not refused[0].successful and 'features.image_short_side must be' in refused[0].reason
             assert not refused[1].successful and 'read-only' in refused[1].reason
+            # all or nothing: the ViT's new size is undone when the purification beside it is refused
+            refused = node.set_parameters_atomically([Parameter('features.image_short_side', value=128),
+                                                      Parameter('purify.enabled', value=True),
+                                                      Parameter('purify.checkpoint', value='/nonexistent.safetensors')])
+            assert not refused.successful and 'purification settings not applied' in refused.reason
+            assert node.mapper.extractor.cfg.image_short_side == 96 == node.mapper.cfg.features.image_short_side
             assert node.mapper.extractor.name == 'clip:ViT-B-16:sclip'
             status = node.status()                      # what runs now, and the space (the same weights)
             assert status['feature_source'] == 'clip:ViT-B-16:sclip'
