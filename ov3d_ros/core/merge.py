@@ -86,8 +86,12 @@ def check_rigid(T: np.ndarray, name: str = 'transform') -> np.ndarray:
 def transform_from_pose(x: float, y: float, z: float, qx: float, qy: float, qz: float, qw: float) -> np.ndarray:
     """(4, 4) transform from a translation and a unit quaternion (x, y, z, w; normalised here)."""
     q = np.array([qw, qx, qy, qz], dtype=np.float64)
+    if not np.all(np.isfinite(q)) or not np.all(np.isfinite([x, y, z])):
+        raise MergeError(f'pose ({x}, {y}, {z}; {qx}, {qy}, {qz}, {qw}): the translation and the quaternion must be '
+                         'finite numbers')
+    q = q / max(np.abs(q).max(), 1e-300)          # scaled first: the norm of (1e200, ...) would overflow
     n = np.linalg.norm(q)
-    if not np.isfinite(n) or n < 1e-9:
+    if n < 1e-9:
         raise MergeError(f'quaternion ({qx}, {qy}, {qz}, {qw}) has no direction')
     w, a, b, c = q / n
     T = np.eye(4)

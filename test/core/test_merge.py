@@ -1,5 +1,6 @@
 """Map merging: fusion like observations, transforms, refusals, label volumes and compression bases."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -182,6 +183,15 @@ def test_transform_files_text_and_json(tmp_path):
     (tmp_path / 'bad.txt').write_text('1 2 3\n')
     with pytest.raises(MergeError, match='4x4'):
         read_transform(tmp_path / 'bad.txt')
+    # a pose's numbers: NaN is named as such (it reached the map's rigidity check), a huge quaternion is still a
+    # rotation (its norm overflowed to inf: 'no direction', with a RuntimeWarning)
+    with pytest.raises(MergeError, match='must be finite numbers'):
+        transform_from_pose(np.nan, 0, 0, 0, 0, 0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert np.allclose(transform_from_pose(1, 2, 3, 0, 0, 0.6e200, 0.8e200), T)
+    with pytest.raises(MergeError, match='has no direction'):
+        transform_from_pose(1, 2, 3, 0, 0, 0, 0)
 
 
 def test_views_turn_with_the_transform_and_fuse_like_colours():
