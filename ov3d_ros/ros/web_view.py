@@ -81,8 +81,8 @@ class WebViewInterface:
             try:
                 self.view = self._start(new)
             except Exception as e:
-                if view is not None:
-                    self._restore(old)
+                if view is not None:            # on the port it served (port 0 took a free one: keep that one)
+                    self._restore({**old, 'port': view.port})
                 raise ValueError(f'web view not changed: {_reason(e)}') from None
         else:
             self.node.get_logger().info('web view stopped')

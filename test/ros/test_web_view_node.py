@@ -80,6 +80,12 @@ def test_a_port_in_use_is_reported_and_a_live_change_serves_the_page(web):
         assert page.status == 200 and '<html' in page.read().decode('utf-8', 'replace').lower()
     assert f'web view of the live map on {status["web_view"]["url"]}' in web['node'].log()
     web['url'] = status['web_view']['url']
+    # a refused change serves the page again where it was (port 0 had taken a free port: not another one)
+    served = web['node'].log().count('web view of the live map on ')
+    assert set_param(web, 'web_view.port', port) == (False, f'web view not changed: {reason}')
+    log = web['node'].log()
+    assert log.count('web view of the live map on ') == served + 1
+    assert log.rsplit('web view of the live map on ', 1)[1].startswith(web['url'] + ' '), log[-2000:]
 
 
 def test_the_map_drawn_grows_as_keyframes_arrive(web):
