@@ -131,19 +131,20 @@ def check_output(out: Path, inputs: Sequence[Optional[Path]] = (), kind: str = '
     the ``inputs`` (the answer would replace what it was made from), a folder, an existing file that is not an
     ov3d map for a map, or an existing map for another kind of file: files that are not ours are never replaced
     (as the node's saves), nor maps by something else."""
-    from ov3d_ros.core.map_io import is_map_file
+    from ov3d_ros.core.map_io import check_replaceable, is_map_file
     out = Path(out)
     for path in inputs:
         if path is not None and out.exists() and Path(path).exists() and os.path.samefile(path, out):
             raise CliError(f'{out}: --out is also an input ({path}); choose another file')
     if out.is_dir():
         raise CliError(f'{out}: --out is a folder; give a file name')
-    if os.path.lexists(out):
-        if kind == 'map' and not is_map_file(out):
-            raise CliError(f'{out} exists and is not an ov3d map file; it is never replaced (choose another name '
-                           'or remove it)')
-        if kind != 'map' and is_map_file(out):
-            raise CliError(f'{out} is an ov3d map file; it is never replaced by a {kind} (choose another name)')
+    if kind == 'map':
+        try:
+            check_replaceable(out)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    elif is_map_file(out):
+        raise CliError(f'{out} is an ov3d map file; it is never replaced by a {kind} (choose another name)')
     return out
 
 

@@ -211,6 +211,14 @@ def is_map_file(path: str | Path) -> bool:
     return meta.get('format') == MAP_FORMAT
 
 
+def check_replaceable(path: str | Path) -> None:
+    """ValueError when ``path`` exists and is not an ov3d map: a map written there (a save, a merge, a tool's
+    output) never replaces a file that is not one."""
+    if os.path.lexists(path) and not is_map_file(path):
+        raise ValueError(f'{path} exists and is not an ov3d map file; it is never replaced (choose another name or '
+                         'remove it)')
+
+
 def _read(path: Path) -> Tuple[bytes, dict]:
     try:
         blob = path.read_bytes()

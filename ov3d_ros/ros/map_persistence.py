@@ -23,7 +23,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
-from ov3d_ros.core.map_io import is_map_file
+from ov3d_ros.core.map_io import check_replaceable
 from ov3d_ros.core.mapper import Mapper
 from ov3d_ros.ros.params import declare
 from ov3d_ros.ros.services import create_service
@@ -82,9 +82,7 @@ class MapPersistence:
     def _writable(self, path: str) -> str:
         """:meth:`_path` for a file to write: ValueError also when it exists and is not an ov3d map (never replaced)."""
         path = self._path(path)
-        if os.path.lexists(path) and not is_map_file(path):
-            raise ValueError(f'{path} exists and is not an ov3d map file; it is never replaced (choose another name '
-                             'or remove it)')
+        check_replaceable(path)
         return path
 
     def _version(self):
