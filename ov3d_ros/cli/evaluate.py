@@ -186,9 +186,9 @@ def eval_scene(path: str, variants: list, args: argparse.Namespace) -> list:
     return out
 
 
-def _check_variant(name: str, overrides: list) -> None:
-    """Raise CliError if a --variant's name cannot name a table row and a saved map file, or an override of it
-    cannot be applied (before any scene is mapped)."""
+def _check_variant(name: str, overrides: list, args) -> MapperConfig:
+    """The config of a --variant (before any scene is mapped); CliError if its name cannot name a table row and a
+    saved map file, or an override of it cannot be applied."""
     if not name.strip():
         raise CliError(f'--variant needs a name first (NAME SECTION.KEY=VALUE ...), got {name!r}')
     if '=' in name:      # the override would name the row and not be applied
@@ -196,8 +196,9 @@ def _check_variant(name: str, overrides: list) -> None:
                        f'e.g. --variant fine {name}')
     if '/' in name or '\\' in name or name.startswith('.'):     # names a file under --save-maps' OUT/maps/
         raise CliError(f"--variant {name!r}: a name must not contain '/' or '\\' or start with '.'")
+    cfg = build_config(args)
     try:
-        update_from_dict(MapperConfig(), parse_overrides(overrides))
+        return update_from_dict(cfg, parse_overrides(overrides))
     except ValueError as e:
         raise CliError(f'--variant {name}: {e}') from None
 
@@ -213,19 +214,16 @@ def run(args) -> int:
         return write_tables(names, per_scene, args)
     if not args.inputs:
         raise CliError('no inputs given')
-    args.out.mkdir(parents=True, exist_ok=True)
     variants = args.variant or [['raw']]
-    for name, *overrides in variants:
-        _check_variant(name, overrides)
+    configs = [_check_variant(name, overrides, args) for name, *overrides in variants]
     names = [v[0] for v in variants]
     if len(set(names)) != len(names):
         raise CliError(f'variant names must be unique, got {names}')
-    for name, *overrides in variants if args.queries else ():
-        cfg = build_config(args)
-        update_from_dict(cfg, parse_overrides(overrides))
+    for name, cfg in zip(names, configs) if args.queries else ():
         if cfg.features.source == 'precomputed':     # refused before mapping, not after it
             raise CliError(f'--queries: variant {name} uses precomputed features, whose text table embeds only its '
                            "own names, not the synonym and paraphrase queries (e.g. 'couch'); drop --queries")
+    args.out.mkdir(parents=True, exist_ok=True)                # only for a run that goes ahead
     inputs = expand_inputs(args.inputs)
     worker_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != 'run'})
     batch = len(inputs) > 1
