@@ -182,8 +182,13 @@ def sim_config() -> MapperConfig:
 
 @pytest.fixture()
 def new_sim_mapper(sim_extractor):
-    """A factory of fresh empty Mappers on the shared simulated feature source."""
-    return lambda: Mapper(sim_config(), sim_extractor)
+    """A factory of fresh empty Mappers on the shared simulated feature source, its frame counter restarted: the
+    simulated errors of a test's frames are the same whatever ran before it in the session (the source is shared
+    only to load the sentence model once)."""
+    def make():
+        sim_extractor.reset()
+        return Mapper(sim_config(), sim_extractor)
+    return make
 
 
 def _wall_frame(stamp_s: float = 0.0) -> Frame:
