@@ -69,6 +69,9 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument('--pose-source', choices=('pose', 'odometry', 'tf'), help='how bag poses are given')
     g.add_argument('--map-frame', help='fixed frame for tf poses (default: map)')
     g.add_argument('--sync-slop', type=float, default=0.05, help='max stamp difference of paired messages (s)')
+    g.add_argument('--rectified-images', action='store_true',
+                   help="the bag's images are rectified (image_rect): intrinsics from the camera info's p, its "
+                        "distortion ignored (default: raw images, k and the lens distortion d)")
 
 
 def int_at_least(lo: int):
@@ -206,7 +209,8 @@ def open_input(path: str | Path, args=None, gt: Optional[str] = None) -> Input:
                  'map_frame': 'map_frame'}
         overrides = {field: getattr(args, arg) for arg, field in names.items()
                      if args is not None and getattr(args, arg, None) is not None}
-        reader = BagReader(path, BagTopics(**overrides), sync_slop_s=getattr(args, 'sync_slop', 0.05))
+        reader = BagReader(path, BagTopics(**overrides), sync_slop_s=getattr(args, 'sync_slop', 0.05),
+                           rectified=bool(getattr(args, 'rectified_images', False)))
         base = path if path.is_dir() else path.parent
     else:
         from ov3d_ros.datasets.scannet_folder import ScanNetFolder

@@ -150,7 +150,9 @@ class _PixelTables(NamedTuple):
     column step as one matrix product (3 nonzeros per column of ``col_matrix``; on CPU 0.14 ms for 320x240 pixels
     against 0.65 ms as a gather of Q per column and three multiply-adds, the same sums)."""
 
-    rays: torch.Tensor          # (3, P) float32 camera-frame point of each pixel at depth 1 (coordinates first)
+    rays: torch.Tensor          # (3, P) float32 camera-frame point of each pixel at depth 1 (coordinates first;
+                                # undistorted rays for a camera with lens distortion)
+    ray_ok: Optional[torch.Tensor]  # (Hs, Ws) bool: pixels that have a ray (None: all; see PinholeCamera.rays)
     weights: torch.Tensor       # (4, P) float32 bilinear weights (corner first: per-corner rows stay contiguous)
     ints: torch.Tensor          # (P, 2) int64 [pixel index in the full image, block]
     block_cells: torch.Tensor   # (h * w, 4) int64
@@ -161,12 +163,19 @@ class _PixelTables(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _pixel_tables(device: torch.device, H: int, W: int, s: int, h: int, w: int, fx: float, fy: float, cx: float,
-                  cy: float) -> _PixelTables:
+def _pixel_tables(device: torch.device, H: int, W: int, s: int, h: int, w: int, camera: PinholeCamera) -> _PixelTables:
     vs, us = torch.arange(0, H, s, device=device), torch.arange(0, W, s, device=device)
     v, u = (t.reshape(-1) for t in torch.meshgrid(vs, us, indexing='ij'))
     blocks, weights = _bilinear(u, v, W, H, h, w)
-    rays = torch.stack([(u.float() - cx) / fx, (v.float() - cy) / fy, torch.ones(u.shape, device=device)], dim=0)
+    ray_ok = None
+    if camera.distorted:
+        x, y, ok = camera.rays(u.cpu().numpy(), v.cpu().numpy())
+        x, y = (torch.from_numpy(a).to(device, torch.float32) for a in (x, y))
+        if not ok.all():
+            ray_ok = torch.from_numpy(ok).to(device).reshape(len(vs), len(us))
+    else:   # the pinhole rays as before, bit for bit
+        x, y = (u.float() - camera.cx) / camera.fx, (v.float() - camera.cy) / camera.fy
+    rays = torch.stack([x, y, torch.ones(u.shape, device=device)], dim=0)
     col_block, col_w = _bilinear(us, torch.zeros_like(us), W, H, 1, w)          # (b0, b1) = weights 0, 1
     row_block, row_w = _bilinear(torch.zeros_like(vs), vs, W, H, h, 1)          # (a0, a1) = weights 0, 2
     b0, b1 = col_w[:, 0], col_w[:, 1]
@@ -178,7 +187,7 @@ def _pixel_tables(device: torch.device, H: int, W: int, s: int, h: int, w: int, 
     coef[:, 4, 2], coef[:, 6, 2], coef[:, 7, 2], coef[:, 9, 2] = 2 * a0 * a0, 2 * a0 * a1, 2 * a0 * a1, 2 * a1 * a1
     col_matrix = torch.zeros(w, 3, len(us), device=device)
     col_matrix[col_block, :, torch.arange(len(us), device=device)] = torch.stack([b0 * b0, b1 * b1, b0 * b1], dim=1)
-    return _PixelTables(rays, weights.T.contiguous(), torch.stack([v * W + u, blocks], dim=1),
+    return _PixelTables(rays, ray_ok, weights.T.contiguous(), torch.stack([v * W + u, blocks], dim=1),
                         _block_cells(h, w, device), row_block, coef, col_matrix.reshape(w * 3, len(us)))
 
 
@@ -190,7 +199,7 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
         depth_m: (H, W) float32 metres, camera optical frame.
         rgb: (H, W, 3) uint8 colour registered to the depth image.
         feature_grid: (h, w, D) dense features covering the image.
-        camera: intrinsics of the depth image.
+        camera: intrinsics (and lens distortion) of the depth image.
         T_W_C: (4, 4) camera-to-world transform.
         pixel_stride: use every n-th pixel along u and v.
     """
@@ -199,8 +208,10 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
     H, W = depth_m.shape
     h, w, D = feature_grid.shape
     s = max(1, int(pixel_stride))
-    t = _pixel_tables(device, H, W, s, h, w, float(camera.fx), float(camera.fy), float(camera.cx), float(camera.cy))
+    t = _pixel_tables(device, H, W, s, h, w, camera)
     valid = valid_depth_mask(depth_m[::s, ::s], min_depth_m, max_depth_m)
+    if t.ray_ok is not None:
+        valid &= t.ray_ok
     p = torch.nonzero(valid.reshape(-1)).squeeze(1)          # raster order of the strided image
     i = t.ints.index_select(0, p)
     pixel, blocks = i[:, 0], i[:, 1]

@@ -115,7 +115,7 @@ class Mapper:
                              'last row 0 0 0 1')
         m = self.cfg.map
         z = m.max_depth_m if np.isfinite(m.max_depth_m) else np.max(depth, where=np.isfinite(depth), initial=0.0)
-        reach = float(z) * (1 + max(cam.cx, W - cam.cx) / cam.fx + max(cam.cy, H - cam.cy) / cam.fy)
+        reach = float(z) * (1 + sum(cam.view_extent()))
         limit = (2 ** 20 - 1) * m.voxel_size_m          # voxel_map packs 21 bits per axis
         if np.abs(T[:3, 3]).max() + reach >= limit:
             raise ValueError(f'frame reaches beyond the map range (±{limit:.4g} m): camera at {T[:3, 3].tolist()}, '

@@ -153,19 +153,50 @@ def image_size(msg, where: str) -> Tuple[int, int]:
     return int(msg.width), int(msg.height)
 
 
-def camera_info_to_camera(msg, where: str = 'camera info') -> PinholeCamera:
-    """PinholeCamera from a (rosbags) CameraInfo's ``k``, ``width`` and ``height`` (distortion is ignored).
+def camera_info_to_camera(msg, where: str = 'camera info', rectified: bool = False) -> PinholeCamera:
+    """PinholeCamera of the images a (rosbags or rclpy) CameraInfo describes.
 
-    Rejected with the reason (DatasetError): a zero width or height, a k with a NaN / inf entry or with
-    fx = k[0] or fy = k[4] <= 0 (an all-zero k is an uncalibrated camera), a principal point (cx, cy) = (k[2], k[5])
-    outside the open image rectangle (0, width) x (0, height)."""
+    Raw images (the default): the intrinsics ``k`` and the lens distortion (``distortion_model`` and ``d``:
+    plumb_bob, rational_polynomial or equidistant; pixels are back-projected along their undistorted rays; an
+    empty or all-zero ``d`` is a pinhole). ``rectified`` images (image_proc's ``image_rect``): the projection
+    ``p`` (fx = p[0], fy = p[5], cx = p[2], cy = p[6]) and no distortion, as image_geometry and depth_image_proc
+    read them. Binning and the region of interest are applied as image_geometry does: the images are the ROI
+    (``roi.width`` x ``roi.height``, 0 = the whole ``width`` x ``height``) divided by ``binning_x`` and
+    ``binning_y`` (0 or 1 = none), and so are the principal point (less the ROI offset) and the focal lengths.
+
+    Rejected with the reason (DatasetError): a zero width or height, a k (or p) with a NaN / inf entry or with
+    fx or fy <= 0 (an all-zero k is an uncalibrated camera), a principal point outside the open image rectangle
+    (0, width) x (0, height) of the calibration, a ROI outside it, a distortion model that is not supported
+    (with a non-zero ``d``) or the wrong number of coefficients for it."""
     if msg.width == 0 or msg.height == 0:
         raise DatasetError(f'{where}: zero image size ({msg.width}x{msg.height}); is the camera calibrated?')
-    k = np.asarray(msg.k, dtype=np.float64).reshape(-1)
-    if k.size != 9 or not np.all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
-        raise DatasetError(f'{where}: invalid intrinsics k={k.tolist()}; fx=k[0] and fy=k[4] must be finite and > 0')
-    cam = PinholeCamera.from_matrix(k.reshape(3, 3), int(msg.width), int(msg.height))
-    if not (0.0 < cam.cx < cam.width and 0.0 < cam.cy < cam.height):
-        raise DatasetError(f'{where}: principal point (cx, cy) = ({cam.cx:g}, {cam.cy:g}) = (k[2], k[5]) '
-                           f'is not inside the {cam.width}x{cam.height} image; check the calibration')
-    return cam
+    W, H = int(msg.width), int(msg.height)
+    if rectified:
+        p = np.asarray(msg.p, dtype=np.float64).reshape(-1)
+        if p.size != 12 or not np.all(np.isfinite(p)) or p[0] <= 0 or p[5] <= 0:
+            raise DatasetError(f'{where}: invalid projection p={p.tolist()}; with rectified images fx=p[0] and '
+                               f'fy=p[5] must be finite and > 0 (for raw images, use k and d: rectified off)')
+        K, model, d = p.reshape(3, 4)[:, :3], '', ()
+    else:
+        k = np.asarray(msg.k, dtype=np.float64).reshape(-1)
+        if k.size != 9 or not np.all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
+            raise DatasetError(f'{where}: invalid intrinsics k={k.tolist()}; fx=k[0] and fy=k[4] must be finite '
+                               f'and > 0')
+        K, model, d = k.reshape(3, 3), str(msg.distortion_model), tuple(float(x) for x in msg.d)
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    if not (0.0 < cx < W and 0.0 < cy < H):
+        entries = 'p[2], p[6]' if rectified else 'k[2], k[5]'
+        raise DatasetError(f'{where}: principal point (cx, cy) = ({cx:g}, {cy:g}) = ({entries}) is not inside the '
+                           f'{W}x{H} image; check the calibration')
+    roi = getattr(msg, 'roi', None)
+    x0, y0, w, h = (0, 0, 0, 0) if roi is None else (int(roi.x_offset), int(roi.y_offset), int(roi.width),
+                                                        int(roi.height))
+    if w == 0 or h == 0:
+        x0, y0, w, h = 0, 0, W, H
+    if x0 + w > W or y0 + h > H:
+        raise DatasetError(f'{where}: region of interest {w}x{h} at ({x0}, {y0}) is not inside the {W}x{H} image')
+    bx, by = max(1, int(getattr(msg, 'binning_x', 0))), max(1, int(getattr(msg, 'binning_y', 0)))
+    try:
+        return PinholeCamera(fx / bx, fy / by, (cx - x0) / bx, (cy - y0) / by, w // bx, h // by, model, d)
+    except ValueError as e:
+        raise DatasetError(f'{where}: {e}') from None

@@ -6,7 +6,8 @@ system's (see ``ov3d_ros.ros.scene_player``):
 
     color/image         sensor_msgs/Image rgb8 (also bgr8, rgba8, bgra8, mono8, 8UC1, 8UC3) or CompressedImage
     depth/image         sensor_msgs/Image 16UC1 / mono16 (millimetres) or 32FC1 (metres), registered to colour
-    color/camera_info   sensor_msgs/CameraInfo (k, width, height; distortion ignored)
+    color/camera_info   sensor_msgs/CameraInfo (k and the lens distortion d of raw images, or p of rectified
+                        ones; binning and ROI applied: ``ros_images.camera_info_to_camera``)
     labels/image        optional sensor_msgs/Image mono16 / 16UC1 / mono8 / 8UC1 / 32SC1 semantic ids
     pose                geometry_msgs/PoseStamped of the optical frame in the map frame (or nav_msgs/Odometry),
     /tf, /tf_static     or tf2_msgs/TFMessage, composed from the map frame to the images' header frame_id
@@ -185,8 +186,9 @@ class BagReader:
     """
 
     def __init__(self, path: str | Path, topics: Optional[BagTopics] = None, sync_slop_s: float = 0.05,
-                 pose_max_gap_s: float = 0.5):
+                 pose_max_gap_s: float = 0.5, rectified: bool = False):
         self.path = _resolve_bag_path(Path(path))
+        self.rectified = bool(rectified)            # images are rectified: the camera info's p, no distortion
         requested = topics if topics is not None else BagTopics()
         if not (math.isfinite(sync_slop_s) and sync_slop_s >= 0):
             raise DatasetError(f'sync_slop_s must be a finite number >= 0, got {sync_slop_s}')
@@ -277,7 +279,8 @@ class BagReader:
                         idx.first = msg
                 elif role == 'camera_info':
                     if self.camera is None:
-                        self.camera = camera_info_to_camera(ts.deserialize_cdr(raw, conn.msgtype), info_where)
+                        self.camera = camera_info_to_camera(ts.deserialize_cdr(raw, conn.msgtype), info_where,
+                                                            self.rectified)
                 elif role == 'pose':
                     msg = ts.deserialize_cdr(raw, conn.msgtype)
                     where = f'{self.path} {conn.topic} @ {ns_to_s(stamp_ns(msg.header.stamp)):.6f} s'
@@ -584,7 +587,8 @@ class BagWriter:
         roi = self.types['sensor_msgs/msg/RegionOfInterest'](x_offset=0, y_offset=0, height=0, width=0,
                                                              do_rectify=False)
         msg = self.types[CAMERA_INFO](header=self.header(frame_id, stamp_s), height=int(camera.height),
-                                      width=int(camera.width), distortion_model='plumb_bob', d=np.zeros(5),
+                                      width=int(camera.width), distortion_model=camera.distortion_model or 'plumb_bob',
+                                      d=np.array(camera.distortion if camera.distorted else [0.0] * 5),
                                       k=camera.K.reshape(-1), r=np.eye(3).reshape(-1), p=P.reshape(-1),
                                       binning_x=0, binning_y=0, roi=roi)
         self.write(topic, msg, stamp_s if log_s is None else log_s)

@@ -187,7 +187,10 @@ def write_frame(root: str | Path, index: int, rgb: np.ndarray, depth_m: np.ndarr
 
 
 def write_intrinsics(root: str | Path, camera: PinholeCamera) -> None:
-    """intrinsic/intrinsic_depth.txt as a 4x4 matrix."""
+    """intrinsic/intrinsic_depth.txt as a 4x4 matrix (the layout has no lens distortion: undistort first)."""
+    if camera.distorted:
+        raise DatasetError(f'{root}: the folder layout keeps no lens distortion ({camera.distortion_model}); '
+                           'write undistorted images and a pinhole camera')
     (Path(root) / 'intrinsic').mkdir(parents=True, exist_ok=True)
     K = np.eye(4)
     K[:3, :3] = camera.K

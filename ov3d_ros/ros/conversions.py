@@ -59,9 +59,9 @@ def sec_to_stamp(t: float) -> Time:
 # ---------------------------------------------------------------------------------------------------- images
 def _decoded(fn, where: str):
     """A decoder of ov3d_ros.datasets.ros_images that raises ConversionError (the ROS layer's error)."""
-    def decode(msg):
+    def decode(msg, **kw):
         try:
-            return fn(msg, where)
+            return fn(msg, where, **kw)
         except DatasetError as e:
             raise ConversionError(str(e)) from None
     decode.__name__, decode.__doc__ = fn.__name__, fn.__doc__
@@ -69,8 +69,10 @@ def _decoded(fn, where: str):
 
 
 camera_info_to_camera = _decoded(ros_images.camera_info_to_camera, 'camera info')
-"""PinholeCamera from ``k`` (row-major 3x3), ``width`` and ``height`` (distortion ignored); bad intrinsics, a zero
-size or a principal point outside the image raise ConversionError with the reason."""
+"""PinholeCamera of the images a CameraInfo describes: raw images (``k`` and the lens distortion ``d``) or, with
+``rectified=True``, rectified ones (``p``, no distortion); binning and ROI applied. Bad intrinsics, a zero size, a
+principal point outside the image or an unsupported distortion model raise ConversionError with the reason (see
+:func:`ov3d_ros.datasets.ros_images.camera_info_to_camera`)."""
 image_to_numpy = _decoded(ros_images.image_to_numpy, 'image')
 """Pixel array of an Image (step and endianness honoured): (H, W, C), or (H, W) for one channel."""
 color_to_rgb = _decoded(ros_images.color_to_rgb, 'colour image')
@@ -144,12 +146,14 @@ def depth_to_compressed_depth(depth_mm: np.ndarray, header: Optional[Header] = N
 
 # ---------------------------------------------------------------------------------------------------- camera
 def camera_to_camera_info(cam: PinholeCamera, header: Optional[Header] = None) -> CameraInfo:
-    """CameraInfo for a pinhole camera: plumb_bob with zero distortion, k, p = [k | 0], r = identity."""
+    """CameraInfo for a camera: k, its lens distortion (plumb_bob with zero ``d`` for none), p = [k | 0],
+    r = identity."""
     K = cam.K
     P = np.zeros((3, 4))
     P[:, :3] = K
     return CameraInfo(header=header if header is not None else Header(), width=int(cam.width),
-                      height=int(cam.height), distortion_model='plumb_bob', d=[0.0] * 5, k=K.reshape(-1).tolist(),
+                      height=int(cam.height), distortion_model=cam.distortion_model or 'plumb_bob',
+                      d=list(cam.distortion) if cam.distorted else [0.0] * 5, k=K.reshape(-1).tolist(),
                       r=np.eye(3).reshape(-1).tolist(), p=P.reshape(-1).tolist())
 
 

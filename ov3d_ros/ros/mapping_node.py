@@ -113,6 +113,11 @@ class MappingInterface:
         self.depth_transport = declare(self, 'depth_transport', 'raw', "Depth input: 'raw' (sensor_msgs/Image on "
                                        "depth/image) or 'compressedDepth' (image_transport's PNG depth on "
                                        "depth/image/compressedDepth).")
+        self.rectified_images = declare(self, 'rectified_images', False, "false: colour and depth are raw images "
+                                        "(image_raw): the camera info's k and lens distortion d (plumb_bob, "
+                                        "rational_polynomial, equidistant) are used, each pixel back-projected "
+                                        "along its undistorted ray. true: they are rectified (image_rect, "
+                                        "image_proc): its p is used and d ignored, as depth_image_proc does.")
         self.sync_slop_s = declare(self, 'sync_slop_s', 0.05, 'Max time difference between paired messages.')
         self.pose_max_gap_s = declare(self, 'pose_max_gap_s', 0.5, "pose_source 'pose'/'odometry': a depth image "
                                       'between two poses at most this far apart takes their interpolation '
@@ -494,11 +499,18 @@ class MappingInterface:
     def _on_camera_info(self, cam: CameraInput, msg) -> None:
         """Keep the latest valid camera info; an invalid one is dropped (counted, logged) and the previous kept."""
         try:
-            conv.camera_info_to_camera(msg)
+            camera = conv.camera_info_to_camera(msg, rectified=self.rectified_images)
         except ValueError as e:
-            cam.camera_error = str(e)
-            self._error(f'{e}; camera info dropped' + (', the previous one is kept' if cam.camera_info else ''), cam)
+            reason = str(e) + (' (or, if the images are rectified, set rectified_images: true)'
+                               if 'distortion' in str(e) else '')
+            cam.camera_error = reason
+            self._error(f'{reason}; camera info dropped' + (', the previous one is kept' if cam.camera_info else ''),
+                        cam)
             return
+        if camera.distorted:
+            self._note_once(f'distortion:{cam.name}', f'{cam.name}: raw images with {camera.distortion_model} lens '
+                            'distortion: each pixel is back-projected along its undistorted ray (set '
+                            'rectified_images: true if these images are rectified)', info=True)
         cam.camera_error = ''
         cam.camera_info = msg
 
@@ -601,10 +613,10 @@ class MappingInterface:
                                 f'({e}); using pose_to_camera')
         return cam.T_B_C
 
-    def _note_once(self, key: str, text: str) -> None:
+    def _note_once(self, key: str, text: str, info: bool = False) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            self.get_logger().warning(text)
+            (self.get_logger().info if info else self.get_logger().warning)(text)
 
     # ------------------------------------------------------------------ processing
     def tick(self) -> None:
@@ -719,7 +731,7 @@ class MappingInterface:
                 return None
             depth, color, labels, t = taken              # only taken once a valid camera info came
             self._check_stamp(cam, t)
-            camera = conv.camera_info_to_camera(cam.camera_info)
+            camera = conv.camera_info_to_camera(cam.camera_info, rectified=self.rectified_images)
             T_W_C = poses.get(id(depth))                 # the pose is looked up once per frame
             if T_W_C is None:
                 T_W_C = self._pose_at(cam, depth, t)

@@ -61,6 +61,7 @@ READ_ONLY_REASONS: Dict[str, str] = {
     'map_frame': AT_START + ' (every output and saved map is in it)',
     'pose_source': AT_START + ' (it decides the subscriptions)',
     'pose_frame': AT_START,
+    'rectified_images': AT_START + ' (the map is built with these rays)',
     'cameras': AT_START + ' (it decides the subscriptions)',
     'color_transport': AT_START + ' (it decides the subscriptions)',
     'depth_transport': AT_START + ' (it decides the subscriptions)',

@@ -442,3 +442,12 @@ def test_a_binary_file_given_as_a_text_file_is_named(scenes, sim_map, tmp_path, 
         assert main(argv) == 2, argv[0]
         err = capsys.readouterr().err
         assert f'{binary}: {why}' in err and 'Traceback' not in err, err
+
+
+def test_rectified_images_option_reaches_the_bag_reader(scenes, tmp_path):
+    from ov3d_ros.cli.common import open_input
+    from ov3d_ros.cli.main import build_parser
+    bag = str(scenes / 'scene_0003_bag')
+    for extra, rectified in (([], False), (['--rectified-images'], True)):
+        args = build_parser().parse_args(['map', bag, '--out', str(tmp_path / 'm.ov3dmap')] + extra)
+        assert open_input(bag, args).reader.rectified is rectified

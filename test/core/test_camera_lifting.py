@@ -120,3 +120,102 @@ def test_lifted_features_are_the_bilinear_samples_of_their_pixels():
         assert torch.equal(lifted.features.cells, bilinear_cells(grid, u, v, 96, 64).cells)
         assert torch.equal(lifted.colors, rgb[v, u].float())
         assert torch.allclose(lifted.points[:, 2], depth[v, u])
+
+
+# ---------------------------------------------------------------------------------------------- lens distortion
+def _opencv_distort(model, d, x, y):
+    """The distortion models as ROS's CameraInfo and OpenCV define them, written out here (not the product's
+    code): normalised undistorted (x, y) -> normalised distorted."""
+    if model == 'equidistant':
+        r = np.hypot(x, y)
+        th = np.arctan(r)
+        th_d = th * (1 + d[0] * th ** 2 + d[1] * th ** 4 + d[2] * th ** 6 + d[3] * th ** 8)
+        return x * th_d / r, y * th_d / r
+    k = list(d) + [0.0] * (12 - len(d))
+    r2 = x * x + y * y
+    radial = (1 + k[0] * r2 + k[1] * r2 ** 2 + k[4] * r2 ** 3) / (1 + k[5] * r2 + k[6] * r2 ** 2 + k[7] * r2 ** 3)
+    xd = x * radial + 2 * k[2] * x * y + k[3] * (r2 + 2 * x * x) + k[8] * r2 + k[9] * r2 ** 2
+    yd = y * radial + k[2] * (r2 + 2 * y * y) + 2 * k[3] * x * y + k[10] * r2 + k[11] * r2 ** 2
+    return xd, yd
+
+
+LENSES = {   # (fx, fy, cx, cy, W, H, model, d): calibrations shaped like real cameras'
+    'plumb_bob': (380.0, 381.0, 318.2, 241.7, 640, 480, 'plumb_bob', (-0.28, 0.07, 0.0008, -0.0004, 0.0)),
+    'rational_polynomial': (605.0, 604.6, 638.1, 366.9, 1280, 720, 'rational_polynomial',
+                            (0.55, -2.6, 0.0005, -0.0002, 1.5, 0.43, -2.4, 1.43)),    # Azure Kinect-like colour
+    'thin_prism': (860.0, 860.0, 640.0, 360.0, 1280, 720, 'rational_polynomial',
+                   (-4.2, 14.0, 0.0002, 0.0001, -10.0, -4.1, 13.8, -9.6, 0.001, -0.0005, 0.0007, -0.0003, 0.0, 0.0)),
+    'equidistant': (285.7, 285.9, 418.9, 402.3, 848, 800, 'equidistant', (-0.0074, 0.0435, -0.0411, 0.0077)),
+}
+
+
+@pytest.mark.parametrize('lens', sorted(LENSES))
+def test_rays_invert_the_lens_model(lens):
+    """Each pixel's undistorted ray, put through the lens model as ROS/OpenCV define it, lands on the pixel."""
+    cam = PinholeCamera(*LENSES[lens])
+    v, u = np.meshgrid(np.arange(0, cam.height, 7), np.arange(0, cam.width, 7), indexing='ij')
+    x, y, ok = cam.rays(u, v)
+    assert ok.mean() > (0.6 if lens == 'equidistant' else 0.99), ok.mean()    # a fisheye's rim has no ray
+    xd, yd = _opencv_distort(cam.distortion_model, cam.distortion, x[ok], y[ok])
+    err = np.hypot(xd * cam.fx + cam.cx - u[ok], yd * cam.fy + cam.cy - v[ok])
+    assert err.max() < 1e-3, err.max()
+    shift = np.hypot((x[ok] - (u[ok] - cam.cx) / cam.fx) * cam.fx, (y[ok] - (v[ok] - cam.cy) / cam.fy) * cam.fy)
+    assert shift.max() > 20.0        # the lens matters: a pinhole reading of k would be this many pixels off
+    uv = cam.project(torch.from_numpy(np.stack([x[ok], y[ok], np.ones(ok.sum())], -1)))      # the forward model
+    assert np.abs(uv.numpy() - np.stack([u[ok], v[ok]], -1)).max() < 1e-3
+
+
+def test_rays_beyond_the_fold_of_the_lens_model_are_not_used():
+    """Strong barrel distortion folds back at the image corners (two rays would land on one pixel): those pixels
+    get no ray; the rest still invert exactly."""
+    cam = PinholeCamera(300.0, 300.0, 319.5, 239.5, 640, 480, 'plumb_bob', (-0.45, 0.05, 0.0, 0.0, 0.0))
+    v, u = np.meshgrid(np.arange(0, 480, 4), np.arange(0, 640, 4), indexing='ij')
+    x, y, ok = cam.rays(u, v)
+    r = np.hypot((u - cam.cx) / cam.fx, (v - cam.cy) / cam.fy)
+    # r (1 - 0.45 r^2 + 0.05 r^4) grows up to r = 0.941, where it reaches 0.6026: no ray reaches further out
+    assert not ok[r > 0.605].any() and ok[r < 0.6].all() and ok.mean() > 0.3
+    xd, yd = _opencv_distort('plumb_bob', cam.distortion, x[ok], y[ok])
+    assert np.hypot(xd * cam.fx + cam.cx - u[ok], yd * cam.fy + cam.cy - v[ok]).max() < 1e-3
+    depth = torch.full((480, 640), 2.0)
+    pts = cam.backproject(depth)[::4, ::4]
+    assert torch.isnan(pts[..., 0][torch.from_numpy(~ok)]).all() and torch.isfinite(pts[torch.from_numpy(ok)]).all()
+
+
+def test_lens_distortion_is_checked_and_zero_distortion_is_a_pinhole():
+    pin = PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480)
+    assert PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'plumb_bob', (0.0,) * 5) == pin
+    assert PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'unknown', ()) == pin      # no coefficients
+    assert not pin.distorted and PinholeCamera(*LENSES['plumb_bob']).distorted
+    with pytest.raises(ValueError, match="lens distortion model 'fov' is not supported"):
+        PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'fov', (0.9,))
+    with pytest.raises(ValueError, match='equidistant distortion needs 4 finite coefficients'):
+        PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'equidistant', (0.1, 0.0, 0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match='finite coefficients'):
+        PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'plumb_bob', (0.1, float('nan'), 0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match='tilted-sensor'):
+        PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'rational_polynomial', (0.1,) + (0.0,) * 12 + (0.01,))
+    scaled = PinholeCamera(*LENSES['plumb_bob']).scaled(320, 240)
+    assert scaled.distortion == LENSES['plumb_bob'][7]       # distortion acts on normalised coordinates
+
+
+def test_lifting_follows_the_undistorted_rays():
+    """A wall at z = 2 m seen through an Azure Kinect-like lens: every lifted point lies on its pixel's true ray
+    (projecting it through the lens model gives back the pixel), not on the pinhole ray of k."""
+    cam = PinholeCamera(*LENSES['rational_polynomial']).scaled(320, 180)
+    depth = torch.full((180, 320), 2.0)
+    rgb = torch.zeros(180, 320, 3, dtype=torch.uint8)
+    grid = torch.nn.functional.normalize(torch.randn(12, 20, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    T = torch.eye(4, dtype=torch.float64)
+    for stride in (1, 3):
+        lifted = lift_keyframe(depth, rgb, grid, cam, T, 0.1, 5.0, stride)
+        v, u = (a.reshape(-1).numpy() for a in torch.meshgrid(torch.arange(0, 180, stride),
+                                                               torch.arange(0, 320, stride), indexing='ij'))
+        p = lifted.points.numpy().astype(np.float64)
+        assert p.shape == (len(u), 3) and np.allclose(p[:, 2], 2.0)
+        xd, yd = _opencv_distort(cam.distortion_model, cam.distortion, p[:, 0] / 2.0, p[:, 1] / 2.0)
+        assert np.abs(xd * cam.fx + cam.cx - u).max() < 0.01 and np.abs(yd * cam.fy + cam.cy - v).max() < 0.01
+        pinhole_x = (u - cam.cx) / cam.fx * 2.0
+        assert np.abs(p[:, 0] - pinhole_x).max() > 0.05     # a voxel or more off at the image edge without it
+    pinhole = PinholeCamera(cam.fx, cam.fy, cam.cx, cam.cy, 320, 180)
+    assert np.allclose(lift_keyframe(depth, rgb, grid, pinhole, T, 0.1, 5.0).points.numpy()[:, 0],
+                       ((np.arange(320) - cam.cx) / cam.fx * 2.0)[None].repeat(180, 0).reshape(-1), atol=1e-5)

@@ -310,3 +310,17 @@ def test_write_bag_rejects_bad_frames_without_leaving_a_bag(tmp_path, frames):
     assert not (tmp_path / 'none').exists()
     with pytest.raises(DatasetError, match='storage'):
         write_bag(tmp_path / 'x', frames, CAM, storage='ros1')
+
+
+def test_lens_distortion_of_raw_images_and_rectified_images(tmp_path, frames):
+    """The bag's camera info keeps its lens model (raw images, the default); --rectified-images reads p instead."""
+    f = frames[0]
+    lens = replace(CAM, distortion_model='plumb_bob', distortion=(-0.2, 0.05, 0.001, 0.0, 0.0))
+    with BagWriter(tmp_path / 'lens') as b:
+        b.write_camera_info('color/camera_info', lens, 1.0)
+        b.write_image('color/image', f.rgb, 'rgb8', 1.0)
+        b.write_image('depth/image', np.ones((H, W), np.uint16), '16UC1', 1.0)
+        b.write_pose('pose', f.T_W_C, 1.0)
+    assert BagReader(tmp_path / 'lens').camera == lens
+    rect = BagReader(tmp_path / 'lens', rectified=True).camera       # the writer's p is [k | 0]
+    assert rect == CAM and not rect.distorted

@@ -119,3 +119,11 @@ def test_files_that_are_not_npz_archives_are_refused_with_the_file_name(tmp_path
         with pytest.raises(DatasetError, match=problem) as e:
             read_text_embeddings(tmp_path / name)
         assert str(e.value).startswith(str(tmp_path / name)), str(e.value)
+
+
+def test_a_camera_with_lens_distortion_is_not_written_as_a_pinhole(tmp_path):
+    from ov3d_ros.core.camera import PinholeCamera
+    lens = PinholeCamera(50.0, 50.0, 20.0, 15.0, 40, 30, 'plumb_bob', (-0.1, 0.0, 0.0, 0.0, 0.0))
+    with pytest.raises(DatasetError, match='keeps no lens distortion'):
+        write_intrinsics(tmp_path, lens)
+    assert not (tmp_path / 'intrinsic').exists()

@@ -238,6 +238,49 @@ def test_bad_camera_info_is_rejected(k, size, match):
         conv.camera_info_to_camera(CameraInfo(width=size[0], height=size[1], k=k))
 
 
+def _info(**kw):
+    info = CameraInfo(width=1280, height=720, k=[605.0, 0, 638.0, 0, 604.5, 367.0, 0, 0, 1],
+                      p=[590.0, 0, 641.0, 0, 0, 589.0, 360.0, 0, 0, 0, 1, 0])
+    for name, value in kw.items():
+        setattr(info, name, value)
+    return info
+
+
+def test_camera_info_lens_distortion_and_rectified_images():
+    d = [0.55, -2.6, 0.0005, -0.0002, 1.5, 0.43, -2.4, 1.43]
+    raw = conv.camera_info_to_camera(wire(_info(distortion_model='rational_polynomial', d=d)))
+    assert (raw.fx, raw.cx, raw.distortion_model, raw.distortion) == (605.0, 638.0, 'rational_polynomial', tuple(d))
+    assert raw.distorted
+    back = conv.camera_info_to_camera(wire(conv.camera_to_camera_info(raw)))        # round trip keeps the lens
+    assert back == raw
+    rect = conv.camera_info_to_camera(wire(_info(distortion_model='rational_polynomial', d=d)), rectified=True)
+    assert (rect.fx, rect.fy, rect.cx, rect.cy, rect.distorted) == (590.0, 589.0, 641.0, 360.0, False)
+    with pytest.raises(ConversionError, match=r"lens distortion model 'kannala_brandt' is not supported"):
+        conv.camera_info_to_camera(_info(distortion_model='kannala_brandt', d=[0.1, 0.01, 0.0, 0.0]))
+    ok = conv.camera_info_to_camera(_info(distortion_model='kannala_brandt', d=[0.1, 0.01, 0.0, 0.0]), rectified=True)
+    assert not ok.distorted                                         # rectified: d is not read
+    assert not conv.camera_info_to_camera(_info(distortion_model='plumb_bob', d=[])).distorted
+    with pytest.raises(ConversionError, match=r'invalid projection p=.*rectified'):
+        conv.camera_info_to_camera(_info(p=[0.0] * 12), rectified=True)
+
+
+def test_camera_info_binning_and_roi_as_image_geometry_applies_them():
+    """image_geometry: K(0,2) = (cx - roi.x_offset) / binning_x, fx / binning_x; the images are roi / binning."""
+    from sensor_msgs.msg import RegionOfInterest
+    binned = conv.camera_info_to_camera(_info(binning_x=2, binning_y=2))
+    assert (binned.fx, binned.fy, binned.cx, binned.cy, binned.width, binned.height) == (
+        302.5, 302.25, 319.0, 183.5, 640, 360)
+    roi = RegionOfInterest(x_offset=320, y_offset=180, width=640, height=360)
+    cropped = conv.camera_info_to_camera(_info(roi=roi))
+    assert (cropped.fx, cropped.cx, cropped.cy, cropped.width, cropped.height) == (605.0, 318.0, 187.0, 640, 360)
+    both = conv.camera_info_to_camera(_info(roi=roi, binning_x=2, binning_y=4))
+    assert (both.fx, both.fy, both.cx, both.cy, both.width, both.height) == (302.5, 151.125, 159.0, 46.75, 320, 90)
+    corner = conv.camera_info_to_camera(_info(roi=RegionOfInterest(x_offset=800, y_offset=400, width=480, height=320)))
+    assert corner.cx < 0 and corner.width == 480         # a crop away from the principal point is still valid
+    with pytest.raises(ConversionError, match=r'region of interest 640x360 at \(700, 180\) is not inside'):
+        conv.camera_info_to_camera(_info(roi=RegionOfInterest(x_offset=700, y_offset=180, width=640, height=360)))
+
+
 # ------------------------------------------------------------------------------------------------ poses
 def test_quaternion_90_degree_yaw_gives_the_analytic_matrix():
     s = math.sqrt(0.5)

@@ -6,6 +6,7 @@ Derandomized (a fixed seed per test, no example database), so CI runs are reprod
 """
 import array
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -120,6 +121,32 @@ def test_fuzz_camera_info(intr):
     assert (cam is not None) == valid, (k, width, height, err)
     if cam is not None:
         assert (cam.fx, cam.fy, cam.cx, cam.cy, cam.width, cam.height) == (fx, fy, cx, cy, width, height)
+
+
+@fuzz(300)
+@given(st.sampled_from(['plumb_bob', 'rational_polynomial', 'equidistant', 'fisheye', '']),
+       st.lists(st.one_of(st.floats(-1.0, 1.0), st.just(0.0), NUMBER), max_size=15), st.integers(0, 4),
+       st.integers(0, 4), st.tuples(*(st.integers(0, 700) for _ in range(4))), st.booleans())
+def test_fuzz_camera_info_lens_binning_roi(model, d, bx, by, roi, rectified):
+    """Any lens model, coefficients, binning and ROI: a camera or a ConversionError; a camera's rays are finite
+    where it has them and go back through the lens model onto their pixels."""
+    from sensor_msgs.msg import RegionOfInterest
+    info = CameraInfo(width=640, height=480, k=[500.0, 0, 320, 0, 500, 240, 0, 0, 1],
+                      p=[500.0, 0, 320, 0, 0, 500, 240, 0, 0, 0, 1, 0], distortion_model=model, d=d,
+                      binning_x=bx, binning_y=by, roi=RegionOfInterest(x_offset=roi[0], y_offset=roi[1],
+                                                                       width=roi[2], height=roi[3]))
+    cam, err = fails_cleanly(conv.camera_info_to_camera, info, rectified=rectified)
+    if cam is None:
+        return
+    assert cam.width >= 1 and cam.height >= 1 and not (rectified and cam.distorted)
+    u, v = np.meshgrid(np.linspace(0, cam.width - 1, 9), np.linspace(0, cam.height - 1, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')      # junk coefficients overflow silently: those pixels get no ray
+        x, y, ok = cam.rays(u, v)
+        xd, yd = cam.distort(x[ok], y[ok])
+    assert np.isfinite(x[ok]).all() and np.isfinite(y[ok]).all()
+    assert np.abs(xd * cam.fx + cam.cx - u[ok]).max(initial=0) < 1e-3
+    assert np.abs(yd * cam.fy + cam.cy - v[ok]).max(initial=0) < 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ poses

@@ -193,15 +193,15 @@ def hash_uniform(*keys: np.ndarray) -> np.ndarray:
 
 def pixel_world_points(depth_m: np.ndarray, camera, T_W_C: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """World point of every pixel: ((H, W, 3) float64 metres in the frame of ``T_W_C``, (H, W) bool valid =
-    finite depth > 0). ``camera`` is a :class:`~ov3d_ros.core.camera.PinholeCamera` of the depth image."""
+    finite depth > 0 and a ray). ``camera`` is a :class:`~ov3d_ros.core.camera.PinholeCamera` of the depth image."""
     depth = np.asarray(depth_m, dtype=np.float64)
     H, W = depth.shape
     if (W, H) != (camera.width, camera.height):
         raise ValueError(f'depth is {W}x{H}, camera is {camera.width}x{camera.height}')
-    valid = np.isfinite(depth) & (depth > 0)
+    x, y, has_ray = camera.pixel_rays()         # undistorted rays when the camera has lens distortion
+    valid = np.isfinite(depth) & (depth > 0) & has_ray
     z = np.where(valid, depth, 0.0)
-    v, u = np.mgrid[0:H, 0:W].astype(np.float64)
-    pc = np.stack([(u - camera.cx) / camera.fx * z, (v - camera.cy) / camera.fy * z, z], -1)
+    pc = np.stack([x * z, y * z, z], -1)
     T = np.asarray(T_W_C, dtype=np.float64)
     return pc @ T[:3, :3].T + T[:3, 3], valid
 
