@@ -731,6 +731,7 @@ class MappingInterface:
                 return None
             depth, color, labels, t = taken              # only taken once a valid camera info came
             self._check_stamp(cam, t)
+            self._check_registered(cam, depth, color)
             camera = conv.camera_info_to_camera(cam.camera_info, rectified=self.rectified_images)
             T_W_C = poses.get(id(depth))                 # the pose is looked up once per frame
             if T_W_C is None:
@@ -753,6 +754,16 @@ class MappingInterface:
         except Exception as e:
             self._frame_failed(e, cam)
             return None
+
+    def _check_registered(self, cam: CameraInput, depth, color) -> None:
+        """Warn once per camera when depth and colour come in different frames: depth must be registered to the
+        colour image (one pixel, one point), which a depth image in its own sensor frame is not."""
+        d, c = depth.header.frame_id.strip('/'), color.header.frame_id.strip('/')
+        if d and c and d != c:
+            self._note_once(f'registered:{cam.name}', f"{cam.name}: depth is in frame '{d}' but colour in '{c}': "
+                            'depth must be registered to the colour image (RealSense: align_depth.enable:=true and '
+                            'its aligned_depth_to_color topic; otherwise depth_image_proc register), or colours and '
+                            f"features land on the wrong points; poses are taken for '{d}'")
 
     def _frame_failed(self, e: Exception, cam: CameraInput) -> None:
         if isinstance(e, (ValueError, RuntimeError)):

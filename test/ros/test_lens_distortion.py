@@ -65,3 +65,31 @@ def test_raw_images_are_lifted_along_the_lens_rays_and_rectified_ones_with_p():
     with mapping_node(rectified_images=True) as (node, client, pub):
         half = wall_extent(node, client, pub, info)
         assert abs(half - 2.0 * 47.5 / 80) < 0.05, half     # p's focal length, d not applied
+
+
+def test_depth_in_another_frame_than_colour_is_reported_once():
+    """Depth in its own sensor frame is not registered to the colour image: the node says so (once, on /rosout)
+    and names the fix."""
+    from geometry_msgs.msg import PoseStamped
+    from rcl_interfaces.msg import Log
+    from ov3d_ros.ros import conversions as conv
+    with mapping_node() as (node, client, pub):
+        logs = []
+        client.node.create_subscription(Log, '/rosout', logs.append, 50)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and node.mapper.num_keyframes < 2:
+            stamp = conv.sec_to_stamp(pub.now())
+            color, depth = (conv.make_header(f, stamp) for f in ('camera_color_optical_frame', 'camera_depth'))
+            pub.pubs['color/camera_info'].publish(CameraInfo(header=color, width=96, height=72, k=K, p=P))
+            pose = PoseStamped(header=conv.make_header('map', stamp))
+            pose.pose.orientation.w = 1.0
+            pub.pubs['pose'].publish(pose)
+            pub.pubs['color/image'].publish(conv.numpy_to_image(np.full((72, 96, 3), 120, np.uint8), 'rgb8', color))
+            pub.pubs['labels/image'].publish(conv.numpy_to_image(np.ones((72, 96), np.uint16), 'mono16', color))
+            pub.pubs['depth/image'].publish(conv.numpy_to_image(np.full((72, 96), 2000, np.uint16), '16UC1', depth))
+            client.spin(0.5)
+        client.spin(0.5)
+        said = [m.msg for m in logs if 'must be registered' in m.msg]
+        assert len(said) == 1, (said, client.status)
+        assert "depth is in frame 'camera_depth' but colour in 'camera_color_optical_frame'" in said[0]
+        assert 'align_depth.enable:=true' in said[0]
