@@ -10,7 +10,7 @@ import math
 import re
 import string
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 @dataclass
@@ -278,8 +278,9 @@ class MapperConfig:
 
 # ------------------------------------------------------------------------------------------ validation
 Check = Callable[[Any], Optional[str]]
-"""value -> None, or what is wrong with it ('must be ...'); its ``constraint`` attribute says what it takes (the
-ROS layer puts it in the parameter's descriptor)."""
+"""value -> None, or what is wrong with it ('must be ...'); its ``constraint`` attribute says what it takes and its
+``bounds`` attribute, where it has one, the finite interval (lo, hi) that holds every value it takes (the ROS
+layer puts both in the parameter's descriptor: the text and the range)."""
 
 
 def finite(v) -> bool:
@@ -287,11 +288,12 @@ def finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def constrained(constraint: str, ok: Callable[[Any], bool]) -> Check:
-    """A check that takes the values ``ok`` accepts and says 'must be <constraint>' of the others."""
+def constrained(constraint: str, ok: Callable[[Any], bool], bounds: Optional[Tuple[float, float]] = None) -> Check:
+    """A check that takes the values ``ok`` accepts and says 'must be <constraint>' of the others; ``bounds``: the
+    finite interval (lo, hi) that holds every value ``ok`` accepts, if there is one."""
     def chk(v):
         return None if ok(v) else f'must be {constraint}'
-    chk.constraint = constraint
+    chk.constraint, chk.bounds = constraint, bounds
     return chk
 
 
@@ -300,8 +302,17 @@ def at_least(lo: float, strict: bool = False) -> Check:
                        lambda v: finite(v) and (v > lo if strict else v >= lo))
 
 
-def between(lo: float, hi: float) -> Check:
-    return constrained(f'a number in [{lo:g}, {hi:g}]', lambda v: finite(v) and lo <= v <= hi)
+def _g(x: float) -> str:
+    """``x`` as ``{:g}`` writes it, with a short exponent (1e6, not 1e+06)."""
+    return re.sub(r'e\+?(-?)0*(?=\d)', r'e\1', f'{x:g}')
+
+
+def between(lo: float, hi: float, what: str = 'a number', unit: str = '', off: bool = False) -> Check:
+    """Finite numbers in [lo, hi] ('<what> in [lo, hi] <unit>'), and with ``off`` 0 as well ('0 (off) or ...');
+    its bounds are [lo, hi], widened to 0 with ``off``."""
+    text = ('0 (off) or ' if off else '') + f'{what} in [{_g(lo)}, {_g(hi)}]' + (f' {unit}' if unit else '')
+    return constrained(text, lambda v: finite(v) and (off and v == 0 or lo <= v <= hi),
+                       (min(lo, 0), max(hi, 0)) if off else (lo, hi))
 
 
 def one_of(*options: str) -> Check:

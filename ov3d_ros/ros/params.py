@@ -5,6 +5,11 @@ Every parameter is either *live* (``LIVE``: a ``ros2 param set`` is validated by
 node) or read-only (``ParameterDescriptor.read_only``, with the reason at the end of its description; a set is
 refused). ``READ_ONLY_REASONS`` gives the reason per parameter or section; anything else the node declares is
 read at start only (:data:`AT_START`).
+
+A parameter whose check takes values in a finite interval (its ``bounds``: ``between``, the timer rates, the port)
+carries it as the descriptor's range (``floating_point_range`` or ``integer_range``), which ``ros2 param describe``
+shows (Min value, Max value) and rqt_reconfigure draws as a slider; the check stays the authority and gives the
+reason of a refusal (:func:`range_refusal`, :func:`_declare`).
 """
 from __future__ import annotations
 
@@ -12,13 +17,13 @@ import math
 from dataclasses import fields
 from typing import Dict, Optional
 
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType
-from rclpy.exceptions import ParameterUninitializedException
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult
+from rclpy.exceptions import InvalidParameterValueException, ParameterUninitializedException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from ov3d_ros.core import config
-from ov3d_ros.core.config import Check, MapperConfig, at_least, constrained, field_docs, finite, one_of
+from ov3d_ros.core.config import Check, MapperConfig, at_least, between, constrained, field_docs, finite, one_of
 from ov3d_ros.core.features.clip_dense import DENSE_MODES, DTYPES
 from ov3d_ros.core.features.simulated import PRESETS
 
@@ -78,19 +83,49 @@ def read_only_reason(name: str) -> Optional[str]:
     return READ_ONLY_REASONS.get(name) or READ_ONLY_REASONS.get(name.split('.')[0]) or AT_START
 
 
-def _describe(name: str, description: str, **kw) -> ParameterDescriptor:
-    """The descriptor of ``name``: its description (with the read-only reason) and the values it takes
-    (``additional_constraints``, shown by ``ros2 param describe``)."""
+def _describe(name: str, description: str, type_: int) -> ParameterDescriptor:
+    """The descriptor of ``name`` (of ParameterType ``type_``): its description (with the read-only reason) and
+    the values it takes (``additional_constraints`` and the range, shown by ``ros2 param describe``)."""
     reason = read_only_reason(name)
     if reason:
         description = f'{description} [read-only: {reason}]'
-    return ParameterDescriptor(description=description, read_only=bool(reason),
-                               additional_constraints=getattr(CHECKS.get(name), 'constraint', ''), **kw)
+    return ParameterDescriptor(description=description, read_only=bool(reason), type=type_,
+                               additional_constraints=getattr(CHECKS.get(name), 'constraint', ''),
+                               **_range(name, type_))
+
+
+def _range(name: str, type_: int) -> dict:
+    """The descriptor's range of ``name`` from the ``bounds`` of its check: a ``floating_point_range`` for a DOUBLE
+    parameter, an ``integer_range`` (the whole numbers in the bounds, step 1) for an INTEGER one; none for a check
+    without finite bounds (``at_least``: a slider cannot reach infinity)."""
+    bounds = getattr(CHECKS.get(name), 'bounds', None)
+    if bounds is None:
+        return {}
+    lo, hi = bounds
+    if type_ == ParameterType.PARAMETER_DOUBLE:
+        return {'floating_point_range': [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]}
+    if type_ == ParameterType.PARAMETER_INTEGER:
+        return {'integer_range': [IntegerRange(from_value=math.ceil(lo), to_value=math.floor(hi), step=1)]}
+    return {}
+
+
+def _declare(node: Node, name: str, value, desc: ParameterDescriptor) -> Parameter:
+    """``node.declare_parameter``. rclpy refuses a value (an override) outside the descriptor's range with its own
+    words, for this parameter alone ('Invalid parameter value (1.5) for parameter. Reason: Parameter
+    query.default_threshold out of range Min: 0.0, Max: 1.0, value: 1.5: query.default_threshold'): such a value
+    is declared without the range, and the check names it with every other bad value (:func:`check_node`,
+    :func:`declare`)."""
+    try:
+        return node.declare_parameter(name, value, desc)
+    except InvalidParameterValueException:
+        if not (desc.floating_point_range or desc.integer_range):
+            raise
+        desc.floating_point_range, desc.integer_range = [], []
+        return node.declare_parameter(name, value, desc)
 
 
 # ------------------------------------------------------------------------------------------ validation
-_port = constrained('a port number in [0, 65535] (0 = any free port)',
-                    lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535)
+_port = between(0, 65535, 'a port number', '(0 = any free port)')
 _host = constrained("an address or host name, e.g. '127.0.0.1' or '0.0.0.0'", lambda v: v.strip() and v == v.strip())
 
 
@@ -110,8 +145,7 @@ _pose_to_camera.constraint = '7 finite numbers (x y z, unit quaternion qx qy qz 
 def _rate(off: bool) -> Check:
     """A timer's rate: at least one tick in 1000 s (rclpy's timers take periods up to about 292 years, but a
     rate of 1e-12 Hz makes a timer that never fires, and a smaller one none at all), at most 1 kHz."""
-    return constrained(('0 (off) or ' if off else '') + 'a rate in [0.001, 1000] Hz',
-                       lambda v: finite(v) and (off and v == 0 or 1e-3 <= v <= 1e3))
+    return between(1e-3, 1e3, 'a rate', 'Hz', off=off)
 
 
 CHECKS: Dict[str, Check] = {
@@ -121,8 +155,7 @@ CHECKS: Dict[str, Check] = {
     'features.sim_preset': one_of(*PRESETS, 'custom'),
     'sync_slop_s': at_least(0.0, True), 'sync_timeout_s': at_least(0.0, True), 'pose_max_gap_s': at_least(0.0),
     'tick_rate_hz': _rate(off=False), 'map_publish_rate_hz': _rate(off=True), 'label_publish_rate_hz': _rate(off=True),
-    'autosave_period_s': constrained('0 (off) or a period in [0.001, 1e6] s',
-                                     lambda v: finite(v) and (v == 0 or 1e-3 <= v <= 1e6)),
+    'autosave_period_s': between(1e-3, 1e6, 'a period', 's', off=True),
     'map_cloud_max_points': at_least(0), 'queue_size': at_least(1), 'max_pending_keyframes': at_least(1),
     'pose_source': one_of('tf', 'pose', 'odometry'), 'input_qos': one_of('sensor_data', 'reliable'),
     'pose_qos': one_of('best_effort', 'reliable'),
@@ -146,6 +179,25 @@ def check_node(node: Node) -> None:
         raise ValueError('; '.join(problems))
 
 
+def range_refusal(node: Node, params) -> Optional[SetParametersResult]:
+    """The refusal of a set of ``params`` in the check's words ('query.default_threshold must be a number in [0, 1],
+    got 1.5') when one with a range in its descriptor has a value its check refuses; else None (the set goes on to
+    rclpy and the on-set callback). rclpy checks a set against the descriptors' ranges before any on-set callback
+    and refuses a value outside them in its own words ('Parameter query.default_threshold out of range Min: 0.0,
+    Max: 1.0, value: 1.5'): a node answers with this first. A parameter that rclpy refuses first for another reason
+    (undeclared, read-only, of another type) is left to rclpy."""
+    for p in params:
+        if not node.has_parameter(p.name):
+            return None
+        desc = node.describe_parameter(p.name)
+        if desc.read_only or p.type_.value != desc.type:
+            return None
+        problem = check(p.name, p.value) if desc.floating_point_range or desc.integer_range else None
+        if problem:
+            return SetParametersResult(successful=False, reason=problem)
+    return None
+
+
 # ------------------------------------------------------------------------------------------ declare / read
 def declare_config(node: Node, cfg: MapperConfig) -> None:
     """Declare one parameter per config field, with its docstring as the description (and the read-only
@@ -158,10 +210,10 @@ def declare_config(node: Node, cfg: MapperConfig) -> None:
             if node.has_parameter(name):
                 continue
             default = getattr(sub, f.name)
-            desc = _describe(name, docs.get(f.name, ''), type=_TYPES[type(default)])
+            desc = _describe(name, docs.get(f.name, ''), _TYPES[type(default)])
             # rclpy cannot tell the type of an empty list: declare it typed and unset (read back as [])
             value = Parameter.Type.STRING_ARRAY if default == [] else default
-            node.declare_parameter(name, value, desc)
+            _declare(node, name, value, desc)
 
 
 def parameter_value(node: Node, name: str):
@@ -188,7 +240,8 @@ def declare(node: Node, name: str, default, description: str):
     A parameter declared already (a lifecycle node configured again) keeps its value."""
     if node.has_parameter(name):
         return parameter_value(node, name)
-    value = node.declare_parameter(name, default, _describe(name, description)).value
+    desc = _describe(name, description, Parameter.Type.from_parameter_value(default).value)
+    value = _declare(node, name, default, desc).value
     problem = check(name, value)
     if problem:                     # declared after check_node ran (the persistence and label-volume interfaces)
         raise ValueError(problem)

@@ -117,6 +117,43 @@ def test_read_only_and_invalid_values_are_refused_with_the_reason(loaded):
     assert loaded['client'].query('sofa')['success'] and loaded['node'].alive()
 
 
+def test_bounded_parameters_carry_their_range_and_a_set_outside_it_gets_the_checks_reason(loaded):
+    """``ros2 param describe`` shows Min value and Max value of the parameters whose check has finite bounds; a set
+    outside the range is refused with the check's reason (not rclpy's 'Parameter query.default_threshold out of
+    range Min: 0.0, Max: 1.0, value: 1.5'), one at its edge is taken."""
+    names = ['query.default_threshold', 'labels.smoothing_radius_vox', 'map_publish_rate_hz', 'web_view.port',
+             'keyframes.max_interval_s']
+    future = loaded['params'].describe_parameters(names)
+    loaded['client'].executor.spin_until_future_complete(future, timeout_sec=30.0)
+    threshold, smoothing, publish, port, interval = future.result().descriptors
+    assert [(r.from_value, r.to_value, r.step) for r in threshold.floating_point_range] == [(0.0, 1.0, 0.0)]
+    assert [(r.from_value, r.to_value, r.step) for r in smoothing.integer_range] == [(0, 3, 1)]
+    assert [(r.from_value, r.to_value) for r in publish.floating_point_range] == [(0.0, 1000.0)]      # 0 = off
+    assert [(r.from_value, r.to_value, r.step) for r in port.integer_range] == [(0, 65535, 1)]
+    assert not (threshold.integer_range or smoothing.floating_point_range or port.floating_point_range)
+    assert not (interval.floating_point_range or interval.integer_range)                            # >= 0: no end
+    assert threshold.additional_constraints == 'a number in [0, 1]'
+    before = {n: get_param(loaded, n) for n in names[:3]}
+    for name, value, reason in [
+            ('query.default_threshold', 1.5, 'query.default_threshold must be a number in [0, 1], got 1.5'),
+            ('query.default_threshold', -0.5, 'query.default_threshold must be a number in [0, 1], got -0.5'),
+            ('labels.smoothing_radius_vox', 4, 'labels.smoothing_radius_vox must be a number in [0, 3], got 4'),
+            ('map_publish_rate_hz', 5000.0,
+             'map_publish_rate_hz must be 0 (off) or a rate in [0.001, 1000] Hz, got 5000.0'),
+            ('web_view.port', 70000,
+             'web_view.port must be a port number in [0, 65535] (0 = any free port), got 70000')]:
+        assert set_params(loaded, **{name.replace('.', '__'): value}) == [(False, reason)], name
+    assert set_atomically(loaded, query__default_threshold=0.6, labels__smoothing_radius_vox=7) == \
+        (False, 'labels.smoothing_radius_vox must be a number in [0, 3], got 7')
+    assert {n: get_param(loaded, n) for n in names[:3]} == before                                # nothing changed
+    # the edges of the ranges are taken
+    assert set_params(loaded, query__default_threshold=1.0, labels__smoothing_radius_vox=3,
+                      map_publish_rate_hz=0.0) == [(True, '')] * 3
+    assert [get_param(loaded, n) for n in names[:3]] == [1.0, 3, 0.0]
+    assert set_params(loaded, **{n.replace('.', '__'): v for n, v in before.items()}) == [(True, '')] * 3
+    assert loaded['client'].query('sofa')['success'] and loaded['node'].alive()
+
+
 def test_pose_in_another_frame_is_reported_and_not_integrated(loaded):
     client = loaded['client']
     diags = []
@@ -165,6 +202,12 @@ def test_sigint_while_mapping_exits_cleanly(loaded):
     (['pose_source:=bogus'], "pose_source must be one of 'tf', 'pose', 'odometry', got 'bogus'", True),
     (['map.compress_dim:=64', 'map.compress_basis:={tmp}/absent.ov3dmap'],
      "map.compress_basis '{tmp}/absent.ov3dmap': {tmp}/absent.ov3dmap: cannot read", False),
+    # outside the parameters' ranges: the check's words for every one (rclpy refuses the first in its own)
+    (['query.default_threshold:=1.5', 'map.pixel_stride:=0'], 'ov3d_mapping cannot start: map.pixel_stride must be '
+     'a number in [1, 64], got 0; query.default_threshold must be a number in [0, 1], got 1.5\n', True),
+    (['autosave_period_s:=2.0e6'],
+     'ov3d_mapping cannot start: autosave_period_s must be 0 (off) or a period in [0.001, 1e6] s, got 2000000.0\n',
+     False),
 ])
 def test_start_up_failure_exits_non_zero_with_a_fatal_line(tmp_path, params, reason, lifecycle):
     params, reason = [p.format(tmp=tmp_path) for p in params], reason.format(tmp=tmp_path)

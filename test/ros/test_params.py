@@ -124,6 +124,85 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert 'one of' in check('features.dtype', 'fp16')
 
 
+def test_bounded_checks_give_their_parameters_a_range():
+    """A check with finite bounds (between, the timer rates, the port) gives its parameter's descriptor the range
+    that ``ros2 param describe`` shows (Min value, Max value) and rqt draws as a slider: a floating_point_range for a
+    DOUBLE, an integer_range for an INTEGER; a check with an open end (at_least) gives none."""
+    from rcl_interfaces.msg import ParameterType
+    from ov3d_ros.core.config import at_least, between
+    from ov3d_ros.ros.params import CHECKS, check, check_node, declare
+    types = {float: ParameterType.PARAMETER_DOUBLE, int: ParameterType.PARAMETER_INTEGER}
+    assert between(0.0, 1.0).bounds == (0.0, 1.0) and between(1, 64).bounds == (1, 64)
+    assert between(1e-3, 1e3, off=True).bounds == (0, 1e3) and at_least(0.0).bounds is None
+    # the bounds are those of the values the check takes, and its text stays as it was
+    for name in ('map.pixel_stride', 'query.default_threshold', 'purify.radius_vox', 'labels.smoothing_radius_vox',
+                 'tick_rate_hz', 'map_publish_rate_hz', 'autosave_period_s', 'web_view.port'):
+        lo, hi = CHECKS[name].bounds
+        assert check(name, lo) is None and check(name, hi) is None, name
+        assert check(name, lo - 1e-3 * (hi - lo)) and check(name, hi + 1e-3 * (hi - lo)), name
+    assert CHECKS['autosave_period_s'].constraint == '0 (off) or a period in [0.001, 1e6] s'
+    assert CHECKS['web_view.port'].constraint == 'a port number in [0, 65535] (0 = any free port)'
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        node = rclpy.create_node('params_ranges', context=ctx)
+        declare_config(node, MapperConfig())
+        for name, default in [('tick_rate_hz', 20.0), ('map_publish_rate_hz', 0.5), ('autosave_period_s', 0.0),
+                              ('web_view.port', 8080), ('sync_slop_s', 0.05)]:
+            declare(node, name, default, 'a node-level parameter')
+
+        def span(name):
+            desc = node.describe_parameter(name)
+            assert len(desc.floating_point_range) + len(desc.integer_range) <= 1, name
+            for kind, r in [(float, desc.floating_point_range), (int, desc.integer_range)]:
+                if r:
+                    assert type(r[0].from_value) is kind and desc.type == types[kind], name
+                    return kind, r[0].from_value, r[0].to_value, r[0].step
+            return None
+
+        assert span('query.default_threshold') == (float, 0.0, 1.0, 0.0)
+        assert span('purify.superpoint_blend') == span('purify.superpoint_convex') == (float, 0.0, 1.0, 0.0)
+        assert span('features.sim_confusion') == span('features.sim_text_cosine') == (float, 0.0, 1.0, 0.0)
+        assert span('map.pixel_stride') == (int, 1, 64, 1)
+        assert span('purify.radius_vox') == (int, 1, 3, 1) and span('labels.smoothing_radius_vox') == (int, 0, 3, 1)
+        assert span('tick_rate_hz') == (float, 0.001, 1000.0, 0.0)
+        assert span('map_publish_rate_hz') == (float, 0.0, 1000.0, 0.0)        # 0 = off
+        assert span('autosave_period_s') == (float, 0.0, 1e6, 0.0)
+        assert span('web_view.port') == (int, 0, 65535, 1)
+        for name in ('map.voxel_size_m', 'map.max_voxels', 'sync_slop_s', 'features.dense_mode', 'query.templates'):
+            assert span(name) is None, name                                 # an open end, or no number
+        # the range keeps the constraint text beside it; a read-only parameter has one too
+        threshold = node.describe_parameter('query.default_threshold')
+        assert threshold.additional_constraints == 'a number in [0, 1]' and not threshold.read_only
+        assert node.describe_parameter('autosave_period_s').read_only
+        # every bounded check's parameter has its bounds as range
+        for name in [n for n in CHECKS if getattr(CHECKS[n], 'bounds', None) and node.has_parameter(n)]:
+            assert span(name)[1:3] == CHECKS[name].bounds, name
+        # rclpy enforces the range (with its own words; the node answers with the check's: test_node_interfaces)
+        result = node.set_parameters([Parameter('query.default_threshold', value=1.5)])[0]
+        assert not result.successful and node.get_parameter('query.default_threshold').value == 0.55
+        assert node.set_parameters([Parameter('query.default_threshold', value=1.0)])[0].successful   # the edge
+        node.destroy_node()
+
+        # out-of-range values at start: rclpy would refuse the first in its own words; the check names them all
+        bad = rclpy.create_node('params_bad', context=ctx, parameter_overrides=[
+            Parameter('query.default_threshold', value=1.5), Parameter('map.pixel_stride', value=0),
+            Parameter('web_view.port', value=70000)])
+        declare_config(bad, MapperConfig())
+        assert bad.get_parameter('map.pixel_stride').value == 0
+        assert bad.describe_parameter('purify.radius_vox').integer_range          # the good ones keep their range
+        with pytest.raises(ValueError) as e:
+            check_node(bad)
+        assert str(e.value) == ('map.pixel_stride must be a number in [1, 64], got 0; '
+                                'query.default_threshold must be a number in [0, 1], got 1.5')
+        with pytest.raises(ValueError) as e:
+            declare(bad, 'web_view.port', 8080, 'Port of the browser view.')
+        assert str(e.value) == 'web_view.port must be a port number in [0, 65535] (0 = any free port), got 70000'
+        bad.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+
+
 def test_overrides_of_the_started_node_reach_parameters_that_two_files_set(tmp_path):
     """start_mapping_node's overrides win over mapping.yaml + demo.yaml, also for a nested parameter that both files
     set (keyframes.*), where rcl ignored a ``-p`` (it kept demo.yaml's value); the same arguments, parsed by rcl."""
