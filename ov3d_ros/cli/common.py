@@ -320,7 +320,10 @@ def cached_voxel_scene(path, args, cfg: MapperConfig, cache_dir: Optional[Path])
            f'_k{k.min_translation_m:g}-{k.min_rotation_deg:g}-{k.max_interval_s:g}-{k.min_interval_s:g}'
            f'_r{cfg.purify.radius_vox}.npz')
     if cache_dir is not None and (Path(cache_dir) / tag).exists():
-        return VoxelScene.load(Path(cache_dir) / tag)
+        try:
+            return VoxelScene.load(Path(cache_dir) / tag)
+        except ValueError as e:            # e.g. a cache written by an older version or damaged: made again
+            print(f'{e}; voxelising the input again', file=sys.stderr)
     scene = voxelise_input(open_input(path, args), cfg, getattr(args, 'quiet', False))
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)

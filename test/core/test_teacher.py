@@ -1,4 +1,5 @@
 """The self-supervised 3D teacher: views, training signal, invariance, checkpoints (no labels anywhere)."""
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,32 @@ def test_voxel_scene_file_round_trip(tmp_path):
     assert torch.equal(back.coords, s.coords) and torch.equal(back.seen_by, s.seen_by)
     assert back.num_keyframes == 10 and back.name == 'room0'
     assert torch.allclose(back.colors, s.colors.round(), atol=1.0)
+
+
+def test_a_damaged_voxel_scene_cache_is_named_and_made_again(tmp_path, monkeypatch, capsys):
+    """A cache file cut short (or of another kind) is refused with its name; the training tools voxelise the input
+    again instead of stopping with a zip error."""
+    s = tiny_room(0)
+    s.save(tmp_path / 's.npz')
+    blob = (tmp_path / 's.npz').read_bytes()
+    (tmp_path / 'cut.npz').write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(ValueError, match=r'cut\.npz: unreadable \.npz archive'):
+        VoxelScene.load(tmp_path / 'cut.npz')
+    np.savez(tmp_path / 'other.npz', coords=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r'other\.npz: missing array name, colors, normals, seen_by'):
+        VoxelScene.load(tmp_path / 'other.npz')
+    from ov3d_ros.cli import common
+    from ov3d_ros.core.config import MapperConfig
+    cfg = MapperConfig()
+    made = []
+    monkeypatch.setattr(common, 'open_input', lambda path, args: path)         # the input is not read here
+    monkeypatch.setattr(common, 'voxelise_input', lambda source, cfg, quiet: made.append(source) or s)
+    scene = common.cached_voxel_scene(tmp_path / 'room', None, cfg, tmp_path / 'cache')      # made, cached
+    cached = next((tmp_path / 'cache').glob('room_*.npz'))
+    assert made == [tmp_path / 'room'] and len(scene) == len(s)
+    assert len(common.cached_voxel_scene(tmp_path / 'room', None, cfg, tmp_path / 'cache')) == len(s)
+    assert len(made) == 1                                                     # read back from the cache
+    cached.write_bytes(b'PK\x03\x04 damaged')
+    assert len(common.cached_voxel_scene(tmp_path / 'room', None, cfg, tmp_path / 'cache')) == len(s)
+    assert len(made) == 2 and 'voxelising the input again' in capsys.readouterr().err
+    assert torch.equal(VoxelScene.load(cached).coords, s.coords)             # the cache is whole again

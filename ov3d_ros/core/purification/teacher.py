@@ -53,18 +53,34 @@ class VoxelScene:
     def __len__(self) -> int:
         return len(self.coords)
 
+    ARRAYS = ('name', 'coords', 'colors', 'normals', 'seen_by', 'num_keyframes')
+
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, name=self.name, coords=self.coords.numpy().astype(np.int32),
+        """Write the scene as an .npz archive, atomically (an interrupted save leaves no half-written file)."""
+        import io
+        from ov3d_ros.core.map_io import write_atomic
+        buf = io.BytesIO()
+        np.savez_compressed(buf, name=self.name, coords=self.coords.numpy().astype(np.int32),
                             colors=self.colors.numpy().astype(np.uint8), normals=self.normals.numpy().astype(np.float16),
                             seen_by=self.seen_by.numpy(), num_keyframes=self.num_keyframes)
+        write_atomic(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> 'VoxelScene':
-        with np.load(path) as z:
+        """A scene written by :meth:`save`; ValueError naming the file when it is not one."""
+        from ov3d_ros.core.io import read_npz
+        z = read_npz(path, cls.ARRAYS)
+        try:
+            n = len(z['coords'])
+            if z['coords'].shape != (n, 3) or z['colors'].shape != (n, 3) or z['normals'].shape != (n, 3) \
+                    or z['seen_by'].shape != (n,):
+                raise ValueError('arrays of different lengths or widths')
             return cls(str(z['name']), torch.from_numpy(z['coords'].astype(np.int64)),
                        torch.from_numpy(z['colors'].astype(np.float32)),
-                       torch.from_numpy(z['normals'].astype(np.float32)), torch.from_numpy(z['seen_by']),
-                       int(z['num_keyframes']))
+                       torch.from_numpy(z['normals'].astype(np.float32)),
+                       torch.from_numpy(z['seen_by'].astype(np.int64)), int(z['num_keyframes']))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f'{path}: not a voxel scene ({e})') from None
 
 
 @dataclass
