@@ -74,7 +74,7 @@ def _window(p, T_C_W: np.ndarray, camera: PinholeCamera):
     z = pc[:, 2]
     if np.all(z <= 1e-6):
         return None
-    if np.any(z <= 1e-3):
+    if np.any(z <= 1e-3) or camera.distorted:       # (a lens bends the projected box: test every pixel)
         return 0, camera.height, 0, camera.width
     u, v = pc[:, 0] / z * camera.fx + camera.cx, pc[:, 1] / z * camera.fy + camera.cy
     u0, u1 = max(int(np.floor(u.min())) - 1, 0), min(int(np.ceil(u.max())) + 2, camera.width)
@@ -136,8 +136,8 @@ def render(scene: Scene, camera: PinholeCamera, T_W_C: np.ndarray, device='cpu',
     tt = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=dev).to(f)  # noqa: E731
     T_W_C = np.asarray(T_W_C, dtype=np.float64)
     T_C_W = np.linalg.inv(T_W_C)
-    v, u = np.mgrid[0:H, 0:W].astype(np.float64)
-    d_c = np.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, np.ones_like(u)], -1)
+    x, y, has_ray = camera.pixel_rays()      # a camera with lens distortion renders its raw (distorted) images
+    d_c = np.stack([np.where(has_ray, x, 0.0), np.where(has_ray, y, 0.0), np.ones_like(x)], -1)
     d = tt(d_c @ T_W_C[:3, :3].T)             # (H, W, 3) world rays with z_C = 1: the ray parameter is the depth
     best_t = torch.full((H, W), float('inf'), device=dev, dtype=f)
     best_i = torch.zeros((H, W), dtype=torch.long, device=dev)
@@ -162,6 +162,8 @@ def render(scene: Scene, camera: PinholeCamera, T_W_C: np.ndarray, device='cpu',
         closer = t < bt
         bt.copy_(torch.where(closer, t, bt))
         bi.masked_fill_(closer, idx)
+    if not has_ray.all():                     # pixels the lens gives no ray (a fisheye's rim): nothing hit
+        best_t[torch.from_numpy(~has_ray).to(dev)] = float('inf')
     # shading of the winning primitive only: its normal from the hit point in its local frame
     d, i = d.reshape(-1, 3), best_i.reshape(-1)
     hit = torch.isfinite(best_t.reshape(-1))
