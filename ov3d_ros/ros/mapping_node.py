@@ -770,6 +770,8 @@ class MappingInterface:
     def _check_registered(self, cam: CameraInput, depth, color) -> None:
         """Warn once per camera when depth and colour come in different frames: depth must be registered to the
         colour image (one pixel, one point), which a depth image in its own sensor frame is not."""
+        if color is None:
+            return
         d, c = depth.header.frame_id.strip('/'), color.header.frame_id.strip('/')
         if d and c and d != c:
             self._note_once(f'registered:{cam.name}', f"{cam.name}: depth is in frame '{d}' but colour in '{c}': "
