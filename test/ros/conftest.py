@@ -133,14 +133,15 @@ def graph(tmp_path_factory):
             node.stop()
 
 
-@pytest.fixture(scope='module')
-def local_node():
-    """A MappingNode in this process with the demo's settings, spun by a DemoClient's executor (timers, callbacks
-    and services run inside ``client.spin``), and a BadInputPublisher: {'node', 'client', 'pub'}."""
+@contextlib.contextmanager
+def in_process_node(**params):
+    """(node, client, pub): a MappingNode in this process with the demo's settings (simulated features, clean preset,
+    poses on 'pose', reliable inputs) and ``params``, spun by a DemoClient's executor (timers, callbacks and
+    services run inside ``client.spin``), and a BadInputPublisher; on a private domain, all closed after."""
     from rclpy.parameter import Parameter
     from ov3d_ros.ros.mapping_node import MappingNode
     overrides = {'features.source': 'simulated', 'features.sim_preset': 'clean', 'pose_source': 'pose',
-                 'input_qos': 'reliable'}
+                 'input_qos': 'reliable', **params}
     with private_domain():
         client = DemoClient()
         node = MappingNode(context=client.context,
@@ -148,12 +149,19 @@ def local_node():
         client.executor.add_node(node)
         pub = BadInputPublisher(client)
         try:
-            yield {'node': node, 'client': client, 'pub': pub}
+            yield node, client, pub
         finally:
             pub.close()
             client.executor.remove_node(node)
             node.destroy_node()
             client.close()
+
+
+@pytest.fixture(scope='module')
+def local_node():
+    """:func:`in_process_node` for a module: {'node', 'client', 'pub'}."""
+    with in_process_node() as (node, client, pub):
+        yield {'node': node, 'client': client, 'pub': pub}
 
 
 @pytest.fixture()

@@ -1,40 +1,17 @@
 """The node lifts raw images along their lens's undistorted rays (camera info k and d), or rectified images with the
 camera info's p (``rectified_images: true``), and refuses a lens model it cannot invert with the reason."""
-import contextlib
 import time
 
 import numpy as np
 from sensor_msgs.msg import CameraInfo
 
 from ov3d_ros.core.camera import PinholeCamera
-from ov3d_ros.tools.demo_client import DemoClient
 
-from conftest import BadInputPublisher, private_domain
+from conftest import in_process_node
 
 K = [60.0, 0.0, 47.5, 0.0, 60.0, 35.5, 0.0, 0.0, 1.0]
 P = [80.0, 0.0, 47.5, 0.0, 0.0, 80.0, 35.5, 0.0, 0.0, 0.0, 1.0, 0.0]      # what image_proc would rectify to
 D = [-0.3, 0.08, 0.0, 0.0, 0.0]                                           # barrel, like a wide-angle lens
-
-
-@contextlib.contextmanager
-def mapping_node(**params):
-    from rclpy.parameter import Parameter
-    from ov3d_ros.ros.mapping_node import MappingNode
-    overrides = {'features.source': 'simulated', 'features.sim_preset': 'clean', 'pose_source': 'pose',
-                 'input_qos': 'reliable', **params}
-    with private_domain():
-        client = DemoClient()
-        node = MappingNode(context=client.context,
-                           parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
-        client.executor.add_node(node)
-        pub = BadInputPublisher(client)
-        try:
-            yield node, client, pub
-        finally:
-            pub.close()
-            client.executor.remove_node(node)
-            node.destroy_node()
-            client.close()
 
 
 def wall_extent(node, client, pub, info) -> float:
@@ -54,7 +31,7 @@ def test_raw_images_are_lifted_along_the_lens_rays_and_rectified_ones_with_p():
     lens = PinholeCamera(60.0, 60.0, 47.5, 35.5, 96, 72, 'plumb_bob', tuple(D))
     v, u = np.meshgrid(np.arange(0, 72, 2), np.arange(0, 96, 2), indexing='ij')      # map.pixel_stride 2
     x, _, ok = lens.rays(u, v)
-    with mapping_node() as (node, client, pub):
+    with in_process_node() as (node, client, pub):
         half = wall_extent(node, client, pub, info)
         assert abs(half - 2.0 * np.abs(x[ok]).max()) < 0.05, half     # within a voxel of the widest true ray
         assert half > 2.0 * 48 / 60 + 0.2                   # the pinhole rays of k would end 4+ voxels short
@@ -62,7 +39,7 @@ def test_raw_images_are_lifted_along_the_lens_rays_and_rectified_ones_with_p():
                  camera=CameraInfo(width=96, height=72, k=K, p=P, distortion_model='kannala_brandt', d=[0.1] * 4))
         status = pub.wait_for_error("lens distortion model 'kannala_brandt' is not supported")
         assert 'set rectified_images: true' in status['last_error'] and node.mapper.map.size > 0
-    with mapping_node(rectified_images=True) as (node, client, pub):
+    with in_process_node(rectified_images=True) as (node, client, pub):
         half = wall_extent(node, client, pub, info)
         assert abs(half - 2.0 * 47.5 / 80) < 0.05, half     # p's focal length, d not applied
 
@@ -73,7 +50,7 @@ def test_depth_in_another_frame_than_colour_is_reported_once():
     from geometry_msgs.msg import PoseStamped
     from rcl_interfaces.msg import Log
     from ov3d_ros.ros import conversions as conv
-    with mapping_node() as (node, client, pub):
+    with in_process_node() as (node, client, pub):
         logs = []
         client.node.create_subscription(Log, '/rosout', logs.append, 50)
         end = time.monotonic() + 30
