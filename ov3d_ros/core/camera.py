@@ -158,14 +158,10 @@ _MAX_RAY_TAN = float(np.tan(np.radians(85.0)))
 
 
 @functools.lru_cache(maxsize=16)
+@np.errstate(all='ignore')      # absurd coefficients overflow: no growth there, the radius ends sooner
 def _unfolded_radius(model: str, d: Tuple[float, ...]) -> float:
     """The radius r = |(x, y)| up to which the model's radial part grows with r (beyond it, the lens model folds
     back: two rays land on one pixel and the inverse is not defined); inf when it grows everywhere sampled."""
-    with np.errstate(all='ignore'):      # absurd coefficients overflow: no growth there, the radius ends sooner
-        return _first_fold(model, d)
-
-
-def _first_fold(model: str, d: Tuple[float, ...]) -> float:
     if model == 'equidistant':
         th = np.linspace(0.0, np.pi / 2, 20001)[:-1]
         t2 = th * th
@@ -178,13 +174,9 @@ def _first_fold(model: str, d: Tuple[float, ...]) -> float:
     return float(r[bad[0]]) if len(bad) else np.inf
 
 
+@np.errstate(all='ignore')      # absurd coefficients overflow: those pixels fail the check, get no ray
 def _undistort(cam: PinholeCamera, xd: np.ndarray, yd: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Invert the distortion by Newton's method (Jacobian by central differences), from the distorted point."""
-    with np.errstate(all='ignore'):      # absurd coefficients overflow: those pixels fail the check, get no ray
-        return _newton(cam, xd, yd)
-
-
-def _newton(cam: PinholeCamera, xd: np.ndarray, yd: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     model, d = cam.distortion_model, cam.distortion
     limit = _unfolded_radius(model, d)
     if model == 'equidistant':      # radial only: solve theta_d(theta) = |(xd, yd)| for theta
