@@ -17,6 +17,7 @@ from typing import Deque, Optional
 
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
+from ov3d_ros.core.camera import PinholeCamera
 from ov3d_ros.core.keyframes import KeyframeSelector
 from ov3d_ros.ros import conversions as conv
 
@@ -68,6 +69,7 @@ class CameraInput:
         self.color, self.depth, self.labels = Inbox(queue), Inbox(queue), Inbox(queue)
         self._order = itertools.count()         # arrival numbers, one counter for all of this camera's streams
         self.camera_info: Optional[CameraInfo] = None
+        self.camera: Optional[PinholeCamera] = None  # the latest valid camera info, converted once (set_camera_info)
         self.camera_error = ''                  # why the latest camera info was rejected ('' = it was valid)
         self.last_stamp: Optional[float] = None  # stamp of the last frame taken
         self.last_error = ''
@@ -121,6 +123,12 @@ class CameraInput:
             sub(CameraInfo, t['camera_info'], info)]
         if labels:
             self._subs.append(sub(Image, t['labels'], self._push(self.labels, gen)))
+
+    def set_camera_info(self, msg: CameraInfo, camera: PinholeCamera) -> None:
+        """Keep ``msg``, the latest valid camera info, and ``camera``, what it converts to: frames use ``camera``,
+        so lens rays and checks are worked out once per camera info, not once per frame."""
+        with self.lock:                          # take() reads camera_info under the lock: both change together
+            self.camera, self.camera_info, self.camera_error = camera, msg, ''
 
     def end_startup(self, node) -> None:
         """End the start-up camera-info subscription once a valid camera info came (no-op otherwise): from now on

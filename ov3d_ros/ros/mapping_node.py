@@ -513,8 +513,9 @@ class MappingInterface:
         try:
             camera = conv.camera_info_to_camera(msg, rectified=self.rectified_images)
         except ValueError as e:
-            reason = str(e) + (' (or, if the images are rectified, set rectified_images: true)'
-                               if 'distortion' in str(e) else '')
+            reason = str(e)
+            if not self.rectified_images and self._readable_as_rectified(msg):
+                reason += ' (or, if the images are rectified, set rectified_images: true)'
             cam.camera_error = reason
             self._error(f'{reason}; camera info dropped' + (', the previous one is kept' if cam.camera_info else ''),
                         cam)
@@ -523,8 +524,17 @@ class MappingInterface:
             self._note_once(f'distortion:{cam.name}', f'{cam.name}: raw images with {camera.distortion_model} lens '
                             'distortion: each pixel is back-projected along its undistorted ray (set '
                             'rectified_images: true if these images are rectified)', info=True)
-        cam.camera_error = ''
-        cam.camera_info = msg
+        cam.set_camera_info(msg, camera)
+
+    @staticmethod
+    def _readable_as_rectified(msg) -> bool:
+        """Whether a camera info the node refused for raw images would do for rectified ones (``p``, the lens
+        ignored): then rectified_images is worth naming."""
+        try:
+            conv.camera_info_to_camera(msg, rectified=True)
+        except ValueError:
+            return False
+        return True
 
     def _check_stamp(self, cam: CameraInput, t: float) -> None:
         """Raise ValueError if a depth frame at ``t`` breaks the stamp policy; restart keyframe timing when time
@@ -744,7 +754,7 @@ class MappingInterface:
             depth, color, labels, t = taken              # only taken once a valid camera info came
             self._check_stamp(cam, t)
             self._check_registered(cam, depth, color)
-            camera = conv.camera_info_to_camera(cam.camera_info, rectified=self.rectified_images)
+            camera = cam.camera                          # converted when its camera info came
             T_W_C = poses.get(id(depth))                 # the pose is looked up once per frame
             if T_W_C is None:
                 T_W_C = self._pose_at(cam, depth, t)

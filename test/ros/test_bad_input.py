@@ -249,6 +249,7 @@ def test_invalid_camera_info_is_dropped_and_the_last_valid_one_kept(local_node):
         delta, error = process(local_node, camera=info)
         assert delta['frames'] == 1 and delta['dropped'] == 1      # the camera info; the frame used the last one
         assert match in error and 'the previous one is kept' in error
+        assert 'rectified_images' not in error                     # p is no better: no hint that it would be
 
 
 def test_stamp_policy(local_node):
