@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ov3d_ros.cli.common import CliError, check_output
-from ov3d_ros.core.io import read_npz
+from ov3d_ros.core.io import read_npz, read_text
 from ov3d_ros.core.map_io import write_atomic
 from ov3d_ros.core.mapper import Mapper
 from ov3d_ros.datasets.scannet_folder import read_text_embeddings
@@ -37,12 +37,8 @@ def add_arguments(p) -> None:
 def read_vocab(path: Path) -> list:
     """Class names of a vocabulary file, one a line; CliError for none, or for a name given twice (up to case: its
     second index would never be used)."""
-    try:
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise CliError(f'{path}: cannot read the vocabulary ({e.strerror})') from None
-    except UnicodeDecodeError:
-        raise CliError(f'{path}: not a text file (class names, one per line)') from None
+    text = read_text(path, 'the vocabulary', 'class names, one per line', CliError)
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise CliError(f'{path}: no class names (one per line)')
     seen = {}

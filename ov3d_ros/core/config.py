@@ -12,6 +12,8 @@ import string
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ov3d_ros.core.io import read_text
+
 
 @dataclass
 class MapConfig:
@@ -494,12 +496,10 @@ def load_yaml_config(paths, cfg: MapperConfig | None = None) -> MapperConfig:
     cfg = cfg or MapperConfig()
     section_names = {f.name for f in fields(MapperConfig)}
     for path in paths:
+        text = read_text(path, 'config', 'a ROS parameter file or YAML')
         try:
-            with open(path) as f:
-                doc = yaml.safe_load(f) or {}
-        except UnicodeDecodeError:
-            raise ValueError(f'{path}: cannot read config (not a text file)') from None
-        except (OSError, yaml.YAMLError) as e:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
             raise ValueError(f'{path}: cannot read config ({e})') from e
         if not isinstance(doc, dict):
             raise ValueError(f'{path}: expected a mapping at the top level')

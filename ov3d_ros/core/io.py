@@ -1,5 +1,5 @@
 """Array files: binary little-endian PLY point clouds (xyz, colour and an optional scalar per point) and the
-.npz archives the tools read (points, ground truth, text tables)."""
+.npz archives the tools read (points, ground truth, text tables); text files given by users (read_text)."""
 from __future__ import annotations
 
 import zipfile
@@ -10,6 +10,17 @@ import numpy as np
 
 NPY_MAGIC = b'\x93NUMPY'
 ZIP_MAGICS = (b'PK\x03\x04', b'PK\x05\x06')      # a zip with members, an empty zip
+
+
+def read_text(path: str | Path, what: str, holds: str, error=ValueError) -> str:
+    """The text of a user's file (a vocabulary, a config, a transform); ``error`` naming ``what`` it is when it
+    cannot be read, or ``holds`` (what such a file holds) when it is not text."""
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise error(f'{path}: cannot read {what} ({e.strerror})') from None
+    except UnicodeDecodeError:
+        raise error(f'{path}: not a text file ({holds})') from None
 
 
 def write_ply(path: str | Path, xyz: np.ndarray, rgb: Optional[np.ndarray] = None,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ov3d_ros.core.compression import FeatureProjection, _top
+from ov3d_ros.core.io import read_text
 from ov3d_ros.core.map_io import load_map, save_map
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, unpack_keys, voxel_keys
 
@@ -107,12 +108,7 @@ def read_transform(path: str | Path) -> np.ndarray:
     with "matrix", or with "translation" [x, y, z] and "rotation" [qx, qy, qz, qw])."""
     import json
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise MergeError(f'{path}: cannot read the transform ({e.strerror})') from e
-    except UnicodeDecodeError:
-        raise MergeError(f'{path}: not a text file (a transform is a 4x4 matrix as text or JSON)') from None
+    text = read_text(path, 'the transform', 'a transform is a 4x4 matrix as text or JSON', MergeError)
     try:
         if text.lstrip().startswith(('{', '[')):
             data = json.loads(text)

@@ -433,7 +433,7 @@ def test_a_binary_file_given_as_a_text_file_is_named(scenes, sim_map, tmp_path, 
     binary = tmp_path / 'picture.png'
     binary.write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(256)))
     for argv, why in [(['map', str(scenes / 'scene_0003'), '--out', str(tmp_path / 'm.ov3dmap'), '--config',
-                        str(binary)] + SIM, 'cannot read config (not a text file)'),
+                        str(binary)] + SIM, 'not a text file (a ROS parameter file or YAML)'),
                       (['label', str(sim_map), '--vocab', str(binary), '--points',
                         str(scenes / 'scene_0003' / 'gt_points.npz'), '--out', str(tmp_path / 'p.npz')],
                        'not a text file (class names, one per line)'),
