@@ -47,11 +47,13 @@ class PinholeCamera:
         model = self.distortion_model.strip()
         if not any(d) and all(np.isfinite(d)):   # no distortion (also a model named with all-zero coefficients)
             model, d = '', ()
+        elif not np.all(np.isfinite(d)):
+            raise ValueError(f'lens distortion coefficients must be finite, got {list(d)}')
         elif model not in DISTORTION_MODELS:
             raise ValueError(f'lens distortion model {self.distortion_model!r} is not supported (supported: '
                              f'{", ".join(DISTORTION_MODELS)}); feed rectified images (image_proc) instead')
-        elif len(d) not in DISTORTION_MODELS[model] or not np.all(np.isfinite(d)):
-            raise ValueError(f'{model} distortion needs {" or ".join(map(str, DISTORTION_MODELS[model]))} finite '
+        elif len(d) not in DISTORTION_MODELS[model]:
+            raise ValueError(f'{model} distortion needs {" or ".join(map(str, DISTORTION_MODELS[model]))} '
                              f'coefficients, got {list(d)}')
         elif len(d) == 14 and (d[12] or d[13]):
             raise ValueError(f'tilted-sensor distortion (coefficients 13-14 = {d[12]:g}, {d[13]:g}) is not '
@@ -176,22 +178,43 @@ def _unfolded_radius(model: str, d: Tuple[float, ...]) -> float:
 
 @np.errstate(all='ignore')      # absurd coefficients overflow: those pixels fail the check, get no ray
 def _undistort(cam: PinholeCamera, xd: np.ndarray, yd: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Invert the distortion by Newton's method (Jacobian by central differences), from the distorted point."""
+    """Invert the distortion by Newton's method (Jacobian by central differences), from the distorted point. Every
+    iterate stays within the radius where the model folds back (see :func:`_unfolded_radius`): the ray sought is
+    there, and a lens that still stretches the image near its fold maps a second, outer ray to the same pixel,
+    which an unbounded iteration may find instead."""
     model, d = cam.distortion_model, cam.distortion
     limit = _unfolded_radius(model, d)
+    r_max = limit * (1 - 1e-9) if np.isfinite(limit) else np.inf    # the bound of every iterate's radius
     if model == 'equidistant':      # radial only: solve theta_d(theta) = |(xd, yd)| for theta
         rd = np.hypot(xd, yd)
-        th = np.minimum(rd, 1.5)
-        for _ in range(30):
-            t2 = th * th
-            f = th * (1 + t2 * (d[0] + t2 * (d[1] + t2 * (d[2] + t2 * d[3])))) - rd
+        th_max = min(float(np.arctan(r_max)), np.pi / 2 - 1e-6)
+        theta_d = lambda t: t * (1 + t * t * (d[0] + t * t * (d[1] + t * t * (d[2] + t * t * d[3]))))  # noqa: E731
+        th = np.full(rd.size, th_max)   # pixels farther out than theta_d reaches on [0, th_max]: no ray (see below)
+        todo = np.flatnonzero(rd < theta_d(th_max))
+        r_d = rd.reshape(-1)[todo]
+        t = np.minimum(r_d, min(1.5, th_max))
+        lo, hi = np.zeros_like(r_d), np.full_like(r_d, th_max)    # theta_d grows on [0, th_max]: a bracket
+        for _ in range(60):         # Newton, bisecting where a step would leave the bracket (typically 4-6 steps)
+            t2 = t * t
+            f = theta_d(t) - r_d
+            if not np.max(np.abs(f), initial=0.0) > 1e-15:
+                break
             df = 1 + t2 * (3 * d[0] + t2 * (5 * d[1] + t2 * (7 * d[2] + t2 * 9 * d[3])))
-            th = np.clip(th - f / np.where(np.abs(df) > 1e-12, df, 1e-12), 0.0, np.pi / 2 - 1e-6)
-        r = np.tan(th)
+            lo, hi = np.where(f < 0, t, lo), np.where(f > 0, t, hi)
+            step = t - f / np.where(np.abs(df) > 1e-12, df, 1e-12)
+            t = np.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
+        th[todo] = t
+        r = np.tan(th.reshape(rd.shape))
         s = np.where(rd > 1e-12, r / np.maximum(rd, 1e-12), 1.0)
         x, y = xd * s, yd * s
     else:
-        x, y, h = xd.copy(), yd.copy(), 1e-7
+        def within(x, y):           # (x, y) scaled back onto the bound where it lies beyond it
+            if not np.isfinite(r_max):
+                return x, y
+            shrink = np.minimum(1.0, r_max / np.maximum(np.hypot(x, y), 1e-300))
+            return x * shrink, y * shrink
+        x, y = within(xd, yd)
+        h = 1e-7
         for _ in range(30):
             fx, fy = _distort(model, d, x, y)
             ex, ey = fx - xd, fy - yd
@@ -206,7 +229,7 @@ def _undistort(cam: PinholeCamera, xd: np.ndarray, yd: np.ndarray) -> Tuple[np.n
             det = j00 * j11 - j01 * j10
             det = np.where(np.abs(det) > 1e-12, det, 1e-12)
             step_x, step_y = (j11 * ex - j01 * ey) / det, (j00 * ey - j10 * ex) / det
-            x, y = x - np.clip(step_x, -0.5, 0.5), y - np.clip(step_y, -0.5, 0.5)
+            x, y = within(x - np.clip(step_x, -0.5, 0.5), y - np.clip(step_y, -0.5, 0.5))
     bx, by = _distort(model, d, x, y)
     err = np.hypot((bx - xd) * cam.fx, (by - yd) * cam.fy)      # pixels
     ok = np.isfinite(x) & np.isfinite(y) & (err < 1e-3) & (np.hypot(x, y) < min(limit, _MAX_RAY_TAN))

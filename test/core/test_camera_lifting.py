@@ -181,6 +181,30 @@ def test_rays_beyond_the_fold_of_the_lens_model_are_not_used():
     assert torch.isnan(pts[..., 0][torch.from_numpy(~ok)]).all() and torch.isfinite(pts[torch.from_numpy(ok)]).all()
 
 
+@pytest.mark.parametrize('model, d', [('plumb_bob', (0.3838, -0.1916, -0.0008, -0.0023, -0.1129)),
+                                      ('equidistant', (0.4, -0.2, -0.1, 0.02))])
+def test_rays_inside_the_fold_of_a_lens_that_stretches_there_are_found(model, d):
+    """A lens that still stretches the image near its fold (k1 > 0, negative higher terms) maps a second, outer ray
+    (beyond the fold) onto the pixels of rays just inside it: each of those pixels gets the inner ray, not none."""
+    cam = PinholeCamera(300.0, 300.0, 639.5, 479.5, 1280, 960, model, d)
+    rng = np.random.default_rng(0)
+    # the model's radial part, written out here, grows up to its fold radius
+    r = np.linspace(0.0, 20.0, 400001)
+    grow = np.hypot(*_opencv_distort(model, d, r + 1e-9, np.zeros_like(r)))
+    fold = r[np.argmax(~(np.diff(grow) > 0))]
+    radius, angle = rng.uniform(0.0, 0.97 * fold, 20000), rng.uniform(0.0, 2 * np.pi, 20000)
+    x, y = radius * np.cos(angle), radius * np.sin(angle)
+    xd, yd = _opencv_distort(model, d, x + 1e-12, y)
+    u, v = xd * cam.fx + cam.cx, yd * cam.fy + cam.cy
+    seen = (u >= 0) & (u < cam.width) & (v >= 0) & (v < cam.height) & (radius < np.tan(np.radians(85.0)))
+    outer = _opencv_distort(model, d, np.full(1, fold), np.zeros(1))[0][0] > \
+        _opencv_distort(model, d, np.full(1, fold * 0.97), np.zeros(1))[0][0]
+    assert outer and seen.sum() > 5000              # the lens stretches near its fold; many such pixels in view
+    rx, ry, ok = cam.rays(u[seen], v[seen])
+    assert ok.all(), (~ok).sum()
+    assert np.hypot(rx - x[seen], ry - y[seen]).max() < 1e-6
+
+
 def test_lens_distortion_is_checked_and_zero_distortion_is_a_pinhole():
     pin = PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480)
     assert PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'plumb_bob', (0.0,) * 5) == pin
@@ -188,10 +212,11 @@ def test_lens_distortion_is_checked_and_zero_distortion_is_a_pinhole():
     assert not pin.distorted and PinholeCamera(*LENSES['plumb_bob']).distorted
     with pytest.raises(ValueError, match="lens distortion model 'fov' is not supported"):
         PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'fov', (0.9,))
-    with pytest.raises(ValueError, match='equidistant distortion needs 4 finite coefficients'):
+    with pytest.raises(ValueError, match='equidistant distortion needs 4 coefficients'):
         PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'equidistant', (0.1, 0.0, 0.0, 0.0, 0.0))
-    with pytest.raises(ValueError, match='finite coefficients'):
-        PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'plumb_bob', (0.1, float('nan'), 0.0, 0.0, 0.0))
+    for model in ('plumb_bob', ''):                  # a non-finite coefficient is named as such, model or not
+        with pytest.raises(ValueError, match='coefficients must be finite'):
+            PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, model, (0.1, float('nan'), 0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match='tilted-sensor'):
         PinholeCamera(500.0, 500.0, 319.5, 239.5, 640, 480, 'rational_polynomial', (0.1,) + (0.0,) * 12 + (0.01,))
     scaled = PinholeCamera(*LENSES['plumb_bob']).scaled(320, 240)
