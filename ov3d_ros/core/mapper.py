@@ -1,6 +1,7 @@
 """The Mapper facade: keyframe selection, feature extraction, lifting, fusion and text queries."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
@@ -500,11 +501,36 @@ class Mapper:
         emb = text_embeddings.to(self.device).float()
         return emb if self.projection is None else self.projection.project(emb)
 
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """Put the mapper back as it was if the block raises (out of memory half-way through loading a map or
+        changing the vocabulary): such a block replaces the mapper's objects (map, label volume, purifier) and the
+        cake's layers rather than changing them in place, so restoring the references restores the state."""
+        state, cake = dict(self.__dict__), self.map.cake
+        layers, specs = dict(cake.layers), dict(cake.specs)
+        vocabulary, voxel_size_m = list(self.cfg.labels.vocabulary), self.cfg.map.voxel_size_m
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(state)
+            cake.layers.clear()
+            cake.layers.update(layers)
+            cake.specs.clear()
+            cake.specs.update(specs)
+            self.cfg.labels.vocabulary, self.cfg.map.voxel_size_m = vocabulary, voxel_size_m
+            self.generation += 1             # whatever was derived from the state in between is stale
+            raise
+
     def set_vocabulary(self, names: Sequence[str], evidence: Optional[torch.Tensor] = None) -> None:
         """Make ``names`` the label volume's vocabulary (empty: no label volume). Past keyframes cannot be replayed,
         so the evidence is recomputed from the stored (purified) features, unless ``evidence`` (V, K) is given (a
-        saved label volume). Raises ValueError for bad names."""
+        saved label volume). Raises ValueError for bad names; on any error the previous vocabulary stays."""
         names = self.vocabulary_names(names)
+        with self._all_or_nothing():
+            self._set_vocabulary(names, evidence)
+
+    def _set_vocabulary(self, names: List[str], evidence: Optional[torch.Tensor]) -> None:
         self.generation += 1
         if not names:
             from ov3d_ros.core.label_volume import LAYERS
@@ -600,7 +626,8 @@ class Mapper:
         return save_map(path, self.map, info, extra, skip)
 
     def load(self, path) -> dict:
-        """Replace the map with the one in ``path``; the current map is kept if the file is unusable.
+        """Replace the map with the one in ``path``; the current map is kept if the file is unusable or anything
+        fails on the way (all or nothing).
 
         Raises MapFileError (a ValueError) with the reason. Returns the file's info.
         """
@@ -621,6 +648,14 @@ class Mapper:
         evidence = vmap.cake.get('label_evidence')
         if vocabulary and (evidence is None or vmap.cake.specs['label_evidence'].width != len(vocabulary)):
             raise MapFileError(f'{path}: label evidence does not match {vmap.size} voxels x {len(vocabulary)} classes')
+        with self._all_or_nothing():
+            self._use_loaded(vmap, info, projection, vocabulary)
+        return info
+
+    def _use_loaded(self, vmap: VoxelFeatureMap, info: dict, projection: Optional[FeatureProjection],
+                    vocabulary: List[str]) -> None:
+        """Make a loaded map (checked by :meth:`load`) the map: its label volume or the configured one, its
+        purification restored or re-pooled."""
         restore = self._restorable(vmap, info, bool(vocabulary))
         vmap.max_weight = float(self.cfg.map.max_weight)
         self.map, self.projection = vmap, projection
@@ -633,14 +668,13 @@ class Mapper:
         if vocabulary:                     # the file's label volume
             self._make_labels(vocabulary, restore=True)
         elif current:                      # the configured one, recomputed from the stored features
-            self.set_vocabulary(current)
+            self._set_vocabulary(current, None)
         if not restore and (self.labels is None or vocabulary or vmap.size == 0):
             self.purify_all()
         self.cfg.map.voxel_size_m = vmap.voxel_size_m
         self.num_keyframes = int(info.get('keyframes', 0))
         self.keyframes = KeyframeSelector(self.cfg.keyframes)
         self.generation += 1
-        return info
 
     def bytes_per_voxel(self) -> int:
         """Memory per voxel of everything the mapper keeps per row: every layer of the map and its index."""

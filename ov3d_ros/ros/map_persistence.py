@@ -109,14 +109,22 @@ class MapPersistence:
             path = self._path(path)
         except ValueError as e:
             return False, f'kept the current map: {e}'
-        try:
-            with self.lock:
-                self.mapper.load(path)
+        with self.lock:
+            try:
+                self.mapper.load(path)               # all or nothing
                 self._saved_version = self._version()
-                self.changed()
+            except (OSError, ValueError, RuntimeError) as e:
+                return False, f'kept the current map: {e}'
+            done = f'{path}: {self.mapper.map.size} voxels, {self.mapper.num_keyframes} keyframes'
+            return self._published(done)
+
+    def _published(self, done: str):
+        """(ok, message) once the map changed as ``done`` says: its snapshot published for queries and views."""
+        try:
+            self.changed()
         except (OSError, ValueError, RuntimeError) as e:
-            return False, f'kept the current map: {e}'
-        return True, f'{path}: {self.mapper.map.size} voxels, {self.mapper.num_keyframes} keyframes'
+            return False, f'{done}, but queries still see the previous map ({type(e).__name__}: {e})'
+        return True, done
 
     def merge(self, paths, transforms=(), replace: bool = False, out_path: str = ''):
         """Fuse map files (``transforms``: 16 row-major numbers per path, or none) into the node's map (or, with
@@ -144,10 +152,12 @@ class MapPersistence:
                     paths, Ts = [current] + paths, [None] + Ts
                 merged = os.path.join(tmp, 'merged.ov3dmap')
                 summary = merge_files(paths, merged, Ts)
-                self.mapper.load(merged)             # keeps the current map if the result is unusable
-                self.changed()
+                self.mapper.load(merged)             # all or nothing: the current map stays on any error
                 done = (f'merged {len(summary["inputs"])} maps ({" + ".join(map(str, summary["inputs"]))} voxels) '
                         f'into {self.mapper.map.size} voxels')
+                ok, done = self._published(done)
+                if not ok:
+                    return ok, done
                 if out:
                     try:
                         with open(merged, 'rb') as f:

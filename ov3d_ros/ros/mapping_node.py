@@ -220,7 +220,7 @@ class MappingInterface:
             self.web_view.apply(web)
         try:
             self._apply_map(new)
-        except ValueError:
+        except Exception:                      # refused, or failed (out of memory): the web view's part undone
             if web:
                 try:
                     self.web_view.apply(before)
@@ -236,8 +236,13 @@ class MappingInterface:
         if fixed:
             raise ValueError(f'{", ".join("features." + k for k in fixed)}: the dense mode and image sizes are '
                              f"settings of the clip feature source; this node runs {cfg.features.source!r}")
-        if 'labels.vocabulary' in new:         # its names' embeddings (may refuse), while mapping goes on
-            self.mapper.prepare_vocabulary(new['labels.vocabulary'])
+        # purification and vocabulary as they are now are not applied again (ros2 param load sends every
+        # parameter): no whole-map re-pool, no label evidence recomputed from the stored features
+        vocabulary = new.get('labels.vocabulary')
+        if vocabulary is not None and [str(n).strip() for n in vocabulary] == list(cfg.labels.vocabulary):
+            vocabulary = None
+        if vocabulary is not None:             # its names' embeddings (may refuse), while mapping goes on
+            self.mapper.prepare_vocabulary(vocabulary)
         with self._lock:
             # the parts that may refuse, each undone when a later one refuses (a set is all or nothing): the
             # ViT's settings (for its next keyframe, not one under way: same lock), purification, vocabulary
@@ -245,12 +250,14 @@ class MappingInterface:
             if features:
                 self.mapper.extractor.reconfigure(replace(cfg.features, **features))
             purify = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('purify.')}
+            if purify and replace(cfg.purify, **purify) == cfg.purify:
+                purify = {}
             try:
                 if purify:
                     self.mapper.reconfigure_purification(replace(cfg.purify, **purify))
-                if 'labels.vocabulary' in new:
+                if vocabulary is not None:
                     try:
-                        self.mapper.set_vocabulary(new['labels.vocabulary'])
+                        self.mapper.set_vocabulary(vocabulary)
                     except Exception:
                         if purify:
                             self.mapper.reconfigure_purification(old_purify)

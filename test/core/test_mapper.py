@@ -357,11 +357,11 @@ def test_memory_report_covers_every_byte_of_bytes_per_voxel(mapper):
     assert round(sum(report.values())) == mapper.bytes_per_voxel()
 
 
-def _purified_mapper(vocabulary=('wall', 'chair', 'plant'), **purify):
+def _purified_mapper(vocabulary=('wall', 'chair', 'plant'), voxel_size_m=0.1, **purify):
     """A mapper with learned purification (shipped student) and a label volume, after two keyframes."""
     cfg = MapperConfig()
     cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
-    cfg.map.voxel_size_m, cfg.map.pixel_stride = 0.1, 1
+    cfg.map.voxel_size_m, cfg.map.pixel_stride = voxel_size_m, 1
     cfg.purify.enabled, cfg.purify.affinity, cfg.purify.iterations = True, 'learned', 4
     for k, v in purify.items():
         setattr(cfg.purify, k, v)
@@ -518,3 +518,47 @@ def test_a_vocabulary_is_embedded_ahead_without_touching_the_map(mapper):
     finally:
         mapper.texts.encode_text = encode
         mapper.set_vocabulary([])
+
+
+def _state(m):
+    """What a query or a save of ``m`` reads: its map rows, features, purified features, label volume, settings."""
+    labels = None if m.labels is None else (list(m.labels.names), m.label_classes()[0].clone())
+    return (m.map, m.map.size, m.map.voxel_size_m, m.cfg.map.voxel_size_m, list(m.cfg.labels.vocabulary),
+            m.num_keyframes, m.query_features().clone(), labels, sorted(m.map.cake.layers))
+
+
+def _same(a, b):
+    assert a[:6] == b[:6] and a[8] == b[8], (a[:6], b[:6], a[8], b[8])
+    assert torch.equal(a[6], b[6])
+    assert (a[7] is None) == (b[7] is None) and (a[7] is None or (a[7][0] == b[7][0] and torch.equal(a[7][1], b[7][1])))
+
+
+def test_a_load_or_vocabulary_change_that_fails_half_way_leaves_the_mapper_as_it_was(monkeypatch, tmp_path):
+    """Running out of memory after the new map (or vocabulary) was swapped in, while the label volume or the
+    pooling is recomputed, undoes the change: the map, its grid, its label volume and its purified features are
+    those from before, and the mapper goes on integrating."""
+    from ov3d_ros.core.purification.pooling import GeometryPooling
+    m = _purified_mapper()
+    other = _purified_mapper(('sofa', 'table'), voxel_size_m=0.05)
+    other.save(tmp_path / 'fine.ov3dmap')                       # 5 cm voxels, another vocabulary
+    m.cfg.labels.vocabulary = ['wall', 'chair', 'plant']
+    before = _state(m)
+    update = GeometryPooling.update
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    with monkeypatch.context() as patch:
+        patch.setattr(m.texts, 'encode_text', out_of_memory)
+        with pytest.raises(RuntimeError, match='allocate'):
+            m.load(tmp_path / 'fine.ov3dmap')                     # the file's vocabulary embedded: out of memory
+    _same(_state(m), before)
+    m.prepare_vocabulary(['sofa', 'bed'])
+    with monkeypatch.context() as patch:
+        patch.setattr(GeometryPooling, 'update', out_of_memory)
+        with pytest.raises(RuntimeError, match='allocate'):
+            m.set_vocabulary(['sofa', 'bed'])                     # the new evidence pooled: out of memory
+    _same(_state(m), before)
+    m.integrate(_moved(wall_frame(), -0.35), force=True)        # still a working mapper
+    assert m.map.size > before[1] and m.labels.names == ['wall', 'chair', 'plant']
+    m.load(tmp_path / 'fine.ov3dmap')                             # and the same calls now succeed
+    assert m.map.voxel_size_m == 0.05 and m.labels.names == ['sofa', 'table']

@@ -370,6 +370,53 @@ def test_a_refused_parameter_set_changes_nothing(local_node, monkeypatch):
     assert cfg.purify.checkpoint == checkpoint and node.get_parameter('purify.iterations').value == iterations
 
 
+def test_setting_parameters_to_the_values_in_use_changes_nothing(local_node):
+    """ros2 param load sends every parameter of a file: the vocabulary and purification settings in use are not
+    applied again (that re-pooled the whole map once per purify.* parameter and recomputed the label volume from
+    the stored features, which moved voxels to other classes)."""
+    import torch
+    from rclpy.parameter import Parameter
+    node = local_node['node']
+    cfg = node.mapper.cfg
+    if node.mapper.labels is None:
+        assert node.set_parameters([Parameter('labels.vocabulary', value=['chair', 'table', 'wall'])])[0].successful
+    generation = node.mapper.generation
+    evidence = node.mapper.labels.evidence.clone()
+    same = [Parameter('labels.vocabulary', value=list(cfg.labels.vocabulary)),
+            Parameter('purify.iterations', value=cfg.purify.iterations),
+            Parameter('purify.radius_vox', value=cfg.purify.radius_vox)]
+    assert all(r.successful for r in node.set_parameters(same))
+    assert node.set_parameters_atomically(same).successful
+    assert node.mapper.generation == generation and torch.equal(node.mapper.labels.evidence, evidence)
+    r = node.set_parameters([Parameter('purify.iterations', value=cfg.purify.iterations + 1)])[0]
+    assert r.successful and node.mapper.generation > generation        # a change is still applied
+    assert node.set_parameters([Parameter('purify.iterations', value=cfg.purify.iterations - 1)])[0].successful
+
+
+def test_a_load_that_fails_keeps_the_map_and_one_that_cannot_be_published_says_so(local_node, monkeypatch,
+                                                                                   tmp_path):
+    """load_map answers "kept the current map" only when it did; a map loaded whose snapshot could not be made
+    (out of memory) is not reported as kept: the answer says queries still see the previous one."""
+    node = local_node['node']
+    persistence = node.persistence
+    node.mapper.save(tmp_path / 'm.ov3dmap')
+    monkeypatch.setattr(persistence, '_path', lambda path: str(path))
+    map_before = node.mapper.map
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    with monkeypatch.context() as patch:
+        patch.setattr(node.mapper, '_use_loaded', out_of_memory)
+        ok, message = persistence.load(tmp_path / 'm.ov3dmap')
+    assert not ok and message.startswith('kept the current map') and node.mapper.map is map_before
+    with monkeypatch.context() as patch:
+        patch.setattr(persistence, 'changed', out_of_memory)
+        ok, message = persistence.load(tmp_path / 'm.ov3dmap')
+    assert not ok and 'kept' not in message and 'but queries still see the previous map' in message, message
+    assert node.mapper.map is not map_before
+    assert persistence.load(tmp_path / 'm.ov3dmap')[0]
+
+
 def test_diagnostics_warn_when_keyframes_are_dropped(local_node, monkeypatch):
     """Keyframes dropped because integration is behind (max_pending_keyframes) turn the node's and the camera's
     diagnostics to WARN, like dropped frames."""
