@@ -357,6 +357,12 @@ neighbour rows, (V, M) int64 plus (V, M) float32 weights with M the ball's cells
 tuned (README, ``tune_radius``); the defaults are 2 and 1."""
 
 
+_MAX_IMAGE_PX = 2048
+"""The ViT's input sizes (features.image_short_side, window_px, window_stride_px): at 2048 px a ViT-B/16 keyframe is
+16 384 tokens or more, whose attention matrix alone takes 1 GB per head in float32; the sizes measured are 224-448
+(README)."""
+
+
 CHECKS: Dict[str, Check] = {
     'map.voxel_size_m': at_least(0.0, strict=True), 'map.min_depth_m': at_least(0.0),
     # a stride of 64 keeps 10 x 8 pixels of a 640 x 480 image; larger ones leave a keyframe a voxel or two
@@ -366,20 +372,20 @@ CHECKS: Dict[str, Check] = {
     'keyframes.min_translation_m': at_least(0.0), 'keyframes.min_rotation_deg': at_least(0.0),
     'keyframes.max_interval_s': at_least(0.0), 'keyframes.min_interval_s': at_least(0.0),
     'features.source': one_of('clip', 'simulated', 'precomputed'),
-    'features.image_short_side': at_least(1), 'features.window_px': at_least(0),
-    'features.window_stride_px': at_least(0),
+    'features.image_short_side': between(1, _MAX_IMAGE_PX), 'features.window_px': between(0, _MAX_IMAGE_PX),
+    'features.window_stride_px': between(0, _MAX_IMAGE_PX),
     'features.sim_patch_px': at_least(1), 'features.sim_noise': at_least(0.0),
     'features.sim_blur_patches': at_least(0.0), 'features.sim_confusion': between(0.0, 1.0),
     'features.sim_confusion_temp': at_least(0.0, strict=True), 'features.sim_view_flip': between(0.0, 1.0),
     'features.sim_fragments': at_least(0.0), 'features.sim_miss_small_px': at_least(0),
     'features.sim_world_confusion': between(0.0, 1.0), 'features.sim_world_cell_m': at_least(0.0, strict=True),
     'features.sim_text_cosine': between(0.0, 1.0),
-    'query.templates': texts(_templates), 'query.repetitions': at_least(1), 'query.temperature': at_least(0.0),
+    'query.templates': texts(_templates), 'query.repetitions': between(1, 16), 'query.temperature': at_least(0.0),
     'query.default_threshold': between(0.0, 1.0), 'query.min_observations': at_least(0.0),
     'query.default_negatives': texts(constrained('at most 32 negatives, none blank',
                                                  lambda v: len(v) <= 32 and all(t.strip() for t in v))),
     'purify.affinity': one_of('learned', 'fallback'), 'purify.mode': one_of('incremental', 'whole'),
-    'purify.radius_vox': between(1, _MAX_RADIUS_VOX), 'purify.iterations': at_least(0),
+    'purify.radius_vox': between(1, _MAX_RADIUS_VOX), 'purify.iterations': between(0, 200),
     'purify.scale': at_least(0.0, strict=True),
     'purify.sigma_color': at_least(0.0, strict=True), 'purify.sigma_normal': at_least(0.0, strict=True),
     'purify.sigma_distance_vox': at_least(0.0, strict=True), 'purify.margin_vox': at_least(0),
@@ -415,6 +421,14 @@ def validate(cfg: MapperConfig) -> None:
     """Raise ValueError naming every field of ``cfg`` whose value it cannot take."""
     problems = [check(f'{section.name}.{f.name}', getattr(getattr(cfg, section.name), f.name))
                 for section in fields(cfg) for f in fields(getattr(cfg, section.name))]
+    defaults = MapperConfig()
+    for section in fields(cfg):               # whole-number fields set to a float through the Python API
+        sub, default_sub = getattr(cfg, section.name), getattr(defaults, section.name)
+        for f in fields(sub):
+            default, value = getattr(default_sub, f.name), getattr(sub, f.name)
+            if isinstance(default, int) and not isinstance(default, bool) and \
+                    (not isinstance(value, int) or isinstance(value, bool)):
+                problems.append(f'{section.name}.{f.name} must be a whole number (int), got {value!r}')
     problems.append(depth_range_problem(cfg.map.min_depth_m, cfg.map.max_depth_m))
     problems = [p for p in problems if p]
     if problems:
@@ -433,6 +447,9 @@ def update_from_dict(cfg: MapperConfig, values: Dict[str, Dict[str, Any]]) -> Ma
             raise ValueError(f'unknown config section {section!r}')
         sub = getattr(cfg, section)
         known = {f.name: f for f in fields(sub)}
+        if items is not None and not isinstance(items, dict):
+            raise ValueError(f'config section {section!r} must be a mapping of its keys (e.g. {section}: '
+                             f'{{{next(iter(known))}: ...}}), got {items!r}')
         for key, value in (items or {}).items():
             if key not in known:
                 raise ValueError(f'unknown config key {section}.{key}')
@@ -505,7 +522,9 @@ def load_yaml_config(paths, cfg: MapperConfig | None = None) -> MapperConfig:
             raise ValueError(f'{path}: expected a mapping at the top level')
         for entry in doc.values():
             if isinstance(entry, dict) and 'ros__parameters' in entry:
-                doc = entry['ros__parameters']
+                doc = entry['ros__parameters'] or {}
+                if not isinstance(doc, dict):
+                    raise ValueError(f'{path}: ros__parameters must be a mapping, got {doc!r}')
                 break
         update_from_dict(cfg, {k: v for k, v in doc.items() if k in section_names})
     return cfg

@@ -115,7 +115,7 @@ class Mapper:
             raise ValueError('pose is not a rigid transform: its rotation must be orthonormal with det +1 and its '
                              'last row 0 0 0 1')
         m = self.cfg.map
-        z = m.max_depth_m if np.isfinite(m.max_depth_m) else np.max(depth, where=np.isfinite(depth), initial=0.0)
+        z = np.max(depth, where=np.isfinite(depth) & (depth <= m.max_depth_m), initial=0.0)   # the farthest it fuses
         reach = float(z) * (1 + sum(cam.view_extent()))
         limit = (2 ** 20 - 1) * m.voxel_size_m          # voxel_map packs 21 bits per axis
         if np.abs(T[:3, 3]).max() + reach >= limit:

@@ -58,8 +58,8 @@ from ov3d_ros.ros.camera_input import CameraInput
 from ov3d_ros.ros.label_volume import LabelVolumeInterface
 from ov3d_ros.ros.map_persistence import MapPersistence
 from ov3d_ros.ros.objects import ObjectsOutput
-from ov3d_ros.ros.params import (LIVE, check, check_node, declare, declare_config, mark_read_only, parameter_value,
-                                 range_refusal, read_config, read_only_reason)
+from ov3d_ros.ros.params import (LIVE, as_declared, check, check_node, declare, declare_config, mark_read_only,
+                                 parameter_value, range_refusal, read_config, read_only_reason)
 from ov3d_ros.ros.services import create_service
 from ov3d_ros.ros.web_view import WebViewInterface, declare_web_view
 from ov3d_ros.srv import SegmentByText
@@ -159,15 +159,18 @@ class MappingInterface:
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     def set_parameters(self, parameter_list):
-        """rclpy's, with the check's reason for a value outside its parameter's range (:func:`range_refusal`)."""
+        """rclpy's, with values converted to their declared type where that is what is meant (:func:`as_declared`)
+        and the check's reason for a value outside its parameter's range or of another type
+        (:func:`range_refusal`)."""
         results = []
         for p in parameter_list:      # one by one, as rclpy does (an undeclared one raises, the ones before stay set)
-            results.append(range_refusal(self, [p]) or super().set_parameters([p])[0])
+            p = as_declared(self, [p])
+            results.append(range_refusal(self, p) or super().set_parameters(p)[0])
         return results
 
     def set_parameters_atomically(self, parameter_list):
-        """rclpy's (the parameter services call it), with the check's reason for a value outside its parameter's
-        range (:func:`range_refusal`)."""
+        """rclpy's (the parameter services call it), as :meth:`set_parameters` converts and refuses."""
+        parameter_list = as_declared(self, parameter_list)
         return range_refusal(self, parameter_list) or super().set_parameters_atomically(parameter_list)
 
     def _on_set_parameters(self, params) -> SetParametersResult:

@@ -179,19 +179,49 @@ def check_node(node: Node) -> None:
         raise ValueError('; '.join(problems))
 
 
+_T = Parameter.Type
+_TYPE_WORDS = {_T.BOOL: 'true or false', _T.INTEGER: 'an integer', _T.DOUBLE: 'a number', _T.STRING: 'a string',
+               _T.BYTE_ARRAY: 'a list of bytes', _T.BOOL_ARRAY: 'a list of true/false',
+               _T.INTEGER_ARRAY: 'a list of integers', _T.DOUBLE_ARRAY: 'a list of numbers',
+               _T.STRING_ARRAY: 'a list of strings'}
+_ARRAYS = (_T.BYTE_ARRAY, _T.BOOL_ARRAY, _T.INTEGER_ARRAY, _T.DOUBLE_ARRAY, _T.STRING_ARRAY)
+
+
+def as_declared(node: Node, params) -> list:
+    """``params`` with the values a user means as their parameter's declared type converted to it: an integer for
+    a number (``ros2 param set /ov3d_mapping map.max_depth_m 4``), integers for a list of numbers, and an empty list
+    of any type (``ros2 param set ... labels.vocabulary "[]"`` sends a list of booleans). Others are left as they
+    are (rclpy refuses them, :func:`range_refusal` in words)."""
+    out = []
+    for p in params:
+        declared = node.describe_parameter(p.name).type if node.has_parameter(p.name) else None
+        if declared == _T.DOUBLE and p.type_ == _T.INTEGER:
+            p = Parameter(p.name, _T.DOUBLE, float(p.value))
+        elif declared == _T.DOUBLE_ARRAY and p.type_ == _T.INTEGER_ARRAY:
+            p = Parameter(p.name, _T.DOUBLE_ARRAY, [float(v) for v in p.value])
+        elif declared in _ARRAYS and p.type_ in _ARRAYS and declared != p.type_ and len(p.value) == 0:
+            p = Parameter(p.name, _T(declared), [])
+        out.append(p)
+    return out
+
+
 def range_refusal(node: Node, params) -> Optional[SetParametersResult]:
     """The refusal of a set of ``params`` in the check's words ('query.default_threshold must be a number in [0, 1],
     got 1.5') when one with a range in its descriptor has a value its check refuses; else None (the set goes on to
     rclpy and the on-set callback). rclpy checks a set against the descriptors' ranges before any on-set callback
     and refuses a value outside them in its own words ('Parameter query.default_threshold out of range Min: 0.0,
-    Max: 1.0, value: 1.5'): a node answers with this first. A parameter that rclpy refuses first for another reason
-    (undeclared, read-only, of another type) is left to rclpy."""
+    Max: 1.0, value: 1.5'): a node answers with this first. A value of another type than its parameter's is
+    refused in words too ('web_view.port takes an integer, got 8080.0': rclpy names the types by number). A
+    parameter that rclpy refuses first for another reason (undeclared, read-only) is left to rclpy."""
     for p in params:
         if not node.has_parameter(p.name):
             return None
         desc = node.describe_parameter(p.name)
-        if desc.read_only or p.type_.value != desc.type:
+        if desc.read_only:
             return None
+        if p.type_.value != desc.type and not desc.dynamic_typing and desc.type in _TYPE_WORDS:
+            return SetParametersResult(successful=False, reason=f'{p.name} takes {_TYPE_WORDS[_T(desc.type)]}, '
+                                                                f'got {p.value!r}')
         problem = check(p.name, p.value) if desc.floating_point_range or desc.integer_range else None
         if problem:
             return SetParametersResult(successful=False, reason=problem)
@@ -236,13 +266,15 @@ def read_config(node: Node) -> MapperConfig:
 
 
 def declare(node: Node, name: str, default, description: str):
-    """Declare a node-level parameter with a description (read-only unless it is in LIVE) and return its value.
-    A parameter declared already (a lifecycle node configured again) keeps its value."""
+    """Declare a node-level parameter with a description (read-only unless it is in LIVE) and return its value;
+    ValueError for a value its check refuses. A parameter declared already (a lifecycle node configured again)
+    keeps its value, checked again."""
     if node.has_parameter(name):
-        return parameter_value(node, name)
-    desc = _describe(name, description, Parameter.Type.from_parameter_value(default).value)
-    value = _declare(node, name, default, desc).value
-    problem = check(name, value)
+        value = parameter_value(node, name)
+    else:
+        desc = _describe(name, description, Parameter.Type.from_parameter_value(default).value)
+        value = _declare(node, name, default, desc).value
+    problem = check(name, value)    # also when declared already: a value refused by the last configure stays refused
     if problem:                     # declared after check_node ran (the persistence and label-volume interfaces)
         raise ValueError(problem)
     return value

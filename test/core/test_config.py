@@ -46,3 +46,43 @@ def test_scientific_notation_is_a_number():
     assert _set('features.model=1e3').features.model == '1e3'          # a text field keeps its text
     with pytest.raises(ValueError, match=r"^map.voxel_size_m must be float, got 'e-1'$"):
         _set('map.voxel_size_m=e-1')
+
+
+@pytest.mark.parametrize('values', [{'map': 5}, {'map': [{'voxel_size_m': 0.05}]}, {'purify': 'on'}])
+def test_a_section_that_is_not_a_mapping_is_refused_with_its_name(values):
+    section = next(iter(values))
+    with pytest.raises(ValueError, match=rf"^config section '{section}' must be a mapping of its keys"):
+        update_from_dict(MapperConfig(), values)
+
+
+def test_a_ros_parameter_file_with_no_parameters_is_an_empty_config(tmp_path):
+    from ov3d_ros.core.config import load_yaml_config
+    (tmp_path / 'empty.yaml').write_text('ov3d_mapping:\n  ros__parameters:\n')
+    assert load_yaml_config([tmp_path / 'empty.yaml']) == MapperConfig()
+    (tmp_path / 'list.yaml').write_text('ov3d_mapping:\n  ros__parameters: [1, 2]\n')
+    with pytest.raises(ValueError, match='ros__parameters must be a mapping'):
+        load_yaml_config([tmp_path / 'list.yaml'])
+
+
+def test_validate_refuses_a_fraction_for_a_whole_number_field():
+    """YAML and ROS parameters are typed; the Python API is not: 2.5 voxels of stride failed later, in numpy."""
+    cfg = MapperConfig()
+    cfg.map.pixel_stride, cfg.query.repetitions = 2.5, 2.0
+    with pytest.raises(ValueError, match=r'map.pixel_stride must be a whole number \(int\), got 2.5; '
+                                         r'query.repetitions must be a whole number \(int\), got 2.0'):
+        validate(cfg)
+    cfg.map.pixel_stride, cfg.query.repetitions = 2, 2
+    cfg.map.max_depth_m = 4                                            # an int is a number
+    validate(cfg)
+
+
+@pytest.mark.parametrize('item, message', [
+    ('purify.iterations=100000', r'purify.iterations must be a number in \[0, 200\]'),
+    ('query.repetitions=1000', r'query.repetitions must be a number in \[1, 16\]'),
+    ('features.image_short_side=100000', r'features.image_short_side must be a number in \[1, 2048\]'),
+])
+def test_settings_that_would_stall_the_mapper_for_minutes_are_refused(item, message):
+    """A whole-map re-pool of 45 000 iterations took 104 s under the map lock; a text repeated 1 000 times or an
+    image of 100 000 px would stall or exhaust memory in the same way."""
+    with pytest.raises(ValueError, match=message):
+        validate(_set(item))

@@ -174,6 +174,19 @@ def test_integrate_rejects_mismatched_frames(mapper):
         mapper.integrate(Frame(f.rgb, f.depth_m, f.camera, bad_pose, 1.0, f.labels))
 
 
+def test_a_far_depth_limit_does_not_refuse_frames_that_see_less_far():
+    """The map's key range bounds what a frame reaches: with map.max_depth_m = 100 km (no limit, in effect) a wall
+    2 m away is fused; the same wall 90 km away, which the limit still takes, is refused with the reason."""
+    cfg = MapperConfig()
+    cfg.features.source, cfg.features.sim_patch_px = 'simulated', 4
+    cfg.map.voxel_size_m, cfg.map.max_depth_m = 0.1, 1e5
+    m = Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
+    assert m.integrate(wall_frame(), force=True) and m.map.size > 0
+    f = wall_frame()
+    with pytest.raises(ValueError, match='frame reaches beyond the map range'):
+        m.integrate(Frame(f.rgb, np.full_like(f.depth_m, 9e4), f.camera, f.T_W_C, 1.0, f.labels), force=True)
+
+
 def test_label_points_nearest_voxel_and_unobserved(mapper):
     if len(mapper.map) == 0:
         mapper.integrate(wall_frame(), force=True)

@@ -187,3 +187,30 @@ def test_publishers_and_services_are_destroyed_only_when_no_callback_runs():
             if node is not None:
                 node.destroy_node()
             rclpy.shutdown(context=ctx)
+
+
+def test_a_value_refused_at_configure_is_refused_at_every_configure():
+    """The persistence and label-volume parameters are declared during configure: a bad override fails the first
+    configure with the reason, and every later one (a configure again took the declared value unchecked and ran
+    with timers of 5 000 Hz and autosave silently off)."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+    from ov3d_ros.ros.lifecycle_mapping_node import LifecycleMappingNode
+    with private_domain():
+        ctx = rclpy.Context()
+        rclpy.init(context=ctx)
+        node = None
+        try:
+            node = LifecycleMappingNode(context=ctx, parameter_overrides=[
+                Parameter('features.source', value='simulated'), Parameter('pose_source', value='pose'),
+                Parameter('autosave_period_s', value=-5.0), Parameter('label_publish_rate_hz', value=5000.0)])
+            for _ in range(3):
+                assert node.on_configure(None) == TransitionCallbackReturn.FAILURE
+                assert node.mapper is None
+            assert node.get_parameter('autosave_period_s').value == -5.0     # read-only: a restart changes it
+        finally:
+            if node is not None:
+                node.on_shutdown(None)
+                node.destroy_node()
+            rclpy.shutdown(context=ctx)

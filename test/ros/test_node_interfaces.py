@@ -100,7 +100,7 @@ def test_read_only_and_invalid_values_are_refused_with_the_reason(loaded):
                                ('map.max_depth_m', 0.05, 'must be below map.max_depth_m'),
                                ('tick_rate_hz', 0.0, 'tick_rate_hz must be a rate in [0.001, 1000] Hz'),
                                ('tick_rate_hz', 1e-12, 'tick_rate_hz must be a rate in [0.001, 1000] Hz'),
-                               ('query.default_threshold', 'high', 'Wrong parameter type'),
+                               ('query.default_threshold', 'high', "query.default_threshold takes a number, got 'high'"),
                                ('pose_to_camera', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 'unit quaternion'),
                                ('features.image_short_side', 0, 'features.image_short_side must be'),
                                ('features.image_short_side', 224,
@@ -152,6 +152,24 @@ def test_bounded_parameters_carry_their_range_and_a_set_outside_it_gets_the_chec
     assert [get_param(loaded, n) for n in names[:3]] == [1.0, 3, 0.0]
     assert set_params(loaded, **{n.replace('.', '__'): v for n, v in before.items()}) == [(True, '')] * 3
     assert loaded['client'].query('sofa')['success'] and loaded['node'].alive()
+
+
+def test_values_are_taken_as_their_parameters_type_where_meant_and_refused_in_words_otherwise(loaded):
+    """What ``ros2 param set`` sends for 1 to a number parameter (an integer) and for "[]" (an empty list of
+    booleans) is taken as meant; a value of another type is refused naming the type in words (rclpy said "Wrong
+    parameter type, expected '2' got '3'")."""
+    threshold, negatives = get_param(loaded, 'query.default_threshold'), get_param(loaded, 'query.default_negatives')
+    assert negatives and set_params(loaded, query__default_threshold=1) == [(True, '')]
+    assert get_param(loaded, 'query.default_threshold') == 1.0 and loaded['node'].alive()
+    future = loaded['params'].set_parameters([Parameter('query.default_negatives', Parameter.Type.BOOL_ARRAY, [])])
+    loaded['client'].executor.spin_until_future_complete(future, timeout_sec=60.0)
+    assert future.result().results[0].successful, future.result().results[0].reason
+    assert get_param(loaded, 'query.default_negatives') == []
+    assert set_params(loaded, web_view__port=8080.5, labels__vocabulary='chair') == [
+        (False, 'web_view.port takes an integer, got 8080.5'),
+        (False, "labels.vocabulary takes a list of strings, got 'chair'")]
+    assert set_params(loaded, query__default_threshold=threshold, query__default_negatives=negatives) == \
+        [(True, '')] * 2
 
 
 def test_pose_in_another_frame_is_reported_and_not_integrated(loaded):
