@@ -255,13 +255,27 @@ class MappingInterface:
             purify = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('purify.')}
             if purify and replace(cfg.purify, **purify) == cfg.purify:
                 purify = {}
+            # text embeddings depend on the templates: the label volume's classes are embedded again with them
+            texts = {key: new[f'query.{key}'] for key in ('templates', 'repetitions')
+                     if f'query.{key}' in new and new[f'query.{key}'] != getattr(cfg.query, key)}
+            old_texts = {key: getattr(cfg.query, key) for key in texts}
             try:
                 if purify:
                     self.mapper.reconfigure_purification(replace(cfg.purify, **purify))
+                if texts:
+                    for key, value in texts.items():
+                        setattr(cfg.query, key, value)
+                    self.mapper.texts.clear()
+                    if vocabulary is None and self.mapper.labels is not None:
+                        vocabulary = list(cfg.labels.vocabulary)
                 if vocabulary is not None:
                     try:
                         self.mapper.set_vocabulary(vocabulary)
                     except Exception:
+                        if texts:
+                            for key, value in old_texts.items():
+                                setattr(cfg.query, key, value)
+                            self.mapper.texts.clear()
                         if purify:
                             self.mapper.reconfigure_purification(old_purify)
                         raise
@@ -275,8 +289,6 @@ class MappingInterface:
                                                                            'labels.min_component_vox',
                                                                            'labels.feature_prior'):
                     setattr(getattr(cfg, section), key, value)
-            if 'query.templates' in new or 'query.repetitions' in new:
-                self.mapper.texts.clear()     # text embeddings depend on the templates
             self.publish_snapshot()
         for name in ('sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'map_cloud_max_points'):
             if name in new:

@@ -393,6 +393,33 @@ def test_setting_parameters_to_the_values_in_use_changes_nothing(local_node):
     assert node.set_parameters([Parameter('purify.iterations', value=cfg.purify.iterations - 1)])[0].successful
 
 
+def test_new_prompt_templates_embed_the_label_volumes_classes_again(local_node, monkeypatch):
+    """The label volume's classes are texts like any query's: new templates (or repetitions) embed them again and
+    recompute its evidence; a set whose vocabulary part fails leaves the templates as they were."""
+    import torch
+    from rclpy.parameter import Parameter
+    node = local_node['node']
+    m = node.mapper
+    if m.labels is None:
+        assert node.set_parameters([Parameter('labels.vocabulary', value=['chair', 'table', 'wall'])])[0].successful
+    names, before, templates = list(m.labels.names), m.labels.text.clone(), list(m.cfg.query.templates)
+    other = ['a photo of a {} in a room.']
+    assert templates != other
+    assert node.set_parameters([Parameter('query.templates', value=other)])[0].successful
+    assert m.labels.names == names and not torch.allclose(m.labels.text, before)
+    assert torch.allclose(m.labels.text, m.embed_texts(names).to(m.labels.text))       # the new templates'
+
+    def refuse(names, evidence=None):
+        raise RuntimeError('out of memory')
+    with monkeypatch.context() as patch:
+        patch.setattr(m, 'set_vocabulary', refuse)
+        r = node.set_parameters([Parameter('query.templates', value=templates)])[0]
+    assert not r.successful and 'out of memory' in r.reason
+    assert m.cfg.query.templates == other and node.get_parameter('query.templates').value == other
+    assert node.set_parameters([Parameter('query.templates', value=templates)])[0].successful
+    assert torch.allclose(m.labels.text, before)
+
+
 def test_a_load_that_fails_keeps_the_map_and_one_that_cannot_be_published_says_so(local_node, monkeypatch,
                                                                                    tmp_path):
     """load_map answers "kept the current map" only when it did; a map loaded whose snapshot could not be made
