@@ -206,6 +206,8 @@ def lift_keyframe(depth_m: torch.Tensor, rgb: torch.Tensor, feature_grid: torch.
     device = feature_grid.device
     depth_m = depth_m.to(device).contiguous()
     H, W = depth_m.shape
+    if (W, H) != (camera.width, camera.height):     # its rays are those of a W x H image
+        raise ValueError(f'depth is {W}x{H}, camera is {camera.width}x{camera.height}')
     h, w, D = feature_grid.shape
     s = max(1, int(pixel_stride))
     t = _pixel_tables(device, H, W, s, h, w, camera)

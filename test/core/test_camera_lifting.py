@@ -105,6 +105,14 @@ def test_lift_keyframe_world_points_and_invalid_depth():
     assert strided.points.shape[0] == 2  # (0,0) missing, (0,2) beyond range; (2,0), (2,2) remain
 
 
+def test_lifting_refuses_a_camera_of_another_image_size():
+    """Its rays are those of the camera's image: a depth image of another size would be lifted along wrong rays."""
+    cam = PinholeCamera(40.0, 40.0, 31.5, 23.5, 64, 48)
+    with pytest.raises(ValueError, match='depth is 32x24, camera is 64x48'):
+        lift_keyframe(torch.full((24, 32), 2.0), torch.zeros(24, 32, 3, dtype=torch.uint8), torch.ones(3, 4, 8), cam,
+                      torch.eye(4), 0.1, 5.0)
+
+
 def test_lifted_features_are_the_bilinear_samples_of_their_pixels():
     g = torch.Generator().manual_seed(4)
     cam = PinholeCamera(60.0, 60.0, 47.5, 31.5, 96, 64)
