@@ -246,50 +246,52 @@ class MappingInterface:
             vocabulary = None
         if vocabulary is not None:             # its names' embeddings (may refuse), while mapping goes on
             self.mapper.prepare_vocabulary(vocabulary)
-        with self._lock:
-            # the parts that may refuse, each undone when a later one refuses (a set is all or nothing): the
-            # ViT's settings (for its next keyframe, not one under way: same lock), purification, vocabulary
-            old_features, old_purify = cfg.features, cfg.purify
-            if features:
-                self.mapper.extractor.reconfigure(replace(cfg.features, **features))
-            purify = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('purify.')}
-            if purify and replace(cfg.purify, **purify) == cfg.purify:
-                purify = {}
-            # text embeddings depend on the templates: the label volume's classes are embedded again with them
-            texts = {key: new[f'query.{key}'] for key in ('templates', 'repetitions')
-                     if f'query.{key}' in new and new[f'query.{key}'] != getattr(cfg.query, key)}
-            old_texts = {key: getattr(cfg.query, key) for key in texts}
-            try:
-                if purify:
-                    self.mapper.reconfigure_purification(replace(cfg.purify, **purify))
-                if texts:
-                    for key, value in texts.items():
-                        setattr(cfg.query, key, value)
-                    self.mapper.texts.clear()
-                    if vocabulary is None and self.mapper.labels is not None:
-                        vocabulary = list(cfg.labels.vocabulary)
-                if vocabulary is not None:
-                    try:
-                        self.mapper.set_vocabulary(vocabulary)
-                    except Exception:
-                        if texts:
-                            for key, value in old_texts.items():
-                                setattr(cfg.query, key, value)
-                            self.mapper.texts.clear()
-                        if purify:
-                            self.mapper.reconfigure_purification(old_purify)
-                        raise
-            except Exception:
-                if features:                   # a copy: the config's own section is changed in place below
-                    self.mapper.extractor.reconfigure(replace(old_features))
-                raise
-            for name, value in new.items():
-                section, _, key = name.partition('.')
-                if key and section not in ('purify', 'labels', 'web_view') or name in ('labels.smoothing_radius_vox',
-                                                                           'labels.min_component_vox',
-                                                                           'labels.feature_prior'):
-                    setattr(getattr(cfg, section), key, value)
-            self.publish_snapshot()
+        # the mapper's settings, under the map lock, then a new snapshot; not for the node's own parameters
+        # alone (sync_slop_s, ...), which need not wait for a keyframe being integrated
+        if any('.' in k and not k.startswith('web_view.') for k in new):
+            with self._lock:
+                # the parts that may refuse, each undone when a later one refuses (a set is all or nothing): the
+                # ViT's settings (for its next keyframe, not one under way: same lock), purification, vocabulary
+                old_features, old_purify = cfg.features, cfg.purify
+                if features:
+                    self.mapper.extractor.reconfigure(replace(cfg.features, **features))
+                purify = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('purify.')}
+                if purify and replace(cfg.purify, **purify) == cfg.purify:
+                    purify = {}
+                # text embeddings depend on the templates: the label volume's classes are embedded again with them
+                texts = {key: new[f'query.{key}'] for key in ('templates', 'repetitions')
+                         if f'query.{key}' in new and new[f'query.{key}'] != getattr(cfg.query, key)}
+                old_texts = {key: getattr(cfg.query, key) for key in texts}
+                try:
+                    if purify:
+                        self.mapper.reconfigure_purification(replace(cfg.purify, **purify))
+                    if texts:
+                        for key, value in texts.items():
+                            setattr(cfg.query, key, value)
+                        self.mapper.texts.clear()
+                        if vocabulary is None and self.mapper.labels is not None:
+                            vocabulary = list(cfg.labels.vocabulary)
+                    if vocabulary is not None:
+                        try:
+                            self.mapper.set_vocabulary(vocabulary)
+                        except Exception:
+                            if texts:
+                                for key, value in old_texts.items():
+                                    setattr(cfg.query, key, value)
+                                self.mapper.texts.clear()
+                            if purify:
+                                self.mapper.reconfigure_purification(old_purify)
+                            raise
+                except Exception:
+                    if features:                   # a copy: the config's own section is changed in place below
+                        self.mapper.extractor.reconfigure(replace(old_features))
+                    raise
+                for name, value in new.items():
+                    section, _, key = name.partition('.')
+                    if key and section not in ('purify', 'labels', 'web_view') or name in (
+                            'labels.smoothing_radius_vox', 'labels.min_component_vox', 'labels.feature_prior'):
+                        setattr(getattr(cfg, section), key, value)
+                self.publish_snapshot()
         for name in ('sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'map_cloud_max_points'):
             if name in new:
                 setattr(self, name, new[name])

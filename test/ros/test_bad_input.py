@@ -393,6 +393,22 @@ def test_setting_parameters_to_the_values_in_use_changes_nothing(local_node):
     assert node.set_parameters([Parameter('purify.iterations', value=cfg.purify.iterations - 1)])[0].successful
 
 
+def test_the_nodes_own_parameters_do_not_wait_for_the_map_lock(local_node):
+    """sync_slop_s and the other node-level parameters change nothing of the map: setting one does not wait for a
+    keyframe being integrated (parameter sets and image callbacks share a callback group: it stalled image intake)."""
+    import threading
+    from rclpy.parameter import Parameter
+    node = local_node['node']
+    slop, done = node.sync_slop_s, []
+    with node._lock:                                  # a keyframe being integrated
+        setter = threading.Thread(target=lambda: done.append(
+            node.set_parameters([Parameter('sync_slop_s', value=slop * 2)])[0]))
+        setter.start()
+        setter.join(60.0)
+        assert done and done[0].successful and node.sync_slop_s == slop * 2
+    assert node.set_parameters([Parameter('sync_slop_s', value=slop)])[0].successful
+
+
 def test_new_prompt_templates_embed_the_label_volumes_classes_again(local_node, monkeypatch):
     """The label volume's classes are texts like any query's: new templates (or repetitions) embed them again and
     recompute its evidence; a set whose vocabulary part fails leaves the templates as they were."""
