@@ -1,4 +1,5 @@
 import json
+import re
 import struct
 
 import pytest
@@ -185,8 +186,16 @@ def with_metadata(blob: bytes, **changes) -> bytes:
     ({'info': '{"config": {"map": 3}}'}, 'info.config must be an object'),
     ({'info': '{"class_names": 3}'}, 'info.class_names must be a list of strings'),
     ({'layers': '[]'}, 'layers must be an object'),
+    # safetensors itself refused these (SafetensorError, no ValueError: a traceback in the tools, past the node's
+    # service), or they loaded and failed later with a TypeError or KeyError
+    ({'dim': 8}, 'metadata values must be strings, got dim = 8'),
+    ({'layers': json.dumps({'keys': {'width': '0', 'dtype': 'int64'}})}, 'layers.keys must be {"width": integer'),
+    ({'layers': json.dumps({'keys': {'width': 0, 'dtype': 'int65'}})}, "layers.keys: unknown layer dtype 'int65'"),
+    ({'info': '{"keyframes": "x"}'}, "info.keyframes must be an integer >= 0, got 'x'"),
+    ({'info': '{"keyframes": 2.5}'}, 'info.keyframes must be an integer >= 0, got 2.5'),
+    ({'info': '{"text_names": ["wall"]}'}, 'info.text_names without a text_vectors tensor'),
 ], ids=['vs_nan', 'vs_zero', 'dim', 'version', 'info_list', 'info_null', 'config', 'section', 'class_names',
-        'layers'])
+        'layers', 'not_string', 'width', 'dtype', 'keyframes', 'keyframes_float', 'text_names'])
 @pytest.mark.parametrize('load_map', [load_map, load_extra], ids=['load_map', 'load_extra'])
 def test_edited_headers_are_refused_naming_the_file(tmp_path, load_map, changes, problem):
     """The checksum covers the payload only: an edited header passed it and gave NaN coordinates or a
@@ -205,3 +214,118 @@ def test_a_map_whose_config_names_no_feature_source_is_refused_naming_the_file(t
     with pytest.raises(MapFileError, match="unusable config in the map file .*features.source must be one of") as e:
         Mapper.from_file(path, device='cpu')
     assert str(e.value).startswith(f'{path}: ')
+
+
+def with_header(blob: bytes, edit, old: bool = True) -> bytes:
+    """``blob`` with its parsed safetensors header changed in place by ``edit`` (the payload unchanged); ``old``:
+    without the tensor table's checksum, as files written before it."""
+    (n,) = struct.unpack('<Q', blob[:8])
+    header = json.loads(blob[8:8 + n])
+    edit(header)
+    if old:
+        header['__metadata__'].pop('tensors_sha256', None)
+    text = json.dumps(header).encode()
+    text += b' ' * (-len(text) % 8)
+    return struct.pack('<Q', len(text)) + text + blob[8 + n:]
+
+
+def test_a_file_without_the_tensor_table_checksum_still_loads(tmp_path):
+    path = tmp_path / 'old.ov3dmap'
+    path.write_bytes(with_header(encode_map(small_map(), {'keyframes': 3}), lambda h: None))
+    back, info, _ = load_map(path)
+    assert len(back) == len(small_map()) and info == {'keyframes': 3}
+
+
+def _offsets(h):
+    h['colors']['data_offsets'][1] -= 4          # the tensor no longer fits its shape
+
+
+def _colors_as_int(h):
+    h['colors']['dtype'] = 'I32'                 # same bytes, read as other values
+
+
+def _features_as_float32(h):
+    h['features']['dtype'], h['features']['shape'] = 'F32', [h['features']['shape'][0], 4]   # (V, 8) F16: same bytes
+
+
+@pytest.mark.parametrize('edit, problem', [
+    (_offsets, 'invalid shape, data type, or offset'),
+    (_colors_as_int, "layer 'colors' is stored as int32, its layers entry says float32"),
+    (_features_as_float32, "layer 'features' is stored as float32, its layers entry says float16"),
+], ids=['offsets', 'colors_int', 'features_float32'])
+def test_an_edited_tensor_table_is_refused_naming_the_file(tmp_path, edit, problem):
+    """The payload checksum covers the tensor data only: a tensor table edited to still parse gave safetensors'
+    own exception (a traceback in ov3d query/merge/view/label, past the node's load_map service) or loaded the
+    bytes as other values (colours of 1e9). Files written now checksum the table; older ones are checked against
+    their layer list."""
+    from ov3d_ros.cli.main import main
+    blob = encode_map(small_map(), {'keyframes': 1})
+    path = tmp_path / 'edited.ov3dmap'
+    path.write_bytes(with_header(blob, edit, old=False))
+    for load in (load_map, load_extra):
+        with pytest.raises(MapFileError, match='checksum mismatch of the tensor table') as e:
+            load(path)
+        assert str(e.value).startswith(f'{path}: ')
+    path.write_bytes(with_header(blob, edit))
+    with pytest.raises(MapFileError, match=problem) as e:
+        load_map(path)
+    assert str(e.value).startswith(f'{path}: invalid map contents')
+    assert main(['query', str(path), 'chair', '--out', str(tmp_path / 'c.ply')]) == 2
+    assert not (tmp_path / 'c.ply').exists()
+
+
+def test_fusion_layers_of_files_without_a_layer_list_are_checked_against_their_dtypes(tmp_path):
+    from safetensors.torch import save as st_save
+    from ov3d_ros.core.map_io import _payload_sha256
+    m = small_map()
+    tensors = {k: v.contiguous() for k, v in m.state().items()}
+    tensors['colors'] = tensors['colors'].view(torch.int32)       # what an edited dtype reads
+    meta = {'format': 'ov3d_ros.map', 'format_version': '1', 'voxel_size_m': repr(m.voxel_size_m), 'dim': '8',
+            'info': '{}'}
+    meta['payload_sha256'] = _payload_sha256(st_save(tensors, metadata=meta))
+    (tmp_path / 'old.ov3dmap').write_bytes(st_save(tensors, metadata=meta))
+    with pytest.raises(MapFileError, match="layer 'colors' is stored as int32, its layers entry says float32"):
+        load_map(tmp_path / 'old.ov3dmap')
+
+
+@pytest.mark.parametrize('layer, row, value', [('features', 3, float('nan')), ('weights', 7, float('inf')),
+                                               ('colors', 0, float('-inf')), ('label_evidence', 5, float('nan'))])
+def test_nan_or_inf_in_a_layer_is_refused_naming_the_layer(tmp_path, layer, row, value):
+    """NaN or inf loaded silently; a merge then spread the NaN over the whole map (pooled means), and every query
+    of it answered nothing."""
+    from ov3d_ros.core.merge import merge_files
+    m = small_map()
+    m.cake.add_layer('label_evidence', 2, torch.float32)[:m.size] = 1.0
+    good, bad = tmp_path / 'good.ov3dmap', tmp_path / 'bad.ov3dmap'
+    save_map(good, m, {})
+    m.cake[layer][row] = value
+    m.cake[layer][row + 1] = value
+    save_map(bad, m, {})
+    with pytest.raises(MapFileError, match=re.escape(f"{bad}: invalid map contents (layer '{layer}' holds NaN or inf "
+                                                     f"in 2 of {m.size} rows)")):
+        load_map(bad)
+    with pytest.raises(MapFileError, match='holds NaN or inf'):
+        merge_files([good, bad], tmp_path / 'merged.ov3dmap')
+    assert not (tmp_path / 'merged.ov3dmap').exists()
+
+
+@pytest.mark.parametrize('load_map', [load_map, load_extra], ids=['load_map', 'load_extra'])
+def test_nan_in_an_extra_tensor_or_a_text_table_unlike_its_names_is_refused(tmp_path, load_map):
+    path = tmp_path / 'm.ov3dmap'
+    vectors = torch.ones(3, 8)
+    vectors[1, 2] = float('nan')
+    save_map(path, small_map(), {}, {'text_vectors': vectors})
+    with pytest.raises(MapFileError, match=re.escape(f"{path}: invalid map contents (tensor 'text_vectors' holds NaN "
+                                                     'or inf in 1 of 3 rows)')):
+        load_map(path)
+    save_map(path, small_map(), {'text_names': ['wall', 'floor']}, {'text_vectors': torch.ones(3, 8)})
+    with pytest.raises(MapFileError, match=r'text table \(info.text_names, text_vectors\): 2 names but vectors of '
+                                           r'shape \(3, 8\)'):
+        load_map(path)
+
+
+def test_is_map_file_of_a_header_whose_metadata_is_not_an_object(tmp_path):
+    from ov3d_ros.core.map_io import is_map_file
+    path = tmp_path / 'odd.ov3dmap'
+    path.write_bytes(with_header(encode_map(small_map(), {}), lambda h: h.update(__metadata__=[1]), old=False))
+    assert not is_map_file(path)          # was an AttributeError
