@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ov3d_ros.core.compression import FeatureProjection, _top
+from ov3d_ros.core.features.precomputed import same_text_table
 from ov3d_ros.core.io import read_text
 from ov3d_ros.core.map_io import load_map, save_map
 from ov3d_ros.core.voxel_map import VoxelFeatureMap, unpack_keys, voxel_keys
@@ -144,8 +145,8 @@ def check_compatible(parts: Sequence[MapPart]) -> None:
                              '(re-map at one voxel size)')
         if list(a.info.get('class_names') or []) != list(b.info.get('class_names') or []):
             raise MergeError(f'{b.name}: simulated features over other class names than {a.name}')
-        if list(a.info.get('text_names') or []) != list(b.info.get('text_names') or []) or (
-                'text_vectors' in a.extra and not torch.equal(a.extra['text_vectors'], b.extra['text_vectors'])):
+        if not same_text_table(a.info.get('text_names') or [], a.extra.get('text_vectors'),
+                               b.info.get('text_names') or [], b.extra.get('text_vectors')):
             raise MergeError(f'{b.name}: another precomputed text table than {a.name}')
         va, vb = [n.strip().lower() for n in a.vocabulary], [n.strip().lower() for n in b.vocabulary]
         if va != vb:

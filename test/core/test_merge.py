@@ -212,3 +212,29 @@ def test_views_turn_with_the_transform_and_fuse_like_colours():
     moved = [i for key, i in k.items() if key != int(a.keys[0])]
     assert st['views'][moved[0]].tolist() == pytest.approx([0, 1, 0], abs=1e-6)
     assert st['views'][k[int(a.keys[0])]].tolist() == pytest.approx([0, 0, 1])
+
+
+def test_text_tables_are_compared_within_rounding_and_a_missing_one_is_another_table(tmp_path):
+    """A map saved again holds its text table normalised once more (other last bits): it was refused as 'another
+    precomputed text table' (compared bit for bit), and a map without a table beside one with it was a KeyError."""
+    from ov3d_ros.core.config import MapperConfig
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+    from ov3d_ros.core.mapper import Mapper
+    names = ['wall', 'floor', 'chair']
+    vectors = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))     # a table as given: not unit length
+    cfg = MapperConfig()
+    cfg.features.source, cfg.map.device = 'precomputed', 'cpu'
+    Mapper(cfg, PrecomputedFeatures(names, vectors.numpy())).save(tmp_path / 'a.ov3dmap')
+    Mapper.from_file(tmp_path / 'a.ov3dmap', 'cpu').save(tmp_path / 'b.ov3dmap')      # the same table, saved again
+    a, b = MapPart.from_file(tmp_path / 'a.ov3dmap'), MapPart.from_file(tmp_path / 'b.ov3dmap')
+    assert not torch.equal(a.extra['text_vectors'], b.extra['text_vectors'])          # other last bits
+    merge_files([tmp_path / 'a.ov3dmap', tmp_path / 'b.ov3dmap'], tmp_path / 'm.ov3dmap')
+    assert torch.equal(load_map(tmp_path / 'm.ov3dmap')[2]['text_vectors'], a.extra['text_vectors'])
+    grid = make_map([[0, 0, 0]], [[1.0] + [0] * 7])
+    with_table = part(grid, info={'text_names': names}, extra={'text_vectors': vectors}, name='t')
+    for other in (part(grid, name='plain'),                                                 # no table at all
+                  part(grid, extra={'text_vectors': vectors}, name='plain'),               # vectors, no names
+                  part(grid, info={'text_names': names}, extra={'text_vectors': vectors.flip(0)}, name='plain')):
+        for parts in ([with_table, other], [other, with_table]):
+            with pytest.raises(MergeError, match='another precomputed text table than'):
+                merge_parts(parts)

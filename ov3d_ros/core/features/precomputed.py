@@ -34,6 +34,19 @@ def check_text_table(names: Sequence[str], vectors: np.ndarray, where: str = 'pr
                              f'{[names[i] for i in rows[:5]]})')
 
 
+def same_text_table(names_a: Sequence[str], vectors_a: Optional[torch.Tensor], names_b: Sequence[str],
+                    vectors_b: Optional[torch.Tensor]) -> bool:
+    """Whether two precomputed text tables (names (K,), vectors (K, D); None vectors: no table) are the same: equal
+    names, and both without vectors or both with vectors of one shape that agree within 1e-5. Compared value by
+    value: a table is normalised again each time it is read, so a map saved again may hold other last bits."""
+    if [str(n) for n in names_a] != [str(n) for n in names_b] or (vectors_a is None) != (vectors_b is None):
+        return False
+    if vectors_a is None:
+        return True
+    a, b = vectors_a.float(), vectors_b.float().to(vectors_a.device)
+    return a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
 class PrecomputedFeatures(FeatureExtractor):
     """Text side of precomputed features: a table of text embeddings in the features' space.
 
