@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,8 @@ def check_output(out: Path, inputs: Sequence[Optional[Path]] = (), kind: str = '
     """``out``, when a tool may write its ``kind`` of file ('map', 'PLY', 'npz') there. CliError when it is one of
     the ``inputs`` (the answer would replace what it was made from), a folder, an existing file that is not an
     ov3d map for a map, or an existing map for another kind of file: files that are not ours are never replaced
-    (as the node's saves), nor maps by something else."""
+    (as the node's saves), nor maps by something else; and when no file can be written where it goes (see
+    :func:`check_writable`)."""
     from ov3d_ros.core.map_io import check_replaceable, is_map_file
     out = Path(out)
     for path in inputs:
@@ -148,7 +150,25 @@ def check_output(out: Path, inputs: Sequence[Optional[Path]] = (), kind: str = '
             raise CliError(str(e)) from None
     elif is_map_file(out):
         raise CliError(f'{out} is an ov3d map file; it is never replaced by a {kind} (choose another name)')
+    check_writable(out)
     return out
+
+
+def check_writable(out: Path) -> None:
+    """CliError naming ``out`` unless a file can be made in its folder, or, when the folder is not there yet, in
+    the nearest folder above it that is (where write_atomic will make it): a trial temporary file, removed at once.
+    A tool learns this before its work, not when it saves the result (after mapping every frame)."""
+    folder = Path(out).parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CliError(f'{out}: cannot write there ({folder} is not a folder)')
+    try:
+        fd, trial = tempfile.mkstemp(prefix=f'.{Path(out).name}.', suffix='.tmp', dir=folder)
+    except OSError as e:
+        raise CliError(f'{out}: cannot write a file in {folder} ({e.strerror})') from None
+    os.close(fd)
+    os.unlink(trial)
 
 
 def is_bag(path: Path) -> bool:

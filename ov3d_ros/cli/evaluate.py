@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -38,6 +39,8 @@ from ov3d_ros.cli.batch import Job, Outcome, add_batch_arguments, expand_inputs,
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, make_mapper,
                                  map_input, number_in, open_input)
 from ov3d_ros.core.config import MapperConfig, parse_overrides, update_from_dict
+from ov3d_ros.core.io import read_text
+from ov3d_ros.core.map_io import write_atomic
 from ov3d_ros.eval.metrics import (SCENE_METRICS, aggregate, bar_chart_png, ci_table, evaluate_scene, markdown_table,
                                    mean_ci95, paired_difference, per_class_table, scene_statistics, seed_average)
 from ov3d_ros.eval.queries import SYNONYMS, query_scores, summarize, sweep_table
@@ -138,19 +141,68 @@ def _timing(scenes: list) -> dict:
             'whole_purify_s': mean('whole_purify_s'), 'superpoints_s': mean('superpoints_s')}
 
 
+SCENE_KEYS = ('class_names', 'confusion', 'misses', 'boundary_confusion', 'boundary_misses', 'frag_components',
+              'frag_instances', 'frag_missed_instances', 'bytes_per_voxel', 'mapping')
+"""What :func:`write_tables` (and the aggregation it calls) reads of each per-scene result."""
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _check_merge_dirs(dirs, out: Path) -> None:
+    """CliError for a --merge folder given twice (its scenes would count twice) or that is also --out (its
+    results.json would be replaced by the tables made from it)."""
+    for i, d in enumerate(dirs):
+        if _same_dir(Path(d), Path(out)):
+            raise CliError(f'{out}: --out is also a --merge folder ({d}); its results would be replaced, choose '
+                           'another folder')
+        twice = [e for e in dirs[:i] if _same_dir(Path(d), Path(e))]
+        if twice:
+            raise CliError(f'{d}: given twice to --merge (as {twice[0]}); its scenes would count twice')
+
+
+def _read_results(path: Path) -> dict:
+    """{variant: [per-scene dict]} of an ov3d eval results.json; CliError naming the file when it is not one."""
+    text = read_text(path, 'the results', 'results.json of ov3d eval', CliError)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CliError(f'{path}: not the results.json of ov3d eval (not JSON: {e})') from None
+    scenes = data.get('scenes') if isinstance(data, dict) else None
+    if not isinstance(scenes, dict) or not scenes:
+        raise CliError(f'{path}: not the results.json of ov3d eval (no "scenes" object of {{variant: [scene]}})')
+    for name, runs in scenes.items():
+        if not isinstance(runs, list) or not runs or not all(isinstance(s, dict) for s in runs):
+            raise CliError(f'{path}: scenes of variant {name!r} must be a non-empty list of objects')
+        for s in runs:
+            missing = [k for k in SCENE_KEYS if k not in s]
+            if missing or not isinstance(s['mapping'], dict):
+                raise CliError(f'{path}: a scene of variant {name!r} ({s.get("scene", "unnamed")}) lacks '
+                               f'{", ".join(missing) or "a mapping object"}')
+    return scenes
+
+
 def _merge(dirs) -> tuple:
-    """(variant names, {variant: per-scene dicts}) from earlier runs' results.json files."""
-    names, per_scene = None, {}
+    """(variant names, {variant: per-scene dicts}) from earlier runs' results.json files (same variants, scenes
+    over the same class names)."""
+    names, classes, per_scene = None, None, {}
     for d in dirs:
         path = Path(d) / 'results.json'
         if not path.exists():
             raise CliError(f'{path}: no such file (run ov3d eval with --out {d} first)')
-        scenes = json.loads(path.read_text())['scenes']
+        scenes = _read_results(path)
         if names is None:
             names = list(scenes)
         elif list(scenes) != names:
             raise CliError(f'{path}: variants {list(scenes)} differ from {names}')
         for name in names:
+            for s in scenes[name]:
+                if classes is None:
+                    classes = s['class_names']
+                elif s['class_names'] != classes:     # their confusion matrices cannot be summed
+                    raise CliError(f'{path}: scene {s.get("scene", "unnamed")} is scored over other class names '
+                                   'than the first')
             per_scene.setdefault(name, []).extend(scenes[name])
     return names, per_scene
 
@@ -209,6 +261,7 @@ def run(args) -> int:
     if args.merge:
         if args.inputs:
             raise CliError('give either inputs or --merge, not both')
+        _check_merge_dirs(args.merge, args.out)
         names, per_scene = _merge(args.merge)
         args.out.mkdir(parents=True, exist_ok=True)          # only once there is something to write
         return write_tables(names, per_scene, args)
@@ -287,19 +340,19 @@ def write_tables(names: list, per_scene: dict, args, failed: list = ()) -> int:
             'seeds': mean_ci95([rows[m]['per_scene']['miou']['mean'] for m in members]),
             'timing': _timing([s for m in members for s in per_scene[m]])}
     table = markdown_table(rows)
-    (args.out / 'table.md').write_text(table + f'\nPer class ({first}):\n\n' + per_class_table(rows[first]))
+    write_atomic(args.out / 'table.md', (table + f'\nPer class ({first}):\n\n' + per_class_table(rows[first])).encode())
     ci = ci_table(ci_rows, first)
-    (args.out / 'table_ci.md').write_text(
+    write_atomic(args.out / 'table_ci.md', (
         f'Per-scene means over {len(per_scene[first])} scenes with 95 % confidence intervals (Student t); Δ: paired '
-        f'per-scene differences to {first}.\n\n' + ci)
-    (args.out / 'results.json').write_text(json.dumps({'rows': rows, 'ci_rows': ci_rows, 'scenes': per_scene,
-                                                       'metrics': list(SCENE_METRICS), 'failed': list(failed)},
-                                                      indent=1))
+        f'per-scene differences to {first}.\n\n' + ci).encode())
+    write_atomic(args.out / 'results.json', json.dumps({'rows': rows, 'ci_rows': ci_rows, 'scenes': per_scene,
+                                                        'metrics': list(SCENE_METRICS), 'failed': list(failed)},
+                                                       indent=1).encode())
     sweep = sweep_table(per_scene)
     if sweep.count('\n') > 2:
-        (args.out / 'queries_sweep.md').write_text(
+        write_atomic(args.out / 'queries_sweep.md', (
             f'Synonym / paraphrase queries at each score threshold, means over {len(per_scene[first])} scenes with '
-            '95 % confidence intervals (Student t).\n\n' + sweep)
+            '95 % confidence intervals (Student t).\n\n' + sweep).encode())
     bar_chart_png(str(args.out / 'chart.png'), rows)
     print(table, end='')
     print(ci, end='')

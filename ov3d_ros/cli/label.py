@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ov3d_ros.cli.common import CliError, check_output
+from ov3d_ros.cli.common import CliError, check_output, number_in
 from ov3d_ros.core.io import read_npz, read_text
 from ov3d_ros.core.map_io import write_atomic
 from ov3d_ros.core.mapper import Mapper
@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
     vocab.add_argument('--text-embeddings', type=Path, help='npz with names (K,) and vectors (K, D)')
     p.add_argument('--points', required=True, type=Path, help='npz with xyz (N, 3)')
     p.add_argument('--out', required=True, type=Path, help='npz to write')
-    p.add_argument('--max-distance', type=float, default=0.0,
+    p.add_argument('--max-distance', type=number_in(0.0), default=0.0,
                    help='farthest voxel centre that labels a point, metres (0 = one voxel size)')
     p.add_argument('--device', default='auto', help='torch device')
 

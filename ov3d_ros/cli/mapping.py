@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ov3d_ros.cli.batch import Job, add_batch_arguments, expand_inputs, report_failures, run_jobs
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, check_output,
@@ -40,11 +42,12 @@ def map_one(path: str, out: Path, args: argparse.Namespace) -> dict:
     return {'map': str(out), 'features': mapper.extractor.name, **stats}
 
 
-def output_paths(inputs, out: Path):
+def output_paths(inputs, out: Path, basis: Optional[Path] = None):
     """Map file per input: ``out`` itself for one input, else ``out/NAME.ov3dmap`` (names must differ); each may
-    be new or an ov3d map, never another file (see :func:`check_output`)."""
+    be new or an ov3d map, never another file, nor an input or the map.compress_basis file ``basis`` that the
+    mapping reads (see :func:`check_output`)."""
     if len(inputs) == 1 and not out.is_dir():
-        return [check_output(out, [Path(inputs[0])])]
+        return [check_output(out, [Path(inputs[0]), basis])]
     if out.suffix == '.ov3dmap':
         raise CliError(f'{len(inputs)} inputs need a folder for --out, got the file name {out}')
     names = [Path(p.rstrip('/')).stem if Path(p).suffix in ('.mcap', '.db3') else Path(p.rstrip('/')).name
@@ -52,12 +55,13 @@ def output_paths(inputs, out: Path):
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise CliError(f'several inputs are called {", ".join(dupes)}; map them into different folders')
-    return [check_output(out / f'{n}.ov3dmap') for n in names]
+    return [check_output(out / f'{n}.ov3dmap', [basis]) for n in names]
 
 
 def run(args) -> int:
     inputs = expand_inputs(args.inputs)
-    outs = output_paths(inputs, args.out)
+    basis = build_config(args).map.compress_basis           # read by every mapping: no output may replace it
+    outs = output_paths(inputs, args.out, Path(os.path.expanduser(basis)) if basis else None)
     if len(inputs) == 1:
         print(json.dumps(map_one(inputs[0], outs[0], args)))
         return 0

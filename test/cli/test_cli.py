@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,55 @@ def test_eval_merge_of_missing_results_makes_no_output_folder(tmp_path, capsys):
     assert 'results.json: no such file' in capsys.readouterr().err and not out.exists()
 
 
+def eval_results(folder, scene: str) -> None:
+    """``folder``/results.json of an ov3d eval run over one made-up scene (no mapping: metrics of a labelling)."""
+    from ov3d_ros.eval.metrics import evaluate_scene
+    rng = np.random.default_rng(len(scene))
+    label = rng.integers(0, 3, 40)
+    result = evaluate_scene(rng.random((40, 3)), label, label, np.where(rng.random(40) < 0.8, label, 0),
+                            ['wall', 'floor', 'chair'])
+    result.update(scene=scene, variant='raw', mapping={'keyframes': 1, 'voxels': 40}, bytes_per_voxel=800)
+    folder.mkdir()
+    (folder / 'results.json').write_text(json.dumps({'scenes': {'raw': [result]}}))
+
+
+@pytest.mark.parametrize('content, problem', [
+    ('{}', 'not the results.json of ov3d eval (no "scenes" object'),
+    ('[1]', 'not the results.json of ov3d eval (no "scenes" object'),
+    ('{"scenes": {"raw": [1]}}', "scenes of variant 'raw' must be a non-empty list of objects"),
+    ('{"scenes": {"raw": []}}', "scenes of variant 'raw' must be a non-empty list of objects"),
+    ('{"scenes": {"raw": [{"scene": "s1", "confusion": [[1]]}]}}', "a scene of variant 'raw' (s1) lacks class_names"),
+    ('{"scenes": {', 'not the results.json of ov3d eval (not JSON'),
+], ids=['empty', 'list', 'scene', 'no_scenes', 'keys', 'not_json'])
+def test_eval_merge_refuses_results_it_cannot_read_naming_the_file(tmp_path, capsys, content, problem):
+    eval_results(tmp_path / 'r_a', 'a')
+    (tmp_path / 'r_b').mkdir()
+    (tmp_path / 'r_b' / 'results.json').write_text(content)
+    out = tmp_path / 'out'
+    assert main(['eval', '--merge', str(tmp_path / 'r_a'), str(tmp_path / 'r_b'), '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f'{tmp_path / "r_b" / "results.json"}: {problem}' in err and 'Traceback' not in err, err
+    assert not out.exists()
+
+
+def test_eval_merge_never_replaces_its_inputs_nor_counts_a_run_twice(tmp_path, capsys):
+    eval_results(tmp_path / 'r_a', 'a')
+    eval_results(tmp_path / 'r_b', 'b')
+    before = (tmp_path / 'r_a' / 'results.json').read_bytes()
+    r_a, r_b = str(tmp_path / 'r_a'), str(tmp_path / 'r_b')
+    assert main(['eval', '--merge', r_a, r_b, '--out', r_a]) == 2                  # replaced its own input
+    assert '--out is also a --merge folder' in capsys.readouterr().err
+    assert main(['eval', '--merge', r_a, r_b, '--out', str(tmp_path / 'r_b' / '..' / 'r_b')]) == 2
+    assert '--out is also a --merge folder' in capsys.readouterr().err
+    assert main(['eval', '--merge', r_a, r_b, str(tmp_path / 'r_a') + '/', '--out', str(tmp_path / 'c')]) == 2
+    assert 'given twice to --merge' in capsys.readouterr().err                      # counted r_a twice
+    assert (tmp_path / 'r_a' / 'results.json').read_bytes() == before and not (tmp_path / 'c').exists()
+    assert main(['eval', '--merge', r_a, r_b, '--out', str(tmp_path / 'c')]) == 0
+    merged = json.loads((tmp_path / 'c' / 'results.json').read_text())
+    assert [s['scene'] for s in merged['scenes']['raw']] == ['a', 'b'] and merged['rows']['raw']['num_scenes'] == 2
+    assert not list((tmp_path / 'c').glob('.*.tmp'))
+
+
 @pytest.mark.parametrize('labels, problem', [
     (lambda label: label + 101, 'out of range of names (0..'),     # once a TypeError: mIoU None in the summary
     (lambda label: np.zeros_like(label), 'no point has a class to evaluate'),   # once exit 0 with an empty table
@@ -133,6 +183,8 @@ def test_eval_refuses_ground_truth_it_cannot_score(scenes, tmp_path, capsys, lab
     ('make-scenes', '--holes', '-1', 'must be a number in [0, 1), got -1'),
     ('make-scenes', '--depth-noise', '-1', 'must be a finite number >= 0, got -1'),
     ('make-scenes', '--depth-noise', 'nan', 'must be a finite number >= 0, got nan'),
+    ('label', '--max-distance', 'nan', 'must be a finite number >= 0, got nan'),    # labelled nothing, exit 0
+    ('label', '--max-distance', '-1', 'must be a finite number >= 0, got -1'),
 ])
 def test_tools_refuse_bad_arguments_before_anything_runs(tmp_path, capsys, command, option, value, problem):
     out = tmp_path / 'x.safetensors'
@@ -253,8 +305,11 @@ def test_teacher_then_student_then_mapping_end_to_end(scenes, tmp_path, capsys):
     assert res['rows']['learned']['miou'] > 0 and res['rows']['whole']['miou'] > 0
     assert res['rows']['learned']['vs_baseline']['miou']['n'] == 1
     assert '| whole |' in (tmp_path / 'e' / 'table_ci.md').read_text()
-    # tables of runs over other scenes combine without mapping again
-    assert main(['eval', '--merge', str(tmp_path / 'e'), str(tmp_path / 'e'), '--out', str(tmp_path / 'm')]) == 0
+    # tables of runs over other scenes combine without mapping again (a copy of the run stands for another one:
+    # one folder given twice is refused)
+    import shutil
+    shutil.copytree(tmp_path / 'e', tmp_path / 'e2')
+    assert main(['eval', '--merge', str(tmp_path / 'e'), str(tmp_path / 'e2'), '--out', str(tmp_path / 'm')]) == 0
     merged = json.loads((tmp_path / 'm' / 'results.json').read_text())['rows']
     assert merged['whole']['per_scene']['miou']['n'] == 2
     assert merged['whole']['per_scene']['miou']['mean'] == pytest.approx(res['rows']['whole']['per_scene']['miou']['mean'])
@@ -451,3 +506,43 @@ def test_rectified_images_option_reaches_the_bag_reader(scenes, tmp_path):
     for extra, rectified in (([], False), (['--rectified-images'], True)):
         args = build_parser().parse_args(['map', bag, '--out', str(tmp_path / 'm.ov3dmap')] + extra)
         assert open_input(bag, args).reader.rectified is rectified
+
+
+def test_map_learns_that_it_cannot_write_its_output_before_mapping(scenes, tmp_path, capsys, monkeypatch):
+    """An --out it cannot write (a folder that refuses files, a path under a file): exit 2 naming the --out, before
+    any frame is mapped (it mapped every frame, then named its temporary file). A folder not there yet is fine."""
+    import os
+    from ov3d_ros.cli import mapping
+    mapped = []
+    monkeypatch.setattr(mapping, 'map_input', lambda *a, **k: mapped.append(a) or {})
+    (tmp_path / 'file.txt').write_text('x')
+    scene, bag = str(scenes / 'scene_0003'), str(scenes / 'scene_0003_bag')
+    cases = [([scene], tmp_path / 'file.txt' / 'a.ov3dmap', 'file.txt is not a folder'),
+             ([scene, bag], tmp_path / 'file.txt' / 'maps', 'file.txt is not a folder')]
+    if os.path.isdir('/proc/self'):                # a folder in which no file can be made, even by root
+        cases += [([scene], Path('/proc/a.ov3dmap'), 'cannot write a file in /proc'),
+                  ([scene, bag], Path('/proc/maps'), 'cannot write a file in /proc')]
+    for inputs, out, why in cases:
+        assert main(['map', *inputs, '--out', str(out), '--serial'] + SIM) == 2, out
+        err = capsys.readouterr().err
+        assert f'error: {out}' in err and why in err and 'Traceback' not in err, err
+    assert not mapped
+    new = tmp_path / 'new' / 'deeper' / 'a.ov3dmap'
+    from ov3d_ros.cli.common import check_output
+    assert check_output(new) == new and not (tmp_path / 'new').exists()       # made by the save, not the check
+    assert not list(tmp_path.glob('.*.tmp'))
+
+
+def test_map_never_replaces_the_compress_basis_it_reads(scenes, tmp_path, capsys):
+    """--out naming the map.compress_basis file: refused like an input (the basis was replaced by the new map)."""
+    scene, bag = str(scenes / 'scene_0003'), str(scenes / 'scene_0003_bag')
+    basis = tmp_path / 'maps' / 'scene_0003.ov3dmap'
+    compress = ['--frames', '0:2', '--set', 'map.compress_dim=8'] + SIM
+    assert main(['map', scene, '--out', str(basis)] + compress) == 0
+    before = basis.read_bytes()
+    for inputs, out in (([scene], basis), ([scene, bag], basis.parent)):
+        capsys.readouterr()
+        assert main(['map', *inputs, '--out', str(out), '--serial', '--set', f'map.compress_basis={basis}']
+                    + compress) == 2
+        assert f'{basis}: --out is also an input ({basis})' in capsys.readouterr().err
+        assert basis.read_bytes() == before and not (basis.parent / 'scene_0003_bag.ov3dmap').exists()
