@@ -14,6 +14,7 @@ from ov3d_ros.core.camera import PinholeCamera
 from ov3d_ros.core.compression import FeatureProjection
 from ov3d_ros.core.config import MapperConfig, validate
 from ov3d_ros.core.features.base import FeatureExtractor
+from ov3d_ros.core.features.precomputed import same_text_table
 from ov3d_ros.core.keyframes import KeyframeSelector
 from ov3d_ros.core.label_volume import LabelVolume
 from ov3d_ros.core.lifting import CellFeatures, lift_keyframe
@@ -305,9 +306,8 @@ class Mapper:
         ours = getattr(self.extractor, 'vectors', None)
         if 'text_vectors' not in extra or ours is None:
             return ''
-        names, theirs = [str(n) for n in info.get('text_names') or []], extra['text_vectors'].float().to(self.device)
-        if names == list(self.extractor.names) and theirs.shape == ours.shape and torch.allclose(theirs, ours,
-                                                                                                 atol=1e-5):
+        names = [str(n) for n in info.get('text_names') or []]
+        if same_text_table(names, extra['text_vectors'].to(ours.device), self.extractor.names, ours):
             return ''
         return (f'made with another precomputed text table ({len(names)} texts: {", ".join(names[:5])}) than this '
                 f"mapper's ({len(self.extractor.names)} texts: {', '.join(self.extractor.names[:5])})")
