@@ -631,8 +631,12 @@ class Mapper:
 
         Raises MapFileError (a ValueError) with the reason. Returns the file's info.
         """
-        from ov3d_ros.core.map_io import MapFileError, load_map
-        vmap, info, extra = load_map(path, self.device)
+        from ov3d_ros.core.map_io import load_map
+        return self._use_file(path, *load_map(path, self.device))
+
+    def _use_file(self, path, vmap: VoxelFeatureMap, info: dict, extra: Dict[str, torch.Tensor]) -> dict:
+        """:meth:`load` of what :func:`~ov3d_ros.core.map_io.load_map` read from ``path``."""
+        from ov3d_ros.core.map_io import MapFileError
         try:
             projection = FeatureProjection.from_tensors(extra)
         except ValueError as e:
@@ -736,7 +740,8 @@ class Mapper:
         from ov3d_ros.core.features import create_extractor
         from ov3d_ros.core.features.precomputed import PrecomputedFeatures
         from ov3d_ros.core.map_io import MapFileError, load_map
-        _, info, extra = load_map(path, 'cpu')
+        dev = resolve_device(device)
+        vmap, info, extra = load_map(path, dev)            # read once: the config and the map of one version
         try:
             cfg = update_from_dict(MapperConfig(), info['config'])
             validate(cfg)
@@ -744,13 +749,12 @@ class Mapper:
             raise MapFileError(f'{path}: unusable config in the map file ({e})') from e
         cfg.map.device = device
         cfg.map.compress_basis = ''            # the file holds its own projection (and the basis file may be gone)
-        dev = resolve_device(device)
         if 'text_names' in info:
             extractor = PrecomputedFeatures(info['text_names'], extra['text_vectors'].numpy(), dev)
         else:
             extractor = create_extractor(cfg.features, dev, info.get('class_names') or None)
         mapper = cls(cfg, extractor)
-        mapper.load(path)
+        mapper._use_file(path, vmap, info, extra)
         return mapper
 
     def map_cloud(self, max_points: int = 0) -> Segment:

@@ -575,3 +575,19 @@ def test_a_load_or_vocabulary_change_that_fails_half_way_leaves_the_mapper_as_it
     assert m.map.size > before[1] and m.labels.names == ['wall', 'chair', 'plant']
     m.load(tmp_path / 'fine.ov3dmap')                             # and the same calls now succeed
     assert m.map.voxel_size_m == 0.05 and m.labels.names == ['sofa', 'table']
+
+
+def test_a_map_file_is_read_once_to_open_it(mapper, tmp_path, monkeypatch):
+    """Mapper.from_file takes the config and the map from one read of the file (it read it twice: twice the time,
+    and a file replaced in between, e.g. by a node's autosave, gave the config of one version and the map of
+    another)."""
+    from ov3d_ros.core import map_io
+    if len(mapper.map) == 0:
+        mapper.integrate(wall_frame(), force=True)
+    mapper.save(tmp_path / 'm.ov3dmap')
+    reads = []
+    load_map = map_io.load_map
+    monkeypatch.setattr(map_io, 'load_map', lambda *a, **k: reads.append(a[0]) or load_map(*a, **k))
+    opened = Mapper.from_file(tmp_path / 'm.ov3dmap', 'cpu')
+    assert len(reads) == 1 and opened.map.size == mapper.map.size
+    assert torch.equal(opened.map.keys[:opened.map.size], mapper.map.keys[:mapper.map.size])
