@@ -161,7 +161,7 @@ CHECKS: Dict[str, Check] = {
     'pose_qos': one_of('best_effort', 'reliable'),
     'color_transport': one_of('raw', 'compressed'), 'depth_transport': one_of('raw', 'compressedDepth'),
     'pose_to_camera': _pose_to_camera,
-    'web_view.host': _host, 'web_view.port': _port, 'web_view.refresh_s': at_least(0.0, True),
+    'web_view.host': _host, 'web_view.port': _port, 'web_view.refresh_s': between(0.05, 3600.0, 'a period', 's'),
 }
 """Per parameter: value -> None, or what is wrong with it."""
 
