@@ -116,9 +116,11 @@ class Mapper:
             raise ValueError('pose is not a rigid transform: its rotation must be orthonormal with det +1 and its '
                              'last row 0 0 0 1')
         m = self.cfg.map
-        z = np.max(depth, where=np.isfinite(depth) & (depth <= m.max_depth_m), initial=0.0)   # the farthest it fuses
-        reach = float(z) * (1 + sum(cam.view_extent()))
         limit = (2 ** 20 - 1) * m.voxel_size_m          # voxel_map packs 21 bits per axis
+        spread = 1 + sum(cam.view_extent())
+        reach = m.max_depth_m * spread                  # at most; when that is too far, what the frame sees
+        if not np.abs(T[:3, 3]).max() + reach < limit:
+            reach = float(np.max(depth, where=np.isfinite(depth) & (depth <= m.max_depth_m), initial=0.0)) * spread
         if np.abs(T[:3, 3]).max() + reach >= limit:
             raise ValueError(f'frame reaches beyond the map range (±{limit:.4g} m): camera at {T[:3, 3].tolist()}, '
                              f'view up to {reach:.4g} m from it')
