@@ -45,7 +45,8 @@ def encode_prompts(encode_text: Callable[[Sequence[str]], torch.Tensor], names: 
 
 class TextEmbeddings:
     """Augmented text embeddings of one feature source (:func:`encode_prompts`), each (text, templates,
-    repetitions) embedded once and cached (up to ``capacity`` entries; the cache is emptied when full).
+    repetitions) embedded once and cached (up to ``capacity`` entries; when full, the cache keeps only the texts of
+    the request that filled it).
     Thread-safe: a mapper and the snapshots it hands to other threads share one cache.
 
     Args:
@@ -68,12 +69,16 @@ class TextEmbeddings:
             return torch.zeros(0, self.dim, device=self.device)
         with self._lock:          # held while encoding: two threads never encode one text twice
             missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
-            if missing:
-                if len(self._cache) + len(missing) > self.capacity:
-                    self._cache.clear()
-                emb = encode_prompts(self.encode_text, [t for t, _, _ in missing], templates, repetitions)
-                self._cache.update(zip(missing, emb.to(self.device)))
-            return torch.stack([self._cache[k] for k in keys])
+            if not missing:
+                return torch.stack([self._cache[k] for k in keys])
+            emb = dict(zip(missing, encode_prompts(self.encode_text, [t for t, _, _ in missing], templates,
+                                                   repetitions).to(self.device)))
+            out = torch.stack([emb[k] if k in emb else self._cache[k] for k in keys])
+            if len(self._cache) + len(emb) > self.capacity:    # full: start again from this request's texts
+                self._cache = {k: out[i] for i, k in enumerate(keys)}
+            else:
+                self._cache.update(emb)
+            return out
 
     def clear(self) -> None:
         with self._lock:

@@ -186,6 +186,22 @@ def test_snapshot_of_an_empty_map_answers_empty():
     assert len(snap.segment('chair').xyz) == 0
 
 
+def test_a_full_text_cache_answers_the_request_that_filled_it():
+    """When new texts overflow the cache, the request still gets every embedding, those it had cached too (it
+    emptied the cache, then looked them up: a KeyError once per ~1 000 distinct queries, for the negatives)."""
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return torch.nn.functional.normalize(torch.tensor([[float(len(t)), float(ord(t[0])), 1.0] for t in texts]),
+                                             dim=1)
+    texts = TextEmbeddings(encode, 3, torch.device('cpu'), capacity=3)
+    first = texts.embed(['a', 'bb'])
+    both = texts.embed(['a', 'ccc', 'dddd'])                  # 'a' cached, two new: over capacity
+    assert torch.equal(both[0], first[0]) and calls[-1] == ['ccc', 'dddd'] and len(texts) == 3
+    assert torch.equal(texts.embed(['dddd', 'a']), both[[2, 0]]) and len(calls) == 2      # those are kept
+
+
 def test_text_embeddings_are_thread_safe_and_encoded_once():
     m = make_mapper(vocabulary=())
     calls, lock = [], threading.Lock()
