@@ -396,7 +396,7 @@ CHECKS: Dict[str, Check] = {
     'labels.vocabulary': texts(), 'labels.temperature': at_least(0.0),
     'labels.smoothing_radius_vox': between(0, _MAX_RADIUS_VOX),
     'labels.min_component_vox': at_least(0),
-    'objects.gap_vox': at_least(0), 'objects.min_voxels': at_least(0),
+    'objects.gap_vox': at_least(0), 'objects.min_voxels': at_least(1),
 }
 """Per ``section.field``: the values it can take. The dense mode, precision and simulated preset are checked by
 the feature sources that define them (``ov3d_ros.core.features``)."""

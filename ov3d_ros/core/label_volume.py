@@ -75,12 +75,13 @@ class LabelVolume:
                       doc='(capacity, K) float32 pooled class distributions, or None without pooling.')
 
     def index(self, text: str) -> int:
-        """Vocabulary index of ``text`` (case and surrounding space ignored), or -1."""
+        """Vocabulary index of ``text`` (compared by :func:`~ov3d_ros.core.query.normalise_text`: case, whitespace
+        and Unicode form ignored), or -1."""
         key = _key(text)
         return next((i for i, n in enumerate(self.names) if _key(n) == key), -1)
 
     def is_vocabulary(self, names: Sequence[str]) -> bool:
-        """Whether ``names`` are this vocabulary, in order (case and surrounding space ignored)."""
+        """Whether ``names`` are this vocabulary, in order (compared as :meth:`index` compares)."""
         return [_key(n) for n in names] == [_key(n) for n in self.names]
 
     def _distributions(self, n: int) -> torch.Tensor:
@@ -149,7 +150,20 @@ class LabelVolume:
 
     def classes(self, n: int, neighbours: Optional[torch.Tensor] = None,
                 prior: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(labels (n,) int64, confidence (n,) float32) of the first ``n`` rows; unobserved rows get -1 and 0.
+        """(labels (n,) int64, confidence (n,) float32) of the first ``n`` rows: :meth:`most_probable` of their
+        :meth:`distribution`."""
+        return self.most_probable(self.distribution(n, neighbours, prior))
+
+    def most_probable(self, dist: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(labels (n,) int64, confidence (n,) float32) of the first n rows' (n, K) distributions ``dist``: the most
+        probable class and its share; unobserved rows get -1 and 0."""
+        conf, labels = dist.max(dim=1)
+        seen = self.evidence[:len(dist)].sum(dim=1) > 0
+        return torch.where(seen, labels, torch.full_like(labels, -1)), torch.where(seen, conf, torch.zeros_like(conf))
+
+    def distribution(self, n: int, neighbours: Optional[torch.Tensor] = None,
+                     prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(n, K) class distributions of the first ``n`` rows (pooled when purifying).
 
         ``prior`` (n, K): class probabilities from another source multiplied in (then renormalised).
         ``neighbours`` (n, M) rows (-1 none; column 0 the voxel itself): each voxel's distribution is then
@@ -164,13 +178,12 @@ class LabelVolume:
             nb = neighbours.to(self.device)
             smooth = F.embedding_bag(nb.clamp_min(0), dist, mode='sum', per_sample_weights=(nb >= 0).to(dist.dtype))
             dist = smooth / smooth.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        conf, labels = dist.max(dim=1)
-        seen = self.evidence[:n].sum(dim=1) > 0
-        return torch.where(seen, labels, torch.full_like(labels, -1)), torch.where(seen, conf, torch.zeros_like(conf))
+        return dist
 
 
 def _key(name: str) -> str:
-    return name.strip().lower()
+    from ov3d_ros.core.query import normalise_text
+    return normalise_text(name)
 
 
 def class_colors(k: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from ov3d_ros.core.features.precomputed import same_text_table
 from ov3d_ros.core.keyframes import KeyframeSelector
 from ov3d_ros.core.label_volume import LabelVolume
 from ov3d_ros.core.lifting import CellFeatures, lift_keyframe
-from ov3d_ros.core.query import QueryResult, row_norms
+from ov3d_ros.core.query import QueryResult, normalise_text, row_norms
 from ov3d_ros.core.snapshot import MapSnapshot, Segment  # noqa: F401  (Segment re-exported)
 from ov3d_ros.core.text import TextEmbeddings
 from ov3d_ros.core.voxel_map import VoxelFeatureMap
@@ -553,11 +553,12 @@ class Mapper:
 
     @staticmethod
     def vocabulary_names(names: Sequence[str]) -> List[str]:
-        """``names`` as a vocabulary takes them (stripped); ValueError for empty, repeated or too many names."""
-        names = [str(n).strip() for n in names]
+        """``names`` as a vocabulary takes them (whitespace runs collapsed); ValueError for empty, repeated (compared
+        by :func:`~ov3d_ros.core.query.normalise_text`, as queries are) or too many names."""
+        names = [' '.join(str(n).split()) for n in names]
         if any(not n for n in names):
             raise ValueError('vocabulary names must not be empty')
-        if len({n.lower() for n in names}) != len(names):
+        if len({normalise_text(n) for n in names}) != len(names):
             raise ValueError('vocabulary names must be unique (case-insensitive)')
         if len(names) > 1000 or any(len(n) > 200 for n in names):
             raise ValueError('vocabulary too large: at most 1000 names of at most 200 characters')

@@ -29,7 +29,9 @@ def clean_text(text: str, what: str = 'text', max_chars: int = 1000) -> str:
 
 
 def normalise_text(text: str) -> str:
-    """``text`` case-folded with whitespace runs collapsed (the key two texts are compared by)."""
+    """``text`` in Unicode's compatibility form (NFKC: 'cafe' + a combining accent is 'café'), without format
+    characters (zero-width spaces), case-folded, with whitespace runs collapsed: the key two texts are compared by."""
+    text = ''.join(c for c in unicodedata.normalize('NFKC', text) if unicodedata.category(c) != 'Cf')
     return ' '.join(text.casefold().split())
 
 
@@ -126,7 +128,8 @@ def relevancy_scores(features: torch.Tensor, query: torch.Tensor, negatives: tor
 
 
 def select(scores: torch.Tensor, weights: torch.Tensor, threshold: float, min_weight: float) -> QueryResult:
-    """Keep voxels with score >= threshold and observation weight >= min_weight."""
-    keep = (scores >= threshold) & (weights >= min_weight)
+    """Keep voxels with score >= threshold and observation weight >= min_weight; a score of 0 (a negative, or
+    another class, wins there) never answers, whatever the threshold."""
+    keep = (scores >= threshold) & (scores > 0) & (weights >= min_weight)
     rows = torch.nonzero(keep, as_tuple=True)[0]
     return QueryResult(rows, scores[rows])

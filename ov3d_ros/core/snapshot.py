@@ -236,9 +236,13 @@ class MapSnapshot:
         prior = None
         if self.purified and cfg.feature_prior and n:
             prior = self.labels.probabilities(self.features, self.to_map_space(self.labels.text))
-        labels, conf = self.labels.classes(n, self._neighbours_within(cfg.smoothing_radius_vox), prior)
+        dist = self.labels.distribution(n, self._neighbours_within(cfg.smoothing_radius_vox), prior)
+        labels, conf = self.labels.most_probable(dist)
         if cfg.min_component_vox > 1:
-            labels = absorb_small_components(labels, self._neighbours_within(1), cfg.min_component_vox)
+            absorbed = absorb_small_components(labels, self._neighbours_within(1), cfg.min_component_vox)
+            moved = torch.nonzero(absorbed != labels, as_tuple=True)[0]
+            conf[moved] = dist[moved].gather(1, absorbed[moved, None])[:, 0]   # the share of the class they joined
+            labels = absorbed
         return labels, conf
 
     def _neighbours_within(self, radius_vox: int) -> Optional[torch.Tensor]:

@@ -242,7 +242,7 @@ class MappingInterface:
         # purification and vocabulary as they are now are not applied again (ros2 param load sends every
         # parameter): no whole-map re-pool, no label evidence recomputed from the stored features
         vocabulary = new.get('labels.vocabulary')
-        if vocabulary is not None and [str(n).strip() for n in vocabulary] == list(cfg.labels.vocabulary):
+        if vocabulary is not None and self.mapper.vocabulary_names(vocabulary) == list(cfg.labels.vocabulary):
             vocabulary = None
         if vocabulary is not None:             # its names' embeddings (may refuse), while mapping goes on
             self.mapper.prepare_vocabulary(vocabulary)

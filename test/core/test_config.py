@@ -86,3 +86,10 @@ def test_settings_that_would_stall_the_mapper_for_minutes_are_refused(item, mess
     image of 100 000 px would stall or exhaust memory in the same way."""
     with pytest.raises(ValueError, match=message):
         validate(_set(item))
+
+
+def test_an_object_needs_at_least_one_voxel():
+    """objects.min_voxels 0 passed the config check, then every object extraction refused it."""
+    with pytest.raises(ValueError, match=r'objects.min_voxels must be a finite number >= 1, got 0'):
+        validate(_set('objects.min_voxels=0'))
+    validate(_set('objects.min_voxels=1'))

@@ -591,3 +591,66 @@ def test_a_map_file_is_read_once_to_open_it(mapper, tmp_path, monkeypatch):
     opened = Mapper.from_file(tmp_path / 'm.ov3dmap', 'cpu')
     assert len(reads) == 1 and opened.map.size == mapper.map.size
     assert torch.equal(opened.map.keys[:opened.map.size], mapper.map.keys[:mapper.map.size])
+
+
+def _labelled_mapper(vocabulary, **labels):
+    cfg = MapperConfig()
+    cfg.features.source, cfg.features.sim_patch_px, cfg.features.sim_preset = 'simulated', 4, 'clean'
+    cfg.map.voxel_size_m, cfg.map.pixel_stride, cfg.purify.enabled = 0.1, 1, False
+    cfg.labels.vocabulary = list(vocabulary)
+    for k, v in labels.items():
+        setattr(cfg.labels, k, v)
+    return Mapper(cfg, create_extractor(cfg.features, 'cpu', NAMES))
+
+
+def test_a_voxel_absorbed_into_its_surroundings_scores_its_new_class():
+    """labels.min_component_vox relabels a small region with the class around it: its score is then that class's
+    share of its evidence (it kept the old class's share, so a threshold let the absorbed voxels through)."""
+    m = _labelled_mapper(['wall', 'chair', 'plant'], smoothing_radius_vox=0, min_component_vox=50)
+    f = wall_frame()
+    f.labels[:] = 1
+    f.labels[4:16, 20:32] = 2                                   # a small chair patch inside the wall
+    m.integrate(f, force=True)
+    dist = m.labels.distribution(m.map.size)
+    labels, conf = m.label_classes()
+    absorbed = (labels != dist.argmax(1)) & (labels >= 0)
+    assert absorbed.sum() > 0
+    seen = labels >= 0
+    assert torch.allclose(conf[seen], dist[seen].gather(1, labels[seen, None])[:, 0])
+    wall = m.query('wall', threshold=0.5)
+    assert bool((dist[wall.rows, 0] >= 0.5).all())
+
+
+def test_vocabulary_names_are_compared_as_queries_are():
+    """A vocabulary class is answered from the label volume whatever the case, inner whitespace or Unicode form
+    of the query (a name with a double space never was, and 'STRASSE' missed 'Straße'); names that compare
+    equal are one class."""
+    m = _labelled_mapper(['wall', 'dining  table', 'Straße'])
+    m.integrate(wall_frame(), force=True)
+    assert m.labels.names == ['wall', 'dining table', 'Straße']
+    for text, k in [('dining table', 1), ('Dining   Table', 1), ('STRASSE', 2), ('wall\u200b', 0)]:
+        assert m.labels.index(text) == k, text
+    assert m.query('dining  table').source == 'label volume'
+    with pytest.raises(ValueError, match='unique'):
+        m.vocabulary_names(['dining table', 'dining  table'])
+
+
+def test_a_threshold_of_0_never_returns_voxels_where_a_negative_wins(mapper):
+    """Score 0 means a negative matches better: no threshold (query.default_threshold 0 included) returns it."""
+    if len(mapper.map) == 0:
+        mapper.integrate(wall_frame(), force=True)
+    threshold = mapper.cfg.query.default_threshold
+    mapper.cfg.query.default_threshold = 0.0
+    try:
+        r = mapper.query('chair', ['wall', 'plant'])
+    finally:
+        mapper.cfg.query.default_threshold = threshold
+    assert 0 < len(r.rows) < mapper.map.size and bool((r.scores > 0).all())
+
+
+def test_a_negative_that_is_the_query_in_another_unicode_form_is_dropped(mapper):
+    """'cafe' + a combining accent, or the query with a zero-width space, embeds as the query: as a negative it
+    tied with the query everywhere and emptied the answer."""
+    snap = mapper.view()
+    assert snap.negatives_for('café', ['cafe\u0301', 'wall']) == ['wall']
+    assert snap.negatives_for('chair', ['chair\u200b', 'ＣＨＡＩＲ', 'plant']) == ['plant']
