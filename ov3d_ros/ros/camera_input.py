@@ -166,6 +166,17 @@ class CameraInput:
             return best
         return None
 
+    @classmethod
+    def partner(cls, buffer: Deque, t: float, slop: float, settled: bool):
+        """The message of ``buffer`` for a depth image stamped ``t`` (the nearest within ``slop``) once no nearer
+        one can still come, else None: it is stamped ``t``, or one stamped ``t`` or later has arrived (a topic
+        delivers in stamp order, so any later message is farther), or the depth image is ``settled`` (it waited
+        ``slop`` seconds). Colour published a few ms after its depth image was paired with the frame before."""
+        best = cls.nearest(buffer, t, slop)
+        if best is None or settled or conv.stamp_to_sec(best.header.stamp) >= t:
+            return best
+        return best if any(conv.stamp_to_sec(m.header.stamp) >= t for m in buffer) else None
+
     @staticmethod
     def bracket(buffer: Deque, t: float, slop: float, max_gap: float):
         """The pose messages of ``buffer`` for stamp ``t``: ``(msg, None, 0.0)`` for one stamped exactly ``t``;
@@ -192,7 +203,8 @@ class CameraInput:
 
     def take(self, slop: float, timeout_s: float, simulated: bool, pose_ready, describe_missing_pose,
              prefer=None):
-        """Pop the newest depth image whose partners arrived: (depth, colour, labels or None, stamp), or None.
+        """Pop the newest depth image whose partners arrived (each the nearest within ``slop`` that no nearer one
+        can follow, :meth:`partner`): (depth, colour, labels or None, stamp), or None.
         Older depth images are superseded. ``prefer(depth, t)``: when given, the oldest complete depth image it
         accepts is taken instead (the next keyframe candidate, so that frames that pile up while a keyframe is
         integrated lose no keyframe); the newer ones stay queued, and the newest is taken when it accepts none.
@@ -205,11 +217,13 @@ class CameraInput:
         camera info topic is often matched a little after the images at start-up)."""
         with self.lock:
             complete = []                                    # (index, depth, colour, labels, stamp), newest first
+            now = time.monotonic()
             for i in range(len(self.depth) - 1, -1, -1) if self.camera_info is not None else ():
                 depth = self.depth[i]
                 t = conv.stamp_to_sec(depth.header.stamp)
-                color = self.nearest(self.color, t, slop)
-                labels = self.nearest(self.labels, t, slop) if simulated else None
+                settled = now - self.depth.arrival[i] > slop
+                color = self.partner(self.color, t, slop, settled)
+                labels = self.partner(self.labels, t, slop, settled) if simulated else None
                 if color is not None and (labels is not None or not simulated) and pose_ready(depth, t):
                     complete.append((i, depth, color, labels, t))
                     if prefer is None:

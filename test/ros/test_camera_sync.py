@@ -2,6 +2,7 @@
 which are taken, superseded or dropped, and why."""
 import collections
 import math
+import time
 
 import numpy as np
 import pytest
@@ -54,6 +55,29 @@ def test_a_depth_image_waits_for_a_colour_image_that_may_still_come():
     push(cam, color=[2.0])
     depth, color, labels, t = take(cam)
     assert t == 2.0 and conv.stamp_to_sec(color.header.stamp) == 2.0 and labels is None
+
+
+def test_a_depth_image_is_paired_with_its_own_colour_image_when_that_comes_a_little_later():
+    """At 30 Hz the previous frame's colour image is within sync_slop_s of a depth image: it is used only when the
+    depth image's own colour image cannot come any more (it paired every depth image with the frame before when
+    colour came a few ms after depth)."""
+    cam = camera()
+    push(cam, color=[0.0], depth=[0.0, 1 / 30])
+    assert take(cam)[3] == 0.0
+    assert take(cam) is None                               # 0.0 is within slop of 1/30, but 1/30's may still come
+    push(cam, color=[1 / 30])
+    depth, color, _, t = take(cam)
+    assert t == conv.stamp_to_sec(color.header.stamp) == pytest.approx(1 / 30, abs=1e-6)
+    # colour stamped a little before its depth image (another clock): taken once a later colour image came ...
+    push(cam, color=[2 / 30 - 0.004], depth=[2 / 30])
+    assert take(cam) is None
+    push(cam, color=[3 / 30 - 0.004])
+    assert conv.stamp_to_sec(take(cam)[1].header.stamp) == pytest.approx(2 / 30 - 0.004, abs=1e-6)
+    # ... or once the depth image waited sync_slop_s (the stream's last frame)
+    push(cam, color=[4 / 30 - 0.004], depth=[4 / 30])
+    assert take(cam) is None
+    time.sleep(SLOP * 1.5)
+    assert conv.stamp_to_sec(take(cam)[1].header.stamp) == pytest.approx(4 / 30 - 0.004, abs=1e-6)
 
 
 def test_newest_complete_frame_is_taken_and_older_ones_superseded():
