@@ -212,7 +212,8 @@ class CameraInput:
         colour (or label) image is lost when a newer-stamped one arrived after the depth image (each topic
         delivers in order); it waited longer than ``timeout_s`` while newer depth images came; or the queue is
         full. One still waiting for partners that may come (a reliable image re-sent after a lost fragment, a
-        publisher behind on a loaded machine) is kept. ``pose_ready(depth, t)`` says if its pose is there. Until
+        publisher behind on a loaded machine) is kept. ``pose_ready(depth, t, settled)`` says if its pose is there
+        (``settled``: the depth image waited ``slop``, as for :meth:`partner`). Until
         the camera's first valid camera info, every depth image waits like one with a missing partner (the
         camera info topic is often matched a little after the images at start-up)."""
         with self.lock:
@@ -224,7 +225,7 @@ class CameraInput:
                 settled = now - self.depth.arrival[i] > slop
                 color = self.partner(self.color, t, slop, settled)
                 labels = self.partner(self.labels, t, slop, settled) if simulated else None
-                if color is not None and (labels is not None or not simulated) and pose_ready(depth, t):
+                if color is not None and (labels is not None or not simulated) and pose_ready(depth, t, settled):
                     complete.append((i, depth, color, labels, t))
                     if prefer is None:
                         break
@@ -250,7 +251,7 @@ class CameraInput:
             if not lost and not (waited > timeout_s and len(self.depth) > 1) and len(self.depth) < self.depth.maxlen:
                 return None
             names = [name for name, _ in missing]
-            if not pose_ready(oldest, t):
+            if not pose_ready(oldest, t, True):
                 names.append(describe_missing_pose(oldest))
             self.depth.drop(1)
             where = f'{self.name}: ' if self.namespace else ''

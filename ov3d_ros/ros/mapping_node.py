@@ -592,12 +592,19 @@ class MappingInterface:
     def _stamp(self, msg):
         return rclpy.time.Time.from_msg(msg.header.stamp)
 
-    def _pose_ready(self, depth, t: float) -> bool:
-        """Whether the pose for a depth image can be looked up yet (caller holds the camera's lock)."""
+    def _pose_ready(self, depth, t: float, settled: bool = True) -> bool:
+        """Whether the pose for a depth image can be looked up yet (caller holds the camera's lock). A pose or
+        odometry message stamped at the image, or two around it, are; the nearest one within sync_slop_s only once
+        no pose that brackets the image can come (one stamped after it arrived: topics deliver in order) or the
+        image is ``settled`` (it waited sync_slop_s): odometry that arrives a few ms after the image took the pose
+        of the stamp before."""
         if self.pose_source == 'tf':
             return self.tf_buffer.can_transform(self.map_frame, depth.header.frame_id, self._stamp(depth))
         with self._pose_lock:
-            return CameraInput.bracket(self._poses, t, self.sync_slop_s, self.pose_max_gap_s) is not None
+            found = CameraInput.bracket(self._poses, t, self.sync_slop_s, self.pose_max_gap_s)
+            if found is None or found[1] is not None or settled or conv.stamp_to_sec(found[0].header.stamp) == t:
+                return found is not None
+            return any(conv.stamp_to_sec(p.header.stamp) > t for p in self._poses)
 
     def _missing_pose(self, depth) -> str:
         return (f'transform {self.map_frame} -> {depth.header.frame_id}' if self.pose_source == 'tf'

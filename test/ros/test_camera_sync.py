@@ -32,8 +32,8 @@ def camera(queue: int = 10, info: bool = True) -> CameraInput:
 
 def take(cam: CameraInput, timeout_s: float = 5.0, poses=None):
     """cam.take with the pose topic holding ``poses`` (stamps; None = every stamp has its pose)."""
-    ready = (lambda depth, t: True) if poses is None else \
-        (lambda depth, t: any(abs(p - t) <= SLOP for p in poses))
+    ready = (lambda depth, t, settled: True) if poses is None else \
+        (lambda depth, t, settled: any(abs(p - t) <= SLOP for p in poses))
     return cam.take(SLOP, timeout_s, False, ready, lambda depth: 'pose message')
 
 
@@ -98,7 +98,7 @@ def test_with_a_preference_the_oldest_preferred_complete_frame_is_taken_first():
         asked.append(t)
         return t in (2.0, 4.0)
 
-    prefer = lambda: cam.take(SLOP, 5.0, False, lambda d, t: True, lambda d: 'pose', keyframe)  # noqa: E731
+    prefer = lambda: cam.take(SLOP, 5.0, False, lambda d, t, settled: True, lambda d: 'pose', keyframe)  # noqa: E731
     assert prefer()[3] == 2.0 and cam.stats['superseded'] == 1
     assert asked == [1.0, 2.0]                                   # oldest first, stops at the first candidate
     assert [conv.stamp_to_sec(d.header.stamp) for d in cam.depth] == [3.0, 4.0, 5.0, 6.0]
@@ -175,6 +175,34 @@ def test_a_depth_image_between_two_poses_takes_their_interpolation_and_otherwise
     assert nearest[0] is poses[2] and nearest[1] is None
     assert CameraInput.bracket(poses, 1.6, SLOP, 0.5) is None          # 1.3 (map) and 2.0 (odom): other frames
     assert CameraInput.bracket(poses, 2.2, SLOP, 0.5) is None          # after the last pose, beyond the slop
+
+
+def test_a_depth_image_waits_for_the_pose_that_brackets_it(local_node):
+    """Odometry a few ms behind the images: the pose before the image is within sync_slop_s, but the next one will
+    bracket it; the image waits for it (it took the earlier pose, 5 cm off at 1.5 m/s), unless it waited
+    sync_slop_s already or a later pose shows that none will (too far apart to interpolate)."""
+    node = local_node['node']
+    depth = image(1.02)
+    with node._pose_lock:
+        saved = list(node._poses)
+        node._poses.clear()
+        node._poses.append(pose(1.0, 0.0))
+    try:
+        assert not node._pose_ready(depth, 1.02, settled=False)
+        assert node._pose_ready(depth, 1.02, settled=True)
+        with node._pose_lock:
+            node._poses.append(pose(1.04, 0.06))
+        assert node._pose_ready(depth, 1.02, settled=False)
+        cam = node.cameras[0]
+        assert node._pose_at(cam, depth, 1.02)[0, 3] == pytest.approx(0.03)     # interpolated
+        assert node._pose_ready(image(1.0), 1.0, settled=False)                 # its own stamp
+        with node._pose_lock:
+            node._poses.append(pose(2.0, 1.0))
+        assert node._pose_ready(image(1.06), 1.06, settled=False)   # 1.04 nearest; 2.0 is too far to bracket it
+    finally:
+        with node._pose_lock:
+            node._poses.clear()
+            node._poses.extend(saved)
 
 
 def test_interpolated_pose_is_linear_in_translation_and_slerp_in_rotation():
