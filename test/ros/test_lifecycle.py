@@ -1,5 +1,6 @@
 """The managed (lifecycle) mapping node over real ROS 2: configure → activate → map → deactivate → cleanup →
 configure again, driven through its lifecycle services from this process."""
+import contextlib
 import time
 
 from lifecycle_msgs.msg import State, Transition
@@ -11,6 +12,29 @@ from ov3d_ros.tools.demo_client import DemoClient
 from ov3d_ros.tools.ros_graph import start_mapping_node, start_scene_player
 
 from conftest import private_domain
+
+
+@contextlib.contextmanager
+def lifecycle_node(**overrides):
+    """An unconfigured LifecycleMappingNode in this process (simulated features, poses from the pose topic) with
+    parameter ``overrides``, on a private domain; shut down and destroyed afterwards."""
+    import rclpy
+    from rclpy.parameter import Parameter
+    from ov3d_ros.ros.lifecycle_mapping_node import LifecycleMappingNode
+    params = {'features.source': 'simulated', 'pose_source': 'pose', **overrides}
+    with private_domain():
+        ctx = rclpy.Context()
+        rclpy.init(context=ctx)
+        node = None
+        try:
+            node = LifecycleMappingNode(context=ctx, parameter_overrides=[Parameter(k, value=v)
+                                                                          for k, v in params.items()])
+            yield node
+        finally:
+            if node is not None:
+                node.on_shutdown(None)
+                node.destroy_node()
+            rclpy.shutdown(context=ctx)
 
 
 def state(client) -> int:
@@ -110,50 +134,37 @@ def test_parameters_set_before_configure_are_used_and_during_it_refused(monkeypa
     """Values set while the node is unconfigured are those it configures with (the node's own ones too: the
     timers' rates, the backlog bound); one set while configure loads the model is refused with the reason,
     never accepted and lost."""
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
     from ov3d_ros.ros import mapping_node
-    from ov3d_ros.ros.lifecycle_mapping_node import LifecycleMappingNode
-    with private_domain():
-        ctx = rclpy.Context()
-        rclpy.init(context=ctx)
-        node = None
-        try:
-            node = LifecycleMappingNode(context=ctx, parameter_overrides=[
-                Parameter('features.source', value='simulated'), Parameter('pose_source', value='pose')])
-            set_early = node.set_parameters([Parameter('tick_rate_hz', value=5.0),
-                                             Parameter('max_pending_keyframes', value=3),
-                                             Parameter('map_publish_rate_hz', value=2.0),
-                                             Parameter('query.default_threshold', value=0.7)])
-            assert all(r.successful for r in set_early)
-            during = []
-            create = mapping_node.create_extractor
+    with lifecycle_node() as node:
+        set_early = node.set_parameters([Parameter('tick_rate_hz', value=5.0),
+                                         Parameter('max_pending_keyframes', value=3),
+                                         Parameter('map_publish_rate_hz', value=2.0),
+                                         Parameter('query.default_threshold', value=0.7)])
+        assert all(r.successful for r in set_early)
+        during = []
+        create = mapping_node.create_extractor
 
-            def create_and_set(*args, **kwargs):       # a `ros2 param set` arriving while the model loads
-                during.append(node.set_parameters([Parameter('query.default_threshold', value=0.3)])[0])
-                return create(*args, **kwargs)
-            monkeypatch.setattr(mapping_node, 'create_extractor', create_and_set)
-            assert node.on_configure(None) == TransitionCallbackReturn.SUCCESS
-            assert (node.tick_rate_hz, node.max_pending_keyframes, node.map_publish_rate_hz) == (5.0, 3, 2.0)
-            [refused] = during
-            assert not refused.successful and 'being configured' in refused.reason
-            assert node.mapper.cfg.query.default_threshold == node.get_parameter('query.default_threshold').value \
-                == 0.7
-            r = node.set_parameters([Parameter('query.default_threshold', value=0.3)])[0]     # configured: applied
-            assert r.successful and node.mapper.cfg.query.default_threshold == 0.3
+        def create_and_set(*args, **kwargs):       # a `ros2 param set` arriving while the model loads
+            during.append(node.set_parameters([Parameter('query.default_threshold', value=0.3)])[0])
+            return create(*args, **kwargs)
+        monkeypatch.setattr(mapping_node, 'create_extractor', create_and_set)
+        assert node.on_configure(None) == TransitionCallbackReturn.SUCCESS
+        assert (node.tick_rate_hz, node.max_pending_keyframes, node.map_publish_rate_hz) == (5.0, 3, 2.0)
+        [refused] = during
+        assert not refused.successful and 'being configured' in refused.reason
+        assert node.mapper.cfg.query.default_threshold == node.get_parameter('query.default_threshold').value \
+            == 0.7
+        r = node.set_parameters([Parameter('query.default_threshold', value=0.3)])[0]     # configured: applied
+        assert r.successful and node.mapper.cfg.query.default_threshold == 0.3
 
-            def cleaned_up_meanwhile(new):            # a cleanup on another thread took the map mid-way
-                node.mapper = None
-                raise AttributeError("'NoneType' object has no attribute 'cfg'")
-            monkeypatch.setattr(node, '_apply', cleaned_up_meanwhile)
-            r = node.set_parameters([Parameter('query.default_threshold', value=0.4)])[0]
-            assert r.successful and node.get_parameter('query.default_threshold').value == 0.4   # read at configure
-        finally:
-            if node is not None:
-                node.on_shutdown(None)
-                node.destroy_node()
-            rclpy.shutdown(context=ctx)
+        def cleaned_up_meanwhile(new):            # a cleanup on another thread took the map mid-way
+            node.mapper = None
+            raise AttributeError("'NoneType' object has no attribute 'cfg'")
+        monkeypatch.setattr(node, '_apply', cleaned_up_meanwhile)
+        r = node.set_parameters([Parameter('query.default_threshold', value=0.4)])[0]
+        assert r.successful and node.get_parameter('query.default_threshold').value == 0.4   # read at configure
 
 
 def test_publishers_and_services_are_destroyed_only_when_no_callback_runs():
@@ -193,24 +204,9 @@ def test_a_value_refused_at_configure_is_refused_at_every_configure():
     """The persistence and label-volume parameters are declared during configure: a bad override fails the first
     configure with the reason, and every later one (a configure again took the declared value unchecked and ran
     with timers of 5 000 Hz and autosave silently off)."""
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
-    from rclpy.parameter import Parameter
-    from ov3d_ros.ros.lifecycle_mapping_node import LifecycleMappingNode
-    with private_domain():
-        ctx = rclpy.Context()
-        rclpy.init(context=ctx)
-        node = None
-        try:
-            node = LifecycleMappingNode(context=ctx, parameter_overrides=[
-                Parameter('features.source', value='simulated'), Parameter('pose_source', value='pose'),
-                Parameter('autosave_period_s', value=-5.0), Parameter('label_publish_rate_hz', value=5000.0)])
-            for _ in range(3):
-                assert node.on_configure(None) == TransitionCallbackReturn.FAILURE
-                assert node.mapper is None
-            assert node.get_parameter('autosave_period_s').value == -5.0     # read-only: a restart changes it
-        finally:
-            if node is not None:
-                node.on_shutdown(None)
-                node.destroy_node()
-            rclpy.shutdown(context=ctx)
+    with lifecycle_node(autosave_period_s=-5.0, label_publish_rate_hz=5000.0) as node:
+        for _ in range(3):
+            assert node.on_configure(None) == TransitionCallbackReturn.FAILURE
+            assert node.mapper is None
+        assert node.get_parameter('autosave_period_s').value == -5.0     # read-only: a restart changes it
