@@ -72,6 +72,7 @@ class CameraInput:
         self.camera: Optional[PinholeCamera] = None  # the latest valid camera info, converted once (set_camera_info)
         self.camera_error = ''                  # why the latest camera info was rejected ('' = it was valid)
         self.last_stamp: Optional[float] = None  # stamp of the last frame taken
+        self.backwards = 0                      # frames in a row older than last_stamp (see the node's _check_stamp)
         self.last_error = ''
         self.stats = collections.Counter()
         self.keyframes: Optional[KeyframeSelector] = None

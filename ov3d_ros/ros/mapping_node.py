@@ -531,6 +531,7 @@ class MappingInterface:
     # Time stamp policy for depth frames, applied when a frame is taken for processing (README: Robustness).
     STAMP_FUTURE_S = 60.0   # stamped more than this ahead of the node's clock (when the clock is set): dropped
     STAMP_JUMP_S = 5.0      # older than the last processed frame by more: time jumped back (bag loop), accepted
+    STAMP_JUMP_FRAMES = 3   # or this many older frames in a row (a loop shorter than STAMP_JUMP_S): accepted
 
     def _on_camera_info(self, cam: CameraInput, msg) -> None:
         """Keep the latest valid camera info; an invalid one is dropped (counted, logged) and the previous kept."""
@@ -562,7 +563,9 @@ class MappingInterface:
 
     def _check_stamp(self, cam: CameraInput, t: float) -> None:
         """Raise ValueError if a depth frame at ``t`` breaks the stamp policy; restart keyframe timing when time
-        jumped back (a looping bag, a restarted simulator)."""
+        jumped back (a looping bag, a restarted simulator): a frame more than STAMP_JUMP_S older than the last one,
+        or the STAMP_JUMP_FRAMES-th older one in a row (a loop shorter than that; the ones before are dropped as
+        out of order)."""
         if t <= 0.0:
             raise ValueError('depth image has stamp 0 (header.stamp not set by its publisher); frame dropped')
         now = self.get_clock().now().nanoseconds * 1e-9
@@ -571,14 +574,18 @@ class MappingInterface:
                              f'{self.STAMP_FUTURE_S:g} s); check the publisher\'s clock and use_sim_time; '
                              'frame dropped')
         last = cam.last_stamp
-        if last is not None and t <= last:
-            if last - t <= self.STAMP_JUMP_S:
-                raise ValueError(f'depth image at {t:.3f} s is not newer than the last processed frame at '
-                                 f'{last:.3f} s: out-of-order or repeated frame dropped')
-            self.get_logger().warning(f'time jumped back {last - t:.1f} s (bag loop or clock reset): '
-                                      'keyframe timing restarts')
-            if cam.keyframes is not None:
-                cam.keyframes.reset()
+        if last is None or t > last:
+            cam.backwards = 0
+            return
+        cam.backwards = cam.backwards + 1 if t < last else 0
+        if last - t <= self.STAMP_JUMP_S and cam.backwards < self.STAMP_JUMP_FRAMES:
+            raise ValueError(f'depth image at {t:.3f} s is not newer than the last processed frame at '
+                             f'{last:.3f} s: out-of-order or repeated frame dropped')
+        cam.backwards = 0
+        self.get_logger().warning(f'time jumped back {last - t:.1f} s (bag loop or clock reset): '
+                                  'keyframe timing restarts')
+        if cam.keyframes is not None:
+            cam.keyframes.reset()
 
     def _error(self, reason: str, cam: Optional[CameraInput] = None, counter: str = 'dropped') -> None:
         """Log ``reason`` (throttled) as the last error and count it in ``cam``'s ``counter``."""

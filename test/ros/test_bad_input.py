@@ -254,6 +254,11 @@ def test_invalid_camera_info_is_dropped_and_the_last_valid_one_kept(local_node):
 
 def test_stamp_policy(local_node):
     pub = local_node['pub']
+    end = time.monotonic() + 60                  # run alone too: until the node has its camera info
+    while time.monotonic() < end and local_node['node'].status()['frames'] == 0:
+        pub.send(RGB, DEPTH_MM, camera=CAMERA, labels=CHAIR_LABELS)
+        local_node['client'].spin(0.3)
+    spin_until(local_node, lambda s: s['frames'] > 0 and s['pending_depth'] == 0 and s['pending_keyframes'] == 0)
     for stamp, match in [(0.0, 'stamp 0'), (pub.now() + 3600.0, "ahead of this node's clock")]:
         delta, error = process(local_node, stamp=stamp)
         assert delta == {'frames': 0, 'keyframes': 0, 'dropped': 1} and match in error
@@ -264,6 +269,14 @@ def test_stamp_policy(local_node):
         assert delta['dropped'] == 1 and 'not newer than the last processed frame' in error
     delta, _ = process(local_node, stamp=t - 100.0)                 # time jumped back (a looping bag)
     assert delta == {'frames': 1, 'keyframes': 1, 'dropped': 0}      # keyframe timing restarted
+    t = pub.now()
+    assert process(local_node, stamp=t)[0]['frames'] == 1
+    # a loop shorter than STAMP_JUMP_S: its frames come older than the last one in a row; from the third on, a jump
+    for i, stamp in enumerate((t - 3.0, t - 2.9)):
+        delta, error = process(local_node, stamp=stamp)
+        assert delta['dropped'] == 1 and 'not newer than the last processed frame' in error, i
+    assert process(local_node, stamp=t - 2.8)[0] == {'frames': 1, 'keyframes': 1, 'dropped': 0}
+    assert process(local_node, stamp=t - 2.7)[0]['frames'] == 1      # the loop goes on
     assert process(local_node)[0]['frames'] == 1
 
 
