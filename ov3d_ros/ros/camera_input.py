@@ -79,6 +79,7 @@ class CameraInput:
         self.pending: Deque = collections.deque()  # selected keyframes (core Frames) waiting to be integrated
         self._selector_of = None                # the mapper's selector when ours was made (a new one = new map)
         self.T_B_C = None
+        self.mount_from_tf = False              # TF gave this camera's mount (the node's _mount)
         self._subs = []
         self._startup_info = None               # the start-up camera-info subscription (subscribe)
         self._generation = 0                    # of the subscriptions heard: older ones may still deliver (unsubscribe)

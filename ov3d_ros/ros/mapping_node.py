@@ -663,12 +663,19 @@ class MappingInterface:
 
     def _mount(self, cam: CameraInput, pose_msg, depth) -> np.ndarray:
         """T_B_C: the camera's mount in the pose's body frame, from TF (body → image frame_id) when TF has it,
-        else the ``pose_to_camera`` parameter."""
+        else the ``pose_to_camera`` parameter. Once TF gave a camera's mount, a frame whose mount TF cannot give
+        (a moving head's transform not there yet) is dropped with the reason: the parameter's mount, the identity
+        by default, would put that frame elsewhere."""
         body = self.pose_frame or getattr(pose_msg, 'child_frame_id', '')
         if self.tf_buffer is not None and body and depth.header.frame_id:
             try:
-                return self._lookup(body, depth.header.frame_id, depth)
+                T_B_C = self._lookup(body, depth.header.frame_id, depth)
+                cam.mount_from_tf = True
+                return T_B_C
             except ValueError as e:
+                if cam.mount_from_tf:
+                    raise ValueError(f'no TF mount {body} -> {depth.header.frame_id} for this frame ({e}), though TF '
+                                     'gave it before; frame dropped') from None
                 self._note_once(f'mount:{cam.name}', f'{cam.name}: no TF mount {body} -> {depth.header.frame_id} '
                                 f'({e}); using pose_to_camera')
         return cam.T_B_C

@@ -205,6 +205,37 @@ def test_a_depth_image_waits_for_the_pose_that_brackets_it(local_node):
             node._poses.extend(saved)
 
 
+def test_once_tf_gave_a_cameras_mount_a_frame_without_it_is_dropped(local_node, monkeypatch):
+    """An odometry body frame and a camera mounted by TF (a pan-tilt head): a frame whose mount TF cannot give yet
+    is dropped with the reason, not fused with the pose_to_camera parameter's mount (the identity by default:
+    the camera looking up). Before TF gave the mount at all, the parameter is the mount, as documented."""
+    import types
+    from geometry_msgs.msg import TransformStamped
+    node = local_node['node']
+    cam = node.cameras[0]
+
+    class Buffer:                                 # tf2_ros.Buffer.lookup_transform, for the one mount
+        ok = False
+
+        def lookup_transform(self, target, source, stamp):
+            if not self.ok:
+                raise LookupError('Lookup would require extrapolation into the future')
+            msg = TransformStamped()
+            msg.transform.translation.x, msg.transform.rotation.w = 0.2, 1.0
+            return msg
+    tf = Buffer()
+    monkeypatch.setattr(node, 'tf_buffer', tf)
+    monkeypatch.setattr(cam, 'mount_from_tf', False, raising=False)
+    odom = types.SimpleNamespace(child_frame_id='base_link')
+    depth = image(1.0)
+    assert np.array_equal(node._mount(cam, odom, depth), cam.T_B_C)           # no TF mount yet: the parameter
+    tf.ok = True
+    assert node._mount(cam, odom, depth)[0, 3] == pytest.approx(0.2)
+    tf.ok = False
+    with pytest.raises(ValueError, match='no TF mount base_link -> camera for this frame .* though TF gave it before'):
+        node._mount(cam, odom, depth)
+
+
 def test_interpolated_pose_is_linear_in_translation_and_slerp_in_rotation():
     T0 = conv.pose_msg_to_matrix(pose(0.0, 0.0, yaw_deg=0.0))
     T1 = conv.pose_msg_to_matrix(pose(0.0, 2.0, yaw_deg=90.0))
