@@ -173,7 +173,8 @@ class CameraInput:
         """The message of ``buffer`` for a depth image stamped ``t`` (the nearest within ``slop``) once no nearer
         one can still come, else None: it is stamped ``t``, or one stamped ``t`` or later has arrived (a topic
         delivers in stamp order, so any later message is farther), or the depth image is ``settled`` (it waited
-        ``slop`` seconds). Colour published a few ms after its depth image was paired with the frame before."""
+        ``timeout_s``, see :meth:`take`). Colour published a few ms after its depth image was paired with the frame
+        before."""
         best = cls.nearest(buffer, t, slop)
         if best is None or settled or conv.stamp_to_sec(best.header.stamp) >= t:
             return best
@@ -215,7 +216,7 @@ class CameraInput:
         delivers in order); it waited longer than ``timeout_s`` while newer depth images came; or the queue is
         full. One still waiting for partners that may come (a reliable image re-sent after a lost fragment, a
         publisher behind on a loaded machine) is kept. ``pose_ready(depth, t, settled)`` says if its pose is there
-        (``settled``: the depth image waited ``slop``, as for :meth:`partner`). Until
+        (``settled``: the depth image waited ``timeout_s``, as for :meth:`partner`). Until
         the camera's first valid camera info, every depth image waits like one with a missing partner (the
         camera info topic is often matched a little after the images at start-up)."""
         with self.lock:
@@ -224,7 +225,7 @@ class CameraInput:
             for i in range(len(self.depth) - 1, -1, -1) if self.camera_info is not None else ():
                 depth = self.depth[i]
                 t = conv.stamp_to_sec(depth.header.stamp)
-                settled = now - self.depth.arrival[i] > slop
+                settled = now - self.depth.arrival[i] > timeout_s   # no nearer partner came meanwhile
                 color = self.partner(self.color, t, slop, settled)
                 labels = self.partner(self.labels, t, slop, settled) if simulated else None
                 if color is not None and (labels is not None or not simulated) and pose_ready(depth, t, settled):

@@ -603,8 +603,8 @@ class MappingInterface:
         """Whether the pose for a depth image can be looked up yet (caller holds the camera's lock). A pose or
         odometry message stamped at the image, or two around it, are; the nearest one within sync_slop_s only once
         no pose that brackets the image can come (one stamped after it arrived: topics deliver in order) or the
-        image is ``settled`` (it waited sync_slop_s): odometry that arrives a few ms after the image took the pose
-        of the stamp before."""
+        image is ``settled`` (it waited sync_timeout_s): odometry that arrives a few ms after the image took the
+        pose of the stamp before."""
         if self.pose_source == 'tf':
             return self.tf_buffer.can_transform(self.map_frame, depth.header.frame_id, self._stamp(depth))
         with self._pose_lock:

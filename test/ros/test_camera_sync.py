@@ -59,8 +59,8 @@ def test_a_depth_image_waits_for_a_colour_image_that_may_still_come():
 
 def test_a_depth_image_is_paired_with_its_own_colour_image_when_that_comes_a_little_later():
     """At 30 Hz the previous frame's colour image is within sync_slop_s of a depth image: it is used only when the
-    depth image's own colour image cannot come any more (it paired every depth image with the frame before when
-    colour came a few ms after depth)."""
+    depth image's own colour image cannot come any more, or after sync_timeout_s (it paired every depth image with
+    the frame before when colour came a few ms after depth)."""
     cam = camera()
     push(cam, color=[0.0], depth=[0.0, 1 / 30])
     assert take(cam)[3] == 0.0
@@ -73,11 +73,11 @@ def test_a_depth_image_is_paired_with_its_own_colour_image_when_that_comes_a_lit
     assert take(cam) is None
     push(cam, color=[3 / 30 - 0.004])
     assert conv.stamp_to_sec(take(cam)[1].header.stamp) == pytest.approx(2 / 30 - 0.004, abs=1e-6)
-    # ... or once the depth image waited sync_slop_s (the stream's last frame)
+    # ... or once the depth image waited sync_timeout_s (the stream's last frame)
     push(cam, color=[4 / 30 - 0.004], depth=[4 / 30])
-    assert take(cam) is None
-    time.sleep(SLOP * 1.5)
-    assert conv.stamp_to_sec(take(cam)[1].header.stamp) == pytest.approx(4 / 30 - 0.004, abs=1e-6)
+    assert take(cam, timeout_s=0.2) is None
+    time.sleep(0.3)
+    assert conv.stamp_to_sec(take(cam, timeout_s=0.2)[1].header.stamp) == pytest.approx(4 / 30 - 0.004, abs=1e-6)
 
 
 def test_newest_complete_frame_is_taken_and_older_ones_superseded():
@@ -180,7 +180,7 @@ def test_a_depth_image_between_two_poses_takes_their_interpolation_and_otherwise
 def test_a_depth_image_waits_for_the_pose_that_brackets_it(local_node):
     """Odometry a few ms behind the images: the pose before the image is within sync_slop_s, but the next one will
     bracket it; the image waits for it (it took the earlier pose, 5 cm off at 1.5 m/s), unless it waited
-    sync_slop_s already or a later pose shows that none will (too far apart to interpolate)."""
+    sync_timeout_s already or a later pose shows that none will (too far apart to interpolate)."""
     node = local_node['node']
     depth = image(1.02)
     with node._pose_lock:
