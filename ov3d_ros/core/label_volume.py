@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ov3d_ros.core.layer_cake import LayerCake
 from ov3d_ros.core.lifting import CellFeatures
-from ov3d_ros.core.query import float_blocks
+from ov3d_ros.core.query import float_blocks, normalise_text
 
 
 LAYERS = ('label_evidence', 'label_pooled')
@@ -54,6 +54,7 @@ class LabelVolume:
         if not temperature > 0:
             raise ValueError(f'label temperature must be > 0, got {temperature}')
         self.names: List[str] = list(names)
+        self._keys = [normalise_text(n) for n in self.names]     # what index() compares, once per vocabulary
         self.cake = cake
         self.device = cake.device
         self.text = text.to(self.device, torch.float32)
@@ -77,12 +78,12 @@ class LabelVolume:
     def index(self, text: str) -> int:
         """Vocabulary index of ``text`` (compared by :func:`~ov3d_ros.core.query.normalise_text`: case, whitespace
         and Unicode form ignored), or -1."""
-        key = _key(text)
-        return next((i for i, n in enumerate(self.names) if _key(n) == key), -1)
+        key = normalise_text(text)
+        return self._keys.index(key) if key in self._keys else -1
 
     def is_vocabulary(self, names: Sequence[str]) -> bool:
         """Whether ``names`` are this vocabulary, in order (compared as :meth:`index` compares)."""
-        return [_key(n) for n in names] == [_key(n) for n in self.names]
+        return [normalise_text(n) for n in names] == self._keys
 
     def _distributions(self, n: int) -> torch.Tensor:
         """(n, K) evidence of the first ``n`` rows normalised to sum 1 (0 for unobserved rows)."""
@@ -179,11 +180,6 @@ class LabelVolume:
             smooth = F.embedding_bag(nb.clamp_min(0), dist, mode='sum', per_sample_weights=(nb >= 0).to(dist.dtype))
             dist = smooth / smooth.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return dist
-
-
-def _key(name: str) -> str:
-    from ov3d_ros.core.query import normalise_text
-    return normalise_text(name)
 
 
 def class_colors(k: int) -> np.ndarray:
