@@ -9,11 +9,12 @@ decides first. Callbacks only store messages; the node's processing timer calls 
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import threading
 import time
-from typing import Deque, Optional
+from typing import Deque, List, Optional
 
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
@@ -55,6 +56,76 @@ class Inbox(collections.deque):
         super().clear()
         self.order.clear()
         self.arrival.clear()
+
+
+class PoseBuffer:
+    """The pose or odometry messages of the last ``history_s`` seconds of stamps, in stamp order, at most
+    ``max_len`` (the oldest fall out). Like tf2's buffer, which keeps 10 s of transforms, it is sized by time, not by
+    count: 200 Hz odometry keeps 2 000 poses, so a depth image that arrives late (a depth pipeline with a few
+    hundred ms of latency) or waits for its colour image (up to sync_timeout_s) still finds its pose; a buffer of 50
+    messages covered 0.25 s at 200 Hz. A pose stamped more than ``history_s`` before the newest one means time
+    jumped back (a looping bag, a restarted simulator): the buffer restarts from it."""
+
+    HISTORY_S = 10.0
+    MAX_LEN = 10_000            # 10 s of 1 kHz odometry
+
+    def __init__(self, history_s: float = HISTORY_S, max_len: int = MAX_LEN):
+        self.history_s, self.max_len = history_s, max_len
+        self._stamps: List[float] = []
+        self._msgs: List = []
+
+    def __len__(self) -> int:
+        return len(self._msgs)
+
+    def __iter__(self):
+        return iter(list(self._msgs))
+
+    def clear(self) -> None:
+        self._stamps.clear()
+        self._msgs.clear()
+
+    @property
+    def newest(self) -> Optional[float]:
+        """The latest stamp held (s), or None."""
+        return self._stamps[-1] if self._stamps else None
+
+    def append(self, msg) -> bool:
+        """Add a message (in stamp order, wherever it arrives); True when time jumped back and the buffer
+        restarted with it."""
+        s = conv.stamp_to_sec(msg.header.stamp)
+        jumped = bool(self._stamps) and s < self._stamps[-1] - self.history_s
+        if jumped:
+            self.clear()
+        i = bisect.bisect_right(self._stamps, s)
+        self._stamps.insert(i, s)
+        self._msgs.insert(i, msg)
+        drop = max(bisect.bisect_left(self._stamps, self._stamps[-1] - self.history_s),
+                   len(self._stamps) - self.max_len)
+        if drop > 0:
+            del self._stamps[:drop], self._msgs[:drop]
+        return jumped
+
+    def extend(self, msgs) -> None:
+        for m in msgs:
+            self.append(m)
+
+    def bracket(self, t: float, slop: float, max_gap: float):
+        """The pose messages for stamp ``t``: ``(msg, None, 0.0)`` for one stamped exactly ``t``; ``(before,
+        after, a)`` for the two bracketing ``t`` (in the same frame, at most ``max_gap`` s apart; ``a`` in (0, 1)
+        the fraction of the way from ``before`` to ``after``), to be interpolated, as tf2 does between the stamps of
+        a transform; else ``(nearest, None, 0.0)`` for the nearest within ``slop``; else None. A pose lost on the
+        way (best-effort QoS) is then bridged by its neighbours."""
+        i = bisect.bisect_left(self._stamps, t)
+        n = len(self._stamps)
+        if i < n and self._stamps[i] == t:
+            return self._msgs[i], None, 0.0
+        before, tb = (self._msgs[i - 1], self._stamps[i - 1]) if i > 0 else (None, 0.0)
+        after, ta = (self._msgs[i], self._stamps[i]) if i < n else (None, 0.0)
+        if (before is not None and after is not None and ta - tb <= max_gap
+                and before.header.frame_id == after.header.frame_id):
+            return before, after, (t - tb) / (ta - tb)
+        near = [(d, m) for d, m in ((t - tb, before), (ta - t, after)) if m is not None and d <= slop]
+        return (min(near, key=lambda x: x[0])[1], None, 0.0) if near else None
 
 
 class CameraInput:
@@ -179,30 +250,6 @@ class CameraInput:
         if best is None or settled or conv.stamp_to_sec(best.header.stamp) >= t:
             return best
         return best if any(conv.stamp_to_sec(m.header.stamp) >= t for m in buffer) else None
-
-    @staticmethod
-    def bracket(buffer: Deque, t: float, slop: float, max_gap: float):
-        """The pose messages of ``buffer`` for stamp ``t``: ``(msg, None, 0.0)`` for one stamped exactly ``t``;
-        ``(before, after, a)`` for the two bracketing ``t`` (in the same frame, at most ``max_gap`` s apart; ``a`` in
-        (0, 1) the fraction of the way from ``before`` to ``after``), to be interpolated, as tf2 does between the
-        stamps of a transform; else ``(nearest, None, 0.0)`` for the nearest within ``slop``; else None. A pose
-        lost on the way (best-effort QoS) is then bridged by its neighbours."""
-        before = after = None
-        tb = ta = 0.0
-        for m in buffer:
-            s = conv.stamp_to_sec(m.header.stamp)
-            if s == t:
-                return m, None, 0.0
-            if s < t and (before is None or s > tb):
-                before, tb = m, s
-            elif s > t and (after is None or s < ta):
-                after, ta = m, s
-        if (before is not None and after is not None and ta - tb <= max_gap
-                and before.header.frame_id == after.header.frame_id):
-            return before, after, (t - tb) / (ta - tb)
-        # the nearest pose is the closer of the two around t (the scan above found them)
-        near = [(d, m) for d, m in ((t - tb, before), (ta - t, after)) if m is not None and d <= slop]
-        return (min(near, key=lambda x: x[0])[1], None, 0.0) if near else None
 
     def take(self, slop: float, timeout_s: float, simulated: bool, pose_ready, describe_missing_pose,
              prefer=None):

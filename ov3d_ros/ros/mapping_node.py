@@ -31,6 +31,8 @@ import rclpy.time
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.client import Client
+from rclpy.clock import ClockChange, JumpThreshold
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -54,7 +56,7 @@ from ov3d_ros.core.mapper import Frame, Mapper, resolve_device
 from ov3d_ros.core.snapshot import MapSnapshot
 from ov3d_ros.datasets.poses import interpolate_pose
 from ov3d_ros.ros import conversions as conv
-from ov3d_ros.ros.camera_input import CameraInput
+from ov3d_ros.ros.camera_input import CameraInput, PoseBuffer
 from ov3d_ros.ros.label_volume import LabelVolumeInterface
 from ov3d_ros.ros.map_persistence import MapPersistence
 from ov3d_ros.ros.objects import ObjectsOutput
@@ -149,6 +151,8 @@ class MappingInterface:
         self._lock = threading.Lock()            # guards the mapper
         self._select_lock = threading.Lock()     # one select() at a time (its timer and tick)
         self._pending_lock = threading.Lock()    # guards the cameras' pending keyframes
+        self._pose_lock = threading.Lock()       # guards the pose buffer
+        self._poses = PoseBuffer()               # pose or odometry messages (pose_source pose / odometry)
         self._snapshot: Optional[MapSnapshot] = None   # what readers answer from (see publish_snapshot)
         self._snapshot_stale = False
         self._mapping_timers = {}
@@ -157,6 +161,27 @@ class MappingInterface:
         self._configuring = False
         self._echo = threading.local()   # on: this thread sets a parameter to what the node already runs
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        # the clock going back (use_sim_time: a bag played with --clock --loop, a restarted simulator): tf2_ros's
+        # Buffer clears itself on such a jump only when given the node, whose clock it then watches
+        self._jump_handle = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(seconds=-1), on_clock_change=True),
+            post_callback=self._on_time_jump)
+
+    def _on_time_jump(self, jump) -> None:
+        """The node's clock jumped back (or switched to or from sim time): TF's transforms (not the static ones)
+        and the buffered poses are of the other time line; they go (keyframe timing restarts with the next
+        frame's stamp, :meth:`_check_stamp`)."""
+        if jump.clock_change in (ClockChange.ROS_TIME_ACTIVATED, ClockChange.ROS_TIME_DEACTIVATED):
+            what = 'clock switched ' + ('to' if jump.clock_change == ClockChange.ROS_TIME_ACTIVATED else 'from')
+            self.get_logger().info(f'{what} sim time (use_sim_time): TF and pose buffers cleared')
+        else:
+            self.get_logger().warning(f'clock jumped back {-jump.delta.nanoseconds * 1e-9:.1f} s (bag loop or '
+                                      'simulator restart): TF and pose buffers cleared')
+        tf_buffer = self.tf_buffer
+        if tf_buffer is not None:
+            tf_buffer.clear()
+        with self._pose_lock:
+            self._poses.clear()
 
     def set_parameters(self, parameter_list):
         """rclpy's, with values converted to their declared type where that is what is meant (:func:`as_declared`)
@@ -406,8 +431,6 @@ class MappingInterface:
         self.cameras: List[CameraInput] = [CameraInput(ns, self.queue_size, self.color_transport,
                                                        self.depth_transport) for ns in self.cameras_ns]
         self._set_mounts(self.get_parameter('pose_to_camera').value)
-        self._poses: Deque = collections.deque(maxlen=max(self.queue_size, 50))
-        self._pose_lock = threading.Lock()
         self.stats_start = time.monotonic()
         self.last_error = ''
         self._kf_times: Deque[float] = collections.deque(maxlen=1000)
@@ -526,7 +549,9 @@ class MappingInterface:
     def _push_pose(self, msg) -> None:
         with self._pose_lock:
             if self._mapping_active:           # not from a subscription that deactivate doomed (destroy_soon)
-                self._poses.append(msg)
+                if self._poses.append(msg):
+                    self.get_logger().warning(f'pose stamps jumped back to {conv.stamp_to_sec(msg.header.stamp):.3f} '
+                                              's (bag loop or clock reset): earlier poses dropped')
 
     # Time stamp policy for depth frames, applied when a frame is taken for processing (README: Robustness).
     STAMP_FUTURE_S = 60.0   # stamped more than this ahead of the node's clock (when the clock is set): dropped
@@ -608,10 +633,10 @@ class MappingInterface:
         if self.pose_source == 'tf':
             return self.tf_buffer.can_transform(self.map_frame, depth.header.frame_id, self._stamp(depth))
         with self._pose_lock:
-            found = CameraInput.bracket(self._poses, t, self.sync_slop_s, self.pose_max_gap_s)
+            found = self._poses.bracket(t, self.sync_slop_s, self.pose_max_gap_s)
             if found is None or found[1] is not None or settled or conv.stamp_to_sec(found[0].header.stamp) == t:
                 return found is not None
-            return any(conv.stamp_to_sec(p.header.stamp) > t for p in self._poses)
+            return self._poses.newest > t
 
     def _missing_pose(self, depth) -> str:
         return (f'transform {self.map_frame} -> {depth.header.frame_id}' if self.pose_source == 'tf'
@@ -637,7 +662,7 @@ class MappingInterface:
             except ValueError as e:
                 raise ValueError(f'no transform {self.map_frame} → {depth.header.frame_id} at {t:.3f}: {e}') from None
         with self._pose_lock:
-            found = CameraInput.bracket(self._poses, t, self.sync_slop_s, self.pose_max_gap_s)
+            found = self._poses.bracket(t, self.sync_slop_s, self.pose_max_gap_s)
         if found is None:
             raise ValueError(f'no pose within {self.sync_slop_s} s of the depth image at {t:.3f} (nor two within '
                              f'pose_max_gap_s={self.pose_max_gap_s} s around it)')

@@ -12,7 +12,7 @@ from sensor_msgs.msg import Image
 
 from ov3d_ros.datasets.poses import interpolate_pose
 from ov3d_ros.ros import conversions as conv
-from ov3d_ros.ros.camera_input import CameraInput
+from ov3d_ros.ros.camera_input import CameraInput, PoseBuffer
 from ov3d_ros.sim import default_camera
 
 SLOP = 0.05
@@ -164,17 +164,106 @@ def pose(stamp: float, x: float, frame: str = 'map', yaw_deg: float = 0.0) -> Po
 
 
 def test_a_depth_image_between_two_poses_takes_their_interpolation_and_otherwise_the_nearest():
-    """CameraInput.bracket: the pose stamped exactly at the image; else the two around it (same frame, at most
-    max_gap apart) with the fraction of the way; else the nearest within the slop; else none."""
-    poses = collections.deque([pose(1.0, 0.0), pose(1.1, 1.0), pose(1.3, 3.0), pose(2.0, 9.0, frame='odom')])
-    exact = CameraInput.bracket(poses, 1.1, SLOP, 0.5)
+    """PoseBuffer.bracket: the pose stamped exactly at the image; else the two around it (same frame, at most
+    max_gap apart) with the fraction of the way; else the nearest within the slop; else none. Poses that arrive
+    out of order are kept in stamp order."""
+    poses = [pose(1.0, 0.0), pose(1.1, 1.0), pose(1.3, 3.0), pose(2.0, 9.0, frame='odom')]
+    buffer = PoseBuffer()
+    buffer.extend([poses[i] for i in (0, 2, 1, 3)])
+    assert list(buffer) == poses
+    exact = buffer.bracket(1.1, SLOP, 0.5)
     assert exact[0] is poses[1] and exact[1] is None
-    before, after, a = CameraInput.bracket(poses, 1.26, SLOP, 0.5)      # its own pose lost: 1.1 and 1.3 around it
+    before, after, a = buffer.bracket(1.26, SLOP, 0.5)                 # its own pose lost: 1.1 and 1.3 around it
     assert (before, after) == (poses[1], poses[2]) and a == pytest.approx(0.8)
-    nearest = CameraInput.bracket(poses, 1.26, SLOP, 0.1)               # 0.2 s apart: too far to interpolate
+    nearest = buffer.bracket(1.26, SLOP, 0.1)                          # 0.2 s apart: too far to interpolate
     assert nearest[0] is poses[2] and nearest[1] is None
-    assert CameraInput.bracket(poses, 1.6, SLOP, 0.5) is None          # 1.3 (map) and 2.0 (odom): other frames
-    assert CameraInput.bracket(poses, 2.2, SLOP, 0.5) is None          # after the last pose, beyond the slop
+    assert buffer.bracket(1.6, SLOP, 0.5) is None                      # 1.3 (map) and 2.0 (odom): other frames
+    assert buffer.bracket(2.2, SLOP, 0.5) is None                      # after the last pose, beyond the slop
+    assert buffer.bracket(0.97, SLOP, 0.5)[0] is poses[0]              # before the first, within the slop
+
+
+def test_the_pose_buffer_keeps_ten_seconds_of_poses_whatever_their_rate():
+    """200 Hz odometry: a depth image stamped 0.3 s before the newest pose (a depth pipeline's latency) finds the
+    two poses around it (50 messages, the buffer before, covered 0.25 s); poses more than 10 s older than the
+    newest go, and one stamped more than 10 s before the newest (a bag loop) restarts the buffer."""
+    buffer = PoseBuffer()
+    for i in range(2401):                                               # 12 s at 200 Hz
+        buffer.append(pose(100.0 + i / 200, i / 200))
+    assert len(buffer) == 2001 and conv.stamp_to_sec(next(iter(buffer)).header.stamp) == pytest.approx(102.0)
+    before, after, a = buffer.bracket(111.7025, SLOP, 0.5)              # 0.3 s before the newest (112.0)
+    assert before.pose.position.x == pytest.approx(11.7) and after.pose.position.x == pytest.approx(11.705)
+    assert a == pytest.approx(0.5)
+    assert buffer.bracket(101.0, SLOP, 0.5) is None                     # 11 s old: gone
+    assert not buffer.append(pose(103.0025, -5.0))                      # out of order, within the 10 s: kept
+    assert buffer.bracket(103.0025, SLOP, 0.5)[0].pose.position.x == -5.0
+    assert buffer.append(pose(50.0, -1.0)) and len(buffer) == 1 and buffer.newest == 50.0     # time jumped back
+    small = PoseBuffer(max_len=100)
+    small.extend(pose(float(i), 0.0) for i in range(1, 301))
+    assert len(small) == 11 and small.newest == 300.0                   # 290-300 s at 1 Hz (the cap: 100)
+    small = PoseBuffer(max_len=100)
+    small.extend(pose(1.0 + i / 1000, 0.0) for i in range(300))
+    assert len(small) == 100 and small.newest == pytest.approx(1.299)
+
+
+def test_the_node_finds_the_pose_of_a_late_depth_image_among_200_hz_odometry(local_node):
+    """The node's pose buffer with 200 Hz odometry and images 0.3 s behind it: the image's pose is there (it was
+    pushed out by the newer poses before, and every such frame dropped)."""
+    node = local_node['node']
+    with node._pose_lock:
+        saved = list(node._poses)
+        node._poses.clear()
+    try:
+        for i in range(400):
+            node._push_pose(pose(10.0 + i / 200, i / 200))
+        assert node._pose_ready(image(11.7), 11.7, settled=False)
+        assert node._pose_at(node.cameras[0], image(11.7025), 11.7025)[0, 3] == pytest.approx(1.7025)
+    finally:
+        with node._pose_lock:
+            node._poses.clear()
+            node._poses.extend(saved)
+
+
+def test_the_clock_jumping_back_clears_tf_and_the_pose_buffer(local_node, monkeypatch):
+    """use_sim_time and a bag played with --clock --loop: when /clock jumps back, the TF buffer's (dynamic)
+    transforms and the buffered poses are of the other pass and go, as tf2_ros's Buffer does for the clock it was
+    given (the node's Buffer is made without the node and watches the system clock). A stand-in for
+    tf2_ros.Buffer.clear: tf2_ros has no wheel here."""
+    from rclpy.parameter import Parameter
+    from rosgraph_msgs.msg import Clock
+    node, client = local_node['node'], local_node['client']
+
+    class Buffer:
+        cleared = 0
+
+        def clear(self):
+            self.cleared += 1
+    tf = Buffer()
+    monkeypatch.setattr(node, 'tf_buffer', tf)
+    with node._pose_lock:
+        saved = list(node._poses)
+    clock_pub = client.node.create_publisher(Clock, '/clock', 10)
+
+    def publish_clock(t: float, until):
+        end = time.monotonic() + 20.0
+        while not until() and time.monotonic() < end:
+            clock_pub.publish(Clock(clock=conv.sec_to_stamp(t)))
+            client.spin(0.1)
+        assert until()
+    try:
+        node.set_parameters([Parameter('use_sim_time', value=True)])
+        cleared = tf.cleared                                             # switching to sim time clears too
+        publish_clock(100.0, lambda: node.get_clock().now().nanoseconds == 100 * 10 ** 9)
+        node._push_pose(pose(99.9, 1.0))
+        publish_clock(100.5, lambda: node.get_clock().now().nanoseconds == 100.5 * 10 ** 9)
+        assert tf.cleared == cleared and len(node._poses) >= 1           # forward: nothing cleared
+        publish_clock(40.0, lambda: node.get_clock().now().nanoseconds == 40 * 10 ** 9)
+        assert tf.cleared == cleared + 1 and len(node._poses) == 0
+    finally:
+        node.set_parameters([Parameter('use_sim_time', value=False)])
+        client.node.destroy_publisher(clock_pub)
+        with node._pose_lock:
+            node._poses.clear()
+            node._poses.extend(saved)
 
 
 def test_a_depth_image_waits_for_the_pose_that_brackets_it(local_node):

@@ -136,7 +136,7 @@ def test_keyframes_of_two_cameras_in_one_tick_share_one_feature_batch():
             end = time.monotonic() + 30.0
             while time.monotonic() < end:
                 client.spin(0.1)
-                if len(node._poses) and conv.stamp_to_sec(node._poses[-1].header.stamp) == stamp_s and all(
+                if node._poses.newest == stamp_s and all(
                         c.depth and c.color and conv.stamp_to_sec(c.depth[-1].header.stamp) == stamp_s
                         and c.camera_info is not None and conv.stamp_to_sec(c.camera_info.header.stamp) == stamp_s
                         for c in node.cameras):
