@@ -157,8 +157,9 @@ def check_output(out: Path, inputs: Sequence[Optional[Path]] = (), kind: str = '
 def check_writable(out: Path) -> None:
     """CliError naming ``out`` unless a file can be made in its folder, or, when the folder is not there yet, in
     the nearest folder above it that is (where write_atomic will make it): a trial temporary file, removed at once.
-    A tool learns this before its work, not when it saves the result (after mapping every frame)."""
-    folder = Path(out).parent
+    A tool learns this before its work, not when it saves the result (after mapping every frame). A symlink's
+    target's folder is the one written (write_atomic writes through links)."""
+    folder = Path(os.path.realpath(out) if os.path.islink(out) else out).parent
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():

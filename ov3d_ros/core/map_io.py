@@ -118,8 +118,9 @@ def _file_mode(path: Path) -> int:
 
 def write_atomic(path: str | Path, blob: bytes) -> None:
     """Write ``blob`` to ``path`` via a temporary file, fsync and rename (never a half-written ``path``), with the
-    permissions a plain open() would give it (see :func:`_file_mode`)."""
-    path = Path(path)
+    permissions a plain open() would give it (see :func:`_file_mode`). A symlink is written through, as open()
+    does: its target is replaced, the link stays (``latest.ov3dmap`` -> a dated file)."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)

@@ -165,6 +165,23 @@ def test_files_get_the_mode_a_plain_open_gives(tmp_path):
     assert (tmp_path / 'kept.bin').stat().st_mode & 0o777 == 0o640 and (tmp_path / 'kept.bin').read_bytes() == b'new'
 
 
+def test_a_symlink_is_written_through(tmp_path):
+    """``latest.ov3dmap`` -> a dated map: a save replaces the target and keeps the link (it replaced the link with
+    a file, and the dated map kept the old contents)."""
+    import os
+    from ov3d_ros.core.map_io import write_atomic
+    (tmp_path / 'maps').mkdir()
+    target = tmp_path / 'maps' / '2026-12-07.bin'
+    target.write_bytes(b'old')
+    os.symlink('maps/2026-12-07.bin', tmp_path / 'latest.bin')
+    write_atomic(tmp_path / 'latest.bin', b'new')
+    assert (tmp_path / 'latest.bin').is_symlink() and target.read_bytes() == b'new'
+    os.symlink('maps/next.bin', tmp_path / 'dangling.bin')                # a link to a file not made yet
+    write_atomic(tmp_path / 'dangling.bin', b'first')
+    assert (tmp_path / 'dangling.bin').is_symlink() and (tmp_path / 'maps' / 'next.bin').read_bytes() == b'first'
+    assert sorted(p.name for p in (tmp_path / 'maps').iterdir()) == ['2026-12-07.bin', 'next.bin']   # no .tmp left
+
+
 def with_metadata(blob: bytes, **changes) -> bytes:
     """``blob`` with its header metadata edited (the payload and its checksum unchanged)."""
     (n,) = struct.unpack('<Q', blob[:8])
