@@ -152,6 +152,22 @@ def save_map(path: str | Path, voxel_map: VoxelFeatureMap, info: dict,
 def read_header(blob: bytes, name: str = 'map file', payload_sha256: Optional[str] = None) -> dict:
     """Metadata of a map file's bytes, validated (format, version, checksum). ``blob`` may end after the header
     when ``payload_sha256`` (the SHA-256 of the rest of the file) is given."""
+    header, meta = _format_header(blob, name)
+    if meta.get('payload_sha256') != (payload_sha256 or _payload_sha256(blob)):
+        raise MapFileError(f'{name}: checksum mismatch, the file is corrupt or truncated')
+    if 'tensors_sha256' in meta and meta['tensors_sha256'] != _tensors_sha256(header):
+        raise MapFileError(f'{name}: checksum mismatch of the tensor table (names, dtypes, shapes, offsets), the '
+                           'header is corrupt or was edited')
+    # the checksums cover neither the metadata nor an older file's tensor table: an edited header gets past them
+    problem = _header_problem(meta, [k for k in header if k != '__metadata__'])
+    if problem:
+        raise MapFileError(f'{name}: invalid map header ({problem})')
+    return meta
+
+
+def _format_header(blob: bytes, name: str) -> Tuple[dict, dict]:
+    """(safetensors header, its metadata) of bytes that start a file of this map format and version (they may end
+    after the header); MapFileError naming what they are not."""
     if len(blob) < 8:
         raise MapFileError(f'{name}: too short to be a map file ({len(blob)} bytes)')
     (header_len,) = struct.unpack('<Q', blob[:8])
@@ -175,16 +191,7 @@ def read_header(blob: bytes, name: str = 'map file', payload_sha256: Optional[st
         relation = 'newer' if version > MAP_FORMAT_VERSION else 'older'
         raise MapFileError(f'{name}: map format version {version} is {relation} than this ov3d_ros reads '
                            f'({MAP_FORMAT_VERSION})')
-    if meta.get('payload_sha256') != (payload_sha256 or _payload_sha256(blob)):
-        raise MapFileError(f'{name}: checksum mismatch, the file is corrupt or truncated')
-    if 'tensors_sha256' in meta and meta['tensors_sha256'] != _tensors_sha256(header):
-        raise MapFileError(f'{name}: checksum mismatch of the tensor table (names, dtypes, shapes, offsets), the '
-                           'header is corrupt or was edited')
-    # the checksums cover neither the metadata nor an older file's tensor table: an edited header gets past them
-    problem = _header_problem(meta, [k for k in header if k != '__metadata__'])
-    if problem:
-        raise MapFileError(f'{name}: invalid map header ({problem})')
-    return meta
+    return header, meta
 
 
 def _header_problem(meta: dict, tensors: Sequence[str] = ()) -> Optional[str]:
@@ -268,8 +275,20 @@ def check_replaceable(path: str | Path) -> None:
 
 
 def _read(path: Path) -> Tuple[bytes, dict]:
+    """(the file's bytes, its validated metadata). A file that is not a map of this format and version is refused
+    from its first bytes, before the rest is read (a multi-GB bag given by mistake is not read whole), as is
+    anything but a regular file (a FIFO blocked the reader)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise MapFileError(f'{path}: not a regular file')
     try:
-        blob = path.read_bytes()
+        with open(path, 'rb') as f:
+            head = f.read(8)
+            header_len = struct.unpack('<Q', head)[0] if len(head) == 8 else 0
+            if header_len <= MAX_HEADER_BYTES:    # _format_header refuses a longer one
+                head += f.read(header_len)
+            _format_header(head, str(path))
+            f.seek(0)
+            blob = f.read()
     except OSError as e:
         raise MapFileError(f'{path}: cannot read ({e.strerror})') from e
     return blob, read_header(blob, str(path))
@@ -296,6 +315,7 @@ def _read_head(path: Path) -> Tuple[bytes, dict]:
             header_len = struct.unpack('<Q', head)[0] if len(head) == 8 else 0
             if header_len <= MAX_HEADER_BYTES:    # read_header refuses a longer one
                 head += f.read(header_len)
+            _format_header(head, str(path))       # not a map: refused before the rest is read
             for chunk in iter(lambda: f.read(1 << 24), b''):
                 digest.update(chunk)
     except OSError as e:

@@ -182,6 +182,22 @@ def test_a_symlink_is_written_through(tmp_path):
     assert sorted(p.name for p in (tmp_path / 'maps').iterdir()) == ['2026-12-07.bin', 'next.bin']   # no .tmp left
 
 
+def test_a_file_that_is_not_a_map_is_refused_from_its_first_bytes(tmp_path):
+    """A 64 GB file given by mistake (a bag, a disk image) is refused by its header, not read whole first (which
+    ran out of memory); a FIFO is refused, not waited on."""
+    import os
+    big = tmp_path / 'recording.mcap'
+    with open(big, 'wb') as f:
+        f.write(b'\x89MCAP0\r\n' + b'x' * 100)
+        f.truncate(1 << 36)                                             # sparse: no disk used
+    for read in (lambda p: load_map(p), lambda p: load_extra(p)):
+        with pytest.raises(MapFileError, match='not a safetensors map file'):
+            read(big)
+    os.mkfifo(tmp_path / 'pipe')
+    with pytest.raises(MapFileError, match='not a regular file'):
+        load_map(tmp_path / 'pipe')
+
+
 def with_metadata(blob: bytes, **changes) -> bytes:
     """``blob`` with its header metadata edited (the payload and its checksum unchanged)."""
     (n,) = struct.unpack('<Q', blob[:8])
