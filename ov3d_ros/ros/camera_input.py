@@ -152,6 +152,7 @@ class CameraInput:
         self.T_B_C = None
         self.mount_from_tf = False              # TF gave this camera's mount (the node's _mount)
         self._subs = []
+        self.resolved = self.topics()            # the topics subscribed to (subscribe: remapped)
         self._startup_info = None               # the start-up camera-info subscription (subscribe)
         self._generation = 0                    # of the subscriptions heard: older ones may still deliver (unsubscribe)
 
@@ -160,12 +161,19 @@ class CameraInput:
     def compressed(self) -> bool:
         return self.color_transport != 'raw' or self.depth_transport != 'raw'
 
-    def topics(self) -> dict:
-        color, depth = _topic(self.namespace, 'color/image'), _topic(self.namespace, 'depth/image')
-        return {'color': color + ('/compressed' if self.color_transport == 'compressed' else ''),
-                'depth': depth + ('/compressedDepth' if self.depth_transport == 'compressedDepth' else ''),
-                'camera_info': _topic(self.namespace, 'color/camera_info'),
-                'labels': _topic(self.namespace, 'labels/image')}
+    def topics(self, node=None) -> dict:
+        """{stream: topic}. With ``node``, the names it resolves (namespace, remaps): a compressed stream's topic is
+        its remapped base topic plus the transport's suffix, as image_transport names it, so ``-r
+        color/image:=/camera/color/image_raw`` moves ``color/image/compressed`` too (a remap rule matches whole
+        names: the suffixed topic was never remapped)."""
+        names = {'color': 'color/image', 'depth': 'depth/image', 'camera_info': 'color/camera_info',
+                 'labels': 'labels/image'}
+        t = {k: _topic(self.namespace, v) for k, v in names.items()}
+        if node is not None:
+            t = {k: node.resolve_topic_name(v) for k, v in t.items()}
+        t['color'] += '/compressed' if self.color_transport == 'compressed' else ''
+        t['depth'] += '/compressedDepth' if self.depth_transport == 'compressedDepth' else ''
+        return t
 
     def subscribe(self, node, qos, on_camera_info, labels: bool, startup_info_qos=None) -> None:
         """Create this camera's subscriptions on ``node`` with ``qos`` (``labels``: the simulated source's label
@@ -177,7 +185,7 @@ class CameraInput:
         to a best-effort camera-info reader, best-effort poses were lost more often (README: Robustness). One
         subscription is heard at a time (the start-up one until :meth:`end_startup`), so no camera info counts
         twice."""
-        t = self.topics()
+        t = self.resolved = self.topics(node)
         with self.lock:
             self._generation += 1
             gen = self._generation
@@ -313,7 +321,7 @@ class CameraInput:
                 why = f'waited {timeout_s} s while newer depth images came'
             what = [f'no {" or ".join(names)} within sync_slop_s={slop} s'] if names else []
             if self.camera_info is None:
-                what.append(f'no valid camera info received yet on {self.topics()["camera_info"]}' +
+                what.append(f'no valid camera info received yet on {self.resolved["camera_info"]}' +
                             (f' (the last one was rejected: {self.camera_error})' if self.camera_error else ''))
             what = what or [f'no partner within sync_slop_s={slop} s']
             raise ValueError(f'{where}dropped a depth image: {"; ".join(what)}; {why}; check topics and stamps')

@@ -488,7 +488,8 @@ class MappingInterface:
         for name in ('tick', 'select', 'status', 'map'):
             self._restart_timer(name)
         self._created['activate'] = before
-        topics = '; '.join(', '.join(c.topics()[k] for k in ('color', 'depth', 'camera_info')) for c in self.cameras)
+        topics = '; '.join(', '.join(c.topics(self)[k] for k in ('color', 'depth', 'camera_info'))
+                           for c in self.cameras)
         self.get_logger().info(f'mapping in frame {self.map_frame!r}, pose from {self.pose_source}, '
                                f'{len(self.cameras)} camera(s): {topics}; service segment_by_text ready')
 

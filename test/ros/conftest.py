@@ -134,17 +134,18 @@ def graph(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def in_process_node(**params):
+def in_process_node(ros_args=(), **params):
     """(node, client, pub): a MappingNode in this process with the demo's settings (simulated features, clean preset,
-    poses on 'pose', reliable inputs) and ``params``, spun by a DemoClient's executor (timers, callbacks and
-    services run inside ``client.spin``), and a BadInputPublisher; on a private domain, all closed after."""
+    poses on 'pose', reliable inputs), ``params`` and ``ros_args`` (command-line ROS arguments: remaps), spun by a
+    DemoClient's executor (timers, callbacks and services run inside ``client.spin``), and a BadInputPublisher; on
+    a private domain, all closed after."""
     from rclpy.parameter import Parameter
     from ov3d_ros.ros.mapping_node import MappingNode
     overrides = {'features.source': 'simulated', 'features.sim_preset': 'clean', 'pose_source': 'pose',
                  'input_qos': 'reliable', **params}
     with private_domain():
         client = DemoClient()
-        node = MappingNode(context=client.context,
+        node = MappingNode(context=client.context, cli_args=['--ros-args', *ros_args] if ros_args else None,
                            parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
         client.executor.add_node(node)
         pub = BadInputPublisher(client)

@@ -10,6 +10,7 @@ from geometry_msgs.msg import PoseStamped
 from rclpy.qos import ReliabilityPolicy
 from sensor_msgs.msg import Image
 
+from conftest import in_process_node
 from ov3d_ros.datasets.poses import interpolate_pose
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.camera_input import CameraInput, PoseBuffer
@@ -432,3 +433,19 @@ def test_deactivated_inputs_go_between_two_executor_waits_and_are_ignored_until_
     finally:
         with cam.lock:
             cam.depth.clear()
+
+
+def test_compressed_topics_follow_their_base_topics_remaps():
+    """The launch file remaps color/image and depth/image to the driver's topics; with compressed transports the node
+    listens on the remapped base topic plus the transport's suffix, as image_transport does (it listened on
+    /color/image/compressed and /depth/image/compressedDepth, never remapped: a remap matches whole names)."""
+    remaps = ['-r', 'color/image:=/camera/camera/color/image_raw',
+              '-r', 'depth/image:=/camera/camera/aligned_depth_to_color/image_raw',
+              '-r', 'color/camera_info:=/camera/camera/color/camera_info']
+    with in_process_node(ros_args=remaps, color_transport='compressed', depth_transport='compressedDepth') as (
+            node, client, pub):
+        topics = {s.topic_name for s in node.subscriptions}
+        assert {'/camera/camera/color/image_raw/compressed',
+                '/camera/camera/aligned_depth_to_color/image_raw/compressedDepth',
+                '/camera/camera/color/camera_info'} <= topics
+        assert not any(t.startswith(('/color/image', '/depth/image')) for t in topics)
