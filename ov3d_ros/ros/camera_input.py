@@ -175,9 +175,9 @@ class CameraInput:
         t['depth'] += '/compressedDepth' if self.depth_transport == 'compressedDepth' else ''
         return t
 
-    def subscribe(self, node, qos, on_camera_info, labels: bool, startup_info_qos=None) -> None:
+    def subscribe(self, node, qos, on_camera_info, labels: bool, startup_info_qos=None, callback_group=None) -> None:
         """Create this camera's subscriptions on ``node`` with ``qos`` (``labels``: the simulated source's label
-        images). ``startup_info_qos``: a second camera-info subscription with this QoS until the first valid camera
+        images) in ``callback_group``. ``startup_info_qos``: a second camera-info subscription with this QoS until the first valid camera
         info (:meth:`end_startup`). With a reliable ``qos`` the node passes a best-effort one: a reliable reader
         matched while the camera already publishes holds every sample back until the ones it missed are resolved
         (Fast DDS: on the writer's next heartbeat; the first camera info came 0.98 s late, and 30 Hz depth images
@@ -189,7 +189,8 @@ class CameraInput:
         with self.lock:
             self._generation += 1
             gen = self._generation
-        sub = lambda kind, topic, cb, q=qos: node.create_subscription(kind, topic, cb, q)  # noqa: E731
+        sub = lambda kind, topic, cb, q=qos: node.create_subscription(  # noqa: E731
+            kind, topic, cb, q, callback_group=callback_group)
         heard = lambda: gen == self._generation  # noqa: E731
         info = lambda m: heard() and self._startup_info is None and on_camera_info(self, m)  # noqa: E731
         if startup_info_qos is not None:         # first: until it goes, the other one is not heard

@@ -470,8 +470,11 @@ class MappingInterface:
         qos = qos_profile_sensor_data if self.input_qos == 'sensor_data' else QoSProfile(depth=self.queue_size)
         # reliable inputs: the first camera info comes best effort too (CameraInput.subscribe)
         startup = qos_profile_sensor_data if qos.reliability == ReliabilityPolicy.RELIABLE else None
+        # images in a group of their own: rclpy's parameter services run in the default group, and a map parameter
+        # set waits there for the map lock (a keyframe batch being integrated); no image callback ran meanwhile
+        inputs = MutuallyExclusiveCallbackGroup()
         for cam in self.cameras:
-            cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated, startup)
+            cam.subscribe(self, qos, self._on_camera_info, self.mapper.extractor.simulated, startup, inputs)
         # poses in a group of their own: the callback only appends under a lock, and in the default group it can
         # wait behind every ready image callback (created earlier, taken first; poses came up to 1.2 s late at 6 Hz)
         poses = MutuallyExclusiveCallbackGroup()

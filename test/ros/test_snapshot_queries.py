@@ -239,3 +239,64 @@ def test_whole_mode_pools_when_a_reader_needs_it_not_after_every_keyframe():
         np.testing.assert_array_equal(np.array(res.scores, np.float32), live.scores)
         assert ask(node, 'plant').success and len(pools) == 1     # no keyframe since: the same snapshot
         assert node.snapshot().keyframes == 2
+
+
+def test_images_keep_coming_while_a_parameter_set_waits_for_the_map_lock():
+    """rclpy's parameter services run in the node's default callback group, and a map parameter set waits there
+    for the map lock (a keyframe batch being integrated: seconds with CLIP on a CPU). The image subscriptions have
+    a group of their own, so images are taken in meanwhile (they shared the default group: none was until the batch
+    ended, and the sensor-data queue of 5 lost the rest). The node spun as ``spin`` does (4 threads)."""
+    import time
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter_client import AsyncParameterClient
+    from ov3d_ros.ros import conversions as conv
+    from ov3d_ros.ros.mapping_node import MappingNode
+    from ov3d_ros.tools.demo_client import DemoClient
+    with private_domain():
+        client = DemoClient()
+        context = rclpy.Context()
+        rclpy.init(context=context)
+        node = MappingNode(context=context, parameter_overrides=[Parameter(k, value=v) for k, v in OVERRIDES.items()])
+        executor = MultiThreadedExecutor(num_threads=4, context=context)
+        executor.add_node(node)
+        spinning = threading.Thread(target=executor.spin, daemon=True)
+        spinning.start()
+        pub = BadInputPublisher(client)
+        waiting = threading.Event()
+        apply = node._apply_map
+        node._apply_map = lambda new: (waiting.set(), apply(new))[1]
+        depth = node.cameras[0].depth
+        try:
+            params = AsyncParameterClient(client.node, node.get_fully_qualified_name())
+            assert params.wait_for_services(60.0)
+            with node._lock:                                  # a keyframe batch being integrated
+                future = params.set_parameters([Parameter('query.default_threshold', value=0.3)])
+                for _ in range(600):
+                    client.spin(0.1)
+                    if waiting.is_set():
+                        break
+                assert waiting.is_set()                       # the set waits for the lock, in the default group
+                t = pub.now()
+                image = conv.numpy_to_image(wall()[1], '16UC1', conv.make_header('camera', conv.sec_to_stamp(t)))
+                for _ in range(300):
+                    pub.pubs['depth/image'].publish(image)
+                    client.spin(0.1)
+                    with node.cameras[0].lock:
+                        if any(stamp_to_sec(m.header.stamp) == t for m in depth):
+                            break
+                with node.cameras[0].lock:
+                    assert any(stamp_to_sec(m.header.stamp) == t for m in depth)    # taken in while the set waits
+                assert not future.done()
+            for _ in range(600):
+                client.spin(0.1)
+                if future.done():
+                    break
+            assert future.result().results[0].successful and node.mapper.cfg.query.default_threshold == 0.3
+        finally:
+            pub.close()
+            executor.shutdown()
+            spinning.join(30.0)
+            node.destroy_node()
+            rclpy.shutdown(context=context)
+            client.close()
