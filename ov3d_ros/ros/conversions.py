@@ -31,6 +31,13 @@ class ConversionError(ValueError):
 
 
 
+def frame_id(name: str) -> str:
+    """A tf2 frame id: ``name`` without ROS 1's leading '/' (bags converted from ROS 1, some bridged drivers). tf2
+    stores a transform's frames stripped and refuses a slashed one in a lookup ("frame_ids cannot start with a
+    '/'")."""
+    return name.lstrip('/')
+
+
 def make_header(frame_id: str, stamp: Optional[Time] = None) -> Header:
     """A std_msgs/Header (stamp 0 when not given)."""
     return Header(frame_id=frame_id, stamp=stamp if stamp is not None else Time())

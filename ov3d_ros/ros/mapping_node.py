@@ -96,7 +96,8 @@ class MappingInterface:
     def _declare_parameters(self) -> None:
         """Declare every parameter (config sections and node level), check the values, watch changes."""
         declare_config(self, MapperConfig())
-        self.map_frame = declare(self, 'map_frame', 'map', 'Fixed frame of the map and of every output.')
+        self.map_frame = conv.frame_id(declare(self, 'map_frame', 'map', 'Fixed frame of the map and of every '
+                                                                        "output ('/map' is taken as 'map')."))
         self.pose_source = declare(self, 'pose_source', 'tf', "Camera pose from 'tf' (map_frame → image frame), "
                                    "'pose' (geometry_msgs/PoseStamped) or 'odometry' (nav_msgs/Odometry).")
         self.pose_frame = declare(self, 'pose_frame', '', "For pose/odometry sources: the frame the pose describes "
@@ -635,7 +636,8 @@ class MappingInterface:
         image is ``settled`` (it waited sync_timeout_s): odometry that arrives a few ms after the image took the
         pose of the stamp before."""
         if self.pose_source == 'tf':
-            return self.tf_buffer.can_transform(self.map_frame, depth.header.frame_id, self._stamp(depth))
+            return self.tf_buffer.can_transform(self.map_frame, conv.frame_id(depth.header.frame_id),
+                                                self._stamp(depth))
         with self._pose_lock:
             found = self._poses.bracket(t, self.sync_slop_s, self.pose_max_gap_s)
             if found is None or found[1] is not None or settled or conv.stamp_to_sec(found[0].header.stamp) == t:
@@ -648,6 +650,7 @@ class MappingInterface:
 
     def _lookup(self, target: str, source: str, msg):
         """(4, 4) T_target_source from TF at the stamp of ``msg``, or a ValueError that says why not."""
+        target, source = conv.frame_id(target), conv.frame_id(source)
         if self.tf_buffer is None:
             raise ValueError(f'no TF connects them (tf2_ros is not installed)')
         try:
@@ -678,7 +681,7 @@ class MappingInterface:
                 cam.stats['poses_interpolated'] += 1
         except ValueError as e:
             raise ValueError(f'camera pose at {t:.3f} s rejected: {e}; frame dropped') from None
-        frame = msg.header.frame_id
+        frame = conv.frame_id(msg.header.frame_id)
         T_W_F = np.eye(4)
         if frame != self.map_frame:
             try:
@@ -695,7 +698,7 @@ class MappingInterface:
         else the ``pose_to_camera`` parameter. Once TF gave a camera's mount, a frame whose mount TF cannot give
         (a moving head's transform not there yet) is dropped with the reason: the parameter's mount, the identity
         by default, would put that frame elsewhere."""
-        body = self.pose_frame or getattr(pose_msg, 'child_frame_id', '')
+        body = conv.frame_id(self.pose_frame or getattr(pose_msg, 'child_frame_id', ''))
         if self.tf_buffer is not None and body and depth.header.frame_id:
             try:
                 T_B_C = self._lookup(body, depth.header.frame_id, depth)
@@ -856,7 +859,7 @@ class MappingInterface:
         colour image (one pixel, one point), which a depth image in its own sensor frame is not."""
         if color is None:
             return
-        d, c = depth.header.frame_id.strip('/'), color.header.frame_id.strip('/')
+        d, c = conv.frame_id(depth.header.frame_id), conv.frame_id(color.header.frame_id)
         if d and c and d != c:
             self._note_once(f'registered:{cam.name}', f"{cam.name}: depth is in frame '{d}' but colour in '{c}': "
                             'depth must be registered to the colour image (RealSense: align_depth.enable:=true and '

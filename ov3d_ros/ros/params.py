@@ -126,6 +126,8 @@ def _declare(node: Node, name: str, value, desc: ParameterDescriptor) -> Paramet
 
 # ------------------------------------------------------------------------------------------ validation
 _port = between(0, 65535, 'a port number', '(0 = any free port)')
+_frame = constrained("a frame id, e.g. 'map' (a leading '/' is dropped, as tf2 does)",
+                     lambda v: v.lstrip('/') and v == v.strip())
 _host = constrained("an address or host name, e.g. '127.0.0.1' or '0.0.0.0'", lambda v: v.strip() and v == v.strip())
 
 
@@ -160,7 +162,7 @@ CHECKS: Dict[str, Check] = {
     'pose_source': one_of('tf', 'pose', 'odometry'), 'input_qos': one_of('sensor_data', 'reliable'),
     'pose_qos': one_of('best_effort', 'reliable'),
     'color_transport': one_of('raw', 'compressed'), 'depth_transport': one_of('raw', 'compressedDepth'),
-    'pose_to_camera': _pose_to_camera,
+    'pose_to_camera': _pose_to_camera, 'map_frame': _frame,
     'web_view.host': _host, 'web_view.port': _port, 'web_view.refresh_s': between(0.05, 3600.0, 'a period', 's'),
 }
 """Per parameter: value -> None, or what is wrong with it."""

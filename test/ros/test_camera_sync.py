@@ -450,3 +450,45 @@ def test_compressed_topics_follow_their_base_topics_remaps():
                 '/camera/camera/aligned_depth_to_color/image_raw/compressedDepth',
                 '/camera/camera/color/camera_info'} <= topics
         assert not any(t.startswith(('/color/image', '/depth/image')) for t in topics)
+
+
+def test_frame_ids_with_ros1s_leading_slash_are_the_same_frames(local_node, monkeypatch):
+    """A bag converted from ROS 1 (TUM RGB-D) stamps '/map' and '/openni_rgb_optical_frame': a pose in '/map' is in
+    map_frame 'map' (8 of 8 frames were dropped as in another frame), and TF is asked for the frames without the
+    slash, which tf2 refuses in a lookup ("frame_ids cannot start with a '/'") and stores stripped."""
+    from geometry_msgs.msg import TransformStamped
+    node = local_node['node']
+    cam = node.cameras[0]
+    depth = image(1.0)
+    depth.header.frame_id = '/openni_rgb_optical_frame'
+    with node._pose_lock:
+        saved = list(node._poses)
+        node._poses.clear()
+        node._poses.append(pose(1.0, 0.5, frame='/map'))
+    asked = []
+
+    class Buffer:                                  # tf2's rule for the frames of a lookup
+        def lookup_transform(self, target, source, stamp):
+            asked.append((target, source))
+            if target.startswith('/') or source.startswith('/'):
+                raise ValueError("frame_ids cannot start with a '/'")
+            msg = TransformStamped()
+            msg.transform.translation.x, msg.transform.rotation.w = 0.2, 1.0
+            return msg
+
+        def can_transform(self, target, source, stamp):
+            return not (target.startswith('/') or source.startswith('/'))
+    monkeypatch.setattr(node, 'tf_buffer', Buffer())
+    monkeypatch.setattr(cam, 'mount_from_tf', False, raising=False)
+    monkeypatch.setattr(node, 'pose_frame', '/base_link')
+    try:
+        T = node._pose_at(cam, depth, 1.0)
+        assert T[0, 3] == pytest.approx(0.7) and asked == [('base_link', 'openni_rgb_optical_frame')]
+        monkeypatch.setattr(node, 'pose_source', 'tf')
+        assert node._pose_ready(depth, 1.0)
+        assert node._pose_at(cam, depth, 1.0)[0, 3] == pytest.approx(0.2)
+        assert asked[-1] == ('map', 'openni_rgb_optical_frame')
+    finally:
+        with node._pose_lock:
+            node._poses.clear()
+            node._poses.extend(saved)

@@ -103,6 +103,9 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert check('labels.smoothing_radius_vox', 4) == 'labels.smoothing_radius_vox must be a number in [0, 3], got 4'
     assert check('web_view.port', 0) is None and 'port number' in check('web_view.port', 65536)
     assert 'port number' in check('web_view.port', True) and 'host name' in check('web_view.host', ' ')
+    # map_frame names the frame of every output: '/map' is taken as tf2 takes it ('map'); '' or '/' names none
+    assert check('map_frame', 'map') is None and check('map_frame', '/map') is None
+    assert all('map_frame must be a frame id' in check('map_frame', bad) for bad in ('', '/', ' map'))
     # a redraw period of 1e-300 s spun a thread at full speed next to the mapping
     assert check('web_view.refresh_s', 0.05) is None and check('web_view.refresh_s', 3600.0) is None
     for bad in (0.0, 1e-300, 1e9):
