@@ -45,7 +45,7 @@ class LabelVolumeInterface:
         group = MutuallyExclusiveCallbackGroup()
         create_service(node, SetVocabulary, '~/set_vocabulary', self.on_set_vocabulary, callback_group=group)
         if rate > 0:
-            node.create_timer(1.0 / rate, self.publish, group)
+            node.create_steady_timer(1.0 / rate, self.publish, group)
         self._legend = None
         self._publish_legend(self.snapshot())
 

@@ -31,7 +31,7 @@ import rclpy.time
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.client import Client
-from rclpy.clock import ClockChange, JumpThreshold
+from rclpy.clock import Clock, ClockChange, ClockType, JumpThreshold
 from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
@@ -162,11 +162,19 @@ class MappingInterface:
         self._configuring = False
         self._echo = threading.local()   # on: this thread sets a parameter to what the node already runs
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._steady_clock = Clock(clock_type=ClockType.STEADY_TIME)
         # the clock going back (use_sim_time: a bag played with --clock --loop, a restarted simulator): tf2_ros's
         # Buffer clears itself on such a jump only when given the node, whose clock it then watches
         self._jump_handle = self.get_clock().create_jump_callback(
             JumpThreshold(min_forward=None, min_backward=Duration(seconds=-1), on_clock_change=True),
             post_callback=self._on_time_jump)
+
+    def create_steady_timer(self, period_s: float, callback, callback_group=None) -> Timer:
+        """A timer on the steady clock. The node's work (integration, status, map output, autosave) runs on the
+        time that passes, not on ROS time: with use_sim_time and no /clock (a bag played without --clock, a
+        simulator that does not bridge it) timers on ROS time never fired, and the node took in images without a
+        word, no status, no diagnostics; a paused bag paused them too."""
+        return self.create_timer(period_s, callback, callback_group, clock=self._steady_clock)
 
     def _on_time_jump(self, jump) -> None:
         """The node's clock jumped back (or switched to or from sim time): TF's transforms (not the static ones)
@@ -505,7 +513,7 @@ class MappingInterface:
         callback = {'tick': self.tick, 'select': self.select, 'status': self.publish_status,
                     'map': self.publish_map}[name]
         # the new timer first: should it fail, the old one keeps running
-        timer = self.create_timer(period, callback, MutuallyExclusiveCallbackGroup()) if period > 0 else None
+        timer = self.create_steady_timer(period, callback, MutuallyExclusiveCallbackGroup()) if period > 0 else None
         old = self._mapping_timers.pop(name, None)
         if old is not None:                   # from a parameter callback: not under the executor's wait
             self.destroy_soon(old)
