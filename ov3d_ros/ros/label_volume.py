@@ -12,6 +12,8 @@ import json
 import threading
 from typing import Callable, Optional
 
+import numpy as np
+
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -47,6 +49,7 @@ class LabelVolumeInterface:
         if rate > 0:
             node.create_steady_timer(1.0 / rate, self.publish, group)
         self._legend = None
+        self._shown = False                     # the last ~/label_cloud had points
         self._publish_legend(self.snapshot())
 
     def on_set_vocabulary(self, request, response):
@@ -69,15 +72,23 @@ class LabelVolumeInterface:
         return response
 
     def publish(self) -> None:
-        """~/label_cloud from the latest snapshot's evidence (nothing without a vocabulary), and ~/label_legend
-        when the vocabulary changed (a service call or a loaded map)."""
+        """~/label_cloud from the latest snapshot's evidence, and ~/label_legend when the vocabulary changed (a
+        service call or a loaded map). Without a vocabulary or voxels, once an empty cloud (the vocabulary switched
+        off, the map cleared): late subscribers of the latched topic do not get the labels before."""
         snap = self.snapshot()
         self._publish_legend(snap)
-        if snap is None or snap.labels is None or snap.size == 0:
+        if snap is None:
+            return
+        stamp = self.node.get_clock().now().to_msg()
+        if snap.labels is None or snap.size == 0:
+            if self._shown:
+                self.cloud_pub.publish(conv.make_pointcloud2(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8),
+                                                             np.zeros(0, np.float32), self.frame_id, stamp))
+                self._shown = False
             return
         seg, _ = snap.label_cloud(self.max_points)
-        self.cloud_pub.publish(conv.make_pointcloud2(seg.xyz, seg.rgb, seg.scores, self.frame_id,
-                                                     self.node.get_clock().now().to_msg()))
+        self.cloud_pub.publish(conv.make_pointcloud2(seg.xyz, seg.rgb, seg.scores, self.frame_id, stamp))
+        self._shown = True
 
     def _publish_legend(self, snap: Optional[MapSnapshot] = None) -> None:
         names = snap.vocabulary if snap is not None else []

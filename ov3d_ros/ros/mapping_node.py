@@ -88,6 +88,7 @@ class MappingInterface:
 
     mapper: Optional[Mapper] = None
     web_view: Optional[WebViewInterface] = None
+    _map_cloud_shown = False                   # the last ~/map_cloud had points
     tf_buffer = None
     _mapping_active = False
     _setting_descriptors = False
@@ -965,13 +966,15 @@ class MappingInterface:
         return text if len(text) <= n else text[:n - 3] + '...'
 
     def publish_map(self) -> None:
-        """~/map_cloud from the latest snapshot."""
+        """~/map_cloud from the latest snapshot; an empty map (cleared, or an empty map loaded) once as an empty
+        cloud, so that RViz and late subscribers of the latched topic do not keep the map before."""
         snap = self.snapshot()
-        if snap is None or snap.size == 0:
+        if snap is None or (snap.size == 0 and not self._map_cloud_shown):
             return
         cloud = snap.map_cloud(self.map_cloud_max_points)
         self.map_pub.publish(conv.make_pointcloud2(cloud.xyz, cloud.rgb, None, self.map_frame,
                                                    self.get_clock().now().to_msg()))
+        self._map_cloud_shown = snap.size > 0
 
     def status(self) -> dict:
         """Counters (totals and per camera) and timings, also published on ~/status as JSON."""

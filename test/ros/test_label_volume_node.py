@@ -4,12 +4,15 @@ import time
 
 import numpy as np
 from sensor_msgs.msg import PointCloud2
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
+from std_srvs.srv import Trigger
 
 from ov3d_ros.core.label_volume import class_colors
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.srv import SetVocabulary
 
+LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
 VOCAB = ['wall', 'floor', 'sofa', 'bed', 'table', 'chair']
 
 
@@ -45,3 +48,29 @@ def test_set_vocabulary_publishes_class_cloud_and_answers_from_it(saved_map, sta
     off = set_vocabulary(client, [])
     assert off.success and list(off.classes) == []
     assert client.query('sofa')['success'] and node.alive()
+    # latched outputs follow: a late subscriber gets an empty label cloud once the vocabulary is off, and an empty
+    # map cloud once the map is cleared (they kept the classes and the map before)
+    assert len(latest(client, '/ov3d_mapping/map_cloud', lambda n: n > 0)) > 0.5 * voxels
+    assert len(latest(client, '/ov3d_mapping/label_cloud', lambda n: n == 0)) == 0
+    assert client.call(Trigger, '/ov3d_mapping/clear_map', Trigger.Request()).success
+    assert len(latest(client, '/ov3d_mapping/map_cloud', lambda n: n == 0)) == 0, node.log()[-2000:]
+
+
+def latest(client, topic: str, wanted, timeout_s: float = 20.0):
+    """The points of the cloud a new latched subscriber of ``topic`` gets (subscribed again until ``wanted(number
+    of points)`` or ``timeout_s``)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        got = []
+        sub = client.node.create_subscription(PointCloud2, topic, got.append, LATCHED)
+        try:
+            for _ in range(10):
+                client.spin(0.2)
+                if got:
+                    break
+        finally:
+            client.node.destroy_subscription(sub)
+        cloud = conv.pointcloud2_to_numpy(got[-1]) if got else None
+        if (cloud is not None and wanted(len(cloud))) or time.monotonic() > end:
+            assert cloud is not None, f'nothing latched on {topic}'
+            return cloud
