@@ -110,18 +110,29 @@ def _range(name: str, type_: int) -> dict:
 
 
 def _declare(node: Node, name: str, value, desc: ParameterDescriptor) -> Parameter:
-    """``node.declare_parameter``. rclpy refuses a value (an override) outside the descriptor's range with its own
+    """``node.declare_parameter``. The parameter's override (a params file, ``-p``) is taken as a live set of it
+    is: an integer for a number (``map: {max_depth_m: 4}``) as the number (:func:`as_type`;
+    rclpy stopped the node: "Trying to set parameter 'map.max_depth_m' to '4' of type 'INTEGER', expecting type
+    'DOUBLE'"), a value of another type refused in words (ValueError: "map.max_depth_m takes a number, got
+    'far'", :func:`type_refusal`). rclpy refuses a value (an override) outside the descriptor's range with its own
     words, for this parameter alone ('Invalid parameter value (1.5) for parameter. Reason: Parameter
     query.default_threshold out of range Min: 0.0, Max: 1.0, value: 1.5: query.default_threshold'): such a value
     is declared without the range, and the check names it with every other bad value (:func:`check_node`,
     :func:`declare`)."""
+    override = node._parameter_overrides.get(name)     # rclpy keeps the overrides there (no public accessor)
+    if override is not None and override.type_ != _T.NOT_SET:
+        override = as_type(override, desc.type)
+        problem = type_refusal(override, desc)
+        if problem:
+            raise ValueError(problem)
+        value = override.value
     try:
-        return node.declare_parameter(name, value, desc)
+        return node.declare_parameter(name, value, desc, ignore_override=True)
     except InvalidParameterValueException:
         if not (desc.floating_point_range or desc.integer_range):
             raise
         desc.floating_point_range, desc.integer_range = [], []
-        return node.declare_parameter(name, value, desc)
+        return node.declare_parameter(name, value, desc, ignore_override=True)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -189,22 +200,33 @@ _TYPE_WORDS = {_T.BOOL: 'true or false', _T.INTEGER: 'an integer', _T.DOUBLE: 'a
 _ARRAYS = (_T.BYTE_ARRAY, _T.BOOL_ARRAY, _T.INTEGER_ARRAY, _T.DOUBLE_ARRAY, _T.STRING_ARRAY)
 
 
+def as_type(p: Parameter, declared: int) -> Parameter:
+    """``p`` converted to the ParameterType ``declared`` where that is what a user means: an integer for a number
+    (``ros2 param set /ov3d_mapping map.max_depth_m 4``, ``map: {max_depth_m: 4}`` in a params file), integers for
+    a list of numbers, and an empty list of any type (``ros2 param set ... labels.vocabulary "[]"`` sends a list of
+    booleans). Else ``p`` as it is (:func:`type_refusal` says why it does not fit)."""
+    if declared == _T.DOUBLE and p.type_ == _T.INTEGER:
+        return Parameter(p.name, _T.DOUBLE, float(p.value))
+    if declared == _T.DOUBLE_ARRAY and p.type_ == _T.INTEGER_ARRAY:
+        return Parameter(p.name, _T.DOUBLE_ARRAY, [float(v) for v in p.value])
+    if declared in _ARRAYS and p.type_ in _ARRAYS and declared != p.type_ and len(p.value) == 0:
+        return Parameter(p.name, _T(declared), [])
+    return p
+
+
 def as_declared(node: Node, params) -> list:
-    """``params`` with the values a user means as their parameter's declared type converted to it: an integer for
-    a number (``ros2 param set /ov3d_mapping map.max_depth_m 4``), integers for a list of numbers, and an empty list
-    of any type (``ros2 param set ... labels.vocabulary "[]"`` sends a list of booleans). Others are left as they
-    are (rclpy refuses them, :func:`range_refusal` in words)."""
-    out = []
-    for p in params:
-        declared = node.describe_parameter(p.name).type if node.has_parameter(p.name) else None
-        if declared == _T.DOUBLE and p.type_ == _T.INTEGER:
-            p = Parameter(p.name, _T.DOUBLE, float(p.value))
-        elif declared == _T.DOUBLE_ARRAY and p.type_ == _T.INTEGER_ARRAY:
-            p = Parameter(p.name, _T.DOUBLE_ARRAY, [float(v) for v in p.value])
-        elif declared in _ARRAYS and p.type_ in _ARRAYS and declared != p.type_ and len(p.value) == 0:
-            p = Parameter(p.name, _T(declared), [])
-        out.append(p)
-    return out
+    """``params`` with each value converted to its parameter's declared type where that is what is meant
+    (:func:`as_type`; an undeclared one as it is). Others are left as they are (rclpy refuses them,
+    :func:`range_refusal` in words)."""
+    return [as_type(p, node.describe_parameter(p.name).type) if node.has_parameter(p.name) else p for p in params]
+
+
+def type_refusal(p: Parameter, desc: ParameterDescriptor) -> Optional[str]:
+    """Why ``p`` does not fit the type of the parameter described by ``desc`` ('web_view.port takes an integer,
+    got 8080.5': rclpy names the types by number), or None."""
+    if p.type_.value != desc.type and not desc.dynamic_typing and desc.type in _TYPE_WORDS:
+        return f'{p.name} takes {_TYPE_WORDS[_T(desc.type)]}, got {p.value!r}'
+    return None
 
 
 def range_refusal(node: Node, params) -> Optional[SetParametersResult]:
@@ -221,10 +243,9 @@ def range_refusal(node: Node, params) -> Optional[SetParametersResult]:
         desc = node.describe_parameter(p.name)
         if desc.read_only:
             return None
-        if p.type_.value != desc.type and not desc.dynamic_typing and desc.type in _TYPE_WORDS:
-            return SetParametersResult(successful=False, reason=f'{p.name} takes {_TYPE_WORDS[_T(desc.type)]}, '
-                                                                f'got {p.value!r}')
-        problem = check(p.name, p.value) if desc.floating_point_range or desc.integer_range else None
+        problem = type_refusal(p, desc)
+        if not problem and (desc.floating_point_range or desc.integer_range):
+            problem = check(p.name, p.value)
         if problem:
             return SetParametersResult(successful=False, reason=problem)
     return None

@@ -223,6 +223,10 @@ def test_sigint_while_mapping_exits_cleanly(loaded):
     # outside the parameters' ranges: the check's words for every one (rclpy refuses the first in its own)
     (['query.default_threshold:=1.5', 'map.pixel_stride:=0'], 'ov3d_mapping cannot start: map.pixel_stride must be '
      'a number in [1, 64], got 0; query.default_threshold must be a number in [0, 1], got 1.5\n', True),
+    # a value of another type than its parameter's, from a params file; whole numbers for numbers (declared
+    # before it) are taken
+    (['map.max_depth_m:=4', 'keyframes.min_rotation_deg:=15', 'tick_rate_hz:=10', 'web_view.refresh_s:=soon'],
+     "ov3d_mapping cannot start: web_view.refresh_s takes a number, got 'soon'\n", True),
     (['autosave_period_s:=2.0e6'],
      'ov3d_mapping cannot start: autosave_period_s must be 0 (off) or a period in [0.001, 1e6] s, got 2000000.0\n',
      False),

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 
 import pytest
 import rclpy
@@ -234,3 +235,57 @@ def test_overrides_of_the_started_node_reach_parameters_that_two_files_set(tmp_p
     assert read(['-p', 'cameras:=[x]'])['keyframes.min_translation_m'] == 0.05   # demo.yaml's, without the override
     assert read(['--params-file', str(path)]) == {'keyframes.min_translation_m': 0.25, 'cameras': ['cam_a', 'cam_b'],
                                                   'map_path': '/tmp/a map.ov3dmap', 'load_map_on_start': True}
+
+
+WHOLE = {'map.max_depth_m': 4, 'keyframes.min_rotation_deg': 15, 'tick_rate_hz': 10,
+         'pose_to_camera': [0, 0, 0, 0, 0, 0, 1]}
+"""Whole numbers for number parameters, as a params file gives them (``map: {max_depth_m: 4}``)."""
+
+
+def test_a_whole_number_for_a_number_parameter_is_taken_at_start():
+    """An integer override (a params file's ``4``) of a number parameter starts the node with the number, as a live
+    set of it does (rclpy stopped the node: "Trying to set parameter 'map.max_depth_m' to '4' of type 'INTEGER',
+    expecting type 'DOUBLE'"); the lifecycle node declares the same way."""
+    from conftest import in_process_node
+    from ov3d_ros.ros.lifecycle_mapping_node import LifecycleMappingNode
+    with in_process_node(**WHOLE) as (node, client, pub):
+        values = {n: node.get_parameter(n).value for n in WHOLE}
+        assert values == {'map.max_depth_m': 4.0, 'keyframes.min_rotation_deg': 15.0, 'tick_rate_hz': 10.0,
+                          'pose_to_camera': [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]}
+        assert isinstance(values['map.max_depth_m'], float) and isinstance(values['pose_to_camera'][6], float)
+        assert (node.mapper.cfg.map.max_depth_m, node.tick_rate_hz) == (4.0, 10.0)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not client.status:      # its timers run: ~/status comes once a second
+            client.spin(0.3)
+        assert client.status, 'no ~/status from the node'
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        node = LifecycleMappingNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in WHOLE.items()])
+        assert node.get_parameter('keyframes.min_rotation_deg').value == 15.0
+        assert node.get_parameter('map.max_depth_m').type_ == Parameter.Type.DOUBLE
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+
+
+@pytest.mark.parametrize('name, value, reason', [
+    ('map.max_depth_m', 'far', "map.max_depth_m takes a number, got 'far'"),
+    ('web_view.port', 8080.5, 'web_view.port takes an integer, got 8080.5'),
+    ('pose_to_camera', ['0'] * 7, "pose_to_camera takes a list of numbers, got ['0', '0', '0', '0', '0', '0', '0']"),
+])
+def test_an_override_of_another_type_stops_the_node_with_the_reason(name, value, reason):
+    """A value of another type than its parameter's at start (not a whole number for a number) is refused in the
+    words of a live set, naming the parameter, by both nodes."""
+    from ov3d_ros.ros.lifecycle_mapping_node import LifecycleMappingNode
+    from ov3d_ros.ros.mapping_node import MappingNode
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        for cls in (MappingNode, LifecycleMappingNode):
+            with pytest.raises(ValueError) as e:
+                cls(context=ctx, parameter_overrides=[Parameter('features.source', value='simulated'),
+                                                      Parameter(name, value=value)])
+            assert str(e.value) == reason, cls
+    finally:
+        rclpy.shutdown(context=ctx)
