@@ -3,7 +3,9 @@
 Same parameters, topics and services as ``mapping_node`` (shared code: :class:`MappingInterface`), created in
 steps: parameters (and their services) at start, so they answer while the model loads; ``configure`` loads the
 feature model and makes the map, the services and publishers; ``activate`` subscribes to the inputs and starts the
-timers; ``deactivate`` stops them (the map and its services stay); ``cleanup`` releases the map and the model.
+timers; ``deactivate`` stops them (the map and its services stay); ``cleanup`` releases the map and the model
+(with ``autosave_period_s`` on, after saving its changes since the last autosave to ``map_path``; so does
+``shutdown`` and a Ctrl-C or SIGTERM of a configured node).
 A configure that fails (missing weights, bad parameters) answers FAILURE with the reason in the log and leaves the
 node unconfigured.
 
@@ -57,7 +59,7 @@ class LifecycleMappingNode(MappingInterface, LifecycleNodeMixin, Node):
         if self._mapping_active:
             self._deactivate()
         if self.mapper is not None:
-            self._cleanup()
+            self._cleanup('shutdown')              # autosave on: unsaved changes saved first
         return TransitionCallbackReturn.SUCCESS
 
 

@@ -200,6 +200,23 @@ class MapPersistence:
             ok, message, _, _ = self.save('')
             self._log(ok, f'autosave: {message}')
 
+    def save_unsaved(self, when: str) -> None:
+        """With autosave on, save the map to map_path once more if it changed since it was last saved there:
+        called as the node stops (``when``: 'shutdown', 'cleanup'), after its callbacks finished and before the map
+        goes. Without it the changes since the last autosave period were lost on Ctrl-C, SIGTERM or a lifecycle
+        cleanup (autosave_period_s 600 and SIGTERM 3 keyframes in: exit 0, 15 710 voxels, no file). The outcome
+        is logged; a failed save never stops the shutdown (a second Ctrl-C abandons it: the previous file stays,
+        files being written atomically). A save takes about 0.3 s per 100 k voxels."""
+        if self.autosave_period_s <= 0 or self._version() == self._saved_version:
+            return
+        try:
+            ok, message, _, _ = self.save('')
+        except KeyboardInterrupt:
+            ok, message = False, f'not saved to {self.map_path}: interrupted (the previous file is kept)'
+        except Exception as e:       # never keep the node from stopping
+            ok, message = False, f'cannot save the map to {self.map_path}: {type(e).__name__}: {e}'
+        self._log(ok, f'{when}: autosave: {message}')
+
     def _log(self, ok: bool, message: str) -> None:
         if ok:            # rclpy loggers allow one severity per call site
             self.node.get_logger().info(message)

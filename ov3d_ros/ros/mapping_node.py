@@ -531,8 +531,10 @@ class MappingInterface:
         with self._pose_lock:
             self._poses.clear()
 
-    def _cleanup(self) -> None:
-        """Release the map, the model, services and publishers."""
+    def _cleanup(self, when: str = 'cleanup') -> None:
+        """Release the map, the model, services and publishers; with autosave on, the map's unsaved changes are
+        saved first (:meth:`save_unsaved`)."""
+        self.save_unsaved(when)
         self._close_web_view()
         self._destroy_since(self._created.pop('configure'))
         with self._lock:
@@ -546,6 +548,14 @@ class MappingInterface:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover
             pass
+
+    def save_unsaved(self, when: str) -> None:
+        """As the node stops (``when``: 'shutdown', 'cleanup'): with autosave on, save the map to map_path if it
+        changed since it was last saved there (:meth:`MapPersistence.save_unsaved`); nothing before configure or
+        after cleanup."""
+        persistence = getattr(self, 'persistence', None)
+        if persistence is not None and self.mapper is not None:
+            persistence.save_unsaved(when)
 
     def _close_web_view(self) -> None:
         if self.web_view is not None:
@@ -1122,6 +1132,9 @@ def spin(node_factory, args=None) -> int:
             _drain(executor, node, timeout_s=30.0)
             executor.shutdown()
         if node is not None:
+            # no callback runs any more: with autosave on, the changes since the last autosave are saved now, not
+            # lost with the process (they were, on Ctrl-C and SIGTERM)
+            node.save_unsaved('shutdown')
             node.destroy_node()
         rclpy.try_shutdown()
     return 0

@@ -210,3 +210,22 @@ def test_a_value_refused_at_configure_is_refused_at_every_configure():
             assert node.on_configure(None) == TransitionCallbackReturn.FAILURE
             assert node.mapper is None
         assert node.get_parameter('autosave_period_s').value == -5.0     # read-only: a restart changes it
+
+
+def test_cleanup_and_shutdown_save_the_changes_autosave_has_not_saved_yet(tmp_path, wall_frame):
+    """autosave on: a lifecycle cleanup or shutdown saves the map to map_path when it changed since the last save
+    (the changes since the last autosave period were lost), and writes nothing when it did not."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from ov3d_ros.core.map_io import load_map
+    path = tmp_path / 'map.ov3dmap'
+    with lifecycle_node(map_path=str(path), autosave_period_s=600.0) as node:
+        assert node.on_configure(None) == TransitionCallbackReturn.SUCCESS
+        assert node.on_cleanup(None) == TransitionCallbackReturn.SUCCESS
+        assert not path.exists()                                  # an unchanged (empty) map is not saved
+        for step in (node.on_cleanup, node.on_shutdown):
+            assert node.on_configure(None) == TransitionCallbackReturn.SUCCESS
+            node._integrate([(node.cameras[0], wall_frame(1.0))])
+            voxels = node.mapper.map.size
+            assert step(None) == TransitionCallbackReturn.SUCCESS and node.mapper is None
+            assert load_map(path)[0].size == voxels > 0, step.__name__
+            path.unlink()
