@@ -85,8 +85,12 @@ class MapPersistence:
         check_replaceable(path)
         return path
 
-    def _version(self):
-        return self.mapper.num_keyframes, self.mapper.map.size
+    def _version(self) -> int:
+        """The map's change counter (``Mapper.generation``): integration, eviction, load, merge, clear, vocabulary,
+        purification and query settings advance it. Autosave compares it with the one last saved to map_path; it
+        compared (keyframes, voxels) and so missed changes that keep both (a new vocabulary, another map of as
+        many voxels loaded)."""
+        return self.mapper.generation
 
     def save(self, path: str):
         """(ok, message, path, voxels)."""
@@ -97,11 +101,12 @@ class MapPersistence:
         try:
             with self.lock:
                 size = self.mapper.save(path)
-                version = self._version()
+                version, voxels = self._version(), self.mapper.map.size
         except (OSError, ValueError, RuntimeError) as e:
             return False, f'cannot save the map to {path}: {e}', path, 0
-        self._saved_version = version
-        return True, f'saved {version[1]} voxels ({size / 2**20:.1f} MB) to {path}', path, version[1]
+        if path == self.map_path:                # a copy elsewhere leaves map_path as old as it was
+            self._saved_version = version
+        return True, f'saved {voxels} voxels ({size / 2**20:.1f} MB) to {path}', path, voxels
 
     def load(self, path: str):
         """(ok, message)."""
@@ -112,7 +117,8 @@ class MapPersistence:
         with self.lock:
             try:
                 self.mapper.load(path)               # all or nothing
-                self._saved_version = self._version()
+                if path == self.map_path:            # another file: map_path does not hold this map yet
+                    self._saved_version = self._version()
             except (OSError, ValueError, RuntimeError) as e:
                 return False, f'kept the current map: {e}'
             done = f'{path}: {self.mapper.map.size} voxels, {self.mapper.num_keyframes} keyframes'
@@ -164,6 +170,8 @@ class MapPersistence:
                             write_atomic(out, f.read())
                     except OSError as e:
                         return False, f'{done}, but {out} was not written: {e}'
+                    if out == self.map_path:
+                        self._saved_version = self._version()
         except (OSError, ValueError, RuntimeError) as e:
             return False, f'kept the current map: {e}'
         return True, done + (f'; wrote {out}' if out else '')

@@ -321,11 +321,15 @@ class MappingInterface:
                     if features:                   # a copy: the config's own section is changed in place below
                         self.mapper.extractor.reconfigure(replace(old_features))
                     raise
+                changed = False
                 for name, value in new.items():
                     section, _, key = name.partition('.')
                     if key and section not in ('purify', 'labels', 'web_view') or name in (
                             'labels.smoothing_radius_vox', 'labels.min_component_vox', 'labels.feature_prior'):
+                        changed |= getattr(getattr(cfg, section), key) != value
                         setattr(getattr(cfg, section), key, value)
+                if changed:   # a saved map carries these settings (ov3d query uses its query.*): autosave saves
+                    self.mapper.generation += 1
                 self.publish_snapshot()
         for name in ('sync_slop_s', 'sync_timeout_s', 'pose_max_gap_s', 'map_cloud_max_points'):
             if name in new:

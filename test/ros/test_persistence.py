@@ -7,7 +7,7 @@ from ov3d_ros.core.map_io import load_map
 from ov3d_ros.tools.demo_client import DemoClient
 from ov3d_ros.tools.ros_graph import private_ros_env, start_mapping_node, start_scene_player
 
-from conftest import private_domain
+from conftest import in_process_node, private_domain
 
 
 def test_node_resumes_from_file_and_autosaves(saved_map, start_node):
@@ -69,6 +69,49 @@ def test_sigterm_saves_the_changes_autosave_has_not_saved_yet(tmp_path):
     vmap, info, _ = load_map(path)                    # what the status showed, or more (integrated since)
     assert vmap.size >= voxels > 0 and info['keyframes'] >= 3, log[-3000:]
     assert f'shutdown: autosave: saved {vmap.size} voxels' in log, log[-3000:]
+
+
+def test_autosave_saves_every_change_and_counts_only_map_path_as_saved(tmp_path, wall_frame):
+    """Autosave compares the map's change counter, not its keyframes and voxels: a new vocabulary or query setting
+    is saved (the file kept vocabulary None), and a save to or load from another file leaves map_path unsaved
+    (after /load_map other.ov3dmap, map_path kept the old map)."""
+    import numpy as np
+    from rclpy.parameter import Parameter
+    from std_srvs.srv import Trigger
+    from ov3d_ros.srv import LoadMap, SaveMap, SetVocabulary
+    path = tmp_path / 'map.ov3dmap'
+    with in_process_node(map_path=str(path), autosave_period_s=600.0) as (node, client, pub):
+        saver = node.persistence
+        node._integrate([(node.cameras[0], wall_frame(1.0))])
+        saver.autosave()
+        assert load_map(path)[0].size == node.mapper.map.size > 0
+        r = node.label_volume.on_set_vocabulary(SetVocabulary.Request(classes=['chair', 'plant']),
+                                                SetVocabulary.Response())
+        assert r.success, r.message
+        saver.autosave()
+        assert load_map(path)[1]['vocabulary'] == ['chair', 'plant']
+        assert node.set_parameters([Parameter('query.default_threshold', value=0.4)])[0].successful
+        saver.autosave()
+        assert load_map(path)[1]['config']['query']['default_threshold'] == 0.4
+        frame = wall_frame(2.0)
+        frame.T_W_C = np.eye(4)
+        frame.T_W_C[0, 3] = 3.0                        # beside the first wall: more voxels
+        node._integrate([(node.cameras[0], frame)])
+        voxels = node.mapper.map.size
+        assert saver.on_save(SaveMap.Request(path='other.ov3dmap'), SaveMap.Response()).success
+        saver.autosave()                               # the copy is not map_path
+        assert load_map(path)[0].size == voxels
+        assert saver.on_clear(Trigger.Request(), Trigger.Response()).success
+        saver.autosave()
+        assert load_map(path)[0].size == 0
+        r = saver.on_load(LoadMap.Request(path='other.ov3dmap'), LoadMap.Response())
+        assert r.success and r.voxels == voxels, r.message
+        saver.autosave()                               # another file loaded: map_path does not hold it yet
+        assert load_map(path)[0].size == voxels
+        mtime = os.stat(path).st_mtime_ns
+        saver.on_load(LoadMap.Request(path=''), LoadMap.Response())
+        saver.autosave()                               # map_path itself loaded: nothing to save
+        assert os.stat(path).st_mtime_ns == mtime
 
 
 def test_node_refuses_to_start_from_a_corrupt_file(tmp_path, monkeypatch):
