@@ -134,7 +134,11 @@ class MapPersistence:
 
     def merge(self, paths, transforms=(), replace: bool = False, out_path: str = ''):
         """Fuse map files (``transforms``: 16 row-major numbers per path, or none) into the node's map (or, with
-        ``replace``, make their merge the map); optionally also write the result to ``out_path``. (ok, message)."""
+        ``replace``, make their merge the map); optionally also write the result to ``out_path``. (ok, message).
+
+        An empty node map is left out: merging into it is loading the merge of the files, on their voxel grid (it
+        took part, and a 0.1 m map merged into a fresh node of 0.05 m voxels was refused for the voxel sizes).
+        The node's map goes to the merge as a temporary file: a refusal calls it "the node's current map"."""
         import tempfile
         import numpy as np
         from ov3d_ros.core.map_io import write_atomic
@@ -150,9 +154,10 @@ class MapPersistence:
             return False, f'{len(transforms)} transform numbers for {len(paths)} maps (16 per map, or none)'
         Ts = [np.asarray(transforms[16 * i:16 * i + 16], np.float64).reshape(4, 4) if len(transforms) else None
               for i in range(len(paths))]
+        current = ''
         try:
             with self.lock, tempfile.TemporaryDirectory(prefix='ov3d_merge_') as tmp:
-                if not replace:
+                if not replace and self.mapper.map.size:
                     current = os.path.join(tmp, 'current.ov3dmap')
                     self.mapper.save(current)
                     paths, Ts = [current] + paths, [None] + Ts
@@ -173,7 +178,8 @@ class MapPersistence:
                     if out == self.map_path:
                         self._saved_version = self._version()
         except (OSError, ValueError, RuntimeError) as e:
-            return False, f'kept the current map: {e}'
+            reason = str(e).replace(current, "the node's current map") if current else str(e)
+            return False, f'kept the current map: {reason}'
         return True, done + (f'; wrote {out}' if out else '')
 
     def on_merge(self, request, response):

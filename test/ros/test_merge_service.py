@@ -5,6 +5,8 @@ import numpy as np
 
 from ov3d_ros.core.map_io import load_map, save_map
 
+from conftest import in_process_node
+
 
 def test_merge_map_service_fuses_transformed_maps_and_refuses_incompatible_ones(saved_map, start_node, tmp_path):
     from ov3d_ros.srv import MergeMap
@@ -51,3 +53,29 @@ def test_merge_map_service_fuses_transformed_maps_and_refuses_incompatible_ones(
         assert res.voxels == 2 * voxels, res.message
     assert notes.read_text() == 'not a map'
     assert node.alive()
+
+
+def test_merge_into_an_empty_map_loads_the_maps_and_a_refusal_names_the_current_map(tmp_path, wall_frame):
+    """Merging into the node's empty map is loading the merged maps, on their grid (a 0.1 m map merged into a fresh
+    0.05 m node was refused for the voxel sizes, naming /tmp/ov3d_merge_.../current.ov3dmap); a refusal calls the
+    node's map "the node's current map"."""
+    import copy
+    from std_srvs.srv import Trigger
+    from ov3d_ros.core.mapper import Mapper
+    from ov3d_ros.srv import MergeMap
+    with in_process_node(map_path=str(tmp_path / 'map.ov3dmap'), **{'map.voxel_size_m': 0.05}) as (node, _, _p):
+        cfg = copy.deepcopy(node.mapper.cfg)
+        cfg.map.voxel_size_m = 0.1
+        other = Mapper(cfg, node.mapper.extractor)
+        other.integrate(wall_frame(1.0), force=True)
+        other.save(tmp_path / 'grid10.ov3dmap')
+        merge = MergeMap.Request(paths=['grid10.ov3dmap'])
+        r = node.persistence.on_merge(merge, MergeMap.Response())
+        assert r.success and r.voxels == other.map.size > 0, r.message
+        assert node.mapper.cfg.map.voxel_size_m == 0.1
+        assert node.persistence.on_clear(Trigger.Request(), Trigger.Response()).success     # 0.05 m again
+        node._integrate([(node.cameras[0], wall_frame(2.0))])
+        voxels = node.mapper.map.size
+        r = node.persistence.on_merge(merge, MergeMap.Response())
+        assert not r.success and r.voxels == voxels > 0, r.message
+        assert "voxel size 0.1 m, the node's current map: 0.05 m" in r.message and 'ov3d_merge_' not in r.message
