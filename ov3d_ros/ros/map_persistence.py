@@ -55,7 +55,7 @@ class MapPersistence:
         create_service(node, Trigger, '~/clear_map', self.on_clear, callback_group=group)
         create_service(node, MergeMap, '~/merge_map', self.on_merge, callback_group=group)
         if self.autosave_period_s > 0:
-            node.create_timer(self.autosave_period_s, self.autosave, group)
+            node.create_steady_timer(self.autosave_period_s, self.autosave, group)
         if load_on_start:
             path = self._path('')
             if os.path.exists(path):
@@ -121,6 +121,7 @@ class MapPersistence:
                     self._saved_version = self._version()
             except (OSError, ValueError, RuntimeError) as e:
                 return False, f'kept the current map: {e}'
+            self.node.map_replaced('loaded')
             done = f'{path}: {self.mapper.map.size} voxels, {self.mapper.num_keyframes} keyframes'
             return self._published(done)
 
@@ -204,6 +205,7 @@ class MapPersistence:
         with self.lock:
             voxels = self.mapper.map.size
             self.mapper.clear()
+            self.node.map_replaced('cleared')
             self.changed()
         response.success, response.message = True, f'cleared {voxels} voxels'
         self._log(True, response.message)

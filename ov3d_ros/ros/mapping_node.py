@@ -152,7 +152,8 @@ class MappingInterface:
                              f'expected 7 or 7 per camera ({7 * len(self.cameras_ns)})')
         self._lock = threading.Lock()            # guards the mapper
         self._select_lock = threading.Lock()     # one select() at a time (its timer and tick)
-        self._pending_lock = threading.Lock()    # guards the cameras' pending keyframes
+        self._pending_lock = threading.Lock()    # guards the cameras' pending keyframes and the map epoch
+        self._map_epoch = 0                      # advanced when the map is cleared or loaded (map_replaced)
         self._pose_lock = threading.Lock()       # guards the pose buffer
         self._poses = PoseBuffer()               # pose or odometry messages (pose_source pose / odometry)
         self._snapshot: Optional[MapSnapshot] = None   # what readers answer from (see publish_snapshot)
@@ -792,6 +793,28 @@ class MappingInterface:
         except Exception as e:
             self._frame_failed(e, cam)
 
+    def map_replaced(self, how: str) -> None:
+        """The map was ``how`` ('cleared', 'loaded'; the caller holds the map lock): keyframes selected before are
+        not integrated into it (the next tick fused up to max_pending_keyframes of them into the cleared map), nor
+        a batch already taken for integration (:meth:`_integrate`); the last answer's segmentation and objects,
+        which were of the map before, are withdrawn (latched: RViz and late subscribers kept them)."""
+        with self._pending_lock:
+            self._map_epoch += 1
+            dropped = [(cam, len(cam.pending)) for cam in self.cameras]
+            for cam in self.cameras:
+                cam.pending.clear()
+        for cam, n in dropped:
+            cam.stats['keyframes_dropped'] += n
+        if any(n for _, n in dropped):
+            self.get_logger().info(f'{sum(n for _, n in dropped)} keyframe(s) selected before the map was {how} '
+                                   'were dropped')
+        objects = getattr(self, 'objects', None)
+        if objects is not None:
+            stamp = self.get_clock().now().to_msg()
+            self.seg_pub.publish(conv.make_pointcloud2(np.zeros((0, 3), np.float32), None, None, self.map_frame,
+                                                       stamp))
+            objects.publish([], stamp)
+
     def integrate_pending(self) -> None:
         """Integrate every camera's pending keyframes, oldest first, as one batch (``Mapper.integrate_keyframes``:
         features in one batch where the source takes batches, each keyframe fused, one purification over all
@@ -800,15 +823,23 @@ class MappingInterface:
         keyframe is dropped alone (counted, the reason logged)."""
         with self._pending_lock:
             batch = [(cam, cam.pending.popleft()) for cam in self.cameras for _ in range(len(cam.pending))]
+            epoch = self._map_epoch
         batch.sort(key=lambda p: p[1].stamp_s)
         if batch:
-            self._integrate(batch)
+            self._integrate(batch, epoch)
 
-    def _integrate(self, batch) -> None:
+    def _integrate(self, batch, epoch: Optional[int] = None) -> None:
+        """Integrate ``batch`` ([(camera, Frame)]) taken at map ``epoch`` (None: the current one)."""
         fused = 0
         try:
             with self._lock:
                 if self.mapper is None:
+                    return
+                if epoch not in (None, self._map_epoch):     # selected for the map before it was cleared or loaded
+                    for cam, _ in batch:
+                        cam.stats['keyframes_dropped'] += 1
+                    self.get_logger().info(f'{len(batch)} keyframe(s) selected before the map was replaced were '
+                                           'dropped')
                     return
                 t0, before = time.perf_counter(), self.mapper.num_keyframes
                 try:
@@ -820,7 +851,7 @@ class MappingInterface:
         except Exception as e:
             if fused == 0 and len(batch) > 1:      # refused before any was fused: find the bad one(s)
                 for one in batch:
-                    self._integrate([one])
+                    self._integrate([one], epoch)
                 return
             for cam, _ in batch[:fused]:           # in the map, though the step after fusion failed
                 cam.stats['keyframes'] += 1

@@ -188,3 +188,48 @@ def test_node_refuses_a_map_path_outside_its_map_dir(tmp_path):
         assert 'outside map_dir' in node.log(), node.log()[-2000:]
     finally:
         node.stop()
+
+
+def test_keyframes_and_answers_of_the_map_before_a_clear_or_load_go_with_it(tmp_path, wall_frame):
+    """Keyframes selected for the map before ~/clear_map or ~/load_map are not integrated into the new one (the
+    next tick fused them into the cleared map: 3 pending keyframes gave a 'cleared' map of 912 voxels), nor is a
+    batch taken for integration before; the last answer's latched segmentation and objects are withdrawn (a late
+    subscriber got 'chair' with 471 voxels after the clear)."""
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import PointCloud2
+    from std_srvs.srv import Trigger
+    from ov3d_ros.msg import ObjectInstanceArray
+    from ov3d_ros.srv import LoadMap, SaveMap, SegmentByText
+    latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+    with in_process_node(map_path=str(tmp_path / 'map.ov3dmap')) as (node, client, pub):
+        cam, saver = node.cameras[0], node.persistence
+        node._integrate([(cam, wall_frame(1.0))])
+        assert saver.on_save(SaveMap.Request(path='one.ov3dmap'), SaveMap.Response()).success
+        answer = node.on_segment(SegmentByText.Request(text='floor', threshold=0.0), SegmentByText.Response())
+        assert answer.success and len(answer.objects) > 0, answer.message
+        for how, replace in (('cleared', lambda: saver.on_clear(Trigger.Request(), Trigger.Response())),
+                             ('loaded', lambda: saver.on_load(LoadMap.Request(path='one.ov3dmap'), LoadMap.Response()))):
+            voxels_before = node.mapper.map.size if how == 'loaded' else 0
+            with node._pending_lock:
+                cam.pending.extend([wall_frame(2.0), wall_frame(3.0)])
+            taken, epoch = [(cam, wall_frame(4.0))], node._map_epoch        # a batch waiting for the map lock
+            dropped = cam.stats['keyframes_dropped']
+            assert replace().success
+            node.integrate_pending()
+            node._integrate(taken, epoch)
+            expected = 0 if how == 'cleared' else saver.mapper.map.size
+            assert len(cam.pending) == 0 and cam.stats['keyframes_dropped'] == dropped + 3, how
+            assert node.mapper.map.size == expected and node.mapper.num_keyframes == (0 if how == 'cleared' else 1)
+            got = {}
+            subs = [client.node.create_subscription(kind, f'/ov3d_mapping/{topic}',
+                                                    lambda m, t=topic: got.__setitem__(t, m), latched)
+                    for kind, topic in ((ObjectInstanceArray, 'objects'), (PointCloud2, 'segmentation'))]
+            for _ in range(100):
+                client.spin(0.1)
+                if len(got) == 2:
+                    break
+            for sub in subs:
+                client.node.destroy_subscription(sub)
+            assert len(got['objects'].objects) == 0 and got['segmentation'].width == 0, how
+        node._integrate([(cam, wall_frame(5.0))])              # taken after the load: integrated
+        assert node.mapper.num_keyframes == 2
