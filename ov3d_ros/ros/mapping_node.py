@@ -252,17 +252,18 @@ class MappingInterface:
     def _apply(self, new: dict) -> None:
         """Apply validated live values; ValueError (nothing changed) if the mapper cannot take them."""
         web = {k.split('.', 1)[1]: v for k, v in new.items() if k.startswith('web_view.')}
-        if web and self.web_view is None:      # configure is making it: it reads the new values
+        view = self.web_view                   # a cleanup may take it meanwhile (its close waits for apply)
+        if web and view is None:               # configure is making it: it reads the new values
             web = {}
         if web:                                # may refuse: first (and undone if what follows refuses)
-            before = dict(self.web_view.settings)
-            self.web_view.apply(web)
+            before = dict(view.settings)
+            view.apply(web)
         try:
             self._apply_map(new)
         except Exception:                      # refused, or failed (out of memory): the web view's part undone
             if web:
                 try:
-                    self.web_view.apply(before)
+                    view.apply(before)
                 except ValueError as e:
                     self.get_logger().error(f'web view settings not restored: {e}')
             raise

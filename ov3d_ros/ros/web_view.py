@@ -9,6 +9,7 @@ that cannot be served is refused with the reason and the previous page kept.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 from rclpy.node import Node
@@ -42,6 +43,10 @@ class WebViewInterface:
         self.settings = dict(settings)
         self.view = None
         self.error = ''
+        # a live change (the parameter callback) and close (a lifecycle cleanup) run on different threads: one at a
+        # time, and none after close (a page started by a change that finished after close kept its port served)
+        self._lock = threading.Lock()
+        self.closed = False
         if self.settings['enabled']:
             try:
                 self.view = self._start(self.settings)
@@ -62,7 +67,12 @@ class WebViewInterface:
 
     def apply(self, changes: dict) -> None:
         """Take new ``web_view.*`` values (short names). ValueError with the reason when the page cannot be served
-        with them; the previous page then stays."""
+        with them; the previous page then stays. After :meth:`close`, nothing (the node is being cleaned up)."""
+        with self._lock:
+            if not self.closed:
+                self._apply(changes)
+
+    def _apply(self, changes: dict) -> None:
         new = {**self.settings, **changes}
         old, view = self.settings, self.view
         serving = view is not None
@@ -109,9 +119,12 @@ class WebViewInterface:
         return {'enabled': self.settings['enabled'], **state, 'error': self.error}
 
     def close(self) -> None:
-        if self.view is not None:
-            self.view.close()
-            self.view = None
+        """Stop the page (after a live change under way) for good."""
+        with self._lock:
+            self.closed = True
+            if self.view is not None:
+                self.view.close()
+                self.view = None
 
 
 def _reason(e: Exception) -> str:

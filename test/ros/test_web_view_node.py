@@ -128,3 +128,44 @@ def test_switching_off_and_ctrl_c_exit_cleanly(web):
     log = web['node'].log()
     assert rc == 0, log[-3000:]
     assert 'Traceback' not in log and 'Destroyable' not in log, log[-3000:]
+
+
+def test_a_page_started_by_a_change_that_ends_after_a_cleanup_is_closed():
+    """A live web_view change and a lifecycle cleanup on two threads: the change starts a page (drawing a big map
+    first) while cleanup closes the view. The close waits for the change and stops the page it started; a change
+    after the close starts none (the page kept its port served, and the next configure could not serve on it). The
+    page is a stand-in; the interface's own apply and close are the real ones."""
+    import threading
+    import types
+    import rclpy.logging
+    from ov3d_ros.ros.web_view import WebViewInterface
+    started, release = threading.Event(), threading.Event()
+    pages = []
+
+    class Page:
+        port, closed = 8123, False
+
+        def close(self):
+            self.closed = True
+
+    def start(self, settings):
+        page = Page()
+        pages.append(page)
+        started.set()
+        assert release.wait(30.0)
+        return page
+    node = types.SimpleNamespace(get_logger=lambda: rclpy.logging.get_logger('web_view_test'))
+    settings = {'enabled': False, 'host': '127.0.0.1', 'port': 8123, 'refresh_s': 1.0}
+    view = WebViewInterface(node, lambda: None, settings, 1000)
+    view._start = types.MethodType(start, view)
+    change = threading.Thread(target=view.apply, args=({'enabled': True},))
+    change.start()
+    assert started.wait(30.0)
+    cleanup = threading.Thread(target=view.close)
+    cleanup.start()
+    release.set()
+    change.join(30.0)
+    cleanup.join(30.0)
+    assert len(pages) == 1 and pages[0].closed and view.view is None
+    view.apply({'enabled': True})                       # after close: nothing starts
+    assert len(pages) == 1 and view.view is None
