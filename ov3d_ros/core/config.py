@@ -382,8 +382,9 @@ CHECKS: Dict[str, Check] = {
     'features.sim_text_cosine': between(0.0, 1.0),
     'query.templates': texts(_templates), 'query.repetitions': between(1, 16), 'query.temperature': at_least(0.0),
     'query.default_threshold': between(0.0, 1.0), 'query.min_observations': at_least(0.0),
-    'query.default_negatives': texts(constrained('at most 32 negatives, none blank',
-                                                 lambda v: len(v) <= 32 and all(t.strip() for t in v))),
+    # none: every query that gives no negatives of its own fails ("no negative text differs from the query")
+    'query.default_negatives': texts(constrained('1 to 32 negatives, none blank',
+                                                 lambda v: 1 <= len(v) <= 32 and all(t.strip() for t in v))),
     'purify.affinity': one_of('learned', 'fallback'), 'purify.mode': one_of('incremental', 'whole'),
     'purify.radius_vox': between(1, _MAX_RADIUS_VOX), 'purify.iterations': between(0, 200),
     'purify.scale': at_least(0.0, strict=True),

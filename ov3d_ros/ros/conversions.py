@@ -381,9 +381,10 @@ def make_box_markers(boxes_min: np.ndarray, boxes_max: np.ndarray, labels: Seque
     return MarkerArray(markers=markers)
 
 
-def make_diagnostics(name: str, level: str, message: str, values: dict, stamp: Optional[Time] = None) -> DiagnosticArray:
+def make_diagnostics(name: str, level: str, message: str, values: dict, stamp: Optional[Time] = None,
+                     hardware_id: str = 'ov3d_ros') -> DiagnosticArray:
     """A one-status DiagnosticArray; level 'ok' | 'warn' | 'error'; values become key/value strings."""
     levels = {'ok': DiagnosticStatus.OK, 'warn': DiagnosticStatus.WARN, 'error': DiagnosticStatus.ERROR}
-    status = DiagnosticStatus(level=levels[level], name=name, message=message, hardware_id='ov3d_ros',
+    status = DiagnosticStatus(level=levels[level], name=name, message=message, hardware_id=hardware_id,
                               values=[KeyValue(key=str(k), value=str(v)) for k, v in values.items()])
     return DiagnosticArray(header=make_header('', stamp), status=[status])

@@ -1063,7 +1063,8 @@ class MappingInterface:
         web = status['web_view']
         if web and web['enabled']:
             flat['web_view'] = web['url'] or f'not serving: {web["error"]}'
-        diag = conv.make_diagnostics(f'{self.get_name()}: mapping', level, message, {**rates, **flat}, stamp)
+        node_name = self.get_fully_qualified_name().lstrip('/')  # robot1/ov3d_mapping: one entry per node
+        diag = conv.make_diagnostics(f'{node_name}: mapping', level, message, {**rates, **flat}, stamp, node_name)
         for name, c in status['cameras'].items():
             f0, d0 = per_cam.get(name, (0, (0, 0)))
             if (c['dropped'], c['keyframes_dropped']) != d0:
@@ -1072,7 +1073,7 @@ class MappingInterface:
                 lv, msg = 'warn', 'no input frames'
             else:
                 lv, msg = 'ok', f'{c["frames"] - f0} frame(s), {c["keyframes"]} keyframes in all'
-            diag.status += conv.make_diagnostics(f'{self.get_name()}: camera {name}', lv, msg, c, stamp).status
+            diag.status += conv.make_diagnostics(f'{node_name}: camera {name}', lv, msg, c, stamp, node_name).status
         self.diag_pub.publish(diag)
 
 

@@ -158,17 +158,18 @@ def test_values_are_taken_as_their_parameters_type_where_meant_and_refused_in_wo
     """What ``ros2 param set`` sends for 1 to a number parameter (an integer) and for "[]" (an empty list of
     booleans) is taken as meant; a value of another type is refused naming the type in words (rclpy said "Wrong
     parameter type, expected '2' got '3'")."""
-    threshold, negatives = get_param(loaded, 'query.default_threshold'), get_param(loaded, 'query.default_negatives')
-    assert negatives and set_params(loaded, query__default_threshold=1) == [(True, '')]
+    threshold, templates = get_param(loaded, 'query.default_threshold'), get_param(loaded, 'query.templates')
+    assert templates and set_params(loaded, query__default_threshold=1) == [(True, '')]
     assert get_param(loaded, 'query.default_threshold') == 1.0 and loaded['node'].alive()
-    future = loaded['params'].set_parameters([Parameter('query.default_negatives', Parameter.Type.BOOL_ARRAY, [])])
+    future = loaded['params'].set_parameters([Parameter('query.templates', Parameter.Type.BOOL_ARRAY, [])])
     loaded['client'].executor.spin_until_future_complete(future, timeout_sec=60.0)
     assert future.result().results[0].successful, future.result().results[0].reason
-    assert get_param(loaded, 'query.default_negatives') == []
-    assert set_params(loaded, web_view__port=8080.5, labels__vocabulary='chair') == [
+    assert get_param(loaded, 'query.templates') == []
+    assert set_params(loaded, web_view__port=8080.5, labels__vocabulary='chair', query__default_negatives=[]) == [
         (False, 'web_view.port takes an integer, got 8080.5'),
-        (False, "labels.vocabulary takes a list of strings, got 'chair'")]
-    assert set_params(loaded, query__default_threshold=threshold, query__default_negatives=negatives) == \
+        (False, "labels.vocabulary takes a list of strings, got 'chair'"),
+        (False, 'query.default_negatives must be 1 to 32 negatives, none blank, got []')]
+    assert set_params(loaded, query__default_threshold=threshold, query__templates=templates) == \
         [(True, '')] * 2
 
 
@@ -269,3 +270,16 @@ def test_the_node_starts_from_a_compression_basis_file(tmp_path, start_node, roo
                           f'map.compress_basis:={tmp_path / "basis.ov3dmap"}'])
     assert f'features stored in 32 dims, starting from the basis of {tmp_path / "basis.ov3dmap"} (fixed)' \
         in node.log(), node.log()[-3000:]
+
+
+def test_diagnostics_of_a_namespaced_node_name_its_namespace():
+    """Two robots (or two nodes in their own namespaces) on one diagnostic aggregator: each entry names the node
+    with its namespace, in the name and the hardware id (both said 'ov3d_mapping' and overwrote each other)."""
+    from conftest import in_process_node
+    with in_process_node(ros_args=['-r', '__ns:=/robot1']) as (node, client, pub):
+        sent = []
+        node.diag_pub.publish = sent.append
+        node.publish_status()
+        names = [s.name for s in sent[0].status]
+        assert names == ['robot1/ov3d_mapping: mapping', 'robot1/ov3d_mapping: camera camera'], names
+        assert {s.hardware_id for s in sent[0].status} == {'robot1/ov3d_mapping'}

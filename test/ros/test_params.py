@@ -93,6 +93,7 @@ def test_live_and_read_only_parameters_are_declared_as_such():
     assert 'one of' in check('purify.mode', 'sometimes')
     assert check('query.default_negatives', ['wall', 'floor']) is None
     assert 'none blank' in check('query.default_negatives', ['wall', ' '])      # every query would fail on it
+    assert '1 to 32 negatives' in check('query.default_negatives', [])         # so would every query without any
     # a template is filled with str.format: one {} and no other field (which would fail every query)
     assert check('query.templates', ['a photo of a {}.', '{{literal}} {}']) is None
     for bad in (['a {} in the {room}.'], ['{0}'], ['{}{}'], ['{:>9}'], ['a { {}'], ['none']):
