@@ -119,11 +119,25 @@ def generate_launch_description():
             if value:
                 params[name] = value
         params['use_sim_time'] = IfCondition(arg('use_sim_time')).evaluate(context)
-        # an empty list has no type for rcl; the node declares those typed and unset
+        # an empty list has no type for rcl, which drops it: query.templates [] (the bare text) is passed as the
+        # template '{}', which means the same; labels.vocabulary [] is the node's default; any other is refused
+        # here (the node would have started on its default without a word)
+        empty = sorted(k for k, v in params.items() if isinstance(v, list) and not v)
+        if 'query.templates' in empty:
+            params['query.templates'] = ['{}']
+        unsupported = [k for k in empty if k not in ('query.templates', 'labels.vocabulary')]
+        if unsupported:
+            raise RuntimeError(f'{", ".join(unsupported)}: an empty list cannot be passed to a ROS node (rcl drops '
+                               'it and the node would use its default); give at least one value')
         rules = [Parameter(k, v) for k, v in params.items() if not (isinstance(v, list) and not v)]
-        nodes = [Node(package='ov3d_ros', executable='ov3d_mapping_node', name=NODE_NAME, namespace=namespace,
-                      output='screen', parameters=rules, remappings=remaps,
-                      ros_arguments=['--log-level', arg('log_level')], on_exit=on_mapping_exit)]
+        nodes = []
+        if IfCondition(arg('rviz')).evaluate(context):   # first: a missing rviz2 then fails before any process starts
+            nodes.append(Node(package='rviz2', executable='rviz2', name='rviz2', namespace=namespace,
+                              arguments=['-d', os.path.join(share, 'config', 'ov3d.rviz'),
+                                         '-f', params.get('map_frame', 'map').lstrip('/')]))
+        nodes.append(Node(package='ov3d_ros', executable='ov3d_mapping_node', name=NODE_NAME, namespace=namespace,
+                          output='screen', parameters=rules, remappings=remaps,
+                          ros_arguments=['--log-level', arg('log_level')], on_exit=on_mapping_exit))
         if IfCondition(play).evaluate(context):   # the player stamps and frames its poses like the node expects
             nodes.append(Node(package='ov3d_ros', executable='ov3d_scene_player', name='ov3d_scene_player',
                               namespace=namespace, output='screen', remappings=remaps,
@@ -131,8 +145,7 @@ def generate_launch_description():
                                           Parameter('map_frame', params.get('map_frame', 'map'))]))
         return nodes
 
-    nodes = OpaqueFunction(function=mapping_node)
-    rviz = Node(package='rviz2', executable='rviz2', name='rviz2', namespace=arg('namespace'),
-                arguments=['-d', os.path.join(share, 'config', 'ov3d.rviz')], condition=IfCondition(arg('rviz')))
-    # RViz first: a missing rviz2 package then fails the launch before any process starts (else they are orphaned).
-    return LaunchDescription(args + [rviz, nodes])
+    # RViz, when asked for, comes first in mapping_node's list: a missing rviz2 package then fails the launch before
+    # any process starts (else they are orphaned). Its fixed frame is the node's map_frame (-f), its topics are
+    # relative (config/ov3d.rviz), so both follow map_frame:= and namespace:=.
+    return LaunchDescription(args + [OpaqueFunction(function=mapping_node)])
