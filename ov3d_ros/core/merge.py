@@ -151,7 +151,7 @@ def check_compatible(parts: Sequence[MapPart]) -> None:
         va, vb = [n.strip().lower() for n in a.vocabulary], [n.strip().lower() for n in b.vocabulary]
         if va != vb:
             raise MergeError(f'{b.name}: label vocabulary {b.vocabulary} differs from {a.name}\'s {a.vocabulary}; '
-                             'give the maps the same vocabulary (or none) first')
+                             'merge maps saved with the same vocabulary (the node\'s is set with ~/set_vocabulary)')
         for p in (a, b):
             spec = p.vmap.cake.specs.get('label_evidence')
             if p.vocabulary and (spec is None or spec.width != len(p.vocabulary)):
