@@ -39,7 +39,8 @@ def map_one(path: str, out: Path, args: argparse.Namespace) -> dict:
     mapper = make_mapper(cfg, source)
     stats = map_input(mapper, source, args.quiet, getattr(args, 'frames', None))
     stats['bytes'] = mapper.save(out)
-    return {'map': str(out), 'features': mapper.extractor.name, **stats}
+    skipped = getattr(source.reader, 'skipped', None)     # frames the reader left out: reason -> count
+    return {'map': str(out), 'features': mapper.extractor.name, **stats, **({'skipped': skipped} if skipped else {})}
 
 
 def output_paths(inputs, out: Path, basis: Optional[Path] = None):

@@ -10,9 +10,13 @@
     features/NNNNNN.npy             optional precomputed dense 2D features (h, w, C), any h, w
     text_embeddings.npz             optional: names (K,), vectors (K, C) in the features' space
     gt_points.npz                   optional: xyz (N, 3) float32, label (N,) int, names (C,), instance (N,) int
+
+A frame whose pose has non-finite values (ScanNet writes -inf where its tracking was lost) is skipped, as the node
+drops such a frame: counted in ``ScanNetFolder.skipped`` and logged once as the folder is opened.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -24,13 +28,17 @@ from ov3d_ros.core.io import read_npz
 from ov3d_ros.core.mapper import Frame
 from ov3d_ros.datasets import DatasetError
 
+log = logging.getLogger(__name__)
+
 
 def _stems(folder: Path, suffixes) -> List[str]:
     return sorted(p.stem for p in folder.iterdir() if p.suffix.lower() in suffixes) if folder.is_dir() else []
 
 
 class ScanNetFolder:
-    """Reads a dataset folder; frames are the stems present in color/, depth/ and pose/."""
+    """Reads a dataset folder; frames are the stems present in color/, depth/ and pose/, less those whose pose has
+    non-finite values (skipped, counted in ``skipped``: reason -> count, as BagReader's; ``skipped_frames`` names
+    them). Indices (``read``, ``--frames`` ranges) count the frames kept."""
 
     def __init__(self, root: str | Path, fps: float = 30.0):
         self.root = Path(root)
@@ -64,6 +72,20 @@ class ScanNetFolder:
                                    f'{self.stems[i]} at {stamps[i]:g} s is not after frame {self.stems[i - 1]} at '
                                    f'{stamps[i - 1]:g} s')
             self.stamps = stamps
+        self.skipped, self.skipped_frames = {}, []
+        finite = np.array([self._pose_is_finite(self.root / 'pose' / f'{stem}.txt') for stem in self.stems])
+        if not finite.all():
+            self.skipped_frames = [st for st, ok in zip(self.stems, finite) if not ok]
+            bad, more = self.skipped_frames, len(self.skipped_frames) - 10
+            named = ', '.join(bad[:10]) + (f' and {more} more' if more > 0 else '')
+            if not finite.any():
+                raise DatasetError(f'{self.root}/pose: every one of the {len(bad)} poses has non-finite values (NaN '
+                                   'or inf: tracking lost?); no frame to map')
+            self.stems = [st for st, ok in zip(self.stems, finite) if ok]
+            self.stamps = self.stamps[finite]
+            self.skipped = {'non_finite_pose': len(bad)}
+            log.warning('%s: skipping %d of %d frames whose pose has non-finite values (NaN or inf, as ScanNet writes '
+                        'where tracking was lost): %s', self.root, len(bad), len(finite), named)
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -78,9 +100,21 @@ class ScanNetFolder:
     @classmethod
     def _read_matrix(cls, path: Path) -> np.ndarray:
         m = cls._read_array(path)
-        if m.shape not in ((4, 4), (3, 3)) or not np.all(np.isfinite(m)):
+        if m.shape not in ((4, 4), (3, 3)):
             raise DatasetError(f'{path}: expected a finite 3x3 or 4x4 matrix, got shape {m.shape}')
+        if not np.all(np.isfinite(m)):
+            raise DatasetError(f'{path}: expected a finite 3x3 or 4x4 matrix, got non-finite values '
+                               f'({int(np.sum(~np.isfinite(m)))} of {m.size} are NaN or inf)')
         return m
+
+    @staticmethod
+    def _pose_is_finite(path: Path) -> bool:
+        """False when the pose file's numbers include NaN or inf; True otherwise, an unreadable or malformed file
+        included (:meth:`read` refuses that one, naming the problem). A quick parse: one folder has thousands."""
+        try:
+            return bool(np.all(np.isfinite(np.array(path.read_text().split(), dtype=np.float64))))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return True
 
     @staticmethod
     def _image_size(path: Path):

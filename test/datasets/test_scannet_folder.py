@@ -127,3 +127,41 @@ def test_a_camera_with_lens_distortion_is_not_written_as_a_pinhole(tmp_path):
     with pytest.raises(DatasetError, match='keeps no lens distortion'):
         write_intrinsics(tmp_path, lens)
     assert not (tmp_path / 'intrinsic').exists()
+
+
+def test_frames_with_non_finite_poses_are_skipped_counted_and_logged(tmp_path, frames, caplog):
+    """ScanNet writes -inf poses where its tracking was lost: such a frame aborted the whole folder mid-run
+    ("expected a finite 3x3 or 4x4 matrix, got shape (4, 4)"); the node drops it, so the folder skips it."""
+    cam, fr = frames
+    write_folder(tmp_path, cam, fr)
+    np.savetxt(tmp_path / 'timestamps.txt', [0.5, 0.7, 0.9])
+    (tmp_path / 'pose' / '000001.txt').write_text('\n'.join(['-inf -inf -inf -inf'] * 4) + '\n')
+    with caplog.at_level('WARNING'):
+        ds = ScanNetFolder(tmp_path)
+    assert len(ds) == 2 and ds.stems == ['000000', '000002'] and ds.skipped == {'non_finite_pose': 1}
+    assert ds.skipped_frames == ['000001'] and list(ds.stamps) == [0.5, 0.9]
+    assert 'skipping 1 of 3 frames whose pose has non-finite values' in caplog.text and '000001' in caplog.text
+    assert np.allclose(ds.read(1).T_W_C, fr[2][0], atol=1e-8) and ds.read(1).stamp_s == 0.9
+    assert np.array_equal(ds.read_instances(1), fr[2][1].instance)
+    for stem in ('000000', '000002'):
+        (tmp_path / 'pose' / f'{stem}.txt').write_text('nan ' * 16)
+    with pytest.raises(DatasetError, match='every one of the 3 poses has non-finite values'):
+        ScanNetFolder(tmp_path)
+    for i, (T, _) in enumerate(fr):
+        np.savetxt(tmp_path / 'pose' / f'{i:06d}.txt', T)
+    (tmp_path / 'intrinsic' / 'intrinsic_depth.txt').write_text('1 0 0\n0 inf 0\n0 0 1\n')
+    with pytest.raises(DatasetError, match=r'intrinsic_depth.txt: expected a finite 3x3 or 4x4 matrix, got '
+                                           r'non-finite values \(1 of 9'):
+        ScanNetFolder(tmp_path)
+
+
+def test_ov3d_map_maps_the_other_frames_and_reports_the_skipped_ones(tmp_path, frames, capsys):
+    import json
+    from ov3d_ros.cli.main import main
+    cam, fr = frames
+    write_folder(tmp_path / 'scene', cam, fr)
+    (tmp_path / 'scene' / 'pose' / '000001.txt').write_text('\n'.join(['-inf -inf -inf -inf'] * 4) + '\n')
+    assert main(['map', str(tmp_path / 'scene'), '--out', str(tmp_path / 'm.ov3dmap'), '--features', 'simulated',
+                 '--device', 'cpu', '--quiet', '--set', 'keyframes.min_translation_m=0.0']) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary['frames'] == 2 and summary['skipped'] == {'non_finite_pose': 1} and summary['voxels'] > 0
