@@ -1,6 +1,6 @@
 """Dataset folders in the ScanNet export layout.
 
-    color/NNNNNN.png|jpg            RGB
+    color/NNNNNN.png|jpg            RGB (frames in the order of their numbers: 000000, 000001, ... or 0, 1, ..., 10)
     depth/NNNNNN.png                uint16 millimetres, registered to colour (colour is resized to it)
     pose/NNNNNN.txt                 4x4 camera-to-world
     intrinsic/intrinsic_depth.txt   4x4 (or 3x3) intrinsics of the depth image
@@ -35,6 +35,27 @@ def _stems(folder: Path, suffixes) -> List[str]:
     return sorted(p.stem for p in folder.iterdir() if p.suffix.lower() in suffixes) if folder.is_dir() else []
 
 
+def frame_order(stems: List[str], root: Path) -> List[str]:
+    """``stems`` in frame order: by number when every name is a whole number (ScanNet's Python SensReader export
+    writes 0.png ... 23.png, which text order takes as 0, 1, 10, 11, ..., 19, 2, 20), else as text (zero-padded
+    names such as 000010). DatasetError, naming examples, for numbers mixed with other names or two names of one
+    number (0 and 000): no order of those is the recording's."""
+    numbers = [s for s in stems if s.isascii() and s.isdigit()]
+    if not numbers:
+        return sorted(stems)
+    if len(numbers) < len(stems):
+        others = sorted(set(stems) - set(numbers))
+        raise DatasetError(f'{root}: frame names mix numbers ({", ".join(sorted(numbers, key=int)[:3])}) with other '
+                           f'names ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}), so their order is '
+                           'unclear; name every frame by its number')
+    ordered = sorted(stems, key=lambda s: (int(s), s))
+    same = [(a, b) for a, b in zip(ordered, ordered[1:]) if int(a) == int(b)]
+    if same:
+        raise DatasetError(f'{root}: frame names {same[0][0]} and {same[0][1]} are the same number '
+                           f'({len(same)} such pair(s)); name every frame by a number of its own')
+    return ordered
+
+
 class ScanNetFolder:
     """Reads a dataset folder; frames are the stems present in color/, depth/ and pose/, less those whose pose has
     non-finite values (skipped, counted in ``skipped``: reason -> count, as BagReader's; ``skipped_frames`` names
@@ -54,7 +75,7 @@ class ScanNetFolder:
             missing = sorted((set(color) | set(depth) | set(pose)) - (set(color) & set(depth) & set(pose)))
             raise DatasetError(f'{self.root}: colour/depth/pose counts differ ({len(color)}/{len(depth)}/'
                                f'{len(pose)}); frames missing a file: {", ".join(missing[:10])}')
-        self.stems = color
+        self.stems = frame_order(color, self.root)
         K = self._read_matrix(self.root / 'intrinsic' / 'intrinsic_depth.txt')
         w, h = self._image_size(self.root / 'depth' / f'{self.stems[0]}.png')
         self.camera = PinholeCamera.from_matrix(K, w, h)

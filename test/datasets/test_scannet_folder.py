@@ -165,3 +165,28 @@ def test_ov3d_map_maps_the_other_frames_and_reports_the_skipped_ones(tmp_path, f
                  '--device', 'cpu', '--quiet', '--set', 'keyframes.min_translation_m=0.0']) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary['frames'] == 2 and summary['skipped'] == {'non_finite_pose': 1} and summary['voxels'] > 0
+
+
+def test_frames_named_by_unpadded_numbers_are_taken_in_number_order(tmp_path, frames):
+    """ScanNet's Python SensReader writes 0.png ... 23.png: sorted as text, frame 10 came after frame 1, and
+    --frames 0:12 mapped 0, 1, 10, ..., 19, 2 (the wrong frames, out of time order)."""
+    cam, fr = frames
+    write_intrinsics(tmp_path, cam)
+    for i in range(12):
+        T = fr[0][0].copy()
+        T[0, 3] += 0.01 * i
+        write_frame(tmp_path, i, fr[0][1].rgb, fr[0][1].depth_m, T)
+    for sub, ext in (('color', 'png'), ('depth', 'png'), ('pose', 'txt')):
+        for i in range(12):
+            (tmp_path / sub / f'{i:06d}.{ext}').rename(tmp_path / sub / f'{i}.{ext}')
+    ds = ScanNetFolder(tmp_path)
+    assert ds.stems == [str(i) for i in range(12)]
+    assert [round((f.T_W_C[0, 3] - fr[0][0][0, 3]) / 0.01) for f in ds] == list(range(12))
+    for sub, ext in (('color', 'png'), ('depth', 'png'), ('pose', 'txt')):
+        (tmp_path / sub / f'11.{ext}').rename(tmp_path / sub / f'last.{ext}')
+    with pytest.raises(DatasetError, match=r'frame names mix numbers \(0, 1, 2\) with other names \(last\)'):
+        ScanNetFolder(tmp_path)
+    for sub, ext in (('color', 'png'), ('depth', 'png'), ('pose', 'txt')):
+        (tmp_path / sub / f'last.{ext}').rename(tmp_path / sub / f'07.{ext}')
+    with pytest.raises(DatasetError, match='frame names 07 and 7 are the same number'):
+        ScanNetFolder(tmp_path)
