@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ov3d_ros.cli.common import int_at_least
 from ov3d_ros.core.mapper import Mapper
 
 
@@ -17,7 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument('--host', default='127.0.0.1', help='address to serve on (0.0.0.0: reachable from the network)')
     p.add_argument('--port', type=int, default=8080, help='port (default 8080; the next free one if taken)')
     p.add_argument('--vocab', type=Path, help='class names (one a line) for the label colours, when the map has none')
-    p.add_argument('--max-points', type=int, default=400_000, help='voxels drawn at most')
+    p.add_argument('--max-points', type=int_at_least(1), default=400_000, help='voxels drawn at most (>= 1)')
     p.add_argument('--device', default='auto', help='torch device for queries')
 
 

@@ -778,6 +778,30 @@ def test_student_checkpoint_round_trip(tmp_path):
         load_student(tmp_path / 'bad.safetensors')
 
 
+def test_a_file_that_is_not_a_student_checkpoint_is_named_for_what_it_is(tmp_path):
+    """--set purify.checkpoint=<a teacher checkpoint> said "not a usable student checkpoint ('inputs')" (a bare
+    KeyError): the file's metadata says what it is, and that a student checkpoint is needed."""
+    pytest.importorskip('spconv')
+    from safetensors.torch import save_file
+    from ov3d_ros.core.map_io import encode_map
+    from ov3d_ros.core.purification.student import load_student
+    from ov3d_ros.core.purification.teacher import TeacherConfig, TeacherNet, save_teacher
+    save_teacher(tmp_path / 't.safetensors', TeacherNet(TeacherConfig(width=8, out_dim=16, voxel_size_m=1.0)))
+    (tmp_path / 'm.ov3dmap').write_bytes(encode_map(VoxelFeatureMap(1.0, 4), {}))
+    save_file({'x': torch.zeros(2)}, str(tmp_path / 'plain.safetensors'))
+    save_file({'x': torch.zeros(2)}, str(tmp_path / 'other.safetensors'), metadata={'kind': 'mine'})
+    save_file({'x': torch.zeros(2)}, str(tmp_path / 'noinputs.safetensors'), metadata={'config': '{}'})
+    needed = 'not a student checkpoint; purify.checkpoint needs a student checkpoint'
+    for name, problem in (('t.safetensors', f'a teacher checkpoint \\(from `ov3d train-teacher`.*{needed}'),
+                          ('m.ov3dmap', f'an ov3d map file, {needed}'),
+                          ('other.safetensors', f"a checkpoint of kind 'mine', {needed}"),
+                          ('plain.safetensors', f'no network config in its metadata, {needed}'),
+                          ('noinputs.safetensors', "not a usable student checkpoint \\(its config has no 'inputs'\\)")):
+        with pytest.raises(ValueError, match=problem) as e:
+            load_student(tmp_path / name)
+        assert str(e.value).startswith(f'{tmp_path / name}: '), str(e.value)
+
+
 def test_student_embeddings_repeat_exactly():
     """spconv's CPU kernels race on several threads; the student must give the same answer every time."""
     pytest.importorskip('spconv')

@@ -190,3 +190,13 @@ def test_frames_named_by_unpadded_numbers_are_taken_in_number_order(tmp_path, fr
         (tmp_path / sub / f'last.{ext}').rename(tmp_path / sub / f'07.{ext}')
     with pytest.raises(DatasetError, match='frame names 07 and 7 are the same number'):
         ScanNetFolder(tmp_path)
+
+
+def test_an_unknown_name_lists_the_first_20_known_ones_and_how_many_more():
+    """The list stopped at 20 names without a sign that the table held more."""
+    from ov3d_ros.core.features.precomputed import PrecomputedFeatures
+    names = [f'class{i}' for i in range(25)]
+    with pytest.raises(ValueError, match=r'know only: class0, class1, .*, class19 and 5 more$'):
+        PrecomputedFeatures(names, np.eye(25)).encode_text(['sofa'])
+    with pytest.raises(ValueError, match=r'know only: class0, .*, class19$'):
+        PrecomputedFeatures(names[:20], np.eye(20)).encode_text(['sofa'])

@@ -123,3 +123,12 @@ def test_a_port_outside_the_range_is_refused_before_the_map_is_read(tmp_path, ca
         check_address('127.0.0.1', port)
     assert main(['view', str(tmp_path / 'missing.ov3dmap'), '--port', str(port)]) == 2     # the port, not the map
     assert 'the port must be in 0..65535' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('value', ['0', '-5'])
+def test_max_points_below_1_is_refused(tmp_path, capsys, value):
+    """--max-points 0 or -5 was taken and drew every voxel ("voxels drawn at most")."""
+    from ov3d_ros.cli.main import main
+    with pytest.raises(SystemExit) as e:
+        main(['view', str(tmp_path / 'missing.ov3dmap'), '--max-points', value])
+    assert e.value.code == 2 and f'argument --max-points: must be >= 1, got {value}' in capsys.readouterr().err

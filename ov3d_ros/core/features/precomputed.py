@@ -75,6 +75,7 @@ class PrecomputedFeatures(FeatureExtractor):
         index = {n: i for i, n in enumerate(self.names)}
         missing = [t for t in texts if t not in index]
         if missing:
+            more = len(self.names) - 20             # a table may hold thousands of names: 20, and how many more
             raise ValueError(f'no text embedding for {missing[:5]}; precomputed features know only: '
-                             f'{", ".join(self.names[:20])}')
+                             f'{", ".join(self.names[:20])}{f" and {more} more" if more > 0 else ""}')
         return self.vectors[[index[t] for t in texts]]

@@ -181,10 +181,34 @@ def load_student(path: str | Path, device: torch.device | str = 'cpu') -> Studen
     try:
         with safe_open(str(path), 'pt') as f:
             meta = f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f'{path}: not a usable student checkpoint ({e})') from e
+    other = _other_kind(meta)
+    if other:
+        raise ValueError(f'{path}: {other}, not a student checkpoint; purify.checkpoint needs a student checkpoint '
+                         "(from `ov3d train-affinity`, or 'default' for the shipped one)")
+    try:
         cfg_dict = json.loads(meta['config'])
         cfg_dict['inputs'] = tuple(cfg_dict['inputs'])
         net = StudentAffinityNet(StudentConfig(**cfg_dict))
         net.load_state_dict(load_file(str(path)))
-    except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as e:
+    except KeyError as e:                  # a bare KeyError read "('inputs')"
+        raise ValueError(f'{path}: not a usable student checkpoint (its config has no {e.args[0]!r})') from e
+    except (ValueError, TypeError, RuntimeError, OSError, SafetensorError) as e:
         raise ValueError(f'{path}: not a usable student checkpoint ({e})') from e
     return net.to(device).eval()
+
+
+def _other_kind(meta: dict) -> str | None:
+    """What a safetensors file is, from its metadata, when that says it is not a student checkpoint (a teacher
+    checkpoint, a map file, another kind, no config); None when it may be one (students carry no 'kind')."""
+    from ov3d_ros.core.map_io import MAP_FORMAT
+    if meta.get('kind') == 'ov3d-ssl-teacher':
+        return 'a teacher checkpoint (from `ov3d train-teacher`, for `ov3d train-affinity --teacher-checkpoint`)'
+    if meta.get('format') == MAP_FORMAT:
+        return 'an ov3d map file'
+    if 'kind' in meta:
+        return f'a checkpoint of kind {meta["kind"]!r}'
+    if 'config' not in meta:
+        return 'a safetensors file with no network config in its metadata'
+    return None
