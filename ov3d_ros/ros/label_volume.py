@@ -29,17 +29,23 @@ from ov3d_ros.ros.services import create_service
 from ov3d_ros.srv import SetVocabulary
 
 
+def declare_label_volume(node: Node) -> float:
+    """Declare the label volume's parameter on ``node`` and return its value: ``label_publish_rate_hz``, read
+    when the node is configured."""
+    return declare(node, 'label_publish_rate_hz', 0.5, 'Rate of ~/label_cloud while a vocabulary is set (0 = off).')
+
+
 class LabelVolumeInterface:
-    """Declares the label volume's service, topics and publish rate on ``node`` (map guarded by ``lock``).
+    """The label volume's service and topics on ``node`` (map guarded by ``lock``), the cloud published at
+    ``rate`` Hz (0: off; :func:`declare_label_volume`).
 
     ``snapshot`` returns the node's latest :class:`MapSnapshot` (what the cloud and legend show); ``changed`` is
     called under the lock after the vocabulary changed (the node publishes a new snapshot)."""
 
     def __init__(self, node: Node, mapper: Mapper, lock: threading.Lock, frame_id: str, max_points: int,
-                 snapshot: Callable[[], Optional[MapSnapshot]], changed: Callable[[], None]):
+                 rate: float, snapshot: Callable[[], Optional[MapSnapshot]], changed: Callable[[], None]):
         self.node, self.mapper, self.lock, self.frame_id, self.max_points = node, mapper, lock, frame_id, max_points
         self.snapshot, self.changed = snapshot, changed
-        rate = declare(node, 'label_publish_rate_hz', 0.5, 'Rate of ~/label_cloud while a vocabulary is set (0 = off).')
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                              reliability=ReliabilityPolicy.RELIABLE)
         self.cloud_pub = node.create_publisher(PointCloud2, '~/label_cloud', latched)

@@ -1,11 +1,13 @@
 """The mapping node as a managed (lifecycle) node, for Nav2's lifecycle manager or any lifecycle client.
 
 Same parameters, topics and services as ``mapping_node`` (shared code: :class:`MappingInterface`), created in
-steps: parameters (and their services) at start, so they answer while the model loads; ``configure`` loads the
-feature model and makes the map, the services and publishers; ``activate`` subscribes to the inputs and starts the
-timers; ``deactivate`` stops them (the map and its services stay); ``cleanup`` releases the map and the model
-(with ``autosave_period_s`` on, after saving its changes since the last autosave to ``map_path``; so does
-``shutdown`` and a Ctrl-C or SIGTERM of a configured node).
+steps: every parameter (and the parameter services) at start, so they answer while the model loads; unconfigured,
+the node takes a set of any of them (checked as it is set) and configures with them; ``configure`` loads the
+feature model and makes the map, the services and publishers, and makes the parameters that cannot change while
+the node runs read-only; ``activate`` subscribes to the inputs and starts the timers; ``deactivate`` stops them
+(the map and its services stay); ``cleanup`` releases the map and the model (with ``autosave_period_s`` on, after
+saving its changes since the last autosave to ``map_path``; so does ``shutdown`` and a Ctrl-C or SIGTERM of a
+configured node) and makes every parameter writable again, for the next configure.
 A configure that fails (missing weights, bad parameters) answers FAILURE with the reason in the log and leaves the
 node unconfigured.
 
@@ -19,6 +21,7 @@ from rclpy.lifecycle import LifecycleNodeMixin, LifecycleState, TransitionCallba
 from rclpy.node import Node
 
 from ov3d_ros.ros.mapping_node import MappingInterface, spin
+from ov3d_ros.ros.params import mark_writable
 
 
 class LifecycleMappingNode(MappingInterface, LifecycleNodeMixin, Node):
@@ -30,6 +33,7 @@ class LifecycleMappingNode(MappingInterface, LifecycleNodeMixin, Node):
         Node.__init__(self, 'ov3d_mapping', **kwargs)
         LifecycleNodeMixin.__init__(self, callback_group=MutuallyExclusiveCallbackGroup())
         self._declare_parameters()
+        mark_writable(self)                # unconfigured: every parameter takes a set; configure reads them
 
     def _step(self, name: str, fn) -> TransitionCallbackReturn:
         try:

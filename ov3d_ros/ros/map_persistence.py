@@ -30,24 +30,37 @@ from ov3d_ros.ros.services import create_service
 from ov3d_ros.srv import LoadMap, MergeMap, SaveMap
 
 
-class MapPersistence:
-    """Declares the persistence parameters and services on ``node`` for ``mapper`` (guarded by ``lock``);
-    ``changed`` is called under the lock after the map was replaced (load, merge, clear)."""
+PARAMETERS = {
+    'map_path': ('~/.ros/ov3d/map.ov3dmap', 'Default file of save_map, load_map, autosave and load_map_on_start.'),
+    'map_dir': ('', "The only folder save_map and load_map read and write (symlinks followed, '..' refused); "
+                    "relative paths are taken inside it. Empty: map_path's folder."),
+    'autosave_period_s': (0.0, 'Save the map to map_path this often when it changed (0 = off).'),
+    'load_map_on_start': (False, 'Load map_path at start (a missing file starts an empty map; a bad one is an '
+                                 'error).'),
+}
+"""The persistence parameters: (default, description); all read when the node is configured."""
 
-    def __init__(self, node: Node, mapper: Mapper, lock: threading.Lock, changed: Optional[Callable[[], None]] = None):
+
+def declare_map_persistence(node: Node) -> dict:
+    """Declare the persistence parameters on ``node`` and return their values by name."""
+    return {name: declare(node, name, default, desc) for name, (default, desc) in PARAMETERS.items()}
+
+
+class MapPersistence:
+    """The persistence services on ``node`` for ``mapper`` (guarded by ``lock``), with ``settings`` (the values of
+    :data:`PARAMETERS` by name, :func:`declare_map_persistence`); ``changed`` is called under the lock after the
+    map was replaced (load, merge, clear)."""
+
+    def __init__(self, node: Node, mapper: Mapper, lock: threading.Lock, settings: dict,
+                 changed: Optional[Callable[[], None]] = None):
         self.node, self.mapper, self.lock = node, mapper, lock
         self.changed = changed or (lambda: None)
-        self.map_path = declare(node, 'map_path', '~/.ros/ov3d/map.ov3dmap',
-                                'Default file of save_map, load_map, autosave and load_map_on_start.')
-        map_dir = declare(node, 'map_dir', '', 'The only folder save_map and load_map read and write (symlinks '
-                          "followed, '..' refused); relative paths are taken inside it. Empty: map_path's folder.")
-        self.map_dir = os.path.realpath(os.path.expanduser(map_dir or os.path.dirname(
+        self.map_path = settings['map_path']
+        self.map_dir = os.path.realpath(os.path.expanduser(settings['map_dir'] or os.path.dirname(
             os.path.abspath(os.path.expanduser(self.map_path)))))
         self.map_path = self._path('')      # ValueError (the node does not start) when map_path is outside map_dir
-        self.autosave_period_s = declare(node, 'autosave_period_s', 0.0,
-                                         'Save the map to map_path this often when it changed (0 = off).')
-        load_on_start = declare(node, 'load_map_on_start', False,
-                                'Load map_path at start (a missing file starts an empty map; a bad one is an error).')
+        self.autosave_period_s = settings['autosave_period_s']
+        load_on_start = settings['load_map_on_start']
         self._saved_version = self._version()
         group = MutuallyExclusiveCallbackGroup()
         create_service(node, SaveMap, '~/save_map', self.on_save, callback_group=group)

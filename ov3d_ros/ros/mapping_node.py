@@ -57,11 +57,11 @@ from ov3d_ros.core.snapshot import MapSnapshot
 from ov3d_ros.datasets.poses import interpolate_pose
 from ov3d_ros.ros import conversions as conv
 from ov3d_ros.ros.camera_input import CameraInput, PoseBuffer
-from ov3d_ros.ros.label_volume import LabelVolumeInterface
-from ov3d_ros.ros.map_persistence import MapPersistence
+from ov3d_ros.ros.label_volume import LabelVolumeInterface, declare_label_volume
+from ov3d_ros.ros.map_persistence import MapPersistence, declare_map_persistence
 from ov3d_ros.ros.objects import ObjectsOutput
 from ov3d_ros.ros.params import (LIVE, as_declared, check, check_node, declare, declare_config, mark_read_only,
-                                 parameter_value, range_refusal, read_config, read_only_reason)
+                                 mark_writable, parameter_value, range_refusal, read_config, read_only_reason)
 from ov3d_ros.ros.services import create_service
 from ov3d_ros.ros.web_view import WebViewInterface, declare_web_view
 from ov3d_ros.srv import SegmentByText
@@ -95,61 +95,53 @@ class MappingInterface:
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> None:
-        """Declare every parameter (config sections and node level), check the values, watch changes."""
+        """Declare every parameter (config sections, node level, persistence, label volume, web view), check the
+        values, watch changes. Configure reads them (:meth:`_read_parameters`): a lifecycle node takes a set of any
+        of them while it is unconfigured."""
         declare_config(self, MapperConfig())
-        self.map_frame = conv.frame_id(declare(self, 'map_frame', 'map', 'Fixed frame of the map and of every '
-                                                                        "output ('/map' is taken as 'map')."))
-        self.pose_source = declare(self, 'pose_source', 'tf', "Camera pose from 'tf' (map_frame → image frame), "
-                                   "'pose' (geometry_msgs/PoseStamped) or 'odometry' (nav_msgs/Odometry).")
-        self.pose_frame = declare(self, 'pose_frame', '', "For pose/odometry sources: the frame the pose describes "
-                                  "(the robot body); with TF the camera mount is looked up from it to each image's "
-                                  "frame_id. '' = Odometry's child_frame_id (none for PoseStamped: pose_to_camera).")
+        declare(self, 'map_frame', 'map', "Fixed frame of the map and of every output ('/map' is taken as 'map').")
+        declare(self, 'pose_source', 'tf', "Camera pose from 'tf' (map_frame → image frame), 'pose' "
+                "(geometry_msgs/PoseStamped) or 'odometry' (nav_msgs/Odometry).")
+        declare(self, 'pose_frame', '', "For pose/odometry sources: the frame the pose describes (the robot body); "
+                "with TF the camera mount is looked up from it to each image's frame_id. '' = Odometry's "
+                "child_frame_id (none for PoseStamped: pose_to_camera).")
         declare(self, 'pose_to_camera', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
                 'For pose/odometry sources when TF gives no mount: x y z qx qy qz qw of each camera optical frame '
                 'in the frame the pose describes, 7 numbers per camera in the order of `cameras` (or 7 for all; '
                 'identity = the pose is the optical frame).')
-        self.cameras_ns = declare(self, 'cameras', [''], "Camera namespaces, each with color/image, depth/image, "
-                                  "color/camera_info (and labels/image), e.g. ['front', 'rear']; [''] = one camera "
-                                  "on the node's own topics.")
-        self.color_transport = declare(self, 'color_transport', 'raw', "Colour input: 'raw' (sensor_msgs/Image on "
-                                       "color/image) or 'compressed' (CompressedImage JPEG/PNG on "
-                                       "color/image/compressed).")
-        self.depth_transport = declare(self, 'depth_transport', 'raw', "Depth input: 'raw' (sensor_msgs/Image on "
-                                       "depth/image) or 'compressedDepth' (image_transport's PNG depth on "
-                                       "depth/image/compressedDepth).")
-        self.rectified_images = declare(self, 'rectified_images', False, "false: colour and depth are raw images "
-                                        "(image_raw): the camera info's k and lens distortion d (plumb_bob, "
-                                        "rational_polynomial, equidistant) are used, each pixel back-projected "
-                                        "along its undistorted ray. true: they are rectified (image_rect, "
-                                        "image_proc): its p is used and d ignored, as depth_image_proc does.")
-        self.sync_slop_s = declare(self, 'sync_slop_s', 0.05, 'Max time difference between paired messages.')
-        self.pose_max_gap_s = declare(self, 'pose_max_gap_s', 0.5, "pose_source 'pose'/'odometry': a depth image "
-                                      'between two poses at most this far apart takes their interpolation '
-                                      '(translation linear, rotation slerp), else the nearest pose within '
-                                      'sync_slop_s (0: nearest only).')
-        self.sync_timeout_s = declare(self, 'sync_timeout_s', 5.0, 'Depth images still without colour/pose '
-                                      'partners this long after arrival are dropped (counted, logged). Above Fast '
-                                      "DDS's 3 s heartbeat period: a reliable image that lost a fragment comes then.")
-        self.tick_rate_hz = declare(self, 'tick_rate_hz', 20.0, 'Rate of the processing timer.')
-        self.map_publish_rate_hz = declare(self, 'map_publish_rate_hz', 0.5, 'Rate of ~/map_cloud (0 = off).')
-        self.map_cloud_max_points = declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
-        self.input_qos = declare(self, 'input_qos', 'sensor_data', "QoS of image inputs: 'sensor_data' or 'reliable'.")
-        self.pose_qos = declare(self, 'pose_qos', 'best_effort', 'Reliability of the pose/odometry subscription '
-                                "(keep last 50): 'best_effort' (matches reliable and best-effort publishers; a lost "
-                                "pose is skipped and bridged by interpolation, never waited for) or 'reliable'.")
-        self.queue_size = declare(self, 'queue_size', 30, 'Messages kept per input topic while waiting for a partner '
-                                  '(30: 1 s of a 30 Hz camera, for a reliable partner held back behind a lost one).')
-        self.max_pending_keyframes = declare(self, 'max_pending_keyframes', 30, 'Selected keyframes per camera '
-                                             'waiting to be integrated (they are integrated together, as one '
-                                             'batch); beyond this one is dropped (counted, logged): the one '
-                                             'whose neighbours in the backlog are closest along the path.')
+        declare(self, 'cameras', [''], "Camera namespaces, each with color/image, depth/image, color/camera_info "
+                "(and labels/image), e.g. ['front', 'rear']; [''] = one camera on the node's own topics.")
+        declare(self, 'color_transport', 'raw', "Colour input: 'raw' (sensor_msgs/Image on color/image) or "
+                "'compressed' (CompressedImage JPEG/PNG on color/image/compressed).")
+        declare(self, 'depth_transport', 'raw', "Depth input: 'raw' (sensor_msgs/Image on depth/image) or "
+                "'compressedDepth' (image_transport's PNG depth on depth/image/compressedDepth).")
+        declare(self, 'rectified_images', False, "false: colour and depth are raw images (image_raw): the camera "
+                "info's k and lens distortion d (plumb_bob, rational_polynomial, equidistant) are used, each pixel "
+                "back-projected along its undistorted ray. true: they are rectified (image_rect, image_proc): its p "
+                "is used and d ignored, as depth_image_proc does.")
+        declare(self, 'sync_slop_s', 0.05, 'Max time difference between paired messages.')
+        declare(self, 'pose_max_gap_s', 0.5, "pose_source 'pose'/'odometry': a depth image between two poses at "
+                'most this far apart takes their interpolation (translation linear, rotation slerp), else the '
+                'nearest pose within sync_slop_s (0: nearest only).')
+        declare(self, 'sync_timeout_s', 5.0, 'Depth images still without colour/pose partners this long after '
+                "arrival are dropped (counted, logged). Above Fast DDS's 3 s heartbeat period: a reliable image "
+                'that lost a fragment comes then.')
+        declare(self, 'tick_rate_hz', 20.0, 'Rate of the processing timer.')
+        declare(self, 'map_publish_rate_hz', 0.5, 'Rate of ~/map_cloud (0 = off).')
+        declare(self, 'map_cloud_max_points', 200000, 'Points in ~/map_cloud at most.')
+        declare(self, 'input_qos', 'sensor_data', "QoS of image inputs: 'sensor_data' or 'reliable'.")
+        declare(self, 'pose_qos', 'best_effort', "Reliability of the pose/odometry subscription (keep last 50): "
+                "'best_effort' (matches reliable and best-effort publishers; a lost pose is skipped and bridged "
+                "by interpolation, never waited for) or 'reliable'.")
+        declare(self, 'queue_size', 30, 'Messages kept per input topic while waiting for a partner (30: 1 s of a '
+                '30 Hz camera, for a reliable partner held back behind a lost one).')
+        declare(self, 'max_pending_keyframes', 30, 'Selected keyframes per camera waiting to be integrated (they '
+                'are integrated together, as one batch); beyond this one is dropped (counted, logged): the one '
+                'whose neighbours in the backlog are closest along the path.')
+        declare_map_persistence(self)
+        declare_label_volume(self)
         declare_web_view(self)
-        check_node(self)
-        if not self.cameras_ns or len(set(self.cameras_ns)) != len(self.cameras_ns):
-            raise ValueError(f'cameras must be a list of distinct namespaces, got {self.cameras_ns}')
-        if len(self.get_parameter('pose_to_camera').value) not in (7, 7 * len(self.cameras_ns)):
-            raise ValueError(f'pose_to_camera has {len(self.get_parameter("pose_to_camera").value)} numbers; '
-                             f'expected 7 or 7 per camera ({7 * len(self.cameras_ns)})')
+        self._read_parameters()
         self._lock = threading.Lock()            # guards the mapper
         self._select_lock = threading.Lock()     # one select() at a time (its timer and tick)
         self._pending_lock = threading.Lock()    # guards the cameras' pending keyframes and the map epoch
@@ -170,6 +162,34 @@ class MappingInterface:
         self._jump_handle = self.get_clock().create_jump_callback(
             JumpThreshold(min_forward=None, min_backward=Duration(seconds=-1), on_clock_change=True),
             post_callback=self._on_time_jump)
+
+    NODE_PARAMETERS = ('pose_source', 'pose_frame', 'color_transport', 'depth_transport', 'rectified_images',
+                       'input_qos', 'pose_qos', 'queue_size') + NODE_LIVE
+    """Node-level parameters the node keeps as attributes of the same name (besides map_frame and cameras)."""
+
+    def _read_parameters(self) -> None:
+        """Check every parameter (each, and cameras with pose_to_camera) and keep the node-level ones as attributes:
+        what the node runs with. ValueError with the reasons. At start and at every configure (a lifecycle node
+        takes sets while it is unconfigured; the config sections are read there too, :func:`read_config`)."""
+        check_node(self)
+        problem = self._cameras_problem({})
+        if problem:
+            raise ValueError(problem)
+        self.map_frame = conv.frame_id(parameter_value(self, 'map_frame'))
+        self.cameras_ns = parameter_value(self, 'cameras')
+        for name in self.NODE_PARAMETERS:
+            setattr(self, name, parameter_value(self, name))
+
+    def _cameras_problem(self, new: dict) -> Optional[str]:
+        """What is wrong with ``cameras`` and ``pose_to_camera`` taken together (the values in ``new`` in place of
+        the node's), or None."""
+        cameras = new['cameras'] if 'cameras' in new else parameter_value(self, 'cameras')
+        mounts = new['pose_to_camera'] if 'pose_to_camera' in new else parameter_value(self, 'pose_to_camera')
+        if not cameras or len(set(cameras)) != len(cameras):
+            return f'cameras must be a list of distinct namespaces, got {cameras}'
+        if len(mounts) not in (7, 7 * len(cameras)):
+            return f'pose_to_camera has {len(mounts)} numbers; expected 7 or 7 per camera ({7 * len(cameras)})'
+        return None
 
     def create_steady_timer(self, period_s: float, callback, callback_group=None) -> Timer:
         """A timer on the steady clock. The node's work (integration, status, map output, autosave) runs on the
@@ -210,14 +230,20 @@ class MappingInterface:
         return range_refusal(self, parameter_list) or super().set_parameters_atomically(parameter_list)
 
     def _on_set_parameters(self, params) -> SetParametersResult:
-        """Validate a ``ros2 param set`` and apply it (live parameters only; read-only ones never get here)."""
+        """Validate a ``ros2 param set`` and apply it. Configured, live parameters only (the others are read-only
+        from the end of configure, :func:`mark_read_only`); a lifecycle node unconfigured takes any parameter,
+        checked here, and reads it at configure."""
         if self._setting_descriptors or getattr(self._echo, 'on', False):
             return SetParametersResult(successful=True)
-        # a parameter being declared (e.g. by the persistence interface during configure) is not a change
+        # a parameter being declared is not a change
         new = {p.name: (list(p.value) if isinstance(p.value, (list, tuple)) else p.value) for p in params
                if self.has_parameter(p.name)}
+        configuring = SetParametersResult(successful=False, reason='the node is being configured (the feature model '
+                                          'is loading); set it again once configure has finished')
         for name, value in new.items():
-            if name not in LIVE:
+            if name not in LIVE and self._configuring:
+                return configuring
+            if name not in LIVE and self.mapper is not None:
                 return SetParametersResult(successful=False, reason=f'{name} cannot change: {read_only_reason(name)}')
             problem = check(name, value)
             if problem:
@@ -226,14 +252,11 @@ class MappingInterface:
             return SetParametersResult(successful=True)
         problem = depth_range_problem(new.get('map.min_depth_m', self.get_parameter('map.min_depth_m').value),
                                       new.get('map.max_depth_m', self.get_parameter('map.max_depth_m').value))
+        problem = problem or self._cameras_problem(new)
         if problem:
             return SetParametersResult(successful=False, reason=problem)
-        if 'pose_to_camera' in new and len(new['pose_to_camera']) not in (7, 7 * len(self.cameras_ns)):
-            return SetParametersResult(successful=False, reason=f'pose_to_camera needs 7 or '
-                                                                f'{7 * len(self.cameras_ns)} numbers')
         if self.mapper is None and self._configuring:    # its values were read; the mapper is not made yet
-            return SetParametersResult(successful=False, reason='the node is being configured (the feature model '
-                                       'is loading); set it again once configure has finished')
+            return configuring
         if self.mapper is None:          # not configured: the values are read when it is
             return SetParametersResult(successful=True)
         try:
@@ -420,9 +443,8 @@ class MappingInterface:
             self._setting_descriptors = False
 
     def _configure_entities(self) -> None:
+        self._read_parameters()          # set while unconfigured (a lifecycle node): what the node runs with
         cfg = read_config(self)
-        for name in NODE_LIVE:           # set while unconfigured (a lifecycle node): what the node runs with
-            setattr(self, name, parameter_value(self, name))
         device = resolve_device(cfg.map.device)
         class_names = None
         if cfg.features.source == 'simulated':
@@ -473,9 +495,11 @@ class MappingInterface:
         self.mapper = mapper
         with self._lock:
             self.publish_snapshot()
-        self.persistence = MapPersistence(self, self.mapper, self._lock, self.publish_snapshot)
+        self.persistence = MapPersistence(self, self.mapper, self._lock, declare_map_persistence(self),
+                                          self.publish_snapshot)
         self.label_volume = LabelVolumeInterface(self, self.mapper, self._lock, self.map_frame,
-                                                 self.map_cloud_max_points, self.snapshot, self.publish_snapshot)
+                                                 self.map_cloud_max_points, declare_label_volume(self),
+                                                 self.snapshot, self.publish_snapshot)
         # last: nothing after it can fail, so a failed configure never leaves a page serving; a page that cannot
         # be served is logged and reported, and the node maps on
         self.web_view = WebViewInterface(self, self.snapshot, declare_web_view(self), self.map_cloud_max_points)
@@ -539,7 +563,8 @@ class MappingInterface:
 
     def _cleanup(self, when: str = 'cleanup') -> None:
         """Release the map, the model, services and publishers; with autosave on, the map's unsaved changes are
-        saved first (:meth:`save_unsaved`)."""
+        saved first (:meth:`save_unsaved`). The read-only parameters take a set again (:func:`mark_writable`):
+        the next configure reads them."""
         self.save_unsaved(when)
         self._close_web_view()
         self._destroy_since(self._created.pop('configure'))
@@ -548,6 +573,7 @@ class MappingInterface:
             self._snapshot, self._snapshot_stale = None, False
         self.persistence = self.label_volume = None
         self.tf_buffer = None
+        mark_writable(self)
         try:
             import torch
             if torch.cuda.is_available():

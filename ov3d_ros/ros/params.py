@@ -3,8 +3,9 @@ parameters can change while the node runs.
 
 Every parameter is either *live* (``LIVE``: a ``ros2 param set`` is validated by :func:`check` and applied by the
 node) or read-only (``ParameterDescriptor.read_only``, with the reason at the end of its description; a set is
-refused). ``READ_ONLY_REASONS`` gives the reason per parameter or section; anything else the node declares is
-read at start only (:data:`AT_START`).
+refused; on a lifecycle node from configure to cleanup: :func:`mark_read_only`, :func:`mark_writable`).
+``READ_ONLY_REASONS`` gives the reason per parameter or section; anything else the node declares is read at start
+only (:data:`AT_START`).
 
 A parameter whose check takes values in a finite interval (its ``bounds``: ``between``, the timer rates, the port)
 carries it as the descriptor's range (``floating_point_range`` or ``integer_range``), which ``ros2 param describe``
@@ -13,6 +14,7 @@ reason of a refusal (:func:`range_refusal`, :func:`_declare`).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import fields
 from typing import Dict, Optional
@@ -297,19 +299,34 @@ def declare(node: Node, name: str, default, description: str):
     else:
         desc = _describe(name, description, Parameter.Type.from_parameter_value(default).value)
         value = _declare(node, name, default, desc).value
-    problem = check(name, value)    # also when declared already: a value refused by the last configure stays refused
-    if problem:                     # declared after check_node ran (the persistence and label-volume interfaces)
+    problem = check(name, value)    # also when declared already: the value is checked again where it is read
+    if problem:
         raise ValueError(problem)
     return value
 
 
 def mark_read_only(node: Node) -> None:
-    """Make every declared parameter that is not live read-only, with the reason in its description (for
-    parameters declared elsewhere, e.g. by the persistence and label-volume interfaces)."""
+    """Make every declared parameter that is not live read-only, with the reason in its description (a lifecycle
+    node's, which :func:`mark_writable` made writable while it was unconfigured, as it configures)."""
     for name in node.list_parameters([], 0).names:
         reason = read_only_reason(name)
-        desc = node.describe_parameter(name)
+        desc = copy.copy(node.describe_parameter(name))    # rclpy's own: set_descriptor checks it is not read-only
         if reason and not desc.read_only and name != 'start_type_description_service':
             desc.read_only = True
             desc.description = f'{desc.description} [read-only: {reason}]'
             node.set_descriptor(name, desc)
+
+
+def mark_writable(node: Node) -> None:
+    """Undo :func:`mark_read_only` (and the read-only declaration, :func:`_describe`): every parameter that is
+    read-only for its reason here takes a set again. A lifecycle node, unconfigured (constructed, cleaned up),
+    takes every parameter; its next configure reads them. rclpy's ``set_descriptor`` refuses a read-only
+    parameter: the descriptor is replaced where rclpy keeps it (``_descriptors``, no public way)."""
+    for name in node.list_parameters([], 0).names:
+        reason = read_only_reason(name)
+        desc = copy.copy(node.describe_parameter(name))
+        suffix = f' [read-only: {reason}]'
+        if reason and desc.read_only and desc.description.endswith(suffix):
+            desc.read_only = False
+            desc.description = desc.description[:-len(suffix)]
+            node._descriptors[name] = desc

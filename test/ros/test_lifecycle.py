@@ -3,6 +3,8 @@ configure again, driven through its lifecycle services from this process."""
 import contextlib
 import time
 
+import pytest
+
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.parameter import parameter_value_to_python
@@ -200,16 +202,73 @@ def test_publishers_and_services_are_destroyed_only_when_no_callback_runs():
             rclpy.shutdown(context=ctx)
 
 
-def test_a_value_refused_at_configure_is_refused_at_every_configure():
-    """The persistence and label-volume parameters are declared during configure: a bad override fails the first
-    configure with the reason, and every later one (a configure again took the declared value unchecked and ran
-    with timers of 5 000 Hz and autosave silently off)."""
+@pytest.mark.parametrize('name, value', [('autosave_period_s', -5.0), ('label_publish_rate_hz', 5000.0)])
+def test_a_bad_value_of_a_persistence_or_label_volume_parameter_stops_the_node_at_start(name, value):
+    """The persistence and label-volume parameters are declared and checked at start with every other: a bad
+    override stops the node with the reason, as a bad tick_rate_hz does (declared at configure, they failed every
+    configure, and a configure again took the declared value unchecked: timers of 5 000 Hz, autosave silently
+    off)."""
+    with pytest.raises(ValueError, match=f'{name} must be 0 \\(off\\) or a'):
+        with lifecycle_node(**{name: value}):
+            pass
+
+
+def test_every_parameter_is_set_while_unconfigured_read_only_while_configured_and_set_again_after_cleanup(tmp_path):
+    """Unconfigured, the node takes a set of any parameter, checked as it is set, and configures with it (map_path,
+    autosave_period_s and label_publish_rate_hz were declared only at configure: a set raised
+    ParameterNotDeclaredException; map_frame, map.voxel_size_m and objects.min_voxels were refused as read-only).
+    Configured, those are read-only with the reason; after cleanup they take a set again, and the next configure
+    uses it."""
     from rclpy.lifecycle import TransitionCallbackReturn
-    with lifecycle_node(autosave_period_s=-5.0, label_publish_rate_hz=5000.0) as node:
-        for _ in range(3):
-            assert node.on_configure(None) == TransitionCallbackReturn.FAILURE
-            assert node.mapper is None
-        assert node.get_parameter('autosave_period_s').value == -5.0     # read-only: a restart changes it
+    from rclpy.parameter import Parameter
+    from ov3d_ros.ros.params import read_only_reason
+
+    def set_all(node, values):
+        return [(r.successful, r.reason) for r in node.set_parameters([Parameter(k, value=v)
+                                                                          for k, v in values.items()])]
+
+    def runs_with(node, values):
+        cfg = node.mapper.cfg
+        return ((node.map_frame, node.objects.map_frame, cfg.map.voxel_size_m, cfg.objects.min_voxels,
+                 node.persistence.map_path, node.persistence.autosave_period_s,
+                 any(t.timer_period_ns == round(1e9 / values['label_publish_rate_hz']) for t in node.timers))
+                == (values['map_frame'], values['map_frame'], values['map.voxel_size_m'],
+                    values['objects.min_voxels'], values['map_path'], values['autosave_period_s'], True))
+
+    first = {'map_path': str(tmp_path / 'a.ov3dmap'), 'autosave_period_s': 30.0, 'map.voxel_size_m': 0.1,
+             'map_frame': 'odom', 'objects.min_voxels': 2, 'label_publish_rate_hz': 2.0}
+    second = {'map_path': str(tmp_path / 'b.ov3dmap'), 'autosave_period_s': 60.0, 'map.voxel_size_m': 0.2,
+              'map_frame': 'world', 'objects.min_voxels': 3, 'label_publish_rate_hz': 4.0}
+    with lifecycle_node() as node:
+        assert set_all(node, first) == [(True, '')] * len(first)
+        # checked as they are set, with the checks of a start or configure
+        for name, value, words in [('map.voxel_size_m', -1.0, 'map.voxel_size_m must be a finite number > 0'),
+                                   ('map_frame', '/', 'map_frame must be a frame id'),
+                                   ('autosave_period_s', -5.0, 'autosave_period_s must be 0 (off) or a period'),
+                                   ('objects.min_voxels', 0, 'objects.min_voxels must be'),
+                                   ('cameras', ['a', 'a'], 'cameras must be a list of distinct namespaces')]:
+            [(ok, reason)] = set_all(node, {name: value})
+            assert not ok and words in reason, (name, reason)
+        assert node.on_configure(None) == TransitionCallbackReturn.SUCCESS
+        assert runs_with(node, first)
+        # configured: read-only, with the reason; the node runs on with the values it configured with
+        for (ok, reason), name in zip(set_all(node, second), second):
+            desc = node.describe_parameter(name)
+            assert not ok and 'read-only' in reason and desc.read_only, (name, reason)
+            assert desc.description.endswith(f'[read-only: {read_only_reason(name)}]'), desc.description
+            assert node.get_parameter(name).value == first[name]
+        assert node.set_parameters([Parameter('query.default_threshold', value=0.6)])[0].successful   # live
+        assert runs_with(node, first)
+
+        assert node.on_cleanup(None) == TransitionCallbackReturn.SUCCESS
+        assert not node.describe_parameter('map.voxel_size_m').read_only
+        assert '[read-only' not in node.describe_parameter('map.voxel_size_m').description
+        assert set_all(node, second) == [(True, '')] * len(second)
+        [(ok, reason)] = set_all(node, {'map.voxel_size_m': 0.0})
+        assert not ok and 'map.voxel_size_m must be a finite number > 0' in reason
+        assert node.on_configure(None) == TransitionCallbackReturn.SUCCESS
+        assert runs_with(node, second)
+        assert not set_all(node, first)[0][0]                        # read-only again
 
 
 def test_cleanup_and_shutdown_save_the_changes_autosave_has_not_saved_yet(tmp_path, wall_frame):
