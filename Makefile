@@ -248,7 +248,8 @@ eval: eval-tune eval-test
 eval-bags: setup
 	$(PY) -m ov3d_ros.cli make-scenes --out $(EVAL_OUT)/test_bags --count $(TEST_COUNT) --seed $(TEST_SEED) \
 	  $(SCENE_ARGS) --format bag
-	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test_bags/scene_????_bag --out $(EVAL_OUT)/bags $(EVAL_ARGS) --variant raw
+	$(PY) -m ov3d_ros.cli eval $(EVAL_OUT)/test_bags/scene_????_bag --out $(EVAL_OUT)/bags $(EVAL_ARGS) \
+	  --variant raw purify.enabled=false
 
 clean:
 	rm -rf build $(DEMO_OUT) $(EVAL_OUT) $(TRAIN_OUT)

@@ -67,6 +67,20 @@ def test_eval_gives_the_same_numbers_from_folder_and_bag(scenes, tmp_path):
     assert '| raw |' in (tmp_path / 'f' / 'table.md').read_text()
 
 
+def test_eval_default_row_raw_is_raw_fusion(scenes, tmp_path):
+    """Purification is on by default (MapperConfig): the one row eval makes without --variant, named raw, maps with
+    it off, as the Makefile's raw rows say (a bare ['raw'] was purified: 703 ms of purification per keyframe in
+    the 'raw' row, the same mIoU as the README example's 'purified' row)."""
+    from ov3d_ros.core.map_io import load_map
+    out = tmp_path / 'e'
+    assert main(['eval', str(scenes / 'scene_0003'), '--out', str(out), '--frames', '0:3', '--save-maps'] + SIM) == 0
+    row = json.loads((out / 'results.json').read_text())['rows']['raw']
+    assert row['timing']['superpoints_s'] is None and row['timing']['whole_purify_s'] is None
+    voxels, info, _ = load_map(out / 'maps' / 'raw_scene_0003.ov3dmap')
+    assert info['config']['purify']['enabled'] is False and 'purification' not in info
+    assert 'purified' not in voxels.cake.specs
+
+
 @pytest.mark.parametrize('variant, problem', [
     (['map.voxel_size_m=0.1'], "the first word is the row name, not an override"),   # was a row of that name
     ([''], "--variant needs a name first"),
