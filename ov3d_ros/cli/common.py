@@ -154,6 +154,33 @@ def check_output(out: Path, inputs: Sequence[Optional[Path]] = (), kind: str = '
     return out
 
 
+def check_checkpoint_output(out: Path, inputs: Sequence[Optional[Path]], kind: str, is_kind) -> Path:
+    """``out``, when a training tool may write its ``kind`` of checkpoint there ('teacher checkpoint'), checked
+    before any training (a refusal after it loses the run; a folder or an unwritable path failed with a
+    SafetensorError at the end). CliError when it is one of the ``inputs`` or lies inside an input folder (a
+    scene's own files: --out scenes/scene_0100/gt_points.npz replaced the ground truth), a folder, an ov3d map,
+    an existing file that ``is_kind`` does not take for a checkpoint of this kind (files that are not ours are
+    never replaced: a 49 MB map was), or where no file can be written (see :func:`check_writable`)."""
+    from ov3d_ros.core.map_io import is_map_file
+    out = Path(out)
+    real = Path(os.path.realpath(out))          # a link's target is the file written
+    for path in inputs:
+        if path is None or not os.path.exists(path):
+            continue
+        if os.path.exists(out) and os.path.samefile(path, out):
+            raise CliError(f'{out}: --out is also an input ({path}); choose another file')
+        if os.path.isdir(path) and Path(os.path.realpath(path)) in real.parents:
+            raise CliError(f'{out}: --out lies inside the input folder {path}; write the {kind} elsewhere')
+    if out.is_dir():
+        raise CliError(f'{out}: --out is a folder; give a file name')
+    if is_map_file(out):
+        raise CliError(f'{out} is an ov3d map file; it is never replaced by a {kind} (choose another name)')
+    if os.path.lexists(out) and not is_kind(out):
+        raise CliError(f'{out} exists and is not a {kind}; it is never replaced (choose another name or remove it)')
+    check_writable(out)
+    return out
+
+
 def check_writable(out: Path) -> None:
     """CliError naming ``out`` unless a file can be made in its folder, or, when the folder is not there yet, in
     the nearest folder above it that is (where write_atomic will make it): a trial temporary file, removed at once.

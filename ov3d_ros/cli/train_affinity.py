@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config,
-                                 cached_voxel_scene, int_at_least, make_mapper, map_input, open_input, positive_float)
+                                 cached_voxel_scene, check_checkpoint_output, int_at_least, make_mapper, map_input,
+                                 open_input, positive_float)
 from ov3d_ros.core.purification.distill import DistillConfig, SceneBatch, Teacher, train
 from ov3d_ros.core.mapper import resolve_device
 from ov3d_ros.core.purification.graph import ball_offsets, estimate_normals, neighbour_rows
-from ov3d_ros.core.purification.student import INPUTS, StudentAffinityNet, StudentConfig, save_student
+from ov3d_ros.core.purification.student import (INPUTS, StudentAffinityNet, StudentConfig, is_student_checkpoint,
+                                                save_student)
 from ov3d_ros.core.voxel_map import unpack_keys
 
 
@@ -44,7 +46,8 @@ ORACLE_NOTE = ('ORACLE upper bound: distilled from ground-truth instance segment
 def add_arguments(p) -> None:
     p.add_argument('inputs', nargs='+', help='training scenes (dataset folders or bags)')
     p.add_argument('--val', nargs='*', default=[], help='validation scenes (not trained on)')
-    p.add_argument('--out', required=True, type=Path, help='checkpoint to write (.safetensors)')
+    p.add_argument('--out', required=True, type=Path,
+                   help='checkpoint to write (.safetensors, atomically); it replaces only a student checkpoint')
     p.add_argument('--teacher', choices=('ssl', 'features', 'labels'), default='ssl',
                    help='ssl: the self-supervised 3D teacher of --teacher-checkpoint (label-free, default); '
                         'features: teacher_features.npz exported from any 3D SSL model; labels: ground-truth '
@@ -178,6 +181,10 @@ def prepare(path, args, cfg, net: StudentAffinityNet, teacher_net=None) -> list:
 
 
 def run(args) -> int:
+    # before any work: never an input's file (the teacher's too), a map or another file; a folder or an unwritable
+    # path is refused now, not after the training
+    check_checkpoint_output(args.out, [Path(p) for p in args.inputs + args.val + args.config]
+                            + [args.teacher_checkpoint], 'student checkpoint', is_student_checkpoint)
     cfg = build_config(args)
     cfg.purify.enabled = False
     inputs = tuple(s.strip() for s in args.net_inputs.split(',') if s.strip())
@@ -218,7 +225,6 @@ def run(args) -> int:
         notes['teacher_checkpoint'] = str(args.teacher_checkpoint)
         notes['teacher_command'] = teacher_notes.get('command')
         notes['teacher_train'] = teacher_notes.get('train')
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_student(args.out, net, notes)
     print(json.dumps({'checkpoint': str(args.out), 'bytes': args.out.stat().st_size, 'teacher': args.teacher,
                       'oracle': notes['oracle'], 'train_voxels': voxels, 'data_fraction': notes['data_fraction'],

@@ -19,16 +19,17 @@ from pathlib import Path
 import torch
 
 from ov3d_ros.cli.common import (CliError, add_config_arguments, add_input_arguments, build_config, cached_voxel_scene,
-                                 int_at_least, positive_float)
+                                 check_checkpoint_output, int_at_least, positive_float)
 from ov3d_ros.core.mapper import resolve_device
-from ov3d_ros.core.purification.teacher import (SSLConfig, TeacherConfig, TeacherNet, matching_accuracy, save_teacher,
-                                                train_teacher)
+from ov3d_ros.core.purification.teacher import (SSLConfig, TeacherConfig, TeacherNet, is_teacher_checkpoint,
+                                                matching_accuracy, save_teacher, train_teacher)
 
 
 def add_arguments(p) -> None:
     p.add_argument('inputs', nargs='+', help='training scenes (dataset folders or bags); no labels are read')
     p.add_argument('--val', nargs='*', default=[], help='scenes for the matching accuracy (not trained on)')
-    p.add_argument('--out', required=True, type=Path, help='checkpoint to write (.safetensors)')
+    p.add_argument('--out', required=True, type=Path,
+                   help='checkpoint to write (.safetensors, atomically); it replaces only a teacher checkpoint')
     p.add_argument('--cache', type=Path, help='folder for the fused voxel scenes (reused by later runs)')
     p.add_argument('--width', type=int_at_least(1), default=TeacherConfig.width)
     # a unit embedding of one dimension is only its sign
@@ -44,6 +45,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    # before any work: never an input's file, a map or another file; a folder or an unwritable path is refused now
+    check_checkpoint_output(args.out, [Path(p) for p in args.inputs + args.val + args.config], 'teacher checkpoint',
+                            is_teacher_checkpoint)
     cfg = build_config(args)
     t0 = time.perf_counter()
     scenes = [cached_voxel_scene(p, args, cfg, args.cache) for p in args.inputs]
@@ -63,7 +67,6 @@ def run(args) -> int:
              'train': [s.name for s in scenes], 'train_voxels': voxels, 'val': [s.name for s in val],
              'ssl': asdict(scfg), 'val_match_acc_at_init': before, 'history': history,
              'prepare_s': round(prep_s, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_teacher(args.out, net, notes)
     print(json.dumps({'checkpoint': str(args.out), 'train_scenes': len(scenes), 'train_voxels': voxels,
                       'val_match_acc_at_init': before, **history[-1]}))

@@ -247,23 +247,31 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def is_map_file(path: str | Path) -> bool:
-    """Whether ``path`` is a regular file whose safetensors header names the ov3d map format (any version; the
-    payload is not read or checked, so a truncated or corrupt map still counts)."""
+def safetensors_metadata(path: str | Path) -> Optional[dict]:
+    """The ``__metadata__`` of the safetensors header of the regular file ``path`` ({} when it has none); None
+    when ``path`` is not a regular file or its first bytes are not a safetensors header. Only the header is read
+    (a FIFO is not opened)."""
     if not os.path.isfile(path):       # also keeps a FIFO from blocking the open below
-        return False
+        return None
     try:
         with open(path, 'rb') as f:
             head = f.read(8)
             if len(head) < 8:
-                return False
+                return None
             (header_len,) = struct.unpack('<Q', head)
             if header_len > MAX_HEADER_BYTES:
-                return False
+                return None
             meta = json.loads(f.read(header_len)).get('__metadata__') or {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
-    return isinstance(meta, dict) and meta.get('format') == MAP_FORMAT
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_map_file(path: str | Path) -> bool:
+    """Whether ``path`` is a regular file whose safetensors header names the ov3d map format (any version; the
+    payload is not read or checked, so a truncated or corrupt map still counts)."""
+    meta = safetensors_metadata(path)
+    return meta is not None and meta.get('format') == MAP_FORMAT
 
 
 def check_replaceable(path: str | Path) -> None:

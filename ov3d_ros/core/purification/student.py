@@ -144,11 +144,34 @@ class StudentAffinityNet(nn.Module):
         return out
 
 
+STUDENT_KIND = 'ov3d-affinity-student'
+"""The ``kind`` metadata of a student checkpoint (checkpoints written before it have none)."""
+
+
 def save_student(path: str | Path, net: StudentAffinityNet, extra: dict | None = None) -> None:
-    """Write the network weights and config (and ``extra`` notes) to a safetensors file."""
-    from safetensors.torch import save_file
-    meta = {'config': json.dumps(asdict(net.cfg)), 'notes': json.dumps(extra or {})}
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+    """Write the network weights and config (and ``extra`` notes) to a safetensors file, atomically (an
+    interrupted save leaves the previous file whole)."""
+    from safetensors.torch import save
+    from ov3d_ros.core.map_io import write_atomic
+    meta = {'kind': STUDENT_KIND, 'config': json.dumps(asdict(net.cfg)), 'notes': json.dumps(extra or {})}
+    write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, metadata=meta))
+
+
+def is_student_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file that :func:`save_student` wrote: ``kind`` metadata, or, in files
+    written before it, a config naming the student's inputs and embedding size (the weights are not read). The
+    only file ``ov3d train-affinity`` replaces."""
+    from ov3d_ros.core.map_io import safetensors_metadata
+    meta = safetensors_metadata(path)
+    if meta is None or _other_kind(meta):
+        return False
+    if meta.get('kind') == STUDENT_KIND:
+        return True
+    try:
+        cfg = json.loads(meta.get('config', ''))
+    except (TypeError, ValueError):
+        return False
+    return isinstance(cfg, dict) and {'inputs', 'embed_dim'} <= set(cfg)
 
 
 def student_notes(path: str | Path) -> dict:
@@ -201,9 +224,13 @@ def load_student(path: str | Path, device: torch.device | str = 'cpu') -> Studen
 
 def _other_kind(meta: dict) -> str | None:
     """What a safetensors file is, from its metadata, when that says it is not a student checkpoint (a teacher
-    checkpoint, a map file, another kind, no config); None when it may be one (students carry no 'kind')."""
+    checkpoint, a map file, another kind, no config); None when it may be one (its kind is STUDENT_KIND, or, written
+    before that, it has none)."""
     from ov3d_ros.core.map_io import MAP_FORMAT
-    if meta.get('kind') == 'ov3d-ssl-teacher':
+    from ov3d_ros.core.purification.teacher import TEACHER_KIND
+    if meta.get('kind') == STUDENT_KIND:
+        return None
+    if meta.get('kind') == TEACHER_KIND:
         return 'a teacher checkpoint (from `ov3d train-teacher`, for `ov3d train-affinity --teacher-checkpoint`)'
     if meta.get('format') == MAP_FORMAT:
         return 'an ov3d map file'

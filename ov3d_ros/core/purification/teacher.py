@@ -336,11 +336,25 @@ def train_teacher(net: TeacherNet, scenes: List[VoxelScene], cfg: SSLConfig, val
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+TEACHER_KIND = 'ov3d-ssl-teacher'
+"""The ``kind`` metadata of a teacher checkpoint."""
+
+
 def save_teacher(path: str | Path, net: TeacherNet, notes: Optional[dict] = None) -> None:
-    """Write the teacher's weights, config and ``notes`` (data, command, history) to a safetensors file."""
-    from safetensors.torch import save_file
-    meta = {'kind': 'ov3d-ssl-teacher', 'config': json.dumps(asdict(net.cfg)), 'notes': json.dumps(notes or {})}
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+    """Write the teacher's weights, config and ``notes`` (data, command, history) to a safetensors file,
+    atomically (an interrupted save leaves the previous file whole)."""
+    from safetensors.torch import save
+    from ov3d_ros.core.map_io import write_atomic
+    meta = {'kind': TEACHER_KIND, 'config': json.dumps(asdict(net.cfg)), 'notes': json.dumps(notes or {})}
+    write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, metadata=meta))
+
+
+def is_teacher_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file that :func:`save_teacher` wrote (its ``kind`` metadata; the weights
+    are not read): the only file ``ov3d train-teacher`` replaces."""
+    from ov3d_ros.core.map_io import safetensors_metadata
+    meta = safetensors_metadata(path)
+    return meta is not None and meta.get('kind') == TEACHER_KIND
 
 
 def load_teacher(path: str | Path, device: torch.device | str = 'cpu') -> TeacherNet:
@@ -353,7 +367,7 @@ def load_teacher(path: str | Path, device: torch.device | str = 'cpu') -> Teache
     try:
         with safe_open(str(path), 'pt') as f:
             meta = f.metadata() or {}
-        if meta.get('kind') != 'ov3d-ssl-teacher':
+        if meta.get('kind') != TEACHER_KIND:
             raise ValueError('not written by ov3d train-teacher')
         net = TeacherNet(TeacherConfig(**json.loads(meta['config'])))
         net.load_state_dict(load_file(str(path)))
