@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import math
 import os
 import sys
@@ -56,7 +58,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--device', default=None, help="torch device: auto, cpu, cuda, cuda:N (default: config)")
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--frames', type=frame_range, default=None, metavar='START:STOP',
-                   help='map only frames START..STOP-1 of each input (Python slice, e.g. 0:30 or 30:)')
+                   help='map (or train on) only frames START..STOP-1 of each input (Python slice, e.g. 0:30 or '
+                        '30:)')
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -296,17 +299,23 @@ def make_mapper(cfg: MapperConfig, source: Input, class_names: Optional[List[str
     return Mapper(cfg, extractor)
 
 
-def map_input(mapper: Mapper, source: Input, quiet: bool = False, frames: Optional[slice] = None) -> dict:
-    """Integrate every frame of ``source`` (or the ``frames`` range of them; keyframe rules apply); returns
-    counts and timings."""
+def select_frames(source: Input, frames: Optional[slice] = None):
+    """(range of the frame indices, iterator over those frames) of ``source``'s ``frames`` range (all when None);
+    CliError when it selects none."""
     import itertools
-    t0, times, purify = time.perf_counter(), [], []
-    if mapper.cfg.features.source == 'precomputed' and not getattr(source.reader, 'has_features', True):
-        raise CliError(f'{source.path}: --features precomputed needs features/NNNNNN.npy for every frame')
     indices = range(len(source))[frames or slice(None)]
     if not indices:
         raise CliError(f'{source.path}: the frame range selects none of its {len(source)} frames')
-    selected = itertools.islice(source, indices.start, indices.stop)
+    return indices, itertools.islice(source, indices.start, indices.stop)
+
+
+def map_input(mapper: Mapper, source: Input, quiet: bool = False, frames: Optional[slice] = None) -> dict:
+    """Integrate every frame of ``source`` (or the ``frames`` range of them; keyframe rules apply); returns
+    counts and timings."""
+    t0, times, purify = time.perf_counter(), [], []
+    if mapper.cfg.features.source == 'precomputed' and not getattr(source.reader, 'has_features', True):
+        raise CliError(f'{source.path}: --features precomputed needs features/NNNNNN.npy for every frame')
+    indices, selected = select_frames(source, frames)
     if indices.start and hasattr(mapper.extractor, 'reset'):
         # the simulated teacher's errors follow a per-keyframe counter: start it at the range's first frame, so
         # a range gets the errors these frames get in a run over the whole input (when every frame is a keyframe)
@@ -324,8 +333,9 @@ def map_input(mapper: Mapper, source: Input, quiet: bool = False, frames: Option
 
 
 
-def voxelise_input(source: Input, cfg: MapperConfig, quiet: bool = False):
-    """Fuse ``source`` into occupancy, colour and normals only (no 2D features): a
+def voxelise_input(source: Input, cfg: MapperConfig, quiet: bool = False, frames: Optional[slice] = None):
+    """Fuse ``source`` (or the ``frames`` range of it, as ``ov3d map --frames``) into occupancy, colour and normals
+    only (no 2D features): a
     :class:`~ov3d_ros.core.purification.teacher.VoxelScene` with the voxels the mapper would make under ``cfg``
     (same keyframe rules, depth limits, pixel stride, voxel size), for the 3D teacher and the geometry-only
     student. Normals as purification computes them (``purify.radius_vox`` neighbourhoods)."""
@@ -339,7 +349,8 @@ def voxelise_input(source: Input, cfg: MapperConfig, quiet: bool = False):
     vmap = VoxelFeatureMap(m.voxel_size_m, 1, 'cpu', m.initial_capacity)
     selector, seen, k = KeyframeSelector(cfg.keyframes), torch.zeros(0, dtype=torch.int64), 0
     one = torch.ones(1, 1, 1)
-    for frame in progress(source, len(source), source.path.name, quiet):
+    indices, selected = select_frames(source, frames)
+    for frame in progress(selected, len(indices), source.path.name, quiet):
         if not selector.check(frame.T_W_C, frame.stamp_s):
             continue
         lifted = lift_keyframe(torch.from_numpy(np.array(frame.depth_m, dtype=np.float32, order='C')),
@@ -359,20 +370,59 @@ def voxelise_input(source: Input, cfg: MapperConfig, quiet: bool = False):
                       normals, seen, k)
 
 
-def cached_voxel_scene(path, args, cfg: MapperConfig, cache_dir: Optional[Path]):
-    """:func:`voxelise_input` of the input at ``path``, read from / written to ``cache_dir`` when given (the file
-    name records the settings that change the voxels)."""
-    from ov3d_ros.core.purification.teacher import VoxelScene
+INPUT_OPTIONS = ('color_topic', 'depth_topic', 'camera_info_topic', 'labels_topic', 'pose_topic', 'pose_source',
+                 'map_frame', 'sync_slop', 'rectified_images')
+"""The options of :func:`add_input_arguments`: which frames of a bag are read, and how."""
+
+
+def input_fingerprint(path) -> list:
+    """[relative name, size, mtime_ns] of every file of the input at ``path`` (each file under a folder, links
+    followed; a bag file itself), sorted: a regenerated, edited or other input with the same name gets another
+    one. [] for a path that is not there."""
+    path = Path(path)
+    if path.is_file():
+        files = [(path.name, path)]
+    else:
+        files = [(os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
+                 for d, _, names in os.walk(path, followlinks=True) for f in names]
+    out = []
+    for name, f in sorted(files):
+        try:
+            st = os.stat(f)
+        except OSError:                    # a dangling link: not read
+            continue
+        out.append([name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def voxel_cache_name(path, args, cfg: MapperConfig) -> str:
+    """The file name of :func:`voxelise_input`'s scene in a cache: the input's name, a digest of what the voxels are
+    made from (its resolved path, the size and mtime of its files, the frame range, a bag's options) and the
+    settings that change them. The name alone counted a second input of the same name as the first one again
+    (scenes/scene_0100 and other/scene_0100), and a regenerated scene reused the old voxels."""
     m, k = cfg.map, cfg.keyframes
-    tag = (f'{Path(path).name}_v{m.voxel_size_m:g}_s{m.pixel_stride}_d{m.min_depth_m:g}-{m.max_depth_m:g}'
-           f'_k{k.min_translation_m:g}-{k.min_rotation_deg:g}-{k.max_interval_s:g}-{k.min_interval_s:g}'
-           f'_r{cfg.purify.radius_vox}.npz')
+    frames = getattr(args, 'frames', None)
+    what = {'input': os.path.realpath(path), 'files': input_fingerprint(path),
+            'frames': None if frames is None else [frames.start, frames.stop],
+            'options': {o: getattr(args, o, None) for o in INPUT_OPTIONS} if is_bag(Path(path)) else None}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return (f'{Path(path).name}_{digest}_v{m.voxel_size_m:g}_s{m.pixel_stride}_d{m.min_depth_m:g}-{m.max_depth_m:g}'
+            f'_k{k.min_translation_m:g}-{k.min_rotation_deg:g}-{k.max_interval_s:g}-{k.min_interval_s:g}'
+            f'_r{cfg.purify.radius_vox}.npz')
+
+
+def cached_voxel_scene(path, args, cfg: MapperConfig, cache_dir: Optional[Path]):
+    """:func:`voxelise_input` of the input at ``path`` (the ``--frames`` range of ``args``), read from / written to
+    ``cache_dir`` when given (under :func:`voxel_cache_name`)."""
+    from ov3d_ros.core.purification.teacher import VoxelScene
+    frames = getattr(args, 'frames', None)
+    tag = voxel_cache_name(path, args, cfg) if cache_dir is not None else None
     if cache_dir is not None and (Path(cache_dir) / tag).exists():
         try:
             return VoxelScene.load(Path(cache_dir) / tag)
         except ValueError as e:            # e.g. a cache written by an older version or damaged: made again
             print(f'{e}; voxelising the input again', file=sys.stderr)
-    scene = voxelise_input(open_input(path, args), cfg, getattr(args, 'quiet', False))
+    scene = voxelise_input(open_input(path, args), cfg, getattr(args, 'quiet', False), frames)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         scene.save(Path(cache_dir) / tag)

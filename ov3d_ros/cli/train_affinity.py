@@ -151,7 +151,7 @@ def prepare(path, args, cfg, net: StudentAffinityNet, teacher_net=None) -> list:
     vs = cfg.map.voxel_size_m
     if net.reads_features:          # map with the feature source: the student reads the fused features
         mapper = make_mapper(cfg, source)
-        map_input(mapper, source, args.quiet)
+        map_input(mapper, source, args.quiet, getattr(args, 'frames', None))
         vmap, rows = mapper.map, torch.arange(mapper.map.size)
         offsets = ball_offsets(cfg.purify.radius_vox)
         normals = estimate_normals(neighbour_rows(vmap, rows, offsets), offsets)

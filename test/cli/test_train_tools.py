@@ -94,3 +94,69 @@ def test_training_replaces_a_checkpoint_of_its_own_kind(scenes, tmp_path, capsys
     assert main(['train-affinity', scene, '--out', str(student), '--frames', '0:3'] + STUDENT + SIM) == 0
     assert student_notes(student)['command'].startswith('ov3d train-affinity')
     assert not list(tmp_path.glob('**/.*.tmp'))
+
+
+def last_json(capsys, key: str) -> list:
+    """The JSON lines of stdout that hold ``key``."""
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
+    return [d for d in lines if key in d]
+
+
+def test_training_tools_use_only_the_frame_range(scenes, tmp_path, capsys):
+    """--frames of train-teacher and train-affinity (geometry-only and feature-reading students) selects the frames
+    that are fused, as ov3d map's does: the same voxels as the map of that range (it was accepted and ignored:
+    --frames 0:2 trained on all frames); the range is part of the cache key."""
+    pytest.importorskip('spconv')
+    scene, cache = str(scenes / 'scene_0003'), str(tmp_path / 'cache')
+    assert main(['map', scene, '--out', str(tmp_path / 'm.ov3dmap'), '--frames', '0:2'] + SIM) == 0
+    voxels = last_json(capsys, 'voxels')[-1]['voxels']
+    assert main(['train-teacher', scene, '--out', str(tmp_path / 'all.safetensors'), '--cache', cache]
+                + TEACHER + SIM) == 0
+    everything = last_json(capsys, 'train_voxels')[-1]['train_voxels']
+    assert main(['train-teacher', scene, '--out', str(tmp_path / 't.safetensors'), '--cache', cache,
+                 '--frames', '0:2'] + TEACHER + SIM) == 0
+    assert last_json(capsys, 'train_voxels')[-1]['train_voxels'] == voxels < everything
+    for inputs in ('color,normal', 'features,color,normal'):
+        assert main(['train-affinity', scene, '--out', str(tmp_path / 's.safetensors'), '--cache', cache,
+                     '--frames', '0:2', '--net-inputs', inputs] + STUDENT + SIM) == 0
+        assert last_json(capsys, 'tiles')[-1]['voxels'] == voxels, inputs
+    assert main(['train-teacher', scene, '--out', str(tmp_path / 't.safetensors'), '--frames', '6:']
+                + TEACHER + SIM) == 2
+    assert 'the frame range selects none of its 6 frames' in capsys.readouterr().err
+
+
+def test_the_voxel_cache_tells_inputs_of_one_name_and_regenerated_ones_apart(scenes, tmp_path, capsys):
+    """The --cache file of an input is keyed on its resolved path and the size and mtime of its files, not its
+    folder name: train-teacher scenes/scene_0003 other/scene_0003 trains on both (it counted the first twice),
+    and a scene generated again in the same place is voxelised again (its old voxels were reused)."""
+    pytest.importorskip('spconv')
+    from ov3d_ros.cli.common import cached_voxel_scene, open_input, voxelise_input
+    from ov3d_ros.core.config import MapperConfig
+    cfg = MapperConfig()
+    cfg.keyframes.min_translation_m = 0.0
+    scene, other, cache = scenes / 'scene_0003', tmp_path / 'other' / 'scene_0003', tmp_path / 'cache'
+
+    def generate(seed: int) -> None:              # another scene, named scene_0003, in other/
+        out = tmp_path / f'gen{seed}'
+        assert main(['make-scenes', '--out', str(out), '--count', '1', '--seed', str(seed), '--frames', '3',
+                     '--width', '160', '--height', '120', '--quiet']) == 0
+        shutil.rmtree(other, ignore_errors=True)
+        other.parent.mkdir(exist_ok=True)
+        shutil.move(str(out / f'scene_{seed:04d}'), str(other))
+
+    def fresh(path) -> int:
+        return len(voxelise_input(open_input(path), cfg, True))
+
+    generate(4)
+    first, second = fresh(scene), fresh(other)
+    assert first != second
+    assert main(['train-teacher', str(scene), str(other), '--out', str(tmp_path / 't.safetensors'), '--cache',
+                 str(cache)] + TEACHER + SIM) == 0
+    assert last_json(capsys, 'train_voxels')[-1]['train_voxels'] == first + second
+    assert len(list(cache.glob('scene_0003_*.npz'))) == 2
+    assert len(cached_voxel_scene(other, None, cfg, cache)) == second           # read from the cache
+    assert len(list(cache.glob('scene_0003_*.npz'))) == 2
+    generate(5)
+    third = fresh(other)
+    assert third != second and len(cached_voxel_scene(other, None, cfg, cache)) == third
+    assert len(list(cache.glob('scene_0003_*.npz'))) == 3

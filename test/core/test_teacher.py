@@ -130,7 +130,7 @@ def test_a_damaged_voxel_scene_cache_is_named_and_made_again(tmp_path, monkeypat
     cfg = MapperConfig()
     made = []
     monkeypatch.setattr(common, 'open_input', lambda path, args: path)         # the input is not read here
-    monkeypatch.setattr(common, 'voxelise_input', lambda source, cfg, quiet: made.append(source) or s)
+    monkeypatch.setattr(common, 'voxelise_input', lambda source, cfg, quiet, frames: made.append(source) or s)
     scene = common.cached_voxel_scene(tmp_path / 'room', None, cfg, tmp_path / 'cache')      # made, cached
     cached = next((tmp_path / 'cache').glob('room_*.npz'))
     assert made == [tmp_path / 'room'] and len(scene) == len(s)
