@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from ov3d_ros.cli.main import main
+
+from conftest import make_tiny_scenes
 from ov3d_ros.core.map_io import load_map
 
 SIM = ['--features', 'simulated', '--device', 'cpu', '--quiet', '--set', 'keyframes.min_translation_m=0.0']
@@ -13,10 +15,7 @@ TIMINGS = ('timing', 'purify_ms_mean', 'wall_s', 'keyframe_ms_mean', 'eval_s', '
 
 @pytest.fixture(scope='module')
 def scenes(tmp_path_factory):
-    out = tmp_path_factory.mktemp('batch_scenes')
-    assert main(['make-scenes', '--out', str(out), '--count', '2', '--seed', '5', '--frames', '8',
-                 '--width', '96', '--height', '72', '--quiet']) == 0
-    return out
+    return make_tiny_scenes(tmp_path_factory.mktemp('batch_scenes'), 2, 5, 8, 96, 72)
 
 
 def _untimed(x):

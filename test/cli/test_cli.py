@@ -10,15 +10,14 @@ import pytest
 
 from ov3d_ros.cli.main import main
 
+from conftest import make_tiny_scenes
+
 SIM = ['--features', 'simulated', '--device', 'cpu', '--quiet']
 
 
 @pytest.fixture(scope='module')
 def scenes(tmp_path_factory):
-    out = tmp_path_factory.mktemp('scenes')
-    assert main(['make-scenes', '--out', str(out), '--count', '1', '--seed', '3', '--frames', '8',
-                 '--width', '160', '--height', '120', '--format', 'both', '--quiet']) == 0
-    return out
+    return make_tiny_scenes(tmp_path_factory.mktemp('scenes'), 1, 3, 8, 160, 120, '--format', 'both')
 
 
 def test_help_lists_every_command():

@@ -8,6 +8,8 @@ import pytest
 
 from ov3d_ros.cli.main import main
 
+from conftest import make_tiny_scenes
+
 SIM = ['--features', 'simulated', '--device', 'cpu', '--quiet', '--set', 'keyframes.min_translation_m=0.0']
 TEACHER = ['--steps', '1', '--pairs', '64', '--max-voxels', '2000', '--width', '4', '--out-dim', '4']
 STUDENT = ['--teacher', 'labels', '--steps', '1', '--anchors', '64', '--width', '4', '--blocks', '1',
@@ -16,10 +18,7 @@ STUDENT = ['--teacher', 'labels', '--steps', '1', '--anchors', '64', '--width', 
 
 @pytest.fixture(scope='module')
 def scenes(tmp_path_factory):
-    out = tmp_path_factory.mktemp('scenes')
-    assert main(['make-scenes', '--out', str(out), '--count', '1', '--seed', '3', '--frames', '6',
-                 '--width', '160', '--height', '120', '--quiet']) == 0
-    return out
+    return make_tiny_scenes(tmp_path_factory.mktemp('scenes'), 1, 3, 6)
 
 
 @pytest.fixture(scope='module')
