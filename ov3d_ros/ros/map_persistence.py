@@ -178,6 +178,8 @@ class MapPersistence:
                 merged = os.path.join(tmp, 'merged.ov3dmap')
                 summary = merge_files(paths, merged, Ts)
                 self.mapper.load(merged)             # all or nothing: the current map stays on any error
+                if replace:                          # the merge of the files alone: another map, as a load
+                    self.node.map_replaced('replaced by a merge')
                 done = (f'merged {len(summary["inputs"])} maps ({" + ".join(map(str, summary["inputs"]))} voxels) '
                         f'into {self.mapper.map.size} voxels')
                 ok, done = self._published(done)
