@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Deque, List, Optional
 
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ov3d_ros.core.camera import PinholeCamera
@@ -154,6 +155,9 @@ class CameraInput:
         self._subs = []
         self.resolved = self.topics()            # the topics subscribed to (subscribe: remapped)
         self._startup_info = None               # the start-up camera-info subscription (subscribe)
+        self._latched_info = None               # one for a transient-local camera-info publisher (watch_latched_info)
+        self._latched_checked = 0.0             # when the graph was last looked at for one
+        self._info_args = None
         self._generation = 0                    # of the subscriptions heard: older ones may still deliver (unsubscribe)
 
     # ------------------------------------------------------------------ topics
@@ -177,14 +181,14 @@ class CameraInput:
 
     def subscribe(self, node, qos, on_camera_info, labels: bool, startup_info_qos=None, callback_group=None) -> None:
         """Create this camera's subscriptions on ``node`` with ``qos`` (``labels``: the simulated source's label
-        images) in ``callback_group``. ``startup_info_qos``: a second camera-info subscription with this QoS until the first valid camera
-        info (:meth:`end_startup`). With a reliable ``qos`` the node passes a best-effort one: a reliable reader
-        matched while the camera already publishes holds every sample back until the ones it missed are resolved
-        (Fast DDS: on the writer's next heartbeat; the first camera info came 0.98 s late, and 30 Hz depth images
-        filled the 1 s queue meanwhile), where a best-effort reader has it in milliseconds. Only until then: next
-        to a best-effort camera-info reader, best-effort poses were lost more often (README: Robustness). One
-        subscription is heard at a time (the start-up one until :meth:`end_startup`), so no camera info counts
-        twice."""
+        images) in ``callback_group``. ``startup_info_qos``: a second camera-info subscription with this QoS until
+        the first valid camera info (:meth:`end_startup`). With a reliable ``qos`` the node passes a best-effort
+        one: a reliable reader matched while the camera already publishes holds every sample back until the ones
+        it missed are resolved (Fast DDS: on the writer's next heartbeat; the first camera info came 0.98 s late,
+        and 30 Hz depth images filled the 1 s queue meanwhile), where a best-effort reader has it in milliseconds.
+        Only until then: next to a best-effort camera-info reader, best-effort poses were lost more often (README:
+        Robustness). One subscription is heard at a time (the start-up one until :meth:`end_startup`), so no
+        camera info counts twice."""
         t = self.resolved = self.topics(node)
         with self.lock:
             self._generation += 1
@@ -193,6 +197,7 @@ class CameraInput:
             kind, topic, cb, q, callback_group=callback_group)
         heard = lambda: gen == self._generation  # noqa: E731
         info = lambda m: heard() and self._startup_info is None and on_camera_info(self, m)  # noqa: E731
+        self._info_args = (on_camera_info, callback_group, gen)     # for watch_latched_info
         if startup_info_qos is not None:         # first: until it goes, the other one is not heard
             self._startup_info = sub(CameraInfo, t['camera_info'],
                                      lambda m: heard() and self._startup_info is not None and on_camera_info(self, m),
@@ -213,18 +218,51 @@ class CameraInput:
             self.camera, self.camera_info, self.camera_error = camera, msg, ''
 
     def end_startup(self, node) -> None:
-        """End the start-up camera-info subscription once a valid camera info came (no-op otherwise): from now on
-        only the other one is heard, and the node destroys it between two executor waits (``destroy_soon``)."""
-        if self._startup_info is not None and self.camera_info is not None:
+        """End the start-up camera-info subscriptions once a valid camera info came (no-op otherwise): from now on
+        only the other one is heard, and the node destroys them between two executor waits (``destroy_soon``)."""
+        if self.camera_info is None:
+            return
+        if self._startup_info is not None:
             startup, self._startup_info = self._startup_info, None
             node.destroy_soon(startup)
+        if self._latched_info is not None:
+            latched, self._latched_info = self._latched_info, None
+            node.destroy_soon(latched)
+
+    LATCHED_CHECK_S = 1.0      # how often the camera-info topic's publishers are looked at, until a camera info came
+
+    def watch_latched_info(self, node) -> None:
+        """Until the first valid camera info: when the camera-info topic has a transient-local publisher (camera info
+        published once and latched: a calibration publisher, a bag recorded from one), subscribe transient-local
+        too, so that its one message comes (a volatile subscription never gets a message published before it
+        matched: such a camera was never mapped). Only then: a transient-local subscription is incompatible with
+        the usual volatile publishers. Called by the node's select timer; looks at the graph once a second."""
+        if self.camera_info is not None or self._latched_info is not None or self._info_args is None:
+            return
+        now = time.monotonic()
+        if now - self._latched_checked < self.LATCHED_CHECK_S:
+            return
+        self._latched_checked = now
+        on_camera_info, group, gen = self._info_args
+        if gen != self._generation:                  # unsubscribed
+            return
+        topic = self.resolved['camera_info']
+        latched = [i.qos_profile for i in node.get_publishers_info_by_topic(topic)
+                   if i.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL]
+        if not latched:
+            return
+        reliable = all(q.reliability == ReliabilityPolicy.RELIABLE for q in latched)
+        qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                         reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT)
+        heard = lambda m: gen == self._generation and self.camera_info is None and on_camera_info(self, m)  # noqa
+        self._latched_info = node.create_subscription(CameraInfo, topic, heard, qos, callback_group=group)
 
     def unsubscribe(self, node) -> None:
         """Stop hearing this camera and drop what it queued. The subscriptions go between two executor waits
         (``destroy_soon``: this runs in a lifecycle transition's callback); what they deliver until then is ignored."""
-        for sub in self._subs + ([self._startup_info] if self._startup_info is not None else []):
+        for sub in self._subs + [s for s in (self._startup_info, self._latched_info) if s is not None]:
             node.destroy_soon(sub)
-        self._subs, self._startup_info = [], None
+        self._subs, self._startup_info, self._latched_info = [], None, None
         with self.lock:
             self._generation += 1
             for buf in (self.color, self.depth, self.labels):

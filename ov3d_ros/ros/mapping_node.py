@@ -787,6 +787,7 @@ class MappingInterface:
             return                                      # the other timer is selecting
         try:
             for cam in self.cameras:
+                cam.watch_latched_info(self)
                 cam.end_startup(self)
                 while True:
                     taken = self._take(cam)

@@ -510,3 +510,38 @@ def test_with_use_sim_time_and_no_clock_the_node_still_works():
                 break
         assert node.get_clock().now().nanoseconds == 0                  # no /clock: ROS time stands at 0
         assert node.cameras[0].stats['keyframes'] >= 1 and client.status is not None
+
+
+def test_a_camera_info_published_once_and_latched_is_received():
+    """A calibration publisher that publishes its camera info once, transient-local (latched), before the node
+    subscribes: the node's volatile subscriptions never get that message (the camera was never mapped); seeing a
+    transient-local publisher on the topic, the node subscribes transient-local too until a camera info came, then
+    drops that subscription. (A deactivate / activate makes the node a late joiner here.)"""
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo
+    with in_process_node() as (node, client, pub):
+        cam = node.cameras[0]
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                             reliability=ReliabilityPolicy.RELIABLE)
+        info_pub = pub.node.create_publisher(CameraInfo, 'color/camera_info', latched)
+        info = conv.camera_to_camera_info(default_camera(64, 48), conv.make_header('camera', conv.sec_to_stamp(1.0)))
+        info_pub.publish(info)
+        for _ in range(100):
+            client.spin(0.1)
+            if cam.camera_info is not None:
+                break
+        assert cam.camera_info is not None                      # matched before it was published: received
+        node._deactivate()
+        node.destroy_doomed()
+        cam.camera, cam.camera_info = None, None
+        node._activate()
+        for _ in range(100):
+            client.spin(0.1)
+            node.select()
+            if cam.camera_info is not None:
+                break
+        assert cam.camera_info is not None and cam.camera.width == 64          # the latched one, as a late joiner
+        node.select()
+        node.destroy_doomed()
+        infos = [s for s in node.subscriptions if s.topic_name == '/color/camera_info']
+        assert len(infos) == 1 and infos[0].qos_profile.durability != DurabilityPolicy.TRANSIENT_LOCAL
