@@ -133,12 +133,12 @@ def build_config(args) -> MapperConfig:
     return cfg
 
 
-def check_output(out: Path, inputs: Sequence[Optional[Path]] = (), kind: str = 'map') -> Path:
+def check_output(out: Path, inputs: Sequence[Optional[Path]] = (), kind: str = 'map', is_kind=None) -> Path:
     """``out``, when a tool may write its ``kind`` of file ('map', 'PLY', 'npz') there. CliError when it is one of
     the ``inputs`` (the answer would replace what it was made from), a folder, an existing file that is not an
     ov3d map for a map, or an existing map for another kind of file: files that are not ours are never replaced
-    (as the node's saves), nor maps by something else; and when no file can be written where it goes (see
-    :func:`check_writable`)."""
+    (as the node's saves), nor maps by something else; with ``is_kind`` (path -> bool), an existing file it does
+    not take for one of this kind; and when no file can be written where it goes (see :func:`check_writable`)."""
     from ov3d_ros.core.map_io import check_replaceable, is_map_file
     out = Path(out)
     for path in inputs:
@@ -153,6 +153,8 @@ def check_output(out: Path, inputs: Sequence[Optional[Path]] = (), kind: str = '
             raise CliError(str(e)) from None
     elif is_map_file(out):
         raise CliError(f'{out} is an ov3d map file; it is never replaced by a {kind} (choose another name)')
+    if is_kind is not None and os.path.lexists(out) and not is_kind(out):
+        raise CliError(f'{out} exists and is not a {kind}; it is never replaced (choose another name or remove it)')
     check_writable(out)
     return out
 
@@ -163,8 +165,7 @@ def check_checkpoint_output(out: Path, inputs: Sequence[Optional[Path]], kind: s
     SafetensorError at the end). CliError when it is one of the ``inputs`` or lies inside an input folder (a
     scene's own files: --out scenes/scene_0100/gt_points.npz replaced the ground truth), a folder, an ov3d map,
     an existing file that ``is_kind`` does not take for a checkpoint of this kind (files that are not ours are
-    never replaced: a 49 MB map was), or where no file can be written (see :func:`check_writable`)."""
-    from ov3d_ros.core.map_io import is_map_file
+    never replaced: a 49 MB map was), or where no file can be written (the rest of :func:`check_output`)."""
     out = Path(out)
     real = Path(os.path.realpath(out))          # a link's target is the file written
     for path in inputs:
@@ -174,14 +175,7 @@ def check_checkpoint_output(out: Path, inputs: Sequence[Optional[Path]], kind: s
             raise CliError(f'{out}: --out is also an input ({path}); choose another file')
         if os.path.isdir(path) and Path(os.path.realpath(path)) in real.parents:
             raise CliError(f'{out}: --out lies inside the input folder {path}; write the {kind} elsewhere')
-    if out.is_dir():
-        raise CliError(f'{out}: --out is a folder; give a file name')
-    if is_map_file(out):
-        raise CliError(f'{out} is an ov3d map file; it is never replaced by a {kind} (choose another name)')
-    if os.path.lexists(out) and not is_kind(out):
-        raise CliError(f'{out} exists and is not a {kind}; it is never replaced (choose another name or remove it)')
-    check_writable(out)
-    return out
+    return check_output(out, (), kind, is_kind)
 
 
 def check_writable(out: Path) -> None:
